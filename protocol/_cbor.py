@@ -1,0 +1,147 @@
+"""CBOR for STOQ: a strict decoder for untrusted frames and a deterministic encoder.
+
+The decoder accepts exactly one data item of the plain JSON-like data model
+(integers within 64 bits, byte and text strings, arrays, maps with text or
+integer keys, booleans, null, floats). Tags, undefined, simple values,
+duplicate keys and nesting deeper than :data:`MAX_DEPTH` are refused, so a
+handler never sees a ``datetime``, a ``set`` or a 10,000-digit bignum that a
+peer smuggled in.
+
+:func:`encode_deterministic` implements the core deterministic encoding of
+RFC 8949 §4.2.1 (preferred serialization, definite lengths, map keys sorted by
+the bytewise order of their encodings). Everything that is signed or hashed
+goes through it; ordinary frames use cbor2's faster encoder.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import math
+import struct
+from typing import Any
+
+import cbor2
+
+from ._errors import LocalProtocolError, MalformedFrame
+
+MAX_DEPTH = 32
+"""Deepest nesting of arrays and maps a peer may send."""
+
+_INT_MIN = -(2**64)
+_INT_MAX = 2**64 - 1
+
+
+def _refuse_tag(decoder: Any, tag: Any) -> Any:
+    raise MalformedFrame(f"CBOR tag {tag.tag} is not allowed")
+
+
+def decode_item(data: bytes) -> Any:
+    """Decode exactly one CBOR item from ``data``.
+
+    :raises MalformedFrame: not one well-formed item of the allowed data model.
+    """
+    fp = io.BytesIO(data)
+    try:
+        decoder = cbor2.CBORDecoder(
+            fp, tag_hook=_refuse_tag, allow_duplicate_keys=False, max_depth=MAX_DEPTH
+        )
+        item = decoder.decode()
+    except MalformedFrame:
+        raise
+    except (cbor2.CBORDecodeError, ValueError, TypeError, OverflowError, RecursionError) as exc:
+        raise MalformedFrame(f"not well-formed CBOR: {exc}") from exc
+    if fp.tell() != len(data):
+        raise MalformedFrame(f"{len(data) - fp.tell()} bytes after the CBOR item")
+    _check_data_model(item, 0)
+    return item
+
+
+def _check_data_model(item: Any, depth: int) -> None:
+    kind = type(item)
+    if kind is int:
+        if not _INT_MIN <= item <= _INT_MAX:
+            raise MalformedFrame("integer outside the 64-bit range")
+    elif kind in (str, bytes, bool, float) or item is None:
+        return
+    elif kind is list:
+        for element in item:
+            _check_data_model(element, depth + 1)
+    elif kind is dict:
+        for key, value in item.items():
+            if type(key) not in (str, int):
+                raise MalformedFrame("map keys must be text strings or integers")
+            _check_data_model(value, depth + 1)
+    else:
+        # Tags decoded by cbor2's built-in semantic decoders (datetime, set,
+        # Decimal, ...), undefined, and simple values all land here.
+        raise MalformedFrame(f"CBOR value of type {kind.__name__} is not allowed")
+
+
+def encode_item(item: Any) -> bytes:
+    """Encode ``item`` for the wire (fast, not necessarily deterministic)."""
+    try:
+        return cbor2.dumps(item)
+    except (cbor2.CBOREncodeError, TypeError, ValueError) as exc:
+        raise LocalProtocolError(f"cannot encode {type(item).__name__}: {exc}") from exc
+
+
+def _head(major: int, value: int) -> bytes:
+    if value < 24:
+        return bytes([major << 5 | value])
+    if value < 0x100:
+        return bytes([major << 5 | 24, value])
+    if value < 0x10000:
+        return bytes([major << 5 | 25]) + value.to_bytes(2, "big")
+    if value < 0x100000000:
+        return bytes([major << 5 | 26]) + value.to_bytes(4, "big")
+    return bytes([major << 5 | 27]) + value.to_bytes(8, "big")
+
+
+def _encode_float(value: float) -> bytes:
+    # Preferred serialization: the shortest of half, single and double that
+    # keeps the value exactly (RFC 8949 §4.2.1, with NaN as 0xf97e00).
+    if math.isnan(value):
+        return b"\xf9\x7e\x00"
+    for fmt, head in (("e", 0xF9), ("f", 0xFA)):
+        try:
+            packed = struct.pack(">" + fmt, value)
+        except OverflowError:
+            continue
+        if struct.unpack(">" + fmt, packed)[0] == value:
+            return bytes([head]) + packed
+    return b"\xfb" + struct.pack(">d", value)
+
+
+def encode_deterministic(item: Any) -> bytes:
+    """Core deterministic CBOR encoding (RFC 8949 §4.2.1) of ``item``.
+
+    :raises LocalProtocolError: ``item`` holds a value outside the data model.
+    """
+    kind = type(item)
+    if kind is bool:
+        return b"\xf5" if item else b"\xf4"
+    if item is None:
+        return b"\xf6"
+    if kind is int:
+        if 0 <= item <= _INT_MAX:
+            return _head(0, item)
+        if _INT_MIN <= item < 0:
+            return _head(1, -1 - item)
+        raise LocalProtocolError("integer outside the 64-bit range")
+    if kind is bytes:
+        return _head(2, len(item)) + bytes(item)
+    if kind is str:
+        raw: bytes = item.encode("utf-8")
+        return _head(3, len(raw)) + raw
+    if kind in (list, tuple):
+        return _head(4, len(item)) + b"".join(encode_deterministic(x) for x in item)
+    if kind is dict:
+        pairs = sorted((encode_deterministic(k), encode_deterministic(v)) for k, v in item.items())
+        for (k1, _), (k2, _) in itertools.pairwise(pairs):
+            if k1 == k2:
+                raise LocalProtocolError("duplicate map key")
+        return _head(5, len(pairs)) + b"".join(k + v for k, v in pairs)
+    if kind is float:
+        return _encode_float(item)
+    raise LocalProtocolError(f"{kind.__name__} has no deterministic CBOR encoding here")

@@ -1,0 +1,8 @@
+"""Op specifications of every TrustChain service, one module per service.
+
+Importing this package registers them all with :mod:`protocol._schema`.
+"""
+
+from . import node
+
+__all__ = ["node"]

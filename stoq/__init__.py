@@ -1,0 +1,27 @@
+"""STOQ transport: the QUIC server and client library over :mod:`protocol`.
+
+Engine choice (qh3 or aioquic) is made in one place, :mod:`stoq._engine`.
+"""
+
+from ._client import AsyncClient, CertificateMismatch, ConnectionFailed, connect
+from ._engine import DEFAULT_ENGINE, ENGINES, load_engine
+from ._ratelimit import RateLimiter
+from ._server import Server, ServerLimits, certificate_fingerprint, make_ipv6_socket
+from ._session import Dispatch, Reply
+
+__all__ = [
+    "DEFAULT_ENGINE",
+    "ENGINES",
+    "AsyncClient",
+    "CertificateMismatch",
+    "ConnectionFailed",
+    "Dispatch",
+    "RateLimiter",
+    "Reply",
+    "Server",
+    "ServerLimits",
+    "certificate_fingerprint",
+    "connect",
+    "load_engine",
+    "make_ipv6_socket",
+]

@@ -1,0 +1,226 @@
+"""STOQ on one server connection: the glue between QUIC streams and the dispatcher.
+
+It feeds stream data into :class:`protocol.ServerConnection`, hands each
+complete request to the dispatcher, and writes back what comes out: one
+response, or a stream of events. Requests run concurrently; a dispatcher that
+answers synchronously costs no task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Protocol
+
+from protocol import (
+    Error,
+    ErrorCode,
+    Event,
+    Internal,
+    Ok,
+    Peer,
+    RateLimited,
+    Request,
+    RequestReceived,
+    RequestRefused,
+    ResetStream,
+    SendData,
+    ServerConnection,
+    StopSending,
+    StreamCancelled,
+    TrustChainError,
+    Unavailable,
+)
+
+if TYPE_CHECKING:
+    from ._ratelimit import RateLimiter
+
+log = logging.getLogger("stoq")
+
+Reply = Ok | Error | Awaitable[Ok | Error] | AsyncIterator[Event | Error]
+"""What a dispatcher returns: an answer now, one later, or a stream of events."""
+
+Dispatch = Callable[[Request, Peer], Reply]
+
+SEND_BUFFER_HIGH_WATER = 1 << 20
+"""Bytes queued on a streaming op's stream above which the producer waits."""
+
+
+class Transport(Protocol):
+    """What a session needs from its QUIC connection."""
+
+    peer: Peer
+
+    def send_stream_data(self, stream_id: int, data: bytes, end_stream: bool) -> None: ...
+    def stop_stream(self, stream_id: int, error_code: int) -> None: ...
+    def reset_stream(self, stream_id: int, error_code: int) -> None: ...
+    def stream_finished(self) -> None: ...
+    def stream_send_buffered(self, stream_id: int) -> int: ...
+    def transmit_soon(self) -> None: ...
+    def now(self) -> float: ...
+
+
+class StoqSession:
+    """The ``stoq/1`` application on one connection."""
+
+    def __init__(self, transport: Transport, dispatch: Dispatch, *, max_frame_size: int,
+                 rate_limiter: RateLimiter | None, draining: Callable[[], bool]) -> None:
+        self._transport = transport
+        self._dispatch = dispatch
+        self._conn = ServerConnection(max_frame_size=max_frame_size)
+        self._rate_limiter = rate_limiter
+        self._draining = draining
+        self._tasks: dict[int, asyncio.Task[None]] = {}
+        self.requests = 0
+
+    @property
+    def in_flight(self) -> int:
+        """Requests dispatched and not yet answered (streams included)."""
+        return len(self._tasks)
+
+    # --- input from QUIC ------------------------------------------------------
+
+    def stream_data(self, stream_id: int, data: bytes, end_stream: bool) -> None:
+        for event in self._conn.receive_data(stream_id, data, end_stream):
+            if type(event) is RequestReceived:
+                self._start(event.stream_id, event.request)
+            elif type(event) is RequestRefused:
+                log.info("request refused", extra={"stream_id": event.stream_id,
+                                                   "code": event.error.code.value,
+                                                   "reason": event.error.message})
+        self._flush()
+
+    def stream_reset(self, stream_id: int) -> None:
+        for event in self._conn.stream_reset(stream_id):
+            if type(event) is StreamCancelled:
+                task = self._tasks.pop(stream_id, None)
+                if task is not None:
+                    task.cancel()
+        self._flush()
+
+    def connection_lost(self) -> None:
+        for task in self._tasks.values():
+            task.cancel()
+        self._tasks.clear()
+
+    # --- dispatch -------------------------------------------------------------
+
+    def _start(self, stream_id: int, request: Request) -> None:
+        self.requests += 1
+        if self._draining():
+            self._conn.refuse(stream_id, Unavailable("the server is shutting down"))
+            return
+        if self._rate_limiter is not None:
+            wait = self._rate_limiter.acquire(self._transport.peer.address,
+                                              self._transport.now())
+            if wait:
+                self._conn.refuse(stream_id, RateLimited(
+                    wait, f"rate limit of {self._rate_limiter.per_minute} requests a "
+                          f"minute exceeded; retry after {wait:.3f} s"))
+                return
+        try:
+            reply = self._dispatch(request, self._transport.peer)
+        except TrustChainError as exc:
+            reply = Error(code=exc.code, message=exc.message, details=exc.details)
+        except Exception:
+            log.exception("dispatcher failed", extra={"op": request.op})
+            reply = _internal()
+        kind = type(reply)
+        if kind is Ok or kind is Error:
+            self._conn.send_response(stream_id, reply)  # type: ignore[arg-type]
+        elif inspect.isawaitable(reply):
+            self._tasks[stream_id] = asyncio.ensure_future(self._answer(stream_id, reply))
+        else:
+            self._tasks[stream_id] = asyncio.ensure_future(
+                self._stream(stream_id, reply))  # type: ignore[arg-type]
+
+    async def _answer(self, stream_id: int, pending: Awaitable[Ok | Error]) -> None:
+        try:
+            response = await pending
+        except asyncio.CancelledError:
+            raise
+        except TrustChainError as exc:
+            response = Error(code=exc.code, message=exc.message, details=exc.details)
+        except Exception:
+            log.exception("handler failed", extra={"stream_id": stream_id})
+            response = _internal()
+        self._tasks.pop(stream_id, None)
+        if self._conn.is_open(stream_id):
+            self._conn.send_response(stream_id, response)
+            self._flush()
+
+    async def _stream(self, stream_id: int, events: AsyncIterator[Event | Error]) -> None:
+        try:
+            async for item in events:
+                if not self._conn.is_open(stream_id):
+                    break
+                if type(item) is Error:
+                    self._conn.send_response(stream_id, item)
+                    self._flush()
+                    return
+                self._conn.send_event(stream_id, item)  # type: ignore[arg-type]
+                self._flush()
+                while self._transport.stream_send_buffered(stream_id) > SEND_BUFFER_HIGH_WATER:
+                    await asyncio.sleep(0.005)
+                    if not self._conn.is_open(stream_id):
+                        return
+            if self._conn.is_open(stream_id):
+                self._conn.end_stream(stream_id)
+                self._flush()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if not isinstance(exc, TrustChainError):
+                log.exception("stream handler failed", extra={"stream_id": stream_id})
+            if self._conn.is_open(stream_id):
+                error = exc if isinstance(exc, TrustChainError) else Internal()
+                self._conn.send_response(stream_id, Error(code=error.code, message=error.message,
+                                                          details=error.details))
+                self._flush()
+        finally:
+            self._tasks.pop(stream_id, None)
+            aclose = getattr(events, "aclose", None)
+            if aclose is not None:
+                try:
+                    await aclose()
+                except Exception:
+                    log.exception("closing a stream handler failed")
+
+    def end_streams(self, event: Event) -> None:
+        """Send ``event`` and end every streaming op (at shutdown)."""
+        for stream_id, task in list(self._tasks.items()):
+            if self._conn.is_open(stream_id):
+                try:
+                    self._conn.send_event(stream_id, event)
+                    self._conn.end_stream(stream_id)
+                except TrustChainError:
+                    continue
+                task.cancel()
+                self._tasks.pop(stream_id, None)
+        self._flush()
+
+    # --- output to QUIC -------------------------------------------------------
+
+    def _flush(self) -> None:
+        transport = self._transport
+        instructions = self._conn.data_to_send()
+        if not instructions:
+            return
+        for item in instructions:
+            kind = type(item)
+            if kind is SendData:
+                transport.send_stream_data(item.stream_id, item.data,  # type: ignore[union-attr]
+                                           item.end_stream)  # type: ignore[union-attr]
+                if item.end_stream:  # type: ignore[union-attr]
+                    transport.stream_finished()
+            elif kind is StopSending:
+                transport.stop_stream(item.stream_id, item.error_code)  # type: ignore[union-attr]
+            elif kind is ResetStream:
+                transport.reset_stream(item.stream_id, item.error_code)  # type: ignore[union-attr]
+        transport.transmit_soon()
+
+
+def _internal() -> Error:
+    return Error(code=ErrorCode.INTERNAL, message="internal server error")
