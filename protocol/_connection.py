@@ -226,13 +226,16 @@ class ServerConnection:
         self._close_refused(stream_id, stream, stop, STOQ_REQUEST_CANCELLED)
 
     def stream_reset(self, stream_id: int) -> list[StoqEvent]:
-        """The peer sent RESET_STREAM or STOP_SENDING on ``stream_id``."""
+        """The peer sent RESET_STREAM or STOP_SENDING on ``stream_id``.
+
+        Whatever we had not finished on that stream is abandoned: our side is
+        reset with STOQ_REQUEST_CANCELLED.
+        """
         stream = self._streams.pop(stream_id, None)
-        if stream is None:
+        if stream is None or stream.state is StreamState.CLOSED:
             return []
-        if stream.state in (StreamState.HANDLING, StreamState.STREAMING):
-            return [StreamCancelled(stream_id)]
-        return []
+        self._out.append(ResetStream(stream_id, STOQ_REQUEST_CANCELLED))
+        return [StreamCancelled(stream_id)]
 
     def send_response(self, stream_id: int, response: Ok | Error) -> None:
         """Queue the final answer of a unary op (or an error ending a stream)."""
@@ -241,11 +244,12 @@ class ServerConnection:
         self._out.append(SendData(stream_id, frame_payload(encode_item(response.to_item())),
                                   True))
 
-    def send_event(self, stream_id: int, event: Event) -> None:
-        """Queue one event of a streaming op."""
+    def send_event(self, stream_id: int, event: Event) -> int:
+        """Queue one event of a streaming op; returns the frame's size in bytes."""
         self._send(stream_id, Send.EVENT)
-        self._out.append(SendData(stream_id, frame_payload(encode_item(event.to_item())),
-                                  False))
+        data = frame_payload(encode_item(event.to_item()))
+        self._out.append(SendData(stream_id, data, False))
+        return len(data)
 
     def end_stream(self, stream_id: int) -> None:
         """Finish a streaming op's stream (FIN)."""

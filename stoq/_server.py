@@ -32,6 +32,9 @@ from ._session import Dispatch, StoqSession
 
 log = logging.getLogger("stoq")
 
+DRAIN_QUIET_PERIOD = 0.2
+"""Seconds without new requests after which a draining server closes connections."""
+
 RECEIVE_BUFFER_BYTES = 4 << 20
 """SO_RCVBUF for the UDP sockets: removes drops under bulk load (FACTS.md)."""
 
@@ -125,6 +128,7 @@ class Server:
         self._connections: set[Any] = set()
         self._configuration: Any = None
         self._draining = False
+        self._last_refusal = 0.0
         self._keepalive_task: asyncio.Task[None] | None = None
         self.fingerprint = ""
         self.addresses: list[tuple[str, int]] = []
@@ -144,7 +148,14 @@ class Server:
 
     def _stoq_session(self, transport: Any) -> StoqSession:
         return StoqSession(transport, self._dispatch, max_frame_size=self.limits.max_frame_size,
-                           rate_limiter=self._rate_limiter, draining=lambda: self._draining)
+                           rate_limiter=self._rate_limiter, draining=self._refusing_requests)
+
+    def _refusing_requests(self) -> bool:
+        """Called for every new request: True while draining (and noted, so that
+        shutdown waits until late requests stop arriving)."""
+        if self._draining:
+            self._last_refusal = asyncio.get_running_loop().time()
+        return self._draining
 
     def _load_configuration(self) -> Any:
         configuration = self.engine.configuration(
@@ -252,11 +263,13 @@ class Server:
                 protocol.session.end_streams(end)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (self.limits.drain_timeout if timeout is None else timeout)
-        while loop.time() < deadline and any(
-                p.session is not None and p.session.in_flight for p in self._connections):
+        self._last_refusal = loop.time()
+        # Wait for in-flight requests, and until requests sent before the client
+        # saw our refusals stop arriving (each gets an explicit `unavailable`).
+        while loop.time() < deadline and (
+                any(p.session is not None and p.session.in_flight for p in self._connections)
+                or loop.time() - self._last_refusal < DRAIN_QUIET_PERIOD):
             await asyncio.sleep(0.01)
-        # Let the last answers leave before the close frames.
-        await asyncio.sleep(0.02)
         for protocol in list(self._connections):
             protocol.close_with(STOQ_NO_ERROR, "server shutting down")
         await asyncio.sleep(0.02)
@@ -305,9 +318,9 @@ def _protocol_class(engine: Engine) -> type:
         def stream_finished(self) -> None:
             engine.stream_finished(self._quic)
 
-        def stream_send_buffered(self, stream_id: int) -> int:
+        def stream_sent_offset(self, stream_id: int) -> int | None:
             stream = self._quic._streams.get(stream_id)
-            return len(stream.sender._buffer) if stream is not None else 0
+            return int(stream.sender.highest_offset) if stream is not None else None
 
         def transmit_soon(self) -> None:
             self._transmit_soon()
@@ -349,7 +362,10 @@ def _protocol_class(engine: Engine) -> type:
                 log.info("connection refused", extra={"reason": self._refusal,
                                                       "peer": address})
                 self.server._connections.discard(self)
-                self._quic.close(error_code=CONNECTION_REFUSED, reason_phrase=self._refusal)
+                # A transport-level close (frame_type given): during the handshake
+                # an application close would reach the peer as APPLICATION_ERROR.
+                self._quic.close(error_code=CONNECTION_REFUSED, frame_type=0,
+                                 reason_phrase=self._refusal)
                 return
             self.peer = Peer(address=address[0] if address else "",
                              port=address[1] if address else 0, alpn=alpn or "")

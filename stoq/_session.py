@@ -45,7 +45,8 @@ Reply = Ok | Error | Awaitable[Ok | Error] | AsyncIterator[Event | Error]
 Dispatch = Callable[[Request, Peer], Reply]
 
 SEND_BUFFER_HIGH_WATER = 1 << 20
-"""Bytes queued on a streaming op's stream above which the producer waits."""
+"""Bytes written to a streaming op's stream but not yet sent, above which the
+producer waits (the reader is slower than the events)."""
 
 
 class Transport(Protocol):
@@ -57,7 +58,8 @@ class Transport(Protocol):
     def stop_stream(self, stream_id: int, error_code: int) -> None: ...
     def reset_stream(self, stream_id: int, error_code: int) -> None: ...
     def stream_finished(self) -> None: ...
-    def stream_send_buffered(self, stream_id: int) -> int: ...
+    def stream_sent_offset(self, stream_id: int) -> int | None:
+        """Bytes of ``stream_id`` handed to the network so far (None: stream gone)."""
     def transmit_soon(self) -> None: ...
     def now(self) -> float: ...
 
@@ -152,6 +154,7 @@ class StoqSession:
             self._flush()
 
     async def _stream(self, stream_id: int, events: AsyncIterator[Event | Error]) -> None:
+        written = 0
         try:
             async for item in events:
                 if not self._conn.is_open(stream_id):
@@ -160,12 +163,16 @@ class StoqSession:
                     self._conn.send_response(stream_id, item)
                     self._flush()
                     return
-                self._conn.send_event(stream_id, item)  # type: ignore[arg-type]
+                written += self._conn.send_event(stream_id, item)  # type: ignore[arg-type]
                 self._flush()
-                while self._transport.stream_send_buffered(stream_id) > SEND_BUFFER_HIGH_WATER:
-                    await asyncio.sleep(0.005)
-                    if not self._conn.is_open(stream_id):
+                # Back-pressure: a slow reader holds the producer, not our memory.
+                while True:
+                    sent = self._transport.stream_sent_offset(stream_id)
+                    if sent is None or not self._conn.is_open(stream_id):
                         return
+                    if written - sent <= SEND_BUFFER_HIGH_WATER:
+                        break
+                    await asyncio.sleep(0.005)
             if self._conn.is_open(stream_id):
                 self._conn.end_stream(stream_id)
                 self._flush()
@@ -219,6 +226,7 @@ class StoqSession:
                 transport.stop_stream(item.stream_id, item.error_code)  # type: ignore[union-attr]
             elif kind is ResetStream:
                 transport.reset_stream(item.stream_id, item.error_code)  # type: ignore[union-attr]
+                transport.stream_finished()
         transport.transmit_soon()
 
 

@@ -1,0 +1,733 @@
+"""Benchmark machinery: child processes, a bare QUIC echo server, a lean load generator.
+
+Everything here runs on loopback (``[::1]``) only and is bounded in time. The
+echo server and the load generator are child processes started as
+``python -m bench._common echo-server ...`` and ``python -m bench._common load
+...``, so that neither shares a CPU-bound event loop with the server it
+measures. A :class:`Child` is always stopped by its owner (SIGTERM, then
+SIGKILL) and, as a last resort, gets SIGTERM from the kernel when the
+benchmark process itself dies (``PR_SET_PDEATHSIG``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import queue
+import re
+import signal
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+import cbor2
+import uvloop
+
+import protocol
+import stoq
+
+if TYPE_CHECKING:
+    from stoq._engine import Engine
+
+ROOT = Path(__file__).resolve().parent.parent
+"""The source tree; child processes run there so that ``python -m`` finds it."""
+
+HOST = "::1"
+"""Every benchmark server listens here and every load generator sends here."""
+
+ECHO_ALPN = "echo"
+STREAMS_PER_CONNECTION = 100
+"""Concurrent streams the echo server grants, as ``network.max_streams_per_connection``."""
+
+# Flow-control windows: what stoq.Server and stoq.connect use with the default
+# network.max_frame_size, so the bare echo server and the lean client move data
+# under the same limits as STOQ does.
+MAX_FRAME_SIZE = protocol.DEFAULT_MAX_FRAME_SIZE
+MAX_STREAM_DATA = max(1 << 20, MAX_FRAME_SIZE + 4)
+MAX_DATA = max(1 << 20, 4 * MAX_FRAME_SIZE)
+
+BULK_PAYLOAD = MAX_FRAME_SIZE - 64
+"""``node.echo`` data size: 1 MiB less the CBOR envelope, so that both the
+request and the response frame fit the default 1 MiB ``max_frame_size``."""
+
+STOQ_OK_PREFIX = b"\xa1\x62ok"
+"""CBOR for the start of ``{"ok": ...}``: a map of one pair whose key is "ok"."""
+
+LISTENING = re.compile(r"^listening on \[([0-9a-fA-F:.%]+)\]:(\d+) alpn (\S+)")
+FINGERPRINT = re.compile(r"^tls certificate sha256 ([0-9a-f]{64})")
+
+
+# --- child processes -------------------------------------------------------------
+
+_PDEATHSIG_LAUNCHER = (
+    "import ctypes, os, signal, sys\n"
+    "try:\n"
+    "    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)\n"
+    "except (OSError, AttributeError):\n"
+    "    pass\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    sys.exit(70)\n"
+    "os.execv(sys.argv[2], sys.argv[2:])\n"
+)
+"""Run argv with PR_SET_PDEATHSIG = SIGTERM (kept across execve): if the
+benchmark is killed outright, its children still get SIGTERM."""
+
+
+class Child:
+    """A child process in its own session, its stdout read line by line in a thread.
+
+    Ctrl-C in the terminal reaches only the benchmark, which then stops its
+    children itself, in order.
+    """
+
+    def __init__(self, name: str, argv: list[str], log_path: Path) -> None:
+        self.name = name
+        self.log_path = log_path
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        launcher = [sys.executable, "-c", _PDEATHSIG_LAUNCHER, str(os.getpid())]
+        with open(log_path, "wb") as stderr:
+            self.proc = subprocess.Popen(launcher + argv, stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.PIPE, stderr=stderr,
+                                         start_new_session=True, text=True, bufsize=1,
+                                         cwd=ROOT)
+        assert self.proc.stdout is not None
+        self._reader = threading.Thread(target=self._read, args=(self.proc.stdout,),
+                                        name=f"{name}-stdout", daemon=True)
+        self._reader.start()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def _read(self, stream: IO[str]) -> None:
+        with contextlib.suppress(ValueError, OSError):
+            for line in stream:
+                self._queue.put(line.rstrip("\n"))
+        self._queue.put(None)
+
+    def next_line(self, deadline: float) -> str | None:
+        """The next stdout line, or None at end of output.
+
+        :raises TimeoutError: nothing before ``deadline`` (``time.monotonic``).
+        """
+        try:
+            line = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            raise TimeoutError(f"{self.name}: no output in time") from None
+        if line is not None:
+            self.lines.append(line)
+        return line
+
+    def wait_for(self, pattern: re.Pattern[str], timeout: float) -> re.Match[str]:
+        """Read stdout until a line matches ``pattern``.
+
+        :raises RuntimeError: the process ended, or said nothing that matched in time.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.next_line(deadline)
+            except TimeoutError:
+                raise RuntimeError(f"{self.name}: no line matching {pattern.pattern!r} "
+                                   f"within {timeout:g} s{self.stderr_tail()}") from None
+            if line is None:
+                self.proc.wait(5)
+                raise RuntimeError(f"{self.name} exited with status {self.proc.returncode} "
+                                   f"before printing {pattern.pattern!r}{self.stderr_tail()}")
+            match = pattern.match(line)
+            if match:
+                return match
+
+    def wait(self, timeout: float) -> int:
+        """Wait for the process to end by itself; stop it if it does not in time."""
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise RuntimeError(f"{self.name} did not finish within {timeout:g} s") from None
+
+    def output(self, timeout: float = 5.0) -> list[str]:
+        """Every stdout line, once the process has ended."""
+        deadline = time.monotonic() + timeout
+        with contextlib.suppress(TimeoutError):
+            while self.next_line(deadline) is not None:
+                pass
+        return self.lines
+
+    def stop(self, grace: float = 10.0) -> int | None:
+        """SIGTERM, wait up to ``grace`` seconds, then SIGKILL. Returns the exit status."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    self.proc.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(5)
+        with contextlib.suppress(OSError):
+            if self.proc.stdout is not None:
+                self.proc.stdout.close()
+        return self.proc.returncode
+
+    def stderr_tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return ("\n  stderr:\n    " + "\n    ".join(text[-lines:])) if text else ""
+
+
+class Children:
+    """Every child process started, so that all of them are stopped at the end."""
+
+    def __init__(self) -> None:
+        self._children: list[Child] = []
+
+    def start(self, name: str, argv: list[str], log_path: Path) -> Child:
+        child = Child(name, argv, log_path)
+        self._children.append(child)
+        return child
+
+    def stop(self, child: Child) -> int | None:
+        try:
+            return child.stop()
+        finally:
+            with contextlib.suppress(ValueError):
+                self._children.remove(child)
+
+    def stop_all(self) -> None:
+        """Stop the remaining children, newest first; Ctrl-C cannot interrupt this."""
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            while self._children:
+                child = self._children.pop()
+                with contextlib.suppress(Exception):
+                    child.stop()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of process ``pid`` (Linux ``/proc``), or None."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(b")") + 2:].split()
+    # fields[0] is the state (field 3 of proc(5)); utime and stime are fields 14 and 15.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# --- statistics and presentation -----------------------------------------------------
+
+def percentile(ordered: list[float], fraction: float) -> float:
+    """Nearest-rank percentile of an ascending list (0.0 when it is empty)."""
+    if not ordered:
+        return 0.0
+    rank = min(len(ordered) - 1, max(0, round(fraction * len(ordered) + 0.5) - 1))
+    return ordered[rank]
+
+
+def machine_lines(engines: list[str]) -> list[str]:
+    """What the figures were measured on."""
+    model = ""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    versions = ", ".join(f"{name} {stoq.load_engine(name).version}" for name in engines)
+    return [
+        f"- machine: nproc {os.cpu_count()}, {model or platform.machine()}, "
+        f"{platform.system()} {platform.release()}",
+        f"- python {platform.python_version()} ({platform.python_implementation()}), "
+        f"uvloop {_version('uvloop')}, cbor2 {_version('cbor2')}",
+        f"- QUIC engines: {versions}",
+    ]
+
+
+def _version(distribution: str) -> str:
+    from importlib import metadata
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return "?"
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# --- TLS for the echo server ----------------------------------------------------------
+
+def make_certificate(directory: Path) -> tuple[Path, Path]:
+    """A self-signed P-256 certificate for localhost and ::1, like a development node's."""
+    from store import create_self_signed, credential_paths
+
+    credential = credential_paths(directory)
+    create_self_signed(credential, names=["localhost"], addresses=[HOST])
+    return credential.certfile, credential.keyfile
+
+
+# --- the bare QUIC echo server --------------------------------------------------------
+
+def _echo_protocol_class(engine: Engine) -> type:
+    StreamDataReceived = engine.events.StreamDataReceived
+    StreamReset = engine.events.StreamReset
+    base: type = engine.QuicConnectionProtocol
+
+    class EchoProtocol(base):  # type: ignore[misc]
+        """Echo each stream's data back, with FIN, once the client's FIN arrives."""
+
+        def __init__(self, quic: Any, stream_handler: Any = None) -> None:
+            super().__init__(quic, stream_handler)
+            # The same stream credit as stoq.Server grants, so the transports match.
+            engine.limit_streams(quic, bidi=STREAMS_PER_CONNECTION, uni=0)
+            self._parts: dict[int, list[bytes]] = {}
+
+        def quic_event_received(self, event: Any) -> None:
+            if type(event) is StreamDataReceived:
+                stream_id = event.stream_id
+                if not event.end_stream:
+                    self._parts.setdefault(stream_id, []).append(event.data)
+                    return
+                parts = self._parts.pop(stream_id, None)
+                if parts is None:
+                    data = event.data
+                else:
+                    parts.append(event.data)
+                    data = b"".join(parts)
+                self._quic.send_stream_data(stream_id, data, True)
+                engine.stream_finished(self._quic)
+            elif isinstance(event, StreamReset):
+                self._parts.pop(event.stream_id, None)
+
+    return EchoProtocol
+
+
+async def serve_echo(engine_name: str, port: int, certfile: str, keyfile: str) -> None:
+    """Run the echo server on ``[::1]:port`` until SIGTERM or SIGINT."""
+    engine = stoq.load_engine(engine_name)
+    configuration = engine.configuration(is_client=False, alpn_protocols=[ECHO_ALPN],
+                                         idle_timeout=30.0, max_data=MAX_DATA,
+                                         max_stream_data=MAX_STREAM_DATA)
+    configuration.load_cert_chain(certfile, keyfile)
+    protocol_class = _echo_protocol_class(engine)
+    loop = asyncio.get_running_loop()
+    sock = stoq.make_ipv6_socket(HOST, port)
+    transport, _ = await loop.create_datagram_endpoint(
+        lambda: engine.QuicServer(configuration=configuration, create_protocol=protocol_class),
+        sock=sock)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    host, bound_port = sock.getsockname()[:2]
+    print(f"echo server, QUIC engine {engine.name} {engine.version}, pid {os.getpid()}")
+    print(f"listening on [{host}]:{bound_port} alpn {ECHO_ALPN}")
+    print(f"tls certificate sha256 {stoq.certificate_fingerprint(certfile)}", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        transport.close()
+
+
+# --- the load generator ------------------------------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class LoadSpec:
+    """One load run, passed to the load-generator process as JSON."""
+
+    engine: str
+    port: int
+    alpn: str
+    pin: str
+    request: str
+    """``health`` (node.health) or ``bulk`` (node.echo with BULK_PAYLOAD bytes)."""
+    expect: str
+    """``ok``: a STOQ ``{"ok": ...}`` frame; ``same``: the request bytes echoed."""
+    client: str = "lean"
+    """``lean`` (this module's client) or ``library`` (stoq.AsyncClient)."""
+    connections: int = 1
+    in_flight: int = 64
+    """Requests kept in flight on each connection."""
+    duration: float = 5.0
+    warmup: float = 0.5
+    server_pid: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoadResult:
+    completed: int
+    window: float
+    """Seconds of the measurement window (after the warm-up)."""
+    rate: float
+    """Requests completed a second in the window."""
+    megabytes_per_s: float
+    """Payload bytes a second (10^6), one way: requests x payload size."""
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    server_cpu: float | None
+    """Fraction of one core the server process used in the window."""
+    client_cpu: float
+    first_error: str = ""
+
+    @classmethod
+    def from_json(cls, text: str) -> LoadResult:
+        return cls(**json.loads(text))
+
+
+def request_frame(request: str, payload: bytes = b"") -> bytes:
+    """The one pre-encoded frame a load run sends on every stream."""
+    if request == "health":
+        return protocol.encode_frame({"op": "node.health", "args": {}})
+    if request == "bulk":
+        return protocol.encode_frame({"op": "node.echo", "args": {"data": payload}})
+    raise ValueError(f"unknown request kind {request!r}")
+
+
+class _Run:
+    """The shared state of one load run across its connections."""
+
+    def __init__(self, spec: LoadSpec, frame: bytes, payload: bytes) -> None:
+        self.spec = spec
+        self.frame = frame
+        self.payload = payload
+        self.latencies: list[float] = []
+        self.errors = 0
+        self.first_error = ""
+        self.measure_start = float("inf")
+        self.deadline = float("inf")
+        self.outstanding = 0
+        self.drained = asyncio.get_running_loop().create_future()
+        self.checked_first = False
+
+    def error(self, message: str) -> None:
+        self.errors += 1
+        if not self.first_error:
+            self.first_error = message
+
+    def check(self, data: bytes) -> None:
+        """Count a malformed or unexpected response as an error (cheap checks, each one)."""
+        if len(data) < 4 or int.from_bytes(data[:4], "big") != len(data) - 4:
+            self.error(f"response is not one whole frame ({len(data)} bytes)")
+            return
+        if self.spec.expect == "same":
+            if data != self.frame:
+                self.error("echo differs from the request")
+            return
+        if data[4:8] != STOQ_OK_PREFIX:
+            self.error(f"not an ok response: {_describe(data)}")
+            return
+        if not self.checked_first:  # decode one answer in full
+            self.checked_first = True
+            item = cbor2.loads(data[4:])
+            if self.spec.request == "bulk" and item["ok"].get("data") != self.payload:
+                self.error("node.echo returned other bytes")
+
+    def finished_one(self) -> None:
+        self.outstanding -= 1
+        if self.outstanding <= 0 and not self.drained.done():
+            self.drained.set_result(None)
+
+
+def _describe(data: bytes) -> str:
+    with contextlib.suppress(Exception):
+        return repr(cbor2.loads(data[4:]))[:200]
+    return data[:40].hex()
+
+
+def _lean_protocol_class(engine: Engine) -> type:
+    ev = engine.events
+    StreamDataReceived = ev.StreamDataReceived
+    perf_counter = time.perf_counter
+    base: type = engine.QuicConnectionProtocol
+
+    class LeanProtocol(base):  # type: ignore[misc]
+        """A client connection that keeps ``in_flight`` requests going until the deadline."""
+
+        def __init__(self, quic: Any, stream_handler: Any = None, *, run: _Run) -> None:
+            super().__init__(quic, stream_handler)
+            self.run = run
+            self.handshake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self.parts: dict[int, list[bytes]] = {}
+            self.started: dict[int, float] = {}
+            self.blocked = 0
+            self.terminated = ""
+
+        def send_request(self) -> None:
+            quic = self._quic
+            stream_id = quic.get_next_available_stream_id()
+            try:
+                quic.send_stream_data(stream_id, self.run.frame, True)
+            except ValueError:
+                # qh3 2.x: the server's stream limit is used up (aioquic and qh3
+                # 1.x queue instead). Retry after the next datagram.
+                self.blocked += 1
+                return
+            self.started[stream_id] = perf_counter()
+
+        def datagram_received(self, data: bytes, addr: Any) -> None:
+            super().datagram_received(data, addr)
+            if self.blocked:
+                blocked, self.blocked = self.blocked, 0
+                for _ in range(blocked):
+                    if perf_counter() < self.run.deadline:
+                        self.send_request()
+                    else:
+                        self.run.finished_one()
+                self.transmit()
+
+        def quic_event_received(self, event: Any) -> None:
+            if type(event) is StreamDataReceived:
+                stream_id = event.stream_id
+                if not event.end_stream:
+                    self.parts.setdefault(stream_id, []).append(event.data)
+                    return
+                parts = self.parts.pop(stream_id, None)
+                if parts is None:
+                    data = event.data
+                else:
+                    parts.append(event.data)
+                    data = b"".join(parts)
+                self._complete(stream_id, data)
+            elif isinstance(event, ev.HandshakeCompleted):
+                if not self.handshake.done():
+                    self.handshake.set_result(None)
+            elif isinstance(event, ev.StreamReset):
+                self.parts.pop(event.stream_id, None)
+                self.run.error(f"stream {event.stream_id} reset, code {event.error_code:#x}")
+                self._complete(event.stream_id, None)
+            elif isinstance(event, ev.ConnectionTerminated):
+                self.terminated = event.reason_phrase or f"error code {event.error_code:#x}"
+                if not self.handshake.done():
+                    self.handshake.set_exception(ConnectionError(self.terminated))
+                lost = len(self.started) + self.blocked
+                self.started.clear()
+                self.blocked = 0
+                if lost:
+                    self.run.error(f"connection closed: {self.terminated}")
+                for _ in range(lost):
+                    self.run.finished_one()
+
+        def _complete(self, stream_id: int, data: bytes | None) -> None:
+            now = perf_counter()
+            started = self.started.pop(stream_id, None)
+            if started is None:
+                return
+            run = self.run
+            if data is not None:
+                run.check(data)
+                if run.measure_start <= now < run.deadline:
+                    run.latencies.append(now - started)
+            if now < run.deadline and not self.terminated:
+                self.send_request()
+            else:
+                run.finished_one()
+
+    return LeanProtocol
+
+
+async def _open_lean(engine: Engine, cls: type, spec: LoadSpec, run: _Run) -> Any:
+    configuration = engine.configuration(is_client=True, alpn_protocols=[spec.alpn],
+                                         idle_timeout=60.0, max_data=MAX_DATA,
+                                         max_stream_data=MAX_STREAM_DATA)
+    configuration.server_name = "localhost"
+    configuration.verify_mode = ssl.CERT_NONE  # trust is the pin, checked below
+    quic = engine.QuicConnection(configuration=configuration)
+    loop = asyncio.get_running_loop()
+    sock = stoq.make_ipv6_socket(HOST, 0)
+    transport, proto = await loop.create_datagram_endpoint(lambda: cls(quic, run=run), sock=sock)
+    proto.connect((HOST, spec.port, 0, 0))
+    try:
+        # Not wait_connected(): under uvloop it can miss a handshake that is already done.
+        await asyncio.wait_for(asyncio.shield(proto.handshake), 15.0)
+    except BaseException:
+        transport.close()
+        raise
+    presented = engine.peer_certificate_der(quic) or b""
+    if hashlib.sha256(presented).hexdigest() != spec.pin:
+        transport.close()
+        raise ConnectionError("the server's certificate does not match the pin")
+    return proto
+
+
+async def _close_lean(connections: list[Any]) -> None:
+    for proto in connections:
+        proto.close()
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(asyncio.gather(*(p.wait_closed() for p in connections)), 2.0)
+    for proto in connections:
+        if proto._transport is not None:
+            proto._transport.close()
+
+
+async def _sample_cpu(spec: LoadSpec, run: _Run) -> tuple[float | None, float]:
+    """Server and client CPU (fractions of a core) between measure_start and deadline."""
+    loop_now = time.perf_counter
+    await asyncio.sleep(max(0.0, run.measure_start - loop_now()))
+    server0 = cpu_seconds(spec.server_pid) if spec.server_pid else None
+    client0 = time.process_time()
+    wall0 = loop_now()
+    await asyncio.sleep(max(0.0, run.deadline - loop_now()))
+    wall = loop_now() - wall0
+    server1 = cpu_seconds(spec.server_pid) if spec.server_pid else None
+    client = (time.process_time() - client0) / wall
+    server = (server1 - server0) / wall if server0 is not None and server1 is not None else None
+    return server, client
+
+
+async def _lean_load(spec: LoadSpec, run: _Run) -> tuple[float | None, float]:
+    engine = stoq.load_engine(spec.engine)
+    cls = _lean_protocol_class(engine)
+    connections = list(await asyncio.gather(
+        *(_open_lean(engine, cls, spec, run) for _ in range(spec.connections))))
+    try:
+        run.measure_start = time.perf_counter() + spec.warmup
+        run.deadline = run.measure_start + spec.duration
+        run.outstanding = spec.connections * spec.in_flight
+        for proto in connections:
+            for _ in range(spec.in_flight):
+                proto.send_request()
+            proto.transmit()
+        cpu = await _sample_cpu(spec, run)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(run.drained), 10.0)
+        return cpu
+    finally:
+        await _close_lean(connections)
+
+
+async def _library_load(spec: LoadSpec, run: _Run) -> tuple[float | None, float]:
+    op, args = (("node.health", {}) if spec.request == "health"
+                else ("node.echo", {"data": run.payload}))
+    perf_counter = time.perf_counter
+    clients = [await stoq.connect(HOST, spec.port, pin=spec.pin, engine=spec.engine,
+                                  keep_alive_interval=None, timeout=15.0)
+               for _ in range(spec.connections)]
+
+    async def worker(client: stoq.AsyncClient) -> None:
+        while True:
+            started = perf_counter()
+            if started >= run.deadline:
+                return
+            try:
+                result = await client.request(op, args)
+            except Exception as exc:
+                run.error(f"{type(exc).__name__}: {exc}")
+                if not client.is_connected:
+                    return
+                continue
+            now = perf_counter()
+            if spec.request == "bulk" and result.get("data") != run.payload:
+                run.error("node.echo returned other bytes")
+            if run.measure_start <= now < run.deadline:
+                run.latencies.append(now - started)
+
+    try:
+        run.measure_start = perf_counter() + spec.warmup
+        run.deadline = run.measure_start + spec.duration
+        workers = [asyncio.ensure_future(worker(client))
+                   for client in clients for _ in range(spec.in_flight)]
+        cpu = await _sample_cpu(spec, run)
+        _, pending = await asyncio.wait(workers, timeout=10.0)
+        for task in pending:
+            task.cancel()
+        return cpu
+    finally:
+        for client in clients:
+            await client.close()
+
+
+async def run_load(spec: LoadSpec) -> LoadResult:
+    """Run ``spec`` in this process and measure it."""
+    payload = os.urandom(BULK_PAYLOAD) if spec.request == "bulk" else b""
+    run = _Run(spec, request_frame(spec.request, payload), payload)
+    body = _lean_load if spec.client == "lean" else _library_load
+    server_cpu, client_cpu = await body(spec, run)
+    latencies = sorted(run.latencies)
+    window = spec.duration
+    size = len(payload) if spec.request == "bulk" else len(run.frame)
+    return LoadResult(
+        completed=len(latencies), window=window, rate=len(latencies) / window,
+        megabytes_per_s=len(latencies) * size / window / 1e6,
+        p50_ms=percentile(latencies, 0.50) * 1e3, p99_ms=percentile(latencies, 0.99) * 1e3,
+        errors=run.errors, server_cpu=server_cpu, client_cpu=client_cpu,
+        first_error=run.first_error)
+
+
+def load_in_child(children: Children, spec: LoadSpec, log_path: Path) -> LoadResult:
+    """Run ``spec`` in a separate load-generator process and return what it measured."""
+    argv = [sys.executable, "-m", "bench._common", "load", json.dumps(asdict(spec))]
+    child = children.start(f"load generator ({spec.engine})", argv, log_path)
+    try:
+        status = child.wait(spec.warmup + spec.duration + 60.0)
+        lines = child.output()
+        if status != 0 or not lines:
+            raise RuntimeError(f"the load generator failed with status {status}"
+                               f"{child.stderr_tail()}")
+        return LoadResult.from_json(lines[-1])
+    finally:
+        children.stop(child)
+
+
+# --- entry points of the child processes ------------------------------------------------------
+
+def _die_on(signals: tuple[signal.Signals, ...], handler: Callable[[], None]) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in signals:
+        loop.add_signal_handler(sig, handler)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench._common",
+                                     description="child processes of the benchmarks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    echo = sub.add_parser("echo-server", help="a bare QUIC echo server on [::1]")
+    echo.add_argument("--engine", choices=stoq.ENGINES, required=True)
+    echo.add_argument("--port", type=int, default=0)
+    echo.add_argument("--cert", required=True)
+    echo.add_argument("--key", required=True)
+    load = sub.add_parser("load", help="one load run; prints its result as JSON")
+    load.add_argument("spec", help="a LoadSpec as JSON")
+    args = parser.parse_args(argv)
+    if args.command == "echo-server":
+        uvloop.run(serve_echo(args.engine, args.port, args.cert, args.key))
+        return 0
+    spec = LoadSpec(**json.loads(args.spec))
+
+    async def load_main() -> LoadResult:
+        task = asyncio.current_task()
+        assert task is not None
+
+        def cancel() -> None:
+            task.cancel()
+
+        _die_on((signal.SIGTERM, signal.SIGINT), cancel)
+        return await run_load(spec)
+
+    result = uvloop.run(load_main())
+    print(json.dumps(asdict(result)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""Shared fixtures: the QUIC engine matrix, uvloop, and the CDDL checker."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import uvloop
+
+import stoq
+
+from .helpers import CddlChecker
+
+ENGINES = [e for e in stoq.ENGINES
+           if e in os.environ.get("TRUSTCHAIN_TEST_ENGINES", ",".join(stoq.ENGINES)).split(",")]
+
+
+@pytest.fixture(scope="session")
+def event_loop_policy() -> uvloop.EventLoopPolicy:
+    return uvloop.EventLoopPolicy()
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request: Any) -> str:
+    """Each integration test runs once per QUIC engine (server and client)."""
+    return str(request.param)
+
+
+@pytest.fixture
+def cddl() -> Iterator[CddlChecker]:
+    """Every frame a test client receives must match spec/stoq.cddl."""
+    checker = CddlChecker()
+    yield checker
+    assert not checker.failures, "\n".join(checker.failures)

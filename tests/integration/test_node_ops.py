@@ -1,0 +1,100 @@
+"""node.* ops against a real server over QUIC on [::1], both engines."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from protocol import InvalidRequest, Timeout, TrustChainError, UnknownOp
+
+from ..helpers import CddlChecker, running_node
+
+
+async def test_health_and_info(tmp_path: Path, engine: str, cddl: CddlChecker) -> None:
+    async with running_node(tmp_path, engine, checker=cddl) as node:
+        async with await node.client() as client:
+            health = await client.request("node.health")
+            assert health["status"] == "ok" and health["checks"] == {"accepting": True}
+            info = await client.request("node.info")
+            assert info["engine"]["name"] == engine
+            assert info["alpns"] == ["stoq/1"]
+            assert {"node.health", "node.info", "node.heartbeat", "node.echo"} <= set(info["ops"])
+            assert info["tls_fingerprint"] == node.pin
+            assert info["peer"]["address"] == "::1"
+            assert info["limits"]["max_streams_per_connection"] == 100
+    assert cddl.checked >= 2
+
+
+async def test_many_requests_on_one_connection(tmp_path: Path, engine: str,
+                                               cddl: CddlChecker) -> None:
+    async with running_node(tmp_path, engine, checker=cddl) as node:
+        async with await node.client() as client:
+            results = await asyncio.gather(*(client.request("node.echo", {"data": bytes([i])})
+                                             for i in range(250)))
+            assert [r["data"] for r in results] == [bytes([i]) for i in range(250)]
+
+
+async def test_large_echo(tmp_path: Path, engine: str, cddl: CddlChecker) -> None:
+    async with running_node(tmp_path, engine, checker=cddl) as node:
+        async with await node.client() as client:
+            payload = bytes(range(256)) * 4000  # 1,024,000 bytes, under the 1 MiB limit
+            assert (await client.request("node.echo", {"data": payload}))["data"] == payload
+
+
+async def test_heartbeat_stream(tmp_path: Path, engine: str, cddl: CddlChecker) -> None:
+    async with running_node(tmp_path, engine, checker=cddl) as node:
+        async with await node.client() as client:
+            events = [e async for e in client.subscribe("node.heartbeat",
+                                                        {"interval_ms": 10, "count": 3})]
+            assert [e.event for e in events] == ["heartbeat"] * 3
+            assert [e.data["seq"] for e in events] == [0, 1, 2]
+
+
+async def test_leaving_a_stream_cancels_it_on_the_server(tmp_path: Path, engine: str,
+                                                          cddl: CddlChecker) -> None:
+    async with running_node(tmp_path, engine, checker=cddl) as node:
+        async with await node.client() as client:
+            async for event in client.subscribe("node.heartbeat", {"interval_ms": 10}):
+                assert event.data["seq"] == 0
+                break
+            assert node.node.server is not None
+            for _ in range(100):
+                if node.node.server.stats()["in_flight"] == 0:
+                    break
+                await asyncio.sleep(0.02)
+            assert node.node.server.stats()["in_flight"] == 0
+            assert (await client.request("node.health"))["status"] == "ok"
+
+
+async def test_typed_errors(tmp_path: Path, engine: str, cddl: CddlChecker) -> None:
+    async with running_node(tmp_path, engine, checker=cddl) as node:
+        async with await node.client() as client:
+            with pytest.raises(UnknownOp):
+                await client.request("node.nothing")
+            with pytest.raises(InvalidRequest) as info:
+                await client.request("node.heartbeat", {"count": "3"})
+            assert info.value.details["field"] == "count"
+            with pytest.raises(InvalidRequest):
+                await client.request("node.health", {"verbose": True})
+
+
+async def test_request_refuses_a_streaming_op(tmp_path: Path, engine: str,
+                                              cddl: CddlChecker) -> None:
+    async with running_node(tmp_path, engine, checker=cddl) as node:
+        async with await node.client() as client:
+            with pytest.raises(TrustChainError, match="use subscribe"):
+                await client.request("node.heartbeat", {"interval_ms": 60000})
+            assert (await client.request("node.health"))["status"] == "ok"
+
+
+async def test_event_timeout(tmp_path: Path, engine: str, cddl: CddlChecker) -> None:
+    async with running_node(tmp_path, engine, checker=cddl) as node:
+        async with await node.client() as client:
+            events = client.subscribe("node.heartbeat", {"interval_ms": 60000}, timeout=0.3)
+            assert (await events.__anext__()).data["seq"] == 0
+            with pytest.raises(Timeout):
+                await events.__anext__()
+            await events.aclose()
+            assert (await client.request("node.health"))["status"] == "ok"

@@ -1,0 +1,106 @@
+"""The strict decoder and the deterministic encoder (RFC 8949 §4.2.1)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import cbor2
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from protocol import MalformedFrame, decode_item, encode_deterministic
+from protocol._errors import LocalProtocolError
+
+# RFC 8949 Appendix A examples whose preferred encoding is the deterministic one.
+RFC8949_EXAMPLES = [
+    (0, "00"), (1, "01"), (10, "0a"), (23, "17"), (24, "1818"), (25, "1819"),
+    (100, "1864"), (1000, "1903e8"), (1000000, "1a000f4240"),
+    (1000000000000, "1b000000e8d4a51000"), (18446744073709551615, "1bffffffffffffffff"),
+    (-1, "20"), (-10, "29"), (-100, "3863"), (-1000, "3903e7"),
+    (-18446744073709551616, "3bffffffffffffffff"),
+    (0.0, "f90000"), (-0.0, "f98000"), (1.0, "f93c00"), (1.1, "fb3ff199999999999a"),
+    (1.5, "f93e00"), (65504.0, "f97bff"), (100000.0, "fa47c35000"),
+    (3.4028234663852886e38, "fa7f7fffff"), (1.0e300, "fb7e37e43c8800759c"),
+    (5.960464477539063e-8, "f90001"), (0.00006103515625, "f90400"), (-4.0, "f9c400"),
+    (-4.1, "fbc010666666666666"), (math.inf, "f97c00"), (-math.inf, "f9fc00"),
+    (False, "f4"), (True, "f5"), (None, "f6"),
+    (b"", "40"), (bytes.fromhex("01020304"), "4401020304"),
+    ("", "60"), ("a", "6161"), ("IETF", "6449455446"), ("\"\\", "62225c"),
+    ("\u00fc", "62c3bc"), ("\u6c34", "63e6b0b4"), ("\U00010151", "64f0908591"),
+    ([], "80"), ([1, 2, 3], "83010203"), ([1, [2, 3], [4, 5]], "8301820203820405"),
+    (list(range(1, 26)), "98190102030405060708090a0b0c0d0e0f101112131415161718181819"),
+    ({}, "a0"), ({1: 2, 3: 4}, "a201020304"), ({"a": 1, "b": [2, 3]}, "a26161016162820203"),
+    (["a", {"b": "c"}], "826161a161626163"),
+    ({"a": "A", "b": "B", "c": "C", "d": "D", "e": "E"},
+     "a56161614161626142616361436164614461656145"),
+]
+
+
+@pytest.mark.parametrize(("value", "hex_"), RFC8949_EXAMPLES)
+def test_rfc8949_examples(value: object, hex_: str) -> None:
+    assert encode_deterministic(value).hex() == hex_
+
+
+def test_nan_is_canonical() -> None:
+    assert encode_deterministic(math.nan).hex() == "f97e00"
+
+
+def test_map_keys_sorted_bytewise() -> None:
+    # 10 (0x0a) < 100 (0x1864) < -1 (0x20) < "z" (0x617a) < "aa" (0x626161)
+    encoded = encode_deterministic({"aa": 0, "z": 0, -1: 0, 100: 0, 10: 0})
+    assert encoded.hex() == "a5" + "0a00" + "186400" + "2000" + "617a00" + "62616100"
+
+
+def test_insertion_order_does_not_matter() -> None:
+    assert encode_deterministic({"b": 1, "a": 2}) == encode_deterministic({"a": 2, "b": 1})
+
+
+@pytest.mark.parametrize("value", [{1, 2}, object(), 2**64, -(2**64) - 1])
+def test_values_outside_the_model_refused(value: object) -> None:
+    with pytest.raises(LocalProtocolError):
+        encode_deterministic(value)
+
+
+@pytest.mark.parametrize("hex_", [
+    "c11a514b67b0",        # tag 1 (epoch time)
+    "d9010282 0102",       # tag 258 (set)
+    "c24a" + "ff" * 10,    # tag 2 bignum
+    "f7",                  # undefined
+    "f0",                  # simple value 16
+    "a20101 0102",         # duplicate key
+    "a18001",              # array as a map key
+    "0000",                # trailing bytes
+    "",                    # nothing
+    "5aff",                # truncated
+    "81" * 40 + "00",      # too deep
+    "ff",                  # break without indefinite item
+])
+def test_decoder_refuses(hex_: str) -> None:
+    with pytest.raises(MalformedFrame):
+        decode_item(bytes.fromhex(hex_.replace(" ", "")))
+
+
+plain = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**64), 2**64 - 1) | st.binary(max_size=20)
+    | st.text(max_size=20) | st.floats(allow_nan=False),
+    lambda children: st.lists(children, max_size=5)
+    | st.dictionaries(st.text(max_size=8) | st.integers(-100, 100), children, max_size=5),
+    max_leaves=30,
+)
+
+
+@given(plain)
+def test_deterministic_round_trip(value: object) -> None:
+    encoded = encode_deterministic(value)
+    assert decode_item(encoded) == value
+    assert cbor2.loads(encoded) == value
+    # decoding and re-encoding is the identity on deterministic encodings
+    assert encode_deterministic(decode_item(encoded)) == encoded
+
+
+@given(st.binary(max_size=100))
+def test_decoder_raises_only_malformed(data: bytes) -> None:
+    with contextlib.suppress(MalformedFrame):
+        decode_item(data)
