@@ -36,11 +36,85 @@ def _refuse_tag(decoder: Any, tag: Any) -> Any:
     raise MalformedFrame(f"CBOR tag {tag.tag} is not allowed")
 
 
+def _scan(data: bytes) -> None:
+    """Walk the item's structure without building it: exactly one well-formed
+    item, no tags, no simple values but false/true/null, depth within MAX_DEPTH.
+
+    This runs before cbor2 sees the bytes, because cbor2 acts on some tags
+    while decoding (28/29 shared references can build self-referencing or
+    exponentially large values from a few bytes).
+    """
+    end = len(data)
+    pos = 0
+    # Each stack entry: items still expected in an open container (-1: indefinite).
+    stack: list[int] = []
+    done = False
+    while True:
+        if done:
+            break
+        if pos >= end:
+            raise MalformedFrame("truncated CBOR item")
+        initial = data[pos]
+        pos += 1
+        major, info = initial >> 5, initial & 0x1F
+        if initial == 0xFF:  # break
+            if not stack or stack[-1] != -1:
+                raise MalformedFrame("unexpected CBOR break")
+            stack.pop()
+        else:
+            if info < 24:
+                arg = info
+            elif info <= 27:
+                size = 1 << (info - 24)
+                if pos + size > end:
+                    raise MalformedFrame("truncated CBOR item")
+                arg = int.from_bytes(data[pos:pos + size], "big")
+                pos += size
+            elif info == 31 and major in (2, 3, 4, 5):
+                arg = -1
+            else:
+                raise MalformedFrame(f"reserved CBOR additional information {info}")
+            if major == 6:
+                raise MalformedFrame("CBOR tags are not allowed")
+            if major == 7:
+                if info < 24 and arg not in (20, 21, 22) or info == 24:
+                    raise MalformedFrame("CBOR simple values other than false, true and "
+                                         "null are not allowed")
+            elif major in (2, 3):
+                if arg == -1:  # indefinite string: chunks until break
+                    stack.append(-1)
+                    continue
+                if arg > end - pos:
+                    raise MalformedFrame("truncated CBOR string")
+                pos += arg
+            elif major in (4, 5):
+                count = arg if arg == -1 or major == 4 else arg * 2
+                if count != 0:
+                    if len(stack) >= MAX_DEPTH:
+                        raise MalformedFrame(f"CBOR nesting deeper than {MAX_DEPTH}")
+                    stack.append(count)
+                    continue
+        # one item (or a container's break) is complete: count it against its parent
+        while True:
+            if not stack:
+                done = True
+                break
+            if stack[-1] == -1:
+                break
+            stack[-1] -= 1
+            if stack[-1]:
+                break
+            stack.pop()
+    if pos != end:
+        raise MalformedFrame(f"{end - pos} bytes after the CBOR item")
+
+
 def decode_item(data: bytes) -> Any:
     """Decode exactly one CBOR item from ``data``.
 
     :raises MalformedFrame: not one well-formed item of the allowed data model.
     """
+    _scan(data)
     fp = io.BytesIO(data)
     try:
         decoder = cbor2.CBORDecoder(

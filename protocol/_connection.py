@@ -24,6 +24,7 @@ from ._frames import DEFAULT_MAX_FRAME_SIZE, FrameDecoder, frame_payload
 from ._messages import Error, Event, Ok, Request, parse_server_item
 from ._state import (
     CLIENT_RECEIVE_TRANSITIONS,
+    CLIENT_STREAMING_RECEIVE_TRANSITIONS,
     SERVER_SEND_TRANSITIONS,
     Receive,
     Send,
@@ -125,13 +126,15 @@ Instruction = SendData | StopSending | ResetStream
 
 
 class _Stream:
-    __slots__ = ("decoder", "frame", "op", "state")
+    __slots__ = ("decoder", "frame", "op", "state", "streaming")
 
-    def __init__(self, state: StreamState, max_frame_size: int, op: str = "") -> None:
+    def __init__(self, state: StreamState, max_frame_size: int, op: str = "",
+                 streaming: bool = False) -> None:
         self.state = state
         self.decoder = FrameDecoder(max_frame_size)
         self.frame: bytes | None = None
         self.op = op
+        self.streaming = streaming
 
 
 def is_client_bidi(stream_id: int) -> bool:
@@ -300,14 +303,17 @@ class ClientConnection:
         self._streams: dict[int, _Stream] = {}
         self._out: list[Instruction] = []
 
-    def send_request(self, stream_id: int, request: Request) -> None:
-        """Queue ``request`` and the FIN on the new stream ``stream_id``."""
+    def send_request(self, stream_id: int, request: Request, *, streaming: bool = False) -> None:
+        """Queue ``request`` and the FIN on the new stream ``stream_id``.
+
+        ``streaming``: the op answers with events, and may end with none.
+        """
         if stream_id in self._streams:
             raise LocalProtocolError(f"stream {stream_id} already carries a request")
         if not is_client_bidi(stream_id):
             raise LocalProtocolError("requests go on client-initiated bidirectional streams")
         self._streams[stream_id] = _Stream(StreamState.HANDLING, self.max_frame_size,
-                                           request.op)
+                                           request.op, streaming)
         self._out.append(SendData(stream_id, frame_payload(encode_item(request.to_item())),
                                   True))
 
@@ -358,7 +364,9 @@ class ClientConnection:
 
     @staticmethod
     def _advance(stream: _Stream, kind: Receive) -> None:
-        new = CLIENT_RECEIVE_TRANSITIONS.get((stream.state, kind))
+        table = (CLIENT_STREAMING_RECEIVE_TRANSITIONS if stream.streaming
+                 else CLIENT_RECEIVE_TRANSITIONS)
+        new = table.get((stream.state, kind))
         if new is None:
             raise RemoteProtocolError(
                 f"unexpected {kind.value} in state {stream.state.value}")

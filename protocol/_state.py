@@ -53,6 +53,7 @@ SERVER_SEND_TRANSITIONS: dict[tuple[StreamState, Send], StreamState] = {
     (S.STREAMING, Send.EVENT): S.STREAMING,
     (S.STREAMING, Send.ERROR): S.CLOSED,
     (S.STREAMING, Send.END): S.CLOSED,
+    (S.HANDLING, Send.END): S.CLOSED,  # a streaming op with nothing to send
     # The server may refuse a request before it is complete (too large, rate
     # limited, shutting down): an error frame, FIN, and STOP_SENDING.
     (S.RECEIVING, Send.ERROR): S.CLOSED,
@@ -67,4 +68,9 @@ CLIENT_RECEIVE_TRANSITIONS: dict[tuple[StreamState, Receive], StreamState] = {
     (S.STREAMING, Receive.ERROR): S.RESPONDED,
     (S.STREAMING, Receive.FIN): S.CLOSED,
     (S.RESPONDED, Receive.FIN): S.CLOSED,
+}
+
+CLIENT_STREAMING_RECEIVE_TRANSITIONS: dict[tuple[StreamState, Receive], StreamState] = {
+    **CLIENT_RECEIVE_TRANSITIONS,
+    (S.HANDLING, Receive.FIN): S.CLOSED,  # a subscription that ended with no events
 }

@@ -160,7 +160,8 @@ class AsyncClient:
                 self._protocol._quic.send_ping(next(counter))
                 self._protocol.transmit()
 
-    async def _open(self, op: str, args: dict[str, Any] | None) -> tuple[int, _Waiter]:
+    async def _open(self, op: str, args: dict[str, Any] | None,
+                    streaming: bool = False) -> tuple[int, _Waiter]:
         protocol = self._protocol
         if protocol.terminated is not None or self._closed:
             raise ConnectionFailed(f"the connection is closed ({protocol.terminated})")
@@ -175,7 +176,8 @@ class AsyncClient:
                 raise ConnectionFailed(f"the connection is closed ({protocol.terminated})")
         waiter = _Waiter()
         protocol.waiters[stream_id] = waiter
-        protocol.stoq.send_request(stream_id, Request(op=op, args=args or {}))
+        protocol.stoq.send_request(stream_id, Request(op=op, args=args or {}),
+                                   streaming=streaming)
         protocol.flush()
         return stream_id, waiter
 
@@ -241,7 +243,7 @@ class AsyncClient:
         Leaving the loop early cancels the stream on the server. ``timeout``
         bounds the wait for each event (default: none).
         """
-        stream_id, waiter = await self._open(op, args)
+        stream_id, waiter = await self._open(op, args, streaming=True)
         loop = asyncio.get_running_loop()
         finished = False
         try:
@@ -317,7 +319,8 @@ async def connect(host: str, port: int, *, cafile: str | None = None, pin: str |
         is_client=True, alpn_protocols=[alpn], idle_timeout=idle_timeout,
         max_data=max(1 << 20, 4 * max_frame_size),
         max_stream_data=max(1 << 20, max_frame_size + 4))
-    configuration.server_name = server_name or "localhost"
+    # Without a name, verify the address itself (an IP address SAN).
+    configuration.server_name = server_name or str(address)
     if cafile:
         configuration.verify_mode = CERT_REQUIRED
         configuration.load_verify_locations(cafile)

@@ -47,7 +47,7 @@ class ServerLimits:
     """Concurrent QUIC connections; more are refused. ``network.max_concurrent_connections``."""
     idle_timeout: float = 30.0
     """Seconds without packets before a connection is dropped. ``network.connection_timeout``."""
-    keep_alive_interval: float = 60.0
+    keep_alive_interval: float = 15.0
     """Seconds between server PINGs on connections with an open streaming op;
     0 disables. ``network.keep_alive_interval``."""
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE

@@ -75,6 +75,7 @@ class StoqSession:
         self._rate_limiter = rate_limiter
         self._draining = draining
         self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._streaming: set[int] = set()
         self.requests = 0
 
     @property
@@ -135,6 +136,7 @@ class StoqSession:
         elif inspect.isawaitable(reply):
             self._tasks[stream_id] = asyncio.ensure_future(self._answer(stream_id, reply))
         else:
+            self._streaming.add(stream_id)
             self._tasks[stream_id] = asyncio.ensure_future(
                 self._stream(stream_id, reply))  # type: ignore[arg-type]
 
@@ -188,6 +190,7 @@ class StoqSession:
                 self._flush()
         finally:
             self._tasks.pop(stream_id, None)
+            self._streaming.discard(stream_id)
             aclose = getattr(events, "aclose", None)
             if aclose is not None:
                 try:
@@ -196,9 +199,10 @@ class StoqSession:
                     log.exception("closing a stream handler failed")
 
     def end_streams(self, event: Event) -> None:
-        """Send ``event`` and end every streaming op (at shutdown)."""
-        for stream_id, task in list(self._tasks.items()):
-            if self._conn.is_open(stream_id):
+        """Send ``event`` and end every streaming op (at shutdown); unary ops go on."""
+        for stream_id in list(self._streaming):
+            task = self._tasks.get(stream_id)
+            if task is not None and self._conn.is_open(stream_id):
                 try:
                     self._conn.send_event(stream_id, event)
                     self._conn.end_stream(stream_id)
@@ -206,6 +210,7 @@ class StoqSession:
                     continue
                 task.cancel()
                 self._tasks.pop(stream_id, None)
+                self._streaming.discard(stream_id)
         self._flush()
 
     # --- output to QUIC -------------------------------------------------------

@@ -145,7 +145,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (config.ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    configure_logging(cfg.logging)
+    try:
+        configure_logging(cfg.logging)
+    except OSError as exc:
+        print(f"error: logging.output.path: cannot open the log file: {exc}", file=sys.stderr)
+        return 2
     log = logging.getLogger("trustchain")
     for warning in cfg.warnings:
         log.warning(warning)

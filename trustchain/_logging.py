@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
 from typing import Any, TextIO
 
 from ._config import LoggingConfig
@@ -48,6 +49,7 @@ class TextFormatter(logging.Formatter):
 def configure(cfg: LoggingConfig, stream: TextIO | None = None) -> None:
     """Install the root handler ``cfg`` describes (replacing earlier ones)."""
     if cfg.output.type == "file":
+        Path(cfg.output.path).parent.mkdir(parents=True, exist_ok=True)
         handler: logging.Handler = logging.FileHandler(cfg.output.path, encoding="utf-8")
     else:
         handler = logging.StreamHandler(stream or (sys.stdout if cfg.output.type == "stdout"

@@ -104,3 +104,22 @@ def test_deterministic_round_trip(value: object) -> None:
 def test_decoder_raises_only_malformed(data: bytes) -> None:
     with contextlib.suppress(MalformedFrame):
         decode_item(data)
+
+
+@pytest.mark.parametrize("hex_", [
+    "d81c81d81d00",          # shared reference to itself (tags 28/29)
+    "c24101",                # bignum tag within range
+    "d9d9f7a0",              # self-described CBOR tag 55799
+    "1c",                    # reserved additional information
+    "9f01",                  # unterminated indefinite array
+])
+def test_scanner_refuses_before_decoding(hex_: str) -> None:
+    with pytest.raises(MalformedFrame):
+        decode_item(bytes.fromhex(hex_))
+
+
+def test_shared_reference_bomb_is_cheap_to_refuse() -> None:
+    # 40 levels of tag-29 references would expand exponentially if decoded
+    payload = bytes.fromhex("d81c82" + "d81d00d81d00" * 40)
+    with pytest.raises(MalformedFrame, match="tags"):
+        decode_item(payload)

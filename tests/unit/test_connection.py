@@ -108,7 +108,7 @@ def test_stream_may_end_with_an_error() -> None:
 
 
 @pytest.mark.parametrize("sends", [
-    ["ok", "ok"], ["ok", "event"], ["end"], ["event", "ok"], ["ok", "end"],
+    ["ok", "ok"], ["ok", "event"], ["end", "event"], ["event", "ok"], ["ok", "end"],
 ])
 def test_server_send_in_wrong_state_is_local_error(sends: list[str]) -> None:
     pair = ProtocolPair()
