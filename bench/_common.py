@@ -47,6 +47,14 @@ HOST = "::1"
 """Every benchmark server listens here and every load generator sends here."""
 
 ECHO_ALPN = "echo"
+"""The echo server sends each stream's data back."""
+SIZED_ECHO_ALPN = "echo-health-size"
+"""On connections with this ALPN the echo server answers every stream with
+:data:`HEALTH_SIZED_ANSWER` instead: the transport's cost of an answer as big
+as STOQ's, without STOQ's work."""
+HEALTH_SIZED_ANSWER = protocol.encode_frame({"ok": {
+    "status": "ok", "checks": {"accepting": True}, "time": 1764000000.123, "uptime": 12.345}})
+"""A frame shaped and sized like the STOQ answer to ``node.health`` (68 bytes)."""
 STREAMS_PER_CONNECTION = 100
 """Concurrent streams the echo server grants, as ``network.max_streams_per_connection``."""
 
@@ -292,16 +300,21 @@ def make_certificate(directory: Path) -> tuple[Path, Path]:
 def _echo_protocol_class(engine: Engine) -> type:
     StreamDataReceived = engine.events.StreamDataReceived
     StreamReset = engine.events.StreamReset
+    ProtocolNegotiated = engine.events.ProtocolNegotiated
     base: type = engine.QuicConnectionProtocol
 
     class EchoProtocol(base):  # type: ignore[misc]
-        """Echo each stream's data back, with FIN, once the client's FIN arrives."""
+        """Echo each stream's data back, with FIN, once the client's FIN arrives.
+
+        With ALPN :data:`SIZED_ECHO_ALPN`, answer :data:`HEALTH_SIZED_ANSWER` instead.
+        """
 
         def __init__(self, quic: Any, stream_handler: Any = None) -> None:
             super().__init__(quic, stream_handler)
             # The same stream credit as stoq.Server grants, so the transports match.
             engine.limit_streams(quic, bidi=STREAMS_PER_CONNECTION, uni=0)
             self._parts: dict[int, list[bytes]] = {}
+            self._answer: bytes | None = None
 
         def quic_event_received(self, event: Any) -> None:
             if type(event) is StreamDataReceived:
@@ -310,7 +323,9 @@ def _echo_protocol_class(engine: Engine) -> type:
                     self._parts.setdefault(stream_id, []).append(event.data)
                     return
                 parts = self._parts.pop(stream_id, None)
-                if parts is None:
+                if self._answer is not None:
+                    data = self._answer
+                elif parts is None:
                     data = event.data
                 else:
                     parts.append(event.data)
@@ -319,6 +334,9 @@ def _echo_protocol_class(engine: Engine) -> type:
                 engine.stream_finished(self._quic)
             elif isinstance(event, StreamReset):
                 self._parts.pop(event.stream_id, None)
+            elif (isinstance(event, ProtocolNegotiated)
+                  and event.alpn_protocol == SIZED_ECHO_ALPN):
+                self._answer = HEALTH_SIZED_ANSWER
 
     return EchoProtocol
 
@@ -326,7 +344,8 @@ def _echo_protocol_class(engine: Engine) -> type:
 async def serve_echo(engine_name: str, port: int, certfile: str, keyfile: str) -> None:
     """Run the echo server on ``[::1]:port`` until SIGTERM or SIGINT."""
     engine = stoq.load_engine(engine_name)
-    configuration = engine.configuration(is_client=False, alpn_protocols=[ECHO_ALPN],
+    configuration = engine.configuration(is_client=False,
+                                         alpn_protocols=[ECHO_ALPN, SIZED_ECHO_ALPN],
                                          idle_timeout=30.0, max_data=MAX_DATA,
                                          max_stream_data=MAX_STREAM_DATA)
     configuration.load_cert_chain(certfile, keyfile)
@@ -341,7 +360,7 @@ async def serve_echo(engine_name: str, port: int, certfile: str, keyfile: str) -
         loop.add_signal_handler(sig, stop.set)
     host, bound_port = sock.getsockname()[:2]
     print(f"echo server, QUIC engine {engine.name} {engine.version}, pid {os.getpid()}")
-    print(f"listening on [{host}]:{bound_port} alpn {ECHO_ALPN}")
+    print(f"listening on [{host}]:{bound_port} alpn {ECHO_ALPN},{SIZED_ECHO_ALPN}")
     print(f"tls certificate sha256 {stoq.certificate_fingerprint(certfile)}", flush=True)
     try:
         await stop.wait()
@@ -449,6 +468,10 @@ class _Run:
             self.drained.set_result(None)
 
 
+DRAIN_TIMEOUT = 10.0
+"""Seconds the load generator waits for the last answers after the deadline."""
+
+
 def _describe(data: bytes) -> str:
     with contextlib.suppress(Exception):
         return repr(cbor2.loads(data[4:]))[:200]
@@ -520,13 +543,17 @@ def _lean_protocol_class(engine: Engine) -> type:
                 self.terminated = event.reason_phrase or f"error code {event.error_code:#x}"
                 if not self.handshake.done():
                     self.handshake.set_exception(ConnectionError(self.terminated))
-                lost = len(self.started) + self.blocked
-                self.started.clear()
-                self.blocked = 0
-                if lost:
-                    self.run.error(f"connection closed: {self.terminated}")
-                for _ in range(lost):
-                    self.run.finished_one()
+                self.abandon(f"connection closed: {self.terminated}")
+
+        def abandon(self, why: str) -> None:
+            """Count every request still waiting for an answer as failed."""
+            lost = len(self.started) + self.blocked
+            self.started.clear()
+            self.blocked = 0
+            if lost:
+                self.run.error(f"{lost} requests without an answer: {why}")
+            for _ in range(lost):
+                self.run.finished_one()
 
         def _complete(self, stream_id: int, data: bytes | None) -> None:
             now = perf_counter()
@@ -610,7 +637,9 @@ async def _lean_load(spec: LoadSpec, run: _Run) -> tuple[float | None, float]:
             proto.transmit()
         cpu = await _sample_cpu(spec, run)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(run.drained), 10.0)
+            await asyncio.wait_for(asyncio.shield(run.drained), DRAIN_TIMEOUT)
+        for proto in connections:
+            proto.abandon(f"still open {DRAIN_TIMEOUT:g} s after the end")
         return cpu
     finally:
         await _close_lean(connections)

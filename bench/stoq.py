@@ -28,6 +28,7 @@ from ._common import (
     ECHO_ALPN,
     FINGERPRINT,
     LISTENING,
+    SIZED_ECHO_ALPN,
     Child,
     Children,
     LoadResult,
@@ -50,15 +51,25 @@ class Test:
     connections: int
     in_flight: int
     client: str = "lean"
-    stoq_only: bool = False
+    on_echo: bool = True
+    on_stoq: bool = True
+    echo_alpn: str = ECHO_ALPN
+    stoq_row: str = ""
+    """For a row measured on the echo server only: the STOQ test it is compared with."""
+    echo_row: str = ""
+    """For a row measured on STOQ only: the echo test it is compared with."""
 
 
 HEALTH_1 = Test("health-1", "node.health, 1 conn x 64 in flight", "health", 1, 64)
 HEALTH_8 = Test("health-8", "node.health, 8 conns x 64 in flight", "health", 8, 64)
+SIZED_1 = Test("sized-1", "same, 1 conn; echo answers 68 B like STOQ", "health", 1, 64,
+               on_stoq=False, echo_alpn=SIZED_ECHO_ALPN, stoq_row=HEALTH_1.key)
+SIZED_8 = Test("sized-8", "same, 8 conns; echo answers 68 B like STOQ", "health", 8, 64,
+               on_stoq=False, echo_alpn=SIZED_ECHO_ALPN, stoq_row=HEALTH_8.key)
 LIBRARY_1 = Test("library-1", "node.health, 1 conn x 64, stoq.AsyncClient (echo: lean client)",
-                 "health", 1, 64, client="library", stoq_only=True)
+                 "health", 1, 64, client="library", on_echo=False, echo_row=HEALTH_1.key)
 BULK = Test("bulk", "bulk: node.echo 1 MiB, 1 stream, sequential", "bulk", 1, 1)
-TESTS = (HEALTH_1, HEALTH_8, LIBRARY_1, BULK)
+TESTS = (HEALTH_1, HEALTH_8, SIZED_1, SIZED_8, LIBRARY_1, BULK)
 
 
 @dataclass(frozen=True)
@@ -130,9 +141,11 @@ def start_echo(children: Children, engine: str, tmp: Path) -> Target:
     return Target(child, int(listening.group(2)), fingerprint.group(1), ECHO_ALPN)
 
 
-def measure(children: Children, engine: str, target: Target, test: Test, *, expect: str,
+def measure(children: Children, engine: str, target: Target, test: Test, *, kind: str,
             duration: float, warmup: float, log_path: Path) -> Outcome:
-    spec = LoadSpec(engine=engine, port=target.port, alpn=target.alpn, pin=target.pin,
+    alpn = target.alpn if kind == "stoq" else test.echo_alpn
+    expect = "same" if alpn == ECHO_ALPN else "ok"
+    spec = LoadSpec(engine=engine, port=target.port, alpn=alpn, pin=target.pin,
                     request=test.request, expect=expect, client=test.client,
                     connections=test.connections, in_flight=test.in_flight,
                     duration=duration, warmup=warmup, server_pid=target.child.pid)
@@ -173,15 +186,14 @@ def run_engine(children: Children, engine: str, tmp: Path, *, duration: float, w
         for round_ in range(repeat):
             for test in TESTS:
                 for kind in ("echo", "stoq"):
-                    if kind == "echo" and test.stoq_only:
+                    if not (test.on_echo if kind == "echo" else test.on_stoq):
                         continue
                     target = targets[kind]
                     if isinstance(target, str):
                         outcome = Outcome(failure=target)
                     else:
                         outcome = measure(
-                            children, engine, target, test,
-                            expect="ok" if kind == "stoq" else "same", duration=duration,
+                            children, engine, target, test, kind=kind, duration=duration,
                             warmup=warmup,
                             log_path=tmp / f"load-{engine}-{kind}-{test.key}-{round_}.log")
                     runs[kind].setdefault(test.key, []).append(outcome)
@@ -237,7 +249,7 @@ def cpu_per_request(result: LoadResult | None) -> str:
     if result is None or result.server_cpu is None or not result.rate:
         return "-"
     micros = result.server_cpu / result.rate * 1e6
-    return f"{micros:,.0f} µs"
+    return f"{micros / 1e3:,.0f} ms" if micros >= 10_000 else f"{micros:,.0f} µs"
 
 
 def engine_report(engine: str, stoq_out: dict[str, Outcome], echo_out: dict[str, Outcome]
@@ -245,22 +257,23 @@ def engine_report(engine: str, stoq_out: dict[str, Outcome], echo_out: dict[str,
     rows: list[list[str]] = []
     cpu_rows: list[list[str]] = []
     notes: list[str] = []
+    missing = Outcome(failure="not run")
     for test in TESTS:
-        ours = stoq_out.get(test.key, Outcome(failure="not run")).result
-        base_key = HEALTH_1.key if test.stoq_only else test.key
-        base = echo_out.get(base_key, Outcome(failure="not run")).result
+        ours = stoq_out.get(test.stoq_row or test.key, missing).result
+        base = echo_out.get(test.echo_row or test.key, missing).result
         a, b = value(test, ours), value(test, base)
         ratio = f"{a / b:.2f}" if a is not None and b else "-"
         rows.append([test.label, figure(test, ours), figure(test, base), ratio,
                      latency(ours), latency(base)])
-        cpu_rows.append([test.label, cpu(ours.server_cpu if ours else None),
-                         cpu_per_request(ours), cpu(ours.client_cpu if ours else None),
-                         "" if test.stoq_only else cpu(base.server_cpu if base else None),
-                         "" if test.stoq_only else cpu_per_request(base),
-                         "" if test.stoq_only else cpu(base.client_cpu if base else None)])
-        for label, outcome in (("STOQ", stoq_out.get(test.key)),
-                               ("echo", None if test.stoq_only else echo_out.get(test.key))):
-            if outcome is None:
+        cpu_row = [test.label]
+        for measured, result in ((test.on_stoq, ours), (test.on_echo, base)):
+            cpu_row += ([cpu(result.server_cpu if result else None), cpu_per_request(result),
+                         cpu(result.client_cpu if result else None)] if measured
+                        else ["", "", ""])
+        cpu_rows.append(cpu_row)
+        for label, measured, outcome in (("STOQ", test.on_stoq, stoq_out.get(test.key)),
+                                         ("echo", test.on_echo, echo_out.get(test.key))):
+            if not measured or outcome is None:
                 continue
             if outcome.failure:
                 notes.append(f"- {test.label}, {label}: {outcome.failure}")
@@ -273,7 +286,8 @@ def engine_report(engine: str, stoq_out: dict[str, Outcome], echo_out: dict[str,
         markdown_table(["test", "STOQ", "bare echo", "STOQ/echo", "STOQ p50 / p99",
                         "echo p50 / p99"], rows),
         "",
-        "CPU in the measurement window (100 % = one core; per request = server CPU / rate):",
+        "CPU in the measurement window (100 % = one core; per request = server CPU / rate; "
+        "blank = the figure above is reused from another row):",
         "",
         markdown_table(["test", "STOQ server", "per request", "load gen.", "echo server",
                         "per request", "load gen."], cpu_rows),

@@ -77,7 +77,7 @@ def _scan(data: bytes) -> None:
             if major == 6:
                 raise MalformedFrame("CBOR tags are not allowed")
             if major == 7:
-                if info < 24 and arg not in (20, 21, 22) or info == 24:
+                if (info < 24 and arg not in (20, 21, 22)) or info == 24:
                     raise MalformedFrame("CBOR simple values other than false, true and "
                                          "null are not allowed")
             elif major in (2, 3):

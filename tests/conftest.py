@@ -12,6 +12,7 @@ import uvloop
 import stoq
 
 from .helpers import CddlChecker
+from .softhsm import SoftHsmToken, make_token
 
 ENGINES = [e for e in stoq.ENGINES
            if e in os.environ.get("TRUSTCHAIN_TEST_ENGINES", ",".join(stoq.ENGINES)).split(",")]
@@ -34,3 +35,9 @@ def cddl() -> Iterator[CddlChecker]:
     checker = CddlChecker()
     yield checker
     assert not checker.failures, "\n".join(checker.failures)
+
+
+@pytest.fixture(scope="session")
+def softhsm_token(tmp_path_factory: pytest.TempPathFactory) -> SoftHsmToken:
+    """This test session's SoftHSM2 token (SoftHSM2 reads its config once per process)."""
+    return make_token(tmp_path_factory.mktemp("softhsm"))

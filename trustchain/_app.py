@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
@@ -15,7 +16,15 @@ from typing import Any, TextIO
 import protocol
 import stoq
 from handlers import NodeService, Router
-from store import create_self_signed, credential_paths
+from handlers.ca import (
+    CertificateAuthority,
+    Hierarchy,
+    HierarchyConfig,
+    LocalAdmission,
+    NamingPolicy,
+    Rotator,
+)
+from store import AuditLog, CertificateStore, KeyStoreError, credential_paths, open_keystore
 
 from . import __version__
 from ._config import Config, ConfigError
@@ -24,6 +33,35 @@ log = logging.getLogger("trustchain")
 
 CERT_WATCH_INTERVAL = 2.0
 """Seconds between checks of the TLS certificate file for a replacement."""
+ROTATION_CHECK_INTERVAL = 60.0
+"""Seconds between rotation passes (intermediate and node certificate)."""
+
+
+def open_configured_keystore(cfg: Config, data_dir: Path) -> Any:
+    """The keystore ``[ca.hsm]`` names; the PIN comes from the environment.
+
+    :raises ConfigError: the keystore cannot be opened (message says why).
+    """
+    hsm = cfg.ca.hsm
+    if hsm.provider == "software":
+        log.warning("DEVELOPMENT MODE: CA keys are software keys on disk in %s; never use "
+                    "this in production", data_dir / "keys")
+    try:
+        keystore = open_keystore(provider=hsm.provider, data_dir=data_dir,
+                                 module_path=hsm.module_path, token_label=hsm.token_label,
+                                 pin=os.environ.get(hsm.pin_env, ""))
+    except KeyStoreError as exc:
+        raise ConfigError(f"ca.hsm: {exc}") from exc
+    return keystore
+
+
+def open_ca_stores(cfg: Config, data_dir: Path) -> tuple[Any, CertificateStore, AuditLog]:
+    """The keystore, certificate database and audit log of ``data_dir``."""
+    keystore = open_configured_keystore(cfg, data_dir)
+    certs = CertificateStore(data_dir / "ca" / "certificates.sqlite3")
+    audit = AuditLog(data_dir / "audit" / "audit.log",
+                     signer=keystore.get_or_create("audit"), checkpoint_every=1000)
+    return keystore, certs, audit
 
 
 def server_limits(cfg: Config) -> stoq.ServerLimits:
@@ -52,25 +90,55 @@ class Node:
         self.server: stoq.Server | None = None
         self._stopping = asyncio.Event()
         self._watch_task: asyncio.Task[None] | None = None
+        self._rotation_task: asyncio.Task[None] | None = None
         self._cert_mtime = 0.0
+        self.keystore: Any = None
+        self.certs: CertificateStore | None = None
+        self.audit: AuditLog | None = None
+        self.hierarchy: Hierarchy | None = None
+        self.ca: CertificateAuthority | None = None
+        self.rotator: Rotator | None = None
 
     @property
     def development(self) -> bool:
         return self.cfg.ca.mode == "development"
 
-    def prepare_data_dir(self) -> None:
-        """Create the data directory and, in development mode, a TLS certificate."""
+    def open_stores(self) -> None:
+        """Open the keystore, the certificate database and the audit log."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        credential = credential_paths(self.data_dir)
-        if not credential.exists():
-            if not self.development:
-                raise ConfigError(
-                    f"no TLS certificate in {credential.certfile.parent}: production mode "
-                    "does not create one; run `trustchain init` first")
-            addresses = sorted({host for host, _ in self.listen if host not in ("::",)} | {"::1"})
-            create_self_signed(credential, names=["localhost"], addresses=addresses)
-            log.warning("created a self-signed development TLS certificate",
-                        extra={"path": str(credential.certfile)})
+        self.keystore, self.certs, self.audit = open_ca_stores(self.cfg, self.data_dir)
+
+    def prepare_ca(self, *, create: bool) -> None:
+        """Load the CA hierarchy; create it if ``create`` (development, or ``init``)."""
+        assert self.certs is not None and self.audit is not None
+        cfg = self.cfg
+        domains = tuple(cfg.dns.domains.trustchain_domains)
+        self.hierarchy = Hierarchy(
+            keystore=self.keystore, certs=self.certs, data_dir=self.data_dir,
+            config=HierarchyConfig(ca_id=cfg.ca.ca_id, domains=domains,
+                                   root_lifetime=cfg.ca.root_lifetime,
+                                   intermediate_lifetime=cfg.ca.intermediate_lifetime),
+            clock=time.time, audit=self.audit.append)
+        if not create and self.certs.active_authority("root") is None:
+            raise ConfigError(f"no CA in {self.data_dir}: production mode does not create "
+                              "one by itself; run `trustchain init` first")
+        self.hierarchy.ensure()
+        self.ca = CertificateAuthority(
+            hierarchy=self.hierarchy, certs=self.certs,
+            policy=NamingPolicy(domains=domains,
+                                allow_wildcards=cfg.ca.policy.allow_wildcards,
+                                name_conflict=cfg.ca.policy.name_conflict),
+            admission=LocalAdmission(), audit=self.audit.append_async,
+            validity=cfg.ca.cert_validity_days * 86400.0, backdate=cfg.ca.backdate,
+            rotation_status=lambda: self.rotator.status() if self.rotator else {})
+        addresses = list(cfg.node.addresses) or sorted(
+            {h for h, _ in self.listen if h != "::"} | {"::1"})
+        self.rotator = Rotator(
+            hierarchy=self.hierarchy,
+            issue=lambda csr: self.ca.issue_csr(csr, None, requester="node")  # type: ignore[union-attr]
+            , tls=credential_paths(self.data_dir), names=list(cfg.node.names),
+            addresses=addresses, installed=self.reload_certificate)
+        self.rotator.load_current()
 
     def describe(self) -> dict[str, Any]:
         """The facts ``node.info`` reports."""
@@ -98,10 +166,18 @@ class Node:
         }
 
     async def start(self) -> None:
-        self.prepare_data_dir()
+        self.open_stores()
+        assert self.audit is not None
+        self.audit.append("node.started", {"mode": self.cfg.ca.mode, "config": self.cfg.source,
+                                            "warnings": list(self.cfg.warnings)})
+        self.prepare_ca(create=self.development)
+        assert self.ca is not None and self.rotator is not None
+        # The node's own QUIC certificate is CA-issued before the first connection.
+        await self.rotator.check()
         NodeService(describe=self.describe,
                     checks={"accepting": lambda: self.server is not None
                             and not self.server.draining}).register(self.router)
+        self.ca.register(self.router)
         credential = credential_paths(self.data_dir)
         self.server = stoq.Server(dispatch=self.router, certfile=str(credential.certfile),
                                   keyfile=str(credential.keyfile),
@@ -109,11 +185,13 @@ class Node:
                                   limits=server_limits(self.cfg))
         await self.server.start(self.listen)
         self._cert_mtime = credential.certfile.stat().st_mtime
-        self._watch_task = asyncio.get_running_loop().create_task(self._watch_certificate())
+        loop = asyncio.get_running_loop()
+        self._watch_task = loop.create_task(self._watch_certificate())
+        self._rotation_task = loop.create_task(self.rotator.run(ROTATION_CHECK_INTERVAL))
 
     def reload_certificate(self) -> None:
-        """Swap in the TLS certificate now on disk (SIGHUP, or a changed file)."""
-        if self.server is None:
+        """Swap in the TLS certificate now on disk (SIGHUP, a changed file, a renewal)."""
+        if self.server is None or self.server.draining:
             return
         try:
             fingerprint = self.server.reload_certificate()
@@ -136,10 +214,18 @@ class Node:
         self._stopping.set()
 
     async def stop(self) -> None:
-        if self._watch_task is not None:
-            self._watch_task.cancel()
+        for task in (self._watch_task, self._rotation_task):
+            if task is not None:
+                task.cancel()
         if self.server is not None:
             await self.server.shutdown()
+        if self.audit is not None:
+            self.audit.append("node.stopped", {})
+            self.audit.close()
+        if self.certs is not None:
+            self.certs.close()
+        if self.keystore is not None:
+            self.keystore.close()
 
     async def run(self, out: TextIO = sys.stdout,
                   ready: Callable[[Node], None] | None = None) -> None:

@@ -20,7 +20,7 @@ import stoq
 from protocol import TrustChainError
 from store import credential_paths
 
-from . import __version__
+from . import __version__, _cli_ca
 from . import _config as config
 from ._app import Node
 from ._logging import configure as configure_logging
@@ -81,8 +81,51 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--data-dir", help="data directory (overrides node.data_dir)")
 
     for name, text in (("health", "ask a node whether it is healthy"),
-                       ("info", "show a node's version, engine, ALPNs, ops and limits")):
+                       ("info", "show a node's version, engine, ALPNs, ops and limits"),
+                       ("rotation-status", "show the CA's rotation schedule")):
         _add_trust_options(sub.add_parser(name, help=text))
+
+    init = sub.add_parser("init", help="create the CA (root, intermediate, admin) if missing")
+    init.add_argument("--config", help="TOML configuration file")
+    init.add_argument("--data-dir", help="data directory (overrides node.data_dir)")
+
+    issue = sub.add_parser("issue", help="get a certificate for NAME... from a node")
+    issue.add_argument("names", nargs="*", metavar="NAME", help="DNS names")
+    issue.add_argument("--ipv6", action="append", metavar="ADDR", help="IPv6 address (repeat)")
+    issue.add_argument("--key", required=True, help="private key file (created if missing)")
+    issue.add_argument("--key-type", choices=("p256", "p384", "ed25519"), default="p256",
+                       help="type of a new key (default p256)")
+    issue.add_argument("--out", required=True, help="directory for cert.pem and chain.pem")
+    _add_trust_options(issue)
+
+    validate = sub.add_parser("validate", help="status of a certificate by serial")
+    validate.add_argument("serial")
+    _add_trust_options(validate)
+
+    revoke = sub.add_parser("revoke", help="revoke a certificate")
+    revoke.add_argument("serial")
+    who = revoke.add_mutually_exclusive_group(required=True)
+    who.add_argument("--key", help="the certificate's own private key")
+    who.add_argument("--admin", metavar="DIR", help="administrator credential directory "
+                                                    "(DATA/admin from `trustchain init`)")
+    revoke.add_argument("--reason", default="unspecified",
+                        choices=("unspecified", "key_compromise", "affiliation_changed",
+                                 "superseded", "cessation_of_operation",
+                                 "privilege_withdrawn"))
+    _add_trust_options(revoke)
+
+    verify = sub.add_parser("verify", help="check a certificate offline against the root")
+    verify.add_argument("certificate", help="PEM certificate (cert.pem)")
+    verify.add_argument("--cafile", help="root certificate (default DATA/root.pem)")
+    verify.add_argument("--chain", help="intermediates (default chain.pem beside the cert)")
+    verify.add_argument("--data-dir", default=None)
+
+    audit = sub.add_parser("audit", help="audit log tools")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True)
+    audit_verify = audit_sub.add_parser("verify", help="detect edited, removed or reordered "
+                                                       "records")
+    audit_verify.add_argument("--config")
+    audit_verify.add_argument("--data-dir")
     return parser
 
 
@@ -174,10 +217,41 @@ def cmd_simple(op: str) -> Callable[[argparse.Namespace], int]:
     return command
 
 
+def client_command(make: Callable[[argparse.Namespace], Callable[[stoq.AsyncClient],
+                                                                   Awaitable[int]]]
+                   ) -> Callable[[argparse.Namespace], int]:
+    def command(args: argparse.Namespace) -> int:
+        try:
+            body = make(args)
+        except (ValueError, OSError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return _run_client(args, body)
+    return command
+
+
+def offline_command(run: Callable[[argparse.Namespace], int]
+                    ) -> Callable[[argparse.Namespace], int]:
+    def command(args: argparse.Namespace) -> int:
+        try:
+            return run(args)
+        except (config.ConfigError, ValueError, OSError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    return command
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "serve": cmd_serve,
     "health": cmd_simple("node.health"),
     "info": cmd_simple("node.info"),
+    "rotation-status": client_command(_cli_ca.cmd_rotation_status),
+    "init": offline_command(_cli_ca.cmd_init),
+    "issue": client_command(_cli_ca.cmd_issue),
+    "validate": client_command(_cli_ca.cmd_validate),
+    "revoke": client_command(_cli_ca.cmd_revoke),
+    "verify": offline_command(_cli_ca.cmd_verify),
+    "audit": offline_command(_cli_ca.cmd_audit_verify),
 }
 
 

@@ -33,6 +33,11 @@ def _duration(default: float, doc: str = "") -> Any:
 class NodeConfig:
     data_dir: str = "./trustchain-data"
     """Directory holding keys, certificates, databases and logs."""
+    names: list[str] = field(default_factory=list)
+    """DNS names in the node's own TLS certificate (under the TrustChain domains)."""
+    addresses: list[str] = field(default_factory=list)
+    """IPv6 addresses in the node's own TLS certificate; empty: the listen
+    addresses that are not ``::``, and ``::1``."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,6 +50,21 @@ class HsmConfig:
     """Label or id of the root key in the token."""
     backup_enabled: bool = False
     """Whether the HSM provider's own backups are expected (informational)."""
+    module_path: str = ""
+    """PKCS#11 module (shared library); empty selects SoftHSM2's for ``softhsm2``."""
+    token_label: str = "trustchain"
+    """Label of the PKCS#11 token holding the keys."""
+    pin_env: str = "TRUSTCHAIN_HSM_PIN"
+    """Environment variable holding the token's user PIN (never put it in a file)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class CaPolicyConfig:
+    allow_wildcards: bool = False
+    """Whether a leftmost ``*`` label may be requested."""
+    name_conflict: Literal["reject", "allow"] = "reject"
+    """A name held by an unexpired, unrevoked certificate for another key:
+    ``reject`` the request, or ``allow`` several keys per name."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,7 +76,12 @@ class CaConfig:
     """Lifetime of issued certificates in days (1 = 24 hours)."""
     rotation_interval: float = _duration(86400.0)
     mode: Literal["production", "development"] = "development"
+    backdate: float = _duration(300.0)
+    """How far before issuance a certificate's validity starts (clock skew)."""
+    intermediate_lifetime: float = _duration(90 * 86400.0)
+    root_lifetime: float = _duration(3650 * 86400.0)
     hsm: HsmConfig = field(default_factory=HsmConfig)
+    policy: CaPolicyConfig = field(default_factory=CaPolicyConfig)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -268,6 +293,15 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("logging.output.path: required when logging.output.type = \"file\"")
     if not cfg.dns.domains.trustchain_domains:
         raise ConfigError("dns.domains.trustchain_domains: at least one domain is required")
+    for i, address in enumerate(cfg.node.addresses):
+        check_ipv6(address, f"node.addresses[{i}]")
+    providers = ("software", "softhsm2", "pkcs11", "aws_cloudhsm", "yubihsm")
+    if cfg.ca.hsm.provider not in providers:
+        raise ConfigError(f"ca.hsm.provider: {cfg.ca.hsm.provider!r} is not one of "
+                          f"{', '.join(providers)}")
+    if cfg.ca.mode == "production" and cfg.ca.hsm.provider == "software":
+        raise ConfigError("ca.hsm.provider: production mode needs a PKCS#11 token "
+                          "(softhsm2, pkcs11, aws_cloudhsm or yubihsm), not software keys")
 
 
 def check_ipv6(address: str, key: str) -> None:

@@ -3,6 +3,6 @@
 Importing this package registers them all with :mod:`protocol._schema`.
 """
 
-from . import node
+from . import ca, node
 
-__all__ = ["node"]
+__all__ = ["ca", "node"]

@@ -18,6 +18,7 @@ from protocol import Timeout, Unavailable
 from store import create_self_signed, credential_paths
 
 from ..helpers import CddlChecker, start_server_process
+from ..softhsm import SoftHsmToken
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -159,12 +160,30 @@ def test_serve_bad_config_names_the_key(tmp_path: Path) -> None:
     assert result.returncode == 2 and "network.max_frame_size" in result.stderr
 
 
-def test_production_mode_needs_initialised_data_dir(tmp_path: Path) -> None:
+def test_production_mode_refuses_software_keys(tmp_path: Path) -> None:
     cfg = tmp_path / "prod.toml"
-    cfg.write_text("[ca]\nmode = \"production\"\n[logging.output]\ntype = \"stderr\"\n")
+    cfg.write_text("[ca]\nmode = \"production\"\n")
     result = _cli("serve", "--config", str(cfg), "--data-dir", str(tmp_path / "d"),
                   "--listen", "[::1]:0", cwd=tmp_path)
+    assert result.returncode == 2 and "PKCS#11" in result.stderr
+
+
+def test_production_mode_needs_initialised_data_dir(tmp_path: Path,
+                                                    softhsm_token: SoftHsmToken) -> None:
+    cfg = tmp_path / "prod.toml"
+    cfg.write_text(f"""[ca]\nmode = "production"\n[ca.hsm]\nprovider = "softhsm2"
+token_label = "{softhsm_token.token_label}"\n""")
+    env = {**os.environ, "TRUSTCHAIN_HSM_PIN": softhsm_token.pin}
+    result = subprocess.run([sys.executable, "-m", "trustchain", "serve", "--config", str(cfg),
+                             "--data-dir", str(tmp_path / "d"), "--listen", "[::1]:0"],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=60, env=env)
     assert result.returncode == 2 and "trustchain init" in result.stderr
+    wrong = subprocess.run([sys.executable, "-m", "trustchain", "serve", "--config", str(cfg),
+                            "--data-dir", str(tmp_path / "d"), "--listen", "[::1]:0"],
+                           capture_output=True, text=True, cwd=tmp_path, timeout=60,
+                           env={**env, "TRUSTCHAIN_HSM_PIN": "wrong-pin"})
+    assert wrong.returncode == 2 and "PIN incorrect" in wrong.stderr
+    assert "wrong-pin" not in wrong.stderr
 
 
 def test_unknown_config_keys_are_logged(tmp_path: Path) -> None:

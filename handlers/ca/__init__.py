@@ -1,0 +1,26 @@
+"""The certificate authority: hierarchy, policy, admission, issuance, revocation, rotation."""
+
+from ._admission import Admission, Admitted, Decision, LocalAdmission
+from ._authority import ROOT_KEY, Hierarchy, HierarchyConfig, Issuer
+from ._policy import CheckedRequest, NamingPolicy, check_request
+from ._rotation import Rotator, node_csr
+from .service import CertificateAuthority, revocation_statement, verify_with
+
+__all__ = [
+    "ROOT_KEY",
+    "Admission",
+    "Admitted",
+    "CertificateAuthority",
+    "CheckedRequest",
+    "Decision",
+    "Hierarchy",
+    "HierarchyConfig",
+    "Issuer",
+    "LocalAdmission",
+    "NamingPolicy",
+    "Rotator",
+    "check_request",
+    "node_csr",
+    "revocation_statement",
+    "verify_with",
+]

@@ -1,0 +1,138 @@
+"""Automatic rotation: the issuing intermediate and the node's own TLS certificate.
+
+``Rotator.check()`` is one pass with the injected clock (tests call it
+directly); ``run()`` repeats it. The node's QUIC certificate is a CA-issued
+24-hour leaf, re-keyed and renewed at about 2/3 of its lifetime; the new
+files replace the old ones atomically and the transport swaps them in
+without dropping connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from store import TlsCredential, write_atomic
+
+from ._authority import Hierarchy
+
+log = logging.getLogger("trustchain.ca")
+
+RENEW_FRACTION = 2 / 3
+
+
+def node_csr(key: ec.EllipticCurvePrivateKey, names: list[str], addresses: list[str]) -> bytes:
+    san: list[x509.GeneralName] = [x509.DNSName(n) for n in names]
+    san += [x509.IPAddress(ipaddress.IPv6Address(a)) for a in addresses]
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([]))
+           .add_extension(x509.SubjectAlternativeName(san), critical=True)
+           .sign(key, hashes.SHA256()))
+    return csr.public_bytes(serialization.Encoding.DER)
+
+
+class Rotator:
+    """Keeps the intermediate and the node certificate fresh.
+
+    :param issue: ``async (csr_der) -> ca.issue result`` (the CA's own issuance path,
+        so node certificates are stored and audited like any other).
+    :param installed: called after new TLS files are written (the transport reloads).
+    """
+
+    def __init__(self, *, hierarchy: Hierarchy, issue: Callable[[bytes], Any],
+                 tls: TlsCredential, names: list[str], addresses: list[str],
+                 installed: Callable[[], None] | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.hierarchy = hierarchy
+        self._issue = issue
+        self.tls = tls
+        self.names = names
+        self.addresses = addresses
+        self._installed = installed
+        self.clock = clock
+        self.server_certificate: dict[str, Any] | None = None
+        self.last_check: float | None = None
+        self.events: list[dict[str, Any]] = []
+
+    def _server_renew_at(self) -> float | None:
+        if self.server_certificate is None:
+            return None
+        start, end = self.server_certificate["not_before"], self.server_certificate["not_after"]
+        return float(start + (end - start) * RENEW_FRACTION)
+
+    def load_current(self) -> None:
+        """Adopt the TLS certificate on disk if the CA issued it (after a restart)."""
+        if not self.tls.exists():
+            return
+        try:
+            cert = x509.load_pem_x509_certificates(self.tls.certfile.read_bytes())[0]
+        except ValueError:
+            return
+        issuers = {x509.load_der_x509_certificate(a.der).subject
+                   for a in self.hierarchy.intermediates()}
+        if cert.issuer in issuers:
+            self.server_certificate = {
+                "serial": format(cert.serial_number, "x"),
+                "not_before": int(cert.not_valid_before_utc.timestamp()),
+                "not_after": int(cert.not_valid_after_utc.timestamp()),
+            }
+
+    async def check(self) -> list[dict[str, Any]]:
+        """One rotation pass; returns what it did."""
+        now = self.clock()
+        self.last_check = now
+        done: list[dict[str, Any]] = []
+        if now >= self.hierarchy.intermediate_renew_at():
+            issuer = self.hierarchy.rotate_intermediate(reason="scheduled")
+            done.append({"what": "intermediate", "name": issuer.name, "time": int(now)})
+            self.server_certificate = None  # re-issue under the new intermediate
+        renew_at = self._server_renew_at()
+        if renew_at is None or now >= renew_at:
+            done.append(await self.renew_server_certificate())
+        self.events = (self.events + done)[-20:]
+        return done
+
+    async def renew_server_certificate(self) -> dict[str, Any]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        result = await self._issue(node_csr(key, self.names, self.addresses))
+        leaf = x509.load_der_x509_certificate(result["certificate"])
+        chain = [leaf] + [x509.load_der_x509_certificate(d) for d in result["chain"][:-1]]
+        key_pem = key.private_bytes(serialization.Encoding.PEM,
+                                    serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption())
+        write_atomic(self.tls.keyfile, key_pem, mode=0o600)
+        write_atomic(self.tls.certfile,
+                     b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain))
+        self.server_certificate = {"serial": result["serial"],
+                                   "not_before": result["not_before"],
+                                   "not_after": result["not_after"]}
+        log.info("node TLS certificate renewed", extra={"serial": result["serial"]})
+        if self._installed is not None:
+            self._installed()
+        return {"what": "server_certificate", "serial": result["serial"],
+                "time": int(self.clock())}
+
+    def status(self) -> dict[str, Any]:
+        renew_at = self._server_renew_at()
+        return {
+            "server_certificate": None if self.server_certificate is None else {
+                **self.server_certificate, "renew_at": int(renew_at or 0)},
+            "last_check": None if self.last_check is None else int(self.last_check),
+            "recent": list(self.events),
+        }
+
+    async def run(self, interval: float = 60.0) -> None:
+        while True:
+            try:
+                await self.check()
+            except Exception:
+                log.exception("rotation pass failed; retrying at the next interval")
+            await asyncio.sleep(interval)

@@ -1,0 +1,256 @@
+"""CA commands of the ``trustchain`` CLI: init, issue, validate, revoke, verify, audit."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import ipaddress
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.x509 import verification
+
+import stoq
+from handlers.ca import revocation_statement
+from store import verify_log, write_atomic
+
+from . import _config as config
+
+ClientBody = Callable[[stoq.AsyncClient], Any]
+
+
+def load_or_create_key(path: Path, key_type: str) -> Any:
+    """The private key in ``path``; a new one (mode 0600) if the file does not exist."""
+    key: Any
+    if path.exists():
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        if not isinstance(key, (ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey)):
+            raise ValueError(f"{path}: only EC (P-256, P-384) and Ed25519 keys are supported")
+        return key
+    if key_type == "ed25519":
+        key = ed25519.Ed25519PrivateKey.generate()
+    else:
+        key = ec.generate_private_key(ec.SECP384R1() if key_type == "p384" else ec.SECP256R1())
+    write_atomic(path, key.private_bytes(serialization.Encoding.PEM,
+                                         serialization.PrivateFormat.PKCS8,
+                                         serialization.NoEncryption()), mode=0o600)
+    print(f"created a new {key_type} key in {path}", file=sys.stderr)
+    return key
+
+
+def build_csr(key: Any, names: list[str], addresses: list[str]) -> bytes:
+    san: list[x509.GeneralName] = [x509.DNSName(n) for n in names]
+    for address in addresses:
+        ip = ipaddress.ip_address(address)
+        if ip.version != 6:
+            raise ValueError(f"{address}: TrustChain certificates carry IPv6 addresses only")
+        san.append(x509.IPAddress(ip))
+    subject = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, names[0])] if names
+                        else [])
+    algorithm = None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
+    csr = (x509.CertificateSigningRequestBuilder().subject_name(subject)
+           .add_extension(x509.SubjectAlternativeName(san), critical=not names)
+           .sign(key, algorithm))
+    return csr.public_bytes(serialization.Encoding.DER)
+
+
+def sign_statement(key: Any, data: bytes) -> bytes:
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        return key.sign(data)
+    digest = hashes.SHA384() if key.curve.key_size == 384 else hashes.SHA256()
+    return bytes(key.sign(data, ec.ECDSA(digest)))
+
+
+def _pem(der: bytes) -> bytes:
+    return x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM)
+
+
+def _when(ts: int) -> str:
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+# --- init -------------------------------------------------------------------------
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from ._app import Node  # the node wiring, without starting a server
+
+    cfg = config.load(args.config)
+    node = Node(cfg, data_dir=args.data_dir)
+    node.open_stores()
+    try:
+        assert node.audit is not None and node.certs is not None
+        node.audit.append("ca.init", {"config": cfg.source})
+        existed = node.certs.active_authority("root") is not None
+        node.prepare_ca(create=True)
+        assert node.hierarchy is not None and node.hierarchy.root is not None
+        admin = node.hierarchy.ensure_admin()
+        fingerprint = node.hierarchy.root.fingerprint(hashes.SHA256()).hex()
+        print(("CA already initialised in " if existed else "initialised a new CA in ")
+              + str(node.data_dir))
+        print(f"root certificate {node.hierarchy.root_file} sha256 {fingerprint}")
+        assert node.hierarchy.issuer is not None
+        print(f"issuing intermediate {node.hierarchy.issuer.name} "
+              f"(keys in the {node.keystore.kind} keystore)")
+        print(f"administrator credential {admin}/admin.pem, {admin}/admin.key")
+    finally:
+        node.keystore.close()
+        if node.audit is not None:
+            node.audit.close()
+        if node.certs is not None:
+            node.certs.close()
+    return 0
+
+
+# --- client commands ----------------------------------------------------------------
+
+
+def cmd_issue(args: argparse.Namespace) -> ClientBody:
+    if not args.names and not args.ipv6:
+        raise ValueError("give at least one NAME or --ipv6 ADDR")
+    key = load_or_create_key(Path(args.key), args.key_type)
+    csr = build_csr(key, list(args.names), list(args.ipv6 or []))
+
+    async def body(client: stoq.AsyncClient) -> int:
+        result = await client.request("ca.issue", {"csr": csr})
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(out / "cert.pem", _pem(result["certificate"]))
+        write_atomic(out / "chain.pem", b"".join(_pem(d) for d in result["chain"]))
+        print(f"serial {result['serial']}")
+        print(f"names {' '.join(result['names'])}")
+        print(f"valid {_when(result['not_before'])} to {_when(result['not_after'])}; "
+              f"renew after {_when(result['renew_after'])}")
+        print(f"wrote {out / 'cert.pem'} and {out / 'chain.pem'}")
+        return 0
+    return body
+
+
+def cmd_validate(args: argparse.Namespace) -> ClientBody:
+    async def body(client: stoq.AsyncClient) -> int:
+        result = await client.request("ca.validate", {"serial": args.serial})
+        print(f"serial {result['serial']}: {result['status']}")
+        if result["status"] != "unknown":
+            print(f"names {' '.join(result['names'])}")
+            print(f"valid {_when(result['not_before'])} to {_when(result['not_after'])}")
+            print(f"sha256 {result['fingerprint']}")
+        if result["status"] == "revoked":
+            print(f"revoked {_when(result['revoked_at'])} ({result['reason']})")
+        return 0 if result["status"] == "valid" else 1
+    return body
+
+
+def cmd_revoke(args: argparse.Namespace) -> ClientBody:
+    serial = args.serial.lower()
+    now = int(time.time())
+    statement = revocation_statement(serial.lstrip("0") or "0", args.reason, now)
+    request: dict[str, Any] = {"serial": serial, "reason": args.reason, "time": now}
+    if args.admin:
+        directory = Path(args.admin)
+        key = serialization.load_pem_private_key((directory / "admin.key").read_bytes(), None)
+        cert = x509.load_pem_x509_certificate((directory / "admin.pem").read_bytes())
+        request["admin_certificate"] = cert.public_bytes(serialization.Encoding.DER)
+    elif args.key:
+        key = serialization.load_pem_private_key(Path(args.key).read_bytes(), None)
+    else:
+        raise ValueError("give --key KEYFILE (the certificate's key) or --admin DIR")
+    request["signature"] = sign_statement(key, statement)
+
+    async def body(client: stoq.AsyncClient) -> int:
+        result = await client.request("ca.revoke", request)
+        state = "was already revoked" if result["already_revoked"] else "revoked"
+        print(f"serial {result['serial']} {state} at {_when(result['revoked_at'])} "
+              f"({result['reason']})")
+        return 0
+    return body
+
+
+def cmd_rotation_status(args: argparse.Namespace) -> ClientBody:
+    async def body(client: stoq.AsyncClient) -> int:
+        result = await client.request("ca.rotation-status")
+        for item in result["intermediates"]:
+            mark = "*" if item["active"] else " "
+            print(f"{mark} {item['name']}: valid to {_when(item['not_after'])}")
+        print(f"next intermediate rotation {_when(result['intermediate_renew_at'])}")
+        server = result.get("server_certificate")
+        if server:
+            print(f"node certificate {server['serial']}: valid to {_when(server['not_after'])},"
+                  f" renewal at {_when(server['renew_at'])}")
+        print(f"issued {result['issued']}, rejected {result['rejected']}")
+        return 0
+    return body
+
+
+# --- offline ----------------------------------------------------------------------------
+
+
+def verify_certificate(cert_path: Path, root_path: Path, chain_path: Path | None,
+                       at: datetime.datetime | None = None) -> list[str]:
+    """Check ``cert_path`` chains to the root in ``root_path``; return what is wrong."""
+    certs = x509.load_pem_x509_certificates(cert_path.read_bytes())
+    leaf, intermediates = certs[0], certs[1:]
+    if chain_path is not None:
+        intermediates += x509.load_pem_x509_certificates(chain_path.read_bytes())
+    roots = x509.load_pem_x509_certificates(root_path.read_bytes())
+    store = verification.Store(roots)
+    builder = verification.PolicyBuilder().store(store).time(
+        at or datetime.datetime.now(datetime.UTC))
+    verifier = builder.build_client_verifier()
+    try:
+        verifier.verify(leaf, [c for c in intermediates if c not in roots])
+    except verification.VerificationError as exc:
+        return [f"chain does not verify: {exc}"]
+    return []
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    root = Path(args.cafile or Path(args.data_dir or "./trustchain-data") / "root.pem")
+    if not root.is_file():
+        print(f"error: no root certificate at {root}; pass --cafile", file=sys.stderr)
+        return 2
+    chain = Path(args.chain) if args.chain else None
+    if chain is None and (Path(args.certificate).parent / "chain.pem").is_file():
+        chain = Path(args.certificate).parent / "chain.pem"
+    problems = verify_certificate(Path(args.certificate), root, chain)
+    leaf = x509.load_pem_x509_certificates(Path(args.certificate).read_bytes())[0]
+    print(f"serial {format(leaf.serial_number, 'x')}")
+    print(f"valid {leaf.not_valid_before_utc:%Y-%m-%d %H:%M:%S} to "
+          f"{leaf.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC")
+    if problems:
+        for problem in problems:
+            print(f"FAIL {problem}")
+        return 1
+    print(f"OK chains to {root}")
+    return 0
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from ._app import open_configured_keystore
+
+    cfg = config.load(args.config)
+    data_dir = Path(args.data_dir or cfg.node.data_dir)
+    path = data_dir / "audit" / "audit.log"
+    if not path.is_file():
+        print(f"error: no audit log at {path}", file=sys.stderr)
+        return 2
+    keystore = open_configured_keystore(cfg, data_dir)  # only to read the audit key
+    try:
+        signer = keystore.get("audit")
+        trusted = [signer.public_key()] if signer is not None else None
+    finally:
+        keystore.close()
+    report = verify_log(path, public_keys=trusted)
+    print(f"{report.records} records; last signed checkpoint at "
+          f"{report.last_checkpoint_seq}; {report.unsigned_tail} records after it")
+    for warning in report.warnings:
+        print(f"warning: {warning}")
+    for problem in report.problems:
+        print(f"FAIL {problem}")
+    print("OK" if report.ok else "TAMPERED")
+    return 0 if report.ok else 1
