@@ -313,6 +313,7 @@ def _echo_protocol_class(engine: Engine) -> type:
             super().__init__(quic, stream_handler)
             # The same stream credit as stoq.Server grants, so the transports match.
             engine.limit_streams(quic, bidi=STREAMS_PER_CONNECTION, uni=0)
+            engine.tune(quic)  # the same transport settings as stoq.Server
             self._parts: dict[int, list[bytes]] = {}
             self._answer: bytes | None = None
 
@@ -580,6 +581,7 @@ async def _open_lean(engine: Engine, cls: type, spec: LoadSpec, run: _Run) -> An
     configuration.server_name = "localhost"
     configuration.verify_mode = ssl.CERT_NONE  # trust is the pin, checked below
     quic = engine.QuicConnection(configuration=configuration)
+    engine.tune(quic)  # the same transport settings as stoq.connect
     loop = asyncio.get_running_loop()
     sock = stoq.make_ipv6_socket(HOST, 0)
     transport, proto = await loop.create_datagram_endpoint(lambda: cls(quic, run=run), sock=sock)

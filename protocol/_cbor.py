@@ -37,30 +37,36 @@ def _refuse_tag(decoder: Any, tag: Any) -> Any:
 
 
 def _scan(data: bytes) -> None:
-    """Walk the item's structure without building it: exactly one well-formed
-    item, no tags, no simple values but false/true/null, depth within MAX_DEPTH.
+    """Check the item's structure without building it.
 
-    This runs before cbor2 sees the bytes, because cbor2 acts on some tags
-    while decoding (28/29 shared references can build self-referencing or
-    exponentially large values from a few bytes).
+    Exactly one well-formed item; no tags; no simple values but false, true
+    and null; map keys only integers or text; depth within MAX_DEPTH. This
+    runs before cbor2 sees the bytes, because cbor2 acts on some tags while
+    decoding (28/29 shared references build self-referencing or exponentially
+    large values from a few bytes). What passes decodes to the plain data
+    model only: int (64-bit), bytes, str, list, dict, bool, None, float.
     """
     end = len(data)
     pos = 0
-    # Each stack entry: items still expected in an open container (-1: indefinite).
-    stack: list[int] = []
-    done = False
+    # Open containers: [items left (-1: indefinite), is_map, items seen].
+    stack: list[list[int]] = []
     while True:
-        if done:
-            break
         if pos >= end:
             raise MalformedFrame("truncated CBOR item")
         initial = data[pos]
         pos += 1
-        major, info = initial >> 5, initial & 0x1F
+        major = initial >> 5
+        info = initial & 0x1F
+        if stack:
+            top = stack[-1]
+            if top[1] and not top[2] & 1 and major not in (0, 1, 3) and initial != 0xFF:
+                raise MalformedFrame("map keys must be integers or text strings")
         if initial == 0xFF:  # break
-            if not stack or stack[-1] != -1:
+            if not stack or stack[-1][0] != -1:
                 raise MalformedFrame("unexpected CBOR break")
-            stack.pop()
+            closed = stack.pop()
+            if closed[1] and closed[2] & 1:
+                raise MalformedFrame("indefinite map with a key but no value")
         else:
             if info < 24:
                 arg = info
@@ -70,41 +76,42 @@ def _scan(data: bytes) -> None:
                     raise MalformedFrame("truncated CBOR item")
                 arg = int.from_bytes(data[pos:pos + size], "big")
                 pos += size
-            elif info == 31 and major in (2, 3, 4, 5):
+            elif info == 31 and 2 <= major <= 5:
                 arg = -1
             else:
                 raise MalformedFrame(f"reserved CBOR additional information {info}")
             if major == 6:
                 raise MalformedFrame("CBOR tags are not allowed")
             if major == 7:
-                if (info < 24 and arg not in (20, 21, 22)) or info == 24:
+                if (info < 24 and not 20 <= arg <= 22) or info == 24:
                     raise MalformedFrame("CBOR simple values other than false, true and "
                                          "null are not allowed")
-            elif major in (2, 3):
-                if arg == -1:  # indefinite string: chunks until break
-                    stack.append(-1)
+            elif major == 2 or major == 3:
+                if arg == -1:  # indefinite string: definite chunks until a break
+                    stack.append([-1, 0, 0])
                     continue
                 if arg > end - pos:
                     raise MalformedFrame("truncated CBOR string")
                 pos += arg
-            elif major in (4, 5):
+            elif major >= 4:
                 count = arg if arg == -1 or major == 4 else arg * 2
                 if count != 0:
                     if len(stack) >= MAX_DEPTH:
                         raise MalformedFrame(f"CBOR nesting deeper than {MAX_DEPTH}")
-                    stack.append(count)
+                    stack.append([count, major == 5, 0])
                     continue
-        # one item (or a container's break) is complete: count it against its parent
-        while True:
-            if not stack:
-                done = True
+        # An item (or an indefinite container) is complete: count it in its parent.
+        while stack:
+            top = stack[-1]
+            top[2] += 1
+            if top[0] == -1:
                 break
-            if stack[-1] == -1:
-                break
-            stack[-1] -= 1
-            if stack[-1]:
+            top[0] -= 1
+            if top[0]:
                 break
             stack.pop()
+        if not stack:
+            break
     if pos != end:
         raise MalformedFrame(f"{end - pos} bytes after the CBOR item")
 
@@ -125,31 +132,7 @@ def decode_item(data: bytes) -> Any:
         raise
     except (cbor2.CBORDecodeError, ValueError, TypeError, OverflowError, RecursionError) as exc:
         raise MalformedFrame(f"not well-formed CBOR: {exc}") from exc
-    if fp.tell() != len(data):
-        raise MalformedFrame(f"{len(data) - fp.tell()} bytes after the CBOR item")
-    _check_data_model(item, 0)
     return item
-
-
-def _check_data_model(item: Any, depth: int) -> None:
-    kind = type(item)
-    if kind is int:
-        if not _INT_MIN <= item <= _INT_MAX:
-            raise MalformedFrame("integer outside the 64-bit range")
-    elif kind in (str, bytes, bool, float) or item is None:
-        return
-    elif kind is list:
-        for element in item:
-            _check_data_model(element, depth + 1)
-    elif kind is dict:
-        for key, value in item.items():
-            if type(key) not in (str, int):
-                raise MalformedFrame("map keys must be text strings or integers")
-            _check_data_model(value, depth + 1)
-    else:
-        # Tags decoded by cbor2's built-in semantic decoders (datetime, set,
-        # Decimal, ...), undefined, and simple values all land here.
-        raise MalformedFrame(f"CBOR value of type {kind.__name__} is not allowed")
 
 
 def encode_item(item: Any) -> bytes:

@@ -20,7 +20,7 @@ from ._errors import (
     RemoteProtocolError,
     TrustChainError,
 )
-from ._frames import DEFAULT_MAX_FRAME_SIZE, FrameDecoder, frame_payload
+from ._frames import DEFAULT_MAX_FRAME_SIZE, HEADER_SIZE, FrameDecoder, frame_payload
 from ._messages import Error, Event, Ok, Request, parse_server_item
 from ._state import (
     CLIENT_RECEIVE_TRANSITIONS,
@@ -126,15 +126,27 @@ Instruction = SendData | StopSending | ResetStream
 
 
 class _Stream:
-    __slots__ = ("decoder", "frame", "op", "state", "streaming")
+    __slots__ = ("_decoder", "frame", "max_frame_size", "op", "state", "streaming")
 
     def __init__(self, state: StreamState, max_frame_size: int, op: str = "",
                  streaming: bool = False) -> None:
         self.state = state
-        self.decoder = FrameDecoder(max_frame_size)
+        self.max_frame_size = max_frame_size
+        self._decoder: FrameDecoder | None = None
         self.frame: bytes | None = None
         self.op = op
         self.streaming = streaming
+
+    @property
+    def decoder(self) -> FrameDecoder:
+        """Made on first use: most requests arrive whole and never need one."""
+        if self._decoder is None:
+            self._decoder = FrameDecoder(self.max_frame_size)
+        return self._decoder
+
+    @decoder.setter
+    def decoder(self, value: FrameDecoder) -> None:
+        self._decoder = value
 
 
 def is_client_bidi(stream_id: int) -> bool:
@@ -157,6 +169,17 @@ class ServerConnection:
     def receive_data(self, stream_id: int, data: bytes, end_stream: bool) -> list[StoqEvent]:
         """QUIC delivered ``data`` (and maybe the FIN) on ``stream_id``."""
         stream = self._streams.get(stream_id)
+        if stream is None and end_stream and stream_id & 0x3 == 0 and len(data) > HEADER_SIZE \
+                and int.from_bytes(data[:HEADER_SIZE], "big") == len(data) - HEADER_SIZE \
+                and len(data) - HEADER_SIZE <= self.max_frame_size:
+            # The common case: a whole request and its FIN in one piece.
+            stream = _Stream(StreamState.HANDLING, 0)
+            self._streams[stream_id] = stream
+            try:
+                request = Request.from_item(decode_item(data[HEADER_SIZE:]))
+            except TrustChainError as exc:
+                return [self._refuse(stream_id, stream, exc, stop=False)]
+            return [RequestReceived(stream_id, request)]
         if stream is None:
             if not is_client_bidi(stream_id):
                 # Unidirectional streams are refused by flow control (we grant
@@ -242,10 +265,9 @@ class ServerConnection:
 
     def send_response(self, stream_id: int, response: Ok | Error) -> None:
         """Queue the final answer of a unary op (or an error ending a stream)."""
-        kind = Send.OK if type(response) is Ok else Send.ERROR
-        self._send(stream_id, kind)
-        self._out.append(SendData(stream_id, frame_payload(encode_item(response.to_item())),
-                                  True))
+        self._send(stream_id, Send.OK if type(response) is Ok else Send.ERROR)
+        payload = encode_item(response.to_item())
+        self._out.append(SendData(stream_id, len(payload).to_bytes(4, "big") + payload, True))
 
     def send_event(self, stream_id: int, event: Event) -> int:
         """Queue one event of a streaming op; returns the frame's size in bytes."""

@@ -88,11 +88,19 @@ def _hints(cls: type[Any]) -> dict[str, Any]:
     return hints
 
 
+_DEFAULTS: dict[type[Any], Any] = {}
+
+
 def parse_args(spec: OpSpec, raw: dict[str, Any]) -> Any:
     """Build ``spec.args`` from the received map ``raw``.
 
     :raises InvalidRequest: with ``field`` naming the offending argument.
     """
+    if not raw:
+        # No arguments: every request of this op gets the same frozen instance.
+        default = _DEFAULTS.get(spec.args)
+        if default is not None:
+            return default
     hints = _hints(spec.args)
     fields = {f.name: f for f in dataclasses.fields(spec.args)}
     for key in raw:
@@ -108,11 +116,14 @@ def parse_args(spec: OpSpec, raw: dict[str, Any]) -> Any:
         _check_bounds(value, f.metadata, f"{spec.name}: argument {name!r}", name)
         values[name] = value
     try:
-        return spec.args(**values)
+        args = spec.args(**values)
     except InvalidRequest:
         raise
     except (TypeError, ValueError) as exc:
         raise InvalidRequest(f"{spec.name}: {exc}") from exc
+    if not raw and all(not isinstance(getattr(args, f), (list, dict)) for f in fields):
+        _DEFAULTS[spec.args] = args
+    return args
 
 
 _TYPE_NAMES = {int: "an integer", str: "a text string", bytes: "a byte string",

@@ -6,8 +6,9 @@ Engine choice (qh3 or aioquic) is made in one place, :mod:`stoq._engine`.
 from ._client import AsyncClient, CertificateMismatch, ConnectionFailed, connect
 from ._engine import DEFAULT_ENGINE, ENGINES, load_engine
 from ._ratelimit import RateLimiter
-from ._server import Server, ServerLimits, certificate_fingerprint, make_ipv6_socket
+from ._server import Server, ServerLimits, certificate_fingerprint
 from ._session import Dispatch, Reply
+from ._sockets import make_ipv6_socket
 
 __all__ = [
     "DEFAULT_ENGINE",

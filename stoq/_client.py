@@ -20,7 +20,6 @@ import contextlib
 import hashlib
 import ipaddress
 import itertools
-import socket
 from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import Any
@@ -47,6 +46,7 @@ from protocol import (
 )
 
 from ._engine import CERT_NONE, CERT_REQUIRED, DEFAULT_ENGINE, Engine, load_engine
+from ._sockets import make_ipv6_socket
 
 
 class ConnectionFailed(TrustChainError):
@@ -332,11 +332,9 @@ async def connect(host: str, port: int, *, cafile: str | None = None, pin: str |
     if cls is None:
         cls = _CLIENT_CLASSES[quic_engine.name] = _client_protocol_class(quic_engine)
     loop = asyncio.get_running_loop()
-    sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-    sock.bind(("::", 0))
-    sock.setblocking(False)
+    sock = make_ipv6_socket("::", 0)
     quic = quic_engine.QuicConnection(configuration=configuration)
+    quic_engine.tune(quic)
     transport, protocol = await loop.create_datagram_endpoint(
         lambda: cls(quic, max_frame_size=max_frame_size, trace=trace), sock=sock)
     protocol.connect((str(address), port, 0, 0))

@@ -12,6 +12,8 @@ import ssl
 from dataclasses import dataclass
 from typing import Any
 
+from ._pacing import CoarseTimerPacer
+
 ENGINES = ("qh3", "aioquic")
 DEFAULT_ENGINE = "qh3"
 
@@ -83,6 +85,12 @@ class Engine:
         else:
             for limit, value in ((old_bidi, bidi), (old_uni, uni)):
                 limit.value = limit.sent = value
+
+    def tune(self, quic: Any) -> None:
+        """Settings every connection gets, client or server: a pacer that keeps its
+        rate with millisecond timers (see :mod:`stoq._pacing`)."""
+        loss = quic._loss
+        loss._pacer = CoarseTimerPacer(quic._max_datagram_size)
 
     def stream_finished(self, quic: Any) -> None:
         """A peer-initiated bidirectional stream is done: let the peer open another."""

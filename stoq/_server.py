@@ -16,7 +16,6 @@ import hashlib
 import ipaddress
 import itertools
 import logging
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -29,14 +28,13 @@ from protocol import ALPN, DEFAULT_MAX_FRAME_SIZE, STOQ_NO_ERROR, Event, Peer
 from ._engine import CONNECTION_REFUSED, DEFAULT_ENGINE, Engine, load_engine
 from ._ratelimit import RateLimiter
 from ._session import Dispatch, StoqSession
+from ._sockets import make_ipv6_socket
 
 log = logging.getLogger("stoq")
 
 DRAIN_QUIET_PERIOD = 0.2
 """Seconds without new requests after which a draining server closes connections."""
 
-RECEIVE_BUFFER_BYTES = 4 << 20
-"""SO_RCVBUF for the UDP sockets: removes drops under bulk load (FACTS.md)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,31 +74,6 @@ class Session(Protocol):
 
 SessionFactory = Callable[[Any], Session]
 """Builds the application session for a connection (given its transport handle)."""
-
-
-def make_ipv6_socket(host: str, port: int) -> socket.socket:
-    """A bound, non-blocking UDP socket that accepts IPv6 only.
-
-    :raises ValueError: ``host`` is not an IPv6 address.
-    """
-    try:
-        address = ipaddress.IPv6Address(host.split("%", 1)[0])
-    except ValueError:
-        raise ValueError(f"{host!r} is not an IPv6 address; TrustChain listens on IPv6 only"
-                         ) from None
-    if address.ipv4_mapped is not None:
-        raise ValueError(f"{host!r} is an IPv4-mapped address; TrustChain is IPv6 only")
-    sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-    try:
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER_BYTES)
-        sock.bind((host, port))
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 def certificate_fingerprint(certfile: str) -> str:
@@ -301,7 +274,18 @@ def _protocol_class(engine: Engine) -> type:
             self._refusal = server._admit(self)
             self._loop = asyncio.get_running_loop()
             engine.limit_streams(quic, bidi=server.limits.max_streams_per_connection, uni=0)
+            engine.tune(quic)
+            self._receiving = False
             server._connections.add(self)
+
+        def datagram_received(self, data: bytes, addr: Any) -> None:
+            # The base class transmits after processing the datagram's events;
+            # sessions answering inside that processing need no extra transmit.
+            self._receiving = True
+            try:
+                super().datagram_received(data, addr)
+            finally:
+                self._receiving = False
 
         # Transport interface used by sessions.
         def send_stream_data(self, stream_id: int, data: bytes, end_stream: bool) -> None:
@@ -323,7 +307,8 @@ def _protocol_class(engine: Engine) -> type:
             return int(stream.sender.highest_offset) if stream is not None else None
 
         def transmit_soon(self) -> None:
-            self._transmit_soon()
+            if not self._receiving:
+                self._transmit_soon()
 
         def now(self) -> float:
             return float(self._loop.time())

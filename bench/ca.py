@@ -1,0 +1,940 @@
+"""Certificate issuance under load: ``python -m bench.ca [--quick] [--keystore K]``.
+
+For each keystore (``software``: a development node with software keys;
+``softhsm2``: a production node whose CA keys are in a SoftHSM2 token made for
+the run) it starts a real ``trustchain serve`` and measures, on that one
+server: ``node.health`` requests a second (the baseline), ``ca.issue``
+requests a second with 64 requests in flight on 1 and on 4 connections, and
+``ca.issue`` latency at an offered rate of 1,000 issuances a second (open loop:
+requests are sent on a schedule and latency counts from the scheduled time).
+Every request asks for a distinct DNS name (``h<i>.hypermesh``), so the
+name-ownership check runs against the database for real; the CSRs (P-256) are
+made in the load-generator process before its clock starts. Loopback ``[::1]``
+only; every run is bounded in time and count; every server is stopped at the
+end, also on error or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import json
+import math
+import os
+import secrets
+import shutil
+import signal
+import ssl
+import sys
+import tempfile
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import cbor2
+import uvloop
+
+import protocol
+import stoq
+
+from ._common import (
+    FINGERPRINT,
+    HOST,
+    LISTENING,
+    MAX_DATA,
+    MAX_STREAM_DATA,
+    STOQ_OK_PREFIX,
+    Child,
+    Children,
+    LoadResult,
+    LoadSpec,
+    _close_lean,
+    _describe,
+    cpu_seconds,
+    load_in_child,
+    machine_lines,
+    markdown_table,
+    percentile,
+)
+
+if TYPE_CHECKING:
+    from stoq._engine import Engine
+
+KEYSTORES = ("software", "softhsm2")
+SOFTHSM2_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
+"""Where Debian's softhsm2 package puts the module (store's default for ``softhsm2``)."""
+
+IN_FLIGHT = 64
+"""Requests kept in flight on each connection in the closed-loop tests."""
+CONNECTIONS = (1, 4)
+OFFERED_RATE = 1000.0
+"""Issuances a second offered in the open-loop test."""
+OPEN_LOOP_CONNECTIONS = 4
+"""Connections the open-loop schedule is spread over, round robin."""
+POOL = 20_000
+"""CSRs made for one closed-loop run (each run gets its own, with new names)."""
+QUICK_POOL = 8_000
+DRAIN_TIMEOUT = 10.0
+"""Seconds the load generator waits for the last answers after the window."""
+
+TARGET_RATE = 1500
+TARGET_P99_MS = 35.0
+
+DOMAIN = "hypermesh"
+
+
+def name_of(index: int) -> str:
+    """The DNS name of request ``index``; unique over the life of one server."""
+    return f"h{index}.{DOMAIN}"
+
+
+# --- the load generator (a child process) --------------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class IssueSpec:
+    """One ``ca.issue`` load run, passed to the load-generator process as JSON."""
+
+    engine: str
+    port: int
+    pin: str
+    connections: int
+    in_flight: int = IN_FLIGHT
+    """Closed loop: requests kept in flight on each connection (ignored when ``rate``)."""
+    rate: float = 0.0
+    """Open loop: requests a second sent on a fixed schedule; 0 = closed loop."""
+    duration: float = 5.0
+    warmup: float = 0.5
+    pool: int = POOL
+    """CSRs to make before the clock starts; a closed-loop run ends early if it uses them up."""
+    first_name: int = 0
+    """Index of the first name (:func:`name_of`); the run uses ``pool`` names from there."""
+    server_pid: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class IssueResult:
+    completed: int
+    """Certificates received in the window (errors not included)."""
+    window: float
+    rate: float
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+    errors: int
+    server_cpu: float | None
+    """Fraction of one core the server used in the window (all its threads)."""
+    server_loop_cpu: float | None
+    """Of which its main thread (the event loop)."""
+    client_cpu: float
+    prepare_s: float
+    """Seconds spent making the CSRs, before the clock started."""
+    exhausted: bool = False
+    """The run used up its CSRs before the end of the window (the window was cut short)."""
+    scheduled: int = 0
+    """Open loop: requests scheduled in the window."""
+    send_lag_p99_ms: float = 0.0
+    """Open loop: how late the load generator sent its requests (99th percentile)."""
+    first_error: str = ""
+
+
+def make_frames(first: int, count: int) -> list[bytes]:
+    """``count`` pre-encoded ``ca.issue`` requests, each with a new P-256 key and name."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    frames = []
+    for index in range(first, first + count):
+        key = ec.generate_private_key(ec.SECP256R1())
+        csr = (x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
+               .add_extension(x509.SubjectAlternativeName([x509.DNSName(name_of(index))]),
+                              critical=False)
+               .sign(key, hashes.SHA256()))
+        frames.append(protocol.encode_frame(
+            {"op": "ca.issue", "args": {"csr": csr.public_bytes(serialization.Encoding.DER)}}))
+    return frames
+
+
+def thread_cpu(pid: int) -> tuple[float, float] | None:
+    """CPU seconds of process ``pid``: (all threads, main thread), or None."""
+    total = cpu_seconds(pid)
+    main = cpu_seconds_of_task(pid, pid)
+    return None if total is None or main is None else (total, main)
+
+
+def cpu_seconds_of_task(pid: int, tid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(b")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class IssueRun:
+    """The shared state of one ``ca.issue`` run across its connections."""
+
+    def __init__(self, spec: IssueSpec, frames: list[bytes]) -> None:
+        self.spec = spec
+        self.frames = frames
+        self.next = 0
+        self.open_loop = spec.rate > 0
+        self.latencies: list[float] = []
+        self.send_lags: list[float] = []
+        self.errors = 0
+        self.first_error = ""
+        self.measure_start = math.inf
+        self.deadline = math.inf
+        self.outstanding = 0
+        self.sending_done = False
+        loop = asyncio.get_running_loop()
+        self.drained: asyncio.Future[None] = loop.create_future()
+        self.ended = asyncio.Event()
+        """Set when the window ends early (closed loop: the CSRs ran out)."""
+        self.exhausted = False
+        self.checked_first = False
+
+    def take(self) -> tuple[bytes, int] | None:
+        """The next request and its index, or None when the pool is used up."""
+        if self.next >= len(self.frames):
+            if not self.exhausted:
+                self.exhausted = True
+                now = time.perf_counter()
+                if now < self.deadline:  # cut the window short: the rate stays honest
+                    self.deadline = now
+                    self.ended.set()
+            return None
+        index = self.next
+        self.next += 1
+        return self.frames[index], index
+
+    def error(self, message: str) -> None:
+        self.errors += 1
+        if not self.first_error:
+            self.first_error = message
+
+    def counts(self, started: float, now: float) -> bool:
+        """Whether an answer belongs to the window: by its scheduled time in an open
+        loop (every scheduled request is waited for), by its arrival in a closed one."""
+        if self.open_loop:
+            return self.measure_start <= started < self.deadline
+        return self.measure_start <= now < self.deadline
+
+    def check(self, data: bytes, index: int) -> bool:
+        """Whether ``data`` is an issued certificate (the first one is decoded in full)."""
+        if len(data) < 4 or int.from_bytes(data[:4], "big") != len(data) - 4:
+            self.error(f"response is not one whole frame ({len(data)} bytes)")
+            return False
+        if data[4:8] != STOQ_OK_PREFIX:
+            self.error(f"not an ok response: {_describe(data)}")
+            return False
+        if not self.checked_first:
+            self.checked_first = True
+            from cryptography import x509
+
+            ok = cbor2.loads(data[4:])["ok"]
+            expected = name_of(self.spec.first_name + index)
+            cert = x509.load_der_x509_certificate(ok["certificate"])
+            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            if ok.get("names") != [expected] or san.get_values_for_type(x509.DNSName) != [
+                    expected]:
+                self.error(f"asked for {expected}, got a certificate for {ok.get('names')}")
+                return False
+        return True
+
+    def sent(self) -> None:
+        self.outstanding += 1
+
+    def finished_one(self) -> None:
+        self.outstanding -= 1
+        if self.sending_done and self.outstanding <= 0 and not self.drained.done():
+            self.drained.set_result(None)
+
+    def stop_sending(self) -> None:
+        self.sending_done = True
+        if self.outstanding <= 0 and not self.drained.done():
+            self.drained.set_result(None)
+
+
+def _issue_protocol_class(engine: Engine) -> type:
+    ev = engine.events
+    StreamDataReceived = ev.StreamDataReceived
+    perf_counter = time.perf_counter
+    base: type = engine.QuicConnectionProtocol
+
+    class IssueProtocol(base):  # type: ignore[misc]
+        """A client connection sending pre-encoded ``ca.issue`` requests, one a stream.
+
+        Closed loop: each answer sends the next request until the deadline. Open
+        loop: the scheduler calls :meth:`send` and answers send nothing.
+        """
+
+        def __init__(self, quic: Any, stream_handler: Any = None, *, run: IssueRun) -> None:
+            super().__init__(quic, stream_handler)
+            self.run = run
+            self.handshake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self.parts: dict[int, list[bytes]] = {}
+            self.started: dict[int, tuple[float, int]] = {}
+            self.blocked: deque[tuple[bytes, int, float]] = deque()
+            self.terminated = ""
+
+        def send(self, frame: bytes, index: int, started: float) -> None:
+            """Send one request; ``started`` is when it was sent (or scheduled)."""
+            self.run.sent()
+            self._send(frame, index, started)
+
+        def send_next(self) -> bool:
+            """Closed loop: send the next request of the pool; False if none is left."""
+            taken = self.run.take()
+            if taken is None:
+                return False
+            self.send(taken[0], taken[1], perf_counter())
+            return True
+
+        def _send(self, frame: bytes, index: int, started: float) -> None:
+            quic = self._quic
+            stream_id = quic.get_next_available_stream_id()
+            try:
+                quic.send_stream_data(stream_id, frame, True)
+            except ValueError:
+                # qh3 2.x: the server's stream limit is used up (aioquic and qh3
+                # 1.x queue instead). Retry after the next datagram.
+                self.blocked.append((frame, index, started))
+                return
+            self.started[stream_id] = (started, index)
+
+        def datagram_received(self, data: bytes, addr: Any) -> None:
+            super().datagram_received(data, addr)
+            if self.blocked:
+                blocked, self.blocked = self.blocked, deque()
+                for frame, index, started in blocked:
+                    self._send(frame, index, started)
+                self.transmit()
+
+        def quic_event_received(self, event: Any) -> None:
+            if type(event) is StreamDataReceived:
+                stream_id = event.stream_id
+                if not event.end_stream:
+                    self.parts.setdefault(stream_id, []).append(event.data)
+                    return
+                parts = self.parts.pop(stream_id, None)
+                if parts is None:
+                    data = event.data
+                else:
+                    parts.append(event.data)
+                    data = b"".join(parts)
+                self._complete(stream_id, data)
+            elif isinstance(event, ev.HandshakeCompleted):
+                if not self.handshake.done():
+                    self.handshake.set_result(None)
+            elif isinstance(event, ev.StreamReset):
+                self.parts.pop(event.stream_id, None)
+                self.run.error(f"stream {event.stream_id} reset, code {event.error_code:#x}")
+                self._complete(event.stream_id, None)
+            elif isinstance(event, ev.ConnectionTerminated):
+                self.terminated = event.reason_phrase or f"error code {event.error_code:#x}"
+                if not self.handshake.done():
+                    self.handshake.set_exception(ConnectionError(self.terminated))
+                self.abandon(f"connection closed: {self.terminated}")
+
+        def abandon(self, why: str) -> None:
+            """Count every request still waiting for an answer as failed."""
+            lost = len(self.started) + len(self.blocked)
+            self.started.clear()
+            self.blocked.clear()
+            if lost:
+                self.run.error(f"{lost} requests without an answer: {why}")
+            for _ in range(lost):
+                self.run.finished_one()
+
+        def _complete(self, stream_id: int, data: bytes | None) -> None:
+            now = perf_counter()
+            entry = self.started.pop(stream_id, None)
+            if entry is None:
+                return
+            started, index = entry
+            run = self.run
+            if data is not None and run.check(data, index) and run.counts(started, now):
+                run.latencies.append(now - started)
+            run.finished_one()
+            if not run.open_loop and now < run.deadline and not self.terminated:
+                self.send_next()
+
+    return IssueProtocol
+
+
+async def _open_connection(engine: Engine, cls: type, spec: IssueSpec, run: IssueRun) -> Any:
+    """One client connection to the server, which must present the pinned certificate."""
+    configuration = engine.configuration(is_client=True, alpn_protocols=[protocol.ALPN],
+                                         idle_timeout=60.0, max_data=MAX_DATA,
+                                         max_stream_data=MAX_STREAM_DATA)
+    configuration.server_name = "localhost"
+    configuration.verify_mode = ssl.CERT_NONE  # trust is the pin, checked below
+    quic = engine.QuicConnection(configuration=configuration)
+    loop = asyncio.get_running_loop()
+    sock = stoq.make_ipv6_socket(HOST, 0)
+    transport, proto = await loop.create_datagram_endpoint(lambda: cls(quic, run=run), sock=sock)
+    proto.connect((HOST, spec.port, 0, 0))
+    try:
+        # Not wait_connected(): under uvloop it can miss a handshake that is already done.
+        await asyncio.wait_for(asyncio.shield(proto.handshake), 15.0)
+    except BaseException:
+        transport.close()
+        raise
+    presented = engine.peer_certificate_der(quic) or b""
+    if hashlib.sha256(presented).hexdigest() != spec.pin:
+        transport.close()
+        raise ConnectionError("the server's certificate does not match the pin")
+    return proto
+
+
+async def _sample_cpu(spec: IssueSpec, run: IssueRun
+                      ) -> tuple[float | None, float | None, float]:
+    """Server CPU (all threads, main thread) and client CPU in the window, as fractions."""
+    await asyncio.sleep(max(0.0, run.measure_start - time.perf_counter()))
+    server0 = thread_cpu(spec.server_pid) if spec.server_pid else None
+    client0 = time.process_time()
+    wall0 = time.perf_counter()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(run.ended.wait(), max(0.0, run.deadline - time.perf_counter()))
+    wall = max(1e-9, time.perf_counter() - wall0)
+    server1 = thread_cpu(spec.server_pid) if spec.server_pid else None
+    client = (time.process_time() - client0) / wall
+    if server0 is None or server1 is None:
+        return None, None, client
+    return (server1[0] - server0[0]) / wall, (server1[1] - server0[1]) / wall, client
+
+
+async def _schedule(run: IssueRun, connections: list[Any], start: float) -> None:
+    """Open loop: request k goes out at ``start + k / rate``, round robin, until the end."""
+    rate = run.spec.rate
+    perf_counter = time.perf_counter
+    k = 0
+    total = len(run.frames)
+    try:
+        while k < total:
+            now = perf_counter()
+            touched: set[Any] = set()
+            while k < total:
+                due = start + k / rate
+                if due > now or due >= run.deadline:
+                    break
+                proto = connections[k % len(connections)]
+                proto.send(run.frames[k], k, due)
+                if run.measure_start <= due:
+                    run.send_lags.append(now - due)
+                touched.add(proto)
+                k += 1
+            for proto in touched:
+                proto.transmit()
+            due = start + k / rate
+            if due >= run.deadline:
+                break
+            await asyncio.sleep(max(0.0, due - perf_counter()))
+    finally:
+        run.stop_sending()
+
+
+async def run_issue(spec: IssueSpec) -> IssueResult:
+    """Make the CSRs, then run ``spec`` in this process and measure it."""
+    started = time.perf_counter()
+    frames = make_frames(spec.first_name, spec.pool)
+    prepare = time.perf_counter() - started
+    run = IssueRun(spec, frames)
+    engine = stoq.load_engine(spec.engine)
+    cls = _issue_protocol_class(engine)
+    n = spec.connections
+    connections = list(await asyncio.gather(
+        *(_open_connection(engine, cls, spec, run) for _ in range(n))))
+    try:
+        start = time.perf_counter() + 0.01
+        run.measure_start = start + spec.warmup
+        run.deadline = run.measure_start + spec.duration
+        if run.open_loop:
+            scheduler = asyncio.ensure_future(_schedule(run, connections, start))
+        else:
+            for proto in connections:
+                for _ in range(spec.in_flight):
+                    if not proto.send_next():
+                        break
+                proto.transmit()
+            run.stop_sending()  # from here on, answers send the next requests themselves
+        server_cpu, loop_cpu, client_cpu = await _sample_cpu(spec, run)
+        if run.open_loop:
+            await scheduler
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(run.drained), DRAIN_TIMEOUT)
+        for proto in connections:
+            proto.abandon(f"still open {DRAIN_TIMEOUT:g} s after the end")
+    finally:
+        await _close_lean(connections)
+    window = max(1e-9, run.deadline - run.measure_start)
+    latencies = sorted(run.latencies)
+    lags = sorted(run.send_lags)
+    scheduled = sum(1 for k in range(len(frames))
+                    if run.measure_start <= start + k / spec.rate < run.deadline
+                    ) if run.open_loop else 0
+    return IssueResult(
+        completed=len(latencies), window=window, rate=len(latencies) / window,
+        p50_ms=percentile(latencies, 0.50) * 1e3, p99_ms=percentile(latencies, 0.99) * 1e3,
+        max_ms=(latencies[-1] * 1e3 if latencies else 0.0), errors=run.errors,
+        server_cpu=server_cpu, server_loop_cpu=loop_cpu, client_cpu=client_cpu,
+        prepare_s=prepare, exhausted=run.exhausted and not run.open_loop, scheduled=scheduled,
+        send_lag_p99_ms=percentile(lags, 0.99) * 1e3, first_error=run.first_error)
+
+
+def issue_in_child(children: Children, spec: IssueSpec, log_path: Path) -> IssueResult:
+    """Run ``spec`` in a separate load-generator process and return what it measured."""
+    argv = [sys.executable, "-m", "bench.ca", "load", json.dumps(asdict(spec))]
+    child = children.start("load generator (ca.issue)", argv, log_path)
+    try:
+        # CSRs take about 60 µs each to make; allow ten times that.
+        status = child.wait(spec.warmup + spec.duration + DRAIN_TIMEOUT + 60.0
+                            + spec.pool * 600e-6)
+        lines = child.output()
+        if status != 0 or not lines:
+            raise RuntimeError(f"the load generator failed with status {status}"
+                               f"{child.stderr_tail()}")
+        return IssueResult(**json.loads(lines[-1]))
+    finally:
+        children.stop(child)
+
+
+def load_main(spec_json: str) -> int:
+    spec = IssueSpec(**json.loads(spec_json))
+
+    async def main() -> IssueResult:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        return await run_issue(spec)
+
+    result = uvloop.run(main())
+    print(json.dumps(asdict(result)), flush=True)
+    return 0
+
+
+# --- the server under test ------------------------------------------------------------------
+
+CONFIG = """\
+# Written by bench/ca.py for one benchmark run.
+[node]
+data_dir = "{data_dir}"
+
+[ca]
+mode = "{mode}"
+{hsm}
+[api]
+rate_limit_per_minute = 0
+
+[network]
+quic_engine = "{engine}"
+
+[logging]
+level = "warning"
+format = "text"
+
+[logging.output]
+type = "stderr"
+"""
+
+HSM_TABLE = """
+[ca.hsm]
+provider = "softhsm2"
+module_path = "{module}"
+token_label = "{label}"
+"""
+
+
+@dataclass(frozen=True)
+class Server:
+    """A running ``trustchain serve``."""
+
+    child: Child
+    port: int
+    pin: str
+    keystore: str
+    names_used: list[int] = field(default_factory=lambda: [0])
+    """Names handed out so far (one cell, so the frozen object can count)."""
+
+    def names(self, count: int) -> int:
+        """Reserve ``count`` names; the index of the first."""
+        first = self.names_used[0]
+        self.names_used[0] += count
+        return first
+
+
+@contextlib.contextmanager
+def environment(extra: dict[str, str]) -> Iterator[None]:
+    """``extra`` in ``os.environ`` while a child process is started (it inherits them)."""
+    saved = {key: os.environ.get(key) for key in extra}
+    os.environ.update(extra)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def make_softhsm_token(directory: Path) -> tuple[dict[str, str], str]:
+    """A fresh SoftHSM2 token under ``directory``: (the server's environment, its label).
+
+    SoftHSM2 reads ``SOFTHSM2_CONF`` once per process, so the server gets it in
+    its environment from the start, with the PIN in ``TRUSTCHAIN_HSM_PIN``.
+    """
+    if shutil.which("softhsm2-util") is None or not os.path.exists(SOFTHSM2_MODULE):
+        raise RuntimeError("SoftHSM2 is not installed (Debian package softhsm2)")
+    tokens = directory / "tokens"
+    tokens.mkdir(parents=True)
+    conf = directory / "softhsm2.conf"
+    conf.write_text(f"directories.tokendir = {tokens}\nobjectstore.backend = file\n"
+                    "log.level = ERROR\nslots.removable = false\n")
+    label = f"trustchain-bench-{secrets.token_hex(3)}"
+    pin = secrets.token_hex(8)
+    env = {"SOFTHSM2_CONF": str(conf), "TRUSTCHAIN_HSM_PIN": pin}
+    done = subprocess_run(["softhsm2-util", "--init-token", "--free", "--label", label,
+                           "--pin", pin, "--so-pin", secrets.token_hex(8)], env)
+    if done[0] != 0:
+        raise RuntimeError(f"softhsm2-util --init-token failed: {done[1].strip()}")
+    return env, label
+
+
+def subprocess_run(argv: list[str], env: dict[str, str]) -> tuple[int, str]:
+    """Run a short command with ``env`` added; (status, its output). Killed after 120 s."""
+    import subprocess
+
+    try:
+        done = subprocess.run(argv, env={**os.environ, **env}, capture_output=True, text=True,
+                              timeout=120, check=False, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        return 124, f"{argv[0]} did not finish within 120 s"
+    return done.returncode, done.stdout + done.stderr
+
+
+def start_server(children: Children, keystore: str, engine: str, tmp: Path) -> Server:
+    """``trustchain serve`` on ``[::1]:0`` with ``keystore``'s configuration.
+
+    ``softhsm2``: production mode, the CA made by ``trustchain init`` first.
+    """
+    data_dir = tmp / f"data-{keystore}"
+    config = tmp / f"trustchain-{keystore}.toml"
+    env: dict[str, str] = {}
+    if keystore == "softhsm2":
+        env, label = make_softhsm_token(tmp / "softhsm2")
+        hsm = HSM_TABLE.format(module=SOFTHSM2_MODULE, label=label)
+        config.write_text(CONFIG.format(data_dir=data_dir, mode="production", hsm=hsm,
+                                        engine=engine))
+        status, output = subprocess_run(
+            [sys.executable, "-m", "trustchain", "init", "--config", str(config),
+             "--data-dir", str(data_dir)], env)
+        if status != 0:
+            raise RuntimeError(f"trustchain init failed with status {status}: "
+                               f"{output.strip()[-2000:]}")
+    else:
+        config.write_text(CONFIG.format(data_dir=data_dir, mode="development", hsm="",
+                                        engine=engine))
+    argv = [sys.executable, "-m", "trustchain", "serve", "--config", str(config),
+            "--data-dir", str(data_dir), "--listen", "[::1]:0"]
+    with environment(env):
+        child = children.start(f"trustchain serve ({keystore})", argv,
+                               tmp / f"trustchain-{keystore}.log")
+    listening = child.wait_for(LISTENING, 60.0)
+    fingerprint = child.wait_for(FINGERPRINT, 10.0)
+    if protocol.ALPN not in listening.group(3).split(","):
+        raise RuntimeError(f"trustchain does not offer {protocol.ALPN}: {listening.group(0)}")
+    return Server(child, int(listening.group(2)), fingerprint.group(1), keystore)
+
+
+# --- one keystore's tests ---------------------------------------------------------------------
+
+@dataclass
+class Figures:
+    """What one keystore's server measured; a missing figure says why in ``problems``."""
+
+    keystore: str
+    health: dict[int, LoadResult] = field(default_factory=dict)
+    issue: dict[int, IssueResult] = field(default_factory=dict)
+    open_loop: IssueResult | None = None
+    problems: list[str] = field(default_factory=list)
+
+
+def progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def run_keystore(children: Children, keystore: str, engine: str, tmp: Path, *,
+                 duration: float, warmup: float, pool: int) -> Figures:
+    figures = Figures(keystore)
+    try:
+        server = start_server(children, keystore, engine, tmp)
+    except (RuntimeError, OSError) as exc:
+        figures.problems.append(f"the server did not start: {exc}")
+        progress(f"{keystore}: {figures.problems[-1]}")
+        return figures
+    progress(f"{keystore}: trustchain serve pid {server.child.pid} on [::1]:{server.port}")
+    try:
+        for n in CONNECTIONS:
+            health = LoadSpec(engine=engine, port=server.port, alpn=protocol.ALPN,
+                              pin=server.pin, request="health", expect="ok", connections=n,
+                              in_flight=IN_FLIGHT, duration=duration, warmup=warmup,
+                              server_pid=server.child.pid)
+            label = f"{n} conn{'s' if n > 1 else ''} x {IN_FLIGHT}"
+            try:
+                figures.health[n] = load_in_child(children, health,
+                                                  tmp / f"load-{keystore}-health-{n}.log")
+                progress(f"{keystore}: node.health, {label}: "
+                         f"{describe_health(figures.health[n])}")
+            except (RuntimeError, OSError, ValueError) as exc:
+                figures.problems.append(f"node.health, {label}: {exc}")
+                progress(f"{keystore}: {figures.problems[-1]}")
+            issue = IssueSpec(engine=engine, port=server.port, pin=server.pin, connections=n,
+                              duration=duration, warmup=warmup, pool=pool,
+                              first_name=server.names(pool), server_pid=server.child.pid)
+            try:
+                figures.issue[n] = issue_in_child(children, issue,
+                                                  tmp / f"load-{keystore}-issue-{n}.log")
+                progress(f"{keystore}: ca.issue, {label}: {describe_issue(figures.issue[n])}")
+            except (RuntimeError, OSError, ValueError) as exc:
+                figures.problems.append(f"ca.issue, {label}: {exc}")
+                progress(f"{keystore}: {figures.problems[-1]}")
+            if not alive(server, figures):
+                return figures
+        count = math.ceil(OFFERED_RATE * (warmup + duration)) + 1
+        offered = IssueSpec(engine=engine, port=server.port, pin=server.pin,
+                            connections=OPEN_LOOP_CONNECTIONS, rate=OFFERED_RATE,
+                            duration=duration, warmup=warmup, pool=count,
+                            first_name=server.names(count), server_pid=server.child.pid)
+        try:
+            figures.open_loop = issue_in_child(children, offered,
+                                               tmp / f"load-{keystore}-open.log")
+            progress(f"{keystore}: ca.issue, {OFFERED_RATE:,.0f}/s offered: "
+                     f"{describe_issue(figures.open_loop)}")
+        except (RuntimeError, OSError, ValueError) as exc:
+            figures.problems.append(f"ca.issue at {OFFERED_RATE:,.0f}/s offered: {exc}")
+            progress(f"{keystore}: {figures.problems[-1]}")
+        alive(server, figures)
+    finally:
+        status = children.stop(server.child)
+        if status not in (0, None):
+            figures.problems.append(f"{server.child.name} exited with status {status}"
+                                    f"{server.child.stderr_tail()}")
+    return figures
+
+
+def alive(server: Server, figures: Figures) -> bool:
+    """Whether the server still runs; if not, a problem says so."""
+    if server.child.proc.poll() is None:
+        return True
+    figures.problems.append(f"{server.child.name} died{server.child.stderr_tail()}")
+    progress(f"{figures.keystore}: {figures.problems[-1]}")
+    return False
+
+
+# --- presentation ---------------------------------------------------------------------------
+
+def describe_health(result: LoadResult) -> str:
+    text = f"{result.rate:,.0f}/s, p50/p99 {result.p50_ms:.2f} / {result.p99_ms:.2f} ms"
+    if result.errors:
+        text += f", {result.errors} errors (first: {result.first_error})"
+    return text
+
+
+def describe_issue(result: IssueResult) -> str:
+    text = (f"{result.rate:,.0f}/s, p50/p99/max {result.p50_ms:.1f} / {result.p99_ms:.1f} / "
+            f"{result.max_ms:.1f} ms, server CPU {cpu(result.server_cpu)}, CSRs made in "
+            f"{result.prepare_s:.1f} s")
+    if result.exhausted:
+        text += ", ran out of CSRs (window cut short)"
+    if result.errors:
+        text += f", {result.errors} errors (first: {result.first_error})"
+    return text
+
+
+def cpu(fraction: float | None) -> str:
+    return "-" if fraction is None else f"{fraction * 100:.0f} %"
+
+
+def per_request(fraction: float | None, rate: float) -> str:
+    if fraction is None or not rate:
+        return "-"
+    return f"{fraction / rate * 1e6:,.0f} µs"
+
+
+def latency(p50: float, p99: float) -> str:
+    return f"{p50:.2f} / {p99:.2f} ms"
+
+
+def keystore_report(figures: Figures) -> str:
+    rows: list[list[str]] = []
+    cpu_rows: list[list[str]] = []
+    notes = [f"- {p}" for p in figures.problems]
+    for n in CONNECTIONS:
+        label = f"{n} conn{'s' if n > 1 else ''} x {IN_FLIGHT} in flight"
+        issue, health = figures.issue.get(n), figures.health.get(n)
+        ratio = f"{issue.rate / health.rate:.3f}" if issue and health and health.rate else "-"
+        rows.append([
+            label,
+            f"{issue.rate:,.0f}" if issue else "failed",
+            f"{health.rate:,.0f}" if health else "failed",
+            ratio,
+            latency(issue.p50_ms, issue.p99_ms) if issue else "-",
+            latency(health.p50_ms, health.p99_ms) if health else "-",
+            per_request(issue.server_cpu, issue.rate) if issue else "-",
+            per_request(health.server_cpu, health.rate) if health else "-",
+        ])
+        if issue:
+            cpu_rows.append([f"ca.issue, {label}", cpu(issue.server_cpu),
+                             cpu(issue.server_loop_cpu), cpu(issue.client_cpu)])
+            if issue.exhausted:
+                notes.append(f"- ca.issue, {label}: used up its {issue.completed:,} CSRs "
+                             f"after {issue.window:.2f} s; the rate is over that window")
+            if issue.errors:
+                notes.append(f"- ca.issue, {label}: {issue.errors} errors "
+                             f"(first: {issue.first_error})")
+        if health:
+            cpu_rows.append([f"node.health, {label}", cpu(health.server_cpu), "",
+                             cpu(health.client_cpu)])
+            if health.errors:
+                notes.append(f"- node.health, {label}: {health.errors} errors "
+                             f"(first: {health.first_error})")
+    parts = [
+        f"### keystore `{figures.keystore}`",
+        "",
+        markdown_table(["load", "ca.issue/s", "node.health/s", "issue/health",
+                        "ca.issue p50 / p99", "node.health p50 / p99",
+                        "server CPU per issuance", "per node.health"], rows),
+    ]
+    result = figures.open_loop
+    if result is not None:
+        lost = result.scheduled - result.completed
+        parts += [
+            "",
+            f"Open loop, {OPEN_LOOP_CONNECTIONS} connections, latency from the scheduled "
+            "send time:",
+            "",
+            markdown_table(
+                ["offered", "scheduled in window", "answered", "achieved", "p50", "p99",
+                 "max", "errors", "server CPU", "per issuance", "send lag p99"],
+                [[f"{OFFERED_RATE:,.0f}/s", f"{result.scheduled:,}", f"{result.completed:,}",
+                  f"{result.rate:,.0f}/s", f"{result.p50_ms:.1f} ms", f"{result.p99_ms:.1f} ms",
+                  f"{result.max_ms:.1f} ms", f"{result.errors}", cpu(result.server_cpu),
+                  per_request(result.server_cpu, result.rate),
+                  f"{result.send_lag_p99_ms:.1f} ms"]]),
+        ]
+        cpu_rows.append([f"ca.issue, {OFFERED_RATE:,.0f}/s offered", cpu(result.server_cpu),
+                         cpu(result.server_loop_cpu), cpu(result.client_cpu)])
+        if lost > 0 and not result.errors:
+            notes.append(f"- open loop: {lost} scheduled requests got no certificate")
+        if result.errors:
+            notes.append(f"- open loop: {result.errors} errors (first: {result.first_error})")
+    else:
+        parts += ["", "Open loop: failed."]
+    parts += [
+        "",
+        "CPU in the measurement window (100 % = one core; the server's main thread runs "
+        "the event loop, the others write SQLite and the audit log):",
+        "",
+        markdown_table(["test", "server", "of which main thread", "load gen."], cpu_rows),
+    ]
+    if notes:
+        parts += ["", "Problems:", *notes]
+    return "\n".join(parts)
+
+
+def summary(all_figures: list[Figures]) -> str:
+    rows = []
+    for figures in all_figures:
+        four = figures.issue.get(CONNECTIONS[-1])
+        one = figures.issue.get(CONNECTIONS[0])
+        opened = figures.open_loop
+        rows.append([
+            figures.keystore,
+            f"{one.rate:,.0f}" if one else "-",
+            f"{four.rate:,.0f}" if four else "-",
+            f"{opened.p99_ms:.1f} ms" if opened else "-",
+            per_request(four.server_cpu, four.rate) if four else "-",
+        ])
+    return markdown_table(["keystore", "ca.issue/s, 1 conn", f"ca.issue/s, {CONNECTIONS[-1]} conns",
+                           f"p99 at {OFFERED_RATE:,.0f}/s offered",
+                           f"server CPU per issuance ({CONNECTIONS[-1]} conns)"], rows)
+
+
+# --- main ---------------------------------------------------------------------------------
+
+def _terminate(signum: int, frame: FrameType | None) -> NoReturn:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    args_list = sys.argv[1:] if argv is None else argv
+    if args_list[:1] == ["load"] and len(args_list) == 2:
+        return load_main(args_list[1])
+    parser = argparse.ArgumentParser(prog="python -m bench.ca", description=__doc__.split(
+        "\n\n")[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true",
+                        help=f"short runs (2 s each instead of 5 s, {QUICK_POOL:,} CSRs a "
+                             f"closed-loop run instead of {POOL:,})")
+    parser.add_argument("--keystore", choices=(*KEYSTORES, "both"), default="both",
+                        help="the CA keys' store (default both)")
+    parser.add_argument("--engine", choices=stoq.ENGINES, default=stoq.DEFAULT_ENGINE,
+                        help=f"QUIC engine of the server and client (default "
+                             f"{stoq.DEFAULT_ENGINE})")
+    parser.add_argument("--duration", type=float,
+                        help="seconds measured per test (default 5, or 2 with --quick)")
+    args = parser.parse_args(args_list)
+    keystores = list(KEYSTORES) if args.keystore == "both" else [args.keystore]
+    duration = args.duration or (2.0 if args.quick else 5.0)
+    if not 0 < duration <= 60:
+        parser.error("--duration: between 0 and 60 seconds")
+    warmup = 0.25 if args.quick else 0.5
+    pool = QUICK_POOL if args.quick else POOL
+    pool = max(pool, math.ceil(pool * (duration + warmup) / (5.5 if not args.quick else 2.25)))
+
+    signal.signal(signal.SIGTERM, _terminate)
+    started = time.monotonic()
+    children = Children()
+    print("## Certificate issuance (ca.issue), loopback [::1]\n")
+    print("\n".join(machine_lines([args.engine])))
+    print(f"- {duration:g} s measured per test after {warmup:g} s warm-up; one server per "
+          f"keystore, every test on it in turn; each ca.issue asks for a new P-256 key and a "
+          f"distinct name h<i>.{DOMAIN} (name ownership checked, `name_conflict = \"reject\"`); "
+          f"CSRs are made by the load generator before its clock starts ({pool:,} a "
+          f"closed-loop run, which ends early if it uses them up)")
+    print(f"- targets (information only): >= {TARGET_RATE:,} issuances/s with SoftHSM2; "
+          f"p99 < {TARGET_P99_MS:g} ms at {OFFERED_RATE:,.0f}/s offered\n", flush=True)
+    all_figures: list[Figures] = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="trustchain-bench-ca-") as tmp_name:
+            tmp = Path(tmp_name)
+            try:
+                for keystore in keystores:
+                    figures = run_keystore(children, keystore, args.engine, tmp,
+                                           duration=duration, warmup=warmup, pool=pool)
+                    all_figures.append(figures)
+                    print(keystore_report(figures) + "\n", flush=True)
+            finally:
+                children.stop_all()
+    except KeyboardInterrupt:
+        progress("interrupted; every server was stopped")
+        return 130
+    if len(all_figures) > 1:
+        print("### summary\n")
+        print(summary(all_figures) + "\n")
+    print(f"total time {time.monotonic() - started:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
