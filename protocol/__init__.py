@@ -60,6 +60,7 @@ from ._frames import (
 from ._messages import Error, Event, Ok, Peer, Request, Response, parse_server_item
 from ._schema import OpSpec, arg, lookup, parse_args, register, registered
 from ._state import StreamState
+from ._statements import renewal_statement, revocation_statement
 
 ALPN = "stoq/1"
 """The ALPN protocol identifier of STOQ version 1."""
@@ -130,4 +131,6 @@ __all__ = [
     "parse_server_item",
     "register",
     "registered",
+    "renewal_statement",
+    "revocation_statement",
 ]

@@ -6,6 +6,7 @@ Engine choice (qh3 or aioquic) is made in one place, :mod:`stoq._engine`.
 from ._client import AsyncClient, CertificateMismatch, ConnectionFailed, connect
 from ._engine import DEFAULT_ENGINE, ENGINES, load_engine
 from ._ratelimit import RateLimiter
+from ._renewal import CertificateRenewer, build_csr
 from ._server import Server, ServerLimits, certificate_fingerprint
 from ._session import Dispatch, Reply
 from ._sockets import make_ipv6_socket
@@ -15,12 +16,14 @@ __all__ = [
     "ENGINES",
     "AsyncClient",
     "CertificateMismatch",
+    "CertificateRenewer",
     "ConnectionFailed",
     "Dispatch",
     "RateLimiter",
     "Reply",
     "Server",
     "ServerLimits",
+    "build_csr",
     "certificate_fingerprint",
     "connect",
     "load_engine",

@@ -159,13 +159,14 @@ class ServerProcess:
 
 
 def start_server_process(tmp: Path, engine: str, extra: str = "",
-                         listen: str = "[::1]:0", timeout: float = 30.0) -> ServerProcess:
+                         listen: str = "[::1]:0", timeout: float = 30.0,
+                         data_dir: Path | None = None) -> ServerProcess:
     """Start ``python -m trustchain serve`` and wait until it announces its port."""
     cfg = tmp / "config.toml"
     cfg.write_text(config_text(engine, extra))
     proc = subprocess.Popen(
         [sys.executable, "-m", "trustchain", "serve", "--config", str(cfg),
-         "--data-dir", str(tmp / "data"), "--listen", listen],
+         "--data-dir", str(data_dir or tmp / "data"), "--listen", listen],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp,
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert proc.stdout is not None

@@ -123,6 +123,8 @@ class Node:
             raise ConfigError(f"no CA in {self.data_dir}: production mode does not create "
                               "one by itself; run `trustchain init` first")
         self.hierarchy.ensure()
+        if create:
+            self.hierarchy.ensure_admin()
         self.ca = CertificateAuthority(
             hierarchy=self.hierarchy, certs=self.certs,
             policy=NamingPolicy(domains=domains,
@@ -133,10 +135,16 @@ class Node:
             rotation_status=lambda: self.rotator.status() if self.rotator else {})
         addresses = list(cfg.node.addresses) or sorted(
             {h for h, _ in self.listen if h != "::"} | {"::1"})
+        ca = self.ca
+
+        def issue_node_certificate(csr: bytes, renews: str | None,
+                                   signature: bytes | None) -> Any:
+            return ca.issue_csr(csr, None, requester="node", renews=renews,
+                                renewal_signature=signature)
+
         self.rotator = Rotator(
-            hierarchy=self.hierarchy,
-            issue=lambda csr: self.ca.issue_csr(csr, None, requester="node")  # type: ignore[union-attr]
-            , tls=credential_paths(self.data_dir), names=list(cfg.node.names),
+            hierarchy=self.hierarchy, issue=issue_node_certificate,
+            tls=credential_paths(self.data_dir), names=list(cfg.node.names),
             addresses=addresses, installed=self.reload_certificate)
         self.rotator.load_current()
 

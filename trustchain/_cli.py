@@ -18,7 +18,7 @@ import uvloop
 
 import stoq
 from protocol import TrustChainError
-from store import credential_paths
+from store import AuditError, CertStoreError, KeyStoreError, credential_paths
 
 from . import __version__, _cli_ca
 from . import _config as config
@@ -235,7 +235,8 @@ def offline_command(run: Callable[[argparse.Namespace], int]
     def command(args: argparse.Namespace) -> int:
         try:
             return run(args)
-        except (config.ConfigError, ValueError, OSError) as exc:
+        except (config.ConfigError, ValueError, OSError, AuditError, CertStoreError,
+                KeyStoreError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
     return command

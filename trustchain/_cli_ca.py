@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import ipaddress
 import sys
 import time
 from collections.abc import Callable
@@ -42,22 +41,6 @@ def load_or_create_key(path: Path, key_type: str) -> Any:
                                          serialization.NoEncryption()), mode=0o600)
     print(f"created a new {key_type} key in {path}", file=sys.stderr)
     return key
-
-
-def build_csr(key: Any, names: list[str], addresses: list[str]) -> bytes:
-    san: list[x509.GeneralName] = [x509.DNSName(n) for n in names]
-    for address in addresses:
-        ip = ipaddress.ip_address(address)
-        if ip.version != 6:
-            raise ValueError(f"{address}: TrustChain certificates carry IPv6 addresses only")
-        san.append(x509.IPAddress(ip))
-    subject = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, names[0])] if names
-                        else [])
-    algorithm = None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
-    csr = (x509.CertificateSigningRequestBuilder().subject_name(subject)
-           .add_extension(x509.SubjectAlternativeName(san), critical=not names)
-           .sign(key, algorithm))
-    return csr.public_bytes(serialization.Encoding.DER)
 
 
 def sign_statement(key: Any, data: bytes) -> bytes:
@@ -115,7 +98,7 @@ def cmd_issue(args: argparse.Namespace) -> ClientBody:
     if not args.names and not args.ipv6:
         raise ValueError("give at least one NAME or --ipv6 ADDR")
     key = load_or_create_key(Path(args.key), args.key_type)
-    csr = build_csr(key, list(args.names), list(args.ipv6 or []))
+    csr = stoq.build_csr(key, list(args.names), list(args.ipv6 or []))
 
     async def body(client: stoq.AsyncClient) -> int:
         result = await client.request("ca.issue", {"csr": csr})

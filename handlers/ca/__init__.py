@@ -1,10 +1,12 @@
 """The certificate authority: hierarchy, policy, admission, issuance, revocation, rotation."""
 
+from protocol import renewal_statement, revocation_statement
+
 from ._admission import Admission, Admitted, Decision, LocalAdmission
 from ._authority import ROOT_KEY, Hierarchy, HierarchyConfig, Issuer
 from ._policy import CheckedRequest, NamingPolicy, check_request
 from ._rotation import Rotator, node_csr
-from .service import CertificateAuthority, revocation_statement, verify_with
+from .service import CertificateAuthority, verify_with
 
 __all__ = [
     "ROOT_KEY",
@@ -21,6 +23,7 @@ __all__ = [
     "Rotator",
     "check_request",
     "node_csr",
+    "renewal_statement",
     "revocation_statement",
     "verify_with",
 ]

@@ -165,8 +165,11 @@ def check_request(der: bytes, policy: NamingPolicy) -> CheckedRequest:
 
 
 def check_ownership(request: CheckedRequest, holders: dict[str, list[tuple[str, str, float]]],
-                    policy: NamingPolicy) -> None:
+                    policy: NamingPolicy, renews: str | None = None) -> None:
     """Refuse names held by another key, if the policy says so.
+
+    A name may pass to a new key when the request renews (``renews``, already
+    proven by a signature of the old key) the certificate that holds it.
 
     :param holders: for each requested name, (serial, spki_sha256, not_after) of
         the unexpired, unrevoked certificates that carry it.
@@ -176,7 +179,7 @@ def check_ownership(request: CheckedRequest, holders: dict[str, list[tuple[str, 
         return
     for name, held in holders.items():
         for serial, spki, not_after in held:
-            if spki != request.spki_sha256:
+            if spki != request.spki_sha256 and serial != renews:
                 raise Unauthorized(
                     f"{name} is held by another key (certificate {serial}, valid until "
                     f"{int(not_after)}); it must be revoked or expire first",

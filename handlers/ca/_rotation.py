@@ -20,6 +20,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from protocol import renewal_statement
 from store import TlsCredential, write_atomic
 
 from ._authority import Hierarchy
@@ -42,12 +43,14 @@ def node_csr(key: ec.EllipticCurvePrivateKey, names: list[str], addresses: list[
 class Rotator:
     """Keeps the intermediate and the node certificate fresh.
 
-    :param issue: ``async (csr_der) -> ca.issue result`` (the CA's own issuance path,
-        so node certificates are stored and audited like any other).
+    :param issue: ``async (csr_der, renews, renewal_signature) -> ca.issue result``
+        (the CA's own issuance path, so node certificates are stored and audited
+        like any other; the old key signs the hand-over of its names).
     :param installed: called after new TLS files are written (the transport reloads).
     """
 
-    def __init__(self, *, hierarchy: Hierarchy, issue: Callable[[bytes], Any],
+    def __init__(self, *, hierarchy: Hierarchy,
+                 issue: Callable[[bytes, str | None, bytes | None], Any],
                  tls: TlsCredential, names: list[str], addresses: list[str],
                  installed: Callable[[], None] | None = None,
                  clock: Callable[[], float] = time.time) -> None:
@@ -102,7 +105,15 @@ class Rotator:
 
     async def renew_server_certificate(self) -> dict[str, Any]:
         key = ec.generate_private_key(ec.SECP256R1())
-        result = await self._issue(node_csr(key, self.names, self.addresses))
+        csr = node_csr(key, self.names, self.addresses)
+        renews, signature = None, None
+        if self.server_certificate is not None and self.tls.keyfile.exists():
+            old_key = serialization.load_pem_private_key(self.tls.keyfile.read_bytes(), None)
+            if isinstance(old_key, ec.EllipticCurvePrivateKey):
+                renews = self.server_certificate["serial"]
+                signature = old_key.sign(renewal_statement(renews, csr),
+                                         ec.ECDSA(hashes.SHA256()))
+        result = await self._issue(csr, renews, signature)
         leaf = x509.load_der_x509_certificate(result["certificate"])
         chain = [leaf] + [x509.load_der_x509_certificate(d) for d in result["chain"][:-1]]
         key_pem = key.private_bytes(serialization.Encoding.PEM,

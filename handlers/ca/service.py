@@ -18,7 +18,8 @@ from protocol import (
     NotFound,
     TrustChainError,
     Unauthorized,
-    encode_deterministic,
+    renewal_statement,
+    revocation_statement,
 )
 from protocol.ops import ca as ops
 from store import CertificateRecord, CertificateStore
@@ -33,12 +34,6 @@ log = logging.getLogger("trustchain.ca")
 
 REVOCATION_WINDOW = 300.0
 """Seconds a signed revocation statement's ``time`` may differ from the server's clock."""
-
-
-def revocation_statement(serial: str, reason: str, at: int) -> bytes:
-    """The bytes a holder or administrator signs to revoke ``serial`` (spec/stoq.md)."""
-    return encode_deterministic({"ctx": "trustchain-revoke-v1", "serial": serial,
-                                 "reason": reason, "time": at})
 
 
 def verify_with(public_key: Any, signature: bytes, data: bytes) -> bool:
@@ -92,14 +87,23 @@ class CertificateAuthority:
     # --- ca.issue -----------------------------------------------------------------
 
     async def issue(self, args: ops.IssueArgs, ctx: RequestContext) -> dict[str, Any]:
-        return await self.issue_csr(args.csr, args.proofs, requester=ctx.peer.address)
+        return await self.issue_csr(args.csr, args.proofs, requester=ctx.peer.address,
+                                    renews=args.renews,
+                                    renewal_signature=args.renewal_signature)
 
-    async def issue_csr(self, csr: bytes, proofs: dict[str, Any] | None, *,
-                        requester: str) -> dict[str, Any]:
-        """Check, admit, sign, store and audit one certificate; the ``ca.issue`` result."""
+    async def issue_csr(self, csr: bytes, proofs: dict[str, Any] | None, *, requester: str,
+                        renews: str | None = None,
+                        renewal_signature: bytes | None = None) -> dict[str, Any]:
+        """Check, admit, sign, store and audit one certificate; the ``ca.issue`` result.
+
+        ``renews`` + ``renewal_signature``: the key of the certificate being
+        replaced signed :func:`renewal_statement`, so its names may move to the
+        CSR's new key.
+        """
         try:
             request = check_request(csr, self.policy)
-            self._check_names_free(request)
+            renewed = self._check_renewal(csr, renews, renewal_signature)
+            self._check_names_free(request, renewed)
         except TrustChainError as exc:
             self.rejected += 1
             await self._audit("ca.issue-rejected", {"code": exc.code.value,
@@ -116,7 +120,26 @@ class CertificateAuthority:
                 if self._pending_names.get(name) == request.spki_sha256:
                     del self._pending_names[name]
 
-    def _check_names_free(self, request: CheckedRequest) -> None:
+    def _check_renewal(self, csr: bytes, renews: str | None,
+                       signature: bytes | None) -> str | None:
+        if renews is None and signature is None:
+            return None
+        if renews is None or signature is None:
+            raise InvalidRequest("renews and renewal_signature go together", field="renews")
+        serial = parse_serial(renews)
+        record = self.certs.get(serial)
+        if record is None:
+            raise NotFound(f"no certificate with serial {serial} to renew", field="renews")
+        if record.revoked_at is not None or record.not_after <= self.clock():
+            raise Unauthorized(f"certificate {serial} is revoked or expired; it cannot hand "
+                               "its names on", field="renews")
+        key = x509.load_der_x509_certificate(record.der).public_key()
+        if not verify_with(key, signature, renewal_statement(serial, csr)):
+            raise Unauthorized(f"renewal_signature is not a signature of certificate "
+                               f"{serial}'s key over this CSR", field="renewal_signature")
+        return serial
+
+    def _check_names_free(self, request: CheckedRequest, renews: str | None = None) -> None:
         now = self.clock()
         holders = {}
         for name in request.names:
@@ -125,7 +148,7 @@ class CertificateAuthority:
             if pending is not None:
                 held.append(("(being issued)", pending, now + self.validity))
             holders[name] = held
-        check_ownership(request, holders, self.policy)
+        check_ownership(request, holders, self.policy, renews)
 
     async def _issue_admitted(self, request: CheckedRequest,
                               proofs: dict[str, Any] | None) -> dict[str, Any]:

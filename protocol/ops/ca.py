@@ -15,6 +15,11 @@ RevocationReason = Literal["unspecified", "key_compromise", "affiliation_changed
 class IssueArgs:
     csr: bytes = arg(max_length=16_384, doc="DER PKCS#10 request; names in its subjectAltName")
     proofs: dict[str, Any] | None = arg(None, doc="the four-proof set (see consensus ops)")
+    renews: str | None = arg(None, max_length=40,
+                             doc="serial of the certificate this one replaces with a new key")
+    renewal_signature: bytes | None = arg(None, max_length=512,
+                                          doc="that certificate's key's signature over the "
+                                              "renewal statement (spec)")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -313,3 +313,68 @@ async def test_every_operation_is_audited(tmp_path: Path, cddl: CddlChecker) -> 
 
 def _node_of(running: RunningNode) -> Any:
     return running.node
+
+
+async def test_rekeyed_renewal_moves_the_names(tmp_path: Path, cddl: CddlChecker) -> None:
+    from protocol import renewal_statement
+    async with running_node(tmp_path, ENGINE, checker=cddl) as node, \
+            await node.client() as client:
+        old_key = p256()
+        old = await client.request("ca.issue", {"csr": make_csr(old_key, ["moving.trust"])})
+        new_key = p256()
+        csr = make_csr(new_key, ["moving.trust"])
+        with pytest.raises(Unauthorized):  # a new key alone may not take the name
+            await client.request("ca.issue", {"csr": csr})
+        forged = {"csr": csr, "renews": old["serial"],
+                  "renewal_signature": sign(p256(), renewal_statement(old["serial"], csr))}
+        with pytest.raises(Unauthorized, match="renewal_signature"):
+            await client.request("ca.issue", forged)
+        other_csr = make_csr(new_key, ["moving.trust", "extra.trust"])
+        replay = {"csr": other_csr, "renews": old["serial"],  # signature for another CSR
+                  "renewal_signature": sign(old_key, renewal_statement(old["serial"], csr))}
+        with pytest.raises(Unauthorized):
+            await client.request("ca.issue", replay)
+        renewed = await client.request("ca.issue", {
+            "csr": csr, "renews": old["serial"],
+            "renewal_signature": sign(old_key, renewal_statement(old["serial"], csr))})
+        assert renewed["names"] == ["moving.trust"]
+        with pytest.raises(InvalidRequest):
+            await client.request("ca.issue", {"csr": csr, "renews": old["serial"]})
+
+
+async def test_client_auto_renewal_with_injected_clock(tmp_path: Path,
+                                                       cddl: CddlChecker) -> None:
+    import random
+
+    import stoq
+    async with running_node(tmp_path / "node", ENGINE, checker=cddl) as node, \
+            await node.client() as client:
+        now = [time.time()]
+        slept: list[float] = []
+
+        async def sleep(seconds: float) -> None:  # time passes only when we say so
+            slept.append(seconds)
+            now[0] += seconds
+
+        renewer = stoq.CertificateRenewer(client, names=["auto.caesar"],
+                                          addresses=["2001:db8::42"],
+                                          directory=tmp_path / "creds", clock=lambda: now[0],
+                                          sleep=sleep, rng=random.Random(7))
+        first = await renewer.renew()
+        due = renewer.next_renewal()
+        lifetime = first["not_after"] - first["not_before"]
+        assert first["not_before"] + lifetime * (2 / 3 - 0.05) <= due
+        assert due <= first["renew_after"]
+        key_before = (tmp_path / "creds" / "key.pem").read_bytes()
+        started = now[0]
+        await renewer.run(iterations=1)
+        assert slept == [pytest.approx(due - started)]
+        assert renewer.renewals == 2
+        assert renewer.current is not None and renewer.current["serial"] != first["serial"]
+        assert (tmp_path / "creds" / "key.pem").read_bytes() != key_before  # re-keyed
+        verified = openssl_verify(tmp_path / "node" / "root.pem", tmp_path / "creds" / "chain.pem",
+                                  tmp_path / "creds" / "cert.pem")
+        assert verified.returncode == 0, verified.stdout + verified.stderr
+        # the CA's hint wins when it is earlier than 2/3 of the lifetime
+        renewer.current = {**renewer.current, "renew_after": renewer.current["not_before"] + 10}
+        assert renewer.next_renewal() == renewer.current["not_before"] + 10

@@ -1,0 +1,113 @@
+"""The CA as a process: nothing acknowledged is lost on SIGKILL; the CLI flow in
+development mode; `trustchain audit verify` catches tampering."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric import ec
+
+import stoq
+
+from ..helpers import start_server_process
+from .test_ca import make_csr
+
+
+async def test_sigkill_loses_no_acknowledged_certificate(tmp_path: Path) -> None:
+    server = start_server_process(tmp_path, "qh3")
+    received: dict[str, str] = {}  # serial -> fingerprint, for every answer we got
+    try:
+        client = await stoq.connect("::1", server.port, pin=server.pin, timeout=5)
+        keys = [ec.generate_private_key(ec.SECP256R1()) for _ in range(16)]
+        stop = time.monotonic() + 1.5
+        counter = 0
+
+        async def worker(w: int) -> None:
+            nonlocal counter
+            while time.monotonic() < stop + 10:
+                counter += 1
+                csr = make_csr(keys[w], [f"w{w}-{counter}.assets"])
+                try:
+                    result = await client.request("ca.issue", {"csr": csr})
+                except (stoq.ConnectionFailed, Exception):
+                    return
+                received[result["serial"]] = result["fingerprint"]
+
+        workers = [asyncio.ensure_future(worker(w)) for w in range(16)]
+        await asyncio.sleep(1.5)
+        os.kill(server.proc.pid, signal.SIGKILL)  # mid-stream, no warning
+        await asyncio.wait(workers, timeout=15)
+        await client.close()
+    finally:
+        server.stop()
+    assert len(received) > 50, len(received)
+
+    restarted = start_server_process(tmp_path, "qh3")
+    try:
+        client = await stoq.connect("::1", restarted.port, pin=restarted.pin, timeout=10)
+        for serial, fingerprint in received.items():
+            status = await client.request("ca.validate", {"serial": serial})
+            assert status["status"] == "valid", (serial, status)
+            assert status["fingerprint"] == fingerprint
+        # serials never repeat: new ones are distinct from everything before
+        fresh = {(await client.request("ca.issue", {"csr": make_csr(
+            ec.generate_private_key(ec.SECP256R1()), [f"after{i}.assets"])}))["serial"]
+            for i in range(20)}
+        assert len(fresh) == 20 and not fresh & set(received)
+        await client.close()
+    finally:
+        restarted.stop()
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "trustchain", *args], capture_output=True,
+                          text=True, cwd=cwd, timeout=60)
+
+
+def test_development_cli_flow_and_audit_tampering(tmp_path: Path) -> None:
+    server = start_server_process(tmp_path, "qh3")
+    data = tmp_path / "data"
+    try:
+        target = ["--server", f"[::1]:{server.port}", "--data-dir", str(data)]
+        issued = _cli("issue", "svc.trust", "--key", str(tmp_path / "k.pem"), "--key-type",
+                      "ed25519", "--out", str(tmp_path / "out"), *target, cwd=tmp_path)
+        assert issued.returncode == 0, issued.stderr
+        assert "created a new ed25519 key" in issued.stderr
+        serial = issued.stdout.split()[1]
+        ok = _cli("verify", str(tmp_path / "out" / "cert.pem"), "--data-dir", str(data),
+                  cwd=tmp_path)
+        assert ok.returncode == 0, ok.stdout
+        bad_name = _cli("issue", "svc.example.com", "--key", str(tmp_path / "k.pem"), "--out",
+                        str(tmp_path / "o2"), *target, cwd=tmp_path)
+        assert bad_name.returncode == 1 and "invalid_request" in bad_name.stderr
+        ipv4 = _cli("issue", "x.trust", "--ipv6", "192.0.2.1", "--key", str(tmp_path / "k.pem"),
+                    "--out", str(tmp_path / "o3"), *target, cwd=tmp_path)
+        assert ipv4.returncode == 2 and "IPv6" in ipv4.stderr
+        # one writer per data directory: init refuses while the node runs
+        busy = _cli("init", "--data-dir", str(data), cwd=tmp_path)
+        assert busy.returncode == 2 and "another process" in busy.stderr, busy.stderr
+        assert (data / "admin" / "admin.pem").is_file()  # development mode made one
+        revoked = _cli("revoke", serial, "--admin", str(data / "admin"), *target, cwd=tmp_path)
+        assert revoked.returncode == 0, revoked.stderr
+        status = _cli("validate", serial, *target, cwd=tmp_path)
+        assert "revoked" in status.stdout
+    finally:
+        server.stop()
+
+    good = _cli("audit", "verify", "--data-dir", str(data), cwd=tmp_path)
+    assert good.returncode == 0 and "OK" in good.stdout, good.stdout
+    log = data / "audit" / "audit.log"
+    lines = log.read_text().splitlines(keepends=True)
+    issued_line = next(i for i, line in enumerate(lines)
+                       if '"ca.issued"' in line and "svc.trust" in line)
+    lines[issued_line] = lines[issued_line].replace("svc.trust", "evil.trust")
+    log.write_text("".join(lines))
+    tampered = _cli("audit", "verify", "--data-dir", str(data), cwd=tmp_path)
+    assert tampered.returncode == 1 and "TAMPERED" in tampered.stdout
+    assert "hash mismatch" in tampered.stdout
