@@ -28,6 +28,7 @@ from store import AuditLog, CertificateStore, KeyStoreError, credential_paths, o
 
 from . import __version__
 from ._config import Config, ConfigError
+from ._services import attachers
 
 log = logging.getLogger("trustchain")
 
@@ -98,6 +99,10 @@ class Node:
         self.hierarchy: Hierarchy | None = None
         self.ca: CertificateAuthority | None = None
         self.rotator: Rotator | None = None
+        self.on_stop: list[Callable[[], Any]] = []
+        """Called (last added first) when the node stops, before the stores close."""
+        self.services: dict[str, Any] = {}
+        """Services attached by their wiring modules, by name (``"ct"``, ``"dns"``...)."""
 
     @property
     def development(self) -> bool:
@@ -186,6 +191,10 @@ class Node:
                     checks={"accepting": lambda: self.server is not None
                             and not self.server.draining}).register(self.router)
         self.ca.register(self.router)
+        for attach in attachers():
+            result = attach(self)
+            if asyncio.iscoroutine(result):
+                await result
         credential = credential_paths(self.data_dir)
         self.server = stoq.Server(dispatch=self.router, certfile=str(credential.certfile),
                                   keyfile=str(credential.keyfile),
@@ -227,6 +236,10 @@ class Node:
                 task.cancel()
         if self.server is not None:
             await self.server.shutdown()
+        for callback in reversed(self.on_stop):
+            result = callback()
+            if asyncio.iscoroutine(result):
+                await result
         if self.audit is not None:
             self.audit.append("node.stopped", {})
             self.audit.close()

@@ -24,6 +24,7 @@ from . import __version__, _cli_ca
 from . import _config as config
 from ._app import Node
 from ._logging import configure as configure_logging
+from ._services import cli_modules
 
 DEFAULT_SERVER = "[::1]:8443"
 
@@ -126,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "records")
     audit_verify.add_argument("--config")
     audit_verify.add_argument("--data-dir")
+    for module in cli_modules():
+        COMMANDS.update(module.add_commands(sub, add_trust_options=_add_trust_options,
+                                            run_client=_run_client))
     return parser
 
 
