@@ -45,13 +45,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple, NoReturn, Protocol
 
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from protocol import MAX_DEPTH, LocalProtocolError, encode_deterministic
 
 from ._files import fsync_directory
+from ._signer import verify_signature
 
 log = logging.getLogger("trustchain.audit")
 
@@ -311,17 +312,6 @@ def _algorithm_of(public_key: Any) -> str | None:
     return None
 
 
-def _signature_ok(public_key: Any, signature: bytes, message: bytes) -> bool:
-    try:
-        if isinstance(public_key, ed25519.Ed25519PublicKey):
-            public_key.verify(signature, message)
-        else:
-            public_key.verify(signature, message, ec.ECDSA(hashes.SHA256()))
-    except InvalidSignature:
-        return False
-    return True
-
-
 def _check_checkpoint(parsed: _Parsed, trusted: set[bytes] | None) -> str | None:
     """What is wrong with a checkpoint record, or None if it holds."""
     data = parsed.data
@@ -339,7 +329,7 @@ def _check_checkpoint(parsed: _Parsed, trusted: set[bytes] | None) -> str | None
         return "public_key is not a DER SubjectPublicKeyInfo"
     if algorithm not in ALGORITHMS or _algorithm_of(public_key) != algorithm:
         return f"algorithm {algorithm!r} does not match its public key"
-    if not _signature_ok(public_key, signature, _checkpoint_message(covers_seq, covers_hash)):
+    if not verify_signature(public_key, signature, _checkpoint_message(covers_seq, covers_hash)):
         return "bad signature"
     if trusted is not None and der not in trusted:
         return f"key {data['key']!r} not trusted"
@@ -585,7 +575,7 @@ class AuditLog:
         message = _checkpoint_message(covers_seq, covers_hash)
         signature = signer.sign(message)
         # Check our own signature: a token that signs garbage should fail here, not at audit.
-        if not _signature_ok(signer.public_key(), signature, message):
+        if not verify_signature(signer.public_key(), signature, message):
             raise AuditError(f"audit signer {signer.name!r} made a signature that does not verify")
         return self._prepare(CHECKPOINT_KIND, {
             "covers_seq": covers_seq, "covers_hash": covers_hash, "key": signer.name,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from typing import Literal, Protocol, TypeAlias, get_args
+from typing import Any, Literal, Protocol, TypeAlias, get_args
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
@@ -108,13 +108,18 @@ def spki_sha256(public_key: PublicKey) -> bytes:
     return hashlib.sha256(der).digest()
 
 
-def verify_signature(public_key: PublicKey, signature: bytes, data: bytes) -> bool:
-    """Whether ``signature`` (as :meth:`Signer.sign` makes it) is valid for ``data``."""
+def verify_signature(public_key: Any, signature: bytes, data: bytes) -> bool:
+    """Whether ``signature`` is valid for ``data``: Ed25519, or DER ECDSA with SHA-256
+    (P-256, as :meth:`Signer.sign` makes it) or SHA-384 (P-384). False for any
+    other key type or a malformed signature."""
     try:
         if isinstance(public_key, ed25519.Ed25519PublicKey):
             public_key.verify(signature, data)
+        elif isinstance(public_key, ec.EllipticCurvePublicKey):
+            digest = hashes.SHA384() if public_key.curve.key_size == 384 else hashes.SHA256()
+            public_key.verify(signature, data, ec.ECDSA(digest))
         else:
-            public_key.verify(signature, data, ec.ECDSA(hashes.SHA256()))
-    except InvalidSignature:
+            return False
+    except (InvalidSignature, ValueError):
         return False
     return True

@@ -6,7 +6,7 @@ from ._admission import Admission, Admitted, Decision, LocalAdmission
 from ._authority import ROOT_KEY, Hierarchy, HierarchyConfig, Issuer
 from ._policy import CheckedRequest, NamingPolicy, check_request
 from ._rotation import Rotator, node_csr
-from .service import CertificateAuthority, verify_with
+from .service import CertificateAuthority
 
 __all__ = [
     "ROOT_KEY",
@@ -25,5 +25,4 @@ __all__ = [
     "node_csr",
     "renewal_statement",
     "revocation_statement",
-    "verify_with",
 ]

@@ -9,9 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives import serialization
 
 from protocol import (
     InvalidRequest,
@@ -22,7 +20,7 @@ from protocol import (
     revocation_statement,
 )
 from protocol.ops import ca as ops
-from store import CertificateRecord, CertificateStore
+from store import CertificateRecord, CertificateStore, verify_signature
 
 from .._router import RequestContext, Router
 from . import _x509
@@ -34,21 +32,6 @@ log = logging.getLogger("trustchain.ca")
 
 REVOCATION_WINDOW = 300.0
 """Seconds a signed revocation statement's ``time`` may differ from the server's clock."""
-
-
-def verify_with(public_key: Any, signature: bytes, data: bytes) -> bool:
-    """ECDSA (SHA-256 for P-256, SHA-384 for P-384, DER signature) or Ed25519."""
-    try:
-        if isinstance(public_key, ed25519.Ed25519PublicKey):
-            public_key.verify(signature, data)
-        elif isinstance(public_key, ec.EllipticCurvePublicKey):
-            digest = hashes.SHA384() if public_key.curve.key_size == 384 else hashes.SHA256()
-            public_key.verify(signature, data, ec.ECDSA(digest))
-        else:
-            return False
-    except (InvalidSignature, ValueError):
-        return False
-    return True
 
 
 def parse_serial(text: str) -> str:
@@ -134,7 +117,7 @@ class CertificateAuthority:
             raise Unauthorized(f"certificate {serial} is revoked or expired; it cannot hand "
                                "its names on", field="renews")
         key = x509.load_der_x509_certificate(record.der).public_key()
-        if not verify_with(key, signature, renewal_statement(serial, csr)):
+        if not verify_signature(key, signature, renewal_statement(serial, csr)):
             raise Unauthorized(f"renewal_signature is not a signature of certificate "
                                f"{serial}'s key over this CSR", field="renewal_signature")
         return serial
@@ -292,7 +275,7 @@ class CertificateAuthority:
         else:
             key = x509.load_der_x509_certificate(record.der).public_key()
             by = "holder"
-        if not verify_with(key, args.signature, statement):
+        if not verify_signature(key, args.signature, statement):
             raise Unauthorized("the signature does not prove possession of the "
                                + ("administrator's" if by != "holder" else "certificate's")
                                + " key", field="signature")
