@@ -215,3 +215,17 @@ def test_pid_printed(tmp_path: Path) -> None:
         assert os.path.exists(tmp_path / "data" / "tls" / "server.pem")
     finally:
         server.stop()
+
+
+def test_structured_json_log_file(tmp_path: Path) -> None:
+    log_file = tmp_path / "logs" / "trustchain.log"
+    extra = f"[logging]\nlevel = \"info\"\nformat = \"json\"\n[logging.output]\ntype = \"file\"\n" \
+            f"path = \"{log_file}\"\n[network]\nturbo = 1"
+    server = start_server_process(tmp_path, "qh3", extra)
+    server.stop()
+    entries = [json.loads(line) for line in log_file.read_text().splitlines()]
+    assert entries, "nothing was logged"
+    for entry in entries:
+        assert {"time", "level", "logger", "message"} <= set(entry)
+    assert any(e["level"] == "warning" and "network.turbo" in e["message"] for e in entries)
+    assert any(e["logger"] == "trustchain.ca" and "renewed" in e["message"] for e in entries)
