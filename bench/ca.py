@@ -27,6 +27,7 @@ import secrets
 import shutil
 import signal
 import ssl
+import subprocess
 import sys
 import tempfile
 import time
@@ -235,17 +236,16 @@ class IssueRun:
         if data[4:8] != STOQ_OK_PREFIX:
             self.error(f"not an ok response: {_describe(data)}")
             return False
-        if not self.checked_first:
+        if not self.checked_first:  # decode one answer in full
             self.checked_first = True
-            from cryptography import x509
-
-            ok = cbor2.loads(data[4:])["ok"]
             expected = name_of(self.spec.first_name + index)
-            cert = x509.load_der_x509_certificate(ok["certificate"])
-            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-            if ok.get("names") != [expected] or san.get_values_for_type(x509.DNSName) != [
-                    expected]:
-                self.error(f"asked for {expected}, got a certificate for {ok.get('names')}")
+            try:
+                got = _certificate_names(data)
+            except Exception as exc:
+                self.error(f"the first answer is not a certificate: {type(exc).__name__}: {exc}")
+                return False
+            if got != [expected]:
+                self.error(f"asked for {expected}, got a certificate for {got}")
                 return False
         return True
 
@@ -261,6 +261,20 @@ class IssueRun:
         self.sending_done = True
         if self.outstanding <= 0 and not self.drained.done():
             self.drained.set_result(None)
+
+
+def _certificate_names(data: bytes) -> list[str]:
+    """The DNS names of the certificate in a ``ca.issue`` answer frame, if they agree with
+    the answer's ``names``."""
+    from cryptography import x509
+
+    ok = cbor2.loads(data[4:])["ok"]
+    cert = x509.load_der_x509_certificate(ok["certificate"])
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    names = list(san.get_values_for_type(x509.DNSName))
+    if names != ok.get("names"):
+        raise ValueError(f"the certificate is for {names}, the answer says {ok.get('names')}")
+    return names
 
 
 def _issue_protocol_class(engine: Engine) -> type:
@@ -555,7 +569,7 @@ token_label = "{label}"
 """
 
 
-@dataclass(frozen=True)
+@dataclass
 class Server:
     """A running ``trustchain serve``."""
 
@@ -563,13 +577,13 @@ class Server:
     port: int
     pin: str
     keystore: str
-    names_used: list[int] = field(default_factory=lambda: [0])
-    """Names handed out so far (one cell, so the frozen object can count)."""
+    names_used: int = 0
+    """Names handed out to load runs so far; each name is asked for once."""
 
     def names(self, count: int) -> int:
         """Reserve ``count`` names; the index of the first."""
-        first = self.names_used[0]
-        self.names_used[0] += count
+        first = self.names_used
+        self.names_used += count
         return first
 
 
@@ -613,8 +627,6 @@ def make_softhsm_token(directory: Path) -> tuple[dict[str, str], str]:
 
 def subprocess_run(argv: list[str], env: dict[str, str]) -> tuple[int, str]:
     """Run a short command with ``env`` added; (status, its output). Killed after 120 s."""
-    import subprocess
-
     try:
         done = subprocess.run(argv, env={**os.environ, **env}, capture_output=True, text=True,
                               timeout=120, check=False, stdin=subprocess.DEVNULL)
@@ -667,6 +679,7 @@ class Figures:
     health: dict[int, LoadResult] = field(default_factory=dict)
     issue: dict[int, IssueResult] = field(default_factory=dict)
     open_loop: IssueResult | None = None
+    offered_rate: float = OFFERED_RATE
     problems: list[str] = field(default_factory=list)
 
 
@@ -675,8 +688,8 @@ def progress(message: str) -> None:
 
 
 def run_keystore(children: Children, keystore: str, engine: str, tmp: Path, *,
-                 duration: float, warmup: float, pool: int) -> Figures:
-    figures = Figures(keystore)
+                 duration: float, warmup: float, pool: int, offered_rate: float) -> Figures:
+    figures = Figures(keystore, offered_rate=offered_rate)
     try:
         server = start_server(children, keystore, engine, tmp)
     except (RuntimeError, OSError) as exc:
@@ -711,18 +724,18 @@ def run_keystore(children: Children, keystore: str, engine: str, tmp: Path, *,
                 progress(f"{keystore}: {figures.problems[-1]}")
             if not alive(server, figures):
                 return figures
-        count = math.ceil(OFFERED_RATE * (warmup + duration)) + 1
+        count = math.ceil(offered_rate * (warmup + duration)) + 1
         offered = IssueSpec(engine=engine, port=server.port, pin=server.pin,
-                            connections=OPEN_LOOP_CONNECTIONS, rate=OFFERED_RATE,
+                            connections=OPEN_LOOP_CONNECTIONS, rate=offered_rate,
                             duration=duration, warmup=warmup, pool=count,
                             first_name=server.names(count), server_pid=server.child.pid)
         try:
             figures.open_loop = issue_in_child(children, offered,
                                                tmp / f"load-{keystore}-open.log")
-            progress(f"{keystore}: ca.issue, {OFFERED_RATE:,.0f}/s offered: "
+            progress(f"{keystore}: ca.issue, {offered_rate:,.0f}/s offered: "
                      f"{describe_issue(figures.open_loop)}")
         except (RuntimeError, OSError, ValueError) as exc:
-            figures.problems.append(f"ca.issue at {OFFERED_RATE:,.0f}/s offered: {exc}")
+            figures.problems.append(f"ca.issue at {offered_rate:,.0f}/s offered: {exc}")
             progress(f"{keystore}: {figures.problems[-1]}")
         alive(server, figures)
     finally:
@@ -827,13 +840,15 @@ def keystore_report(figures: Figures) -> str:
             markdown_table(
                 ["offered", "scheduled in window", "answered", "achieved", "p50", "p99",
                  "max", "errors", "server CPU", "per issuance", "send lag p99"],
-                [[f"{OFFERED_RATE:,.0f}/s", f"{result.scheduled:,}", f"{result.completed:,}",
+                [[f"{figures.offered_rate:,.0f}/s", f"{result.scheduled:,}",
+                  f"{result.completed:,}",
                   f"{result.rate:,.0f}/s", f"{result.p50_ms:.1f} ms", f"{result.p99_ms:.1f} ms",
                   f"{result.max_ms:.1f} ms", f"{result.errors}", cpu(result.server_cpu),
                   per_request(result.server_cpu, result.rate),
                   f"{result.send_lag_p99_ms:.1f} ms"]]),
         ]
-        cpu_rows.append([f"ca.issue, {OFFERED_RATE:,.0f}/s offered", cpu(result.server_cpu),
+        cpu_rows.append([f"ca.issue, {figures.offered_rate:,.0f}/s offered",
+                         cpu(result.server_cpu),
                          cpu(result.server_loop_cpu), cpu(result.client_cpu)])
         if lost > 0 and not result.errors:
             notes.append(f"- open loop: {lost} scheduled requests got no certificate")
@@ -866,8 +881,9 @@ def summary(all_figures: list[Figures]) -> str:
             f"{opened.p99_ms:.1f} ms" if opened else "-",
             per_request(four.server_cpu, four.rate) if four else "-",
         ])
+    offered = all_figures[0].offered_rate if all_figures else OFFERED_RATE
     return markdown_table(["keystore", "ca.issue/s, 1 conn", f"ca.issue/s, {CONNECTIONS[-1]} conns",
-                           f"p99 at {OFFERED_RATE:,.0f}/s offered",
+                           f"p99 at {offered:,.0f}/s offered",
                            f"server CPU per issuance ({CONNECTIONS[-1]} conns)"], rows)
 
 
@@ -893,14 +909,20 @@ def main(argv: list[str] | None = None) -> int:
                              f"{stoq.DEFAULT_ENGINE})")
     parser.add_argument("--duration", type=float,
                         help="seconds measured per test (default 5, or 2 with --quick)")
+    parser.add_argument("--rate", type=float, default=OFFERED_RATE,
+                        help=f"issuances a second offered in the open-loop test (default "
+                             f"{OFFERED_RATE:,.0f})")
     args = parser.parse_args(args_list)
     keystores = list(KEYSTORES) if args.keystore == "both" else [args.keystore]
     duration = args.duration or (2.0 if args.quick else 5.0)
     if not 0 < duration <= 60:
         parser.error("--duration: between 0 and 60 seconds")
+    if not 0 < args.rate <= 10_000:
+        parser.error("--rate: between 0 and 10,000 a second")
     warmup = 0.25 if args.quick else 0.5
     pool = QUICK_POOL if args.quick else POOL
-    pool = max(pool, math.ceil(pool * (duration + warmup) / (5.5 if not args.quick else 2.25)))
+    default_window = 2.25 if args.quick else 5.5  # warm-up + duration by default
+    pool = max(pool, math.ceil(pool * (duration + warmup) / default_window))
 
     signal.signal(signal.SIGTERM, _terminate)
     started = time.monotonic()
@@ -913,7 +935,9 @@ def main(argv: list[str] | None = None) -> int:
           f"CSRs are made by the load generator before its clock starts ({pool:,} a "
           f"closed-loop run, which ends early if it uses them up)")
     print(f"- targets (information only): >= {TARGET_RATE:,} issuances/s with SoftHSM2; "
-          f"p99 < {TARGET_P99_MS:g} ms at {OFFERED_RATE:,.0f}/s offered\n", flush=True)
+          f"p99 < {TARGET_P99_MS:g} ms at {OFFERED_RATE:,.0f}/s offered"
+          + (f" (this run offers {args.rate:,.0f}/s)" if args.rate != OFFERED_RATE else "")
+          + "\n", flush=True)
     all_figures: list[Figures] = []
     try:
         with tempfile.TemporaryDirectory(prefix="trustchain-bench-ca-") as tmp_name:
@@ -921,7 +945,8 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 for keystore in keystores:
                     figures = run_keystore(children, keystore, args.engine, tmp,
-                                           duration=duration, warmup=warmup, pool=pool)
+                                           duration=duration, warmup=warmup, pool=pool,
+                                           offered_rate=args.rate)
                     all_figures.append(figures)
                     print(keystore_report(figures) + "\n", flush=True)
             finally:

@@ -1,9 +1,10 @@
 """Certificates, names and revocations in SQLite (WAL, synchronous=FULL).
 
-Writes are group-committed: every :meth:`CertificateStore.add` and
-:meth:`revoke` made in one event-loop turn share one transaction and one
-fsync, done on a dedicated thread, and each caller resumes only once its row
-is durable. Reads go straight to SQLite on the loop (they are index lookups).
+Writes are group-committed: the :meth:`CertificateStore.add` and
+:meth:`revoke` calls that arrive while the previous commit runs share the
+next transaction and fsync, done on a dedicated thread, and each caller
+resumes only once its row is durable. Reads use a second connection on the
+event loop: in WAL mode they never wait for a commit in progress.
 """
 
 from __future__ import annotations
@@ -95,9 +96,12 @@ class CertificateStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._db = _connect(self.path)
+            self._reader = sqlite3.connect(self.path, check_same_thread=False,
+                                           isolation_level=None)
         except sqlite3.Error as exc:
             raise CertStoreError(f"cannot open {self.path}: {exc}") from exc
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the writer connection
+        self._committing = False
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="certdb")
         self._pending: list[tuple[Callable[[sqlite3.Connection], Any],
                                   asyncio.Future[Any]]] = []
@@ -169,13 +173,17 @@ class CertificateStore:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        if self._committing or not self._pending:
+            return  # the running commit's completion flushes what has queued up
         batch, self._pending = self._pending, []
-        if not batch:
-            return
+        self._committing = True
         loop = asyncio.get_running_loop()
         job = loop.run_in_executor(self._writer, self._run_batch, [w for w, _ in batch])
 
         def done(job: asyncio.Future[list[Any]]) -> None:
+            self._committing = False
+            if self._pending:
+                self._flush()
             error = job.exception()
             for i, (_, future) in enumerate(batch):
                 if future.done():
@@ -191,7 +199,7 @@ class CertificateStore:
     def _row(self, row: tuple[Any, ...] | None) -> CertificateRecord | None:
         if row is None:
             return None
-        names = tuple(n for (n,) in self._db.execute(
+        names = tuple(n for (n,) in self._reader.execute(
             "SELECT name FROM names WHERE serial=? ORDER BY rowid", (row[0],)))
         return CertificateRecord(
             serial=row[0], der=row[1], fingerprint=row[2], spki_sha256=row[3], issuer=row[4],
@@ -199,31 +207,26 @@ class CertificateStore:
             revocation_reason=row[9], names=names)
 
     def get(self, serial: str) -> CertificateRecord | None:
-        with self._lock:
-            return self._row(self._db.execute(
-                "SELECT * FROM certificates WHERE serial=?", (serial,)).fetchone())
+        return self._row(self._reader.execute(
+            "SELECT * FROM certificates WHERE serial=?", (serial,)).fetchone())
 
     def by_fingerprint(self, fingerprint: str) -> CertificateRecord | None:
-        with self._lock:
-            return self._row(self._db.execute(
-                "SELECT * FROM certificates WHERE fingerprint=?", (fingerprint,)).fetchone())
+        return self._row(self._reader.execute(
+            "SELECT * FROM certificates WHERE fingerprint=?", (fingerprint,)).fetchone())
 
     def holders(self, name: str, now: float) -> list[CertificateRecord]:
         """Unexpired, unrevoked certificates that carry ``name``."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT c.* FROM names n JOIN certificates c ON c.serial = n.serial "
-                "WHERE n.name=? AND c.revoked_at IS NULL AND c.not_after > ?",
-                (name, now)).fetchall()
-            return [r for r in (self._row(row) for row in rows) if r is not None]
+        rows = self._reader.execute(
+            "SELECT c.* FROM names n JOIN certificates c ON c.serial = n.serial "
+            "WHERE n.name=? AND c.revoked_at IS NULL AND c.not_after > ?",
+            (name, now)).fetchall()
+        return [r for r in (self._row(row) for row in rows) if r is not None]
 
     def count(self) -> int:
-        with self._lock:
-            return int(self._db.execute("SELECT count(*) FROM certificates").fetchone()[0])
+        return int(self._reader.execute("SELECT count(*) FROM certificates").fetchone()[0])
 
     def serials(self) -> list[str]:
-        with self._lock:
-            return [s for (s,) in self._db.execute("SELECT serial FROM certificates")]
+        return [s for (s,) in self._reader.execute("SELECT serial FROM certificates")]
 
     # --- authorities ------------------------------------------------------------------
 
@@ -239,13 +242,12 @@ class CertificateStore:
             raise result
 
     def authorities(self, role: str | None = None) -> list[AuthorityRecord]:
-        with self._lock:
-            sql = "SELECT * FROM authorities"
-            params: tuple[Any, ...] = ()
-            if role is not None:
-                sql += " WHERE role=?"
-                params = (role,)
-            rows = self._db.execute(sql + " ORDER BY created_at", params).fetchall()
+        sql = "SELECT * FROM authorities"
+        params: tuple[Any, ...] = ()
+        if role is not None:
+            sql += " WHERE role=?"
+            params = (role,)
+        rows = self._reader.execute(sql + " ORDER BY created_at", params).fetchall()
         return [AuthorityRecord(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6])) for r in rows]
 
     def active_authority(self, role: str) -> AuthorityRecord | None:
@@ -256,3 +258,4 @@ class CertificateStore:
         self._writer.shutdown(wait=True)
         with self._lock:
             self._db.close()
+        self._reader.close()

@@ -142,10 +142,8 @@ class Node:
             {h for h, _ in self.listen if h != "::"} | {"::1"})
         ca = self.ca
 
-        def issue_node_certificate(csr: bytes, renews: str | None,
-                                   signature: bytes | None) -> Any:
-            return ca.issue_csr(csr, None, requester="node", renews=renews,
-                                renewal_signature=signature)
+        def issue_node_certificate(csr: bytes) -> Any:
+            return ca.issue_csr(csr, None, requester="node", internal=True)
 
         self.rotator = Rotator(
             hierarchy=self.hierarchy, issue=issue_node_certificate,

@@ -83,11 +83,11 @@ def cmd_init(args: argparse.Namespace) -> int:
               f"(keys in the {node.keystore.kind} keystore)")
         print(f"administrator credential {admin}/admin.pem, {admin}/admin.key")
     finally:
-        node.keystore.close()
         if node.audit is not None:
-            node.audit.close()
+            node.audit.close()  # signs its final checkpoint: before the keystore closes
         if node.certs is not None:
             node.certs.close()
+        node.keystore.close()
     return 0
 
 

@@ -293,8 +293,25 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("logging.output.path: required when logging.output.type = \"file\"")
     if not cfg.dns.domains.trustchain_domains:
         raise ConfigError("dns.domains.trustchain_domains: at least one domain is required")
+    domains = cfg.dns.domains.trustchain_domains
+    for i, domain in enumerate(domains):
+        if domain != domain.lower() or not re.fullmatch(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?"
+                                                        r"(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*",
+                                                        domain):
+            raise ConfigError(f"dns.domains.trustchain_domains[{i}]: {domain!r} is not a "
+                              "lowercase DNS name")
     for i, address in enumerate(cfg.node.addresses):
         check_ipv6(address, f"node.addresses[{i}]")
+        if ipaddress.IPv6Address(address).is_unspecified:
+            raise ConfigError(f"node.addresses[{i}]: :: names no host")
+    for i, name in enumerate(cfg.node.names):
+        if not any(name == d or name.endswith("." + d) for d in domains):
+            raise ConfigError(f"node.names[{i}]: {name!r} is not under the TrustChain domains "
+                              f"({', '.join(domains)})")
+    for key, value in (("ca.intermediate_lifetime", cfg.ca.intermediate_lifetime),
+                       ("ca.root_lifetime", cfg.ca.root_lifetime)):
+        if value <= 0:
+            raise ConfigError(f"{key}: must be greater than 0")
     providers = ("software", "softhsm2", "pkcs11", "aws_cloudhsm", "yubihsm")
     if cfg.ca.hsm.provider not in providers:
         raise ConfigError(f"ca.hsm.provider: {cfg.ca.hsm.provider!r} is not one of "

@@ -27,6 +27,8 @@ from ._policy import CheckedRequest
 log = logging.getLogger("trustchain.ca")
 
 ROOT_KEY = "root"
+ADMIN_RENEW_BEFORE = 7 * 86400.0
+"""Seconds before its expiry that the administrator credential is replaced."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -161,17 +163,20 @@ class Hierarchy:
         end = cert.not_valid_after_utc.timestamp()
         return start + (end - start) * self.config.intermediate_renew_fraction
 
-    def ensure_admin(self) -> Path:
-        """An administrator credential in ``DATA/admin`` (key and certificate), made once.
+    def ensure_admin(self, renew_before: float = ADMIN_RENEW_BEFORE) -> Path:
+        """An administrator credential in ``DATA/admin`` (key and certificate).
 
-        The certificate is recorded as an authority with role ``admin``: its
+        Made once, and made again when the current one expires within
+        ``renew_before`` seconds (it lives as long as its intermediate). The
+        certificate is recorded as an authority with role ``admin``: its
         signature can revoke any certificate (``ca.revoke`` with
         ``admin_certificate``). The key is a file: it belongs to an operator,
         not to the CA, and can be moved off the machine.
         """
         directory = self.data_dir / "admin"
         certfile = directory / "admin.pem"
-        if certfile.exists() and self.certs.authorities("admin"):
+        newest = max((a.not_after for a in self.certs.authorities("admin")), default=0.0)
+        if certfile.exists() and newest > self.clock() + renew_before:
             return directory
         assert self.issuer is not None
         key = ec.generate_private_key(ec.SECP256R1())
@@ -198,6 +203,9 @@ class Hierarchy:
             created_at=now, active=True), make_active=False)
         self._audit("ca.admin-created", {"fingerprint": hashlib.sha256(der).hexdigest()})
         return directory
+
+    def has_admin(self) -> bool:
+        return bool(self.certs.authorities("admin"))
 
     def chain_der(self) -> list[bytes]:
         """The active intermediate followed by the root."""

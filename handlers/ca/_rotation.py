@@ -20,7 +20,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from protocol import renewal_statement
 from store import TlsCredential, write_atomic
 
 from ._authority import Hierarchy
@@ -43,14 +42,13 @@ def node_csr(key: ec.EllipticCurvePrivateKey, names: list[str], addresses: list[
 class Rotator:
     """Keeps the intermediate and the node certificate fresh.
 
-    :param issue: ``async (csr_der, renews, renewal_signature) -> ca.issue result``
-        (the CA's own issuance path, so node certificates are stored and audited
-        like any other; the old key signs the hand-over of its names).
+    :param issue: ``async (csr_der) -> ca.issue result``: the CA's own issuance
+        path (internal: the operator configured these names), so node
+        certificates are stored and audited like any other.
     :param installed: called after new TLS files are written (the transport reloads).
     """
 
-    def __init__(self, *, hierarchy: Hierarchy,
-                 issue: Callable[[bytes, str | None, bytes | None], Any],
+    def __init__(self, *, hierarchy: Hierarchy, issue: Callable[[bytes], Any],
                  tls: TlsCredential, names: list[str], addresses: list[str],
                  installed: Callable[[], None] | None = None,
                  clock: Callable[[], float] = time.time) -> None:
@@ -93,27 +91,25 @@ class Rotator:
         now = self.clock()
         self.last_check = now
         done: list[dict[str, Any]] = []
+        reissue = False
         if now >= self.hierarchy.intermediate_renew_at():
             issuer = self.hierarchy.rotate_intermediate(reason="scheduled")
             done.append({"what": "intermediate", "name": issuer.name, "time": int(now)})
-            self.server_certificate = None  # re-issue under the new intermediate
+            reissue = True  # under the new intermediate
+        if self.hierarchy.has_admin():
+            before = len(self.hierarchy.certs.authorities("admin"))
+            self.hierarchy.ensure_admin()
+            if len(self.hierarchy.certs.authorities("admin")) > before:
+                done.append({"what": "admin_credential", "time": int(now)})
         renew_at = self._server_renew_at()
-        if renew_at is None or now >= renew_at:
+        if reissue or renew_at is None or now >= renew_at:
             done.append(await self.renew_server_certificate())
         self.events = (self.events + done)[-20:]
         return done
 
     async def renew_server_certificate(self) -> dict[str, Any]:
         key = ec.generate_private_key(ec.SECP256R1())
-        csr = node_csr(key, self.names, self.addresses)
-        renews, signature = None, None
-        if self.server_certificate is not None and self.tls.keyfile.exists():
-            old_key = serialization.load_pem_private_key(self.tls.keyfile.read_bytes(), None)
-            if isinstance(old_key, ec.EllipticCurvePrivateKey):
-                renews = self.server_certificate["serial"]
-                signature = old_key.sign(renewal_statement(renews, csr),
-                                         ec.ECDSA(hashes.SHA256()))
-        result = await self._issue(csr, renews, signature)
+        result = await self._issue(node_csr(key, self.names, self.addresses))
         leaf = x509.load_der_x509_certificate(result["certificate"])
         chain = [leaf] + [x509.load_der_x509_certificate(d) for d in result["chain"][:-1]]
         key_pem = key.private_bytes(serialization.Encoding.PEM,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import time
@@ -34,10 +35,10 @@ REVOCATION_WINDOW = 300.0
 """Seconds a signed revocation statement's ``time`` may differ from the server's clock."""
 
 
-def parse_serial(text: str) -> str:
+def parse_serial(text: str, field: str = "serial") -> str:
     serial = text.strip().lower()
     if not serial or any(c not in "0123456789abcdef" for c in serial):
-        raise InvalidRequest(f"serial {text!r} is not a hexadecimal number", field="serial")
+        raise InvalidRequest(f"{field} {text!r} is not a hexadecimal number", field=field)
     return serial.lstrip("0") or "0"
 
 
@@ -76,17 +77,20 @@ class CertificateAuthority:
 
     async def issue_csr(self, csr: bytes, proofs: dict[str, Any] | None, *, requester: str,
                         renews: str | None = None,
-                        renewal_signature: bytes | None = None) -> dict[str, Any]:
+                        renewal_signature: bytes | None = None,
+                        internal: bool = False) -> dict[str, Any]:
         """Check, admit, sign, store and audit one certificate; the ``ca.issue`` result.
 
         ``renews`` + ``renewal_signature``: the key of the certificate being
         replaced signed :func:`renewal_statement`, so its names may move to the
-        CSR's new key.
+        CSR's new key. ``internal``: the node's own certificate, whose names the
+        operator configured; the ownership rule does not apply to it.
         """
         try:
             request = check_request(csr, self.policy)
-            renewed = self._check_renewal(csr, renews, renewal_signature)
-            self._check_names_free(request, renewed)
+            if not internal:
+                renewed = self._check_renewal(csr, renews, renewal_signature)
+                self._check_names_free(request, renewed)
         except TrustChainError as exc:
             self.rejected += 1
             await self._audit("ca.issue-rejected", {"code": exc.code.value,
@@ -109,7 +113,7 @@ class CertificateAuthority:
             return None
         if renews is None or signature is None:
             raise InvalidRequest("renews and renewal_signature go together", field="renews")
-        serial = parse_serial(renews)
+        serial = parse_serial(renews, "renews")
         record = self.certs.get(serial)
         if record is None:
             raise NotFound(f"no certificate with serial {serial} to renew", field="renews")
@@ -149,7 +153,9 @@ class CertificateAuthority:
         assert issuer is not None
         now = self.clock()
         not_before = now - self.backdate
-        not_after = now + self.validity
+        # never beyond the issuing intermediate (rotation keeps that far away)
+        not_after = min(now + self.validity,
+                        issuer.certificate.not_valid_after_utc.timestamp())
         serial = _x509.new_serial()
         builder = _x509.leaf_builder(issuer.certificate, request, serial=serial,
                                      not_before=not_before, not_after=not_after)
@@ -161,12 +167,12 @@ class CertificateAuthority:
             issuer=issuer.name, not_before=float(int(not_before)),
             not_after=float(int(not_after)), issued_at=now, revoked_at=None,
             revocation_reason=None, names=request.names)
-        await self.certs.add(record)
-        await self._audit("ca.issued", {
+        # Both durable before the reply; their fsyncs overlap.
+        await asyncio.gather(self.certs.add(record), self._audit("ca.issued", {
             "serial": record.serial, "fingerprint": record.fingerprint,
             "names": list(request.names), "spki_sha256": request.spki_sha256,
             "issuer": issuer.name, "not_after": int(not_after),
-            "admission": admitted.admission, "decision": admitted.decision_digest.hex()})
+            "admission": admitted.admission, "decision": admitted.decision_digest.hex()}))
         self.issued += 1
         for callback in self.on_issued:
             callback(record)

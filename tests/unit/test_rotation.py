@@ -47,8 +47,8 @@ def build(tmp: Path, clock: Clock) -> tuple[Hierarchy, CertificateAuthority, Rot
                               clock=clock)
     installs: list[int] = []
     rotator = Rotator(hierarchy=hierarchy,
-                      issue=lambda csr, renews, sig: ca.issue_csr(
-                          csr, None, requester="node", renews=renews, renewal_signature=sig),
+                      issue=lambda csr: ca.issue_csr(csr, None, requester="node",
+                                                     internal=True),
                       tls=credential_paths(tmp), names=["node.trust"], addresses=["::1"],
                       installed=lambda: installs.append(1), clock=clock)
     return hierarchy, ca, rotator, installs, audit
