@@ -18,9 +18,9 @@ ENGINES = [e for e in stoq.ENGINES
            if e in os.environ.get("TRUSTCHAIN_TEST_ENGINES", ",".join(stoq.ENGINES)).split(",")]
 
 
-@pytest.fixture(scope="session")
-def event_loop_policy() -> uvloop.EventLoopPolicy:
-    return uvloop.EventLoopPolicy()
+def pytest_asyncio_loop_factories(config: Any, item: Any) -> dict[str, Any]:
+    """Async tests run on uvloop, as the server does."""
+    return {"uvloop": uvloop.new_event_loop}
 
 
 @pytest.fixture(params=ENGINES)
