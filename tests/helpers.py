@@ -206,9 +206,11 @@ class RawConnection:
         self.protocol: Any = None
         self.transport: Any = None
 
-    async def connect(self, host: str, port: int, alpn: str = "stoq/1") -> RawConnection:
+    async def connect(self, host: str, port: int, alpn: str = "stoq/1",
+                      connection_id_length: int = 8) -> RawConnection:
         engine = self.engine
-        cfg = engine.configuration(is_client=True, alpn_protocols=[alpn], idle_timeout=30.0)
+        cfg = engine.configuration(is_client=True, alpn_protocols=[alpn], idle_timeout=30.0,
+                                   connection_id_length=connection_id_length)
         cfg.verify_mode = 0
         cfg.server_name = "localhost"
         owner = self
