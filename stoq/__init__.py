@@ -4,7 +4,27 @@ Engine choice (qh3 or aioquic) is made in one place, :mod:`stoq._engine`.
 """
 
 from ._client import AsyncClient, CertificateMismatch, ConnectionFailed, connect
+from ._ct import (
+    CertificateProof,
+    LogEntry,
+    LogFollower,
+    LogVerificationError,
+    ShardKeys,
+    follow_log,
+    prove_certificate,
+    verify_consistency,
+    verify_sth,
+)
+from ._doq import DoqApplication, DoqLimits, DoqSession, DoqStats
 from ._engine import DEFAULT_ENGINE, ENGINES, load_engine
+from ._proofs import (
+    Beacon,
+    Credential,
+    ProofError,
+    Prover,
+    create_plot,
+    solve_work,
+)
 from ._ratelimit import RateLimiter
 from ._renewal import CertificateRenewer, build_csr
 from ._server import Server, ServerLimits, certificate_fingerprint
@@ -15,17 +35,36 @@ __all__ = [
     "DEFAULT_ENGINE",
     "ENGINES",
     "AsyncClient",
+    "Beacon",
     "CertificateMismatch",
+    "CertificateProof",
     "CertificateRenewer",
     "ConnectionFailed",
+    "Credential",
     "Dispatch",
+    "DoqApplication",
+    "DoqLimits",
+    "DoqSession",
+    "DoqStats",
+    "LogEntry",
+    "LogFollower",
+    "LogVerificationError",
+    "ProofError",
+    "Prover",
     "RateLimiter",
     "Reply",
     "Server",
     "ServerLimits",
+    "ShardKeys",
     "build_csr",
     "certificate_fingerprint",
     "connect",
+    "create_plot",
+    "follow_log",
     "load_engine",
     "make_ipv6_socket",
+    "prove_certificate",
+    "solve_work",
+    "verify_consistency",
+    "verify_sth",
 ]

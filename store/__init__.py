@@ -7,8 +7,18 @@ from ._certdb import (
     CertificateStore,
     CertStoreError,
 )
+from ._ctdb import (
+    CheckpointConflict,
+    CheckpointRecord,
+    CtDatabase,
+    CtStoreError,
+    FingerprintRecord,
+    ShardRecord,
+    Submission,
+)
 from ._files import fsync_directory, write_atomic
 from ._keystore import open_keystore
+from ._ledger import BeaconRecord, LedgerError, LedgerStore, StakeChange
 from ._pkcs11 import Pkcs11KeyStore
 from ._signer import (
     Algorithm,
@@ -19,23 +29,40 @@ from ._signer import (
     verify_signature,
 )
 from ._softkeys import SoftwareKeyStore
+from ._tiles import Appended, Bundle, TileCorrupted, TileError, TileLog
 from ._tls import TlsCredential, create_self_signed, credential_paths
 
 __all__ = [
     "Algorithm",
+    "Appended",
     "AuditError",
     "AuditLog",
     "AuditRecord",
     "AuditReport",
     "AuthorityRecord",
+    "BeaconRecord",
+    "Bundle",
     "CertStoreError",
     "CertificateRecord",
     "CertificateStore",
+    "CheckpointConflict",
+    "CheckpointRecord",
+    "CtDatabase",
+    "CtStoreError",
+    "FingerprintRecord",
     "KeyStore",
     "KeyStoreError",
+    "LedgerError",
+    "LedgerStore",
     "Pkcs11KeyStore",
+    "ShardRecord",
     "Signer",
     "SoftwareKeyStore",
+    "StakeChange",
+    "Submission",
+    "TileCorrupted",
+    "TileError",
+    "TileLog",
     "TlsCredential",
     "create_self_signed",
     "credential_paths",

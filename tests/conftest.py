@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -41,3 +42,18 @@ def cddl() -> Iterator[CddlChecker]:
 def softhsm_token(tmp_path_factory: pytest.TempPathFactory) -> SoftHsmToken:
     """This test session's SoftHSM2 token (SoftHSM2 reads its config once per process)."""
     return make_token(tmp_path_factory.mktemp("softhsm"))
+
+
+@pytest.fixture(scope="session")
+def plotted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A requester key and its k=18 plot, made once per test session (about 1 s, 4 MB)."""
+    directory = tmp_path_factory.mktemp("requester")
+    stoq.Prover.open(directory).ensure_plot(18)
+    return directory
+
+
+@pytest.fixture
+def prover(plotted: Path) -> stoq.Prover:
+    """The session's requester (key and plot) with fresh in-memory state: it proves
+    space and time for each node's epoch beacon once, then only solves work."""
+    return stoq.Prover.open(plotted)

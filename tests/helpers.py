@@ -70,6 +70,10 @@ keep_alive_interval = "10s"
 [logging]
 level = "warning"
 format = "json"
+[consensus]
+plot_size = 18
+vdf_iterations = 1000
+minimum_work_difficulty = 8
 """
     return merge_toml(base, extra)
 
@@ -111,6 +115,38 @@ class RunningNode:
         kwargs.setdefault("trace", self.checker)
         kwargs.setdefault("timeout", 10.0)
         return await stoq.connect(self.host, self.port, **kwargs)
+
+
+class Requester:
+    """A client that sends ``ca.issue`` and ``ca.revoke`` with a real four-proof set.
+
+    The proofs come from ``prover`` (the session's requester key and k=18 plot,
+    fixture ``prover``); the key gets its stake from the development faucet on
+    first use.
+    """
+
+    def __init__(self, client: stoq.AsyncClient, prover: stoq.Prover) -> None:
+        self.client = client
+        self.prover = prover
+        self._staked = False
+
+    async def _stake(self) -> None:
+        if not self._staked:
+            await self.prover.ensure_stake(self.client)
+            self._staked = True
+
+    async def issue(self, csr: bytes, **extra: Any) -> dict[str, Any]:
+        await self._stake()
+        proofs = await self.prover.for_issue(self.client, csr)
+        return await self.client.request("ca.issue", {"csr": csr, "proofs": proofs, **extra})
+
+    async def revoke(self, args: dict[str, Any]) -> dict[str, Any]:
+        """``ca.revoke`` with ``args`` (serial, reason, time, signature, ...) and proofs."""
+        await self._stake()
+        serial = str(args["serial"]).strip().lower().lstrip("0") or "0"
+        proofs = await self.prover.for_revoke(self.client, serial,
+                                              args.get("reason", "unspecified"), args["time"])
+        return await self.client.request("ca.revoke", {**args, "proofs": proofs})
 
 
 @contextlib.asynccontextmanager

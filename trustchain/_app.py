@@ -103,6 +103,9 @@ class Node:
         """Called (last added first) when the node stops, before the stores close."""
         self.services: dict[str, Any] = {}
         """Services attached by their wiring modules, by name (``"ct"``, ``"dns"``...)."""
+        self.applications: list[tuple[str, Callable[[Any], Any]]] = []
+        """``(alpn, session factory)`` pairs that wiring modules add; :meth:`start`
+        registers each on the QUIC server (every socket serves every ALPN)."""
 
     @property
     def development(self) -> bool:
@@ -198,6 +201,8 @@ class Node:
                                   keyfile=str(credential.keyfile),
                                   engine=self.cfg.network.quic_engine,
                                   limits=server_limits(self.cfg))
+        for alpn, factory in self.applications:
+            self.server.add_application(alpn, factory)
         await self.server.start(self.listen)
         self._cert_mtime = credential.certfile.stat().st_mtime
         loop = asyncio.get_running_loop()

@@ -120,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--cafile", help="root certificate (default DATA/root.pem)")
     verify.add_argument("--chain", help="intermediates (default chain.pem beside the cert)")
     verify.add_argument("--data-dir", default=None)
+    verify.add_argument("--log-key", action="append", metavar="PEM",
+                        help="CT log public key (default DATA/ct/*/log-key.pem; repeatable)")
 
     audit = sub.add_parser("audit", help="audit log tools")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)

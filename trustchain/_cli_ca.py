@@ -20,6 +20,7 @@ from handlers.ca import revocation_statement
 from store import verify_log, write_atomic
 
 from . import _config as config
+from ._cli_proofs import guarded, proofs_dir, ready_prover
 
 ClientBody = Callable[[stoq.AsyncClient], Any]
 
@@ -101,7 +102,10 @@ def cmd_issue(args: argparse.Namespace) -> ClientBody:
     csr = stoq.build_csr(key, list(args.names), list(args.ipv6 or []))
 
     async def body(client: stoq.AsyncClient) -> int:
-        result = await client.request("ca.issue", {"csr": csr})
+        # the four-proof set: made from the requester's proof directory (spec §17)
+        prover = await ready_prover(client, proofs_dir(args))
+        result = await client.request("ca.issue", {
+            "csr": csr, "proofs": await prover.for_issue(client, csr)})
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         write_atomic(out / "cert.pem", _pem(result["certificate"]))
@@ -112,7 +116,7 @@ def cmd_issue(args: argparse.Namespace) -> ClientBody:
               f"renew after {_when(result['renew_after'])}")
         print(f"wrote {out / 'cert.pem'} and {out / 'chain.pem'}")
         return 0
-    return body
+    return guarded(body)
 
 
 def cmd_validate(args: argparse.Namespace) -> ClientBody:
@@ -131,9 +135,8 @@ def cmd_validate(args: argparse.Namespace) -> ClientBody:
 
 def cmd_revoke(args: argparse.Namespace) -> ClientBody:
     serial = args.serial.lower()
-    now = int(time.time())
-    statement = revocation_statement(serial.lstrip("0") or "0", args.reason, now)
-    request: dict[str, Any] = {"serial": serial, "reason": args.reason, "time": now}
+    normalised = serial.strip().lstrip("0") or "0"
+    request: dict[str, Any] = {"serial": serial, "reason": args.reason}
     if args.admin:
         directory = Path(args.admin)
         key = serialization.load_pem_private_key((directory / "admin.key").read_bytes(), None)
@@ -143,15 +146,22 @@ def cmd_revoke(args: argparse.Namespace) -> ClientBody:
         key = serialization.load_pem_private_key(Path(args.key).read_bytes(), None)
     else:
         raise ValueError("give --key KEYFILE (the certificate's key) or --admin DIR")
-    request["signature"] = sign_statement(key, statement)
 
     async def body(client: stoq.AsyncClient) -> int:
+        # proofs first: a first plot or VDF may take a while, and the statement's
+        # time must be within 300 s of the server's clock when it arrives
+        prover = await ready_prover(client, proofs_dir(args))
+        now = int(time.time())
+        request["time"] = now
+        request["signature"] = sign_statement(key, revocation_statement(normalised,
+                                                                         args.reason, now))
+        request["proofs"] = await prover.for_revoke(client, normalised, args.reason, now)
         result = await client.request("ca.revoke", request)
         state = "was already revoked" if result["already_revoked"] else "revoked"
         print(f"serial {result['serial']} {state} at {_when(result['revoked_at'])} "
               f"({result['reason']})")
         return 0
-    return body
+    return guarded(body)
 
 
 def cmd_rotation_status(args: argparse.Namespace) -> ClientBody:
@@ -205,6 +215,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
     print(f"serial {format(leaf.serial_number, 'x')}")
     print(f"valid {leaf.not_valid_before_utc:%Y-%m-%d %H:%M:%S} to "
           f"{leaf.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC")
+    if not problems:  # CT: the embedded SCT, against the log's key (offline)
+        from ._cli_ct import check_embedded_scts, log_keys
+
+        chain_certs = x509.load_pem_x509_certificates(chain.read_bytes()) if chain else []
+        issuer = next((c for c in chain_certs if c.subject == leaf.issuer), None)
+        sct_problems, sct_lines = check_embedded_scts(
+            leaf, issuer, log_keys(getattr(args, "log_key", None) or [], args.data_dir))
+        problems += sct_problems
+        for line in sct_lines:
+            print(line)
     if problems:
         for problem in problems:
             print(f"FAIL {problem}")

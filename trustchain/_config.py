@@ -95,13 +95,25 @@ class CtStorageConfig:
 @dataclass(frozen=True, kw_only=True)
 class CtConfig:
     log_id: str = "trustchain-ct-development"
+    """Checkpoint origin prefix of the log; shard N's origin is ``<log_id>/N``."""
     bind_address: str = "::1"
     port: int = 6962
     max_entries_per_shard: int = 10_000_000
+    """Entries in a shard before a new shard (with its own key and log id) starts."""
     merkle_update_interval: float = _duration(1.0)
+    """Longest time a shard's signed tree head may go unrefreshed (seconds)."""
     storage_path: str = ""
     """Directory for CT tiles; empty means ``<data_dir>/ct``."""
     enable_realtime_fingerprinting: bool = True
+    """Index the fingerprints of every issued or logged certificate (``fp.*`` ops)."""
+    batch_interval: float = _duration(0.02)
+    """Seconds between the starts of two sequencing batches (default 20 ms)."""
+    max_batch: int = 4096
+    """Most entries sequenced in one batch."""
+    extra_roots: list[str] = field(default_factory=list)
+    """PEM files of roots accepted besides the TrustChain root."""
+    subscription_buffer: int = 16_384
+    """Entries held for live subscribers; one that lags more is told to resume."""
     storage: CtStorageConfig = field(default_factory=CtStorageConfig)
 
 
@@ -116,8 +128,50 @@ class DnsConfig:
     server_id: str = "trustchain-dns-development"
     bind_address: str = "::1"
     quic_port: int = 8853
+    """UDP port of DNS over QUIC (ALPN ``doq``); every port of the node serves it."""
     cache_ttl: float = _duration(600.0)
+    """Longest time a forwarded answer (positive or negative) stays in the cache."""
     enable_cert_validation: bool = True
+    """Whether ``dns.resolve`` checks a TrustChain name's TLSA record against the
+    CA's current certificate for the name."""
+    enabled: bool = True
+    """Whether the node serves DNS (the ``doq`` ALPN and the ``dns.*`` ops)."""
+    upstream_servers: list[str] = field(default_factory=list)
+    """Forwarding upstreams, tried in order: ``"[ADDR]:PORT"`` (UDP, TCP when
+    truncated) or ``"doq://[ADDR]:PORT"`` / ``"doq://NAME@[ADDR]:PORT"`` (DNS over
+    QUIC, verified against ``upstream_cafile`` and NAME, or ADDR). IPv6 only.
+    Empty (the default): names outside the TrustChain domains are REFUSED."""
+    upstream_cafile: str = ""
+    """CA certificates (PEM) that DoQ upstreams are verified against; empty: the
+    system's."""
+    upstream_timeout: float = _duration(2.0)
+    """How long one upstream may take to answer before the next is tried."""
+    cache_size: int = 10_000
+    """Forwarded answers kept in the cache at most (least recently used go first)."""
+    record_ttl: float = _duration(300.0)
+    """TTL of the AAAA, TLSA and NS records of the TrustChain zones."""
+    negative_ttl: float = _duration(60.0)
+    """SOA minimum of the TrustChain zones: how long resolvers cache a denial."""
+    nameserver_addresses: list[str] = field(default_factory=list)
+    """IPv6 addresses of ``ns1.DOMAIN`` in each zone; empty: the node's addresses."""
+    dnssec_algorithm: Literal["ed25519", "ecdsa-p256-sha256"] = "ed25519"
+    """Algorithm of new DNSSEC keys (KSK and ZSK, in the keystore): DNSSEC
+    algorithm 15 (Ed25519) or 13 (ECDSA P-256 with SHA-256)."""
+    signature_validity: float = _duration(7 * 86400.0)
+    """Lifetime of each RRSIG (from one hour before signing)."""
+    signature_refresh: float = _duration(3 * 86400.0)
+    """An RRSIG is replaced once less than this remains of its validity."""
+    zsk_lifetime: float = _duration(30 * 86400.0)
+    """How long a zone-signing key signs before the next one takes over."""
+    zsk_prepublish: float = _duration(86400.0)
+    """How long a new ZSK is published before it signs, and an old one after."""
+    max_pending_queries: int = 10_000
+    """Forwarded queries being resolved at once across the node; past it the
+    connection that asks is closed with DOQ_EXCESSIVE_LOAD."""
+    fin_timeout: float = _duration(5.0)
+    """How long a complete DoQ query may wait for its FIN (then DOQ_PROTOCOL_ERROR)."""
+    rate_limit_per_minute: int = 0
+    """DoQ queries a minute per client /64; 0 is unlimited. Over it: REFUSED."""
     domains: DnsDomainsConfig = field(default_factory=DnsDomainsConfig)
 
 
@@ -125,9 +179,36 @@ class DnsConfig:
 class ConsensusConfig:
     provider: str = "nkrypt_four_proof"
     minimum_stake: int = 1000
+    """Stake a requester key must hold in the ledger for a CA operation to be admitted."""
     minimum_work_difficulty: int = 20
+    """Leading zero bits (0 to 64) of every request's proof-of-work hash."""
     byzantine_tolerance: float = 0.33
     finality_timeout: float = _duration(30.0)
+    epoch_length: float = _duration(3600.0, "seconds per epoch: one signed beacon each")
+    """Length of an epoch, whole seconds (default 1 hour). Epoch ``e`` starts at
+    ``e * epoch_length`` (Unix time); space and time proofs are made per epoch."""
+    plot_size: int = 0
+    """Smallest chiapos plot size ``k`` accepted (18 to 50); 0: the mode's default,
+    32 in production and 18 in development."""
+    vdf_iterations: int = 0
+    """Smallest VDF iteration count accepted (1 to 2^40); 0: the mode's default,
+    1,000,000 in production (about 12 s to prove on one core here) and 10,000 in
+    development."""
+    genesis: dict[str, int] = field(default_factory=dict)
+    """Initial stake: key id (lowercase hex SHA-256 of the key's DER
+    SubjectPublicKeyInfo) to amount. Credited once, to keys the ledger does not
+    know yet."""
+    verify_workers: int = 1
+    """Processes that verify new epoch credentials (the VDF) beside the event
+    loop; 0: verify on the event loop."""
+
+    def resolved_plot_size(self, mode: str) -> int:
+        """``plot_size``, or the default of ``mode`` when it is 0."""
+        return self.plot_size or (32 if mode == "production" else 18)
+
+    def resolved_vdf_iterations(self, mode: str) -> int:
+        """``vdf_iterations``, or the default of ``mode`` when it is 0."""
+        return self.vdf_iterations or (1_000_000 if mode == "production" else 10_000)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -246,6 +327,11 @@ def _value(raw: Any, hint: Any, path: str) -> Any:
         if not isinstance(raw, list):
             raise ConfigError(f"{path}: expected a list")
         return [_value(v, element, f"{path}[{i}]") for i, v in enumerate(raw)]
+    if origin is dict:
+        _, element = typing.get_args(hint)
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a table")
+        return {key: _value(v, element, f"{path}.{key}") for key, v in raw.items()}
     if hint is float and type(raw) in (int, float):
         return float(raw)
     if type(raw) is not hint:
@@ -274,6 +360,9 @@ def _validate(cfg: Config) -> None:
         "network.max_frame_size": cfg.network.max_frame_size,
         "network.connection_timeout": cfg.network.connection_timeout,
         "ct.max_entries_per_shard": cfg.ct.max_entries_per_shard,
+        "ct.max_batch": cfg.ct.max_batch,
+        "ct.subscription_buffer": cfg.ct.subscription_buffer,
+        "ct.merkle_update_interval": cfg.ct.merkle_update_interval,
         "ca.cert_validity_days": cfg.ca.cert_validity_days,
     }
     for key, value in positive.items():
@@ -289,6 +378,7 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("consensus.byzantine_tolerance: must be within [0, 0.5)")
     if cfg.consensus.minimum_work_difficulty < 0 or cfg.consensus.minimum_work_difficulty > 64:
         raise ConfigError("consensus.minimum_work_difficulty: must be within 0..64 bits")
+    _validate_consensus(cfg.consensus)
     if cfg.logging.output.type == "file" and not cfg.logging.output.path:
         raise ConfigError("logging.output.path: required when logging.output.type = \"file\"")
     if not cfg.dns.domains.trustchain_domains:
@@ -308,6 +398,7 @@ def _validate(cfg: Config) -> None:
         if not any(name == d or name.endswith("." + d) for d in domains):
             raise ConfigError(f"node.names[{i}]: {name!r} is not under the TrustChain domains "
                               f"({', '.join(domains)})")
+    _validate_dns(cfg.dns)
     for key, value in (("ca.intermediate_lifetime", cfg.ca.intermediate_lifetime),
                        ("ca.root_lifetime", cfg.ca.root_lifetime)):
         if value <= 0:
@@ -319,6 +410,74 @@ def _validate(cfg: Config) -> None:
     if cfg.ca.mode == "production" and cfg.ca.hsm.provider == "software":
         raise ConfigError("ca.hsm.provider: production mode needs a PKCS#11 token "
                           "(softhsm2, pkcs11, aws_cloudhsm or yubihsm), not software keys")
+
+
+def _validate_consensus(consensus: ConsensusConfig) -> None:
+    if consensus.minimum_stake < 0:
+        raise ConfigError("consensus.minimum_stake: must be 0 or more")
+    if consensus.epoch_length < 1 or consensus.epoch_length != int(consensus.epoch_length):
+        raise ConfigError("consensus.epoch_length: must be a whole number of seconds, at "
+                          "least 1")
+    if consensus.plot_size and not 18 <= consensus.plot_size <= 50:
+        raise ConfigError("consensus.plot_size: must be 0 (the mode's default) or within "
+                          "18..50")
+    if not 0 <= consensus.vdf_iterations <= 1 << 40:
+        raise ConfigError("consensus.vdf_iterations: must be 0 (the mode's default) or within "
+                          "1..1099511627776")
+    if not 0 <= consensus.verify_workers <= 64:
+        raise ConfigError("consensus.verify_workers: must be within 0..64")
+    for key, amount in consensus.genesis.items():
+        if not re.fullmatch(r"[0-9a-f]{64}", key):
+            raise ConfigError(f"consensus.genesis.{key}: a key id is 64 lowercase hex digits "
+                              "(SHA-256 of the key's DER SubjectPublicKeyInfo)")
+        if amount < 0:
+            raise ConfigError(f"consensus.genesis.{key}: stake cannot be negative")
+
+
+def _validate_dns(dns: DnsConfig) -> None:
+    for i, text in enumerate(dns.upstream_servers):
+        parse_upstream(text, f"dns.upstream_servers[{i}]")
+    for i, address in enumerate(dns.nameserver_addresses):
+        check_ipv6(address, f"dns.nameserver_addresses[{i}]")
+    for key, value in (("dns.cache_size", dns.cache_size),
+                       ("dns.max_pending_queries", dns.max_pending_queries),
+                       ("dns.upstream_timeout", dns.upstream_timeout),
+                       ("dns.record_ttl", dns.record_ttl),
+                       ("dns.signature_validity", dns.signature_validity),
+                       ("dns.zsk_lifetime", dns.zsk_lifetime),
+                       ("dns.fin_timeout", dns.fin_timeout)):
+        if value <= 0:
+            raise ConfigError(f"{key}: must be greater than 0")
+    if not 0 < dns.signature_refresh < dns.signature_validity:
+        raise ConfigError("dns.signature_refresh: must be greater than 0 and less than "
+                          "dns.signature_validity")
+    if not 0 < dns.zsk_prepublish < dns.zsk_lifetime:
+        raise ConfigError("dns.zsk_prepublish: must be greater than 0 and less than "
+                          "dns.zsk_lifetime")
+    if dns.rate_limit_per_minute < 0:
+        raise ConfigError("dns.rate_limit_per_minute: must be 0 (unlimited) or more")
+
+
+_UPSTREAM = re.compile(r"^(?:(doq)://(?:([^@\[\]]+)@)?)?\[([^\]]+)\]:(\d+)$")
+
+
+def parse_upstream(text: str, key: str) -> tuple[str, str, int, str]:
+    """``(protocol, address, port, server_name)`` of a ``dns.upstream_servers`` entry.
+
+    ``protocol`` is ``"udp"`` (with TCP fallback) or ``"doq"``.
+
+    :raises ConfigError: not ``[ADDR]:PORT`` or ``doq://[NAME@][ADDR]:PORT``, or an
+        IPv4 (or IPv4-mapped) address: TrustChain forwards over IPv6 only.
+    """
+    m = _UPSTREAM.match(text.strip())
+    if m is None:
+        raise ConfigError(f"{key}: {text!r} is not \"[ADDR]:PORT\" or \"doq://[ADDR]:PORT\" "
+                          "(IPv6 addresses in brackets; IPv4 upstreams are not supported)")
+    protocol, name, address, port = m.group(1) or "udp", m.group(2) or "", m.group(3), m.group(4)
+    check_ipv6(address, key)
+    if not 0 < int(port) <= 65535:
+        raise ConfigError(f"{key}: {port} is not a UDP port")
+    return protocol, address, int(port), name
 
 
 def check_ipv6(address: str, key: str) -> None:

@@ -13,10 +13,16 @@ from collections.abc import Callable
 from typing import Any
 
 WIRING_MODULES: list[str] = [
+    "trustchain._wiring_ct",
+    "trustchain._wiring_proofs",
+    "trustchain._wiring_dns",
 ]
 """Dotted names of modules with ``attach(node)``, in start order."""
 
 CLI_MODULES: list[str] = [
+    "trustchain._cli_ct",
+    "trustchain._cli_proofs",
+    "trustchain._cli_dns",
 ]
 """Dotted names of modules with ``add_commands(subparsers) -> {name: command}``."""
 

@@ -24,6 +24,12 @@ class Decision:
     """``"issue"`` or ``"revoke"``."""
     subject: dict[str, Any]
     """The decision's content: names and key hash for issuance, serial for revocation."""
+    request: bytes = b""
+    """SHA-256 of the exact request: the CSR's DER (issue), the revocation statement
+    (revoke). Admission proofs are bound to it (``protocol.ops.consensus``)."""
+    internal: bool = False
+    """The node's own request (its TLS certificate, issued in-process by the
+    rotator), not a client's: it carries no client proofs."""
 
     def digest(self) -> bytes:
         return hashlib.sha256(encode_deterministic({"kind": self.kind,
@@ -34,7 +40,8 @@ class Decision:
 class Admitted:
     decision_digest: bytes
     admission: str
-    """How it was admitted: ``"local"`` now; later ``"four-proof"`` / ``"consensus"``."""
+    """How it was admitted: ``"local"``, ``"four-proof"``, ``"node"`` (the node's own
+    certificate); later ``"consensus"``."""
     block_hash: bytes | None = None
 
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from cryptography import x509
@@ -65,6 +66,12 @@ class CertificateAuthority:
         self._rotation_status = rotation_status
         self._pending_names: dict[str, str] = {}  # name -> spki of an issuance in flight
         self.on_issued: list[Callable[[CertificateRecord], Any]] = []
+        self.on_revoked: list[Callable[[CertificateRecord], Any]] = []
+        """Called with the revoked :class:`CertificateRecord` after each revocation (DNS)."""
+        self.precert_logger: Callable[[x509.CertificateBuilder, Any],
+                                      Awaitable[x509.CertificateBuilder]] | None = None
+        """CT (RFC 6962 §3.3): ``(builder, issuer)`` logs a precertificate of ``builder``
+        and returns it with the SCT list extension added; set by the CT service."""
         self.issued = 0
         self.rejected = 0
 
@@ -101,7 +108,9 @@ class CertificateAuthority:
         for name in names:
             self._pending_names[name] = request.spki_sha256
         try:
-            return await self._issue_admitted(request, proofs)
+            return await self._issue_admitted(request, proofs,
+                                              request_digest=hashlib.sha256(csr).digest(),
+                                              internal=internal)
         finally:
             for name in names:
                 if self._pending_names.get(name) == request.spki_sha256:
@@ -137,10 +146,12 @@ class CertificateAuthority:
             holders[name] = held
         check_ownership(request, holders, self.policy, renews)
 
-    async def _issue_admitted(self, request: CheckedRequest,
-                              proofs: dict[str, Any] | None) -> dict[str, Any]:
+    async def _issue_admitted(self, request: CheckedRequest, proofs: dict[str, Any] | None,
+                              *, request_digest: bytes = b"",
+                              internal: bool = False) -> dict[str, Any]:
         decision = Decision(kind="issue", subject={"names": list(request.names),
-                                                   "spki_sha256": request.spki_sha256})
+                                                   "spki_sha256": request.spki_sha256},
+                            request=request_digest, internal=internal)
         try:
             admitted = await self.admission.admit(decision, proofs)
         except TrustChainError as exc:
@@ -159,6 +170,8 @@ class CertificateAuthority:
         serial = _x509.new_serial()
         builder = _x509.leaf_builder(issuer.certificate, request, serial=serial,
                                      not_before=not_before, not_after=not_after)
+        if self.precert_logger is not None:  # CT: the SCT goes in the certificate
+            builder = await self.precert_logger(builder, issuer)
         cert = _x509.sign(builder, issuer.signer.private_key())
         der = cert.public_bytes(serialization.Encoding.DER)
         record = CertificateRecord(
@@ -247,7 +260,9 @@ class CertificateAuthority:
         if record.revoked_at is not None:
             return {"serial": serial, "revoked_at": int(record.revoked_at),
                     "reason": record.revocation_reason, "already_revoked": True}
-        decision = Decision(kind="revoke", subject={"serial": serial, "reason": args.reason})
+        decision = Decision(kind="revoke", subject={"serial": serial, "reason": args.reason},
+                            request=hashlib.sha256(revocation_statement(
+                                serial, args.reason, args.time)).digest())
         admitted = await self.admission.admit(decision, args.proofs)
         now = self.clock()
         first = await self.certs.revoke(serial, args.reason, now)
@@ -258,6 +273,9 @@ class CertificateAuthority:
                     "reason": current.revocation_reason, "already_revoked": True}
         await self._audit("ca.revoked", {"serial": serial, "reason": args.reason, "by": by,
                                          "admission": admitted.admission})
+        revoked = dataclasses.replace(record, revoked_at=now, revocation_reason=args.reason)
+        for callback in self.on_revoked:
+            callback(revoked)
         return {"serial": serial, "revoked_at": int(now), "reason": args.reason,
                 "already_revoked": False}
 

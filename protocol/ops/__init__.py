@@ -3,6 +3,6 @@
 Importing this package registers them all with :mod:`protocol._schema`.
 """
 
-from . import ca, node
+from . import ca, consensus, ct, dns, fp, node
 
-__all__ = ["ca", "node"]
+__all__ = ["ca", "consensus", "ct", "dns", "fp", "node"]

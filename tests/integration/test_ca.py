@@ -16,10 +16,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+import stoq
 from handlers.ca import revocation_statement
 from protocol import InvalidRequest, NotFound, Unauthorized
 
-from ..helpers import CddlChecker, RunningNode, running_node
+from ..helpers import CddlChecker, Requester, RunningNode, running_node
 
 ENGINE = "qh3"  # CA behaviour does not depend on the engine; the transport tests cover both
 
@@ -70,15 +71,17 @@ def pkilint(cert: Path) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.parametrize("key_type", ["p256", "p384", "ed25519"])
 async def test_issue_verifies_with_openssl_and_pkilint(tmp_path: Path, cddl: CddlChecker,
-                                                       key_type: str) -> None:
+                                                       key_type: str,
+                                                       prover: stoq.Prover) -> None:
     key = {"p256": p256, "p384": lambda: ec.generate_private_key(ec.SECP384R1()),
            "ed25519": ed25519.Ed25519PrivateKey.generate}[key_type]()
     async with running_node(tmp_path / "node", ENGINE, checker=cddl) as node, \
             await node.client(pin=None, cafile=str(tmp_path / "node" / "root.pem")) as client:
         before = time.time()
-        result = await client.request("ca.issue", {
-            "csr": make_csr(key, ["www.hypermesh", "api.trust"], ["2001:db8::7"])})
+        result = await Requester(client, prover).issue(
+            make_csr(key, ["www.hypermesh", "api.trust"], ["2001:db8::7"]))
         assert result["names"] == ["www.hypermesh", "api.trust", "2001:db8::7"]
+        assert result["admission"] == "four-proof"
         assert len(result["serial"]) == 32 and result["serial"] == result["serial"].lower()
         lifetime = result["not_after"] - result["not_before"]
         assert 86400 <= lifetime <= 86400 + 600  # 24 hours plus the back-dating
@@ -201,21 +204,23 @@ async def test_oversized_csr(tmp_path: Path, cddl: CddlChecker) -> None:
         assert info.value.details["field"] == "csr"
 
 
-async def test_name_held_by_another_key(tmp_path: Path, cddl: CddlChecker) -> None:
+async def test_name_held_by_another_key(tmp_path: Path, cddl: CddlChecker,
+                                        prover: stoq.Prover) -> None:
     async with running_node(tmp_path, ENGINE, checker=cddl) as node, \
             await node.client() as client:
+        requester = Requester(client, prover)
         owner = p256()
-        first = await client.request("ca.issue", {"csr": make_csr(owner, ["svc.caesar"])})
+        first = await requester.issue(make_csr(owner, ["svc.caesar"]))
         with pytest.raises(Unauthorized) as info:
             await client.request("ca.issue", {"csr": make_csr(p256(), ["svc.caesar"])})
         assert info.value.details["serial"] == first["serial"]
         # the holder renews freely
-        renewed = await client.request("ca.issue", {"csr": make_csr(owner, ["svc.caesar"])})
+        renewed = await requester.issue(make_csr(owner, ["svc.caesar"]))
         assert renewed["serial"] != first["serial"]
         # concurrent requests by two keys for a fresh name: exactly one wins
         results = await asyncio.gather(
-            *(client.request("ca.issue", {"csr": make_csr(p256(), ["race.assets"])})
-              for _ in range(6)), return_exceptions=True)
+            *(requester.issue(make_csr(p256(), ["race.assets"])) for _ in range(6)),
+            return_exceptions=True)
         assert sum(isinstance(r, dict) for r in results) == 1
         assert all(isinstance(r, Unauthorized) for r in results if not isinstance(r, dict))
 
@@ -227,11 +232,13 @@ async def _revoke_args(client: Any, key: Any, serial: str, reason: str = "key_co
             "signature": sign(key, revocation_statement(serial, reason, at))}
 
 
-async def test_validate_and_revoke(tmp_path: Path, cddl: CddlChecker) -> None:
+async def test_validate_and_revoke(tmp_path: Path, cddl: CddlChecker,
+                                   prover: stoq.Prover) -> None:
     async with running_node(tmp_path, ENGINE, checker=cddl) as node, \
             await node.client() as client:
+        requester = Requester(client, prover)
         key = ed25519.Ed25519PrivateKey.generate()
-        issued = await client.request("ca.issue", {"csr": make_csr(key, ["db.trust"])})
+        issued = await requester.issue(make_csr(key, ["db.trust"]))
         serial = issued["serial"]
         valid = await client.request("ca.validate", {"serial": serial.upper()})
         assert valid["status"] == "valid" and valid["fingerprint"] == issued["fingerprint"]
@@ -256,34 +263,36 @@ async def test_validate_and_revoke(tmp_path: Path, cddl: CddlChecker) -> None:
         with pytest.raises(NotFound):
             await client.request("ca.revoke", await _revoke_args(client, key, "1234"))
 
-        revoked = await client.request("ca.revoke", await _revoke_args(client, key, serial))
+        revoked = await requester.revoke(await _revoke_args(client, key, serial))
         assert revoked["already_revoked"] is False and revoked["reason"] == "key_compromise"
         status = await client.request("ca.validate", {"serial": serial})
         assert status["status"] == "revoked" and status["reason"] == "key_compromise"
-        again = await client.request("ca.revoke", await _revoke_args(client, key, serial))
+        again = await requester.revoke(await _revoke_args(client, key, serial))
         assert again["already_revoked"] is True
         # revocation frees the name for another key
-        await client.request("ca.issue", {"csr": make_csr(p256(), ["db.trust"])})
+        await requester.issue(make_csr(p256(), ["db.trust"]))
 
 
-async def test_admin_revocation(tmp_path: Path, cddl: CddlChecker) -> None:
+async def test_admin_revocation(tmp_path: Path, cddl: CddlChecker,
+                                prover: stoq.Prover) -> None:
     async with running_node(tmp_path, ENGINE, checker=cddl) as node, \
             await node.client() as client:
+        requester = Requester(client, prover)
         hierarchy = node.node.hierarchy
         assert hierarchy is not None
         admin_dir = hierarchy.ensure_admin()
         admin_key = serialization.load_pem_private_key(
             (admin_dir / "admin.key").read_bytes(), None)
         admin_cert = x509.load_pem_x509_certificate((admin_dir / "admin.pem").read_bytes())
-        issued = await client.request("ca.issue", {"csr": make_csr(p256(), ["x.assets"])})
+        issued = await requester.issue(make_csr(p256(), ["x.assets"]))
         args = await _revoke_args(client, admin_key, issued["serial"], "privilege_withdrawn")
         # the admin certificate must accompany an admin signature
         with pytest.raises(Unauthorized):
             await client.request("ca.revoke", args)
         args["admin_certificate"] = admin_cert.public_bytes(serialization.Encoding.DER)
-        assert (await client.request("ca.revoke", args))["already_revoked"] is False
+        assert (await requester.revoke(args))["already_revoked"] is False
         # a certificate that is not an admin's is refused as admin_certificate
-        other = await client.request("ca.issue", {"csr": make_csr(p256(), ["y.assets"])})
+        other = await requester.issue(make_csr(p256(), ["y.assets"]))
         forged = await _revoke_args(client, admin_key, other["serial"])
         forged["admin_certificate"] = other["certificate"]
         with pytest.raises(Unauthorized, match="administrator"):
@@ -299,10 +308,11 @@ async def test_node_certificate_is_ca_issued(tmp_path: Path, cddl: CddlChecker) 
             assert [i["active"] for i in status["intermediates"]] == [True]
 
 
-async def test_every_operation_is_audited(tmp_path: Path, cddl: CddlChecker) -> None:
+async def test_every_operation_is_audited(tmp_path: Path, cddl: CddlChecker,
+                                          prover: stoq.Prover) -> None:
     async with running_node(tmp_path, ENGINE, checker=cddl) as node, \
             await node.client() as client:
-        await client.request("ca.issue", {"csr": make_csr(p256(), ["a.hypermesh"])})
+        await Requester(client, prover).issue(make_csr(p256(), ["a.hypermesh"]))
         with pytest.raises(InvalidRequest):
             await client.request("ca.issue", {"csr": b"junk"})
     log = (tmp_path / "audit" / "audit.log").read_text()
@@ -315,12 +325,14 @@ def _node_of(running: RunningNode) -> Any:
     return running.node
 
 
-async def test_rekeyed_renewal_moves_the_names(tmp_path: Path, cddl: CddlChecker) -> None:
+async def test_rekeyed_renewal_moves_the_names(tmp_path: Path, cddl: CddlChecker,
+                                               prover: stoq.Prover) -> None:
     from protocol import renewal_statement
     async with running_node(tmp_path, ENGINE, checker=cddl) as node, \
             await node.client() as client:
+        requester = Requester(client, prover)
         old_key = p256()
-        old = await client.request("ca.issue", {"csr": make_csr(old_key, ["moving.trust"])})
+        old = await requester.issue(make_csr(old_key, ["moving.trust"]))
         new_key = p256()
         csr = make_csr(new_key, ["moving.trust"])
         with pytest.raises(Unauthorized):  # a new key alone may not take the name
@@ -334,21 +346,21 @@ async def test_rekeyed_renewal_moves_the_names(tmp_path: Path, cddl: CddlChecker
                   "renewal_signature": sign(old_key, renewal_statement(old["serial"], csr))}
         with pytest.raises(Unauthorized):
             await client.request("ca.issue", replay)
-        renewed = await client.request("ca.issue", {
-            "csr": csr, "renews": old["serial"],
-            "renewal_signature": sign(old_key, renewal_statement(old["serial"], csr))})
+        renewed = await requester.issue(
+            csr, renews=old["serial"],
+            renewal_signature=sign(old_key, renewal_statement(old["serial"], csr)))
         assert renewed["names"] == ["moving.trust"]
         with pytest.raises(InvalidRequest):
             await client.request("ca.issue", {"csr": csr, "renews": old["serial"]})
 
 
-async def test_client_auto_renewal_with_injected_clock(tmp_path: Path,
-                                                       cddl: CddlChecker) -> None:
+async def test_client_auto_renewal_with_injected_clock(tmp_path: Path, cddl: CddlChecker,
+                                                       prover: stoq.Prover) -> None:
     import random
 
-    import stoq
     async with running_node(tmp_path / "node", ENGINE, checker=cddl) as node, \
             await node.client() as client:
+        await prover.ensure_stake(client)
         now = [time.time()]
         slept: list[float] = []
 
@@ -359,7 +371,8 @@ async def test_client_auto_renewal_with_injected_clock(tmp_path: Path,
         renewer = stoq.CertificateRenewer(client, names=["auto.caesar"],
                                           addresses=["2001:db8::42"],
                                           directory=tmp_path / "creds", clock=lambda: now[0],
-                                          sleep=sleep, rng=random.Random(7))
+                                          sleep=sleep, rng=random.Random(7),
+                                          proofs=lambda csr: prover.for_issue(client, csr))
         first = await renewer.renew()
         due = renewer.next_renewal()
         lifetime = first["not_after"] - first["not_before"]

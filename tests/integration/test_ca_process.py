@@ -15,15 +15,18 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 import stoq
 
-from ..helpers import start_server_process
+from ..helpers import Requester, start_server_process
 from .test_ca import make_csr
 
 
-async def test_sigkill_loses_no_acknowledged_certificate(tmp_path: Path) -> None:
+async def test_sigkill_loses_no_acknowledged_certificate(tmp_path: Path,
+                                                         prover: stoq.Prover) -> None:
     server = start_server_process(tmp_path, "qh3")
     received: dict[str, str] = {}  # serial -> fingerprint, for every answer we got
     try:
         client = await stoq.connect("::1", server.port, pin=server.pin, timeout=5)
+        requester = Requester(client, prover)
+        await requester.issue(make_csr(ec.generate_private_key(ec.SECP256R1()), ["w.assets"]))
         keys = [ec.generate_private_key(ec.SECP256R1()) for _ in range(16)]
         stop = time.monotonic() + 1.5
         counter = 0
@@ -34,7 +37,7 @@ async def test_sigkill_loses_no_acknowledged_certificate(tmp_path: Path) -> None
                 counter += 1
                 csr = make_csr(keys[w], [f"w{w}-{counter}.assets"])
                 try:
-                    result = await client.request("ca.issue", {"csr": csr})
+                    result = await requester.issue(csr)
                 except (stoq.ConnectionFailed, Exception):
                     return
                 received[result["serial"]] = result["fingerprint"]
@@ -56,8 +59,9 @@ async def test_sigkill_loses_no_acknowledged_certificate(tmp_path: Path) -> None
             assert status["status"] == "valid", (serial, status)
             assert status["fingerprint"] == fingerprint
         # serials never repeat: new ones are distinct from everything before
-        fresh = {(await client.request("ca.issue", {"csr": make_csr(
-            ec.generate_private_key(ec.SECP256R1()), [f"after{i}.assets"])}))["serial"]
+        requester = Requester(client, prover)
+        fresh = {(await requester.issue(make_csr(
+            ec.generate_private_key(ec.SECP256R1()), [f"after{i}.assets"])))["serial"]
             for i in range(20)}
         assert len(fresh) == 20 and not fresh & set(received)
         await client.close()
@@ -79,6 +83,9 @@ def test_development_cli_flow_and_audit_tampering(tmp_path: Path) -> None:
                       "ed25519", "--out", str(tmp_path / "out"), *target, cwd=tmp_path)
         assert issued.returncode == 0, issued.stderr
         assert "created a new ed25519 key" in issued.stderr
+        # out of the box: a requester key, its plot and faucet stake are made on the way
+        assert "development faucet" in issued.stderr and "k=18 plot" in issued.stderr
+        assert list((tmp_path / "trustchain-proofs").glob("plot-k18-*.plot"))
         serial = issued.stdout.split()[1]
         ok = _cli("verify", str(tmp_path / "out" / "cert.pem"), "--data-dir", str(data),
                   cwd=tmp_path)

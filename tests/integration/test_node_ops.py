@@ -19,7 +19,7 @@ async def test_health_and_info(tmp_path: Path, engine: str, cddl: CddlChecker) -
             assert health["status"] == "ok" and health["checks"] == {"accepting": True}
             info = await client.request("node.info")
             assert info["engine"]["name"] == engine
-            assert info["alpns"] == ["stoq/1"]
+            assert info["alpns"] == ["stoq/1", "doq"]  # DoQ on every socket (spec §15.1)
             assert {"node.health", "node.info", "node.heartbeat", "node.echo"} <= set(info["ops"])
             assert info["tls_fingerprint"] == node.pin
             assert info["peer"]["address"] == "::1"

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from cryptography import x509
 
+import stoq
 from store import open_keystore
 
 from ..helpers import start_server_process
@@ -25,14 +26,19 @@ def _run(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProc
                           text=True, cwd=cwd, env=env, timeout=120)
 
 
-def test_production_certificate_issuance(tmp_path: Path, softhsm_token: SoftHsmToken) -> None:
+def test_production_certificate_issuance(tmp_path: Path, softhsm_token: SoftHsmToken,
+                                         plotted: Path) -> None:
     data = tmp_path / "data"
+    # a production node has no faucet: the requester's stake is in the genesis ledger
+    requester = stoq.Prover.open(plotted)
     extra = f"""
 [ca]
 mode = "production"
 [ca.hsm]
 provider = "softhsm2"
 token_label = "{softhsm_token.token_label}"
+[consensus.genesis]
+"{requester.key_id}" = 1000
 """
     config_file = tmp_path / "config.toml"
     from ..helpers import config_text
@@ -63,9 +69,21 @@ token_label = "{softhsm_token.token_label}"
         del os.environ["TRUSTCHAIN_HSM_PIN"]
     try:
         target = ["--server", f"[::1]:{server.port}", "--cafile", str(root)]
+        proofs = ["--proofs-dir", str(plotted)]
+        # a key without stake is refused, and told why
+        poor = _run("issue", "poor.trust", "--key", str(tmp_path / "poor.key"), "--out",
+                    str(tmp_path / "poor"), "--proofs-dir", str(tmp_path / "poor-proofs"),
+                    *target, cwd=tmp_path, env=env)
+        assert poor.returncode == 1 and "no faucet" in poor.stderr, poor.stderr
+        faucet = _run("proofs", "faucet", "--proofs-dir", str(tmp_path / "poor-proofs"),
+                      *target, cwd=tmp_path, env=env)
+        assert faucet.returncode == 1 and "development-only" in faucet.stderr, faucet.stderr
+        status = _run("proofs", "status", *proofs, *target, cwd=tmp_path, env=env)
+        assert status.returncode == 0 and f"requester key {requester.key_id}" in status.stdout
+        assert "stake 1000 (minimum 1000: enough)" in status.stdout, status.stdout
         issued = _run("issue", "www.hypermesh", "api.trust", "--ipv6", "2001:db8::1",
                       "--key", str(tmp_path / "client.key"), "--out", str(tmp_path / "out"),
-                      *target, cwd=tmp_path, env=env)
+                      *target, *proofs, cwd=tmp_path, env=env)
         assert issued.returncode == 0, issued.stderr
         serial = re.search(r"serial ([0-9a-f]{32})", issued.stdout).group(1)  # type: ignore[union-attr]
         cert = tmp_path / "out" / "cert.pem"
@@ -89,7 +107,7 @@ token_label = "{softhsm_token.token_label}"
         assert json.loads(health.stdout)["status"] == "ok"
 
         revoked = _run("revoke", serial, "--key", str(tmp_path / "client.key"), "--reason",
-                       "superseded", *target, cwd=tmp_path, env=env)
+                       "superseded", *target, *proofs, cwd=tmp_path, env=env)
         assert revoked.returncode == 0, revoked.stderr
         status = _run("validate", serial, *target, cwd=tmp_path, env=env)
         assert status.returncode == 1 and "revoked" in status.stdout
@@ -103,6 +121,117 @@ token_label = "{softhsm_token.token_label}"
                  cwd=tmp_path, env=env)
     assert audit.returncode == 0 and audit.stdout.strip().endswith("OK"), audit.stdout
     log = (data / "audit" / "audit.log").read_text()
-    for kind in ("ca.init", "key.generated", "ca.root-created", "ca.issued", "ca.revoked"):
+    for kind in ("ca.init", "key.generated", "ca.root-created", "ca.issued", "ca.revoked",
+                 "consensus.beacon", "consensus.stake-changed"):
         assert f'"{kind}"' in log
     assert softhsm_token.pin not in log
+
+
+def test_dns_over_quic_resolution(tmp_path: Path, softhsm_token: SoftHsmToken,
+                                  plotted: Path) -> None:
+    """A production node (keys, DNSSEC keys included, in SoftHSM2) answers a TrustChain
+    name over DNS over QUIC, IPv6 only, to dnspython with certificate verification; the
+    answer validates against the DNSKEY set anchored by the exported DS, and the TLSA
+    record is the SPKI digest of the certificate the CA issued for that name."""
+    import hashlib
+
+    import dns.dnssec
+    import dns.message
+    import dns.name
+    import dns.query
+    import dns.rdataclass
+    import dns.rdatatype
+    import dns.rrset
+    from cryptography.hazmat.primitives import serialization
+
+    from ..helpers import config_text
+
+    data = tmp_path / "data"
+    requester = stoq.Prover.open(plotted)
+    extra = f"""
+[node]
+names = ["ns1.trust"]
+[ca]
+mode = "production"
+[ca.hsm]
+provider = "softhsm2"
+token_label = "{softhsm_token.token_label}"
+[consensus.genesis]
+"{requester.key_id}" = 1000
+"""
+    config_file = tmp_path / "config.toml"
+    config_file.write_text(config_text("qh3", extra))
+    env = {**os.environ, "TRUSTCHAIN_HSM_PIN": softhsm_token.pin}
+    init = _run("init", "--config", str(config_file), "--data-dir", str(data), cwd=tmp_path,
+                env=env)
+    assert init.returncode == 0, init.stderr
+    root = data / "root.pem"
+    os.environ["TRUSTCHAIN_HSM_PIN"] = softhsm_token.pin
+    try:
+        server = start_server_process(tmp_path, "qh3", extra, data_dir=data)
+    finally:
+        del os.environ["TRUSTCHAIN_HSM_PIN"]
+    try:
+        assert any("alpn stoq/1,doq" in line for line in server.lines), server.lines
+        target = ["--server", f"[::1]:{server.port}", "--cafile", str(root)]
+        issued = _run("issue", "www.hypermesh", "--ipv6", "2001:db8::1", "--key",
+                      str(tmp_path / "client.key"), "--out", str(tmp_path / "out"), *target,
+                      "--proofs-dir", str(plotted), cwd=tmp_path, env=env)
+        assert issued.returncode == 0, issued.stderr
+        cert = x509.load_pem_x509_certificate((tmp_path / "out" / "cert.pem").read_bytes())
+        spki = hashlib.sha256(cert.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)).digest()
+
+        def doq(name: str, rdtype: str) -> dns.message.Message:
+            return dns.query.quic(dns.message.make_query(name, rdtype, want_dnssec=True),
+                                  "::1", port=server.port, verify=str(root),
+                                  server_hostname="ns1.trust", timeout=10)
+
+        origin = dns.name.from_text("hypermesh.")
+        ds_out = _run("dns", "ds", *target, cwd=tmp_path, env=env)
+        assert ds_out.returncode == 0, ds_out.stderr
+        anchors = {dns.rrset.from_text(origin, 3600, "IN", "DS", line.split(" DS ", 1)[1])[0]
+                   for line in ds_out.stdout.splitlines() if line.startswith("hypermesh. ")}
+        keys = doq("hypermesh", "DNSKEY")
+        dnskeys = keys.find_rrset(keys.answer, origin, dns.rdataclass.IN, dns.rdatatype.DNSKEY)
+        ksk = [k for k in dnskeys if dns.dnssec.make_ds(origin, k, "SHA256") in anchors]
+        assert ksk, "no DNSKEY matches the exported DS"
+        dns.dnssec.validate(dnskeys, keys.find_rrset(
+            keys.answer, origin, dns.rdataclass.IN, dns.rdatatype.RRSIG, dns.rdatatype.DNSKEY),
+            {origin: dns.rrset.from_rdata_list(origin, 3600, ksk)})
+
+        def validated(response: dns.message.Message) -> list[str]:
+            sigs = {(r.name, r.covers): r for r in response.answer
+                    if r.rdtype == dns.rdatatype.RRSIG}
+            out = []
+            for rrset in response.answer:
+                if rrset.rdtype != dns.rdatatype.RRSIG:
+                    dns.dnssec.validate(rrset, sigs[(rrset.name, rrset.rdtype)],
+                                        {origin: dnskeys})
+                    out += [rd.to_text() for rd in rrset]
+            return out
+
+        assert validated(doq("www.hypermesh", "AAAA")) == ["2001:db8::1"]
+        tlsa = doq("_443._quic.www.hypermesh", "TLSA")
+        assert validated(tlsa) == [f"3 1 1 {spki.hex()}"]
+        a = doq("www.hypermesh", "A")  # IPv6 only: NODATA, the SOA in authority
+        assert a.answer == [] and dns.rdatatype.SOA in [r.rdtype for r in a.authority]
+
+        query = _run("dns", "query", "www.hypermesh", "AAAA", "--doq", "--server-name",
+                     "ns1.trust", *target, cwd=tmp_path, env=env)
+        assert query.returncode == 0, query.stderr
+        assert "2001:db8::1" in query.stdout and "dnssec secure" in query.stdout
+        stoq_query = _run("dns", "query", "www.hypermesh", *target, cwd=tmp_path, env=env)
+        assert stoq_query.returncode == 0, stoq_query.stderr
+        assert "dnssec secure" in stoq_query.stdout
+        assert "tlsa _443._quic.www.hypermesh.: match" in stoq_query.stdout
+    finally:
+        server.stop()
+    keystore = open_keystore(provider="softhsm2", data_dir=data,
+                             module_path=softhsm_token.module_path,
+                             token_label=softhsm_token.token_label, pin=softhsm_token.pin)
+    try:
+        assert {"dns-ksk", "dns-zsk-1"} <= set(keystore.names())  # DNSSEC keys in the token
+    finally:
+        keystore.close()
+    assert not list(data.glob("**/dns-*.pem"))  # and not on disk

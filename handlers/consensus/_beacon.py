@@ -1,0 +1,110 @@
+"""Epochs and their beacons: the unpredictable value every epoch credential starts from.
+
+Epoch ``e`` covers the Unix times ``[e * L, (e + 1) * L)`` for the configured
+length ``L``. Its beacon is 32 random bytes drawn once the epoch has begun
+(never before, so no one can prepare space or time proofs for a later epoch),
+chained to the previous beacon and signed by the node's ``beacon`` key, stored
+in the ledger and recorded in the audit log (``consensus.beacon``). Once a
+validator consensus exists, the beacon becomes the latest committed block
+hash; until then the node is the beacon's only source, and signs it so that
+clients can check where it came from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+
+from protocol.ops.consensus import beacon_statement
+from store import BeaconRecord, LedgerStore, Signer
+
+log = logging.getLogger("trustchain.consensus")
+
+GENESIS_PREVIOUS = bytes(32)
+"""The ``previous`` of the first beacon a ledger holds."""
+
+Audit = Callable[[str, dict[str, Any]], Awaitable[Any]]
+
+
+class BeaconChain:
+    """Makes, stores and serves one beacon per epoch.
+
+    :param audit: ``async (kind, data)``, returns once the record is durable.
+    """
+
+    def __init__(self, *, ledger: LedgerStore, signer: Signer, epoch_length: int,
+                 audit: Audit, clock: Callable[[], float] = time.time) -> None:
+        if epoch_length < 1:
+            raise ValueError("epoch_length must be at least 1 second")
+        self.ledger = ledger
+        self.signer = signer
+        self.epoch_length = epoch_length
+        self.clock = clock
+        self._audit = audit
+        self._lock = asyncio.Lock()
+        self.public_key = signer.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+    def epoch_at(self, now: float) -> int:
+        """The epoch that contains Unix time ``now``."""
+        return int(now // self.epoch_length)
+
+    def current_epoch(self) -> int:
+        return self.epoch_at(self.clock())
+
+    def start_of(self, epoch: int) -> int:
+        return epoch * self.epoch_length
+
+    def get(self, epoch: int) -> BeaconRecord | None:
+        """The beacon of ``epoch`` if it was made."""
+        return self.ledger.beacon(epoch)
+
+    async def current(self) -> BeaconRecord:
+        """The beacon of the current epoch, made now if this is its first use."""
+        return await self.ensure(self.current_epoch())
+
+    async def ensure(self, epoch: int) -> BeaconRecord:
+        """The beacon of ``epoch``, which must have begun; made, stored and audited once."""
+        existing = self.ledger.beacon(epoch)
+        if existing is not None:
+            return existing
+        if epoch > self.current_epoch():
+            raise ValueError(f"epoch {epoch} has not begun")
+        async with self._lock:
+            existing = self.ledger.beacon(epoch)
+            if existing is not None:
+                return existing
+            previous = self.ledger.latest_beacon(before=epoch)
+            previous_value = previous.value if previous is not None else GENESIS_PREVIOUS
+            start = self.start_of(epoch)
+            value = secrets.token_bytes(32)
+            signature = self.signer.sign(beacon_statement(epoch=epoch, start=start, value=value,
+                                                          previous=previous_value))
+            record = await self.ledger.add_beacon(BeaconRecord(
+                epoch=epoch, start=start, value=value, previous=previous_value,
+                signature=signature, public_key=self.public_key,
+                algorithm=self.signer.algorithm, created_at=self.clock()))
+            await self._audit("consensus.beacon", {
+                "epoch": record.epoch, "start": record.start, "value": record.value,
+                "previous": record.previous, "signature": record.signature,
+                "algorithm": record.algorithm})
+            log.info("epoch beacon made", extra={"epoch": epoch})
+            return record
+
+    async def run(self, on_epoch: Callable[[int], Awaitable[None]] | None = None) -> None:
+        """Make each epoch's beacon as the epoch begins (then call ``on_epoch``), forever."""
+        while True:
+            try:
+                record = await self.current()
+                if on_epoch is not None:
+                    await on_epoch(record.epoch)
+            except Exception:
+                log.exception("epoch beacon pass failed; retrying at the next epoch")
+            now = self.clock()
+            await asyncio.sleep(max(0.05, self.start_of(self.epoch_at(now) + 1) - now))

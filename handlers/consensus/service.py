@@ -1,0 +1,173 @@
+"""``consensus.*`` ops: the epoch beacon, stake lookups and the development faucet."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+from protocol import InvalidRequest, NotFound, Unauthorized
+from protocol.ops import consensus as ops
+from protocol.ops.consensus import ProofParams
+from store import BeaconRecord, LedgerStore
+
+from .._router import RequestContext, Router
+from ._beacon import BeaconChain
+from ._proofs import ProofVerifier
+
+log = logging.getLogger("trustchain.consensus")
+
+Audit = Callable[[str, dict[str, Any]], Awaitable[Any]]
+
+
+def _key_id_of(der: bytes, field: str = "key") -> str:
+    """The ledger account of a DER public key; InvalidRequest unless it is one we verify."""
+    try:
+        key = serialization.load_der_public_key(der)
+    except (ValueError, TypeError):
+        raise InvalidRequest(f"{field} is not a DER SubjectPublicKeyInfo", field=field) from None
+    if not (isinstance(key, ed25519.Ed25519PublicKey) or (
+            isinstance(key, ec.EllipticCurvePublicKey)
+            and isinstance(key.curve, ec.SECP256R1 | ec.SECP384R1))):
+        raise InvalidRequest(f"{field} must be an Ed25519, P-256 or P-384 key", field=field)
+    return hashlib.sha256(der).hexdigest()
+
+
+class ConsensusService:
+    """Answers the ``consensus.*`` ops and keeps the stake ledger.
+
+    :param development: the faucet is served only in development mode.
+    :param audit: ``async (kind, data)``, returns once the record is durable.
+    """
+
+    def __init__(self, *, ledger: LedgerStore, beacons: BeaconChain, verifier: ProofVerifier,
+                 params: ProofParams, development: bool, audit: Audit,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.ledger = ledger
+        self.beacons = beacons
+        self.verifier = verifier
+        self.params = params
+        self.development = development
+        self.clock = clock
+        self._audit = audit
+        self._stake_lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+
+    # --- stake -----------------------------------------------------------------------
+
+    async def set_stake(self, key_id: str, amount: int, reason: str) -> tuple[int, int]:
+        """Change a key's stake: stored, then audited (``consensus.stake-changed``)."""
+        async with self._stake_lock:
+            change = await self.ledger.set_stake(key_id, amount, reason, self.clock())
+            await self._audit("consensus.stake-changed", {
+                "key": key_id, "before": change.before, "after": change.after,
+                "reason": reason})
+        log.info("stake changed", extra={"key": key_id, "after": amount, "reason": reason})
+        return change.before, change.after
+
+    async def apply_genesis(self, genesis: dict[str, int]) -> int:
+        """Credit the configured genesis stake to keys the ledger does not know yet.
+
+        Once a key is in the ledger, the ledger is its authority: a changed
+        genesis amount for a known key is ignored (with a warning).
+        :returns: the number of keys credited.
+        """
+        credited = 0
+        for key_id, amount in sorted(genesis.items()):
+            if self.ledger.known(key_id):
+                if self.ledger.balance(key_id) != amount:
+                    log.warning("consensus.genesis: key %s is already in the ledger with %d; "
+                                "the configured %d is ignored", key_id,
+                                self.ledger.balance(key_id), amount)
+                continue
+            await self.set_stake(key_id, amount, "genesis")
+            credited += 1
+        return credited
+
+    # --- ops ------------------------------------------------------------------------------
+
+    def _beacon_result(self, record: BeaconRecord) -> dict[str, Any]:
+        previous, current = self.verifier.accepted_epochs()
+        return {
+            "epoch": record.epoch,
+            "start": record.start,
+            "end": record.start + self.beacons.epoch_length,
+            "beacon": record.value,
+            "previous": record.previous,
+            "signature": record.signature,
+            "public_key": record.public_key,
+            "algorithm": record.algorithm,
+            "current_epoch": current,
+            "accepted_epochs": [e for e in (previous, current)
+                                if self.beacons.get(e) is not None],
+            "params": self.params.to_wire(),
+            "mode": "development" if self.development else "production",
+        }
+
+    async def beacon(self, args: ops.BeaconArgs, ctx: RequestContext) -> dict[str, Any]:
+        if args.epoch is None:
+            return self._beacon_result(await self.beacons.current())
+        current = self.beacons.current_epoch()
+        if args.epoch > current:
+            raise NotFound(f"epoch {args.epoch} has not begun (the current epoch is "
+                           f"{current})", field="epoch")
+        record = self.beacons.get(args.epoch)
+        if record is None:
+            if args.epoch == current:
+                record = await self.beacons.current()
+            else:
+                raise NotFound(f"this node made no beacon for epoch {args.epoch}",
+                               field="epoch")
+        return self._beacon_result(record)
+
+    def stake(self, args: ops.StakeArgs, ctx: RequestContext) -> dict[str, Any]:
+        key_id = _key_id_of(args.key)
+        amount = self.ledger.balance(key_id)
+        return {"key_id": key_id, "amount": amount, "minimum": self.params.minimum_stake,
+                "sufficient": amount >= self.params.minimum_stake}
+
+    async def faucet(self, args: ops.FaucetArgs, ctx: RequestContext) -> dict[str, Any]:
+        if not self.development:
+            raise Unauthorized("consensus.faucet is a development-only op; a production node "
+                               "has no faucet (stake comes from the genesis ledger)")
+        key_id = _key_id_of(args.key)
+        before = self.ledger.balance(key_id)
+        credited = 0
+        if before < self.params.minimum_stake:
+            before, after = await self.set_stake(key_id, self.params.minimum_stake, "faucet")
+            credited = after - before
+        return {"key_id": key_id, "amount": self.ledger.balance(key_id), "credited": credited}
+
+    def register(self, router: Router) -> None:
+        router.add(ops.BEACON, self.beacon)
+        router.add(ops.STAKE, self.stake)
+        router.add(ops.FAUCET, self.faucet)
+
+    # --- lifetime ----------------------------------------------------------------------------
+
+    async def _on_epoch(self, epoch: int) -> None:
+        removed = await self.ledger.forget_work(epoch - 1)
+        if removed:
+            log.info("forgot used work of past epochs", extra={"rows": removed})
+
+    def start(self) -> None:
+        """Make each epoch's beacon as it begins (a task on the running loop)."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self.beacons.run(self._on_epoch))
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self.ledger.drain()
+        await self.verifier.close()
+        self.ledger.close()

@@ -1,0 +1,237 @@
+"""One signed TrustChain zone: its records, the NSEC chain, the RRSIGs, and lookups.
+
+:func:`build_zone` turns the zone's records into a :class:`Zone` that answers
+every lookup from memory. Signatures are kept across rebuilds in a
+:class:`SignatureCache`: an RRset whose content, signing key and remaining
+validity are unchanged keeps its RRSIG, so a rebuild after one issuance signs
+only the RRsets that changed (and the SOA, whose serial always does).
+
+The zone has no delegations, no wildcards and no CNAMEs, so a lookup is one
+of: an answer (with its RRSIGs when the DO bit is set); NODATA (the SOA and
+the NSEC of the name, or for an empty non-terminal the NSEC that covers it);
+or NXDOMAIN (the SOA, the NSEC that covers the name and the one that covers
+the wildcard at its closest encloser, RFC 4035 §3.1.3).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import dns.dnssec
+import dns.name
+import dns.rcode
+import dns.rdata
+import dns.rdataclass
+import dns.rdatatype
+import dns.rdtypes.ANY.NSEC
+import dns.rdtypes.ANY.SOA
+import dns.rrset
+
+from ._keys import KeyRing, ZoneKey
+
+IN = dns.rdataclass.IN
+SOA = dns.rdatatype.SOA
+NS = dns.rdatatype.NS
+AAAA = dns.rdatatype.AAAA
+NSEC = dns.rdatatype.NSEC
+RRSIG = dns.rdatatype.RRSIG
+DNSKEY = dns.rdatatype.DNSKEY
+ANY = dns.rdatatype.ANY
+
+DNSKEY_TTL = 3600
+INCEPTION_SKEW = 3600
+"""RRSIGs start this many seconds before they are made (validators with slow clocks)."""
+
+_SOA: Any = dns.rdtypes.ANY.SOA.SOA  # rdata classes are untyped
+_NSEC: Any = dns.rdtypes.ANY.NSEC.NSEC
+
+Records = dict[dns.name.Name, dict[int, tuple[int, list[dns.rdata.Rdata]]]]
+"""owner -> rdtype -> (ttl, rdatas): what a zone holds besides SOA, DNSKEY and NSEC."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ZoneSettings:
+    """What shapes a zone besides its records (from the ``dns.*`` configuration)."""
+
+    record_ttl: int = 300
+    negative_ttl: int = 60
+    signature_validity: float = 7 * 86400.0
+    signature_refresh: float = 3 * 86400.0
+
+
+@dataclass
+class SignatureCache:
+    """RRSIGs kept across rebuilds: (owner, rdtype) -> (content, key tag, RRSIG RRset)."""
+
+    entries: dict[tuple[dns.name.Name, int], tuple[Any, int, dns.rrset.RRset]] = field(
+        default_factory=dict)
+    signed: int = 0
+    """Signatures made so far (for tests and statistics)."""
+
+
+@dataclass
+class Lookup:
+    """The sections of an authoritative answer."""
+
+    rcode: int
+    answer: list[dns.rrset.RRset]
+    authority: list[dns.rrset.RRset]
+    additional: list[dns.rrset.RRset]
+
+
+@dataclass
+class Zone:
+    """A signed zone, ready to answer."""
+
+    origin: dns.name.Name
+    serial: int
+    rrsets: dict[tuple[dns.name.Name, int], dns.rrset.RRset]
+    sigs: dict[tuple[dns.name.Name, int], dns.rrset.RRset]
+    names: list[dns.name.Name]
+    """Owner names with data, in canonical order (RFC 4034 §6.1)."""
+    types: dict[dns.name.Name, list[int]]
+    signature_expiry: int
+    """The earliest expiration of any RRSIG in the zone."""
+    negative_soa: dns.rrset.RRset
+
+    def contains(self, name: dns.name.Name) -> bool:
+        return name.is_subdomain(self.origin)
+
+    def rrset(self, name: dns.name.Name, rdtype: int) -> dns.rrset.RRset | None:
+        return self.rrsets.get((name, rdtype))
+
+    def _with_sigs(self, rrsets: Iterable[dns.rrset.RRset], dnssec: bool
+                   ) -> list[dns.rrset.RRset]:
+        out = []
+        for rrset in rrsets:
+            out.append(rrset)
+            if dnssec:
+                sig = self.sigs.get((rrset.name, rrset.rdtype))
+                if sig is not None:
+                    out.append(sig)
+        return out
+
+    def _covering(self, name: dns.name.Name) -> dns.rrset.RRset:
+        """The NSEC RRset whose owner is the last name before ``name`` (canonical order)."""
+        index = bisect.bisect_left(self.names, name) - 1
+        return self.rrsets[(self.names[index], NSEC)]
+
+    def _exists(self, name: dns.name.Name) -> bool:
+        """A name with data, or an empty non-terminal (a name with descendants)."""
+        if name in self.types:
+            return True
+        index = bisect.bisect_right(self.names, name)
+        return index < len(self.names) and self.names[index].is_subdomain(name)
+
+    def lookup(self, qname: dns.name.Name, qtype: int, dnssec: bool) -> Lookup:
+        """Answer ``qname``/``qtype`` (``qname`` must be in the zone)."""
+        soa = self.rrsets[(self.origin, SOA)]
+        types = self.types.get(qname)
+        if types is not None:
+            if qtype == ANY:
+                sets = [self.rrsets[(qname, t)] for t in types]
+                return Lookup(dns.rcode.NOERROR, self._with_sigs(sets, dnssec), [], [])
+            rrset = self.rrsets.get((qname, qtype))
+            if rrset is not None:
+                additional = []
+                if qtype == NS:
+                    additional = [a for a in (self.rrsets.get((rd.target, AAAA))
+                                              for rd in rrset) if a is not None]
+                return Lookup(dns.rcode.NOERROR, self._with_sigs([rrset], dnssec), [],
+                              self._with_sigs(additional, dnssec))
+            proof = [self.rrsets[(qname, NSEC)]] if dnssec else []
+            return Lookup(dns.rcode.NOERROR, [], self._negative(soa, proof, dnssec), [])
+        if self._exists(qname):  # an empty non-terminal: NODATA
+            proof = [self._covering(qname)] if dnssec else []
+            return Lookup(dns.rcode.NOERROR, [], self._negative(soa, proof, dnssec), [])
+        proof = []
+        if dnssec:
+            encloser = qname.parent()
+            while not self._exists(encloser):
+                encloser = encloser.parent()
+            proof = [self._covering(qname)]
+            wildcard = self._covering(dns.name.Name((b"*", *encloser.labels)))
+            if wildcard.name != proof[0].name:
+                proof.append(wildcard)
+        return Lookup(dns.rcode.NXDOMAIN, [], self._negative(soa, proof, dnssec), [])
+
+    def _negative(self, soa: dns.rrset.RRset, proof: list[dns.rrset.RRset],
+                  dnssec: bool) -> list[dns.rrset.RRset]:
+        out = [self.negative_soa]
+        if dnssec:
+            out.append(self.sigs[(self.origin, SOA)])
+            out += self._with_sigs(proof, True)
+        return out
+
+
+def _content(ttl: int, rdatas: Iterable[dns.rdata.Rdata], origin: dns.name.Name) -> Any:
+    return ttl, tuple(sorted(rd.to_digestable(origin) for rd in rdatas))
+
+
+def _sign(rrset: dns.rrset.RRset, key: ZoneKey, origin: dns.name.Name, now: float,
+          settings: ZoneSettings, cache: SignatureCache) -> dns.rrset.RRset:
+    content = _content(rrset.ttl, rrset, origin)
+    entry = cache.entries.get((rrset.name, rrset.rdtype))
+    if entry is not None:
+        old_content, tag, sig = entry
+        if (old_content == content and tag == key.tag
+                and sig[0].expiration - now > settings.signature_refresh):
+            return sig
+    rrsig = dns.dnssec.sign(rrset, key.signer.private_key(), origin, key.dnskey,
+                            inception=int(now - INCEPTION_SKEW),
+                            expiration=int(now + settings.signature_validity))
+    sig = dns.rrset.from_rdata(rrset.name, rrset.ttl, rrsig)
+    cache.entries[(rrset.name, rrset.rdtype)] = (content, key.tag, sig)
+    cache.signed += 1
+    return sig
+
+
+def build_zone(origin: dns.name.Name, records: Records, *, serial: int, keyring: KeyRing,
+               now: float, settings: ZoneSettings, cache: SignatureCache) -> Zone:
+    """Sign ``records`` as the zone ``origin`` with ``keyring``'s keys at ``now``.
+
+    SOA, NS (``ns1.ORIGIN``) and DNSKEY are added at the apex, and the NSEC
+    chain over every owner name. Records outside the zone are ignored.
+    """
+    ns_name = dns.name.Name((b"ns1", *origin.labels))
+    soa = _SOA(IN, SOA, ns_name, dns.name.Name((b"hostmaster",
+                                                                   *origin.labels)),
+                                  serial, 3600, 600, 14 * 86400, settings.negative_ttl)
+    data: Records = {name: dict(sets) for name, sets in records.items()
+                     if name.is_subdomain(origin)}
+    apex = data.setdefault(origin, {})
+    apex[SOA] = (settings.record_ttl, [soa])
+    apex.setdefault(NS, (settings.record_ttl, [
+        dns.rdata.from_text(IN, NS, ns_name.to_text())]))
+    published = keyring.published(now)
+    apex[DNSKEY] = (DNSKEY_TTL, [k.dnskey for k in published])
+    names = sorted(data)
+    for index, name in enumerate(names):
+        following = names[(index + 1) % len(names)]
+        kinds = sorted({*data[name], NSEC, RRSIG})
+        bitmap = dns.rdtypes.ANY.NSEC.Bitmap.from_rdtypes(kinds)  # type: ignore[arg-type]
+        data[name][NSEC] = (settings.negative_ttl, [
+            _NSEC(IN, NSEC, following, bitmap)])
+    zsk = keyring.signing_zsk(now)
+    assert keyring.ksk is not None
+    rrsets: dict[tuple[dns.name.Name, int], dns.rrset.RRset] = {}
+    sigs: dict[tuple[dns.name.Name, int], dns.rrset.RRset] = {}
+    types: dict[dns.name.Name, list[int]] = {}
+    for name in names:
+        types[name] = sorted(data[name])
+        for rdtype, (ttl, rdatas) in sorted(data[name].items()):
+            rrset = dns.rrset.from_rdata_list(name, ttl, rdatas)
+            rrsets[(name, rdtype)] = rrset
+            key = keyring.ksk if rdtype == DNSKEY else zsk
+            sigs[(name, rdtype)] = _sign(rrset, key, origin, now, settings, cache)
+    live = set(rrsets)
+    for stale in [k for k in cache.entries if k[0].is_subdomain(origin) and k not in live]:
+        del cache.entries[stale]
+    expiry = min(int(s[0].expiration) for s in sigs.values())
+    negative_soa = dns.rrset.from_rdata(origin, min(settings.record_ttl, settings.negative_ttl),
+                                        soa)
+    return Zone(origin=origin, serial=serial, rrsets=rrsets, sigs=sigs, names=names,
+                types=types, signature_expiry=expiry, negative_soa=negative_soa)

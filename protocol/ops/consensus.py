@@ -1,0 +1,366 @@
+"""``consensus.*`` ops and the four-proof set that admits every CA operation.
+
+Everything here is sans-I/O and shared by the server (which verifies) and the
+client library (which builds): the wire shape of ``proofs``, the statements
+that are hashed or signed (deterministic CBOR, RFC 8949 §4.2.1), and the
+derivations that bind each proof to the requester's key, the epoch beacon and
+the request. The cryptography that needs native code (chiapos, chiavdf) lives
+in ``handlers.consensus`` and ``stoq._proofs``; spec/stoq.md §17 is the
+reference for a client in another language.
+
+A proof set on the wire (the ``proofs`` argument of ``ca.issue`` and
+``ca.revoke``)::
+
+    {"epoch": uint, "requester_key": SPKI DER,
+     "space": {"plot_id": bstr32, "k": uint, "index": uint, "proof": bstr},
+     "time": {"iterations": uint, "output": bstr100, "proof": bstr100},
+     "work": {"nonce": bstr1..32},
+     "binding": signature}
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from .._cbor import encode_deterministic
+from .._errors import ProofInvalid
+from .._schema import OpSpec, arg, register
+
+ProofName = Literal["space", "stake", "work", "time", "binding"]
+"""The ``proof`` detail of a ``proof_invalid`` error."""
+
+Operation = Literal["issue", "revoke"]
+"""The CA operations a proof set can admit."""
+
+SPACE_CHALLENGES = 32
+"""Challenge indices a requester may try (0 to 31): about 36 % of chiapos
+challenges have no proof in a plot, so a whole plot fails all 32 with
+probability 0.36^32, about 6e-15; the bound limits grinding."""
+MIN_PLOT_SIZE = 18
+"""Smallest plot size ``k`` chiapos creates."""
+MAX_PLOT_SIZE = 50
+"""Largest plot size ``k`` chiapos verifies."""
+VDF_DISCRIMINANT_BITS = 1024
+"""Size of the class-group discriminant (chiavdf's maximum, Chia's value)."""
+VDF_FORM_SIZE = 100
+"""Bytes of a compressed class-group form (chiavdf ``BQFC_FORM_SIZE``)."""
+VDF_GENERATOR = b"\x08" + bytes(VDF_FORM_SIZE - 1)
+"""The initial form of every VDF: the generator (2, 1) in chiavdf's encoding."""
+MAX_VDF_ITERATIONS = 1 << 40
+"""Iteration counts above this are refused as absurd (about three years here)."""
+MAX_NONCE_SIZE = 32
+MAX_KEY_SIZE = 1024
+MAX_SIGNATURE_SIZE = 512
+KEY_ID_SIZE = 32
+
+_CTX_PLOT = "trustchain-plot-v1"
+_CTX_SPACE = "trustchain-space-challenge-v1"
+_CTX_VDF = "trustchain-vdf-v1"
+_CTX_WORK = "trustchain-work-v1"
+_CTX_BINDING = "trustchain-proofs-v1"
+_CTX_BEACON = "trustchain-beacon-v1"
+
+
+# --- ops ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BeaconArgs:
+    epoch: int | None = arg(None, minimum=0, maximum=(1 << 63) - 1,
+                            doc="a past epoch's beacon; null: the current epoch")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StakeArgs:
+    key: bytes = arg(max_length=MAX_KEY_SIZE, doc="the requester's public key, DER SPKI")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FaucetArgs:
+    key: bytes = arg(max_length=MAX_KEY_SIZE, doc="the requester's public key, DER SPKI")
+
+
+BEACON = register(OpSpec(name="consensus.beacon", args=BeaconArgs,
+                         summary="the epoch beacon and the proof parameters"))
+STAKE = register(OpSpec(name="consensus.stake", args=StakeArgs,
+                        summary="a key's stake in the ledger"))
+FAUCET = register(OpSpec(name="consensus.faucet", args=FaucetArgs,
+                         summary="development only: top a key's stake up to the minimum"))
+
+
+# --- parameters ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProofParams:
+    """What a node requires of a proof set; ``consensus.beacon`` publishes it."""
+
+    minimum_stake: int
+    """Stake the requester key must hold."""
+    minimum_work_difficulty: int
+    """Leading zero bits the work hash must have (0 to 64)."""
+    plot_size: int
+    """Smallest plot size ``k`` accepted."""
+    vdf_iterations: int
+    """Smallest VDF iteration count accepted."""
+    epoch_length: int
+    """Seconds per epoch; epoch ``e`` starts at ``e * epoch_length`` (Unix time)."""
+    space_challenges: int = SPACE_CHALLENGES
+    vdf_discriminant_bits: int = VDF_DISCRIMINANT_BITS
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"minimum_stake": self.minimum_stake,
+                "minimum_work_difficulty": self.minimum_work_difficulty,
+                "plot_size": self.plot_size, "space_challenges": self.space_challenges,
+                "vdf_iterations": self.vdf_iterations,
+                "vdf_discriminant_bits": self.vdf_discriminant_bits,
+                "epoch_length": self.epoch_length}
+
+    @classmethod
+    def from_wire(cls, raw: dict[str, Any]) -> ProofParams:
+        """:raises KeyError, TypeError: ``raw`` is not a ``proof-params`` map."""
+        values = {name: raw[name] for name in (
+            "minimum_stake", "minimum_work_difficulty", "plot_size", "space_challenges",
+            "vdf_iterations", "vdf_discriminant_bits", "epoch_length")}
+        if any(type(v) is not int for v in values.values()):
+            raise TypeError("proof parameters must be integers")
+        return cls(**values)
+
+
+# --- the proof set --------------------------------------------------------------------
+
+
+def _sha256(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SpaceProof:
+    """A chiapos proof of space for this epoch's challenge, from a plot bound to the key."""
+
+    plot_id: bytes
+    k: int
+    index: int
+    """Which challenge of the epoch (0 to ``SPACE_CHALLENGES - 1``)."""
+    proof: bytes
+    """The 64 x-values, ``8 * k`` bytes."""
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"plot_id": self.plot_id, "k": self.k, "index": self.index, "proof": self.proof}
+
+    def digest(self) -> bytes:
+        """SHA-256 of the deterministic encoding of :meth:`to_wire`: what the binding signs."""
+        return _sha256(encode_deterministic(self.to_wire()))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TimeProof:
+    """A Wesolowski VDF (chiavdf) on the requester's discriminant for this epoch."""
+
+    iterations: int
+    output: bytes
+    """The form ``y = g^(2^iterations)``, compressed (100 bytes)."""
+    proof: bytes
+    """The Wesolowski proof ``pi``, compressed (100 bytes)."""
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"iterations": self.iterations, "output": self.output, "proof": self.proof}
+
+    def digest(self) -> bytes:
+        return _sha256(encode_deterministic(self.to_wire()))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProofSet:
+    """The four proofs and the binding signature of one request."""
+
+    epoch: int
+    requester_key: bytes
+    """DER SubjectPublicKeyInfo of the key that holds the stake and signs the binding."""
+    space: SpaceProof
+    time: TimeProof
+    nonce: bytes
+    """The proof of work: makes the work hash reach the difficulty."""
+    binding: bytes
+    """The requester key's signature over :func:`binding_statement`."""
+
+    @property
+    def key_id(self) -> bytes:
+        return key_id(self.requester_key)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "requester_key": self.requester_key,
+                "space": self.space.to_wire(), "time": self.time.to_wire(),
+                "work": {"nonce": self.nonce}, "binding": self.binding}
+
+
+def _fail(proof: ProofName, field: str, message: str) -> ProofInvalid:
+    return ProofInvalid(f"{proof}: {message}", proof=proof, field=f"proofs.{field}")
+
+
+def _map(raw: Any, proof: ProofName, field: str, keys: tuple[str, ...]) -> dict[str, Any]:
+    if raw is None:
+        raise _fail(proof, field, f"proofs.{field} is missing")
+    if type(raw) is not dict:
+        raise _fail(proof, field, f"proofs.{field} must be a map")
+    for key in raw:
+        if key not in keys:
+            raise _fail(proof, f"{field}.{key}" if isinstance(key, str) else field,
+                        f"proofs.{field} has an unknown key {key!r}")
+    return raw
+
+
+def _uint(raw: dict[str, Any], key: str, proof: ProofName, field: str,
+          lo: int, hi: int, what: str = "") -> int:
+    value = raw.get(key)
+    where = f"{field}.{key}" if field else key
+    if value is None:
+        raise _fail(proof, where, f"proofs.{where} is missing")
+    if type(value) is not int:
+        raise _fail(proof, where, f"proofs.{where} must be an integer")
+    if not lo <= value <= hi:
+        raise _fail(proof, where, f"proofs.{where} must be within {lo}..{hi}{what}, "
+                                  f"not {value}")
+    return value
+
+
+def _bytes(raw: dict[str, Any], key: str, proof: ProofName, field: str,
+           lo: int, hi: int) -> bytes:
+    value = raw.get(key)
+    where = f"{field}.{key}" if field else key
+    if value is None:
+        raise _fail(proof, where, f"proofs.{where} is missing")
+    if type(value) is not bytes:
+        raise _fail(proof, where, f"proofs.{where} must be a byte string")
+    if not lo <= len(value) <= hi:
+        size = f"{lo}" if lo == hi else f"{lo} to {hi}"
+        raise _fail(proof, where, f"proofs.{where} must be {size} bytes long, "
+                                  f"not {len(value)}")
+    return value
+
+
+_TOP_KEYS = ("epoch", "requester_key", "space", "time", "work", "binding")
+_OWNER: dict[str, ProofName] = {"epoch": "time", "requester_key": "stake", "space": "space",
+                                "time": "time", "work": "work", "binding": "binding"}
+
+
+def parse_proofs(raw: Any) -> ProofSet:
+    """Check the shape of a received ``proofs`` argument and build the :class:`ProofSet`.
+
+    Only shapes and sizes are checked here; the proofs themselves are verified
+    by the node. Each failure names the proof the offending part belongs to
+    (``epoch`` belongs to ``time``, ``requester_key`` to ``stake``).
+
+    :raises ProofInvalid: with ``proof`` and ``field`` (``proofs.space.k``, ...).
+    """
+    if raw is None:
+        raise ProofInvalid("binding: this operation needs the four-proof set in 'proofs' "
+                           "(space, stake, work, time and their binding)",
+                           proof="binding", field="proofs")
+    if type(raw) is not dict:
+        raise ProofInvalid("binding: proofs must be a map", proof="binding", field="proofs")
+    for key in raw:
+        if key not in _TOP_KEYS:
+            raise ProofInvalid(f"binding: proofs has an unknown key {key!r}", proof="binding",
+                               field="proofs")
+    for key in _TOP_KEYS:
+        if key not in raw:
+            raise _fail(_OWNER[key], key, f"proofs.{key} is missing")
+    epoch = _uint(raw, "epoch", "time", "", 0, (1 << 63) - 1)
+    requester_key = _bytes(raw, "requester_key", "stake", "", 1, MAX_KEY_SIZE)
+    space = _map(raw["space"], "space", "space", ("plot_id", "k", "index", "proof"))
+    k = _uint(space, "k", "space", "space", MIN_PLOT_SIZE, MAX_PLOT_SIZE)
+    space_proof = SpaceProof(
+        plot_id=_bytes(space, "plot_id", "space", "space", 32, 32), k=k,
+        index=_uint(space, "index", "space", "space", 0, SPACE_CHALLENGES - 1),
+        proof=_bytes(space, "proof", "space", "space", 8 * k, 8 * k))
+    time = _map(raw["time"], "time", "time", ("iterations", "output", "proof"))
+    time_proof = TimeProof(
+        iterations=_uint(time, "iterations", "time", "time", 1, MAX_VDF_ITERATIONS),
+        output=_bytes(time, "output", "time", "time", VDF_FORM_SIZE, VDF_FORM_SIZE),
+        proof=_bytes(time, "proof", "time", "time", VDF_FORM_SIZE, VDF_FORM_SIZE))
+    work = _map(raw["work"], "work", "work", ("nonce",))
+    nonce = _bytes(work, "nonce", "work", "work", 1, MAX_NONCE_SIZE)
+    binding = _bytes(raw, "binding", "binding", "", 1, MAX_SIGNATURE_SIZE)
+    return ProofSet(epoch=epoch, requester_key=requester_key, space=space_proof,
+                    time=time_proof, nonce=nonce, binding=binding)
+
+
+# --- derivations ------------------------------------------------------------------------
+
+
+def key_id(spki: bytes) -> bytes:
+    """SHA-256 of a DER SubjectPublicKeyInfo: the key's account in the stake ledger."""
+    return _sha256(spki)
+
+
+def issue_digest(csr: bytes) -> bytes:
+    """The request digest of ``ca.issue``: SHA-256 of the CSR's DER."""
+    return _sha256(csr)
+
+
+def revoke_digest(statement: bytes) -> bytes:
+    """The request digest of ``ca.revoke``: SHA-256 of the revocation statement."""
+    return _sha256(statement)
+
+
+def plot_id_for(spki: bytes, k: int) -> bytes:
+    """The only plot id a key may prove space with, for plots of size ``k``."""
+    return _sha256(encode_deterministic({"ctx": _CTX_PLOT, "key": spki, "k": k}))
+
+
+def space_challenge(beacon: bytes, plot_id: bytes, index: int) -> bytes:
+    """The 32-byte chiapos challenge number ``index`` of a plot in an epoch."""
+    return _sha256(encode_deterministic({"ctx": _CTX_SPACE, "beacon": beacon,
+                                         "plot_id": plot_id, "index": index}))
+
+
+def vdf_challenge(beacon: bytes, epoch: int, spki: bytes) -> bytes:
+    """The seed of the requester's discriminant (``create_discriminant(seed, 1024)``)."""
+    return _sha256(encode_deterministic({"ctx": _CTX_VDF, "beacon": beacon, "epoch": epoch,
+                                         "key": key_id(spki)}))
+
+
+def work_prefix(op: Operation, request: bytes, key: bytes, epoch: int) -> bytes:
+    """What the work nonce is appended to: the hash is SHA-256(prefix || nonce).
+
+    ``key`` is the requester's key id (:func:`key_id`).
+    """
+    return encode_deterministic({"ctx": _CTX_WORK, "op": op, "request": request, "key": key,
+                                 "epoch": epoch})
+
+
+def work_hash(prefix: bytes, nonce: bytes) -> bytes:
+    return _sha256(prefix + nonce)
+
+
+def leading_zero_bits(digest: bytes) -> int:
+    """Number of leading zero bits of ``digest``."""
+    value = int.from_bytes(digest, "big")
+    return len(digest) * 8 - value.bit_length()
+
+
+def work_target(difficulty: int) -> bytes:
+    """The 32-byte bound a work hash must be below to have ``difficulty`` zero bits."""
+    if difficulty <= 0:
+        return b"\xff" * 32 + b"\x00"  # every 32-byte hash compares below it
+    return (1 << (256 - difficulty)).to_bytes(32, "big")
+
+
+def binding_statement(*, op: Operation, request: bytes, epoch: int, space: bytes,
+                      time: bytes, nonce: bytes) -> bytes:
+    """What the requester key signs: the request, epoch and each proof, together.
+
+    ``space`` and ``time`` are :meth:`SpaceProof.digest` and :meth:`TimeProof.digest`.
+    """
+    return encode_deterministic({"ctx": _CTX_BINDING, "op": op, "request": request,
+                                 "epoch": epoch, "space": space, "time": time,
+                                 "nonce": nonce})
+
+
+def beacon_statement(*, epoch: int, start: int, value: bytes, previous: bytes) -> bytes:
+    """What the node's ``beacon`` key signs for each epoch."""
+    return encode_deterministic({"ctx": _CTX_BEACON, "epoch": epoch, "start": start,
+                                 "value": value, "previous": previous})

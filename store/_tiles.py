@@ -1,0 +1,510 @@
+"""One CT log shard as static-ct-api tiles on disk (c2sp.org/static-ct-api, tlog-tiles).
+
+Layout under the shard directory::
+
+    tile/<L>/<N>[.p/<W>]      hash tiles: 256 (or W) hashes of 32 bytes
+    tile/data/<N>[.p/<W>]     data tiles: the TileLeaf of each entry
+    tile/names/<N>[.p/<W>]    TrustChain's own: CBOR [[sha256, [names...]], ...] per entry
+    checkpoint                the latest signed checkpoint (note text)
+    staging/<size>-<root>     bundles: every file a batch changes, written before
+                              the checkpoint is committed
+
+Only the right edge of the tree (at most 255 hashes per level and 255 data
+entries) is kept in memory; every proof is computed from tiles, read on
+demand through a small cache of immutable full tiles.
+
+Durability: :meth:`TileLog.append` extends the in-memory edge and returns a
+:class:`Bundle`; :meth:`write_bundle` makes the bundle durable (one file,
+fsync); the caller then commits the checkpoint by compare-and-swap in the
+database, and only then calls :meth:`publish` (readers see the new size) and,
+off the critical path, :meth:`install` (tile files written and fsync'd, the
+bundle removed). :meth:`recover` re-installs the bundles of committed
+checkpoints after a crash and discards the others, so tiles are only ever
+written for a committed tree, and a writer that lost the compare-and-swap
+never touches them.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cbor2
+
+from protocol.ct_merkle import (
+    EMPTY_ROOT,
+    consistency_proof,
+    inclusion_proof,
+    leaf_hash,
+    perfect_levels,
+    root_from_hashes,
+    subtree_hash,
+)
+from protocol.ct_structs import (
+    split_data_tile,
+    tile_path,
+    timestamped_entry_of_tile_leaf,
+)
+
+from ._files import fsync_directory
+
+WIDTH = 256
+HASH_SIZE = 32
+TILE_BITS = 8
+MAX_LEVEL = 5
+"""Hash tiles exist at levels 0 to 5 (2**48 leaves)."""
+
+
+class TileError(Exception):
+    """The tiles cannot be read or written."""
+
+
+class TileCorrupted(TileError):
+    """Tiles contradict each other or the committed checkpoint (tampering or damage)."""
+
+
+@dataclass(slots=True)
+class Bundle:
+    """Every file one batch changes, keyed by path relative to the shard directory."""
+
+    old_size: int
+    old_root: bytes
+    size: int
+    root: bytes
+    files: dict[str, bytes] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{self.size:012d}-{self.root.hex()}"
+
+    def encode(self) -> bytes:
+        out = bytearray(b"TCB1")
+        out += self.old_size.to_bytes(8, "big") + self.old_root
+        out += self.size.to_bytes(8, "big") + self.root
+        for path, data in self.files.items():
+            raw = path.encode()
+            out += len(raw).to_bytes(2, "big") + raw + len(data).to_bytes(4, "big") + data
+        return bytes(out)
+
+    @classmethod
+    def decode(cls, data: bytes) -> Bundle:
+        if data[:4] != b"TCB1" or len(data) < 84:
+            raise TileCorrupted("not a tile bundle")
+        bundle = cls(old_size=int.from_bytes(data[4:12], "big"), old_root=data[12:44],
+                     size=int.from_bytes(data[44:52], "big"), root=data[52:84])
+        pos = 84
+        while pos < len(data):
+            n = int.from_bytes(data[pos:pos + 2], "big")
+            path = data[pos + 2:pos + 2 + n].decode()
+            pos += 2 + n
+            m = int.from_bytes(data[pos:pos + 4], "big")
+            bundle.files[path] = data[pos + 4:pos + 4 + m]
+            if len(bundle.files[path]) != m:
+                raise TileCorrupted("truncated tile bundle")
+            pos += 4 + m
+        return bundle
+
+
+@dataclass(frozen=True, slots=True)
+class Appended:
+    """One entry to append: its leaf hash, its TileLeaf and its names-tile record."""
+
+    leaf_hash: bytes
+    tile_leaf: bytes
+    fingerprint: bytes
+    names: tuple[str, ...]
+
+
+def _write_file(path: Path, data: bytes, *, sync: bool) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.{threading.get_ident()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        if sync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+class TileLog:
+    """The Merkle tree and entries of one shard, stored as tiles in ``directory``."""
+
+    def __init__(self, directory: str | Path, *, cache_tiles: int = 1024,
+                 cache_data_tiles: int = 64) -> None:
+        self.dir = Path(directory)
+        self.size = 0
+        """Committed size: readers see entries below it."""
+        self.root = EMPTY_ROOT
+        self._next_size = 0
+        self._next_root = EMPTY_ROOT
+        self._edge: list[list[bytes]] = [[] for _ in range(MAX_LEVEL + 1)]
+        self._edge_data: list[bytes] = []
+        self._edge_names: list[list[Any]] = []
+        self._pending: dict[str, bytes] = {}
+        self._cache: collections.OrderedDict[tuple[int, int], list[list[bytes]]] = \
+            collections.OrderedDict()
+        self._data_cache: collections.OrderedDict[int, tuple[list[bytes], list[Any]]] = \
+            collections.OrderedDict()
+        self._cache_tiles = cache_tiles
+        self._cache_data_tiles = cache_data_tiles
+        self._lock = threading.Lock()  # the caches, for readers on other threads
+
+    @property
+    def appended(self) -> int:
+        """Entries appended so far, committed or not."""
+        return self._next_size
+
+    # --- reading ----------------------------------------------------------------------
+
+    def _read(self, path: str) -> bytes | None:
+        pending = self._pending.get(path)
+        if pending is not None:
+            return pending
+        try:
+            return (self.dir / path).read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise TileError(f"cannot read {self.dir / path}: {exc}") from exc
+
+    def _full_tile_levels(self, level: int, index: int) -> list[list[bytes]]:
+        key = (level, index)
+        with self._lock:
+            levels = self._cache.get(key)
+            if levels is not None:
+                self._cache.move_to_end(key)
+                return levels
+        data = self._read(tile_path(level, index))
+        if data is None or len(data) != WIDTH * HASH_SIZE:
+            raise TileCorrupted(f"shard {self.dir.name}: hash tile {tile_path(level, index)} "
+                                "is missing or not 8192 bytes")
+        levels = perfect_levels([data[i:i + HASH_SIZE] for i in range(0, len(data), HASH_SIZE)])
+        # Authenticate the tile by its hash one level up (itself authenticated the same
+        # way, up to the in-memory right edge that the committed root was checked against).
+        if level < MAX_LEVEL and self.block(TILE_BITS * (level + 1), index) != levels[-1][0]:
+            raise TileCorrupted(f"shard {self.dir.name}: hash tile {tile_path(level, index)} "
+                                "does not match its hash in the tile above (altered)")
+        with self._lock:
+            self._cache[key] = levels
+            if len(self._cache) > self._cache_tiles:
+                self._cache.popitem(last=False)
+        return levels
+
+    def block(self, height: int, index: int) -> bytes:
+        """The hash of the perfect subtree of ``2**height`` leaves at ``index * 2**height``.
+
+        The subtree must lie inside the tree as appended so far.
+        """
+        level, sub = divmod(height, TILE_BITS)
+        first = index << sub                      # first node of the tile level
+        tile, offset = divmod(first, WIDTH)
+        if level > MAX_LEVEL:
+            raise TileError(f"height {height} is beyond the tiles")
+        if tile == self._next_size >> (TILE_BITS * (level + 1)):
+            edge = self._edge[level]
+            if offset + (1 << sub) > len(edge):
+                raise TileError(f"subtree ({height}, {index}) is beyond the tree")
+            if sub == 0:
+                return edge[offset]
+            return root_from_hashes(edge[offset:offset + (1 << sub)])
+        return self._full_tile_levels(level, tile)[sub][offset >> sub]
+
+    def mth(self, start: int, end: int) -> bytes:
+        """``MTH(D[start:end])`` for a proof range within the committed tree."""
+        if end > self.size:
+            raise TileError(f"range [{start}, {end}) is beyond the tree size {self.size}")
+        return subtree_hash(start, end, self.block)
+
+    def root_at(self, size: int) -> bytes:
+        """The Merkle Tree Hash of the first ``size`` entries (any committed size)."""
+        if size == 0:
+            return EMPTY_ROOT
+        return self.mth(0, size)
+
+    def inclusion_proof(self, index: int, size: int) -> list[bytes]:
+        return inclusion_proof(index, size, self.mth)
+
+    def consistency_proof(self, first: int, second: int) -> list[bytes]:
+        return consistency_proof(first, second, self.mth)
+
+    def leaf_hashes(self, start: int, end: int) -> list[bytes]:
+        """Level-0 hashes of entries ``[start, end)``."""
+        out: list[bytes] = []
+        pos = start
+        while pos < end:
+            tile, offset = divmod(pos, WIDTH)
+            stop = min(end, (tile + 1) * WIDTH)
+            if tile == self._next_size >> TILE_BITS:
+                out += self._edge[0][offset:offset + stop - pos]
+            else:
+                out += self._full_tile_levels(0, tile)[0][offset:offset + stop - pos]
+            pos = stop
+        return out
+
+    def _data_tile(self, tile: int) -> tuple[list[bytes], list[Any]]:
+        """The TileLeaf items and name records of a full data tile, checked against the
+        level-0 hash tile (a tampered data tile raises :class:`TileCorrupted`)."""
+        with self._lock:
+            cached = self._data_cache.get(tile)
+            if cached is not None:
+                self._data_cache.move_to_end(tile)
+                return cached
+        data = self._read(tile_path("data", tile))
+        names_raw = self._read(tile_path("names", tile))
+        if data is None or names_raw is None:
+            raise TileCorrupted(f"shard {self.dir.name}: data tile {tile} is missing")
+        try:
+            items = split_data_tile(data)
+            names = cbor2.loads(names_raw)
+        except Exception as exc:
+            raise TileCorrupted(f"shard {self.dir.name}: data tile {tile} does not parse: "
+                                f"{exc}") from exc
+        hashes = self._full_tile_levels(0, tile)[0]
+        self._check(tile * WIDTH, items, names, hashes)
+        with self._lock:
+            self._data_cache[tile] = (items, names)
+            if len(self._data_cache) > self._cache_data_tiles:
+                self._data_cache.popitem(last=False)
+        return items, names
+
+    def _check(self, start: int, items: Sequence[bytes], names: Sequence[Any],
+               hashes: Sequence[bytes]) -> None:
+        if len(items) != len(hashes) or len(names) != len(hashes):
+            raise TileCorrupted(f"shard {self.dir.name}: data tile at {start} holds "
+                                f"{len(items)} entries, its hash tile {len(hashes)}")
+        for i, item in enumerate(items):
+            if leaf_hash(b"\x00\x00" + timestamped_entry_of_tile_leaf(item)) != hashes[i]:
+                raise TileCorrupted(f"shard {self.dir.name}: entry {start + i} does not match "
+                                    "its leaf hash (the data tile was altered)")
+
+    def entries(self, start: int, end: int) -> list[tuple[bytes, Any]]:
+        """``(TileLeaf, [sha256, names])`` of committed entries ``[start, end)``, each
+        checked against its leaf hash."""
+        if not 0 <= start <= end <= self.size:
+            raise TileError(f"entries [{start}, {end}) are not within the tree size {self.size}")
+        out: list[tuple[bytes, Any]] = []
+        pos = start
+        while pos < end:
+            tile, offset = divmod(pos, WIDTH)
+            stop = min(end, (tile + 1) * WIDTH)
+            if tile == self._next_size >> TILE_BITS:
+                items = self._edge_data[offset:offset + stop - pos]
+                names: Sequence[Any] = self._edge_names[offset:offset + stop - pos]
+            else:
+                all_items, all_names = self._data_tile(tile)
+                items = all_items[offset:offset + stop - pos]
+                names = all_names[offset:offset + stop - pos]
+            out += zip(items, names, strict=True)
+            pos = stop
+        return out
+
+    # --- appending ----------------------------------------------------------------------
+
+    def append(self, entries: Sequence[Appended]) -> Bundle:
+        """Extend the in-memory tree by ``entries``; return the files to make durable.
+
+        Nothing is visible to readers until :meth:`publish`.
+        """
+        bundle = Bundle(old_size=self._next_size, old_root=self._next_root, size=0, root=b"")
+        files = bundle.files
+        for entry in entries:
+            self._edge_data.append(entry.tile_leaf)
+            self._edge_names.append([entry.fingerprint, list(entry.names)])
+            self._push(0, entry.leaf_hash, files)
+            self._next_size += 1
+            if len(self._edge_data) == WIDTH:
+                tile = (self._next_size >> TILE_BITS) - 1
+                files[tile_path("data", tile)] = b"".join(self._edge_data)
+                files[tile_path("names", tile)] = cbor2.dumps(self._edge_names)
+                self._edge_data = []
+                self._edge_names = []
+        size = self._next_size
+        for level in range(MAX_LEVEL + 1):
+            width = len(self._edge[level])
+            if width:
+                files[tile_path(level, size >> (TILE_BITS * (level + 1)), width)] = \
+                    b"".join(self._edge[level])
+        if self._edge_data:
+            tile = size >> TILE_BITS
+            files[tile_path("data", tile, len(self._edge_data))] = b"".join(self._edge_data)
+            files[tile_path("names", tile, len(self._edge_data))] = cbor2.dumps(self._edge_names)
+        self._pending.update(files)
+        self._next_root = subtree_hash(0, size, self.block) if size else EMPTY_ROOT
+        bundle.size = size
+        bundle.root = self._next_root
+        return bundle
+
+    def _push(self, level: int, value: bytes, files: dict[str, bytes]) -> None:
+        edge = self._edge[level]
+        edge.append(value)
+        if len(edge) == WIDTH:
+            tile = (self._next_size + 1 >> (TILE_BITS * (level + 1))) - 1
+            data = b"".join(edge)
+            files[tile_path(level, tile)] = data
+            levels = perfect_levels(edge)
+            with self._lock:
+                self._cache[(level, tile)] = levels
+                if len(self._cache) > self._cache_tiles:
+                    self._cache.popitem(last=False)
+            self._edge[level] = []
+            if level < MAX_LEVEL:
+                self._push(level + 1, levels[-1][0], files)
+
+    def write_bundle(self, bundle: Bundle, checkpoint_note: bytes) -> None:
+        """Make ``bundle`` durable in ``staging/`` (blocking: call from a worker thread)."""
+        bundle.files["checkpoint"] = checkpoint_note
+        staging = self.dir / "staging"
+        staging.mkdir(parents=True, exist_ok=True)
+        try:
+            _write_file(staging / bundle.name, bundle.encode(), sync=True)
+            fsync_directory(staging)
+        except OSError as exc:
+            raise TileError(f"cannot write the tile bundle: {exc}") from exc
+
+    def publish(self, bundle: Bundle) -> None:
+        """The bundle's checkpoint is committed: readers may see its entries."""
+        self.size = bundle.size
+        self.root = bundle.root
+
+    def install(self, bundle: Bundle, *, sync: bool = True) -> None:
+        """Write the bundle's files in place (fsync'd), then drop the bundle and the
+        partial tiles that full tiles replace. Blocking: call from a worker thread.
+
+        ``sync=False`` (the bulk loader, which syncs the file system once at the end)
+        skips the fsyncs.
+        """
+        try:
+            directories: set[Path] = set()
+            for path, data in bundle.files.items():
+                target = self.dir / path
+                _write_file(target, data, sync=sync)
+                directories.add(target.parent)
+            for directory in directories if sync else ():
+                fsync_directory(directory)
+            for path in bundle.files:
+                if path.startswith("tile/") and ".p/" not in path:
+                    partials = self.dir / f"{path}.p"
+                    if partials.is_dir():
+                        for stale in partials.iterdir():
+                            stale.unlink(missing_ok=True)
+                        partials.rmdir()
+            (self.dir / "staging" / bundle.name).unlink(missing_ok=True)
+        except OSError as exc:
+            raise TileError(f"cannot install tiles: {exc}") from exc
+
+    def installed(self, bundle: Bundle) -> None:
+        """After :meth:`install`: read the bundle's tiles from disk from now on.
+        (Call on the thread that appends.)"""
+        for path, data in bundle.files.items():
+            if self._pending.get(path) is data:
+                del self._pending[path]
+
+    # --- recovery -------------------------------------------------------------------------
+
+    def recover(self, size: int, root: bytes) -> int:
+        """Load the committed tree (``size``, ``root``) from disk after a start or a crash.
+
+        Re-installs the staged bundles that lead to the committed checkpoint,
+        discards the others (never committed), rebuilds the right edge and checks
+        that the tiles give ``root``. Returns the number of bundles re-installed.
+
+        :raises TileCorrupted: the tiles do not give the committed root.
+        """
+        staging = self.dir / "staging"
+        bundles: dict[tuple[int, bytes], Bundle] = {}
+        if staging.is_dir():
+            for path in sorted(staging.iterdir()):
+                if path.name.startswith("."):
+                    path.unlink(missing_ok=True)
+                    continue
+                try:
+                    bundle = Bundle.decode(path.read_bytes())
+                except (TileCorrupted, UnicodeDecodeError):
+                    path.unlink()  # a bundle cut short by a crash was never committed
+                    continue
+                bundles[(bundle.size, bundle.root)] = bundle
+        chain: list[Bundle] = []
+        key = (size, root)
+        while key in bundles:
+            bundle = bundles.pop(key)
+            chain.append(bundle)
+            key = (bundle.old_size, bundle.old_root)
+        for bundle in bundles.values():  # not on the committed chain: never committed
+            (staging / bundle.name).unlink(missing_ok=True)
+        self._pending.clear()
+        for bundle in reversed(chain):
+            self.install(bundle)
+        self._load_edge(size)
+        self.size = self._next_size = size
+        computed = self.root_at(size) if size else EMPTY_ROOT
+        if computed != root:
+            raise TileCorrupted(f"shard {self.dir.name}: the tiles give root {computed.hex()} "
+                                f"for size {size}, the committed checkpoint {root.hex()}")
+        self.root = self._next_root = root
+        return len(chain)
+
+    def _load_edge(self, size: int) -> None:
+        self._edge = [[] for _ in range(MAX_LEVEL + 1)]
+        for level in range(MAX_LEVEL + 1):
+            width = (size >> (TILE_BITS * level)) % WIDTH
+            if not width:
+                continue
+            index = size >> (TILE_BITS * (level + 1))
+            data = self._read(tile_path(level, index, width))
+            if data is None or len(data) != width * HASH_SIZE:
+                raise TileCorrupted(f"shard {self.dir.name}: partial tile "
+                                    f"{tile_path(level, index, width)} is missing or damaged")
+            self._edge[level] = [data[i:i + HASH_SIZE] for i in range(0, len(data), HASH_SIZE)]
+        width = size % WIDTH
+        self._edge_data, self._edge_names = [], []
+        if width:
+            index = size >> TILE_BITS
+            data = self._read(tile_path("data", index, width))
+            names = self._read(tile_path("names", index, width))
+            if data is None or names is None:
+                raise TileCorrupted(f"shard {self.dir.name}: partial data tile {index} "
+                                    "is missing")
+            try:
+                self._edge_data = split_data_tile(data)
+                self._edge_names = cbor2.loads(names)
+            except Exception as exc:
+                raise TileCorrupted(f"shard {self.dir.name}: partial data tile {index} does "
+                                    f"not parse: {exc}") from exc
+            self._check(index * WIDTH, self._edge_data, self._edge_names, self._edge[0])
+        self._next_size = size
+
+    def verify_all(self) -> None:
+        """Recompute the whole tree from the data tiles and compare every hash tile and
+        the root (slow: an audit of the shard).
+
+        :raises TileCorrupted: at the first disagreement.
+        """
+        size = self.size
+        leaf_hashes: list[bytes] = []
+        for start in range(0, size, WIDTH):
+            end = min(size, start + WIDTH)
+            for item, _ in self.entries(start, end):
+                leaf_hashes.append(leaf_hash(b"\x00\x00" + timestamped_entry_of_tile_leaf(item)))
+        level_hashes = leaf_hashes
+        for level in range(MAX_LEVEL + 1):
+            for tile in range(len(level_hashes) // WIDTH):
+                expected = b"".join(level_hashes[tile * WIDTH:(tile + 1) * WIDTH])
+                if self._read(tile_path(level, tile)) != expected:
+                    raise TileCorrupted(f"shard {self.dir.name}: hash tile "
+                                        f"{tile_path(level, tile)} does not match the entries")
+            level_hashes = [root_from_hashes(level_hashes[i:i + WIDTH])
+                            for i in range(0, len(level_hashes) - WIDTH + 1, WIDTH)]
+            if not level_hashes:
+                break
+        if root_from_hashes(leaf_hashes) != self.root:
+            raise TileCorrupted(f"shard {self.dir.name}: the entries do not give the root")
+

@@ -1,0 +1,104 @@
+"""The CT log as a process: SIGKILL in the middle of a stream of add-chain calls loses
+no entry whose SCT a client received, and the restarted log is consistent with every
+tree head handed out before the kill."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+
+import stoq
+from protocol import ct_merkle as merkle
+from protocol import ct_structs as ct
+
+from ..helpers import start_server_process
+from ..unit.test_ct_log import make_ca
+
+
+async def test_sigkill_loses_no_acknowledged_entry(tmp_path: Path) -> None:
+    ca = make_ca("Kill")
+    root = tmp_path / "extra-root.pem"
+    root.write_bytes(ca.root.public_bytes(serialization.Encoding.PEM))
+    extra = f'[ct]\nextra_roots = ["{root}"]\nbatch_interval = "10ms"\n'
+    leaves = [ca.leaf(f"k{i}.trust") for i in range(3500)]
+    server = start_server_process(tmp_path, "qh3", extra)
+    acknowledged: list[tuple[bytes, dict[str, Any]]] = []
+    heads: list[dict[str, Any]] = []
+    try:
+        client = await stoq.connect("::1", server.port, pin=server.pin, timeout=5)
+        key = (await stoq.ShardKeys.fetch(client)).keys[0]
+        queue = iter(leaves)
+
+        async def submitter() -> None:
+            for der in queue:
+                try:
+                    sct = await client.request("ct.add-chain", {"chain": [der, ca.der]})
+                except Exception:
+                    return
+                acknowledged.append((der, sct))
+
+        async def watcher() -> None:
+            while True:
+                try:
+                    sth = await client.request("ct.get-sth")
+                except Exception:
+                    return
+                stoq.verify_sth(sth, key)
+                heads.append(sth)
+                await asyncio.sleep(0.05)
+
+        tasks = [asyncio.ensure_future(submitter()) for _ in range(32)]
+        tasks.append(asyncio.ensure_future(watcher()))
+        await asyncio.sleep(1.5)
+        os.kill(server.proc.pid, signal.SIGKILL)  # mid-batch, no warning
+        await asyncio.wait(tasks, timeout=20)
+        await client.close()
+    finally:
+        server.stop()
+    assert len(acknowledged) > 200, len(acknowledged)
+    assert len(heads) > 5
+
+    restarted = start_server_process(tmp_path, "qh3", extra)
+    try:
+        client = await stoq.connect("::1", restarted.port, pin=restarted.pin, timeout=10)
+        key = (await stoq.ShardKeys.fetch(client)).keys[0]
+        sth = await client.request("ct.get-sth")
+        stoq.verify_sth(sth, key)
+        size = sth["tree_size"]
+        assert size >= len(acknowledged)
+        # Every acknowledged SCT: its entry is at its leaf_index, with its timestamp.
+        by_index = {sct["leaf_index"]: (der, sct) for der, sct in acknowledged}
+        start = 0
+        while start < size:
+            got = await client.request("ct.get-entries", {"start": start,
+                                                          "end": min(size, start + 999)})
+            for i, entry in enumerate(got["entries"], start):
+                if i in by_index:
+                    der, sct = by_index.pop(i)
+                    te = ct.parse_merkle_tree_leaf(entry["leaf_input"])
+                    assert te.certificate == der and te.timestamp == sct["timestamp"]
+                    assert te.leaf_index == i
+            start += len(got["entries"])
+        assert not by_index, f"{len(by_index)} acknowledged entries are missing"
+        # The new tree extends every tree head handed out before the kill.
+        for head in heads:
+            await stoq.verify_consistency(client, 0, head, sth)
+        merkle.verify_consistency(heads[-1]["tree_size"], size, heads[-1]["sha256_root_hash"],
+                                  sth["sha256_root_hash"], (await client.request(
+                                      "ct.get-sth-consistency",
+                                      {"first": heads[-1]["tree_size"], "second": size}
+                                  ))["consistency"] if heads[-1]["tree_size"] < size else [])
+        # And it goes on: a new entry gets the next index.
+        before = time.time()
+        fresh = await client.request("ct.add-chain", {"chain": [leaves[-1], ca.der]})
+        if leaves[-1] not in {der for der, _ in acknowledged}:
+            assert fresh["leaf_index"] >= size and fresh["timestamp"] >= int(before * 1000) - 1
+        await client.close()
+    finally:
+        restarted.stop()

@@ -1,0 +1,466 @@
+"""The DNS service without sockets: zones built from real certificates in a real
+SQLite store, signed with keys from a real keystore (software or SoftHSM2), every
+answer taken from the DoQ wire path and validated with dnspython."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import hashlib
+import ipaddress
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import dns.dnssec
+import dns.flags
+import dns.message
+import dns.name
+import dns.rcode
+import dns.rdatatype
+import dns.rrset
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+from handlers import RequestContext
+from handlers.dns import DnsService, DnsSettings, KeyRing, ZoneSettings
+from protocol import InvalidRequest, NotFound, Peer, Unauthorized
+from protocol.doq import PADDING_BLOCK, QueryReceived, parse_query
+from protocol.ops import dns as ops
+from store import CertificateRecord, CertificateStore, SoftwareKeyStore, open_keystore
+
+from ..softhsm import SoftHsmToken
+
+DAY = 86400.0
+START = 1_767_225_600.0
+PEER = Peer(address="::1", port=5353, alpn="doq")
+CTX = RequestContext(peer=PEER, op="dns.register", received_at=START)
+
+
+class Clock:
+    def __init__(self, now: float = START) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+_CA_KEY = ec.generate_private_key(ec.SECP256R1())
+
+
+def make_record(names: list[str], *, issued_at: float, key: Any = None,
+                lifetime: float = DAY) -> tuple[CertificateRecord, Any]:
+    key = key or ed25519.Ed25519PrivateKey.generate()
+    san: list[x509.GeneralName] = []
+    for name in names:
+        try:
+            san.append(x509.IPAddress(ipaddress.IPv6Address(name)))
+        except ValueError:
+            san.append(x509.DNSName(name))
+    serial = x509.random_serial_number() | (1 << 127)
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([]))
+            .issuer_name(x509.Name([x509.NameAttribute(x509.OID_COMMON_NAME, "test CA")]))
+            .public_key(key.public_key()).serial_number(serial)
+            .not_valid_before(datetime.datetime.fromtimestamp(issued_at - 300, datetime.UTC))
+            .not_valid_after(datetime.datetime.fromtimestamp(issued_at + lifetime,
+                                                             datetime.UTC))
+            .add_extension(x509.SubjectAlternativeName(san), critical=True)
+            .sign(_CA_KEY, hashes.SHA256()))
+    der = cert.public_bytes(serialization.Encoding.DER)
+    spki = key.public_key().public_bytes(serialization.Encoding.DER,
+                                         serialization.PublicFormat.SubjectPublicKeyInfo)
+    record = CertificateRecord(
+        serial=format(serial, "x"), der=der, fingerprint=hashlib.sha256(der).hexdigest(),
+        spki_sha256=hashlib.sha256(spki).hexdigest(), issuer="intermediate-1",
+        not_before=issued_at - 300, not_after=issued_at + lifetime, issued_at=issued_at,
+        revoked_at=None, revocation_reason=None, names=tuple(names))
+    return record, key
+
+
+class Env:
+    def __init__(self, tmp: Path, keystore: Any = None, algorithm: str = "ed25519",
+                 clock: Clock | None = None, key_prefix: str = "dns") -> None:
+        self.tmp = tmp
+        self.clock = clock or Clock()
+        self.certs = CertificateStore(tmp / "certificates.sqlite3")
+        self.keystore = keystore or SoftwareKeyStore(tmp / "keys")
+        self.algorithm = algorithm
+        self.key_prefix = key_prefix
+        self.service = self.new_service()
+
+    def new_service(self) -> DnsService:
+        keyring = KeyRing(keystore=self.keystore, path=self.tmp / "dns" / "keys.json",
+                          algorithm=self.algorithm, zsk_lifetime=30 * DAY, prepublish=DAY,
+                          key_prefix=self.key_prefix)
+        service = DnsService(settings=DnsSettings(domains=("trust", "hypermesh"),
+                                                  nameserver_addresses=("2001:db8::53",),
+                                                  zone=ZoneSettings(record_ttl=300,
+                                                                    negative_ttl=60)),
+                             certs=self.certs, keyring=keyring, forwarder=None,
+                             data_dir=self.tmp / "dns", clock=self.clock)
+        service.start()
+        return service
+
+    def issue(self, names: list[str], **kwargs: Any) -> tuple[CertificateRecord, Any]:
+        kwargs.setdefault("issued_at", self.clock.now)
+        record, key = make_record(names, **kwargs)
+        self.certs.add_now(record)
+        self.service.certificate_issued(record)
+        return record, key
+
+    def ask(self, name: str, rdtype: str = "AAAA", *, dnssec: bool = True,
+            raw: bool = False, **kwargs: Any) -> Any:
+        query = dns.message.make_query(name, rdtype, want_dnssec=dnssec, **kwargs)
+        query.id = 0
+        wire = query.to_wire()
+        answer = self.service.answer_doq(QueryReceived(0, wire, parse_query(wire)), PEER)
+        assert isinstance(answer, bytes)
+        return answer if raw else dns.message.from_wire(answer)
+
+    def ds(self, zone: str = "trust.") -> set[Any]:
+        lines = self.service.ds_records(dns.name.from_text(zone))
+        return {dns.rrset.from_text(zone, 3600, "IN", "DS", line.split(" DS ", 1)[1])[0]
+                for line in lines}
+
+    def validate(self, response: dns.message.Message, zone: str = "trust.") -> int:
+        """Validate every RRset of answer and authority like a resolver with the DS
+        as its trust anchor; returns how many RRsets were checked."""
+        origin = dns.name.from_text(zone)
+        keys_msg = self.ask(zone, "DNSKEY")
+        dnskeys = keys_msg.find_rrset(keys_msg.answer, origin, dns.rdataclass.IN,
+                                      dns.rdatatype.DNSKEY)
+        dnskey_sig = keys_msg.find_rrset(keys_msg.answer, origin, dns.rdataclass.IN,
+                                         dns.rdatatype.RRSIG, dns.rdatatype.DNSKEY)
+        anchors = [k for k in dnskeys if dns.dnssec.make_ds(origin, k, "SHA256") in self.ds(zone)]
+        assert anchors, "no DNSKEY matches the DS"
+        dns.dnssec.validate(dnskeys, dnskey_sig,
+                            {origin: dns.rrset.from_rdata_list(origin, 3600, anchors)},
+                            now=self.clock.now)
+        checked = 0
+        for section in (response.answer, response.authority):
+            sigs = {(r.name, r.covers): r for r in section if r.rdtype == dns.rdatatype.RRSIG}
+            for rrset in section:
+                if rrset.rdtype == dns.rdatatype.RRSIG:
+                    continue
+                dns.dnssec.validate(rrset, sigs[(rrset.name, rrset.rdtype)],
+                                    {origin: dnskeys}, now=self.clock.now)
+                checked += 1
+        return checked
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[Env]:
+    e = Env(tmp_path)
+    yield e
+    e.certs.close()
+
+
+def rdatas(response: dns.message.Message, rdtype: int) -> list[str]:
+    return sorted(rd.to_text() for r in response.answer if r.rdtype == rdtype for rd in r)
+
+
+def tlsa_of(record: CertificateRecord) -> str:
+    return f"3 1 1 {record.spki_sha256}"
+
+
+def test_certificate_records_are_published_signed_and_validate(env: Env) -> None:
+    record, _ = env.issue(["www.trust", "api.hypermesh", "2001:db8::7", "2001:db8::8"])
+    r = env.ask("www.trust", "AAAA")
+    assert r.rcode() == dns.rcode.NOERROR and r.flags & dns.flags.AA
+    assert rdatas(r, dns.rdatatype.AAAA) == ["2001:db8::7", "2001:db8::8"]
+    assert env.validate(r) == 1
+    t = env.ask("_443._quic.www.trust", "TLSA")
+    assert rdatas(t, dns.rdatatype.TLSA) == [tlsa_of(record)]
+    assert env.validate(t) == 1
+    h = env.ask("_443._quic.api.hypermesh", "TLSA")
+    assert rdatas(h, dns.rdatatype.TLSA) == [tlsa_of(record)]
+    assert env.validate(h, "hypermesh.") == 1
+    ns = env.ask("trust", "NS")
+    assert rdatas(ns, dns.rdatatype.NS) == ["ns1.trust."]
+    assert [rd.to_text() for r in ns.additional if r.rdtype == dns.rdatatype.AAAA
+            for rd in r] == ["2001:db8::53"]
+    assert env.validate(ns) == 1
+    assert env.validate(env.ask("trust", "SOA")) == 1
+
+
+def test_denials_carry_soa_and_nsec_proofs(env: Env) -> None:
+    env.issue(["www.trust", "2001:db8::7"])
+    nodata = env.ask("www.trust", "A")  # IPv6 only: never an A record
+    assert nodata.rcode() == dns.rcode.NOERROR and not nodata.answer
+    types = {r.rdtype for r in nodata.authority}
+    assert {dns.rdatatype.SOA, dns.rdatatype.NSEC} <= types
+    soa = next(r for r in nodata.authority if r.rdtype == dns.rdatatype.SOA)
+    assert soa.ttl == 60  # min(SOA TTL, minimum), RFC 2308
+    assert env.validate(nodata) == 2
+    nsec = next(r for r in nodata.authority if r.rdtype == dns.rdatatype.NSEC)
+    assert dns.rdatatype.A not in [t for w in nsec[0].windows for t in _types(w)]
+    nx = env.ask("nothing.trust", "AAAA")
+    assert nx.rcode() == dns.rcode.NXDOMAIN
+    assert env.validate(nx) >= 2
+    covered = dns.name.from_text("nothing.trust.")
+    assert any(r.name < covered < r[0].next or r[0].next == dns.name.from_text("trust.")
+               for r in nx.authority if r.rdtype == dns.rdatatype.NSEC)
+    ent = env.ask("_quic.www.trust", "TXT")  # an empty non-terminal: NODATA
+    assert ent.rcode() == dns.rcode.NOERROR and not ent.answer
+    assert env.validate(ent) == 2
+    unknown = env.ask("www.trust", "TYPE65280")
+    assert unknown.rcode() == dns.rcode.NOERROR and not unknown.answer
+    no_dnssec = env.ask("nothing.trust", dnssec=False)
+    assert [r.rdtype for r in no_dnssec.authority] == [dns.rdatatype.SOA]
+
+
+def _types(window: tuple[int, bytes]) -> list[int]:
+    number, bitmap = window
+    return [number * 256 + i * 8 + j for i, byte in enumerate(bitmap) for j in range(8)
+            if byte & (0x80 >> j)]
+
+
+def test_revocation_expiry_and_renewal(env: Env) -> None:
+    first, _ = env.issue(["www.trust", "2001:db8::7"], lifetime=DAY)
+    serial_before = env.service.zones[dns.name.from_text("trust.")].serial
+    env.clock.now += 60
+    second, _ = env.issue(["www.trust", "2001:db8::9"], lifetime=2 * DAY)  # a renewal
+    r = env.ask("www.trust")
+    assert rdatas(r, dns.rdatatype.AAAA) == ["2001:db8::9"]  # replaced, not added
+    assert rdatas(env.ask("_443._quic.www.trust", "TLSA"),
+                  dns.rdatatype.TLSA) == [tlsa_of(second)]
+    assert env.service.zones[dns.name.from_text("trust.")].serial > serial_before
+    env.service.certificate_revoked(second)
+    # the earlier certificate is still valid, so it is published again
+    assert rdatas(env.ask("www.trust"), dns.rdatatype.AAAA) == ["2001:db8::7"]
+    env.clock.now = first.not_after + 1
+    assert env.service.maintain() == ["expired 1"]
+    gone = env.ask("www.trust")
+    assert gone.rcode() == dns.rcode.NXDOMAIN and env.validate(gone) >= 2
+    assert env.ask("_443._quic.www.trust", "TLSA").rcode() == dns.rcode.NXDOMAIN
+
+
+def test_restart_publishes_the_stored_certificates(env: Env) -> None:
+    record, _ = env.issue(["api.trust", "2001:db8::1"])
+    revoked, _ = env.issue(["old.trust"])
+    # the store is the source of truth after a restart
+    asyncio.run(env.certs.revoke(revoked.serial, "superseded", env.clock.now))
+    again = env.new_service()
+    env.service = again
+    assert rdatas(env.ask("_443._quic.api.trust", "TLSA"),
+                  dns.rdatatype.TLSA) == [tlsa_of(record)]
+    assert env.ask("_443._quic.old.trust", "TLSA").rcode() == dns.rcode.NXDOMAIN
+
+
+def test_signatures_are_refreshed_before_they_expire(env: Env) -> None:
+    env.issue(["www.trust", "2001:db8::7"], lifetime=30 * DAY)
+    zone = env.service.zones[dns.name.from_text("trust.")]
+    first_expiry, first_serial = zone.signature_expiry, zone.serial
+    assert first_expiry == int(START + 7 * DAY)
+    env.clock.now += 3 * DAY
+    assert env.service.maintain() == []  # 4 days left: more than the 3-day refresh
+    env.clock.now += DAY + 1
+    assert env.service.maintain() == ["signatures"]
+    zone = env.service.zones[dns.name.from_text("trust.")]
+    assert zone.signature_expiry > first_expiry and zone.serial > first_serial
+    env.validate(env.ask("www.trust"))
+
+
+def test_zsk_rolls_by_prepublication(env: Env) -> None:
+    env.issue(["www.trust", "2001:db8::7"], lifetime=90 * DAY)
+    ring = env.service.keyring
+    first = ring.signing_zsk(env.clock.now)
+
+    def dnskey_tags() -> set[int]:
+        r = env.ask("trust", "DNSKEY")
+        return {dns.dnssec.key_id(k) for rr in r.answer if rr.rdtype == dns.rdatatype.DNSKEY
+                for k in rr}
+
+    def signing_tag() -> int:
+        r = env.ask("www.trust")
+        return next(rr[0].key_tag for rr in r.answer if rr.rdtype == dns.rdatatype.RRSIG)
+
+    assert signing_tag() == first.tag and len(dnskey_tags()) == 2  # KSK + ZSK
+    env.clock.now = START + 29 * DAY  # one day before the ZSK retires: publish the next
+    assert "keys" in env.service.maintain()
+    successor = ring.zsks[-1]
+    assert successor is not first and dnskey_tags() == {ring.ksk.tag, first.tag,  # type: ignore[union-attr]
+                                                        successor.tag}
+    assert signing_tag() == first.tag  # published, not signing yet
+    env.validate(env.ask("www.trust"))
+    env.clock.now = START + 30 * DAY
+    assert "keys" in env.service.maintain()
+    assert signing_tag() == successor.tag
+    assert first.tag in dnskey_tags()  # the retired ZSK stays published a while
+    env.validate(env.ask("www.trust"))
+    env.clock.now = START + 31 * DAY
+    env.service.maintain()
+    assert first.tag not in dnskey_tags() and successor.tag in dnskey_tags()
+    env.validate(env.ask("www.trust"))
+    # the DS (of the KSK) never changed, and the schedule survives a restart
+    ds_before = env.ds()
+    env.service = env.new_service()
+    assert env.ds() == ds_before and env.service.keyring.signing_zsk(env.clock.now).tag == \
+        successor.tag
+
+
+def test_dnssec_keys_in_a_pkcs11_token(tmp_path: Path, softhsm_token: SoftHsmToken) -> None:
+    keystore = open_keystore(provider="softhsm2", data_dir=tmp_path,
+                             module_path=softhsm_token.module_path,
+                             token_label=softhsm_token.token_label, pin=softhsm_token.pin)
+    try:
+        # the session's token is shared with other tests: keys of our own
+        prefix = f"dnstest-{secrets.token_hex(3)}"
+        e = Env(tmp_path, keystore=keystore, algorithm="ecdsa-p256-sha256", key_prefix=prefix)
+        assert {f"{prefix}-ksk", f"{prefix}-zsk-1"} <= set(keystore.names())
+        e.issue(["hsm.trust", "2001:db8::1"])
+        r = e.ask("hsm.trust")
+        assert next(rr for rr in r.answer if rr.rdtype == dns.rdatatype.RRSIG)[0].algorithm == 13
+        assert e.validate(r) == 1
+        e.certs.close()
+    finally:
+        keystore.close()
+
+
+def test_precomputed_answer_keeps_the_question_as_asked(env: Env) -> None:
+    env.issue(["www.trust", "2001:db8::7"])
+    first = env.ask("www.trust", raw=True)
+    rebuilds = env.service.rebuilds
+    again = env.ask("WWW.Trust", raw=True)  # served from the wire cache
+    assert env.service.rebuilds == rebuilds
+    assert len(first) == len(again) and len(first) % PADDING_BLOCK == 0
+    assert again[12:22] == b"\x03WWW\x05Trust" and first[12:22] == b"\x03www\x05trust"
+    parsed = dns.message.from_wire(again)
+    assert rdatas(parsed, dns.rdatatype.AAAA) == ["2001:db8::7"]
+    no_edns = env.ask("www.trust", dnssec=False, raw=True, use_edns=False)
+    assert dns.message.from_wire(no_edns).edns == -1  # no OPT, so no padding
+
+
+@pytest.mark.parametrize(("make", "rcode"), [
+    (lambda: _set(dns.message.make_query("www.trust", "AAAA"), opcode=dns.opcode.NOTIFY),
+     dns.rcode.NOTIMP),
+    (lambda: dns.message.make_query("version.bind", "TXT", rdclass="CH"), dns.rcode.REFUSED),
+    (lambda: dns.message.make_query("trust", "AXFR"), dns.rcode.REFUSED),
+    (lambda: dns.message.make_query("www.trust", "AAAA", use_edns=1), dns.rcode.BADVERS),
+    (lambda: dns.message.make_query("example.org", "AAAA"), dns.rcode.REFUSED),  # no upstreams
+    (lambda: _signed(dns.message.make_query("www.trust", "AAAA")), dns.rcode.NOTAUTH),
+    (lambda: dns.message.make_query("www.trust", "TKEY"), dns.rcode.FORMERR),
+    (lambda: dns.message.make_query("www.trust", "MAILA"), dns.rcode.NOTIMP),
+])
+def test_refusals(env: Env, make: Any, rcode: int) -> None:
+    query = make()
+    query.id = 0
+    wire = query.to_wire()
+    answer = env.service.answer_doq(QueryReceived(0, wire, parse_query(wire)), PEER)
+    assert isinstance(answer, bytes)
+    assert dns.message.from_wire(answer).rcode() == rcode
+
+
+def _signed(query: dns.message.Message) -> dns.message.Message:
+    import dns.tsigkeyring
+    query.use_tsig(dns.tsigkeyring.from_text({"key.": "c2VjcmV0c2VjcmV0c2VjcmV0"}))
+    return query
+
+
+def _set(query: dns.message.Message, opcode: int) -> dns.message.Message:
+    query.set_opcode(opcode)  # type: ignore[arg-type]
+    return query
+
+
+def test_unreadable_query_gets_formerr(env: Env) -> None:
+    wire = b"\x00\x00\x01\x00\x00\x02" + b"\x00" * 6
+    answer = env.service.answer_doq(QueryReceived(0, wire, None, None), PEER)
+    assert isinstance(answer, bytes) and answer[3] & 0xF == dns.rcode.FORMERR
+
+
+def sign(key: Any, data: bytes) -> bytes:
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        return key.sign(data)
+    return bytes(key.sign(data, ec.ECDSA(hashes.SHA256())))
+
+
+def register(env: Env, record: CertificateRecord, key: Any, name: str, addresses: list[str],
+             at: float | None = None, signer: Any = None) -> dict[str, Any]:
+    at = int(env.clock.now if at is None else at)
+    normalised = []
+    for address in addresses:
+        try:
+            normalised.append(ipaddress.IPv6Address(address).compressed)
+        except ValueError:
+            normalised.append(address)
+    statement = ops.registration_statement(record.serial, name, normalised, at)
+    args = ops.RegisterArgs(serial=record.serial, name=name, addresses=addresses, time=at,
+                            signature=sign(signer or key, statement))
+    return env.service.register_records(args, CTX)
+
+
+def test_register_publishes_extra_addresses_for_the_certificate_holder(env: Env) -> None:
+    record, key = env.issue(["www.trust", "2001:db8::7"], key=ec.generate_private_key(
+        ec.SECP256R1()))
+    result = register(env, record, key, "www.trust", ["2001:db8::100", "2001:DB8::101"])
+    assert result["published"] and result["addresses"] == ["2001:db8::100", "2001:db8::101"]
+    r = env.ask("www.trust")
+    assert rdatas(r, dns.rdatatype.AAAA) == ["2001:db8::100", "2001:db8::101", "2001:db8::7"]
+    env.validate(r)
+    with pytest.raises(Unauthorized, match="replayed"):
+        register(env, record, key, "www.trust", ["2001:db8::100"])
+    with pytest.raises(Unauthorized, match="signature"):
+        register(env, record, key, "www.trust", ["2001:db8::1"], at=START + 1,
+                 signer=ed25519.Ed25519PrivateKey.generate())
+    with pytest.raises(Unauthorized, match="time"):
+        register(env, record, key, "www.trust", [], at=START + 1000)
+    with pytest.raises(Unauthorized, match="does not carry"):
+        register(env, record, key, "other.trust", ["2001:db8::1"], at=START + 2)
+    with pytest.raises(InvalidRequest, match="IPv6"):
+        register(env, record, key, "www.trust", ["192.0.2.1"], at=START + 2)
+    with pytest.raises(InvalidRequest, match="cannot identify"):
+        register(env, record, key, "www.trust", ["ff02::1"], at=START + 2)
+    with pytest.raises(NotFound):
+        env.service.register_records(ops.RegisterArgs(
+            serial="abcdef", name="www.trust", addresses=[], time=int(START),
+            signature=b"x"), CTX)
+    # ownership follows the certificate: a new key's certificate hides them,
+    env.clock.now += 10
+    env.issue(["www.trust", "2001:db8::9"])
+    assert rdatas(env.ask("www.trust"), dns.rdatatype.AAAA) == ["2001:db8::9"]
+    # and a restart keeps the registration
+    env.service = env.new_service()
+    assert rdatas(env.ask("www.trust"), dns.rdatatype.AAAA) == ["2001:db8::9"]
+    # an empty list withdraws it
+    assert register(env, record, key, "www.trust", [], at=START + 20)["addresses"] == []
+
+
+def test_resolve_op_reports_validation_and_tlsa_binding(env: Env) -> None:
+    record, _ = env.issue(["www.trust", "2001:db8::7"])
+    ctx = RequestContext(peer=PEER, op="dns.resolve", received_at=START)
+    result = asyncio.run(env.service.resolve(ops.ResolveArgs(name="www.trust"), ctx))
+    assert result["rcode"] == "NOERROR" and result["authoritative"]
+    assert result["dnssec"] == "secure"
+    assert result["tlsa"] == {"name": "_443._quic.www.trust.", "serial": record.serial,
+                              "fingerprint": record.fingerprint, "status": "match"}
+    assert {"name": "www.trust.", "type": "AAAA", "ttl": 300,
+            "data": "2001:db8::7"} in result["answer"]
+    # the CA's database, not the zone, is the reference: a newer certificate the zone
+    # did not hear about shows as a mismatch
+    newer, _ = make_record(["www.trust"], issued_at=START + 1)
+    env.certs.add_now(newer)
+    drift = asyncio.run(env.service.resolve(ops.ResolveArgs(name="_443._quic.www.trust",
+                                                            type="TLSA"), ctx))
+    assert drift["tlsa"]["status"] == "mismatch" and drift["tlsa"]["serial"] == newer.serial
+    missing = asyncio.run(env.service.resolve(ops.ResolveArgs(name="none.trust"), ctx))
+    assert missing["rcode"] == "NXDOMAIN" and missing["dnssec"] == "secure"
+    assert missing["tlsa"]["status"] == "no_certificate"
+    for bad in (ops.ResolveArgs(name="www.trust", type="BOGUS"),
+                ops.ResolveArgs(name="www.trust", type="AXFR"),
+                ops.ResolveArgs(name="a" * 64 + ".trust")):
+        with pytest.raises(InvalidRequest):
+            asyncio.run(env.service.resolve(bad, ctx))
+
+
+def test_health_reports_zones_and_ds(env: Env) -> None:
+    result = env.service.health(ops.HealthArgs(), RequestContext(PEER, "dns.health", START))
+    names = [z["name"] for z in result["zones"]]
+    assert names == ["trust.", "hypermesh."] and result["status"] == "ok"
+    trust = result["zones"][0]
+    assert trust["signature_expiry"] == int(START + 7 * DAY)
+    assert {k["role"] for k in trust["keys"]} == {"ksk", "zsk"}
+    assert trust["ds"][0].startswith("trust. 3600 IN DS ")

@@ -1,0 +1,186 @@
+"""CT commands of the ``trustchain`` CLI: ``ct watch``, ``ct proof``, ``ct sth``.
+
+``trustchain ct watch [--from N] [--domain SUFFIX]...`` prints the log's
+entries as they are sequenced, one line each, and resumes by itself after a
+``resume`` event or a lost connection. ``trustchain ct proof CERT`` proves
+that a certificate is in the log (embedded SCT, inclusion proof against a
+verified tree head).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+
+import stoq
+
+ClientBody = Callable[[stoq.AsyncClient], Awaitable[int]]
+RunClient = Callable[[argparse.Namespace, ClientBody], int]
+
+
+def add_commands(sub: Any, *, add_trust_options: Callable[[argparse.ArgumentParser], None],
+                 run_client: RunClient) -> dict[str, Callable[[argparse.Namespace], int]]:
+    parser = sub.add_parser("ct", help="the Certificate Transparency log")
+    commands = parser.add_subparsers(dest="ct_command", required=True)
+    watch = commands.add_parser("watch", help="print log entries live (resumes by itself)")
+    watch.add_argument("--from", dest="start", type=int, default=None, metavar="N",
+                       help="start at index N (default: new entries only)")
+    watch.add_argument("--domain", action="append", default=[], metavar="SUFFIX",
+                       help="only entries with a name equal to or under SUFFIX (repeatable)")
+    watch.add_argument("--shard", type=int, default=None, help="shard (default: the active)")
+    watch.add_argument("--count", type=int, default=None,
+                       help="stop after printing this many entries")
+    watch.add_argument("--no-verify", action="store_true",
+                       help="do not verify tree heads")
+    add_trust_options(watch)
+    proof = commands.add_parser("proof", help="prove that a certificate is in the log")
+    proof.add_argument("certificate", help="PEM certificate (cert.pem)")
+    proof.add_argument("--chain", help="PEM issuer chain (default chain.pem beside the cert)")
+    add_trust_options(proof)
+    sth = commands.add_parser("sth", help="the latest signed tree head, verified")
+    sth.add_argument("--shard", type=int, default=None)
+    add_trust_options(sth)
+
+    def command(args: argparse.Namespace) -> int:
+        if args.ct_command == "watch":
+            return _watch(args, run_client)
+        body = {"proof": _proof, "sth": _sth}[args.ct_command](args)
+        return run_client(args, body)
+
+    return {"ct": command}
+
+
+def _when(ms: int) -> str:
+    return datetime.datetime.fromtimestamp(ms / 1000, datetime.UTC).strftime(
+        "%Y-%m-%dT%H:%M:%S.%fZ")[:-4] + "Z"
+
+
+def _watch(args: argparse.Namespace, run_client: RunClient) -> int:
+    from ._cli import _trust, parse_endpoint  # the client options of every command
+
+    async def body(client: stoq.AsyncClient) -> int:
+        host, port = parse_endpoint(args.server)
+        trust = _trust(args)
+
+        first: list[stoq.AsyncClient] = [client]
+
+        async def connect() -> stoq.AsyncClient:
+            if first:  # the connection the command opened, then new ones
+                return first.pop()
+            return await stoq.connect(host, port, engine=args.engine, timeout=args.timeout,
+                                      **trust)
+
+        follower = stoq.follow_log(connect, shard=args.shard, start=args.start,
+                                   domains=args.domain, verify=not args.no_verify,
+                                   include_leaf=not args.domain)
+        printed = 0
+        async for entry in follower:
+            print(f"{entry.shard}/{entry.index} {_when(entry.timestamp)} {entry.entry_type} "
+                  f"{entry.fingerprint.hex()} {' '.join(entry.names)}", flush=True)
+            printed += 1
+            if args.count is not None and printed >= args.count:
+                break
+        return 0
+    return run_client(args, body)
+
+
+def _issuer(cert_path: Path, chain: str | None) -> x509.Certificate | None:
+    certs = x509.load_pem_x509_certificates(cert_path.read_bytes())
+    chain_path = Path(chain) if chain else cert_path.parent / "chain.pem"
+    if len(certs) > 1:
+        return certs[1]
+    if chain_path.is_file():
+        return x509.load_pem_x509_certificates(chain_path.read_bytes())[0]
+    return None
+
+
+def _proof(args: argparse.Namespace) -> ClientBody:
+    cert_path = Path(args.certificate)
+    cert = x509.load_pem_x509_certificates(cert_path.read_bytes())[0]
+    issuer = _issuer(cert_path, args.chain)
+
+    async def body(client: stoq.AsyncClient) -> int:
+        try:
+            proof = await stoq.prove_certificate(client, cert, issuer)
+        except stoq.LogVerificationError as exc:
+            print(f"FAIL {exc.message}")
+            return 1
+        print(f"serial {format(cert.serial_number, 'x')}")
+        if proof.sct_timestamp is not None:
+            print(f"logged {_when(proof.sct_timestamp)}")
+        print(f"entry {proof.shard}/{proof.leaf_index}, leaf hash {proof.leaf_hash.hex()}")
+        print(f"tree size {proof.tree_size}, root {proof.root.hex()} (signature verified)")
+        for i, node in enumerate(proof.audit_path):
+            print(f"  audit path [{i}] {node.hex()}")
+        print("OK included in the log")
+        return 0
+    return body
+
+
+def _sth(args: argparse.Namespace) -> ClientBody:
+    async def body(client: stoq.AsyncClient) -> int:
+        keys = await stoq.ShardKeys.fetch(client)
+        sth = await client.request("ct.get-sth", {"shard": args.shard})
+        stoq.verify_sth(sth, keys.keys[sth["shard"]])
+        print(f"shard {sth['shard']} tree size {sth['tree_size']} at {_when(sth['timestamp'])}")
+        print(f"root {sth['sha256_root_hash'].hex()} (signature verified)")
+        sys.stdout.write(sth["checkpoint"])
+        return 0
+    return body
+
+
+def log_keys(paths: list[str], data_dir: str | None) -> dict[bytes, tuple[str, Any]]:
+    """Log keys by log id: the files given, else every ``DATA/ct/<shard>/log-key.pem``."""
+    from cryptography.hazmat.primitives import serialization
+
+    from protocol.ct_structs import log_id_of
+
+    files = [Path(p) for p in paths] or sorted(
+        (Path(data_dir or "./trustchain-data") / "ct").glob("*/log-key.pem"))
+    keys: dict[bytes, tuple[str, Any]] = {}
+    for path in files:
+        key = serialization.load_pem_public_key(path.read_bytes())
+        keys[log_id_of(key)] = (str(path), key)
+    return keys
+
+
+def check_embedded_scts(leaf: x509.Certificate, issuer: x509.Certificate | None,
+                        keys: dict[bytes, tuple[str, Any]]) -> tuple[list[str], list[str]]:
+    """Offline check of a certificate's embedded SCTs: (problems, report lines)."""
+    from protocol import ct_structs as ct
+
+    try:
+        scts = ct.embedded_scts(leaf)
+    except ct.StructureError as exc:
+        return [f"the SCT list does not parse: {exc}"], []
+    if not keys:
+        return [], ["warning: no CT log key (DATA/ct/*/log-key.pem or --log-key); SCT not "
+                    "checked"]
+    if not scts:
+        return ["the certificate carries no SCT: it was not logged through the "
+                "precertificate flow"], []
+    if issuer is None:
+        return ["checking the SCT needs the issuer (--chain)"], []
+    problems: list[str] = []
+    lines: list[str] = []
+    for sct in scts:
+        known = keys.get(sct.log_id)
+        if known is None:
+            lines.append(f"note: SCT from an unknown log {sct.log_id.hex()}")
+            continue
+        try:
+            ct.verify_embedded_sct(leaf, issuer, sct, known[1])
+        except ct.SignatureError as exc:
+            problems.append(f"SCT from {known[0]}: {exc}")
+            continue
+        lines.append(f"OK SCT of log {sct.log_id.hex()[:16]}... ({known[0]}), entry "
+                     f"{sct.leaf_index}, logged {_when(sct.timestamp)}")
+    if not problems and not any(line.startswith("OK") for line in lines):
+        problems.append("no SCT from a known log")
+    return problems, lines
