@@ -1,6 +1,7 @@
 """Everything durable or secret: files, keys, certificates, databases, the audit log."""
 
 from ._audit import AuditError, AuditLog, AuditRecord, AuditReport, verify_log
+from ._blocks import ChainStore, ChainStoreError, StoredBlock, StoredEvidence
 from ._certdb import (
     AuthorityRecord,
     CertificateRecord,
@@ -45,6 +46,8 @@ __all__ = [
     "CertStoreError",
     "CertificateRecord",
     "CertificateStore",
+    "ChainStore",
+    "ChainStoreError",
     "CheckpointConflict",
     "CheckpointRecord",
     "CtDatabase",
@@ -59,6 +62,8 @@ __all__ = [
     "Signer",
     "SoftwareKeyStore",
     "StakeChange",
+    "StoredBlock",
+    "StoredEvidence",
     "Submission",
     "TileCorrupted",
     "TileError",

@@ -24,7 +24,14 @@ from handlers.ca import (
     NamingPolicy,
     Rotator,
 )
-from store import AuditLog, CertificateStore, KeyStoreError, credential_paths, open_keystore
+from store import (
+    AuditLog,
+    CertificateStore,
+    KeyStoreError,
+    create_self_signed,
+    credential_paths,
+    open_keystore,
+)
 
 from . import __version__
 from ._config import Config, ConfigError
@@ -100,6 +107,7 @@ class Node:
         self.ca: CertificateAuthority | None = None
         self.rotator: Rotator | None = None
         self.on_stop: list[Callable[[], Any]] = []
+        self._announced = False
         """Called (last added first) when the node stops, before the stores close."""
         self.services: dict[str, Any] = {}
         """Services attached by their wiring modules, by name (``"ct"``, ``"dns"``...)."""
@@ -186,8 +194,6 @@ class Node:
                                             "warnings": list(self.cfg.warnings)})
         self.prepare_ca(create=self.development)
         assert self.ca is not None and self.rotator is not None
-        # The node's own QUIC certificate is CA-issued before the first connection.
-        await self.rotator.check()
         NodeService(describe=self.describe,
                     checks={"accepting": lambda: self.server is not None
                             and not self.server.draining}).register(self.router)
@@ -197,6 +203,10 @@ class Node:
             if asyncio.iscoroutine(result):
                 await result
         credential = credential_paths(self.data_dir)
+        if not credential.exists():
+            # until the CA (through consensus) has issued the node's certificate
+            create_self_signed(credential, names=list(self.cfg.node.names) or ["localhost"],
+                               addresses=["::1"])
         self.server = stoq.Server(dispatch=self.router, certfile=str(credential.certfile),
                                   keyfile=str(credential.keyfile),
                                   engine=self.cfg.network.quic_engine,
@@ -206,6 +216,13 @@ class Node:
         await self.server.start(self.listen)
         self._cert_mtime = credential.certfile.stat().st_mtime
         loop = asyncio.get_running_loop()
+        # The node's own QUIC certificate: CA-issued, through the same admission as a
+        # client's (so logged in CT), before the node announces itself. A cluster
+        # needs a quorum of validators for that, so it serves the bootstrap
+        # certificate until its peers are up.
+        if len(self.cfg.consensus.validators) <= 1:
+            await self.rotator.check()
+            self._cert_mtime = credential.certfile.stat().st_mtime
         self._watch_task = loop.create_task(self._watch_certificate())
         self._rotation_task = loop.create_task(self.rotator.run(ROTATION_CHECK_INTERVAL))
 
@@ -220,7 +237,8 @@ class Node:
                       extra={"error": str(exc)})
             return
         self._cert_mtime = credential_paths(self.data_dir).certfile.stat().st_mtime
-        print(f"tls certificate sha256 {fingerprint}", flush=True)
+        if self._announced:
+            print(f"tls certificate sha256 {fingerprint}", flush=True)
 
     async def _watch_certificate(self) -> None:
         certfile = credential_paths(self.data_dir).certfile
@@ -267,6 +285,7 @@ class Node:
             print(f"listening on [{host}]:{port} alpn {','.join(self.server.alpns)}", file=out)
         print(f"tls certificate sha256 {self.server.fingerprint}", file=out)
         print(f"data directory {self.data_dir}", file=out, flush=True)
+        self._announced = True
         if ready is not None:
             ready(self)
         await self._stopping.wait()

@@ -176,6 +176,20 @@ class DnsConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ValidatorConfig:
+    """One member of the validator set (``[[consensus.validators]]``)."""
+
+    public_key: str = ""
+    """The validator's raw Ed25519 public key, 64 lowercase hex digits."""
+    address: str = "::1"
+    """IPv6 address of its STOQ endpoint."""
+    port: int = 0
+    power: int = 1
+    name: str = ""
+    """A label for logs and ``consensus.status``."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class ConsensusConfig:
     provider: str = "nkrypt_four_proof"
     minimum_stake: int = 1000
@@ -201,6 +215,22 @@ class ConsensusConfig:
     verify_workers: int = 1
     """Processes that verify new epoch credentials (the VDF) beside the event
     loop; 0: verify on the event loop."""
+    chain_id: str = "trustchain-development"
+    """Name of the validator cluster; every consensus signature covers it."""
+    validators: list[ValidatorConfig] = field(default_factory=list)
+    """The validator set; empty: this node alone (n = 1), with its own key."""
+    validator_key: str = "validator"
+    """Keystore name of this node's Ed25519 validator key (created if missing)."""
+    timeout_propose: float = _duration(1.0)
+    timeout_prevote: float = _duration(0.5)
+    timeout_precommit: float = _duration(0.5)
+    timeout_delta: float = _duration(0.25, "added to each timeout per round")
+    block_interval: float = _duration(1.0)
+    """Longest time between blocks when nothing is pending (an empty block keeps
+    heights, beacons and liveness moving); a pending decision is proposed at once."""
+    max_block_decisions: int = 1000
+    gossip_interval: float = _duration(0.5)
+    """How often a validator re-sends its own messages of the current height."""
 
     def resolved_plot_size(self, mode: str) -> int:
         """``plot_size``, or the default of ``mode`` when it is 0."""
@@ -311,11 +341,11 @@ def _build(cls: type[Any], table: dict[str, Any], prefix: str, warnings: list[st
         elif f.metadata.get("duration"):
             values[key] = parse_duration(raw, path)
         else:
-            values[key] = _value(raw, hint, path)
+            values[key] = _value(raw, hint, path, warnings)
     return cls(**values)
 
 
-def _value(raw: Any, hint: Any, path: str) -> Any:
+def _value(raw: Any, hint: Any, path: str, warnings: list[str]) -> Any:
     origin = typing.get_origin(hint)
     if origin is Literal:
         choices = typing.get_args(hint)
@@ -326,12 +356,17 @@ def _value(raw: Any, hint: Any, path: str) -> Any:
         (element,) = typing.get_args(hint)
         if not isinstance(raw, list):
             raise ConfigError(f"{path}: expected a list")
-        return [_value(v, element, f"{path}[{i}]") for i, v in enumerate(raw)]
+        if dataclasses.is_dataclass(element):
+            if not all(isinstance(v, dict) for v in raw):
+                raise ConfigError(f"{path}: expected a list of tables")
+            return [_build(element, v, f"{path}[{i}].", warnings)  # type: ignore[arg-type]
+                    for i, v in enumerate(raw)]
+        return [_value(v, element, f"{path}[{i}]", warnings) for i, v in enumerate(raw)]
     if origin is dict:
         _, element = typing.get_args(hint)
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a table")
-        return {key: _value(v, element, f"{path}.{key}") for key, v in raw.items()}
+        return {key: _value(v, element, f"{path}.{key}", warnings) for key, v in raw.items()}
     if hint is float and type(raw) in (int, float):
         return float(raw)
     if type(raw) is not hint:
@@ -432,6 +467,33 @@ def _validate_consensus(consensus: ConsensusConfig) -> None:
                               "(SHA-256 of the key's DER SubjectPublicKeyInfo)")
         if amount < 0:
             raise ConfigError(f"consensus.genesis.{key}: stake cannot be negative")
+    if not consensus.chain_id or len(consensus.chain_id) > 64:
+        raise ConfigError("consensus.chain_id: 1 to 64 characters")
+    seen: set[str] = set()
+    for i, v in enumerate(consensus.validators):
+        key = f"consensus.validators[{i}]"
+        if not re.fullmatch(r"[0-9a-f]{64}", v.public_key):
+            raise ConfigError(f"{key}.public_key: the raw Ed25519 public key, 64 lowercase hex "
+                              "digits")
+        if v.public_key in seen:
+            raise ConfigError(f"{key}.public_key: listed twice")
+        seen.add(v.public_key)
+        check_ipv6(v.address, f"{key}.address")
+        if not 0 < v.port <= 65535:
+            raise ConfigError(f"{key}.port: {v.port} is not a UDP port")
+        if v.power < 0:
+            raise ConfigError(f"{key}.power: cannot be negative")
+    if consensus.validators and not any(v.power > 0 for v in consensus.validators):
+        raise ConfigError("consensus.validators: no validator has voting power")
+    for name, value in (("timeout_propose", consensus.timeout_propose),
+                        ("timeout_prevote", consensus.timeout_prevote),
+                        ("timeout_precommit", consensus.timeout_precommit),
+                        ("block_interval", consensus.block_interval),
+                        ("gossip_interval", consensus.gossip_interval)):
+        if value <= 0:
+            raise ConfigError(f"consensus.{name}: must be greater than 0")
+    if not 1 <= consensus.max_block_decisions <= 4096:
+        raise ConfigError("consensus.max_block_decisions: must be within 1..4096")
 
 
 def _validate_dns(dns: DnsConfig) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 WIRING_MODULES: list[str] = [
     "trustchain._wiring_ct",
     "trustchain._wiring_proofs",
+    "trustchain._wiring_chain",
     "trustchain._wiring_dns",
 ]
 """Dotted names of modules with ``attach(node)``, in start order."""
@@ -23,6 +24,7 @@ CLI_MODULES: list[str] = [
     "trustchain._cli_ct",
     "trustchain._cli_proofs",
     "trustchain._cli_dns",
+    "trustchain._cli_cluster",
 ]
 """Dotted names of modules with ``add_commands(subparsers) -> {name: command}``."""
 

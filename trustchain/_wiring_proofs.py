@@ -14,6 +14,7 @@ from typing import Any
 
 from handlers.consensus import (
     BeaconChain,
+    ChainBeacons,
     ConsensusService,
     FourProofAdmission,
     ProofVerifier,
@@ -47,15 +48,27 @@ async def attach(node: Any) -> None:
         await audit("key.generated", {"name": BEACON_KEY, "algorithm": signer.algorithm,
                                       "keystore": node.keystore.kind})
     ledger = LedgerStore(node.data_dir / "consensus" / "ledger.sqlite3")
-    beacons = BeaconChain(ledger=ledger, signer=signer, epoch_length=params.epoch_length,
-                          audit=audit)
+    beacons: BeaconChain
+    if len(cfg.consensus.validators) > 1:
+        # a cluster: the beacon comes from the committed chain (see _wiring_chain)
+        def first_block_at(time_ms: int) -> tuple[int, bytes] | None:
+            chain = node.services.get("chain")
+            stored = chain.store.first_at_or_after(time_ms) if chain is not None else None
+            return None if stored is None else (stored.time_ms, stored.id)
+
+        beacons = ChainBeacons(first_block_at=first_block_at, ledger=ledger, signer=signer,
+                               epoch_length=params.epoch_length, audit=audit)
+    else:
+        beacons = BeaconChain(ledger=ledger, signer=signer, epoch_length=params.epoch_length,
+                              audit=audit)
     verifier = ProofVerifier(params=params, ledger=ledger, beacons=beacons,
                              workers=cfg.consensus.verify_workers)
     service = ConsensusService(ledger=ledger, beacons=beacons, verifier=verifier,
                                params=params, development=node.development, audit=audit)
     node.on_stop.append(service.stop)
     await service.apply_genesis(dict(cfg.consensus.genesis))
-    await beacons.current()
+    if not isinstance(beacons, ChainBeacons):
+        await beacons.current()
     service.register(node.router)
     node.ca.admission = FourProofAdmission(verifier=verifier, audit=audit)
     node.services["proofs"] = service

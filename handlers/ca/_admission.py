@@ -10,7 +10,7 @@ locally without proofs or quorum (``admission = "local"``).
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from protocol import encode_deterministic
@@ -30,6 +30,9 @@ class Decision:
     internal: bool = False
     """The node's own request (its TLS certificate, issued in-process by the
     rotator), not a client's: it carries no client proofs."""
+    material: dict[str, Any] = field(default_factory=dict)
+    """What validators need to check the decision themselves: the CSR's DER
+    (``"csr"``) for an issuance."""
 
     def digest(self) -> bytes:
         return hashlib.sha256(encode_deterministic({"kind": self.kind,
@@ -43,6 +46,15 @@ class Admitted:
     """How it was admitted: ``"local"``, ``"four-proof"``, ``"node"`` (the node's own
     certificate); later ``"consensus"``."""
     block_hash: bytes | None = None
+    """With consensus: the block that committed the decision, its height, and the
+    precommit signatures (``validator``, ``signature``) of its commit."""
+    block_height: int | None = None
+    signatures: list[dict[str, Any]] | None = None
+    serial: int | None = None
+    """With consensus: the serial number the committed block fixes."""
+    decided_at: int | None = None
+    """With consensus: the block's time (Unix seconds); the certificate's validity
+    starts from it."""
 
 
 class Admission(Protocol):

@@ -26,7 +26,7 @@ from store import CertificateRecord, CertificateStore, verify_signature
 
 from .._router import RequestContext, Router
 from . import _x509
-from ._admission import Admission, Decision
+from ._admission import Admission, Admitted, Decision
 from ._authority import Hierarchy
 from ._policy import CheckedRequest, NamingPolicy, check_ownership, check_request
 
@@ -34,6 +34,14 @@ log = logging.getLogger("trustchain.ca")
 
 REVOCATION_WINDOW = 300.0
 """Seconds a signed revocation statement's ``time`` may differ from the server's clock."""
+
+
+def _consensus_fields(admitted: Admitted) -> dict[str, Any]:
+    """``block_hash``, ``block_height`` and ``signatures`` of a committed decision."""
+    if admitted.block_hash is None:
+        return {}
+    return {"block_hash": admitted.block_hash, "block_height": admitted.block_height,
+            "signatures": admitted.signatures or []}
 
 
 def parse_serial(text: str, field: str = "serial") -> str:
@@ -108,9 +116,7 @@ class CertificateAuthority:
         for name in names:
             self._pending_names[name] = request.spki_sha256
         try:
-            return await self._issue_admitted(request, proofs,
-                                              request_digest=hashlib.sha256(csr).digest(),
-                                              internal=internal)
+            return await self._issue_admitted(request, proofs, csr=csr, internal=internal)
         finally:
             for name in names:
                 if self._pending_names.get(name) == request.spki_sha256:
@@ -147,11 +153,11 @@ class CertificateAuthority:
         check_ownership(request, holders, self.policy, renews)
 
     async def _issue_admitted(self, request: CheckedRequest, proofs: dict[str, Any] | None,
-                              *, request_digest: bytes = b"",
-                              internal: bool = False) -> dict[str, Any]:
+                              *, csr: bytes, internal: bool = False) -> dict[str, Any]:
         decision = Decision(kind="issue", subject={"names": list(request.names),
                                                    "spki_sha256": request.spki_sha256},
-                            request=request_digest, internal=internal)
+                            request=hashlib.sha256(csr).digest(), internal=internal,
+                            material={"csr": csr})
         try:
             admitted = await self.admission.admit(decision, proofs)
         except TrustChainError as exc:
@@ -162,12 +168,14 @@ class CertificateAuthority:
             raise
         issuer = self.hierarchy.issuer
         assert issuer is not None
+        # with consensus, the committed block fixes the serial and the validity
         now = self.clock()
-        not_before = now - self.backdate
+        start = float(admitted.decided_at) if admitted.decided_at is not None else now
+        not_before = start - self.backdate
         # never beyond the issuing intermediate (rotation keeps that far away)
-        not_after = min(now + self.validity,
+        not_after = min(start + self.validity,
                         issuer.certificate.not_valid_after_utc.timestamp())
-        serial = _x509.new_serial()
+        serial = admitted.serial if admitted.serial is not None else _x509.new_serial()
         builder = _x509.leaf_builder(issuer.certificate, request, serial=serial,
                                      not_before=not_before, not_after=not_after)
         if self.precert_logger is not None:  # CT: the SCT goes in the certificate
@@ -200,6 +208,7 @@ class CertificateAuthority:
             "not_after": int(record.not_after),
             "renew_after": int(record.not_before + lifetime * 2 / 3),
             "admission": admitted.admission,
+            **_consensus_fields(admitted),
         }
 
     # --- ca.chain -----------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -10,6 +11,8 @@ from protocol import Internal, ProofInvalid
 from protocol.ops.consensus import MAX_KEY_SIZE, Operation
 
 from ..ca import Admitted, Decision
+from ._chain import ConsensusChain
+from ._decisions import derive_serial, seal
 from ._proofs import ProofVerifier
 
 Audit = Callable[[str, dict[str, Any]], Awaitable[Any]]
@@ -56,3 +59,50 @@ class FourProofAdmission:
             await self._audit("consensus.proofs-rejected", record)
             raise
         return Admitted(decision_digest=digest, admission=self.name)
+
+
+class ConsensusAdmission:
+    """Admits a decision once the validators have committed it in a block.
+
+    The four proofs are checked here first (:class:`FourProofAdmission`), so a
+    bad request fails fast with ``proof_invalid`` and never reaches the
+    cluster; the decision, sealed with this node's validator key, then waits
+    for a block. The committed block fixes the certificate's serial and
+    validity (:func:`._decisions.derive_serial`), so that every validator knows
+    what this node may sign.
+    """
+
+    name = "consensus"
+
+    def __init__(self, *, local: FourProofAdmission, chain: ConsensusChain, entry: str,
+                 sign: Callable[[bytes], bytes], timeout: float,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.local = local
+        self.chain = chain
+        self.entry = entry
+        self.sign = sign
+        self.timeout = timeout
+        self.clock = clock
+
+    def _body(self, decision: Decision, proofs: dict[str, Any] | None) -> dict[str, Any]:
+        at_ms = int(self.clock() * 1000)
+        if decision.kind == "issue":
+            return {"kind": "issue", "csr": decision.material["csr"],
+                    "proofs": None if decision.internal else proofs,
+                    "internal": decision.internal, "at_ms": at_ms}
+        if decision.kind == "revoke":
+            return {"kind": "revoke", "serial": decision.subject["serial"],
+                    "request": decision.request, "proofs": proofs, "at_ms": at_ms}
+        raise Internal(f"admission: no consensus form for a {decision.kind!r} decision")
+
+    async def admit(self, decision: Decision, proofs: dict[str, Any] | None) -> Admitted:
+        """Check the proofs, then wait for the commit (``consensus_rejected`` / ``timeout``)."""
+        await self.local.admit(decision, proofs)
+        sealed = seal(self._body(decision, proofs), self.entry, self.sign)
+        committed = await self.chain.submit(sealed, checked=True, timeout=self.timeout)
+        return Admitted(decision_digest=decision.digest(), admission=self.name,
+                        block_hash=committed.block_hash,
+                        block_height=committed.block.height,
+                        serial=derive_serial(committed.block_hash, committed.index),
+                        decided_at=committed.block.time_ms // 1000,
+                        signatures=committed.signatures())

@@ -13,6 +13,7 @@ clients can check where it came from.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
@@ -76,6 +77,10 @@ class BeaconChain:
             return existing
         if epoch > self.current_epoch():
             raise ValueError(f"epoch {epoch} has not begun")
+        return await self._record(epoch, secrets.token_bytes(32))
+
+    async def _record(self, epoch: int, value: bytes) -> BeaconRecord:
+        """Sign, store and audit ``value`` as the beacon of ``epoch`` (once)."""
         async with self._lock:
             existing = self.ledger.beacon(epoch)
             if existing is not None:
@@ -83,7 +88,6 @@ class BeaconChain:
             previous = self.ledger.latest_beacon(before=epoch)
             previous_value = previous.value if previous is not None else GENESIS_PREVIOUS
             start = self.start_of(epoch)
-            value = secrets.token_bytes(32)
             signature = self.signer.sign(beacon_statement(epoch=epoch, start=start, value=value,
                                                           previous=previous_value))
             record = await self.ledger.add_beacon(BeaconRecord(
@@ -108,3 +112,52 @@ class BeaconChain:
                 log.exception("epoch beacon pass failed; retrying at the next epoch")
             now = self.clock()
             await asyncio.sleep(max(0.05, self.start_of(self.epoch_at(now) + 1) - now))
+
+
+class ChainBeacons(BeaconChain):
+    """Beacons of a validator cluster: epoch ``e``'s beacon is the id of the first
+    committed block stamped at or after the epoch's start.
+
+    Every validator derives the same value from the same chain, and no one can
+    know it before that block is committed. The node still signs the record it
+    serves, so a client can tell which node answered.
+
+    :param first_block_at: ``time_ms -> (block time_ms, block id) | None``, the first
+        committed block at or after a time.
+    """
+
+    def __init__(self, *, first_block_at: Callable[[int], tuple[int, bytes] | None],
+                 wait: float = 30.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._first_block_at = first_block_at
+        self._wait = wait
+        self._block = asyncio.Event()
+
+    async def on_block(self, time_ms: int, block_id: bytes) -> None:
+        """A block was committed: it may be the first of its epoch."""
+        epoch = self.epoch_at(time_ms / 1000)
+        if self.ledger.beacon(epoch) is None:
+            await self._record(epoch, block_id)
+        self._block.set()
+        self._block = asyncio.Event()
+
+    async def ensure(self, epoch: int) -> BeaconRecord:
+        """The beacon of ``epoch``, waiting (up to ``wait`` s) for its first block."""
+        deadline = asyncio.get_running_loop().time() + self._wait
+        while True:
+            existing = self.ledger.beacon(epoch)
+            if existing is not None:
+                return existing
+            if epoch > self.current_epoch():
+                raise ValueError(f"epoch {epoch} has not begun")
+            found = self._first_block_at(self.start_of(epoch) * 1000)
+            if found is not None:
+                time_ms, block_id = found
+                if self.epoch_at(time_ms / 1000) != epoch:
+                    raise ValueError(f"the chain has no block in epoch {epoch}")
+                return await self._record(epoch, block_id)
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                raise TimeoutError(f"no block committed in epoch {epoch} yet")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._block.wait(), remaining)

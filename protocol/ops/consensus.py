@@ -90,6 +90,46 @@ FAUCET = register(OpSpec(name="consensus.faucet", args=FaucetArgs,
                          summary="development only: top a key's stake up to the minimum"))
 
 
+MAX_GOSSIP_MESSAGES = 512
+"""Consensus messages one ``consensus.gossip`` request may carry."""
+MAX_BLOCKS_PER_REQUEST = 256
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GossipArgs:
+    messages: list[bytes] = arg(max_length=MAX_GOSSIP_MESSAGES,
+                                doc="deterministic-CBOR consensus messages (spec §18.3)")
+    sender: str | None = arg(None, max_length=40,
+                             doc="the sending validator's id (a hint: every message is signed)")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BlocksArgs:
+    start: int = arg(minimum=1, maximum=(1 << 63) - 1, doc="first height")
+    limit: int = arg(64, minimum=1, maximum=MAX_BLOCKS_PER_REQUEST)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StatusArgs:
+    pass
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CheckpointArgs:
+    origin: str | None = arg(None, max_length=256,
+                             doc="a CT log origin; null: every origin the chain has")
+
+
+GOSSIP = register(OpSpec(name="consensus.gossip", args=GossipArgs,
+                         summary="validators only: proposals, votes, evidence, decisions"))
+BLOCKS = register(OpSpec(name="consensus.blocks", args=BlocksArgs,
+                         summary="decided blocks with their commit certificates"))
+STATUS = register(OpSpec(name="consensus.status", args=StatusArgs,
+                         summary="height, round, validators, peers, evidence, isolation"))
+CHECKPOINT = register(OpSpec(name="consensus.checkpoint", args=CheckpointArgs,
+                             summary="CT checkpoints committed with validator cosignatures"))
+
+
 # --- parameters ----------------------------------------------------------------------
 
 

@@ -81,7 +81,9 @@ async def test_issue_verifies_with_openssl_and_pkilint(tmp_path: Path, cddl: Cdd
         result = await Requester(client, prover).issue(
             make_csr(key, ["www.hypermesh", "api.trust"], ["2001:db8::7"]))
         assert result["names"] == ["www.hypermesh", "api.trust", "2001:db8::7"]
-        assert result["admission"] == "four-proof"
+        assert result["admission"] == "consensus"
+        assert len(result["block_hash"]) == 32 and result["block_height"] >= 1
+        assert len(result["signatures"]) == 1
         assert len(result["serial"]) == 32 and result["serial"] == result["serial"].lower()
         lifetime = result["not_after"] - result["not_before"]
         assert 86400 <= lifetime <= 86400 + 600  # 24 hours plus the back-dating

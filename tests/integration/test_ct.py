@@ -106,15 +106,19 @@ async def test_issued_certificates_carry_a_verifiable_sct(tmp_path: Path, cddl: 
         target = ["--server", f"[::1]:{node.port}", "--pin", node.pin]
         code, out = await _cli_async("ct", "proof", str(cert_path), *target, cwd=tmp_path)
         assert code == 0 and "OK included in the log" in out, out
-        # The node's own TLS certificate (issued before the log started) is logged too.
-        tls = x509.load_pem_x509_certificates((data / "tls" / "server.pem").read_bytes())[0]
+        # The node's own TLS certificate goes through the same admission and precertificate
+        # flow as a client's: it is the log's first entry, and carries its SCT.
+        tls, tls_issuer = x509.load_pem_x509_certificates(
+            (data / "tls" / "server.pem").read_bytes())[:2]
         for _ in range(100):
             found = await _fp_get(client, tls.public_bytes(serialization.Encoding.DER))
             if found:
                 break
             await asyncio.sleep(0.05)
-        assert found and found[0]["kind"] == "x509"
-        proven = await stoq.prove_certificate(client, tls)
+        assert found and found[0]["kind"] == "issued" and found[0]["leaf_index"] == 0
+        assert tls.extensions.get_extension_for_oid(
+            x509.ObjectIdentifier("1.3.6.1.4.1.11129.2.4.2")) is not None
+        proven = await stoq.prove_certificate(client, tls, tls_issuer)
         assert proven.leaf_index == found[0]["leaf_index"]
 
 

@@ -125,7 +125,7 @@ async def test_every_ca_operation_needs_the_full_set(tmp_path: Path, cddl: CddlC
                 await client.request("ca.issue", {"csr": csr, "proofs": partial})
             assert info.value.details["proof"] == proof
         issued = await client.request("ca.issue", {"csr": csr, "proofs": proofs})
-        assert issued["admission"] == "four-proof"
+        assert issued["admission"] == "consensus"
 
         # renewal by key (renews + renewal_signature) is an issuance: the same rule
         new_csr = make_csr(key, ["full.trust"])
@@ -159,7 +159,7 @@ async def test_every_ca_operation_needs_the_full_set(tmp_path: Path, cddl: CddlC
     assert {r["data"]["op"] for r in rejected} == {"issue", "revoke"}
     assert all(r["data"]["reason"].startswith(r["data"]["proof"] + ": ") for r in rejected)
     issued_records = [r for r in _audit(node) if r["kind"] == "ca.issued"]
-    assert {r["data"]["admission"] for r in issued_records} >= {"four-proof"}
+    assert {r["data"]["admission"] for r in issued_records} >= {"consensus"}
 
 
 def _bad_proofs(proofs: dict[str, Any], other: dict[str, Any], prover: stoq.Prover,
@@ -261,7 +261,7 @@ async def test_node_certificate_needs_no_client_proofs(tmp_path: Path,
         async with await node.client(pin=None, cafile=str(tmp_path / "root.pem")) as client:
             assert (await client.request("node.health"))["status"] == "ok"
     issued = [r["data"] for r in _audit(node) if r["kind"] == "ca.issued"]
-    assert issued[-1]["serial"] == done["serial"] and issued[-1]["admission"] == "node"
+    assert issued[-1]["serial"] == done["serial"] and issued[-1]["admission"] == "consensus"
 
 
 async def test_concurrent_requesters_share_nothing_but_the_beacon(

@@ -1,0 +1,703 @@
+"""A validator: the Tendermint core (:mod:`.bft`) run over a transport, with its chain on disk.
+
+One task feeds the core, one input at a time (a message, a timeout, a tick),
+and performs the effects it returns in order: the signing state is durable
+before any signed message leaves, a decided block is durable before anyone
+is told it was decided. Decisions (application records, opaque here) wait in
+a mempool until a block carries them; the node that submitted one learns of
+its commit through :meth:`ConsensusChain.submit`.
+
+The network is a :class:`Transport` supplied by the wiring, so that nothing
+here knows about QUIC. A single node is the n = 1 case of the same code: it
+proposes, votes and decides by itself, and a block costs one fsync.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+from protocol import ConsensusRejected, Timeout, decode_item, encode_deterministic
+from store import ChainStore, StoredBlock, StoredEvidence
+
+from .bft import (
+    BadMessage,
+    Block,
+    Commit,
+    CommitMessage,
+    DuplicateVoteEvidence,
+    Proposal,
+    SigningState,
+    ValidatorSet,
+    decode_message,
+    encode_message,
+)
+from .bft._core import (
+    Broadcast,
+    Decided,
+    Effect,
+    EvidenceFound,
+    Misbehaviour,
+    NeedBlocks,
+    PeerBehind,
+    PersistSigningState,
+    ScheduleTimeout,
+    SendTo,
+    Step,
+    Tendermint,
+    Timeouts,
+)
+
+log = logging.getLogger("trustchain.consensus")
+
+MAX_CLOCK_DRIFT_MS = 5_000
+"""A proposed block may not be stamped further than this ahead of our clock."""
+MAX_MEMPOOL = 50_000
+MAX_OUTBOX = 4_096
+MAX_BATCH_BYTES = 4 << 20
+SYNC_BATCH = 64
+
+
+def decision_digest(decision: bytes) -> bytes:
+    return hashlib.sha256(decision).digest()
+
+
+@dataclass(frozen=True)
+class Committed:
+    """Where a decision was committed: ``submit_ca_decision_for_consensus``'s answer."""
+
+    block: Block
+    index: int
+    commit: Commit
+
+    @property
+    def block_hash(self) -> bytes:
+        return self.block.id
+
+    def signatures(self) -> list[dict[str, Any]]:
+        return [{"validator": v.validator, "signature": v.signature}
+                for v in self.commit.precommits]
+
+
+class Transport(Protocol):
+    """How a validator reaches the others (STOQ in production, anything in tests)."""
+
+    async def send(self, validator: str, messages: list[bytes]) -> None:
+        """Deliver ``messages`` to ``validator``; raise if it could not be reached."""
+
+    async def fetch_blocks(self, validator: str, start: int,
+                           limit: int) -> list[tuple[bytes, bytes]]:
+        """``(block, commit)`` encodings from ``start``, as ``consensus.blocks`` answers."""
+
+    def drop(self, validator: str) -> None:
+        """Close every connection to or from ``validator`` (isolated)."""
+
+
+class Rules(Protocol):
+    """What the application decides about its decisions."""
+
+    async def check(self, decision: bytes) -> str | None:
+        """None if ``decision`` may be committed, else why not. Called once per decision."""
+
+    async def execute(self, block: Block, commit: Commit) -> None:
+        """Apply a committed block (stake changes, beacons, ...); before anyone is told."""
+
+    def extension(self, block: Block) -> bytes:
+        """This validator's precommit extension for ``block`` (b"" for none)."""
+
+
+class OpenRules:
+    """Every well-formed decision is valid and nothing is executed (tests, benchmarks)."""
+
+    async def check(self, decision: bytes) -> str | None:
+        return None
+
+    async def execute(self, block: Block, commit: Commit) -> None:
+        return None
+
+    def extension(self, block: Block) -> bytes:
+        return b""
+
+
+@dataclass
+class _Peer:
+    id: str
+    name: str
+    outbox: list[bytes] = field(default_factory=list)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    connected: bool = False
+    last_error: str = ""
+    sent: int = 0
+
+
+class ConsensusChain:
+    """One validator (or observer) of a cluster.
+
+    :param me: this node's validator id; None to follow without voting.
+    :param sign: signs with this node's validator key (Ed25519).
+    :param names: validator id -> label, for status and logs.
+    """
+
+    def __init__(self, *, chain_id: str, validators: ValidatorSet, store: ChainStore,
+                 transport: Transport, rules: Rules, me: str | None,
+                 sign: Callable[[bytes], bytes] | None, timeouts: Timeouts,
+                 block_interval: float = 1.0, gossip_interval: float = 0.5,
+                 max_block_decisions: int = 1000, names: dict[str, str] | None = None,
+                 audit: Callable[[str, dict[str, Any]], Awaitable[Any]] | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.chain_id = chain_id
+        self.store = store
+        self.transport = transport
+        self.rules = rules
+        self.me = me
+        self.sign = sign
+        self.block_interval = block_interval
+        self.gossip_interval = gossip_interval
+        self.max_block_decisions = max_block_decisions
+        self.names = dict(names or {})
+        self.clock = clock
+        self._audit = audit
+        self.genesis_validators = validators
+        self.mempool: OrderedDict[bytes, bytes] = OrderedDict()
+        self._verdicts: dict[bytes, str | None] = {}
+        self._checking: dict[bytes, asyncio.Future[str | None]] = {}
+        self._waiters: dict[bytes, list[asyncio.Future[Committed]]] = {}
+        self._inputs: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._timers: set[asyncio.TimerHandle] = set()
+        self._pending_state: SigningState | None = None
+        self._syncing = False
+        self.last_block: Block | None = None
+        self.last_commit: Commit | None = None
+        self.misbehaviour: list[dict[str, Any]] = []
+        self.evidence_found_at: dict[bytes, float] = {}
+        self.decided_at: dict[int, float] = {}
+        self.started = False
+        self.failure: BaseException | None = None
+
+        # restore: last block, validator set and signing state
+        latest = store.latest()
+        previous: Block | None = None
+        if latest is not None:
+            previous = Block.from_wire(decode_item(latest.block))
+            self.last_block = previous
+            self.last_commit = Commit.from_wire(decode_item(latest.commit))
+        current = validators
+        committed_evidence: list[bytes] = []
+        for stored in store.evidence():
+            if stored.committed_height is not None:
+                committed_evidence.append(stored.id)
+        raw_set = store.meta("validators")
+        if raw_set is not None:
+            current = _validator_set_from_wire(decode_item(raw_set), validators)
+        raw_state = store.signing_state()
+        state = SigningState.from_wire(decode_item(raw_state)) if raw_state else None
+        self.core = Tendermint(
+            chain_id=chain_id, validators=current, app=self, me=me, sign=sign,
+            height=(previous.height + 1) if previous else 1, previous=previous,
+            signing_state=state, timeouts=timeouts, committed_evidence=committed_evidence)
+        self.peers = {v.id: _Peer(v.id, self.names.get(v.id, v.id[:8]))
+                      for v in current.validators if v.id != me}
+
+    # --- the application side of the core (synchronous, called by Tendermint) -------------
+
+    def _now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    def proposal(self, height: int, round: int) -> tuple[int, tuple[bytes, ...]] | None:
+        executed = self.last_block.height if self.last_block else 0
+        if round == 0 and height != executed + 1:
+            # the core decided the previous height in this very call: its block is not
+            # stored yet, and the mempool still holds its decisions; ask again after
+            return None
+        decisions: list[bytes] = []
+        for digest, decision in self.mempool.items():
+            if len(decisions) >= self.max_block_decisions:
+                break
+            if self.store.decision(digest) is None:
+                decisions.append(decision)
+        last_ms = self.last_block.time_ms if self.last_block else 0
+        now = self._now_ms()
+        if not decisions and round == 0 and now - last_ms < self.block_interval * 1000:
+            return None
+        return max(now, last_ms + 1), tuple(decisions)
+
+    def valid(self, block: Block) -> bool:
+        reason = self._invalid(block)
+        if reason is not None:
+            log.info("block %d refused: %s", block.height, reason)
+        return reason is None
+
+    def _invalid(self, block: Block) -> str | None:
+        if block.time_ms > self._now_ms() + MAX_CLOCK_DRIFT_MS:
+            return "stamped in the future"
+        seen: set[bytes] = set()
+        for decision in block.decisions:
+            digest = decision_digest(decision)
+            if digest in seen:
+                return "a decision appears twice"
+            verdict = self._verdicts.get(digest, "not checked")
+            if verdict is not None:
+                return f"decision {digest.hex()[:16]}: {verdict}"
+            if self.store.decision(digest) is not None:
+                return f"decision {digest.hex()[:16]} was committed before"
+            seen.add(digest)
+        return None
+
+    def precommit_extension(self, block: Block) -> bytes:
+        return self.rules.extension(block)
+
+    # --- submitting decisions --------------------------------------------------------------
+
+    async def _check(self, decision: bytes) -> str | None:
+        """The application's verdict on ``decision``, asked once per digest."""
+        digest = decision_digest(decision)
+        if digest in self._verdicts:
+            return self._verdicts[digest]
+        pending = self._checking.get(digest)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        self._checking[digest] = future
+        try:
+            verdict = await self.rules.check(decision)
+        except Exception as exc:  # a checker failure refuses the decision, never the node
+            verdict = f"the check failed: {exc}"
+        finally:
+            self._checking.pop(digest, None)
+        if len(self._verdicts) > 4 * MAX_MEMPOOL:
+            self._verdicts.clear()
+        self._verdicts[digest] = verdict
+        if verdict is not None:
+            log.warning("decision refused", extra={"decision": digest.hex()[:16],
+                                                   "reason": verdict})
+        future.set_result(verdict)
+        return verdict
+
+    def _accept(self, decision: bytes) -> bool:
+        digest = decision_digest(decision)
+        if digest in self.mempool or self.store.decision(digest) is not None:
+            return False
+        if len(self.mempool) >= MAX_MEMPOOL:
+            raise ConsensusRejected("the consensus mempool is full; try again shortly")
+        self.mempool[digest] = decision
+        return True
+
+    async def submit(self, decision: bytes, *, checked: bool = True,
+                     timeout: float = 30.0) -> Committed:
+        """Propose ``decision`` to the cluster and wait until a block commits it.
+
+        :param checked: the caller has already checked it (its own admission);
+            else :meth:`Rules.check` runs first.
+        :raises ConsensusRejected: refused by the check, or the mempool is full.
+        :raises Timeout: not committed within ``timeout`` seconds (it may still be later).
+        """
+        if self.failure is not None:
+            raise ConsensusRejected(f"consensus has stopped: {self.failure}")
+        digest = decision_digest(decision)
+        if checked:
+            self._verdicts[digest] = None
+        else:
+            verdict = await self._check(decision)
+            if verdict is not None:
+                raise ConsensusRejected(f"the decision was refused: {verdict}")
+        future: asyncio.Future[Committed] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(digest, []).append(future)
+        try:
+            where = self.store.decision(digest)
+            if where is not None:  # already committed (a resubmission)
+                return await self._committed_at(*where)
+            if self._accept(decision):
+                self._gossip_decisions([decision])
+                self._inputs.put_nowait(("content",))
+            return await asyncio.wait_for(asyncio.shield(future), timeout)
+        except TimeoutError:
+            raise Timeout(f"the decision was not committed within {timeout:g} s") from None
+        finally:
+            waiters = self._waiters.get(digest, [])
+            if future in waiters:
+                waiters.remove(future)
+            if not waiters:
+                self._waiters.pop(digest, None)
+
+    async def _committed_at(self, height: int, index: int) -> Committed:
+        stored = self.store.block(height)
+        assert stored is not None
+        return Committed(Block.from_wire(decode_item(stored.block)), index,
+                         Commit.from_wire(decode_item(stored.commit)))
+
+    def _gossip_decisions(self, decisions: list[bytes]) -> None:
+        payload = encode_deterministic({"kind": "decisions", "items": decisions})
+        for peer in self.peers.values():
+            self._enqueue(peer, payload)
+
+    # --- receiving ------------------------------------------------------------------------
+
+    async def receive(self, payloads: list[bytes], sender: str | None = None) -> int:
+        """Take what a peer sent (``consensus.gossip``); returns how many were usable.
+
+        Decisions are checked before they enter the mempool, and a proposal's
+        unknown decisions before the core sees it, so that the core's validity
+        test is a lookup.
+        """
+        if sender is not None and sender in self.isolated:
+            raise ConsensusRejected(f"validator {sender} is isolated; its messages are ignored")
+        usable = 0
+        for payload in payloads:
+            try:
+                item = decode_item(payload)
+            except Exception:
+                self._misbehaved(sender, "sent a message that is not CBOR")
+                continue
+            if isinstance(item, dict) and item.get("kind") == "decisions":
+                usable += await self._receive_decisions(item.get("items"), sender)
+                continue
+            try:
+                message = decode_message(payload)
+            except BadMessage as exc:
+                self._misbehaved(sender, f"sent a malformed consensus message: {exc}")
+                continue
+            if isinstance(message, Proposal | CommitMessage):
+                await self._precheck(message.block)
+            self._inputs.put_nowait(("message", message, sender))
+            usable += 1
+        return usable
+
+    async def _receive_decisions(self, items: Any, sender: str | None) -> int:
+        if not isinstance(items, list) or not all(isinstance(d, bytes) for d in items):
+            self._misbehaved(sender, "sent a malformed decision batch")
+            return 0
+        fresh = [d for d in items if decision_digest(d) not in self.mempool]
+        verdicts = await asyncio.gather(*(self._check(d) for d in fresh))
+        accepted = 0
+        for decision, verdict in zip(fresh, verdicts, strict=True):
+            if verdict is None:
+                with contextlib.suppress(ConsensusRejected):
+                    accepted += self._accept(decision)
+        if accepted:
+            self._inputs.put_nowait(("content",))
+        return accepted
+
+    async def _precheck(self, block: Block) -> None:
+        unknown = [d for d in block.decisions if decision_digest(d) not in self._verdicts]
+        if unknown:
+            await asyncio.gather(*(self._check(d) for d in unknown))
+
+    def _misbehaved(self, validator: str | None, reason: str) -> None:
+        entry = {"validator": validator, "reason": reason, "at": self.clock()}
+        self.misbehaviour.append(entry)
+        del self.misbehaviour[:-100]
+        log.warning("consensus misbehaviour", extra={"validator": validator, "reason": reason})
+
+    # --- the loop -------------------------------------------------------------------------
+
+    @property
+    def isolated(self) -> set[str]:
+        return {v.id for v in self.core.validators.validators if v.power == 0}
+
+    async def start(self) -> None:
+        """Start the consensus task, the ticker and one sender per peer."""
+        if self.started:
+            return
+        self.started = True
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self._run(), name="consensus"))
+        self._tasks.append(loop.create_task(self._tick(), name="consensus-tick"))
+        for peer in self.peers.values():
+            self._tasks.append(loop.create_task(self._sender(peer),
+                                                name=f"consensus-send-{peer.name}"))
+        self._inputs.put_nowait(("start",))
+
+    async def stop(self) -> None:
+        for handle in self._timers:
+            handle.cancel()
+        self._timers.clear()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        for waiters in self._waiters.values():
+            for future in waiters:
+                if not future.done():
+                    future.set_exception(ConsensusRejected("the node is shutting down"))
+        self.started = False
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                item = await self._inputs.get()
+                effects = self._feed(item)
+                if effects:
+                    await self._perform(effects)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            self.failure = exc
+            log.exception("consensus stopped")
+            for waiters in self._waiters.values():
+                for future in waiters:
+                    if not future.done():
+                        future.set_exception(ConsensusRejected(f"consensus stopped: {exc}"))
+            raise
+
+    def _feed(self, item: tuple[Any, ...]) -> list[Effect]:
+        kind = item[0]
+        core = self.core
+        if kind == "message":
+            return core.receive(item[1], item[2])
+        if kind == "timeout":
+            return core.on_timeout(item[1], item[2], item[3])
+        if kind == "content":
+            return core.content_available()
+        if kind == "gossip":
+            return core.gossip()
+        if kind == "start":
+            return core.start()
+        raise AssertionError(kind)
+
+    async def _tick(self) -> None:
+        period = min(self.gossip_interval, self.block_interval) / 2
+        last_gossip = time.monotonic()
+        while True:
+            await asyncio.sleep(period)
+            last_ms = self.last_block.time_ms if self.last_block else 0
+            if self._now_ms() - last_ms >= self.block_interval * 1000:
+                self._inputs.put_nowait(("content",))
+            if self.peers and time.monotonic() - last_gossip >= self.gossip_interval:
+                last_gossip = time.monotonic()
+                self._inputs.put_nowait(("gossip",))
+
+    async def _flush_state(self) -> None:
+        if self._pending_state is not None:
+            state, self._pending_state = self._pending_state, None
+            await self.store.save_signing_state(encode_deterministic(state.to_wire()))
+
+    async def _perform(self, effects: list[Effect]) -> None:
+        for effect in effects:
+            if isinstance(effect, PersistSigningState):
+                self._pending_state = effect.state
+            elif isinstance(effect, Broadcast):
+                if self.peers:
+                    await self._flush_state()
+                    payload = encode_message(effect.message)
+                    isolated = self.isolated
+                    for peer in self.peers.values():
+                        if peer.id not in isolated:
+                            self._enqueue(peer, payload)
+            elif isinstance(effect, SendTo):
+                target = self.peers.get(effect.validator)
+                if target is not None:
+                    await self._flush_state()
+                    self._enqueue(target, encode_message(effect.message))
+            elif isinstance(effect, ScheduleTimeout):
+                self._schedule(effect.step, effect.height, effect.round, effect.delay)
+            elif isinstance(effect, Decided):
+                await self._decided(effect)
+            elif isinstance(effect, EvidenceFound):
+                await self._evidence(effect.evidence)
+            elif isinstance(effect, Misbehaviour):
+                self._misbehaved(effect.validator, effect.reason)
+            elif isinstance(effect, PeerBehind):
+                self._serve_behind(effect.validator, effect.height)
+            elif isinstance(effect, NeedBlocks):
+                self._start_sync(effect.validator, effect.from_height)
+        if self.peers:
+            await self._flush_state()
+
+    def _schedule(self, step: Step, height: int, round: int, delay: float) -> None:
+        loop = asyncio.get_running_loop()
+
+        def fire() -> None:
+            self._timers.discard(handle)
+            self._inputs.put_nowait(("timeout", step, height, round))
+
+        handle = loop.call_later(delay, fire)
+        self._timers.add(handle)
+
+    async def _decided(self, effect: Decided) -> None:
+        block, commit = effect.block, effect.commit
+        digests = [decision_digest(d) for d in block.decisions]
+        state, self._pending_state = self._pending_state, None
+        stored = StoredBlock(height=block.height, id=block.id, time_ms=block.time_ms,
+                             round=commit.round, block=block.encoded,
+                             commit=encode_deterministic(commit.to_wire()))
+        await self.store.add_block(
+            stored, digests, [e.id for e in block.evidence],
+            signing_state=encode_deterministic(state.to_wire()) if state else None,
+            validators=encode_deterministic(_validator_set_to_wire(effect.validators)))
+        self.last_block, self.last_commit = block, commit
+        self.decided_at[block.height] = self.clock()
+        if len(self.decided_at) > 1000:
+            self.decided_at.pop(min(self.decided_at))
+        for digest in digests:
+            self.mempool.pop(digest, None)
+        await self.rules.execute(block, commit)
+        for offender in effect.isolated:
+            log.warning("validator isolated", extra={"validator": offender,
+                                                     "height": block.height})
+            self.transport.drop(offender)
+            if self._audit is not None:
+                await self._audit("consensus.validator-isolated",
+                                  {"validator": offender, "height": block.height})
+        for offender in effect.refused_isolation:
+            log.warning("isolation refused: it would leave fewer than 4 validators",
+                        extra={"validator": offender, "height": block.height})
+        for index, digest in enumerate(digests):
+            for future in self._waiters.pop(digest, []):
+                if not future.done():
+                    future.set_result(Committed(block, index, commit))
+        if self.mempool:
+            self._inputs.put_nowait(("content",))
+
+    async def _evidence(self, evidence: DuplicateVoteEvidence) -> None:
+        now = self.clock()
+        self.evidence_found_at.setdefault(evidence.id, now)
+        fresh = await self.store.add_evidence(StoredEvidence(
+            id=evidence.id, offender=evidence.offender, height=evidence.height,
+            evidence=encode_deterministic(evidence.to_wire()), found_ms=int(now * 1000),
+            committed_height=None))
+        if fresh:
+            log.warning("equivocation evidence", extra={"validator": evidence.offender,
+                                                        "height": evidence.height})
+            if self._audit is not None:
+                await self._audit("consensus.evidence", {
+                    "id": evidence.id.hex(), "offender": evidence.offender,
+                    "height": evidence.height, "round": evidence.vote_a.round})
+
+    # --- peers ----------------------------------------------------------------------------
+
+    def _enqueue(self, peer: _Peer, payload: bytes) -> None:
+        if len(peer.outbox) >= MAX_OUTBOX:
+            del peer.outbox[: MAX_OUTBOX // 2]  # a dead peer: keep the newest; gossip repeats
+        peer.outbox.append(payload)
+        peer.wake.set()
+
+    async def _sender(self, peer: _Peer) -> None:
+        backoff = 0.05
+        while True:
+            await peer.wake.wait()
+            peer.wake.clear()
+            while peer.outbox:
+                batch: list[bytes] = []
+                size = 0
+                while (peer.outbox and len(batch) < 512
+                       and size + len(peer.outbox[0]) <= MAX_BATCH_BYTES):
+                    size += len(peer.outbox[0])
+                    batch.append(peer.outbox.pop(0))
+                if not batch:  # one message above the batch limit: drop it
+                    peer.outbox.pop(0)
+                    continue
+                if peer.id in self.isolated:
+                    peer.outbox.clear()
+                    break
+                try:
+                    await self.transport.send(peer.id, batch)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    peer.connected = False
+                    peer.last_error = f"{type(exc).__name__}: {exc}"
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 2.0)
+                    continue  # the batch is lost; the gossip tick re-sends what matters
+                peer.connected = True
+                peer.sent += len(batch)
+                backoff = 0.05
+
+    def _serve_behind(self, validator: str, height: int) -> None:
+        peer = self.peers.get(validator)
+        stored = self.store.block(height)
+        if peer is None or stored is None:
+            return
+        message = CommitMessage(Block.from_wire(decode_item(stored.block)),
+                                Commit.from_wire(decode_item(stored.commit)))
+        self._enqueue(peer, encode_message(message))
+
+    def _start_sync(self, validator: str, start: int) -> None:
+        if self._syncing or validator not in self.peers:
+            return
+        self._syncing = True
+        task = asyncio.get_running_loop().create_task(self._sync(validator, start))
+        self._tasks.append(task)
+
+    async def _sync(self, validator: str, start: int) -> None:
+        """Fetch decided blocks with their commits from ``validator`` and feed them in order."""
+        try:
+            height = start
+            while True:
+                pairs = await self.transport.fetch_blocks(validator, height, SYNC_BATCH)
+                if not pairs:
+                    return
+                for block_bytes, commit_bytes in pairs:
+                    try:
+                        message = CommitMessage(Block.from_wire(decode_item(block_bytes)),
+                                                Commit.from_wire(decode_item(commit_bytes)))
+                    except (BadMessage, ValueError) as exc:
+                        self._misbehaved(validator, f"served a malformed block: {exc}")
+                        return
+                    await self._precheck(message.block)
+                    self._inputs.put_nowait(("message", message, validator))
+                    height = message.block.height + 1
+                if len(pairs) < SYNC_BATCH:
+                    return
+                while self.core.height < height:  # let the core apply them first
+                    await asyncio.sleep(0.01)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.info("block sync from %s failed: %s", validator, exc)
+        finally:
+            self._syncing = False
+
+    # --- status ---------------------------------------------------------------------------
+
+    def blocks(self, start: int, limit: int) -> list[StoredBlock]:
+        return self.store.blocks(start, limit)
+
+    def status(self) -> dict[str, Any]:
+        core = self.core
+        isolated = self.isolated
+        last = self.last_block
+        return {
+            "chain_id": self.chain_id,
+            "validator": self.me,
+            "height": core.height,
+            "round": core.round,
+            "step": core.step,
+            "validators": [{"id": v.id, "name": self.names.get(v.id, v.id[:8]),
+                            "power": v.power, "address": v.address, "port": v.port,
+                            "isolated": v.id in isolated}
+                           for v in core.validators.validators],
+            "last_block": None if last is None else {
+                "height": last.height, "id": last.id, "time_ms": last.time_ms,
+                "decisions": len(last.decisions)},
+            "peers": [{"id": p.id, "name": p.name, "connected": p.connected,
+                       "queued": len(p.outbox)} for p in self.peers.values()],
+            "evidence": [{"id": e.id, "offender": e.offender, "height": e.height,
+                          "found_ms": e.found_ms, "committed_height": e.committed_height}
+                         for e in self.store.evidence()],
+            "isolated": sorted(isolated),
+            "mempool": len(self.mempool),
+            "misbehaviour": len(self.misbehaviour),
+        }
+
+
+def _validator_set_to_wire(validators: ValidatorSet) -> list[Any]:
+    return [[v.public_key, v.power] for v in validators.validators]
+
+
+def _validator_set_from_wire(item: Any, configured: ValidatorSet) -> ValidatorSet:
+    """The stored powers applied to the configured validators (addresses come from config)."""
+    powers = {bytes(key): power for key, power in item}
+    return ValidatorSet(tuple(replace(v, power=powers.get(v.public_key, v.power))
+                              for v in configured.validators))
+

@@ -1,0 +1,71 @@
+"""``consensus.gossip``, ``consensus.blocks`` and ``consensus.status``: a validator's ops."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from protocol import ConsensusRejected, NotFound, decode_item
+from protocol.ops import consensus as ops
+
+from .._router import RequestContext, Router
+from ._chain import ConsensusChain
+from ._cosign import validate_ct_log_consensus
+from .bft import Block, Commit
+
+
+class ChainService:
+    """Serves one :class:`ConsensusChain` to the other validators and to operators.
+
+    :param checkpoints: CT origin -> (size, block height, decision index) of the
+        latest committed checkpoint (:attr:`._decisions.CaRules.checkpoints`).
+    """
+
+    def __init__(self, chain: ConsensusChain,
+                 checkpoints: dict[str, tuple[int, int, int]] | None = None) -> None:
+        self.chain = chain
+        self.checkpoints = checkpoints if checkpoints is not None else {}
+
+    def checkpoint(self, args: ops.CheckpointArgs, ctx: RequestContext) -> dict[str, Any]:
+        """``validate_ct_log_consensus`` of the latest committed checkpoint of each origin."""
+        origins = sorted(self.checkpoints) if args.origin is None else [args.origin]
+        found = []
+        for origin in origins:
+            where = self.checkpoints.get(origin)
+            if where is None:
+                raise NotFound(f"no checkpoint of {origin!r} is committed", field="origin")
+            _, height, index = where
+            stored = self.chain.store.block(height)
+            assert stored is not None
+            cosigned = validate_ct_log_consensus(
+                Block.from_wire(decode_item(stored.block)),
+                Commit.from_wire(decode_item(stored.commit)), index,
+                chain_id=self.chain.chain_id, validators=self.chain.core.validators)
+            found.append({"origin": cosigned.origin, "size": cosigned.size,
+                          "root": cosigned.root, "block_height": cosigned.block_height,
+                          "checkpoint": cosigned.note, "cosigners": list(cosigned.cosigners)})
+        return {"checkpoints": found}
+
+    async def gossip(self, args: ops.GossipArgs, ctx: RequestContext) -> dict[str, Any]:
+        """Messages from another validator; each is signed, so the sender is only a hint."""
+        if self.chain.failure is not None:
+            raise ConsensusRejected("this validator's consensus has stopped")
+        accepted = await self.chain.receive(list(args.messages), args.sender)
+        return {"accepted": accepted, "height": self.chain.core.height}
+
+    def blocks(self, args: ops.BlocksArgs, ctx: RequestContext) -> dict[str, Any]:
+        latest = self.chain.last_block.height if self.chain.last_block else 0
+        if args.start > latest + 1:
+            raise NotFound(f"no block at height {args.start} (the latest is {latest})",
+                           field="start")
+        return {"blocks": [{"block": b.block, "commit": b.commit}
+                           for b in self.chain.blocks(args.start, args.limit)],
+                "latest": latest}
+
+    def status(self, args: ops.StatusArgs, ctx: RequestContext) -> dict[str, Any]:
+        return self.chain.status()
+
+    def register(self, router: Router) -> None:
+        router.add(ops.GOSSIP, self.gossip)
+        router.add(ops.BLOCKS, self.blocks)
+        router.add(ops.STATUS, self.status)
+        router.add(ops.CHECKPOINT, self.checkpoint)
