@@ -42,8 +42,10 @@ class Cluster:
     """N validator processes on [::1] made by `trustchain cluster init`."""
 
     def __init__(self, directory: Path, size: int, *, chain_id: str = "test-cluster",
-                 **consensus: str) -> None:
+                 checker: Any = None, **consensus: str) -> None:
         self.directory = directory
+        self.checker = checker
+        """If given (a :class:`tests.helpers.CddlChecker`), every answer is checked."""
         result = subprocess.run(
             [sys.executable, "-m", "trustchain", "cluster", "init", "--validators", str(size),
              "--base-port", "0", "--out", str(directory), "--chain-id", chain_id],
@@ -102,7 +104,8 @@ class Cluster:
                          for i in range(self.size) if self.log(i).exists())
 
     async def client(self, index: int) -> stoq.AsyncClient:
-        return await stoq.connect("::1", self.port(index), insecure=True, timeout=5.0)
+        return await stoq.connect("::1", self.port(index), insecure=True, timeout=5.0,
+                                  trace=self.checker)
 
     async def ask(self, index: int, op: str, args: dict[str, Any] | None = None,
                   timeout: float = 5.0) -> dict[str, Any] | None:
@@ -139,8 +142,8 @@ class Cluster:
 
 @contextlib.contextmanager
 def running_cluster(directory: Path, size: int, *, byzantine: tuple[int, ...] = (),
-                    **consensus: str) -> Any:
-    cluster = Cluster(directory, size, **consensus)
+                    checker: Any = None, **consensus: str) -> Any:
+    cluster = Cluster(directory, size, checker=checker, **consensus)
     try:
         cluster.start_all(byzantine)
         yield cluster

@@ -23,7 +23,7 @@ from handlers.consensus import matches_decision
 from handlers.consensus.bft import Block, Commit, Validator, ValidatorSet
 from protocol import decode_item
 from tests.cluster import Cluster, running_cluster
-from tests.helpers import Requester
+from tests.helpers import CddlChecker, Requester
 
 FAST = {"block_interval": '"500ms"', "timeout_propose": '"500ms"',
         "timeout_prevote": '"300ms"', "timeout_precommit": '"300ms"'}
@@ -44,9 +44,9 @@ async def _same_chain(cluster: Cluster, nodes: list[int], upto: int) -> list[dic
     return chains[0][:upto]
 
 
-async def test_issuance_only_through_committed_blocks(tmp_path: Path,
-                                                      prover: stoq.Prover) -> None:
-    with running_cluster(tmp_path / "c4", 4, **FAST) as cluster:
+async def test_issuance_only_through_committed_blocks(tmp_path: Path, prover: stoq.Prover,
+                                                      cddl: CddlChecker) -> None:
+    with running_cluster(tmp_path / "c4", 4, checker=cddl, **FAST) as cluster:
         everyone = list(range(4))
         await cluster.wait_until(everyone, _heights_at_least(3), 60, "4 validators decide")
         async with await cluster.client(1) as client:
@@ -118,8 +118,9 @@ def _c2sp_cosigners(note: str, chain_id: str, keys: dict[str, bytes]) -> set[str
     return verified
 
 
-async def test_killed_validator_restarts_without_double_signing(tmp_path: Path) -> None:
-    with running_cluster(tmp_path / "c4", 4, **FAST) as cluster:
+async def test_killed_validator_restarts_without_double_signing(tmp_path: Path,
+                                                               cddl: CddlChecker) -> None:
+    with running_cluster(tmp_path / "c4", 4, checker=cddl, **FAST) as cluster:
         everyone = list(range(4))
         await cluster.wait_until(everyone, _heights_at_least(3), 60, "4 validators decide")
         cluster.kill(3)  # SIGKILL, mid-height
