@@ -1280,6 +1280,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes: list[int] = args.validators
     print("## Consensus (Tendermint over STOQ), loopback [::1]\n")
     print("\n".join(machine_lines([args.engine])))
+    print(f"- load average before the run: {load_average()}")
     try:
         with contextlib.ExitStack() as stack:
             if args.workdir is not None:
@@ -1316,8 +1317,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         progress("interrupted; every process was stopped")
         return 130
-    print(f"total time {time.monotonic() - started:.0f} s", flush=True)
+    print(f"load average after the run: {load_average()}; total time "
+          f"{time.monotonic() - started:.0f} s", flush=True)
     return 0
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages (other work on the machine skews every figure)."""
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "?"
 
 
 def settings_lines(settings: Settings, sizes: list[int]) -> str:

@@ -263,16 +263,36 @@ class ServerConnection:
         self._out.append(ResetStream(stream_id, STOQ_REQUEST_CANCELLED))
         return [StreamCancelled(stream_id)]
 
+    def _oversized(self, size: int, what: str) -> bytes:
+        """The ``too_large`` error frame that replaces an answer above our frame limit:
+        we never send a frame we would refuse ourselves."""
+        return _error_frame(FrameTooLarge(
+            f"the {what} ({size} bytes) is larger than the frame limit ({self.max_frame_size} "
+            "bytes); ask for less at a time", limit=self.max_frame_size, size=size))
+
     def send_response(self, stream_id: int, response: Ok | Error) -> None:
         """Queue the final answer of a unary op (or an error ending a stream)."""
         self._send(stream_id, Send.OK if type(response) is Ok else Send.ERROR)
         payload = encode_item(response.to_item())
-        self._out.append(SendData(stream_id, len(payload).to_bytes(4, "big") + payload, True))
+        if len(payload) > self.max_frame_size:
+            data = self._oversized(len(payload), "answer")
+        else:
+            data = len(payload).to_bytes(4, "big") + payload
+        self._out.append(SendData(stream_id, data, True))
 
     def send_event(self, stream_id: int, event: Event) -> int:
-        """Queue one event of a streaming op; returns the frame's size in bytes."""
+        """Queue one event of a streaming op; returns the frame's size in bytes.
+
+        An event above the frame limit ends the stream with ``too_large`` instead.
+        """
+        payload = encode_item(event.to_item())
+        if len(payload) > self.max_frame_size:
+            self._send(stream_id, Send.ERROR)
+            data = self._oversized(len(payload), "event")
+            self._out.append(SendData(stream_id, data, True))
+            return len(data)
         self._send(stream_id, Send.EVENT)
-        data = frame_payload(encode_item(event.to_item()))
+        data = len(payload).to_bytes(4, "big") + payload
         self._out.append(SendData(stream_id, data, False))
         return len(data)
 

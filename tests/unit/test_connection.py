@@ -107,6 +107,34 @@ def test_stream_may_end_with_an_error() -> None:
     assert isinstance(events[1], ResponseReceived) and isinstance(events[2], StreamEnded)
 
 
+def test_an_answer_above_the_frame_limit_becomes_too_large() -> None:
+    """The server never sends a frame it would refuse itself (spec §3.2)."""
+    pair = ProtocolPair(max_frame_size=200)
+    pair.client.max_frame_size = 1 << 20  # the client would take it: the server still won't
+    pair.client.send_request(0, Request(op="node.echo"))
+    pair.to_server()
+    pair.server.send_response(0, Ok(result={"data": bytes(300)}))
+    events = pair.to_client()
+    response = events[0].response
+    assert isinstance(response, Error) and response.code is ErrorCode.TOO_LARGE
+    assert response.details["limit"] == 200 and response.details["size"] > 300
+    assert pair.server.open_streams == 0
+
+
+def test_an_event_above_the_frame_limit_ends_the_stream() -> None:
+    pair = ProtocolPair(max_frame_size=200)
+    pair.client.send_request(4, Request(op="ct.subscribe"))
+    pair.to_server()
+    pair.server.send_event(4, Event(event="entry", data={"leaf": bytes(10)}))
+    pair.server.send_event(4, Event(event="entry", data={"leaf": bytes(500)}))
+    assert not pair.server.is_open(4)
+    events = pair.to_client()
+    assert isinstance(events[0], EventReceived)
+    assert isinstance(events[1], ResponseReceived)
+    assert events[1].response.code is ErrorCode.TOO_LARGE
+    assert isinstance(events[2], StreamEnded)
+
+
 @pytest.mark.parametrize("sends", [
     ["ok", "ok"], ["ok", "event"], ["end", "event"], ["event", "ok"], ["ok", "end"],
 ])
