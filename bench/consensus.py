@@ -1114,6 +1114,8 @@ def size_table(all_figures: list[SizeFigures]) -> str:
                 cells.append(f"{got:.2f}")
             else:
                 cells.append(f"{got:,.1f}")
+        if all(v is None for v in values):
+            continue  # not measured in this run (--quick, or no cluster of that size)
         ratios = [_ratio(v, values[0]) for v in values[1:]]
         if target and "at 4" in target and 4 in sizes:
             got = values[sizes.index(4)]

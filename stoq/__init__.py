@@ -3,7 +3,13 @@
 Engine choice (qh3 or aioquic) is made in one place, :mod:`stoq._engine`.
 """
 
-from ._client import AsyncClient, CertificateMismatch, ConnectionFailed, connect
+from ._client import (
+    AsyncClient,
+    CertificateMismatch,
+    ConnectionFailed,
+    SubscriptionOverflow,
+    connect,
+)
 from ._ct import (
     CertificateProof,
     LogEntry,
@@ -56,6 +62,7 @@ __all__ = [
     "Server",
     "ServerLimits",
     "ShardKeys",
+    "SubscriptionOverflow",
     "build_csr",
     "certificate_fingerprint",
     "connect",

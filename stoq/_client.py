@@ -59,12 +59,23 @@ class CertificateMismatch(ConnectionFailed):
     """The server's certificate does not match the pinned fingerprint."""
 
 
-class _Waiter:
-    __slots__ = ("events", "wakeup")
+class SubscriptionOverflow(ConnectionFailed):
+    """A subscription's reader fell more than ``max_buffered`` events behind.
 
-    def __init__(self) -> None:
+    The client cancelled the stream after the last event it had buffered, so
+    memory stays bounded; every event before that was delivered. Subscribe
+    again from where the reader stopped (:func:`follow_log` does).
+    """
+
+
+class _Waiter:
+    __slots__ = ("events", "limit", "overflowed", "wakeup")
+
+    def __init__(self, limit: int | None = None) -> None:
         self.events: list[StoqEvent] = []
         self.wakeup: asyncio.Future[None] | None = None
+        self.limit = limit
+        self.overflowed = False
 
 
 def _client_protocol_class(engine: Engine) -> type:
@@ -103,9 +114,15 @@ def _client_protocol_class(engine: Engine) -> type:
         def _deliver(self, events: list[StoqEvent]) -> None:
             for event in events:
                 waiter = self.waiters.get(event.stream_id)
-                if waiter is not None:
+                if waiter is None or waiter.overflowed:
+                    continue
+                if waiter.limit is not None and len(waiter.events) >= waiter.limit:
+                    # the reader is too slow: stop the stream rather than buffer without end
+                    waiter.overflowed = True
+                    self.stoq.cancel(event.stream_id)
+                else:
                     waiter.events.append(event)
-                    _wake(waiter)
+                _wake(waiter)
             self.flush()
 
         def flush(self) -> None:
@@ -160,8 +177,8 @@ class AsyncClient:
                 self._protocol._quic.send_ping(next(counter))
                 self._protocol.transmit()
 
-    async def _open(self, op: str, args: dict[str, Any] | None,
-                    streaming: bool = False) -> tuple[int, _Waiter]:
+    async def _open(self, op: str, args: dict[str, Any] | None, streaming: bool = False,
+                    limit: int | None = None) -> tuple[int, _Waiter]:
         protocol = self._protocol
         if protocol.terminated is not None or self._closed:
             raise ConnectionFailed(f"the connection is closed ({protocol.terminated})")
@@ -174,7 +191,7 @@ class AsyncClient:
             await asyncio.sleep(0.001)
             if protocol.terminated is not None:
                 raise ConnectionFailed(f"the connection is closed ({protocol.terminated})")
-        waiter = _Waiter()
+        waiter = _Waiter(limit)
         protocol.waiters[stream_id] = waiter
         protocol.stoq.send_request(stream_id, Request(op=op, args=args or {}),
                                    streaming=streaming)
@@ -185,6 +202,10 @@ class AsyncClient:
         protocol = self._protocol
         loop = asyncio.get_running_loop()
         while not waiter.events:
+            if waiter.overflowed:
+                raise SubscriptionOverflow(
+                    f"the reader fell more than {waiter.limit} events behind; the "
+                    "subscription was cancelled after the last buffered event")
             if protocol.terminated is not None:
                 raise ConnectionFailed(f"connection lost: {protocol.terminated}",
                                        quic_error=protocol.close_code)
@@ -237,13 +258,17 @@ class AsyncClient:
             self._forget(stream_id, cancel=not done)
 
     async def subscribe(self, op: str, args: dict[str, Any] | None = None, *,
-                        timeout: float | None = None) -> AsyncIterator[Event]:
+                        timeout: float | None = None,
+                        max_buffered: int | None = 10_000) -> AsyncIterator[Event]:
         """Send a streaming request and yield its events until the server ends it.
 
         Leaving the loop early cancels the stream on the server. ``timeout``
-        bounds the wait for each event (default: none).
+        bounds the wait for each event (default: none). At most ``max_buffered``
+        events wait for the reader (QUIC flow control does not hold the server
+        back once the engine has the bytes): beyond that the stream is cancelled
+        and, after the buffered events, :class:`SubscriptionOverflow` is raised.
         """
-        stream_id, waiter = await self._open(op, args, streaming=True)
+        stream_id, waiter = await self._open(op, args, streaming=True, limit=max_buffered)
         loop = asyncio.get_running_loop()
         finished = False
         try:

@@ -33,7 +33,7 @@ from protocol import ErrorCode, TrustChainError
 from protocol import ct_merkle as merkle
 from protocol import ct_structs as ct
 
-from ._client import AsyncClient, ConnectionFailed
+from ._client import AsyncClient, ConnectionFailed, SubscriptionOverflow
 
 log = logging.getLogger("stoq.ct")
 
@@ -115,7 +115,7 @@ class LogFollower:
                  shard: int | None = None, start: int | None = None,
                  domains: Sequence[str] = (), include_leaf: bool = True, verify: bool = True,
                  retry_delay: float = 0.5, max_reconnects: int | None = None,
-                 heartbeat_ms: int = 5000) -> None:
+                 heartbeat_ms: int = 5000, max_buffered: int | None = 10_000) -> None:
         self._connect = connect
         self.shard = shard
         self.next = start
@@ -125,9 +125,13 @@ class LogFollower:
         self.retry_delay = retry_delay
         self.max_reconnects = max_reconnects
         self.heartbeat_ms = heartbeat_ms
+        self.max_buffered = max_buffered
         self.sth: dict[str, Any] | None = None
         """The last verified tree head."""
         self.resumes = 0
+        """Times the server told this follower to resume (it fell behind the live feed)."""
+        self.overflows = 0
+        """Times this follower dropped its subscription because its reader was slow."""
         self.reconnects = 0
         self.verified = 0
         """Tree heads verified so far (signature, consistency, and root if tracked)."""
@@ -175,6 +179,9 @@ class LogFollower:
                     async for entry in self._stream(client):
                         failures = 0
                         yield entry
+                except SubscriptionOverflow:
+                    self.overflows += 1  # we read too slowly: subscribe again from self.next
+                    continue
                 except (ConnectionFailed, TimeoutError) as exc:
                     failures += 1
                     if self.max_reconnects is not None and failures > self.max_reconnects:
@@ -192,7 +199,8 @@ class LogFollower:
         assert self.shard is not None and self.next is not None
         args = {"shard": self.shard, "start": self.next, "domains": self.domains,
                 "include_leaf": self.include_leaf, "heartbeat_ms": self.heartbeat_ms}
-        async for event in client.subscribe("ct.subscribe", args):
+        async for event in client.subscribe("ct.subscribe", args,
+                                            max_buffered=self.max_buffered):
             data = event.data
             if event.event == "entries":
                 for item in data["entries"]:
@@ -253,6 +261,8 @@ def follow_log(connect: Callable[[], Awaitable[AsyncClient]], **kwargs: Any) -> 
     :param include_leaf: receive each entry's ``leaf_input``.
     :param verify: verify tree heads (signature, consistency, and roots when following
         every leaf from 0); a failure raises :class:`LogVerificationError`.
+    :param max_buffered: events held for a slow reader before the subscription is
+        dropped and made again from the reader's position (nothing is lost).
     """
     return LogFollower(connect, **kwargs)
 

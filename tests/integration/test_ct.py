@@ -326,6 +326,29 @@ async def test_slow_subscriber_is_told_to_resume(tmp_path: Path, cddl: CddlCheck
         assert follower.resumes >= 1, "the server never told the subscriber to resume"
 
 
+async def test_slow_reader_resubscribes_without_losing_entries(tmp_path: Path,
+                                                               cddl: CddlChecker) -> None:
+    """A reader slower than the feed: the client drops its subscription after a few
+    buffered events (bounded memory) and subscribes again from the reader's position."""
+    extra = make_ca("Reader")
+    async with running_node(tmp_path / "node", ENGINE, _extra(tmp_path, extra),
+                            checker=cddl) as node, await node.client() as client:
+        for i in range(0, 120, 40):
+            await asyncio.gather(*(client.request("ct.add-chain", {"chain": [
+                extra.leaf(f"r{j}.trust"), extra.der]}) for j in range(i, i + 40)))
+        size = (await client.request("ct.get-sth"))["tree_size"]
+        follower = stoq.follow_log(node.client, start=0, heartbeat_ms=200, max_buffered=2)
+        seen: list[int] = []
+        async for entry in follower:
+            seen.append(entry.index)
+            await asyncio.sleep(0.002)  # slower than the server sends
+            if len(seen) == size:
+                break
+        await follower.close()
+        assert seen == list(range(size))
+        assert follower.overflows >= 1 and follower.reconnects == 0
+
+
 async def test_ct_watch_cli_prints_entries_live(tmp_path: Path) -> None:
     extra = make_ca("Watch")
     async with running_node(tmp_path / "node", ENGINE, _extra(tmp_path, extra)) as node, \

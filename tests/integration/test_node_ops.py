@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import stoq
 from protocol import InvalidRequest, Timeout, TrustChainError, UnknownOp
 
 from ..helpers import CddlChecker, running_node
@@ -61,6 +62,30 @@ async def test_leaving_a_stream_cancels_it_on_the_server(tmp_path: Path, engine:
                 break
             assert node.node.server is not None
             for _ in range(100):
+                if node.node.server.stats()["in_flight"] == 0:
+                    break
+                await asyncio.sleep(0.02)
+            assert node.node.server.stats()["in_flight"] == 0
+            assert (await client.request("node.health"))["status"] == "ok"
+
+
+async def test_a_slow_reader_overflows_instead_of_buffering_without_end(
+        tmp_path: Path, engine: str, cddl: CddlChecker) -> None:
+    """The client buffers at most ``max_buffered`` unread events, then cancels the stream:
+    the reader gets every buffered event in order, then SubscriptionOverflow."""
+    async with running_node(tmp_path, engine, checker=cddl) as node:
+        async with await node.client() as client:
+            stream = client.subscribe("node.heartbeat", {"interval_ms": 10, "count": 1000},
+                                      max_buffered=5)
+            first = await anext(stream)
+            await asyncio.sleep(0.5)  # about 50 events arrive meanwhile; 5 are kept
+            seen = [first.data["seq"]]
+            with pytest.raises(stoq.SubscriptionOverflow):
+                async for event in stream:
+                    seen.append(event.data["seq"])
+            assert seen == list(range(len(seen))) and 5 <= len(seen) <= 7
+            assert node.node.server is not None
+            for _ in range(100):  # the server stopped sending: the stream was cancelled
                 if node.node.server.stats()["in_flight"] == 0:
                     break
                 await asyncio.sleep(0.02)
