@@ -473,19 +473,40 @@ def decode_message(data: bytes) -> Message:
 
 @dataclass
 class SigningState:
-    """The last height/round/step this validator signed, persisted (fsync) before
-    the signed message leaves the node, so that a restarted validator never signs
-    a conflicting proposal or vote.
+    """What this validator must not forget across a restart, persisted (fsync) before
+    any message that depends on it leaves the node.
 
-    ``step`` is 0 (proposal), 1 (prevote), 2 (precommit), -1 before any. Signing
-    the same step again is allowed only for the same ``block_id`` (Ed25519 is
-    deterministic, so that re-creates the same signature).
+    The last height/round/step it signed, so that a restarted validator never signs
+    a conflicting proposal or vote: ``step`` is 0 (proposal), 1 (prevote), 2
+    (precommit), -1 before any. Signing the same step again is allowed only for
+    the same ``block_id`` (Ed25519 is deterministic, so that re-creates the same
+    signature).
+
+    And, for ``height``, Algorithm 1's lock and valid value, so that a restart
+    is not an amnesia fault: ``locked_round``/``locked_block_id`` (-1/None when
+    not locked), ``valid_round``/``valid_block_id`` (likewise). ``locked_block``
+    is the encoded locked block (:attr:`Block.encoded`), and ``valid_block`` the
+    encoded valid block when it is not the locked one (None when it is): if
+    every validator crashes right after precommitting, nobody else has the block
+    any more. Either may be None while its id is known (the node has not seen
+    the block since a restart); the core then never votes for another block than
+    the locked one until a later proof-of-lock frees it.
+
+    Cost: once locked at a height, every persist (about one per signature) writes
+    the block again, so up to a block's size (a few MB at most) per signature
+    until the next height's first signature drops it.
     """
 
     height: int = 0
     round: int = -1
     step: int = -1
     block_id: bytes | None = None
+    locked_round: int = -1
+    locked_block_id: bytes | None = None
+    locked_block: bytes | None = None
+    valid_round: int = -1
+    valid_block_id: bytes | None = None
+    valid_block: bytes | None = None
 
     def allows(self, height: int, round: int, step: int, block_id: bytes | None) -> bool:
         here = (height, round, step)
@@ -493,10 +514,88 @@ class SigningState:
         return here > last or (here == last and block_id == self.block_id)
 
     def to_wire(self) -> dict[str, Any]:
-        return {"height": self.height, "round": self.round, "step": self.step,
-                "block_id": self.block_id}
+        """A CBOR map; the lock and valid keys only when set (so a state without them
+        encodes as it did before they existed)."""
+        item: dict[str, Any] = {"height": self.height, "round": self.round,
+                                "step": self.step, "block_id": self.block_id}
+        if self.locked_round >= 0:
+            item["locked_round"] = self.locked_round
+            item["locked_block_id"] = self.locked_block_id
+        if self.locked_block is not None:
+            item["locked_block"] = self.locked_block
+        if self.valid_round >= 0:
+            item["valid_round"] = self.valid_round
+            item["valid_block_id"] = self.valid_block_id
+        if self.valid_block is not None:
+            item["valid_block"] = self.valid_block
+        return item
 
     @classmethod
-    def from_wire(cls, item: dict[str, Any]) -> SigningState:
-        return cls(height=item["height"], round=item["round"], step=item["step"],
-                   block_id=item["block_id"])
+    def from_wire(cls, item: Any) -> SigningState:
+        """Decode :meth:`to_wire`'s map (missing lock keys mean 'not locked');
+        :class:`ValueError` if it is not a consistent signing state."""
+        if not isinstance(item, dict):
+            raise ValueError("signing state: not a map")
+
+        def integer(key: str, low: int, high: int = (1 << 63) - 1, default: int = -1) -> int:
+            value = item.get(key, default)
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+                raise ValueError(f"signing state: {key} is not an integer in [{low}, {high}]")
+            return value
+
+        def optional_bytes(key: str, size: int | None) -> bytes | None:
+            value = item.get(key)
+            if value is None:
+                return None
+            if not isinstance(value, bytes) or (size is not None and len(value) != size):
+                raise ValueError(f"signing state: {key} is not "
+                                 + (f"a {size}-byte string" if size else "a byte string"))
+            return value
+
+        for key in ("height", "round", "step"):
+            if key not in item:
+                raise ValueError(f"signing state: {key} is missing")
+        state = cls(height=integer("height", 0), round=integer("round", -1, MAX_ROUND),
+                    step=integer("step", -1, 2), block_id=optional_bytes("block_id", HASH_SIZE),
+                    locked_round=integer("locked_round", -1, MAX_ROUND),
+                    locked_block_id=optional_bytes("locked_block_id", HASH_SIZE),
+                    locked_block=optional_bytes("locked_block", None),
+                    valid_round=integer("valid_round", -1, MAX_ROUND),
+                    valid_block_id=optional_bytes("valid_block_id", HASH_SIZE),
+                    valid_block=optional_bytes("valid_block", None))
+        for name in ("locked", "valid"):
+            round = getattr(state, f"{name}_round")
+            block_id = getattr(state, f"{name}_block_id")
+            encoded = getattr(state, f"{name}_block")
+            if (round == -1) != (block_id is None):
+                raise ValueError(f"signing state: {name}_round and {name}_block_id disagree")
+            if encoded is not None:
+                if block_id is None or hashlib.sha256(encoded).digest() != block_id:
+                    raise ValueError(f"signing state: {name}_block is not the block "
+                                     f"{name}_block_id names")
+                try:
+                    block = Block.from_wire(decode_item(encoded))
+                except Exception as exc:  # the strict decoder raises several kinds
+                    raise ValueError(f"signing state: {name}_block: {exc}") from None
+                if block.height != state.height:
+                    raise ValueError(f"signing state: {name}_block is not at its height")
+        if state.valid_block is not None and state.valid_block_id == state.locked_block_id:
+            raise ValueError("signing state: valid_block repeats the locked block")
+        if state.locked_round > state.valid_round:
+            raise ValueError("signing state: locked_round is above valid_round")
+        return state
+
+    def block(self, block_id: bytes | None) -> Block | None:
+        """The locked or valid block with id ``block_id``, if its bytes are here (None
+        if not, or if they do not decode)."""
+        if block_id is None:
+            return None
+        for known, encoded in ((self.locked_block_id, self.locked_block),
+                               (self.valid_block_id, self.valid_block)):
+            if known == block_id and encoded is not None:
+                try:
+                    block = Block.from_wire(decode_item(encoded))
+                except Exception:  # checked by from_wire; a state built by hand may not be
+                    return None
+                return block if block.id == block_id else None
+        return None
