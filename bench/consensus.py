@@ -1257,7 +1257,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"{QUICK_SEQUENTIAL} sequential calls instead of {SEQUENTIAL}, "
                              f"{QUICK_DURATION:g} s windows instead of {DURATION:g} s, "
                              f"{QUICK_REQUESTERS} requesters, {QUICK_EVIDENCE_HEIGHTS} "
-                             f"equivocations timed")
+                             f"heights with evidence timed")
     parser.add_argument("--validators", type=parse_sizes, default=list(VALIDATORS),
                         metavar="N,N,...",
                         help="cluster sizes (default 1,4,7; none: only the evidence test); "

@@ -128,7 +128,8 @@ async def attach(node: Any) -> None:
                           precommit=consensus.timeout_precommit,
                           delta=consensus.timeout_delta),
         block_interval=consensus.block_interval, gossip_interval=consensus.gossip_interval,
-        max_block_decisions=consensus.max_block_decisions, names=names, audit=audit)
+        max_block_decisions=consensus.max_block_decisions,
+        max_frame_size=cfg.network.max_frame_size, names=names, audit=audit)
     chain_holder.append(chain)
     ChainService(chain, rules.checkpoints).register(node.router)
     local = node.ca.admission

@@ -61,8 +61,9 @@ MAX_CLOCK_DRIFT_MS = 5_000
 """A proposed block may not be stamped further than this ahead of our clock."""
 MAX_MEMPOOL = 50_000
 MAX_OUTBOX = 4_096
-MAX_BATCH_BYTES = 4 << 20
 SYNC_BATCH = 64
+ENVELOPE_ROOM = 4096
+"""Bytes kept free in a frame for the request envelope and CBOR headers."""
 
 
 def decision_digest(decision: bytes) -> bytes:
@@ -149,7 +150,8 @@ class ConsensusChain:
                  transport: Transport, rules: Rules, me: str | None,
                  sign: Callable[[bytes], bytes] | None, timeouts: Timeouts,
                  block_interval: float = 1.0, gossip_interval: float = 0.5,
-                 max_block_decisions: int = 1000, names: dict[str, str] | None = None,
+                 max_block_decisions: int = 1000, max_frame_size: int = 1 << 20,
+                 names: dict[str, str] | None = None,
                  audit: Callable[[str, dict[str, Any]], Awaitable[Any]] | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.chain_id = chain_id
@@ -161,6 +163,11 @@ class ConsensusChain:
         self.block_interval = block_interval
         self.gossip_interval = gossip_interval
         self.max_block_decisions = max_block_decisions
+        self.max_message_bytes = max_frame_size - ENVELOPE_ROOM
+        """Largest gossip batch: a ``consensus.gossip`` request must fit in a frame."""
+        self.max_block_bytes = self.max_message_bytes // 2
+        """Largest block: a proposal (a block plus its envelope) fits in a frame, and so
+        does a ``bft-decided`` (block plus commit) for a validator that is behind."""
         self.names = dict(names or {})
         self.clock = clock
         self._audit = audit
@@ -218,11 +225,14 @@ class ConsensusChain:
             # stored yet, and the mempool still holds its decisions; ask again after
             return None
         decisions: list[bytes] = []
+        size = 0
         for digest, decision in self.mempool.items():
-            if len(decisions) >= self.max_block_decisions:
+            if (len(decisions) >= self.max_block_decisions
+                    or size + len(decision) + 16 > self.max_block_bytes):
                 break
             if self.store.decision(digest) is None:
                 decisions.append(decision)
+                size += len(decision) + 16
         last_ms = self.last_block.time_ms if self.last_block else 0
         now = self._now_ms()
         if not decisions and round == 0 and now - last_ms < self.block_interval * 1000:
@@ -238,6 +248,8 @@ class ConsensusChain:
     def _invalid(self, block: Block) -> str | None:
         if block.time_ms > self._now_ms() + MAX_CLOCK_DRIFT_MS:
             return "stamped in the future"
+        if len(block.encoded) > self.max_block_bytes + ENVELOPE_ROOM:
+            return f"{len(block.encoded)} bytes, above the block size limit"
         seen: set[bytes] = set()
         for decision in block.decisions:
             digest = decision_digest(decision)
@@ -590,8 +602,8 @@ class ConsensusChain:
                 batch: list[bytes] = []
                 size = 0
                 while (peer.outbox and len(batch) < 512
-                       and size + len(peer.outbox[0]) <= MAX_BATCH_BYTES):
-                    size += len(peer.outbox[0])
+                       and size + len(peer.outbox[0]) + 8 <= self.max_message_bytes):
+                    size += len(peer.outbox[0]) + 8
                     batch.append(peer.outbox.pop(0))
                 if not batch:  # one message above the batch limit: drop it
                     peer.outbox.pop(0)
@@ -661,7 +673,15 @@ class ConsensusChain:
     # --- status ---------------------------------------------------------------------------
 
     def blocks(self, start: int, limit: int) -> list[StoredBlock]:
-        return self.store.blocks(start, limit)
+        """Up to ``limit`` blocks from ``start``, no more than fit in one frame (at least one)."""
+        found: list[StoredBlock] = []
+        size = 0
+        for stored in self.store.blocks(start, limit):
+            size += len(stored.block) + len(stored.commit) + 32
+            if found and size > self.max_message_bytes:
+                break
+            found.append(stored)
+        return found
 
     def status(self) -> dict[str, Any]:
         core = self.core

@@ -51,6 +51,7 @@ from handlers.consensus.bft._core import (
     Tendermint,
     Timeouts,
 )
+from protocol import decode_item, encode_deterministic
 
 CHAIN = "bft-core-test"
 T = TypeVar("T")
@@ -224,7 +225,11 @@ def _signed_then_persisted(effects: list[Effect], me: str | None) -> None:
                 assert isinstance(before, PersistSigningState)
                 step = 0 if isinstance(m, Proposal) else int(m.type)
                 block_id = m.block.id if isinstance(m, Proposal) else m.block_id
-                assert before.state == SigningState(m.height, m.round, step, block_id)
+                assert _last_signed(before.state) == (m.height, m.round, step, block_id)
+
+
+def _last_signed(state: SigningState) -> tuple[int, int, int, bytes | None]:
+    return state.height, state.round, state.step, state.block_id
 
 
 # --- basics -----------------------------------------------------------------------------------
@@ -257,7 +262,9 @@ def test_single_validator_decides_alone() -> None:
     [second] = of_type(again, Decided)
     assert second.block.height == 2 and second.block.previous == block.id
     assert second.block.time_ms > block.time_ms
-    assert core.signing_state == SigningState(2, 0, 2, second.block.id)
+    assert core.signing_state == SigningState(
+        2, 0, 2, second.block.id, locked_round=0, locked_block_id=second.block.id,
+        locked_block=second.block.encoded, valid_round=0, valid_block_id=second.block.id)
 
 
 def test_constructor_rejects_inconsistent_arguments() -> None:
@@ -770,7 +777,8 @@ def test_restarted_after_precommit_keeps_its_lock_and_resends_it() -> None:
     core.receive(c.vote(1, PREVOTE, 0, b), c.ids[1])
     effects = core.receive(c.vote(2, PREVOTE, 0, b), c.ids[2])
     [precommit] = own_votes(effects, core)
-    restarted = c.core(0, signing_state=core.signing_state)
+    # A state written before locks and blocks were persisted: the precommit is the lock.
+    restarted = c.core(0, signing_state=SigningState(*_last_signed(core.signing_state)))
     assert own_votes(restarted.start(), restarted) == []  # needs the block (extension)
     assert (restarted.locked_round, restarted.step) == (0, "precommit")
     assert own_votes(restarted.receive(c.proposal(b), c.ids[1]), restarted) == [precommit]
@@ -780,6 +788,195 @@ def test_restarted_after_precommit_keeps_its_lock_and_resends_it() -> None:
     other = c.block(1, proposer=2, decisions=(b"other",))
     effects = restarted.receive(c.proposal(other, 1), c.ids[2])
     assert [v.block_id for v in own_votes(effects, restarted)] == [None]
+
+
+def _stored(state: SigningState) -> SigningState:
+    """``state`` as a driver stores it and reads it back."""
+    return SigningState.from_wire(decode_item(encode_deterministic(state.to_wire())))
+
+
+def _locked_then_nil_precommit(c: Cluster) -> tuple[Tendermint, Block]:
+    """Validator 0 locks on b in round 0 (precommits it), then in round 1 prevotes nil
+    (locked) on a fresh block and precommits nil: its last signature says nothing of b."""
+    core = c.core(0)
+    core.start()
+    b = c.block(1)
+    core.receive(c.proposal(b), c.ids[1])
+    core.receive(c.vote(1, PREVOTE, 0, b), c.ids[1])
+    effects = core.receive(c.vote(2, PREVOTE, 0, b), c.ids[2])
+    assert [(v.type, v.block_id) for v in own_votes(effects, core)] == [(PRECOMMIT, b.id)]
+    for i in (1, 2):
+        core.receive(c.vote(i, PRECOMMIT, 0, None), c.ids[i])
+    core.on_timeout("precommit", 1, 0)
+    fresh = c.block(1, proposer=2, decisions=(b"fresh",))
+    effects = core.receive(c.proposal(fresh, 1), c.ids[2])
+    assert [v.block_id for v in own_votes(effects, core)] == [None]
+    effects = core.on_timeout("prevote", 1, 1)
+    assert [(v.type, v.block_id) for v in own_votes(effects, core)] == [(PRECOMMIT, None)]
+    _signed_then_persisted(effects, core.me)
+    return core, b
+
+
+def test_signing_state_records_the_lock_and_the_locked_block() -> None:
+    c = Cluster(4)
+    core, b = _locked_then_nil_precommit(c)
+    state = core.signing_state
+    assert _last_signed(state) == (1, 1, 2, None)
+    assert (state.locked_round, state.locked_block_id, state.locked_block) == (0, b.id, b.encoded)
+    assert (state.valid_round, state.valid_block_id, state.valid_block) == (0, b.id, None)
+    assert _stored(state) == state
+    # A later polka for another block (seen after precommitting) moves only the valid
+    # value: persisted at once, with that block's bytes too.
+    x = c.block(1, proposer=2, decisions=(b"fresh",))
+    for i in (1, 2):
+        core.receive(c.vote(i, PREVOTE, 1, x), c.ids[i])
+    effects = core.receive(c.vote(3, PREVOTE, 1, x), c.ids[3])
+    [persisted] = of_type(effects, PersistSigningState)
+    state = persisted.state
+    assert _last_signed(state) == (1, 1, 2, None) and state.locked_round == 0
+    assert (state.valid_round, state.valid_block_id, state.valid_block) == (1, x.id, x.encoded)
+    assert _stored(state) == state
+    # The next height's first signature drops them.
+    core.receive(CommitMessage(x, c.commit(x, (1, 2, 3), round=1)), c.ids[1])
+    effects = core.on_timeout("propose", 2, 0)
+    [persisted] = of_type(effects, PersistSigningState)
+    assert persisted.state == SigningState(2, 0, 1, None)
+
+
+@pytest.mark.parametrize("with_block", [True, False])
+def test_restart_after_a_later_nil_precommit_keeps_the_lock(with_block: bool) -> None:
+    """No amnesia: the restarted validator stays locked on b though its last signature
+    is a nil precommit; with b's bytes (persisted, or seen again) it re-proposes b."""
+    c = Cluster(4)
+    core, b = _locked_then_nil_precommit(c)
+    stored = _stored(core.signing_state)
+    if not with_block:  # locked on a block it does not have (yet)
+        stored = replace(stored, locked_block=None)
+    y = c.block(1, proposer=3, decisions=(b"y",))
+
+    def restart(state: SigningState) -> Tendermint:
+        restarted = c.core(0, signing_state=state)
+        effects = restarted.start()
+        assert [(v.type, v.round, v.block_id) for v in own_votes(effects, restarted)] == [
+            (PRECOMMIT, 1, None)]
+        for i in (1, 2):  # f+1 in round 2
+            restarted.receive(c.vote(i, PRECOMMIT, 2, None), c.ids[i])
+        assert restarted.round == 2
+        return restarted
+
+    # Without the lock in its state (as before it was persisted), it prevotes y: amnesia.
+    forgetful = restart(SigningState(*_last_signed(stored)))
+    effects = forgetful.receive(c.proposal(y, 2), c.ids[3])
+    assert [v.block_id for v in own_votes(effects, forgetful)] == [y.id]
+    # With it: still locked on b from round 0, so a fresh block in round 2 gets nil.
+    restarted = restart(stored)
+    assert (restarted.locked_round, restarted.valid_round) == (0, 0)
+    effects = restarted.receive(c.proposal(y, 2), c.ids[3])
+    assert [v.block_id for v in own_votes(effects, restarted)] == [None]
+    assert restarted.signing_state.locked_block_id == b.id
+    if not with_block:
+        assert restarted.signing_state.locked_block is None
+        # b's round-0 proposal comes by (gossip): the block is learned and persisted.
+        effects = restarted.receive(c.proposal(b), c.ids[1])
+        [persisted] = of_type(effects, PersistSigningState)
+        assert persisted.state.locked_block == b.encoded and not own_votes(effects, restarted)
+    # Round 3 is ours: we re-propose b as our valid value, with its valid round.
+    restarted.receive(c.vote(1, PRECOMMIT, 3, None), c.ids[1])
+    effects = restarted.receive(c.vote(2, PRECOMMIT, 3, None), c.ids[2])
+    assert restarted.round == 3
+    [proposal] = broadcasts(effects, Proposal)
+    assert isinstance(proposal, Proposal)
+    assert (proposal.round, proposal.block, proposal.valid_round) == (3, b, 0)
+    _signed_then_persisted(effects, restarted.me)
+
+
+def test_a_later_proof_of_lock_unlocks_a_restarted_validator() -> None:
+    c = Cluster(4)
+    core, b = _locked_then_nil_precommit(c)
+    restarted = c.core(0, signing_state=replace(_stored(core.signing_state), locked_block=None))
+    restarted.start()
+    x = c.block(1, proposer=2, decisions=(b"x",))
+    for i in (1, 2, 3):  # 2f+1 prevotes for x in round 2, whose proposal we missed
+        restarted.receive(c.vote(i, PREVOTE, 2, x), c.ids[i])
+    assert restarted.round == 2
+    restarted.on_timeout("propose", 1, 2)
+    restarted.on_timeout("prevote", 1, 2)
+    for i in (1, 2):
+        restarted.receive(c.vote(i, PRECOMMIT, 2, None), c.ids[i])
+    restarted.on_timeout("precommit", 1, 2)
+    assert (restarted.round, restarted.locked_round) == (3, 0)
+    # Round 3 (ours: we have no block of a lock to re-propose, so a fresh one gets nil).
+    restarted.on_timeout("propose", 1, 3)
+    restarted.on_timeout("prevote", 1, 3)
+    for i in (1, 2):
+        restarted.receive(c.vote(i, PRECOMMIT, 3, None), c.ids[i])
+    restarted.on_timeout("precommit", 1, 3)
+    # Round 4: x with valid round 2 >= our locked round 0, and its proof of lock: x.
+    effects = restarted.receive(c.proposal(x, 4, valid_round=2), c.ids[1])
+    assert not of_type(effects, Misbehaviour)
+    [vote] = own_votes(effects, restarted)
+    assert (vote.round, vote.block_id) == (4, x.id)
+
+
+def _precommitted_but_undecided(c: Cluster) -> tuple[Router, bytes]:
+    """Every validator precommits the same block, and every precommit is lost."""
+    router = Router({c.ids[i]: c.core(i) for i in range(4)},
+                    drop=lambda src, dst, m: isinstance(m, Vote) and m.type is PRECOMMIT)
+    router.start()
+    router.run(1)
+    assert not any(router.decided.values())
+    states = [core.signing_state for core in router.cores.values()]
+    [block_id] = {s.block_id for s in states}
+    assert block_id is not None
+    assert all(s.step == 2 and s.locked_block_id == block_id for s in states)
+    return router, block_id
+
+
+def test_a_whole_cluster_restarted_after_precommitting_decides_the_locked_block() -> None:
+    c = Cluster(4)
+    before, block_id = _precommitted_but_undecided(c)
+    states = {i: _stored(core.signing_state) for i, core in before.cores.items()}
+    # Before the blocks were persisted nobody had b any more: no decision, ever.
+    stuck = Router({i: c.core(c.ids.index(i), signing_state=replace(s, locked_block=None))
+                    for i, s in states.items()})
+    stuck.start()
+    stuck.run(1)
+    assert not any(stuck.decided.values())
+    # With them, each re-learns b and re-sends the very same precommit: b is decided.
+    router = Router({i: c.core(c.ids.index(i), signing_state=s) for i, s in states.items()})
+    router.start()
+    router.run(1)
+    for i, decisions in router.decided.items():
+        d = decisions[0]
+        assert (d.block.id, d.commit.round) == (block_id, 0)
+        d.commit.verify(CHAIN, c.validators)
+        assert own_votes(router.effects[i], router.cores[i])[0] in own_votes(
+            before.effects[i], before.cores[i])
+        _signed_then_persisted(router.effects[i], i)
+    router.run(3)  # and the chain goes on
+    assert all(core.height > 3 for core in router.cores.values())
+
+
+def test_signing_state_wire_is_backward_compatible_and_checked() -> None:
+    c = Cluster(4)
+    b = c.block(1)
+    old = {"height": 3, "round": 1, "step": 2, "block_id": b.id}
+    assert SigningState.from_wire(old) == SigningState(3, 1, 2, b.id)
+    assert SigningState(3, 1, 2, b.id).to_wire() == old  # no lock: encoded as before
+    locked = SigningState(1, 2, 1, None, locked_round=1, locked_block_id=b.id,
+                          locked_block=b.encoded, valid_round=1, valid_block_id=b.id)
+    assert SigningState.from_wire(locked.to_wire()) == locked
+    assert SigningState(1, 0, 1, b.id, 0, b.id).to_wire()["locked_round"] == 0
+    for garbage in ([], {"height": 1, "round": 0}, {**old, "height": -1},
+                    {**old, "step": 3}, {**old, "round": True}, {**old, "block_id": b"x"},
+                    {**old, "locked_round": 0}, {**old, "locked_block_id": b.id},
+                    {**old, "valid_round": "0", "valid_block_id": b.id},
+                    {**locked.to_wire(), "locked_block": b"not cbor"},
+                    {**locked.to_wire(), "locked_block": c.block(1, time_ms=7).encoded},
+                    {**locked.to_wire(), "height": 2},
+                    {**locked.to_wire(), "valid_block": 5}):
+        with pytest.raises(ValueError, match="signing state"):
+            SigningState.from_wire(garbage)
 
 
 def _decided_height_one(c: Cluster) -> tuple[Block, Commit]:

@@ -277,7 +277,13 @@ class Tendermint:
         self.locked_round = -1
         self.valid_round = -1
         self._locked_id: bytes | None = None
+        self._locked_block: Block | None = None
+        """The locked block, once known (after a restart we may know only its id)."""
+        self._valid_id: bytes | None = None
         self._valid_value: Block | None = None
+        """The valid block, once known (``_valid_id`` may be known alone after a restart)."""
+        self._blocks: dict[bytes, Block] = {}
+        """Every block of this height we know, by id: proposed, or restored after a restart."""
         self._resend_precommit: tuple[int, bytes] | None = None
         self._proposals: dict[int, dict[bytes, Proposal]] = {}
         self._prevotes: dict[int, _VoteSet] = {}
@@ -303,6 +309,7 @@ class Tendermint:
         out: list[Effect] = []
         state = self.signing_state
         if state.height == self.height and state.round >= 0 and self._can_sign:
+            self._restore_lock(state)
             self._start_round(state.round, out)
             self._restore(state, out)
         else:
@@ -310,22 +317,61 @@ class Tendermint:
         self._run(out)
         return out
 
+    def _restore_lock(self, state: SigningState) -> None:
+        """Take back the lock and valid value of a height we were in before a restart
+        (so that a restart is no amnesia), and re-learn their blocks if persisted.
+
+        A precommit for a block is also a lock in its round (a state written before
+        locks were persisted records only that). A restored block is not shown to
+        the application again: it had 2f+1 prevotes, so at least f+1 honest
+        validators (we among them) found it valid, and a driver may not have
+        re-checked its decisions yet after a restart. Only its place in the chain
+        is checked; a block that does not fit is forgotten, its id kept.
+        """
+        if state.locked_round >= 0 and state.locked_block_id is not None:
+            self._locked_id, self.locked_round = state.locked_block_id, state.locked_round
+        if state.valid_round >= 0 and state.valid_block_id is not None:
+            self._valid_id, self.valid_round = state.valid_block_id, state.valid_round
+        if state.step == 2 and state.block_id is not None and state.round > self.locked_round:
+            self._locked_id, self.locked_round = state.block_id, state.round
+        if self.locked_round > self.valid_round:
+            self._valid_id, self.valid_round = self._locked_id, self.locked_round
+        for block_id in (self._locked_id, self._valid_id):
+            block = state.block(block_id)
+            if (block is not None and block.height == self.height
+                    and block.previous == self._previous_id):
+                self._validity[block.id] = True
+                self._learn(block)
+
+    def _learn(self, block: Block) -> bool:
+        """Keep ``block`` if it is our locked or valid block whose bytes we lacked;
+        True if it was one."""
+        self._blocks.setdefault(block.id, block)
+        learned = False
+        if block.id == self._locked_id and self._locked_block is None:
+            self._locked_block, learned = block, True
+        if block.id == self._valid_id and self._valid_value is None:
+            self._valid_value, learned = block, True
+        return learned
+
     def _restore(self, state: SigningState, out: list[Effect]) -> None:
-        """Recover what the signing state tells about a height we were in before a restart.
+        """Rejoin the round and step we last signed in before a restart.
 
         Our last signed message is re-created (Ed25519 is deterministic: the same
         bytes and signature) and re-sent, as the others may be waiting for it. A
-        precommit for a block means we locked on it in that round, and it is our
-        latest lock; other locks are not recorded by :class:`SigningState`.
+        precommit for a block needs the block (for its extension): it is re-sent
+        at once if the block was restored, else as soon as a proposal shows it.
         """
-        if state.step == 2 and state.block_id is not None:
-            self._locked_id, self.locked_round = state.block_id, state.round
+        block = self._blocks.get(state.block_id) if state.block_id is not None else None
+        if state.step == 2 and state.block_id is not None and block is None:
             self._resend_precommit = (state.round, state.block_id)  # once we see the block
         if state.step >= 1:
             kind = VoteType(state.step)
             self.step = "prevote" if kind is VoteType.PREVOTE else "precommit"
             if kind is VoteType.PREVOTE or state.block_id is None:
                 self._sign_vote(kind, state.round, state.block_id, None, out)
+            elif block is not None:
+                self._sign_vote(kind, state.round, block.id, block, out)
 
     def receive(self, message: Message, sender: str | None = None) -> list[Effect]:
         """Handle one message; ``sender`` is the transport peer (for blame), if known."""
@@ -447,7 +493,7 @@ class Tendermint:
     def _propose(self, out: list[Effect]) -> _Outcome:
         """Lines 14-19: re-propose our valid value, or ask the application for a block."""
         assert self.me is not None and self._sign is not None
-        if self._valid_value is not None:
+        if self._valid_value is not None and self.valid_round < self.round:
             block, valid_round = self._valid_value, self.valid_round
         else:
             content = self.app.proposal(self.height, self.round)
@@ -487,9 +533,32 @@ class Tendermint:
         round = self.round if round is None else round
         if not self.signing_state.allows(self.height, round, step, block_id):
             return False
-        self.signing_state = SigningState(self.height, round, step, block_id)
+        self.signing_state = self._state(round, step, block_id)
         out.append(PersistSigningState(replace(self.signing_state)))
         return True
+
+    def _state(self, round: int, step: int, block_id: bytes | None) -> SigningState:
+        """The signing state for a signature at (our height, ``round``, ``step``), with
+        our lock and valid value (the valid block's bytes only if not the locked one)."""
+        locked, valid = self._locked_block, self._valid_value
+        return SigningState(
+            self.height, round, step, block_id,
+            locked_round=self.locked_round, locked_block_id=self._locked_id,
+            locked_block=None if locked is None else locked.encoded,
+            valid_round=self.valid_round, valid_block_id=self._valid_id,
+            valid_block=(valid.encoded if valid is not None and self._valid_id != self._locked_id
+                         else None))
+
+    def _persist_lock(self, out: list[Effect]) -> None:
+        """Persist a changed lock or valid value (or a block of theirs we just learned)
+        before anything that depends on it can leave."""
+        state = self.signing_state
+        if not self._can_sign or state.height != self.height:
+            return  # a node that cannot sign has nothing to forget; see _restore_lock
+        updated = self._state(state.round, state.step, state.block_id)
+        if updated != state:
+            self.signing_state = updated
+            out.append(PersistSigningState(replace(updated)))
 
     def _vote_and_step(self, kind: VoteType, block: Block | None, out: list[Effect]) -> None:
         """Sign and broadcast our prevote or precommit (if allowed), then enter the next step."""
@@ -521,11 +590,12 @@ class Tendermint:
 
     def _fire_one(self, out: list[Effect]) -> bool:
         """Fire the first enabled rule; False if none is."""
-        # Line 49: a proposal and 2f+1 precommits for it, in any round.
+        # Line 49: a proposal and 2f+1 precommits for it, in any round. The block may
+        # come from another round's proposal, or from before a restart: its id binds it.
         for round, block_id in sorted(self._commit_rounds.items()):
-            proposal = self._proposals.get(round, {}).get(block_id)
-            if proposal is not None and self._validity.get(block_id, False):
-                self._decide_round(proposal.block, round, out)
+            block = self._blocks.get(block_id)
+            if block is not None and self._validity.get(block_id, False):
+                self._decide_round(block, round, out)
                 return True
         # Line 55: f+1 validators are in a later round.
         later = [r for r in self._skip_rounds if r > self.round]
@@ -553,14 +623,16 @@ class Tendermint:
             for candidate, power in prevotes.power.items():  # line 36
                 if candidate is None or not self.validators.has_quorum(power):
                     continue
-                proposal = self._proposals.get(r, {}).get(candidate)
-                if proposal is None or not self._validity.get(candidate, False):
+                block = self._blocks.get(candidate)  # (as for line 49)
+                if block is None or not self._validity.get(candidate, False):
                     continue
                 self._line36_rounds.add(r)
+                self._valid_value, self._valid_id, self.valid_round = block, candidate, r
                 if self.step == "prevote":
-                    self._locked_id, self.locked_round = candidate, r
-                    self._vote_and_step(VoteType.PRECOMMIT, proposal.block, out)
-                self._valid_value, self.valid_round = proposal.block, r
+                    self._locked_block, self._locked_id, self.locked_round = block, candidate, r
+                    self._vote_and_step(VoteType.PRECOMMIT, block, out)  # persists the lock
+                else:
+                    self._persist_lock(out)
                 return True
         if self.step == "prevote" and prevotes:
             if self.validators.has_quorum(prevotes.power.get(None, 0)):  # line 44
@@ -770,17 +842,17 @@ class Tendermint:
                 return
         self._proposals.setdefault(proposal.round, {})[proposal.block.id] = proposal
         self._note_round(proposal.round, proposal.proposer)
-        block = proposal.block
+        block = self._blocks.setdefault(proposal.block.id, proposal.block)
         if block.id not in self._validity:
             reason = self._invalid_reason(block)
             self._validity[block.id] = reason is None
             if reason is not None:
                 out.append(Misbehaviour(proposal.proposer, f"invalid block: {reason}"))
+        if self._validity[block.id] and self._learn(block):
+            self._persist_lock(out)  # the locked or valid block we lacked since a restart
         resend = self._resend_precommit
         if resend is not None and resend[1] == block.id:
             self._resend_precommit = None
-            if self._valid_value is None and self._validity[block.id]:
-                self._valid_value, self.valid_round = block, resend[0]
             self._sign_vote(VoteType.PRECOMMIT, resend[0], block.id, block, out)
 
     def _invalid_reason(self, block: Block) -> str | None:

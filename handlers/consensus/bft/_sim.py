@@ -4,9 +4,10 @@ Everything random (latency, drops, the application's decisions, keys) comes
 from the seed, and time is virtual, so a run is exactly reproducible and a
 minute of consensus takes milliseconds. The network can drop messages at a
 rate, cut the cluster into partitions for a while, and crash a node and start
-it again from what it persisted (its last :class:`PersistSigningState` and its
-decided blocks). Faulty validators are simulated here, with their own keys,
-rather than by patching the core:
+it again from what it persisted (its last :class:`PersistSigningState`, with
+its lock and locked block, and its decided blocks; with ``wire``, the state
+goes through its CBOR encoding, as a driver stores it). Faulty validators are
+simulated here, with their own keys, rather than by patching the core:
 
 - ``"equivocate"``: runs an honest core, but every proposal and vote it signs
   goes to one half of its peers, and a conflicting one (signed with the same
@@ -31,6 +32,8 @@ from typing import Literal
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from protocol import decode_item, encode_deterministic
 
 from ._core import (
     Application,
@@ -343,7 +346,11 @@ class Simulation:
                 self._at(self.now + effect.delay,
                          partial(self._timeout, node, incarnation, effect))
             elif isinstance(effect, PersistSigningState):
-                node.persisted = replace(effect.state)
+                if self.wire:  # what a driver stores and reads back
+                    node.persisted = SigningState.from_wire(
+                        decode_item(encode_deterministic(effect.state.to_wire())))
+                else:
+                    node.persisted = replace(effect.state)
             elif isinstance(effect, Decided):
                 self._decided(node, effect)
             elif isinstance(effect, EvidenceFound):
