@@ -289,7 +289,14 @@ def _protocol_class(engine: Engine) -> type:
 
         # Transport interface used by sessions.
         def send_stream_data(self, stream_id: int, data: bytes, end_stream: bool) -> None:
-            self._quic.send_stream_data(stream_id, data, end_stream)
+            try:
+                self._quic.send_stream_data(stream_id, data, end_stream)
+            except (AssertionError, ValueError) as exc:
+                # The engine already finished or reset this stream's sending side (a
+                # late duplicate FIN on a stream we answered reopens it in STOQ's eyes):
+                # nothing can be written there any more, and nobody waits for it.
+                log.debug("write to a finished stream dropped",
+                          extra={"stream": stream_id, "error": str(exc)})
 
         def stop_stream(self, stream_id: int, error_code: int) -> None:
             with contextlib.suppress(Exception):

@@ -892,7 +892,7 @@ def test_restart_after_a_later_nil_precommit_keeps_the_lock(with_block: bool) ->
 
 def test_a_later_proof_of_lock_unlocks_a_restarted_validator() -> None:
     c = Cluster(4)
-    core, b = _locked_then_nil_precommit(c)
+    core, _ = _locked_then_nil_precommit(c)
     restarted = c.core(0, signing_state=replace(_stored(core.signing_state), locked_block=None))
     restarted.start()
     x = c.block(1, proposer=2, decisions=(b"x",))
@@ -936,11 +936,15 @@ def test_a_whole_cluster_restarted_after_precommitting_decides_the_locked_block(
     c = Cluster(4)
     before, block_id = _precommitted_but_undecided(c)
     states = {i: _stored(core.signing_state) for i, core in before.cores.items()}
-    # Before the blocks were persisted nobody had b any more: no decision, ever.
+    # Had only the ids been persisted, nobody would have b any more: none could re-send
+    # its precommit (which needs b), and the height would stall, timeouts or not.
     stuck = Router({i: c.core(c.ids.index(i), signing_state=replace(s, locked_block=None))
                     for i, s in states.items()})
     stuck.start()
     stuck.run(1)
+    steps: tuple[Step, ...] = ("propose", "prevote", "precommit")
+    for step in steps * 3:
+        stuck.fire(step, 1)
     assert not any(stuck.decided.values())
     # With them, each re-learns b and re-sends the very same precommit: b is decided.
     router = Router({i: c.core(c.ids.index(i), signing_state=s) for i, s in states.items()})

@@ -320,3 +320,35 @@ def test_the_checks_catch_forks_invalid_blocks_and_double_signs() -> None:
     node.signed.append(replace(vote, block_id=None))
     with pytest.raises(AssertionError, match="double-signed"):
         sim.check_no_double_sign()
+
+
+def test_the_whole_cluster_restarts_after_precommitting() -> None:
+    """Every validator crashes right after precommitting the same block, before any saw
+    another's precommit: nobody else has the block. Each restarts locked on it, with the
+    block from its signing state (through its CBOR encoding: ``wire``), re-sends the very
+    same precommit, and the cluster decides that block in that round: no fork, no
+    double sign, and the chain goes on."""
+    sim = Simulation(4, seed=14, latency=(0.04, 0.05), wire=True)
+    assert sim.run_until(30, height=2)
+
+    def all_precommitted() -> bool:
+        return all(n.persisted is not None and n.persisted.height == n.height + 1
+                   and n.persisted.step == 2 and n.persisted.block_id is not None
+                   for n in sim.nodes)
+
+    assert sim.run_until(30, stop=all_precommitted)
+    height, now = sim.nodes[0].height + 1, sim.now
+    assert all(n.height == height - 1 for n in sim.nodes)
+    states = [n.persisted for n in sim.nodes if n.persisted is not None]
+    [(round, block_id)] = {(s.round, s.block_id) for s in states}
+    assert all(s.locked_block_id == block_id and s.locked_block is not None for s in states)
+    for i in range(4):
+        sim.crash(i, at=now, restart_at=now + 1.0)
+    assert sim.run_until(now + 30, height=height + 2)
+    sim.check()
+    assert sim.chain()[height].id == block_id and _decided_rounds(sim)[height] == round
+    assert all(n.counters["restarts"] == 1 for n in sim.nodes)
+    for node in sim.nodes:  # each sent its precommit before and after: the very same
+        precommits = [m for m in node.signed if isinstance(m, Vote)
+                      and (m.height, m.type) == (height, VoteType.PRECOMMIT)]
+        assert len(precommits) >= 2 and len(set(precommits)) == 1
