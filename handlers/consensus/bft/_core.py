@@ -20,7 +20,10 @@ Beyond Algorithm 1, the core buffers messages for the next heights, reports
 peers that are behind (:class:`PeerBehind`) and catches up from commits
 (:class:`CommitMessage`, :class:`NeedBlocks`), turns equivocation into
 evidence and evidence into isolation, and never signs what its persisted
-:class:`SigningState` does not allow.
+:class:`SigningState` does not allow. That state also holds the lock and valid
+value (with their blocks), so that a restarted validator neither forgets its
+lock (an amnesia fault) nor the block it locked on (which, if every validator
+restarts at once, nobody else may have any more).
 """
 
 from __future__ import annotations
@@ -336,7 +339,7 @@ class Tendermint:
             self._locked_id, self.locked_round = state.block_id, state.round
         if self.locked_round > self.valid_round:
             self._valid_id, self.valid_round = self._locked_id, self.locked_round
-        for block_id in (self._locked_id, self._valid_id):
+        for block_id in dict.fromkeys((self._locked_id, self._valid_id)):
             block = state.block(block_id)
             if (block is not None and block.height == self.height
                     and block.previous == self._previous_id):

@@ -492,9 +492,11 @@ class SigningState:
     the block since a restart); the core then never votes for another block than
     the locked one until a later proof-of-lock frees it.
 
-    Cost: once locked at a height, every persist (about one per signature) writes
-    the block again, so up to a block's size (a few MB at most) per signature
-    until the next height's first signature drops it.
+    Cost: once locked (or with a valid value) at a height, every persist (about
+    one per signature, a few per round) writes that block again, and the valid
+    block too if it differs: up to two blocks (a few MB each at most) per
+    signature, until the next height's first signature drops them. Without a
+    lock the encoding is what it was before these fields existed.
     """
 
     height: int = 0
