@@ -1,6 +1,6 @@
 """The DNS service: authoritative TrustChain zones, the forwarder, DoQ answers, ``dns.*`` ops.
 
-Zones. One zone per TrustChain domain, rebuilt from three sources: the
+Zones. One zone per TrustChain domain, made from three sources: the
 certificates the CA issued (for every DNS name of a valid certificate, AAAA
 records for the certificate's IPv6 addresses and a TLSA ``3 1 1`` record,
 SHA-256 of its SubjectPublicKeyInfo, at ``_443._quic.NAME``), the AAAA
@@ -9,6 +9,15 @@ nameserver's own ``ns1.DOMAIN``. When several valid certificates carry a
 name, the newest one is published (a renewal replaces its predecessor's
 records). Revocation and expiry remove the records. The zones are signed
 with the keys of :class:`KeyRing`.
+
+Publication is incremental: the service keeps, for every name, the valid
+certificates that carry it and the one published; an issuance, revocation,
+expiry or registration marks its names, and at the end of the event-loop turn
+(so that a burst of issuances is applied together) only the owner names of
+the marked names are recomputed and given to :meth:`Zone.apply`, which
+re-signs only what changed. The zones are built whole (:func:`build_zone`) at
+start, when the DNSKEY set or the signing key changes, and to refresh the
+signatures.
 
 Answers. :meth:`DnsService.answer_doq` answers a DoQ query: an
 authoritative answer is built once with dnspython and then served from a
@@ -20,6 +29,7 @@ multiple of 468 octets (RFC 8467). A records are never served.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import ipaddress
 import json
 import logging
@@ -52,7 +62,7 @@ from store import CertificateRecord, verify_signature, write_atomic
 from .._router import RequestContext, Router
 from ._keys import KeyRing
 from ._resolver import Forwarder, Resolution
-from ._zone import Records, SignatureCache, Zone, ZoneSettings, build_zone
+from ._zone import Records, SignatureCache, Zone, ZoneSettings, build_zone, next_serial
 
 log = logging.getLogger("trustchain.dns")
 
@@ -107,6 +117,15 @@ def _absolute(name: str) -> dns.name.Name:
     return dns.name.from_text(name.rstrip(".") + ".")
 
 
+def _published_names(record: CertificateRecord) -> list[str]:
+    """The names of ``record`` that own records: no addresses, no wildcards."""
+    return [n for n in record.names if not n.startswith("*.") and not _is_address(n)]
+
+
+def _issued_at(record: CertificateRecord) -> float:
+    return record.issued_at
+
+
 class DnsService:
     """Answers DNS queries (DoQ) and the ``dns.*`` ops.
 
@@ -127,19 +146,35 @@ class DnsService:
         self.data_dir = data_dir
         self.clock = clock
         self.origins = [_absolute(d) for d in settings.domains]
+        self._ns_names = {dns.name.Name((b"ns1", *o.labels)) for o in self.origins}
         self.zones: dict[dns.name.Name, Zone] = {}
-        self._zone_records: dict[dns.name.Name, Any] = {}
         self._signatures = SignatureCache()
         self._valid: dict[str, CertificateRecord] = {}
+        self._holders: dict[str, dict[str, CertificateRecord]] = {}
+        """name -> serial -> the valid certificates carrying it (in ``_valid``'s order)."""
+        self._current: dict[str, CertificateRecord] = {}
+        """name -> the certificate the zones publish for it (the newest of its holders)."""
+        self._pending: set[str] = set()
+        """Names whose holders or registration changed since the zones were updated."""
+        self._expiries: list[tuple[float, str]] = []
+        """A heap of (not_after, serial); entries of certificates gone are skipped."""
+        self._key_state: tuple[tuple[str, ...], str] | None = None
+        """The DNSKEY set and the signing ZSK the zones were built with."""
         self._registrations: dict[str, Registration] = {}
         self._wire_cache: dict[Any, bytes] = {}
+        self._wire_positive: dict[dns.name.Name, list[Any]] = {}
+        """The keys of ``_wire_cache``'s answers with data, by question name."""
+        self._wire_negative: list[Any] = []
+        """The keys of its NXDOMAIN and NODATA answers (they carry the SOA)."""
         self._forward_wire: dict[Any, tuple[int, bytes]] = {}
         """Forwarded answers as sent, with the (monotonic) second they were rendered in."""
-        self._dirty = False
         self._scheduled = False
         self.doq_stats: Callable[[], dict[str, Any]] | None = None
         """Counters of the DoQ transport, set by the wiring (handlers know no transport)."""
         self.rebuilds = 0
+        """Zones built whole (start, key changes, signature refresh)."""
+        self.updates = 0
+        """Incremental updates (batches of issuances, revocations, registrations)."""
 
     # --- lifetime ------------------------------------------------------------------------
 
@@ -150,12 +185,12 @@ class DnsService:
         for serial in self.certs.serials():
             record = self.certs.get(serial)
             if record is not None and record.revoked_at is None and record.not_after > now:
-                self._valid[serial] = record
+                self._add(record)
         path = self.data_dir / "registrations.json"
         if path.exists():
             for name, entry in json.loads(path.read_text()).items():
                 self._registrations[name] = Registration(**entry)
-        self._rebuild(now, force=True)
+        self._rebuild(now)
 
     async def run(self, interval: float = 60.0) -> None:
         """Call :meth:`maintain` every ``interval`` seconds, and when a certificate expires."""
@@ -165,19 +200,18 @@ class DnsService:
                 self.maintain(now)
             except Exception:
                 log.exception("DNS maintenance failed; retrying")
-            expiries = [r.not_after for r in self._valid.values()]
-            wait = min([interval, *(e - now + 0.05 for e in expiries if e > now)])
+            expiry = self._next_expiry()
+            wait = interval if expiry is None or expiry <= now else min(interval,
+                                                                        expiry - now + 0.05)
             await asyncio.sleep(max(wait, 0.05))
 
     def maintain(self, now: float | None = None) -> list[str]:
         """Expire certificates, roll keys and refresh signatures due at ``now``."""
         now = self.clock() if now is None else now
         done = []
-        expired = [s for s, r in self._valid.items() if r.not_after <= now]
-        for serial in expired:
-            del self._valid[serial]
+        expired = self._expire(now)
         if expired:
-            done.append(f"expired {len(expired)}")
+            done.append(f"expired {expired}")
         rolled = self.keyring.roll(now)
         if rolled:
             done.append("keys")
@@ -185,8 +219,10 @@ class DnsService:
                     for z in self.zones.values())
         if stale:
             done.append("signatures")
-        if done:
-            self._rebuild(now, force=rolled or stale)
+        if rolled or stale or self._keys_now(now) != self._key_state:  # (or a build failed)
+            self._rebuild(now)
+        elif self._pending:
+            self._publish(now)
         return done
 
     # --- certificates ------------------------------------------------------------------
@@ -194,20 +230,56 @@ class DnsService:
     def certificate_issued(self, record: CertificateRecord) -> None:
         """``CertificateAuthority.on_issued``: publish the certificate's records."""
         if record.revoked_at is None and record.not_after > self.clock():
-            self._valid[record.serial] = record
+            self._add(record)
             self._schedule()
 
     def certificate_revoked(self, record: CertificateRecord) -> None:
         """``CertificateAuthority.on_revoked``: withdraw the certificate's records."""
-        if self._valid.pop(record.serial, None) is not None:
+        if self._remove(record.serial):
             self._schedule()
 
+    def _add(self, record: CertificateRecord) -> None:
+        if record.serial not in self._valid:
+            heapq.heappush(self._expiries, (record.not_after, record.serial))
+        self._valid[record.serial] = record
+        for name in _published_names(record):
+            self._holders.setdefault(name, {})[record.serial] = record
+            self._pending.add(name)
+
+    def _remove(self, serial: str) -> bool:
+        record = self._valid.pop(serial, None)
+        if record is None:
+            return False
+        for name in _published_names(record):
+            holders = self._holders.get(name)
+            if holders is not None:
+                holders.pop(serial, None)
+                if not holders:
+                    del self._holders[name]
+            self._pending.add(name)
+        return True
+
+    def _expire(self, now: float) -> int:
+        """Remove the certificates that expired at ``now``; how many there were."""
+        expired = 0
+        while self._expiries and self._expiries[0][0] <= now:
+            _, serial = heapq.heappop(self._expiries)
+            record = self._valid.get(serial)
+            if record is not None and record.not_after <= now:
+                self._remove(serial)
+                expired += 1
+        return expired
+
+    def _next_expiry(self) -> float | None:
+        while self._expiries and self._expiries[0][1] not in self._valid:
+            heapq.heappop(self._expiries)
+        return self._expiries[0][0] if self._expiries else None
+
     def _schedule(self) -> None:
-        self._dirty = True
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            self._rebuild(self.clock())
+            self._publish(self.clock())
             return
         if not self._scheduled:
             self._scheduled = True
@@ -215,16 +287,19 @@ class DnsService:
 
     def _flush(self) -> None:
         self._scheduled = False
-        if self._dirty:
-            self._rebuild(self.clock())
+        if self._pending:
+            self._publish(self.clock())
 
     def current_certificate(self, name: str, now: float | None = None
                             ) -> CertificateRecord | None:
         """The newest valid certificate that carries ``name``, as the zones publish it."""
         now = self.clock() if now is None else now
-        holders = [r for r in self._valid.values()
-                   if name in r.names and r.not_after > now and r.revoked_at is None]
-        return max(holders, key=lambda r: r.issued_at) if holders else None
+        if name in self._holders:
+            candidates: Any = self._holders[name].values()
+        else:  # an address or a wildcard: not indexed
+            candidates = [r for r in self._valid.values() if name in r.names]
+        holders = [r for r in candidates if r.not_after > now and r.revoked_at is None]
+        return max(holders, key=_issued_at) if holders else None
 
     # --- zones -----------------------------------------------------------------------
 
@@ -235,59 +310,122 @@ class DnsService:
                 best = zone
         return best
 
-    def _records(self, now: float) -> Records:
-        current: dict[str, CertificateRecord] = {}
-        for record in self._valid.values():
-            if record.not_after <= now:
-                continue
-            for name in record.names:
-                if _is_address(name) or name.startswith("*."):
-                    continue
-                held = current.get(name)
-                if held is None or record.issued_at > held.issued_at:
-                    current[name] = record
-        ttl = int(self.settings.zone.record_ttl)
-        records: Records = {}
-        for name, record in current.items():
+    def _settle(self) -> list[dns.name.Name]:
+        """Publish the newest holder of every pending name; the owners to recompute."""
+        owners: list[dns.name.Name] = []
+        for name in self._pending:
+            holders = self._holders.get(name)
+            if holders:
+                self._current[name] = max(holders.values(), key=_issued_at)  # first of ties
+            else:
+                self._current.pop(name, None)
             owner = _absolute(name)
+            owners += (owner, dns.name.Name((*TLSA_PREFIX, *owner.labels)))
+        self._pending.clear()
+        return owners
+
+    def _owner_records(self, owner: dns.name.Name) -> dict[int, tuple[int, list[Any]]]:
+        """All the records of ``owner`` (AAAA, TLSA), from the published certificates."""
+        ttl = int(self.settings.zone.record_ttl)
+        sets: dict[int, tuple[int, list[Any]]] = {}
+        name = owner.to_text(omit_final_dot=True)
+        record = self._current.get(name)
+        addresses: list[str] = []
+        if record is not None:
             addresses = [a for a in record.names if _is_address(a)]
             registered = self._registrations.get(name)
             if registered is not None and registered.spki_sha256 == record.spki_sha256:
                 addresses += [a for a in registered.addresses if a not in addresses]
-            if addresses:
-                records.setdefault(owner, {})[AAAA] = (ttl, [
-                    _AAAA(IN, AAAA, a) for a in addresses])
-            tlsa_owner = dns.name.Name((*TLSA_PREFIX, *owner.labels))
-            records.setdefault(tlsa_owner, {})[TLSA] = (ttl, [
-                _TLSA(IN, TLSA, 3, 1, 1, bytes.fromhex(record.spki_sha256))])
-        for origin in self.origins:
-            ns = dns.name.Name((b"ns1", *origin.labels))
-            sets = records.setdefault(ns, {})
-            have = [str(rd.to_text()) for rd in sets[AAAA][1]] if AAAA in sets else []
+        rdatas = [_AAAA(IN, AAAA, a) for a in addresses]
+        if owner in self._ns_names:
+            have = [str(rd.to_text()) for rd in rdatas]
             wanted = have + [a for a in self.settings.nameserver_addresses if a not in have]
-            sets[AAAA] = (ttl, [_AAAA(IN, AAAA, a) for a in wanted])
+            rdatas = [_AAAA(IN, AAAA, a) for a in wanted]
+        if rdatas:
+            sets[AAAA] = (ttl, sorted(rdatas, key=_digestable))
+        if owner.labels[:len(TLSA_PREFIX)] == TLSA_PREFIX:
+            host = dns.name.Name(owner.labels[len(TLSA_PREFIX):])
+            held = self._current.get(host.to_text(omit_final_dot=True))
+            if held is not None:
+                sets[TLSA] = (ttl, [_TLSA(IN, TLSA, 3, 1, 1, bytes.fromhex(held.spki_sha256))])
+        return sets
+
+    def _records(self) -> Records:
+        """Every record of the zones, from the published certificates."""
+        self._settle()
+        owners = set(self._ns_names)
+        for name in self._current:
+            owner = _absolute(name)
+            owners.update((owner, dns.name.Name((*TLSA_PREFIX, *owner.labels))))
+        records: Records = {}
+        for owner in owners:
+            sets = self._owner_records(owner)
+            if sets:
+                records[owner] = sets
         return records
 
-    def _rebuild(self, now: float, force: bool = False) -> None:
-        self._dirty = False
-        records = self._records(now)
+    def _keys_now(self, now: float) -> tuple[tuple[str, ...], str]:
+        return (tuple(k.name for k in self.keyring.published(now)),
+                self.keyring.signing_zsk(now).name)
+
+    def _rebuild(self, now: float) -> None:
+        """Build and sign every zone whole."""
+        self._expire(now)
+        records = self._records()
         for origin in self.origins:
-            subset = {name: {t: (ttl, sorted(rds, key=lambda r: r.to_digestable()))
-                             for t, (ttl, rds) in sets.items()}
-                      for name, sets in records.items() if name.is_subdomain(origin)}
+            subset = {name: sets for name, sets in records.items() if name.is_subdomain(origin)}
             previous = self.zones.get(origin)
-            if not force and previous is not None and self._zone_records.get(origin) == subset:
-                continue
-            serial = int(now) & 0xFFFFFFFF
-            if previous is not None and not (previous.serial < serial < previous.serial
-                                             + (1 << 31)):
-                serial = (previous.serial + 1) & 0xFFFFFFFF  # RFC 1982 increase
+            serial = next_serial(previous.serial if previous is not None else None, now)
             self.zones[origin] = build_zone(origin, subset, serial=serial, keyring=self.keyring,
                                             now=now, settings=self.settings.zone,
                                             cache=self._signatures)
-            self._zone_records[origin] = subset
-        self._wire_cache.clear()
+        self._key_state = self._keys_now(now)
+        self._clear_wire_cache()
         self.rebuilds += 1
+
+    def _publish(self, now: float) -> None:
+        """Bring the zones up to date with the pending names (and expiries) at ``now``."""
+        self._expire(now)
+        if not self._pending or self._key_state is None:  # (not started: start() builds)
+            return
+        if self._keys_now(now) != self._key_state:
+            self._rebuild(now)  # the DNSKEY set or the signing key changed: sign it all
+            return
+        names = set(self._pending)
+        changes = {owner: self._owner_records(owner) for owner in self._settle()}
+        changed: set[dns.name.Name] = set()
+        try:
+            for origin in self.origins:
+                subset = {o: sets for o, sets in changes.items() if o.is_subdomain(origin)}
+                if subset:
+                    zone = self.zones[origin]
+                    changed |= zone.apply(subset, serial=next_serial(zone.serial, now),
+                                          keyring=self.keyring, now=now,
+                                          settings=self.settings.zone, cache=self._signatures)
+        except BaseException:
+            # the zone that failed is as it was: publish these names again next time
+            self._pending |= names
+            raise
+        finally:
+            if changed:
+                self._invalidate(changed)
+        self.updates += 1
+
+    def _clear_wire_cache(self) -> None:
+        self._wire_cache.clear()
+        self._wire_positive.clear()
+        self._wire_negative.clear()
+
+    def _invalidate(self, changed: set[dns.name.Name]) -> None:
+        """Forget the rendered answers that the change of ``changed``'s RRsets (and of
+        the SOA, in every negative answer) made stale."""
+        cache = self._wire_cache
+        for key in self._wire_negative:
+            cache.pop(key, None)
+        self._wire_negative.clear()
+        for name in changed:
+            for key in self._wire_positive.pop(name, ()):
+                cache.pop(key, None)
 
     def ds_records(self, origin: dns.name.Name) -> list[str]:
         """The DS records of ``origin`` for its parent (SHA-256 of the KSK)."""
@@ -362,8 +500,12 @@ class DnsService:
             wire = self._render(request, resolution)
             if key is not None and resolution.source == "zone":
                 if len(self._wire_cache) >= WIRE_CACHE_LIMIT:
-                    self._wire_cache.clear()
+                    self._clear_wire_cache()
                 self._wire_cache[key] = wire
+                if resolution.answer:
+                    self._wire_positive.setdefault(question.name, []).append(key)
+                else:
+                    self._wire_negative.append(key)
             elif key is not None and resolution.source == "cache":
                 self._remember_forwarded(key, wire)
             return wire
@@ -563,7 +705,8 @@ class DnsService:
             self._registrations.pop(name, None)
         write_atomic(self.data_dir / "registrations.json", json.dumps(
             {n: vars(r) for n, r in sorted(self._registrations.items())}, indent=1).encode())
-        self._rebuild(now)
+        self._pending.add(name)
+        self._publish(now)
         current = self.current_certificate(name, now)
         zone = self.zone_for(_absolute(name))
         return {"name": name, "addresses": addresses, "serial": serial,
@@ -593,6 +736,10 @@ def check_ksk(origin: dns.name.Name, dnskeys: dns.rrset.RRset, sig: dns.rrset.RR
     anchor = dns.rrset.from_rdata_list(origin, dnskeys.ttl, matching)
     anchors_by_name: dict[dns.name.Name, Any] = {origin: anchor}
     dns.dnssec.validate(dnskeys, sig, anchors_by_name, now=now)
+
+
+def _digestable(rdata: dns.rdata.Rdata) -> bytes:
+    return rdata.to_digestable()
 
 
 def _records_out(rrsets: list[dns.rrset.RRset]) -> list[dict[str, Any]]:
