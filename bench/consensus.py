@@ -1265,8 +1265,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-evidence", action="store_true",
                         help="skip the byzantine cluster")
     parser.add_argument("--no-dns", action="store_true",
-                        help="nodes without their DNS service ([dns] enabled = false): it "
-                             "rebuilds its zones after every batch of issuances")
+                        help="nodes without their DNS service ([dns] enabled = false), which "
+                             "publishes every certificate's AAAA and TLSA records")
     parser.add_argument("--engine", choices=stoq.ENGINES, default=stoq.DEFAULT_ENGINE,
                         help="QUIC engine of the load generator")
     parser.add_argument("--workdir", type=Path,
