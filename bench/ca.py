@@ -2,8 +2,10 @@
 
 For each keystore (``software``: a development node with software keys;
 ``softhsm2``: a production node whose CA keys are in a SoftHSM2 token made for
-the run) it starts a real ``trustchain serve`` and measures, on that one
-server: ``node.health`` requests a second (the baseline), ``ca.issue``
+the run) it starts a real ``trustchain serve`` with the CA alone (no other
+service wired, so the CA's local admission: no four proofs, no validator
+chain; ``bench.proofs`` and ``bench.consensus`` measure what those add) and
+measures, on that one server: ``node.health`` requests a second (the baseline), ``ca.issue``
 requests a second with 64 requests in flight on 1 and on 4 connections, and
 ``ca.issue`` latency at an offered rate of 1,000 issuances a second (open loop:
 requests are sent on a schedule and latency counts from the scheduled time).
@@ -635,6 +637,11 @@ def subprocess_run(argv: list[str], env: dict[str, str]) -> tuple[int, str]:
     return done.returncode, done.stdout + done.stderr
 
 
+CA_ALONE = ("import sys; from trustchain import _services; _services.WIRING_MODULES[:] = []; "
+            "from trustchain._cli import main; sys.exit(main(sys.argv[1:]))")
+"""``trustchain`` with no service module wired: the CA and its local admission."""
+
+
 def start_server(children: Children, keystore: str, engine: str, tmp: Path) -> Server:
     """``trustchain serve`` on ``[::1]:0`` with ``keystore``'s configuration.
 
@@ -657,7 +664,7 @@ def start_server(children: Children, keystore: str, engine: str, tmp: Path) -> S
     else:
         config.write_text(CONFIG.format(data_dir=data_dir, mode="development", hsm="",
                                         engine=engine))
-    argv = [sys.executable, "-m", "trustchain", "serve", "--config", str(config),
+    argv = [sys.executable, "-c", CA_ALONE, "serve", "--config", str(config),
             "--data-dir", str(data_dir), "--listen", "[::1]:0"]
     with environment(env):
         child = children.start(f"trustchain serve ({keystore})", argv,
