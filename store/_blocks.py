@@ -37,6 +37,7 @@ CREATE TABLE IF NOT EXISTS blocks (
     block BLOB NOT NULL,
     commit_ BLOB NOT NULL
 );
+CREATE INDEX IF NOT EXISTS blocks_by_time ON blocks (time_ms);
 CREATE TABLE IF NOT EXISTS decisions (
     digest BLOB PRIMARY KEY,
     height INTEGER NOT NULL,
@@ -192,6 +193,13 @@ class ChainStore:
         return self._row(self._reader.execute(
             f"SELECT {self._COLUMNS} FROM blocks WHERE time_ms >= ? ORDER BY height LIMIT 1",
             (time_ms,)).fetchone())
+
+    def blocks_between(self, start_ms: int, end_ms: int) -> list[StoredBlock]:
+        """Blocks stamped in ``[start_ms, end_ms)``."""
+        rows = self._reader.execute(
+            f"SELECT {self._COLUMNS} FROM blocks WHERE time_ms >= ? AND time_ms < ? "
+            "ORDER BY height", (start_ms, end_ms)).fetchall()
+        return [b for b in map(self._row, rows) if b is not None]
 
     def decision(self, digest: bytes) -> tuple[int, int] | None:
         """``(height, index)`` of a committed decision."""

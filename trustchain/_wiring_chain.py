@@ -131,7 +131,8 @@ async def attach(node: Any) -> None:
         max_block_decisions=consensus.max_block_decisions,
         max_frame_size=cfg.network.max_frame_size, names=names, audit=audit)
     chain_holder.append(chain)
-    ChainService(chain, rules.checkpoints).register(node.router)
+    ChainService(chain, rules.checkpoints, validity=cfg.ca.cert_validity_days * 86400.0,
+                 backdate=cfg.ca.backdate).register(node.router)
     local = node.ca.admission
     if not isinstance(local, FourProofAdmission):
         raise RuntimeError("the chain wiring runs after the four-proof wiring")

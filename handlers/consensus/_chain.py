@@ -402,6 +402,10 @@ class ConsensusChain:
         if unknown:
             await asyncio.gather(*(self._check(d) for d in unknown))
 
+    def misbehaved(self, validator: str | None, reason: str) -> None:
+        """Record misbehaviour (``consensus.status`` counts it; the log says what)."""
+        self._misbehaved(validator, reason)
+
     def _misbehaved(self, validator: str | None, reason: str) -> None:
         entry = {"validator": validator, "reason": reason, "at": self.clock()}
         self.misbehaviour.append(entry)

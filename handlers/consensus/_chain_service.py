@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from protocol import ConsensusRejected, NotFound, decode_item
+from cryptography import x509
+
+from protocol import ConsensusRejected, InvalidRequest, NotFound, decode_item
 from protocol.ops import consensus as ops
 
 from .._router import RequestContext, Router
 from ._chain import ConsensusChain
 from ._cosign import validate_ct_log_consensus
+from ._decisions import matches_decision
 from .bft import Block, Commit
 
 
@@ -21,9 +24,40 @@ class ChainService:
     """
 
     def __init__(self, chain: ConsensusChain,
-                 checkpoints: dict[str, tuple[int, int, int]] | None = None) -> None:
+                 checkpoints: dict[str, tuple[int, int, int]] | None = None, *,
+                 validity: float = 86400.0, backdate: float = 300.0) -> None:
         self.chain = chain
         self.checkpoints = checkpoints if checkpoints is not None else {}
+        self.validity = validity
+        self.backdate = backdate
+
+    def check_certificate(self, args: ops.CheckCertificateArgs,
+                          ctx: RequestContext) -> dict[str, Any]:
+        """Find the committed issuance a certificate must come from (spec §18.6).
+
+        The block is found by the certificate's start of validity (the block time
+        minus the back-dating); a certificate that matches no committed decision
+        was signed without consensus, and is recorded as misbehaviour.
+        """
+        try:
+            cert = x509.load_der_x509_certificate(args.certificate)
+        except ValueError:
+            raise InvalidRequest("certificate is not a DER X.509 certificate",
+                                 field="certificate") from None
+        start_ms = (int(cert.not_valid_before_utc.timestamp()) + int(self.backdate)) * 1000
+        for stored in self.chain.store.blocks_between(start_ms, start_ms + 1000):
+            block = Block.from_wire(decode_item(stored.block))
+            for index in range(len(block.decisions)):
+                if matches_decision(cert, block, index, validity=self.validity,
+                                    backdate=self.backdate) is None:
+                    return {"committed": True, "block_height": block.height, "index": index,
+                            "block_hash": block.id, "reason": None}
+        reason = ("no committed block fixed this certificate's serial number, validity and "
+                  "key: it was signed without consensus")
+        self.chain.misbehaved(None, f"certificate {format(cert.serial_number, 'x')} issued by "
+                                    f"{cert.issuer.rfc4514_string()}: {reason}")
+        return {"committed": False, "block_height": None, "index": None, "block_hash": None,
+                "reason": reason}
 
     def checkpoint(self, args: ops.CheckpointArgs, ctx: RequestContext) -> dict[str, Any]:
         """``validate_ct_log_consensus`` of the latest committed checkpoint of each origin."""
@@ -69,3 +103,4 @@ class ChainService:
         router.add(ops.BLOCKS, self.blocks)
         router.add(ops.STATUS, self.status)
         router.add(ops.CHECKPOINT, self.checkpoint)
+        router.add(ops.CHECK_CERTIFICATE, self.check_certificate)

@@ -120,6 +120,11 @@ class CheckpointArgs:
                              doc="a CT log origin; null: every origin the chain has")
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CheckCertificateArgs:
+    certificate: bytes = arg(max_length=65536, doc="a DER certificate to check against the chain")
+
+
 GOSSIP = register(OpSpec(name="consensus.gossip", args=GossipArgs,
                          summary="validators only: proposals, votes, evidence, decisions"))
 BLOCKS = register(OpSpec(name="consensus.blocks", args=BlocksArgs,
@@ -128,6 +133,9 @@ STATUS = register(OpSpec(name="consensus.status", args=StatusArgs,
                          summary="height, round, validators, peers, evidence, isolation"))
 CHECKPOINT = register(OpSpec(name="consensus.checkpoint", args=CheckpointArgs,
                              summary="CT checkpoints committed with validator cosignatures"))
+CHECK_CERTIFICATE = register(OpSpec(
+    name="consensus.check-certificate", args=CheckCertificateArgs,
+    summary="was this certificate issued as a committed block fixed it?"))
 
 
 # --- parameters ----------------------------------------------------------------------

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -22,6 +23,7 @@ import stoq
 from handlers.consensus import matches_decision
 from handlers.consensus.bft import Block, Commit, Validator, ValidatorSet
 from protocol import decode_item
+from store import SoftwareKeyStore
 from tests.cluster import Cluster, running_cluster
 from tests.helpers import CddlChecker, Requester
 
@@ -80,6 +82,21 @@ async def test_issuance_only_through_committed_blocks(tmp_path: Path, prover: st
         assert matches_decision(other, block, index, validity=VALIDITY,
                                 backdate=BACKDATE) is not None
         await _same_chain(cluster, everyone, height)
+        # Any validator finds the committed decision behind the certificate ...
+        found = await cluster.ask(3, "consensus.check-certificate",
+                                  {"certificate": result["certificate"]})
+        assert found is not None and found["committed"] is True
+        assert (found["block_height"], found["block_hash"]) == (height, block.id)
+        # ... and catches one its signer made without consensus (here: node-2's own
+        # intermediate key, taken from its keystore, signing outside the CA).
+        rogue = _sign_outside_consensus(tmp_path / "c4" / "node-2" / "data", cert,
+                                        x509.load_der_x509_certificate(result["chain"][0]))
+        before = await cluster.ask(3, "consensus.status")
+        caught = await cluster.ask(3, "consensus.check-certificate", {"certificate": rogue})
+        after = await cluster.ask(3, "consensus.status")
+        assert caught is not None and caught["committed"] is False and caught["reason"]
+        assert before is not None and after is not None
+        assert after["misbehaviour"] == before["misbehaviour"] + 1
         # The entry node's CT log (which logged that certificate) has its checkpoint
         # committed with C2SP cosignatures of more than 2/3 of the validators.
         sth = await cluster.ask(1, "ct.get-sth")
@@ -96,6 +113,26 @@ async def test_issuance_only_through_committed_blocks(tmp_path: Path, prover: st
         assert len(cosigned["cosigners"]) >= 3
         assert _c2sp_cosigners(cosigned["checkpoint"], status["chain_id"], keys) \
             == set(cosigned["cosigners"])
+
+
+def _sign_outside_consensus(data_dir: Path, model: x509.Certificate,
+                            issuer: x509.Certificate) -> bytes:
+    """A copy of ``model`` with a fresh serial, signed directly with the issuer's key."""
+    keystore = SoftwareKeyStore(data_dir / "keys")
+    try:
+        signer = next(s for s in (keystore.get(n) for n in keystore.names()) if s is not None
+                      and s.public_key() == issuer.public_key())
+        builder = (x509.CertificateBuilder().subject_name(model.subject)
+                   .issuer_name(model.issuer).public_key(model.public_key())
+                   .serial_number(x509.random_serial_number())
+                   .not_valid_before(model.not_valid_before_utc)
+                   .not_valid_after(model.not_valid_after_utc))
+        for extension in model.extensions:
+            builder = builder.add_extension(extension.value, extension.critical)
+        return builder.sign(signer.private_key(), hashes.SHA256()).public_bytes(
+            serialization.Encoding.DER)
+    finally:
+        keystore.close()
 
 
 def _c2sp_cosigners(note: str, chain_id: str, keys: dict[str, bytes]) -> set[str]:
