@@ -63,7 +63,8 @@ MAX_MEMPOOL = 50_000
 MAX_OUTBOX = 4_096
 SYNC_BATCH = 64
 ENVELOPE_ROOM = 4096
-"""Bytes kept free in a frame for the request envelope and CBOR headers."""
+"""Bytes kept free in a frame for the request envelope and CBOR headers (at most a
+quarter of a small frame)."""
 
 
 def decision_digest(decision: bytes) -> bytes:
@@ -163,7 +164,7 @@ class ConsensusChain:
         self.block_interval = block_interval
         self.gossip_interval = gossip_interval
         self.max_block_decisions = max_block_decisions
-        self.max_message_bytes = max_frame_size - ENVELOPE_ROOM
+        self.max_message_bytes = max_frame_size - min(ENVELOPE_ROOM, max_frame_size // 4)
         """Largest gossip batch: a ``consensus.gossip`` request must fit in a frame."""
         self.max_block_bytes = self.max_message_bytes // 2
         """Largest block: a proposal (a block plus its envelope) fits in a frame, and so
@@ -248,7 +249,8 @@ class ConsensusChain:
     def _invalid(self, block: Block) -> str | None:
         if block.time_ms > self._now_ms() + MAX_CLOCK_DRIFT_MS:
             return "stamped in the future"
-        if len(block.encoded) > self.max_block_bytes + ENVELOPE_ROOM:
+        if len(block.encoded) > self.max_block_bytes + min(ENVELOPE_ROOM,
+                                                           self.max_block_bytes // 2):
             return f"{len(block.encoded)} bytes, above the block size limit"
         seen: set[bytes] = set()
         for decision in block.decisions:
@@ -294,6 +296,9 @@ class ConsensusChain:
         return verdict
 
     def _accept(self, decision: bytes) -> bool:
+        if len(decision) + 16 > self.max_block_bytes:
+            raise ConsensusRejected(f"the decision is {len(decision)} bytes; a block holds at "
+                                    f"most {self.max_block_bytes} (half the frame limit)")
         digest = decision_digest(decision)
         if digest in self.mempool or self.store.decision(digest) is not None:
             return False
