@@ -109,6 +109,8 @@ class Node:
         self.on_stop: list[Callable[[], Any]] = []
         self._announced = False
         """Called (last added first) when the node stops, before the stores close."""
+        self.health_checks: dict[str, Callable[[], bool]] = {}
+        """Readiness checks ``node.health`` reports; services add theirs when they attach."""
         self.services: dict[str, Any] = {}
         """Services attached by their wiring modules, by name (``"ct"``, ``"dns"``...)."""
         self.applications: list[tuple[str, Callable[[Any], Any]]] = []
@@ -194,9 +196,9 @@ class Node:
                                             "warnings": list(self.cfg.warnings)})
         self.prepare_ca(create=self.development)
         assert self.ca is not None and self.rotator is not None
-        NodeService(describe=self.describe,
-                    checks={"accepting": lambda: self.server is not None
-                            and not self.server.draining}).register(self.router)
+        self.health_checks["accepting"] = lambda: (self.server is not None
+                                                   and not self.server.draining)
+        NodeService(describe=self.describe, checks=self.health_checks).register(self.router)
         self.ca.register(self.router)
         for attach in attachers():
             result = attach(self)

@@ -149,6 +149,7 @@ async def attach(node: Any) -> None:
 
         proofs.submit_stake = submit_stake
     node.services["chain"] = chain
+    node.health_checks["consensus"] = lambda: chain.started and chain.failure is None
     tasks: list[asyncio.Task[None]] = []
     ct = node.services.get("ct")
     if me is not None and ct is not None:

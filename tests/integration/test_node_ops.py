@@ -6,9 +6,11 @@ import asyncio
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 import stoq
-from protocol import InvalidRequest, Timeout, TrustChainError, UnknownOp
+from protocol import ConsensusRejected, InvalidRequest, Timeout, TrustChainError, UnknownOp
 
 from ..helpers import CddlChecker, running_node
 
@@ -17,7 +19,8 @@ async def test_health_and_info(tmp_path: Path, engine: str, cddl: CddlChecker) -
     async with running_node(tmp_path, engine, checker=cddl) as node:
         async with await node.client() as client:
             health = await client.request("node.health")
-            assert health["status"] == "ok" and health["checks"] == {"accepting": True}
+            assert health["status"] == "ok"
+            assert health["checks"] == {"accepting": True, "consensus": True}
             info = await client.request("node.info")
             assert info["engine"]["name"] == engine
             assert info["alpns"] == ["stoq/1", "doq"]  # DoQ on every socket (spec §15.1)
@@ -67,6 +70,23 @@ async def test_leaving_a_stream_cancels_it_on_the_server(tmp_path: Path, engine:
                 await asyncio.sleep(0.02)
             assert node.node.server.stats()["in_flight"] == 0
             assert (await client.request("node.health"))["status"] == "ok"
+
+
+async def test_a_stopped_chain_degrades_health_and_refuses_issuance(
+        tmp_path: Path, engine: str, cddl: CddlChecker) -> None:
+    """The chain's disk fails under it: the node stays up, says so, and issues nothing."""
+    async with running_node(tmp_path, engine, checker=cddl) as node:
+        chain = node.node.services["chain"]
+        chain.store._db.close()  # the chain database becomes unwritable
+        faucet_key = ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        async with await node.client() as client:
+            with pytest.raises(ConsensusRejected):
+                await client.request("consensus.faucet", {"key": faucet_key})
+            health = await client.request("node.health")
+            assert health["status"] == "degraded" and health["checks"]["consensus"] is False
+            with pytest.raises(ConsensusRejected, match="consensus has stopped"):
+                await client.request("consensus.faucet", {"key": faucet_key})
 
 
 async def test_a_slow_reader_overflows_instead_of_buffering_without_end(
