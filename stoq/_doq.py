@@ -19,6 +19,7 @@ closed with DOQ_EXCESSIVE_LOAD.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
@@ -121,7 +122,7 @@ class DoqSession:
         self._conn = DoqConnection(fin_timeout=limits.fin_timeout,
                                    stream_timeout=limits.stream_timeout,
                                    max_buffered=limits.max_buffered)
-        self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._tasks: dict[int, asyncio.Future[bytes]] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._lost = False
@@ -208,25 +209,26 @@ class DoqSession:
                 DOQ_EXCESSIVE_LOAD, f"more than {app.limits.max_pending} queries pending"))
             return
         app.stats.pending += 1
-        self._tasks[event.stream_id] = asyncio.ensure_future(
-            self._later(event.stream_id, reply))
+        # The reply itself is the task: cancelled before it ever ran (its connection
+        # closed), it is still closed, and the done callback still counts it out.
+        task = asyncio.ensure_future(reply)
+        self._tasks[event.stream_id] = task
+        task.add_done_callback(functools.partial(self._answered, event.stream_id))
 
-    async def _later(self, stream_id: int, pending: Awaitable[bytes]) -> None:
-        try:
-            answer = await pending
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("DoQ answer failed")
+    def _answered(self, stream_id: int, task: asyncio.Future[bytes]) -> None:
+        self._app.stats.pending -= 1
+        if self._tasks.get(stream_id) is task:
+            del self._tasks[stream_id]
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("DoQ answer failed", exc_info=exc)
             self._conn.abandon(stream_id, DOQ_INTERNAL_ERROR)
-            self._tasks.pop(stream_id, None)
             self._flush()
             return
-        finally:
-            self._app.stats.pending -= 1
-        self._tasks.pop(stream_id, None)
         if self._conn.is_answering(stream_id):
-            self._conn.send_answer(stream_id, answer)
+            self._conn.send_answer(stream_id, task.result())
             self._flush()
 
     # --- output to QUIC --------------------------------------------------------------

@@ -551,6 +551,14 @@ max_pending_queries = 3
                 assert terminated.error_code == DOQ_EXCESSIVE_LOAD, terminated
             finally:
                 await conn.close()
+            # the three queries that were waiting on the silent upstream went with their
+            # connection: nothing stays counted as pending
+            service = node.node.services["dns"]
+            for _ in range(100):
+                if service.doq_stats()["pending"] == 0:
+                    break
+                await asyncio.sleep(0.02)
+            assert service.doq_stats()["pending"] == 0
             assert (await doq(node, "ns1.trust")).rcode() == dns.rcode.NOERROR
     finally:
         silent.close()
