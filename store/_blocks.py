@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ._sqlite import connect
+
 T = TypeVar("T")
 
 SCHEMA = """
@@ -93,10 +95,7 @@ class ChainStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(SCHEMA)
+            self._db = connect(self.path, SCHEMA)
             self._reader = sqlite3.connect(self.path, check_same_thread=False,
                                            isolation_level=None)
         except sqlite3.Error as exc:

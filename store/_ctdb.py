@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ._sqlite import connect
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS shards (
     shard INTEGER PRIMARY KEY,
@@ -126,11 +128,7 @@ class Submission:
 
 
 def _connect(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=FULL")
-    conn.execute("PRAGMA busy_timeout=10000")
-    return conn
+    return connect(path)
 
 
 class CtDatabase:

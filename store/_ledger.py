@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ._sqlite import connect
+
 log = logging.getLogger("trustchain.ledger")
 
 SCHEMA = """
@@ -93,10 +95,7 @@ class LedgerStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(SCHEMA)
+            self._db = connect(self.path, SCHEMA)
             self._reader = sqlite3.connect(self.path, check_same_thread=False,
                                            isolation_level=None)
             self._balances: dict[str, int] = dict(
