@@ -5,10 +5,11 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import secrets
+from collections.abc import Sequence
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
@@ -126,6 +127,19 @@ def leaf_builder(issuer: x509.Certificate, request: CheckedRequest, *, serial: i
 
 def sign(builder: x509.CertificateBuilder, private_key: Any) -> x509.Certificate:
     return builder.sign(private_key, _hash_for(private_key))
+
+
+def sign_leaf(issuer: x509.Certificate, request: CheckedRequest, *, serial: int,
+              not_before: float, not_after: float,
+              extensions: Sequence[x509.Extension[x509.ExtensionType]],
+              private_key: Any) -> bytes:
+    """The DER of :func:`leaf_builder`'s certificate with ``extensions`` added last
+    (CT: the precertificate poison, or the SCT list), signed by ``private_key``."""
+    builder = leaf_builder(issuer, request, serial=serial, not_before=not_before,
+                           not_after=not_after)
+    for extension in extensions:
+        builder = builder.add_extension(extension.value, critical=extension.critical)
+    return sign(builder, private_key).public_bytes(serialization.Encoding.DER)
 
 
 def is_ec(private_key: Any) -> bool:
