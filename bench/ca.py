@@ -165,10 +165,24 @@ def make_frames(first: int, count: int) -> list[bytes]:
 
 
 def thread_cpu(pid: int) -> tuple[float, float] | None:
-    """CPU seconds of process ``pid``: (all threads, main thread), or None."""
+    """CPU seconds of process ``pid``: (all threads and its live child processes, such
+    as signing workers; main thread), or None."""
     total = cpu_seconds(pid)
     main = cpu_seconds_of_task(pid, pid)
-    return None if total is None or main is None else (total, main)
+    if total is None or main is None:
+        return None
+    return total + sum(cpu_seconds(child) or 0.0 for child in child_pids(pid)), main
+
+
+def child_pids(pid: int) -> list[int]:
+    """The child processes of ``pid`` (Linux ``/proc/PID/task/TID/children``)."""
+    children: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError), \
+                    open(f"/proc/{pid}/task/{task}/children", "rb") as f:
+                children += [int(c) for c in f.read().split()]
+    return children
 
 
 def cpu_seconds_of_task(pid: int, tid: int) -> float | None:
@@ -548,6 +562,7 @@ data_dir = "{data_dir}"
 
 [ca]
 mode = "{mode}"
+signing_workers = {signing_workers}
 {hsm}
 [api]
 rate_limit_per_minute = 0
@@ -642,7 +657,8 @@ CA_ALONE = ("import sys; from trustchain import _services; _services.WIRING_MODU
 """``trustchain`` with no service module wired: the CA and its local admission."""
 
 
-def start_server(children: Children, keystore: str, engine: str, tmp: Path) -> Server:
+def start_server(children: Children, keystore: str, engine: str, tmp: Path,
+                 signing_workers: int = 0) -> Server:
     """``trustchain serve`` on ``[::1]:0`` with ``keystore``'s configuration.
 
     ``softhsm2``: production mode, the CA made by ``trustchain init`` first.
@@ -654,7 +670,7 @@ def start_server(children: Children, keystore: str, engine: str, tmp: Path) -> S
         env, label = make_softhsm_token(tmp / "softhsm2")
         hsm = HSM_TABLE.format(module=SOFTHSM2_MODULE, label=label)
         config.write_text(CONFIG.format(data_dir=data_dir, mode="production", hsm=hsm,
-                                        engine=engine))
+                                        engine=engine, signing_workers=signing_workers))
         status, output = subprocess_run(
             [sys.executable, "-m", "trustchain", "init", "--config", str(config),
              "--data-dir", str(data_dir)], env)
@@ -663,7 +679,7 @@ def start_server(children: Children, keystore: str, engine: str, tmp: Path) -> S
                                f"{output.strip()[-2000:]}")
     else:
         config.write_text(CONFIG.format(data_dir=data_dir, mode="development", hsm="",
-                                        engine=engine))
+                                        engine=engine, signing_workers=signing_workers))
     argv = [sys.executable, "-c", CA_ALONE, "serve", "--config", str(config),
             "--data-dir", str(data_dir), "--listen", "[::1]:0"]
     with environment(env):
@@ -695,10 +711,11 @@ def progress(message: str) -> None:
 
 
 def run_keystore(children: Children, keystore: str, engine: str, tmp: Path, *,
-                 duration: float, warmup: float, pool: int, offered_rate: float) -> Figures:
+                 duration: float, warmup: float, pool: int, offered_rate: float,
+                 signing_workers: int = 0) -> Figures:
     figures = Figures(keystore, offered_rate=offered_rate)
     try:
-        server = start_server(children, keystore, engine, tmp)
+        server = start_server(children, keystore, engine, tmp, signing_workers)
     except (RuntimeError, OSError) as exc:
         figures.problems.append(f"the server did not start: {exc}")
         progress(f"{keystore}: {figures.problems[-1]}")
@@ -866,7 +883,8 @@ def keystore_report(figures: Figures) -> str:
     parts += [
         "",
         "CPU in the measurement window (100 % = one core; the server's main thread runs "
-        "the event loop, the others write SQLite and the audit log):",
+        "the event loop, the others write SQLite and the audit log; \"server\" includes "
+        "its signing-worker processes, if any):",
         "",
         markdown_table(["test", "server", "of which main thread", "load gen."], cpu_rows),
     ]
@@ -919,7 +937,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=OFFERED_RATE,
                         help=f"issuances a second offered in the open-loop test (default "
                              f"{OFFERED_RATE:,.0f})")
+    parser.add_argument("--signing-workers", type=int, default=0, metavar="N",
+                        help="the server's ca.signing_workers: N processes sign the "
+                             "certificates (default 0: on the event loop)")
     args = parser.parse_args(args_list)
+    if not 0 <= args.signing_workers <= 64:
+        parser.error("--signing-workers: between 0 and 64")
     keystores = list(KEYSTORES) if args.keystore == "both" else [args.keystore]
     duration = args.duration or (2.0 if args.quick else 5.0)
     if not 0 < duration <= 60:
@@ -944,6 +967,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"- targets (information only): >= {TARGET_RATE:,} issuances/s with SoftHSM2; "
           f"p99 < {TARGET_P99_MS:g} ms at {OFFERED_RATE:,.0f}/s offered"
           + (f" (this run offers {args.rate:,.0f}/s)" if args.rate != OFFERED_RATE else "")
+          + f"\n- `ca.signing_workers = {args.signing_workers}`"
+          + (" (certificates signed on the event loop)" if not args.signing_workers else
+             " (certificates signed in worker processes)")
           + "\n", flush=True)
     all_figures: list[Figures] = []
     try:
@@ -953,7 +979,8 @@ def main(argv: list[str] | None = None) -> int:
                 for keystore in keystores:
                     figures = run_keystore(children, keystore, args.engine, tmp,
                                            duration=duration, warmup=warmup, pool=pool,
-                                           offered_rate=args.rate)
+                                           offered_rate=args.rate,
+                                           signing_workers=args.signing_workers)
                     all_figures.append(figures)
                     print(keystore_report(figures) + "\n", flush=True)
             finally:

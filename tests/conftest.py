@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pkcs11
 import pytest
 import uvloop
 
@@ -42,6 +43,18 @@ def cddl() -> Iterator[CddlChecker]:
 def softhsm_token(tmp_path_factory: pytest.TempPathFactory) -> SoftHsmToken:
     """This test session's SoftHSM2 token (SoftHSM2 reads its config once per process)."""
     return make_token(tmp_path_factory.mktemp("softhsm"))
+
+
+@pytest.fixture
+def empty_softhsm_token(softhsm_token: SoftHsmToken) -> SoftHsmToken:
+    """The session's token with every object destroyed, for a test that checks the keys
+    it creates itself (``key.generated``): other tests may have left keys in it."""
+    token = pkcs11.lib(softhsm_token.module_path).get_token(
+        token_label=softhsm_token.token_label)
+    with token.open(rw=True, user_pin=softhsm_token.pin) as session:
+        for obj in list(session.get_objects()):
+            obj.destroy()
+    return softhsm_token
 
 
 @pytest.fixture(scope="session")

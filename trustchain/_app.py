@@ -20,9 +20,11 @@ from handlers.ca import (
     CertificateAuthority,
     Hierarchy,
     HierarchyConfig,
+    KeystoreSettings,
     LocalAdmission,
     NamingPolicy,
     Rotator,
+    SigningWorkers,
 )
 from store import (
     AuditLog,
@@ -61,6 +63,15 @@ def open_configured_keystore(cfg: Config, data_dir: Path) -> Any:
     except KeyStoreError as exc:
         raise ConfigError(f"ca.hsm: {exc}") from exc
     return keystore
+
+
+def keystore_settings(cfg: Config, data_dir: Path) -> KeystoreSettings:
+    """How a signing worker opens the same keystore as the node (PIN included)."""
+    hsm = cfg.ca.hsm
+    return KeystoreSettings(provider=hsm.provider, data_dir=str(data_dir),
+                            module_path=hsm.module_path, token_label=hsm.token_label,
+                            pin=os.environ.get(hsm.pin_env, "") if hsm.provider != "software"
+                            else "")
 
 
 def open_ca_stores(cfg: Config, data_dir: Path) -> tuple[Any, CertificateStore, AuditLog]:
@@ -151,6 +162,9 @@ class Node:
             admission=LocalAdmission(), audit=self.audit.append_async,
             validity=cfg.ca.cert_validity_days * 86400.0, backdate=cfg.ca.backdate,
             rotation_status=lambda: self.rotator.status() if self.rotator else {})
+        if cfg.ca.signing_workers:
+            self.ca.signing_workers = SigningWorkers(cfg.ca.signing_workers,
+                                                     keystore_settings(cfg, self.data_dir))
         addresses = list(cfg.node.addresses) or sorted(
             {h for h, _ in self.listen if h != "::"} | {"::1"})
         ca = self.ca
@@ -196,6 +210,8 @@ class Node:
                                             "warnings": list(self.cfg.warnings)})
         self.prepare_ca(create=self.development)
         assert self.ca is not None and self.rotator is not None
+        if self.ca.signing_workers is not None:
+            await self.ca.signing_workers.warm_up()
         self.health_checks["accepting"] = lambda: (self.server is not None
                                                    and not self.server.draining)
         NodeService(describe=self.describe, checks=self.health_checks).register(self.router)
@@ -263,6 +279,8 @@ class Node:
             result = callback()
             if asyncio.iscoroutine(result):
                 await result
+        if self.ca is not None and self.ca.signing_workers is not None:
+            await self.ca.signing_workers.close()
         if self.audit is not None:
             self.audit.append("node.stopped", {})
             self.audit.close()

@@ -80,6 +80,9 @@ class CaConfig:
     """How far before issuance a certificate's validity starts (clock skew)."""
     intermediate_lifetime: float = _duration(90 * 86400.0)
     root_lifetime: float = _duration(3650 * 86400.0)
+    signing_workers: int = 0
+    """Processes that build and sign issued certificates beside the event loop, each
+    with its own keystore session; 0: sign on the event loop."""
     hsm: HsmConfig = field(default_factory=HsmConfig)
     policy: CaPolicyConfig = field(default_factory=CaPolicyConfig)
 
@@ -442,6 +445,8 @@ def _validate(cfg: Config) -> None:
     if cfg.ca.hsm.provider not in providers:
         raise ConfigError(f"ca.hsm.provider: {cfg.ca.hsm.provider!r} is not one of "
                           f"{', '.join(providers)}")
+    if not 0 <= cfg.ca.signing_workers <= 64:
+        raise ConfigError("ca.signing_workers: must be within 0..64")
     if cfg.ca.mode == "production" and cfg.ca.hsm.provider == "software":
         raise ConfigError("ca.hsm.provider: production mode needs a PKCS#11 token "
                           "(softhsm2, pkcs11, aws_cloudhsm or yubihsm), not software keys")

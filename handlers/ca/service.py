@@ -7,11 +7,10 @@ import dataclasses
 import hashlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 from protocol import (
     InvalidRequest,
@@ -29,6 +28,10 @@ from . import _x509
 from ._admission import Admission, Admitted, Decision
 from ._authority import Hierarchy
 from ._policy import CheckedRequest, NamingPolicy, check_ownership, check_request
+from ._signing import SigningWorkers
+
+SignLeaf = Callable[[Sequence[x509.Extension[Any]]], Awaitable[bytes]]
+"""Signs the leaf being issued with extra extensions added last; its DER."""
 
 log = logging.getLogger("trustchain.ca")
 
@@ -76,10 +79,13 @@ class CertificateAuthority:
         self.on_issued: list[Callable[[CertificateRecord], Any]] = []
         self.on_revoked: list[Callable[[CertificateRecord], Any]] = []
         """Called with the revoked :class:`CertificateRecord` after each revocation (DNS)."""
-        self.precert_logger: Callable[[x509.CertificateBuilder, Any],
-                                      Awaitable[x509.CertificateBuilder]] | None = None
-        """CT (RFC 6962 §3.3): ``(builder, issuer)`` logs a precertificate of ``builder``
-        and returns it with the SCT list extension added; set by the CT service."""
+        self.precert_logger: Callable[[SignLeaf, bytes],
+                                      Awaitable[list[x509.Extension[Any]]]] | None = None
+        """CT (RFC 6962 §3.3): ``(sign, issuer_der)`` signs a precertificate with
+        ``sign([poison])``, logs it and returns the extensions the final certificate
+        adds (the SCT list); set by the CT service."""
+        self.signing_workers: SigningWorkers | None = None
+        """Worker processes that sign leaves (``ca.signing_workers``); None: sign here."""
         self.issued = 0
         self.rejected = 0
 
@@ -176,12 +182,24 @@ class CertificateAuthority:
         not_after = min(start + self.validity,
                         issuer.certificate.not_valid_after_utc.timestamp())
         serial = admitted.serial if admitted.serial is not None else _x509.new_serial()
-        builder = _x509.leaf_builder(issuer.certificate, request, serial=serial,
-                                     not_before=not_before, not_after=not_after)
+        workers = self.signing_workers
+
+        async def sign(extensions: Sequence[x509.Extension[Any]]) -> bytes:
+            """The leaf with ``extensions`` added last, signed by the issuer."""
+            assert issuer is not None
+            if workers is None:
+                return _x509.sign_leaf(issuer.certificate, request, serial=serial,
+                                       not_before=not_before, not_after=not_after,
+                                       extensions=extensions,
+                                       private_key=issuer.signer.private_key())
+            return await workers.sign(issuer_name=issuer.name, issuer_der=issuer.der,
+                                      request=request, serial=serial, not_before=not_before,
+                                      not_after=not_after, extensions=extensions)
+
+        extensions: list[x509.Extension[Any]] = []
         if self.precert_logger is not None:  # CT: the SCT goes in the certificate
-            builder = await self.precert_logger(builder, issuer)
-        cert = _x509.sign(builder, issuer.signer.private_key())
-        der = cert.public_bytes(serialization.Encoding.DER)
+            extensions = await self.precert_logger(sign, issuer.der)
+        der = await sign(extensions)
         record = CertificateRecord(
             serial=_x509.serial_hex(serial), der=der,
             fingerprint=hashlib.sha256(der).hexdigest(), spki_sha256=request.spki_sha256,

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.x509.oid import ExtensionOID
 
 from protocol import Event, InvalidRequest, NotFound
 from protocol.ct_structs import (
@@ -99,24 +98,23 @@ class CtService:
         result["leaf_index"] = submitted.leaf_index
         return result
 
-    async def log_precertificate(self, builder: x509.CertificateBuilder,
-                                 issuer: Any) -> x509.CertificateBuilder:
-        """The CA's precertificate flow (RFC 6962 §3.3): sign ``builder`` with the poison
-        extension, log it, and return ``builder`` with the SCT list extension added.
+    async def log_precertificate(
+            self, sign: Callable[[Sequence[x509.Extension[Any]]], Awaitable[bytes]],
+            issuer_der: bytes) -> list[x509.Extension[Any]]:
+        """The CA's precertificate flow (RFC 6962 §3.3): ``sign`` the leaf with the
+        poison extension, log that precertificate, and return the SCT list extension
+        for the final certificate.
 
         The final certificate's TBS without the SCT list equals the precertificate's
-        without the poison, because both extensions go last.
+        without the poison, because ``sign`` adds both extensions last.
         """
-        key = issuer.signer.private_key()
-        algorithm = None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
-        precert = builder.add_extension(x509.PrecertPoison(), critical=True).sign(key, algorithm)
-        chain = [precert.public_bytes(serialization.Encoding.DER), issuer.der]
-        checked = self.validator.check(chain, precert=True)
+        precert = await sign([x509.Extension(ExtensionOID.PRECERT_POISON, True,
+                                             x509.PrecertPoison())])
+        checked = self.validator.check([precert, issuer_der], precert=True)
         submitted = await self.log.submit(checked, precert=True)
-        return builder.add_extension(
-            x509.UnrecognizedExtension(SCT_LIST_OID,
-                                       sct_list_extension_value([submitted.sct.encode()])),
-            critical=False)
+        sct_list = x509.UnrecognizedExtension(
+            SCT_LIST_OID, sct_list_extension_value([submitted.sct.encode()]))
+        return [x509.Extension(SCT_LIST_OID, False, sct_list)]
 
     # --- reads ----------------------------------------------------------------------------
 

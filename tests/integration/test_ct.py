@@ -341,7 +341,10 @@ async def test_slow_reader_resubscribes_without_losing_entries(tmp_path: Path,
         seen: list[int] = []
         async for entry in follower:
             seen.append(entry.index)
-            await asyncio.sleep(0.002)  # slower than the server sends
+            if len(seen) == 1:
+                # the reader stalls: the server's heartbeats (every 200 ms) alone fill the
+                # client's 2-event buffer, whatever the batching of the entries
+                await asyncio.sleep(1.0)
             if len(seen) == size:
                 break
         await follower.close()

@@ -29,8 +29,9 @@ def _run(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProc
                           text=True, cwd=cwd, env=env, timeout=120)
 
 
-def test_production_certificate_issuance(tmp_path: Path, softhsm_token: SoftHsmToken,
+def test_production_certificate_issuance(tmp_path: Path, empty_softhsm_token: SoftHsmToken,
                                          plotted: Path) -> None:
+    softhsm_token = empty_softhsm_token  # this test checks the keys it creates itself
     data = tmp_path / "data"
     # a production node has no faucet: the requester's stake is in the genesis ledger
     requester = stoq.Prover.open(plotted)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import hashlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -187,8 +187,15 @@ async def test_precertificate_flow_embeds_a_verifiable_sct(tmp_path: Path, ca: C
     log, svc = open_log(tmp_path, ca)
     log.start()
     builder = ca.leaf_builder("www.hypermesh", "api.trust")
-    final_builder = await svc.log_precertificate(builder, ca)
-    final = final_builder.sign(ca.key, hashes.SHA256())
+
+    async def sign(extensions: Sequence[x509.Extension[Any]]) -> bytes:
+        signed = builder
+        for extension in extensions:
+            signed = signed.add_extension(extension.value, critical=extension.critical)
+        return signed.sign(ca.key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
+
+    final = x509.load_der_x509_certificate(await sign(await svc.log_precertificate(sign,
+                                                                                   ca.der)))
     (sct,) = ct.embedded_scts(final)
     key = log.active.signer.public_key()
     entry = ct.verify_embedded_sct(final, ca.intermediate, sct, key)
