@@ -486,6 +486,7 @@ CONFIG = """\
 data_dir = "{data_dir}"
 [ca]
 mode = "development"
+signing_workers = {signing_workers}
 [api]
 rate_limit_per_minute = 0
 [network]
@@ -538,7 +539,8 @@ def _start(children: Children, name: str, argv: list[str], log: Path) -> tuple[A
 
 
 def run_stoq(children: Children, engine: str, tmp: Path, plots: Path, count: int, *,
-             duration: float, warmup: float, pool: int, services: str) -> StoqFigures:
+             duration: float, warmup: float, pool: int, services: str,
+             signing_workers: int = 0) -> StoqFigures:
     requesters = make_requesters(plots, count)
     figures = StoqFigures(requesters=count, services=services)
     genesis = "\n".join(f'"{stoq.Prover.open(p).key_id}" = 1000' for p in requesters)
@@ -551,7 +553,8 @@ def run_stoq(children: Children, engine: str, tmp: Path, plots: Path, count: int
         config.write_text(CONFIG.format(data_dir=data_dir, engine=engine, genesis=genesis,
                                         iterations=VDF_ITERATIONS,
                                         difficulty=LOAD_DIFFICULTY, epoch_length=EPOCH_LENGTH,
-                                        dns="true" if services == "all" else "false"))
+                                        dns="true" if services == "all" else "false",
+                                        signing_workers=signing_workers))
         serve = ["serve", "--config", str(config), "--data-dir", str(data_dir), "--listen",
                  "[::1]:0"]
         if services == "all" and label == "four-proof":
@@ -746,7 +749,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--services", choices=("proofs", "all"), default="proofs",
                         help="part 2's node: the CA with four-proof admission only (default), "
                              "or every service wired in trustchain/_services.py (CT, DNS ...)")
+    parser.add_argument("--signing-workers", type=int, default=0, metavar="N",
+                        help="ca.signing_workers of part 2's nodes (default 0: sign on the "
+                             "event loop)")
     args = parser.parse_args(args_list)
+    if not 0 <= args.signing_workers <= 8:
+        parser.error("--signing-workers: 0 to 8")
     count = args.requesters or (QUICK_REQUESTERS if args.quick else REQUESTERS)
     if not 1 <= count <= 10_000:
         parser.error("--requesters: 1 to 10,000")
@@ -763,7 +771,9 @@ def main(argv: list[str] | None = None) -> int:
           f"see part 1), epoch {EPOCH_LENGTH} s; part 2's node runs "
           + ("every service wired in trustchain/_services.py" if args.services == "all" else
              "the CA with four-proof admission and no other service (no CT, no DNS: what "
-             "admission adds to issuance; `--services all` for the whole node)") + "\n",
+             "admission adds to issuance; `--services all` for the whole node)")
+          + (f"; certificates signed by {args.signing_workers} worker processes "
+             "(ca.signing_workers)" if args.signing_workers else "") + "\n",
           flush=True)
     try:
         with tempfile.TemporaryDirectory(prefix="trustchain-bench-proofs-") as tmp_name:
@@ -775,7 +785,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(report_micro(micro), flush=True)
                 plots = args.plots or tmp / "requesters"
                 figures = run_stoq(children, args.engine, tmp, plots, count, duration=duration,
-                                   warmup=warmup, pool=pool, services=args.services)
+                                   warmup=warmup, pool=pool, services=args.services,
+                                   signing_workers=args.signing_workers)
                 print(report_stoq(figures, pool), flush=True)
                 if micro is not None:
                     print(report_extrapolation(micro, figures), flush=True)
