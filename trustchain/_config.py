@@ -229,8 +229,9 @@ class ConsensusConfig:
     timeout_precommit: float = _duration(0.5)
     timeout_delta: float = _duration(0.25, "added to each timeout per round")
     block_interval: float = _duration(1.0)
-    """Longest time between blocks when nothing is pending (an empty block keeps
-    heights, beacons and liveness moving); a pending decision is proposed at once."""
+    """Longest time between blocks of a cluster when nothing is pending (an empty
+    block keeps heights, beacons and evidence moving); a pending decision is proposed
+    at once. A validator alone (n = 1) makes blocks only for decisions."""
     max_block_decisions: int = 1000
     gossip_interval: float = _duration(0.5)
     """How often a validator re-sends its own messages of the current height."""

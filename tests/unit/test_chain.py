@@ -73,3 +73,21 @@ async def test_blocks_fit_in_a_frame_and_survive_a_restart(tmp_path: Path) -> No
     finally:
         await again.stop()
         again.store.close()
+
+
+async def test_a_validator_alone_makes_no_empty_blocks(tmp_path: Path) -> None:
+    chain = ConsensusChain(chain_id="unit", validators=ValidatorSet((ME,)),
+                           store=ChainStore(tmp_path / "chain.sqlite3"), transport=NoPeers(),
+                           rules=OpenRules(), me=ME.id, sign=KEY.sign, timeouts=Timeouts(),
+                           block_interval=0.05, gossip_interval=0.05)
+    await chain.start()
+    try:
+        committed = await chain.submit(b"one decision", timeout=10)
+        await asyncio.sleep(0.5)  # ten block intervals
+        assert chain.store.latest() is not None
+        assert chain.store.latest().height == committed.block.height == 1  # type: ignore[union-attr]
+        second = await chain.submit(b"another", timeout=10)
+        assert second.block.height == 2
+    finally:
+        await chain.stop()
+        chain.store.close()
