@@ -261,10 +261,13 @@ async def test_dnspython_sync_client_manager_and_resolver(tmp_path: Path, prover
 
 async def test_wrong_certificate_name_fails_verification(tmp_path: Path) -> None:
     async with dns_node(tmp_path, "qh3") as node:
-        with pytest.raises(UnexpectedEOF):  # how dnspython reports a bad certificate
-            await dns.asyncquery.quic(dns.message.make_query("ns1.trust", "AAAA"), "::1",
-                                      port=node.port, verify=root(node),
-                                      server_hostname="evil.trust", timeout=3)
+        # dnspython reports a bad certificate as UnexpectedEOF; once in a while (seen in
+        # CI, not reproduced) its QUIC manager then waits without end for the connection
+        # to close, so the query is bounded here too: either way, no answer came back
+        with pytest.raises((UnexpectedEOF, TimeoutError)):
+            await asyncio.wait_for(dns.asyncquery.quic(
+                dns.message.make_query("ns1.trust", "AAAA"), "::1", port=node.port,
+                verify=root(node), server_hostname="evil.trust", timeout=3), 15)
 
 
 async def test_revocation_withdraws_the_records(tmp_path: Path, prover: Prover) -> None:
