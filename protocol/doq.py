@@ -32,6 +32,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
+from ._connection import ResetStream, SendData, StopSending
 from ._errors import LocalProtocolError
 
 ALPN_DOQ = "doq"
@@ -307,25 +308,6 @@ class ConnectionBroken:
 
 
 DoqEvent = QueryReceived | QueryCancelled | ConnectionBroken
-
-
-@dataclass(frozen=True, slots=True)
-class SendData:
-    stream_id: int
-    data: bytes
-    end_stream: bool
-
-
-@dataclass(frozen=True, slots=True)
-class StopSending:
-    stream_id: int
-    error_code: int
-
-
-@dataclass(frozen=True, slots=True)
-class ResetStream:
-    stream_id: int
-    error_code: int
 
 
 @dataclass(frozen=True, slots=True)
