@@ -111,12 +111,9 @@ async def attach(node: Any) -> None:
         if isinstance(beacons, ChainBeacons):
             await beacons.on_block(block.time_ms, block.id)
 
-    async def set_stake(key_id: str, amount: int, reason: str) -> None:
-        await proofs.set_stake(key_id, amount, reason)
-
     policy = node.ca.policy
     rules = CaRules(check_csr=lambda csr: check_request(csr, policy),
-                    verify_proofs=proofs.verifier.verify, set_stake=set_stake,
+                    verify_proofs=proofs.verifier.verify, set_stake=proofs.set_stake,
                     validators=lambda: chain_holder[0].core.validators,
                     development=node.development, minimum_stake=proofs.params.minimum_stake,
                     on_block=on_block, cosign=signer.sign if me else None)
