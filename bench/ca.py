@@ -652,9 +652,9 @@ def subprocess_run(argv: list[str], env: dict[str, str]) -> tuple[int, str]:
     return done.returncode, done.stdout + done.stderr
 
 
-CA_ALONE = ("import sys; from trustchain import _services; _services.WIRING_MODULES[:] = []; "
-            "from trustchain._cli import main; sys.exit(main(sys.argv[1:]))")
-"""``trustchain`` with no service module wired: the CA and its local admission."""
+CA_ALONE = ("import sys; from trustchain._cli import serve_parts; "
+            "sys.exit(serve_parts(sys.argv[1:], 'ca-alone'))")
+"""``trustchain serve`` with the CA and its local admission, and no other service."""
 
 
 def start_server(children: Children, keystore: str, engine: str, tmp: Path,
@@ -680,7 +680,7 @@ def start_server(children: Children, keystore: str, engine: str, tmp: Path,
     else:
         config.write_text(CONFIG.format(data_dir=data_dir, mode="development", hsm="",
                                         engine=engine, signing_workers=signing_workers))
-    argv = [sys.executable, "-c", CA_ALONE, "serve", "--config", str(config),
+    argv = [sys.executable, "-c", CA_ALONE, "--config", str(config),
             "--data-dir", str(data_dir), "--listen", "[::1]:0"]
     with environment(env):
         child = children.start(f"trustchain serve ({keystore})", argv,

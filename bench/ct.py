@@ -61,7 +61,7 @@ from protocol.ct_structs import (
     tree_head_signed_data,
 )
 from protocol.ops import ct as ops
-from store import Appended, CheckpointRecord, CtDatabase, SoftwareKeyStore
+from store import Appended, CheckpointRecord, CtDatabase, SoftwareKeyStore, TileDirectory
 
 from ._common import (
     ECHO_ALPN,
@@ -158,7 +158,8 @@ class SequencerFigures:
 
 async def bench_sequencer(tmp: Path, count: int, steady_rate: int,
                           steady_seconds: float) -> SequencerFigures:
-    log = CtLog(directory=tmp / "seq" / "ct", db=CtDatabase(tmp / "seq" / "ct" / "ct.sqlite3"),
+    log = CtLog(tiles=TileDirectory(tmp / "seq" / "ct"),
+                db=CtDatabase(tmp / "seq" / "ct" / "ct.sqlite3"),
                 keystore=SoftwareKeyStore(tmp / "seq" / "keys"), origin="bench/ct")
     log.open()
     log.start()
@@ -284,7 +285,7 @@ def bulk_load(data_dir: Path, count: int, chunk: int = 65_536) -> float:
     development keystore of ``data_dir``)."""
     keystore = SoftwareKeyStore(data_dir / "keys")
     db = CtDatabase(data_dir / "ct" / "ct.sqlite3")
-    log = CtLog(directory=data_dir / "ct", db=db, keystore=keystore,
+    log = CtLog(tiles=TileDirectory(data_dir / "ct"), db=db, keystore=keystore,
                 origin="trustchain-ct-development")
     log.open()
     shard = log.active
@@ -328,7 +329,7 @@ def bulk_load(data_dir: Path, count: int, chunk: int = 65_536) -> float:
                              shard.log_id)
     new = CheckpointRecord(0, count, tiles.root, timestamp, signature, note)
     db.commit_batch(shard.checkpoint, new, [], [], [], [])
-    (tiles.dir / "checkpoint").write_text(note)
+    tiles.write_checkpoint(note.encode())
     elapsed = time.perf_counter() - started
     db.close()
     keystore.close()
@@ -351,7 +352,7 @@ class ProofFigures:
 def bench_proofs_in_process(data_dir: Path, samples: int) -> ProofFigures:
     db = CtDatabase(data_dir / "ct" / "ct.sqlite3")
     keystore = SoftwareKeyStore(data_dir / "keys")
-    log = CtLog(directory=data_dir / "ct", db=db, keystore=keystore,
+    log = CtLog(tiles=TileDirectory(data_dir / "ct"), db=db, keystore=keystore,
                 origin="trustchain-ct-development")
     log.open()
     service = CtService(log, ChainValidator([], clock=time.time))

@@ -463,17 +463,16 @@ def _in_child(children: Children, spec: ProofLoadSpec, log: Path) -> dict[str, A
         children.stop(child)
 
 
-def _serve_code(wiring: list[str]) -> str:
-    """``trustchain`` with ``wiring`` as its only service modules."""
-    return ("import sys; from trustchain import _services; "
-            f"_services.WIRING_MODULES[:] = {wiring!r}; "
-            "from trustchain._cli import main; sys.exit(main(sys.argv[1:]))")
+def _serve_code(parts: str) -> str:
+    """``trustchain serve`` with only the services of ``trustchain._compose.PART_SETS[parts]``."""
+    return ("import sys; from trustchain._cli import serve_parts; "
+            f"sys.exit(serve_parts(sys.argv[1:], {parts!r}))")
 
 
 SERVERS = {
-    "four-proof": ["trustchain._wiring_proofs"],
-    "consensus": ["trustchain._wiring_proofs", "trustchain._wiring_chain"],
-    "local": [],
+    "four-proof": "four-proof",
+    "consensus": "consensus",
+    "local": "ca-alone",
 }
 """Part 2's servers: the CA with four-proof admission and no other service; the same
 with the validator chain (one validator: every decision committed in a block, as a
@@ -560,7 +559,7 @@ def run_stoq(children: Children, engine: str, tmp: Path, plots: Path, count: int
         if services == "all" and label == "four-proof":
             argv = [sys.executable, "-m", "trustchain", *serve]
         else:
-            argv = [sys.executable, "-c", _serve_code(SERVERS[label]), *serve]
+            argv = [sys.executable, "-c", _serve_code(SERVERS[label]), *serve[1:]]
         server, port, pin = _start(children, f"trustchain serve ({label})", argv,
                                    tmp / f"trustchain-{label}.log")
         progress(f"part 2: trustchain serve ({label}) pid {server.pid} on [::1]:{port}")
@@ -748,7 +747,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-micro", action="store_true", help="only part 2")
     parser.add_argument("--services", choices=("proofs", "all"), default="proofs",
                         help="part 2's node: the CA with four-proof admission only (default), "
-                             "or every service wired in trustchain/_services.py (CT, DNS ...)")
+                             "or every service of a node (CT, DNS ...)")
     parser.add_argument("--signing-workers", type=int, default=0, metavar="N",
                         help="ca.signing_workers of part 2's nodes (default 0: sign on the "
                              "event loop)")
@@ -769,7 +768,7 @@ def main(argv: list[str] | None = None) -> int:
           f"at any count), work {LOAD_DIFFICULTY} bits over STOQ (so that one load-generator "
           f"process can make the requests; the node's cost is one SHA-256 at any difficulty, "
           f"see part 1), epoch {EPOCH_LENGTH} s; part 2's node runs "
-          + ("every service wired in trustchain/_services.py" if args.services == "all" else
+          + ("every service of a node" if args.services == "all" else
              "the CA with four-proof admission and no other service (no CT, no DNS: what "
              "admission adds to issuance; `--services all` for the whole node)")
           + (f"; certificates signed by {args.signing_workers} worker processes "

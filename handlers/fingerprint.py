@@ -1,8 +1,11 @@
 """``fp.*``: real-time fingerprints of every certificate issued or logged.
 
 The SHA-256 of a certificate's DER and of its SubjectPublicKeyInfo are
-computed when the CA issues it (``CertificateAuthority.on_issued``) or the CT
-log sequences it, and indexed with its names and its log position.
+computed when the CA issues it (:class:`FingerprintService` is one of its
+publishers) or the CT log sequences it, and indexed with its names and its
+log position. :class:`FingerprintWatchers` holds the ``fp.watch`` streams:
+the CT log tells it what it sequenced, the service what the CA issued or
+revoked.
 ``fp.get`` looks them up, ``fp.verify`` recomputes the fingerprint from the
 stored DER and checks the certificate's inclusion in the log against the
 current signed tree head (``validate_fingerprint_integrity`` of the
@@ -14,7 +17,6 @@ another key's for a name), revoked, or logged by someone else.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import hashlib
 import logging
 import time
@@ -31,6 +33,7 @@ from protocol.ops import fp as ops
 from store import CertificateRecord, CertificateStore, CtDatabase, FingerprintRecord
 
 from ._router import RequestContext, Router
+from .ca import CertificateIssued, CertificateRevoked
 from .ct import CtLog, LiveBatch, Shard
 
 log = logging.getLogger("trustchain.fp")
@@ -62,63 +65,16 @@ class _Watcher:
     overflowed: bool = False
 
 
-class FingerprintService:
-    """Answers ``fp.get``, ``fp.verify`` and ``fp.watch``.
+class FingerprintWatchers:
+    """The ``fp.watch`` streams, and the changes each one is waiting for."""
 
-    :param certs: the CA's certificate database (the DER of issued certificates).
-    :param issuer_der: the DER of the CA intermediate called ``name``, or None.
-    """
-
-    def __init__(self, *, db: CtDatabase, log: CtLog, certs: CertificateStore,
-                 issuer_der: Callable[[str], bytes | None],
-                 clock: Callable[[], float] = time.time) -> None:
-        self.db = db
-        self.log = log
-        self.certs = certs
-        self.issuer_der = issuer_der
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self.clock = clock
-        self._recent: dict[bytes, FingerprintRecord] = {}
-        self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fp")
-        self._writes: set[asyncio.Future[None]] = set()
         self._watchers: set[_Watcher] = set()
-        self.indexed = 0
-
-    # --- indexing ----------------------------------------------------------------------
-
-    def issued(self, record: CertificateRecord) -> None:
-        """``CertificateAuthority.on_issued``: fingerprint and index a new certificate."""
-        shard: int | None = None
-        index: int | None = None
-        try:
-            cert = x509.load_der_x509_certificate(record.der)
-            for sct in ct.embedded_scts(cert):
-                found = self.log.shard_by_log_id(sct.log_id)
-                if found is not None:
-                    shard, index = found.number, sct.leaf_index
-                    break
-        except (ValueError, ct.StructureError) as exc:
-            log.warning("fingerprint: cannot read the SCT of %s: %s", record.serial, exc)
-        sha = bytes.fromhex(record.fingerprint)
-        rec = FingerprintRecord(sha256=sha, spki_sha256=bytes.fromhex(record.spki_sha256),
-                                kind="issued", shard=shard, leaf_index=index,
-                                serial=record.serial, first_seen=record.issued_at,
-                                names=record.names)
-        self._store(rec)
-        previous = [r for name in record.names for r in self.certs.holders(name, self.clock())
-                    if r.serial != record.serial and r.spki_sha256 != record.spki_sha256]
-        self._publish(rec, "rotated" if previous else "issued",
-                      previous=previous[0].fingerprint if previous else None)
-
-    def revoked(self, record: CertificateRecord) -> None:
-        """``CertificateAuthority.on_revoked``."""
-        rec = FingerprintRecord(sha256=bytes.fromhex(record.fingerprint),
-                                spki_sha256=bytes.fromhex(record.spki_sha256), kind="issued",
-                                shard=None, leaf_index=None, serial=record.serial,
-                                first_seen=record.issued_at, names=record.names)
-        self._publish(rec, "revoked", reason=record.revocation_reason)
 
     def sequenced(self, shard: Shard, batch: LiveBatch) -> None:
-        """``CtLog.on_sequenced``: the log indexed these itself; tell the watchers."""
+        """The CT log sequenced ``batch`` (it indexed the entries itself): tell the
+        watchers of their names."""
         if not self._watchers:
             return
         for item in batch.slim:
@@ -129,24 +85,10 @@ class FingerprintService:
                                         leaf_index=item["index"], serial=None,
                                         first_seen=item["timestamp"] / 1000,
                                         names=tuple(item["names"]))
-                self._publish(rec, "logged")
+                self.publish(rec, "logged")
 
-    def _store(self, rec: FingerprintRecord) -> None:
-        self._recent[rec.sha256] = rec
-        job = asyncio.get_running_loop().run_in_executor(self._writer, self.db.add_fingerprints,
-                                                         [rec])
-        self._writes.add(job)
-
-        def done(job: asyncio.Future[None]) -> None:
-            self._writes.discard(job)
-            if not job.cancelled() and job.exception() is not None:
-                log.error("fingerprint not stored", extra={"error": str(job.exception())})
-                return
-            self._recent.pop(rec.sha256, None)
-            self.indexed += 1
-        job.add_done_callback(done)
-
-    def _publish(self, rec: FingerprintRecord, kind: str, **extra: Any) -> None:
+    def publish(self, rec: FingerprintRecord, kind: str, **extra: Any) -> None:
+        """Queue a change of ``kind`` for every watcher of one of ``rec``'s names or key."""
         if not self._watchers:
             return
         change = {"change": kind, **record_item(rec), "time": round(self.clock(), 3), **extra}
@@ -161,10 +103,97 @@ class FingerprintService:
             except asyncio.QueueFull:
                 watcher.overflowed = True
 
+    async def watch(self, args: ops.WatchArgs, ctx: RequestContext) -> AsyncIterator[Event]:
+        names = {n.strip().lower().rstrip(".") for n in args.names if n.strip()}
+        keys = {parse_hex256(k, "spki_sha256") for k in args.spki_sha256}
+        if not names and not keys:
+            raise InvalidRequest("fp.watch: give at least one name or spki_sha256",
+                                 field="names")
+        watcher = _Watcher(names=names, keys=keys)
+        self._watchers.add(watcher)
+        heartbeat = args.heartbeat_ms / 1000
+        try:
+            yield Event(event="watching", data={"names": sorted(names),
+                                                "spki_sha256": sorted(k.hex() for k in keys)})
+            while True:
+                if watcher.overflowed and watcher.queue.empty():
+                    yield Event(event="resync", data={"reason": "too_slow"})
+                    return
+                try:
+                    change = await asyncio.wait_for(watcher.queue.get(), heartbeat)
+                except TimeoutError:
+                    yield Event(event="heartbeat", data={"time": round(self.clock(), 3)})
+                    continue
+                yield Event(event="change", data=change)
+        finally:
+            self._watchers.discard(watcher)
+
+
+class FingerprintService:
+    """Answers ``fp.get`` and ``fp.verify``; indexes what the CA issues (a publisher).
+
+    :param certs: the CA's certificate database (the DER of issued certificates).
+    :param issuer_der: the DER of the CA intermediate called ``name``, or None.
+    :param watchers: the ``fp.watch`` streams told of issuances and revocations.
+    """
+
+    def __init__(self, *, db: CtDatabase, log: CtLog, certs: CertificateStore,
+                 issuer_der: Callable[[str], bytes | None], watchers: FingerprintWatchers,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.db = db
+        self.log = log
+        self.certs = certs
+        self.issuer_der = issuer_der
+        self.watchers = watchers
+        self.clock = clock
+        self._recent: dict[bytes, FingerprintRecord] = {}
+        self._writes: set[asyncio.Future[None]] = set()
+        self.indexed = 0
+
+    # --- indexing (a publisher of the CA) -----------------------------------------------
+
+    def certificate_issued(self, event: CertificateIssued) -> None:
+        """Fingerprint and index a new certificate, at its CT position."""
+        record = event.record
+        logged = event.logged
+        rec = FingerprintRecord(sha256=bytes.fromhex(record.fingerprint),
+                                spki_sha256=bytes.fromhex(record.spki_sha256),
+                                kind="issued", shard=logged.shard if logged else None,
+                                leaf_index=logged.leaf_index if logged else None,
+                                serial=record.serial, first_seen=record.issued_at,
+                                names=record.names)
+        self._store(rec)
+        previous = [r for name in record.names for r in self.certs.holders(name, self.clock())
+                    if r.serial != record.serial and r.spki_sha256 != record.spki_sha256]
+        self.watchers.publish(rec, "rotated" if previous else "issued",
+                              previous=previous[0].fingerprint if previous else None)
+
+    def certificate_revoked(self, event: CertificateRevoked) -> None:
+        record = event.record
+        rec = FingerprintRecord(sha256=bytes.fromhex(record.fingerprint),
+                                spki_sha256=bytes.fromhex(record.spki_sha256), kind="issued",
+                                shard=None, leaf_index=None, serial=record.serial,
+                                first_seen=record.issued_at, names=record.names)
+        self.watchers.publish(rec, "revoked", reason=record.revocation_reason)
+
+    def _store(self, rec: FingerprintRecord) -> None:
+        """Index ``rec`` in the next group commit; served from memory until then."""
+        self._recent[rec.sha256] = rec
+        job = self.db.add_fingerprints_soon([rec])
+        self._writes.add(job)
+
+        def done(job: asyncio.Future[None]) -> None:
+            self._writes.discard(job)
+            if not job.cancelled() and job.exception() is not None:
+                log.error("fingerprint not stored", extra={"error": str(job.exception())})
+                return
+            self._recent.pop(rec.sha256, None)
+            self.indexed += 1
+        job.add_done_callback(done)
+
     async def close(self) -> None:
         if self._writes:
             await asyncio.gather(*self._writes, return_exceptions=True)
-        self._writer.shutdown(wait=True)
 
     # --- fp.get -------------------------------------------------------------------------------
 
@@ -277,34 +306,7 @@ class FingerprintService:
         problems.append("no SCT from this log")
         return None, None, None, False
 
-    # --- fp.watch --------------------------------------------------------------------------------
-
-    async def watch(self, args: ops.WatchArgs, ctx: RequestContext) -> AsyncIterator[Event]:
-        names = {n.strip().lower().rstrip(".") for n in args.names if n.strip()}
-        keys = {parse_hex256(k, "spki_sha256") for k in args.spki_sha256}
-        if not names and not keys:
-            raise InvalidRequest("fp.watch: give at least one name or spki_sha256",
-                                 field="names")
-        watcher = _Watcher(names=names, keys=keys)
-        self._watchers.add(watcher)
-        heartbeat = args.heartbeat_ms / 1000
-        try:
-            yield Event(event="watching", data={"names": sorted(names),
-                                                "spki_sha256": sorted(k.hex() for k in keys)})
-            while True:
-                if watcher.overflowed and watcher.queue.empty():
-                    yield Event(event="resync", data={"reason": "too_slow"})
-                    return
-                try:
-                    change = await asyncio.wait_for(watcher.queue.get(), heartbeat)
-                except TimeoutError:
-                    yield Event(event="heartbeat", data={"time": round(self.clock(), 3)})
-                    continue
-                yield Event(event="change", data=change)
-        finally:
-            self._watchers.discard(watcher)
-
     def register(self, router: Router) -> None:
         router.add(ops.GET, self.get)
         router.add(ops.VERIFY, self.verify)
-        router.add(ops.WATCH, self.watch)
+        router.add(ops.WATCH, self.watchers.watch)

@@ -1,39 +1,50 @@
 """Everything durable or secret: files, keys, certificates, databases, the audit log."""
 
-from ._audit import AuditError, AuditLog, AuditRecord, AuditReport, verify_log
-from ._blocks import ChainStore, ChainStoreError, StoredBlock, StoredEvidence
+from ._audit import AuditLog, AuditRecord, AuditReport, verify_log
+from ._blocks import ChainStore, StoredBlock, StoredEvidence
 from ._certdb import (
     AuthorityRecord,
     CertificateRecord,
     CertificateStore,
-    CertStoreError,
 )
 from ._ctdb import (
-    CheckpointConflict,
     CheckpointRecord,
     CtDatabase,
-    CtStoreError,
     FingerprintRecord,
     ShardRecord,
     Submission,
 )
+from ._errors import (
+    AuditError,
+    CertStoreError,
+    ChainStoreError,
+    CheckpointConflict,
+    CtStoreError,
+    FileStoreError,
+    KeyStoreError,
+    LedgerError,
+    StoreError,
+    TileCorrupted,
+    TileError,
+)
 from ._files import fsync_directory, write_atomic
 from ._keystore import open_keystore
-from ._ledger import BeaconRecord, LedgerError, LedgerStore, StakeChange
+from ._layout import AdminCredential, DataDirectory, DurableFile, JsonFile, TileDirectory
+from ._ledger import BeaconRecord, LedgerStore, StakeChange
 from ._pkcs11 import Pkcs11KeyStore
 from ._signer import (
     Algorithm,
     KeyStore,
-    KeyStoreError,
     Signer,
     spki_sha256,
     verify_signature,
 )
 from ._softkeys import SoftwareKeyStore
-from ._tiles import Appended, Bundle, TileCorrupted, TileError, TileLog
+from ._tiles import Appended, Bundle, TileLog
 from ._tls import TlsCredential, create_self_signed, credential_paths
 
 __all__ = [
+    "AdminCredential",
     "Algorithm",
     "Appended",
     "AuditError",
@@ -52,7 +63,11 @@ __all__ = [
     "CheckpointRecord",
     "CtDatabase",
     "CtStoreError",
+    "DataDirectory",
+    "DurableFile",
+    "FileStoreError",
     "FingerprintRecord",
+    "JsonFile",
     "KeyStore",
     "KeyStoreError",
     "LedgerError",
@@ -62,10 +77,12 @@ __all__ = [
     "Signer",
     "SoftwareKeyStore",
     "StakeChange",
+    "StoreError",
     "StoredBlock",
     "StoredEvidence",
     "Submission",
     "TileCorrupted",
+    "TileDirectory",
     "TileError",
     "TileLog",
     "TlsCredential",

@@ -51,6 +51,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from protocol import MAX_DEPTH, LocalProtocolError, encode_deterministic
 
+from ._errors import AuditError
 from ._files import fsync_directory
 from ._signer import verify_signature
 
@@ -71,11 +72,7 @@ _FIELDS = frozenset(("seq", "time", "kind", "data", "prev", "hash"))
 _TAIL_CHUNK = 64 * 1024
 
 
-class AuditError(Exception):
-    """The audit log cannot record or cannot be read; the message says where and why."""
-
-
-class Signer(Protocol):
+class CheckpointSigner(Protocol):
     """What a checkpoint needs of a key; the keystore's signers fit as they are."""
 
     @property
@@ -349,7 +346,7 @@ class AuditLog:
     whole chain is :func:`verify_log`'s job.
     """
 
-    def __init__(self, path: Path, *, signer: Signer | None = None,
+    def __init__(self, path: Path, *, signer: CheckpointSigner | None = None,
                  checkpoint_every: int = 1000,
                  clock: Callable[[], float] = time.time) -> None:
         if checkpoint_every < 0:

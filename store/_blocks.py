@@ -19,16 +19,13 @@ reads use a second connection on the caller's thread.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import sqlite3
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from ._sqlite import connect
-
-T = TypeVar("T")
+from ._errors import ChainStoreError
+from ._sqlite import SqliteDatabase
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS blocks (
@@ -64,10 +61,6 @@ CREATE TABLE IF NOT EXISTS signing (
 """
 
 
-class ChainStoreError(Exception):
-    """The chain database cannot be opened or written."""
-
-
 @dataclass(frozen=True, slots=True)
 class StoredBlock:
     height: int
@@ -88,38 +81,23 @@ class StoredEvidence:
     committed_height: int | None
 
 
-class ChainStore:
+class ChainStore(SqliteDatabase):
     """Blocks, commits, evidence and signing state of one validator."""
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self._db = connect(self.path, SCHEMA)
-            self._reader = sqlite3.connect(self.path, check_same_thread=False,
-                                           isolation_level=None)
-        except sqlite3.Error as exc:
-            raise ChainStoreError(f"cannot open {self.path}: {exc}") from exc
-        self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="chain")
-
-    async def _write(self, job: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._writer, job)
+    error = ChainStoreError
+    schema = SCHEMA
+    thread_name = "chain"
 
     def _transaction(self, statements: Iterable[tuple[str, tuple[Any, ...]]]) -> None:
-        try:
-            self._db.execute("BEGIN IMMEDIATE")
+        def write(db: sqlite3.Connection) -> None:
             for sql, params in statements:
-                self._db.execute(sql, params)
-            self._db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            if self._db.in_transaction:
-                self._db.execute("ROLLBACK")
-            raise ChainStoreError(f"{self.path}: {exc}") from exc
+                db.execute(sql, params)
+        self.write_now(write)
 
     # --- signing state ------------------------------------------------------------------
 
     def signing_state(self) -> bytes | None:
-        row = self._reader.execute("SELECT state FROM signing WHERE one = 1").fetchone()
+        row = self.read_one("SELECT state FROM signing WHERE one = 1")
         return None if row is None else bytes(row[0])
 
     def save_signing_state_now(self, state: bytes) -> None:
@@ -128,7 +106,8 @@ class ChainStore:
 
     async def save_signing_state(self, state: bytes) -> None:
         """Durable (fsync) when this returns."""
-        await self._write(lambda: self.save_signing_state_now(state))
+        await self.write(lambda db: db.execute(
+            "INSERT OR REPLACE INTO signing (one, state) VALUES (1, ?)", (state,)))
 
     # --- blocks ---------------------------------------------------------------------------
 
@@ -158,11 +137,11 @@ class ChainStore:
         """Store a decided block, the evidence it commits, and optionally the signing
         state and the next validator set, in one durable commit."""
         digests, ids = list(decision_digests), list(evidence_ids)
-        await self._write(lambda: self.add_block_now(block, digests, ids, signing_state,
-                                                     validators))
+        await asyncio.get_running_loop().run_in_executor(
+            self._writer, self.add_block_now, block, digests, ids, signing_state, validators)
 
     def meta(self, key: str) -> bytes | None:
-        row = self._reader.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        row = self.read_one("SELECT value FROM meta WHERE key = ?", (key,))
         return None if row is None else bytes(row[0])
 
     def _row(self, row: tuple[Any, ...] | None) -> StoredBlock | None:
@@ -174,63 +153,54 @@ class ChainStore:
     _COLUMNS = "height, id, time_ms, round, block, commit_"
 
     def block(self, height: int) -> StoredBlock | None:
-        return self._row(self._reader.execute(
-            f"SELECT {self._COLUMNS} FROM blocks WHERE height = ?", (height,)).fetchone())
+        return self._row(self.read_one(
+            f"SELECT {self._COLUMNS} FROM blocks WHERE height = ?", (height,)))
 
     def latest(self) -> StoredBlock | None:
-        return self._row(self._reader.execute(
-            f"SELECT {self._COLUMNS} FROM blocks ORDER BY height DESC LIMIT 1").fetchone())
+        return self._row(self.read_one(
+            f"SELECT {self._COLUMNS} FROM blocks ORDER BY height DESC LIMIT 1"))
 
     def blocks(self, start: int, limit: int) -> list[StoredBlock]:
-        rows = self._reader.execute(
+        rows = self.read_all(
             f"SELECT {self._COLUMNS} FROM blocks WHERE height >= ? ORDER BY height LIMIT ?",
-            (start, limit)).fetchall()
+            (start, limit))
         return [b for b in map(self._row, rows) if b is not None]
 
     def first_at_or_after(self, time_ms: int) -> StoredBlock | None:
         """The first block whose time is ``time_ms`` or later."""
-        return self._row(self._reader.execute(
+        return self._row(self.read_one(
             f"SELECT {self._COLUMNS} FROM blocks WHERE time_ms >= ? ORDER BY height LIMIT 1",
-            (time_ms,)).fetchone())
+            (time_ms,)))
 
     def blocks_between(self, start_ms: int, end_ms: int) -> list[StoredBlock]:
         """Blocks stamped in ``[start_ms, end_ms)``."""
-        rows = self._reader.execute(
+        rows = self.read_all(
             f"SELECT {self._COLUMNS} FROM blocks WHERE time_ms >= ? AND time_ms < ? "
-            "ORDER BY height", (start_ms, end_ms)).fetchall()
+            "ORDER BY height", (start_ms, end_ms))
         return [b for b in map(self._row, rows) if b is not None]
 
     def decision(self, digest: bytes) -> tuple[int, int] | None:
         """``(height, index)`` of a committed decision."""
-        row = self._reader.execute("SELECT height, idx FROM decisions WHERE digest = ?",
-                                   (digest,)).fetchone()
+        row = self.read_one("SELECT height, idx FROM decisions WHERE digest = ?", (digest,))
         return None if row is None else (row[0], row[1])
 
     # --- evidence -----------------------------------------------------------------------------
 
     async def add_evidence(self, evidence: StoredEvidence) -> bool:
         """Record evidence once; False if it was already known."""
-        def insert() -> bool:
-            try:
-                cursor = self._db.execute(
-                    "INSERT OR IGNORE INTO evidence (id, offender, height, evidence, found_ms, "
-                    "committed_height) VALUES (?, ?, ?, ?, ?, ?)",
-                    (evidence.id, evidence.offender, evidence.height, evidence.evidence,
-                     evidence.found_ms, evidence.committed_height))
-            except sqlite3.Error as exc:
-                raise ChainStoreError(f"{self.path}: {exc}") from exc
+        def insert(db: sqlite3.Connection) -> bool:
+            cursor = db.execute(
+                "INSERT OR IGNORE INTO evidence (id, offender, height, evidence, found_ms, "
+                "committed_height) VALUES (?, ?, ?, ?, ?, ?)",
+                (evidence.id, evidence.offender, evidence.height, evidence.evidence,
+                 evidence.found_ms, evidence.committed_height))
             return cursor.rowcount == 1
-        return await self._write(insert)
+        return await self.write(insert)
 
     def evidence(self) -> list[StoredEvidence]:
-        rows = self._reader.execute(
+        rows = self.read_all(
             "SELECT id, offender, height, evidence, found_ms, committed_height FROM evidence "
-            "ORDER BY found_ms").fetchall()
+            "ORDER BY found_ms")
         return [StoredEvidence(id=bytes(r[0]), offender=r[1], height=r[2],
                                evidence=bytes(r[3]), found_ms=r[4], committed_height=r[5])
                 for r in rows]
-
-    def close(self) -> None:
-        self._writer.shutdown(wait=True)
-        self._db.close()
-        self._reader.close()

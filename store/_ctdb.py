@@ -21,14 +21,14 @@ connection, so proofs are never blocked by a commit's fsync.
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
-import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from ._sqlite import connect
+from ._errors import CheckpointConflict, CtStoreError
+from ._sqlite import SqliteDatabase
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS shards (
@@ -78,14 +78,6 @@ CREATE TABLE IF NOT EXISTS fingerprint_names (
 """
 
 
-class CtStoreError(Exception):
-    """The CT database failed; wraps sqlite3 errors."""
-
-
-class CheckpointConflict(CtStoreError):
-    """The checkpoint moved since this writer read it: another writer advanced the log."""
-
-
 @dataclass(frozen=True, slots=True)
 class ShardRecord:
     shard: int
@@ -127,64 +119,38 @@ class Submission:
     sct_signature: bytes
 
 
-def _connect(path: Path) -> sqlite3.Connection:
-    return connect(path)
-
-
-class CtDatabase:
+class CtDatabase(SqliteDatabase):
     """``DATA/ct/ct.sqlite3``."""
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self._w = _connect(self.path)
-            self._w.executescript(SCHEMA)
-            self._r = _connect(self.path)
-        except sqlite3.Error as exc:
-            raise CtStoreError(f"cannot open {self.path}: {exc}") from exc
-        self._wlock = threading.Lock()
-        self._rlock = threading.Lock()
+    error = CtStoreError
+    schema = SCHEMA
+    thread_name = "ctdb"
 
     def set_cache_size(self, mebibytes: int) -> None:
         """Page cache of the writing connection (the bulk loader raises it)."""
-        with self._wlock:
-            self._w.execute(f"PRAGMA cache_size={-1024 * int(mebibytes)}")
+        with self._write_lock:
+            self._db.execute(f"PRAGMA cache_size={-1024 * int(mebibytes)}")
 
-    def close(self) -> None:
-        with self._wlock, self._rlock:
-            self._w.close()
-            self._r.close()
-
-    # --- writes (the writer thread) ---------------------------------------------------
+    # --- writes (the log's own threads) -------------------------------------------------
 
     def add_shard(self, record: ShardRecord, checkpoint: CheckpointRecord) -> None:
         """Create a shard with its first (empty-tree) checkpoint; CheckpointConflict if
         it exists."""
-        with self._wlock:
-            db = self._w
+        def write(db: sqlite3.Connection) -> None:
             try:
-                db.execute("BEGIN IMMEDIATE")
-                try:
-                    db.execute("INSERT INTO shards VALUES (?,?,?,?,?,?)",
-                               (record.shard, record.key_name, record.log_id, record.origin,
-                                record.created_at, int(record.frozen)))
-                    db.execute("INSERT INTO checkpoints VALUES (?,?,?,?,?,?)",
-                               (checkpoint.shard, checkpoint.size, checkpoint.root,
-                                checkpoint.timestamp, checkpoint.signature, checkpoint.note))
-                except sqlite3.IntegrityError as exc:
-                    db.execute("ROLLBACK")
-                    raise CheckpointConflict(f"shard {record.shard} already exists") from exc
-                db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                raise CtStoreError(f"cannot add shard {record.shard}: {exc}") from exc
+                db.execute("INSERT INTO shards VALUES (?,?,?,?,?,?)",
+                           (record.shard, record.key_name, record.log_id, record.origin,
+                            record.created_at, int(record.frozen)))
+                db.execute("INSERT INTO checkpoints VALUES (?,?,?,?,?,?)",
+                           (checkpoint.shard, checkpoint.size, checkpoint.root,
+                            checkpoint.timestamp, checkpoint.signature, checkpoint.note))
+            except sqlite3.IntegrityError as exc:
+                raise CheckpointConflict(f"shard {record.shard} already exists") from exc
+        self.write_now(write)
 
     def freeze_shard(self, shard: int) -> None:
-        with self._wlock:
-            try:
-                self._w.execute("UPDATE shards SET frozen=1 WHERE shard=?", (shard,))
-            except sqlite3.Error as exc:
-                raise CtStoreError(f"cannot freeze shard {shard}: {exc}") from exc
+        self.write_now(lambda db: db.execute("UPDATE shards SET frozen=1 WHERE shard=?",
+                                             (shard,)))
 
     def commit_batch(self, old: CheckpointRecord, new: CheckpointRecord,
                      leaves: Sequence[tuple[bytes, int, int]],
@@ -199,111 +165,75 @@ class CtDatabase:
         :raises CheckpointConflict: the stored checkpoint is no longer ``old``.
         """
         shard = old.shard
-        with self._wlock:
-            db = self._w
-            try:
-                db.execute("BEGIN IMMEDIATE")
-                try:
-                    cursor = db.execute(
-                        "UPDATE checkpoints SET size=?, root=?, timestamp=?, signature=?, note=?"
-                        " WHERE shard=? AND size=? AND root=?",
-                        (new.size, new.root, new.timestamp, new.signature, new.note, shard,
-                         old.size, old.root))
-                    if cursor.rowcount != 1:
-                        db.execute("ROLLBACK")
-                        raise CheckpointConflict(
-                            f"shard {shard}: the checkpoint is no longer size {old.size}; "
-                            "another writer advanced the log")
-                    db.executemany("INSERT OR IGNORE INTO leaves VALUES (?,?,?)", leaves)
-                    db.executemany("INSERT OR IGNORE INTO submissions VALUES (?,?,?,?,?)",
-                                   submissions)
-                    db.executemany("INSERT OR IGNORE INTO fingerprints VALUES (?,?,?,?,?,?,?)",
-                                   fingerprints)
-                    db.executemany("INSERT OR IGNORE INTO fingerprint_names VALUES (?,?)",
-                                   names)
-                except CheckpointConflict:
-                    raise
-                except BaseException:
-                    db.execute("ROLLBACK")
-                    raise
-                db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                raise CtStoreError(f"shard {shard}: commit failed: {exc}") from exc
+
+        def write(db: sqlite3.Connection) -> None:
+            cursor = db.execute(
+                "UPDATE checkpoints SET size=?, root=?, timestamp=?, signature=?, note=?"
+                " WHERE shard=? AND size=? AND root=?",
+                (new.size, new.root, new.timestamp, new.signature, new.note, shard,
+                 old.size, old.root))
+            if cursor.rowcount != 1:
+                raise CheckpointConflict(
+                    f"shard {shard}: the checkpoint is no longer size {old.size}; "
+                    "another writer advanced the log")
+            db.executemany("INSERT OR IGNORE INTO leaves VALUES (?,?,?)", leaves)
+            db.executemany("INSERT OR IGNORE INTO submissions VALUES (?,?,?,?,?)",
+                           submissions)
+            db.executemany("INSERT OR IGNORE INTO fingerprints VALUES (?,?,?,?,?,?,?)",
+                           fingerprints)
+            db.executemany("INSERT OR IGNORE INTO fingerprint_names VALUES (?,?)", names)
+        self.write_now(write)
+
+    @staticmethod
+    def _insert_fingerprints(fingerprints: Sequence[FingerprintRecord]
+                             ) -> Callable[[sqlite3.Connection], None]:
+        def write(db: sqlite3.Connection) -> None:
+            db.executemany("INSERT OR IGNORE INTO fingerprints VALUES (?,?,?,?,?,?,?)",
+                           [(f.sha256, f.spki_sha256, f.kind, f.shard, f.leaf_index,
+                             f.serial, f.first_seen) for f in fingerprints])
+            db.executemany("INSERT OR IGNORE INTO fingerprint_names VALUES (?,?)",
+                           [(n, f.sha256) for f in fingerprints for n in f.names])
+        return write
 
     def add_fingerprints(self, fingerprints: Sequence[FingerprintRecord]) -> None:
         """Insert fingerprint rows (existing ones are kept) and commit."""
-        with self._wlock:
-            db = self._w
-            try:
-                db.execute("BEGIN IMMEDIATE")
-                try:
-                    self._insert_fingerprints(db, fingerprints)
-                except BaseException:
-                    db.execute("ROLLBACK")
-                    raise
-                db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                raise CtStoreError(f"cannot add fingerprints: {exc}") from exc
+        self.write_now(self._insert_fingerprints(fingerprints))
 
-    @staticmethod
-    def _insert_fingerprints(db: sqlite3.Connection,
-                             fingerprints: Sequence[FingerprintRecord]) -> None:
-        db.executemany("INSERT OR IGNORE INTO fingerprints VALUES (?,?,?,?,?,?,?)",
-                       [(f.sha256, f.spki_sha256, f.kind, f.shard, f.leaf_index, f.serial,
-                         f.first_seen) for f in fingerprints])
-        db.executemany("INSERT OR IGNORE INTO fingerprint_names VALUES (?,?)",
-                       [(n, f.sha256) for f in fingerprints for n in f.names])
+    def add_fingerprints_soon(self, fingerprints: Sequence[FingerprintRecord]
+                              ) -> asyncio.Future[None]:
+        """:meth:`add_fingerprints` in the next group commit, on the writer thread."""
+        return self.submit(self._insert_fingerprints(list(fingerprints)))
 
     def bulk_load(self, shard: int, leaves: Iterable[tuple[bytes, int]],
                   submissions: Iterable[Submission]) -> None:
         """Insert index rows without a checkpoint change (the bulk loader commits the
-        checkpoint last, with :meth:`set_checkpoint`)."""
-        with self._wlock:
-            db = self._w
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                db.executemany("INSERT OR IGNORE INTO leaves VALUES (?,?,?)",
-                               ((h, shard, i) for h, i in leaves))
-                db.executemany("INSERT OR IGNORE INTO submissions VALUES (?,?,?,?,?)",
-                               ((s.entry_hash, s.shard, s.leaf_index, s.timestamp,
-                                 s.sct_signature) for s in submissions))
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
+        checkpoint last, with an empty :meth:`commit_batch`)."""
+        def write(db: sqlite3.Connection) -> None:
+            db.executemany("INSERT OR IGNORE INTO leaves VALUES (?,?,?)",
+                           ((h, shard, i) for h, i in leaves))
+            db.executemany("INSERT OR IGNORE INTO submissions VALUES (?,?,?,?,?)",
+                           ((s.entry_hash, s.shard, s.leaf_index, s.timestamp,
+                             s.sct_signature) for s in submissions))
+        self.write_now(write)
 
     # --- reads (any thread) -------------------------------------------------------------
 
-    def _one(self, sql: str, params: tuple[Any, ...]) -> Any:
-        with self._rlock:
-            try:
-                return self._r.execute(sql, params).fetchone()
-            except sqlite3.Error as exc:
-                raise CtStoreError(str(exc)) from exc
-
-    def _all(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
-        with self._rlock:
-            try:
-                return self._r.execute(sql, params).fetchall()
-            except sqlite3.Error as exc:
-                raise CtStoreError(str(exc)) from exc
-
     def shards(self) -> list[ShardRecord]:
         return [ShardRecord(r[0], r[1], r[2], r[3], r[4], bool(r[5]))
-                for r in self._all("SELECT * FROM shards ORDER BY shard")]
+                for r in self.read_all("SELECT * FROM shards ORDER BY shard")]
 
     def checkpoint(self, shard: int) -> CheckpointRecord | None:
-        row = self._one("SELECT * FROM checkpoints WHERE shard=?", (shard,))
+        row = self.read_one("SELECT * FROM checkpoints WHERE shard=?", (shard,))
         return CheckpointRecord(*row) if row else None
 
     def leaf_index(self, leaf_hash: bytes) -> tuple[int, int] | None:
         """(shard, index) of a leaf hash."""
-        row = self._one("SELECT shard, leaf_index FROM leaves WHERE leaf_hash=?", (leaf_hash,))
+        row = self.read_one("SELECT shard, leaf_index FROM leaves WHERE leaf_hash=?", (leaf_hash,))
         return (int(row[0]), int(row[1])) if row else None
 
     def submission(self, entry_hash: bytes) -> Submission | None:
         """The first logging of a submission, in any shard."""
-        row = self._one("SELECT * FROM submissions WHERE entry_hash=? ORDER BY shard LIMIT 1",
+        row = self.read_one("SELECT * FROM submissions WHERE entry_hash=? ORDER BY shard LIMIT 1",
                         (entry_hash,))
         return Submission(*row) if row else None
 
@@ -312,7 +242,7 @@ class CtDatabase:
         found: dict[bytes, Submission] = {}
         for i in range(0, len(entry_hashes), 500):
             chunk = entry_hashes[i:i + 500]
-            rows = self._all("SELECT * FROM submissions WHERE entry_hash IN ("
+            rows = self.read_all("SELECT * FROM submissions WHERE entry_hash IN ("
                              + ",".join("?" * len(chunk)) + ") ORDER BY shard DESC",
                              tuple(chunk))
             for row in rows:
@@ -320,22 +250,22 @@ class CtDatabase:
         return found
 
     def _fingerprint(self, row: Any) -> FingerprintRecord:
-        names = tuple(n for (n,) in self._all(
+        names = tuple(n for (n,) in self.read_all(
             "SELECT name FROM fingerprint_names WHERE sha256=? ORDER BY name", (row[0],)))
         return FingerprintRecord(row[0], row[1], row[2], row[3], row[4], row[5], row[6], names)
 
     def fingerprint(self, sha256: bytes) -> FingerprintRecord | None:
-        row = self._one("SELECT * FROM fingerprints WHERE sha256=?", (sha256,))
+        row = self.read_one("SELECT * FROM fingerprints WHERE sha256=?", (sha256,))
         return self._fingerprint(row) if row else None
 
     def fingerprints_by_spki(self, spki_sha256: bytes,
                              limit: int = 100) -> list[FingerprintRecord]:
-        rows = self._all("SELECT * FROM fingerprints WHERE spki_sha256=? "
+        rows = self.read_all("SELECT * FROM fingerprints WHERE spki_sha256=? "
                          "ORDER BY first_seen DESC LIMIT ?", (spki_sha256, limit))
         return [self._fingerprint(r) for r in rows]
 
     def fingerprints_by_name(self, name: str, limit: int = 100) -> list[FingerprintRecord]:
-        rows = self._all("SELECT f.* FROM fingerprint_names n JOIN fingerprints f "
+        rows = self.read_all("SELECT f.* FROM fingerprint_names n JOIN fingerprints f "
                          "ON f.sha256 = n.sha256 WHERE n.name=? "
                          "ORDER BY f.first_seen DESC LIMIT ?", (name, limit))
         return [self._fingerprint(r) for r in rows]

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ._errors import KeyStoreError
 from ._pkcs11 import Pkcs11KeyStore
-from ._signer import KeyStore, KeyStoreError
+from ._signer import KeyStore
 from ._softkeys import SoftwareKeyStore
 
 SOFTHSM2_MODULE = "/usr/lib/softhsm/libsofthsm2.so"

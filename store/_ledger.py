@@ -17,15 +17,14 @@ everything recorded in one event-loop turn shares one transaction.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 import sqlite3
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ._sqlite import connect
+from ._errors import LedgerError
+from ._sqlite import SqliteDatabase
 
 log = logging.getLogger("trustchain.ledger")
 
@@ -61,10 +60,6 @@ CREATE INDEX IF NOT EXISTS used_work_epoch ON used_work(epoch);
 """
 
 
-class LedgerError(Exception):
-    """The ledger database failed; wraps sqlite3 errors."""
-
-
 @dataclass(frozen=True, slots=True, kw_only=True)
 class BeaconRecord:
     """One epoch's beacon as stored."""
@@ -88,26 +83,19 @@ class StakeChange:
     time: float
 
 
-class LedgerStore:
+class LedgerStore(SqliteDatabase):
     """Stake, beacons and used work of one node."""
 
+    error = LedgerError
+    schema = SCHEMA
+    thread_name = "ledger"
+
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self._db = connect(self.path, SCHEMA)
-            self._reader = sqlite3.connect(self.path, check_same_thread=False,
-                                           isolation_level=None)
-            self._balances: dict[str, int] = dict(
-                self._reader.execute("SELECT key_id, amount FROM stake").fetchall())
-        except sqlite3.Error as exc:
-            raise LedgerError(f"cannot open {self.path}: {exc}") from exc
-        self._lock = threading.Lock()  # the writer connection
-        self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ledger")
+        super().__init__(path)
+        self._balances: dict[str, int] = dict(
+            self.read_all("SELECT key_id, amount FROM stake"))
         self._beacons: dict[int, BeaconRecord] = {}
-        self._work_pending: list[tuple[bytes, int]] = []
         self._work_unflushed: set[bytes] = set()
-        self._work_flushing = False
         self._work_failed: BaseException | None = None
 
     # --- stake --------------------------------------------------------------------
@@ -125,21 +113,16 @@ class LedgerStore:
     def _write_stake(self, key_id: str, amount: int, reason: str, now: float) -> StakeChange:
         if amount < 0:
             raise LedgerError(f"stake cannot be negative ({amount})")
-        with self._lock:
-            db = self._db
-            try:
-                db.execute("BEGIN IMMEDIATE")
-                row = db.execute("SELECT amount FROM stake WHERE key_id=?", (key_id,)).fetchone()
-                before = int(row[0]) if row else 0
-                db.execute("INSERT OR REPLACE INTO stake VALUES (?,?,?)", (key_id, amount, now))
-                db.execute("INSERT INTO stake_changes (key_id, before, after, reason, time) "
-                           "VALUES (?,?,?,?,?)", (key_id, before, amount, reason, now))
-                db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise LedgerError(f"{self.path}: {exc}") from exc
-        return StakeChange(key_id=key_id, before=before, after=amount, reason=reason, time=now)
+
+        def write(db: sqlite3.Connection) -> StakeChange:
+            row = db.execute("SELECT amount FROM stake WHERE key_id=?", (key_id,)).fetchone()
+            before = int(row[0]) if row else 0
+            db.execute("INSERT OR REPLACE INTO stake VALUES (?,?,?)", (key_id, amount, now))
+            db.execute("INSERT INTO stake_changes (key_id, before, after, reason, time) "
+                       "VALUES (?,?,?,?,?)", (key_id, before, amount, reason, now))
+            return StakeChange(key_id=key_id, before=before, after=amount, reason=reason,
+                               time=now)
+        return self.write_now(write)
 
     def set_stake_now(self, key_id: str, amount: int, reason: str, now: float) -> StakeChange:
         """Set ``key_id``'s stake to ``amount``; committed (fsync) when this returns."""
@@ -149,9 +132,8 @@ class LedgerStore:
 
     async def set_stake(self, key_id: str, amount: int, reason: str, now: float) -> StakeChange:
         """:meth:`set_stake_now` on the writer thread."""
-        loop = asyncio.get_running_loop()
-        change = await loop.run_in_executor(self._writer, self._write_stake, key_id, amount,
-                                            reason, now)
+        change = await asyncio.get_running_loop().run_in_executor(
+            self._writer, self._write_stake, key_id, amount, reason, now)
         self._balances[key_id] = amount
         return change
 
@@ -162,7 +144,7 @@ class LedgerStore:
             sql += " WHERE key_id=?"
             params = (key_id,)
         return [StakeChange(key_id=r[0], before=r[1], after=r[2], reason=r[3], time=r[4])
-                for r in self._reader.execute(sql + " ORDER BY seq", params)]
+                for r in self.read_all(sql + " ORDER BY seq", params)]
 
     # --- beacons ------------------------------------------------------------------
 
@@ -178,8 +160,8 @@ class LedgerStore:
         cached = self._beacons.get(epoch)
         if cached is not None:
             return cached
-        record = self._row_beacon(self._reader.execute(
-            "SELECT * FROM beacons WHERE epoch=?", (epoch,)).fetchone())
+        record = self._row_beacon(self.read_one("SELECT * FROM beacons WHERE epoch=?",
+                                                (epoch,)))
         if record is not None:
             self._beacons[epoch] = record
         return record
@@ -187,29 +169,18 @@ class LedgerStore:
     def latest_beacon(self, before: int | None = None) -> BeaconRecord | None:
         """The beacon of the highest epoch (below ``before`` if given)."""
         if before is None:
-            row = self._reader.execute(
-                "SELECT * FROM beacons ORDER BY epoch DESC LIMIT 1").fetchone()
+            row = self.read_one("SELECT * FROM beacons ORDER BY epoch DESC LIMIT 1")
         else:
-            row = self._reader.execute(
-                "SELECT * FROM beacons WHERE epoch < ? ORDER BY epoch DESC LIMIT 1",
-                (before,)).fetchone()
+            row = self.read_one(
+                "SELECT * FROM beacons WHERE epoch < ? ORDER BY epoch DESC LIMIT 1", (before,))
         return self._row_beacon(row)
-
-    def _write_beacon(self, record: BeaconRecord) -> bool:
-        with self._lock:
-            try:
-                cursor = self._db.execute(
-                    "INSERT OR IGNORE INTO beacons VALUES (?,?,?,?,?,?,?,?)",
-                    (record.epoch, record.start, record.value, record.previous,
-                     record.signature, record.public_key, record.algorithm, record.created_at))
-            except sqlite3.Error as exc:
-                raise LedgerError(f"{self.path}: {exc}") from exc
-            return cursor.rowcount == 1
 
     async def add_beacon(self, record: BeaconRecord) -> BeaconRecord:
         """Store ``record`` unless its epoch has one; returns the epoch's stored beacon."""
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._writer, self._write_beacon, record)
+        await self.write(lambda db: db.execute(
+            "INSERT OR IGNORE INTO beacons VALUES (?,?,?,?,?,?,?,?)",
+            (record.epoch, record.start, record.value, record.previous, record.signature,
+             record.public_key, record.algorithm, record.created_at)))
         stored = self.beacon(record.epoch)
         assert stored is not None
         return stored
@@ -220,83 +191,34 @@ class LedgerStore:
         """Whether a proof set with this work hash was already admitted."""
         if digest in self._work_unflushed:
             return True
-        return self._reader.execute("SELECT 1 FROM used_work WHERE hash=?",
-                                    (digest,)).fetchone() is not None
+        return self.read_one("SELECT 1 FROM used_work WHERE hash=?", (digest,)) is not None
 
     def use_work(self, digest: bytes, epoch: int) -> None:
         """Record ``digest`` as used; :meth:`work_used` sees it at once, the disk soon.
 
         Call on the event loop, right after :meth:`work_used` said False and with
         no ``await`` between, so that two concurrent requests cannot both pass.
+        Every hash recorded in one event-loop turn shares one transaction.
         """
         if self._work_failed is not None:
             raise LedgerError(f"{self.path}: recording used work failed: {self._work_failed}")
         self._work_unflushed.add(digest)
-        self._work_pending.append((digest, epoch))
-        if not self._work_flushing:
-            self._work_flushing = True
-            asyncio.get_running_loop().call_soon(self._flush_work)
+        job = self.submit(lambda db: db.execute("INSERT OR IGNORE INTO used_work VALUES (?,?)",
+                                                (digest, epoch)))
 
-    def _insert_work(self, batch: list[tuple[bytes, int]]) -> None:
-        with self._lock:
-            db = self._db
-            try:
-                db.execute("BEGIN IMMEDIATE")
-                db.executemany("INSERT OR IGNORE INTO used_work VALUES (?,?)", batch)
-                db.execute("COMMIT")
-            except sqlite3.Error:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
-
-    def _flush_work(self) -> None:
-        batch, self._work_pending = self._work_pending, []
-        if not batch:
-            self._work_flushing = False
-            return
-        loop = asyncio.get_running_loop()
-        job = loop.run_in_executor(self._writer, self._insert_work, batch)
-
-        def done(job: asyncio.Future[None]) -> None:
+        def done(job: asyncio.Future[Any]) -> None:
             error = None if job.cancelled() else job.exception()
             if error is not None:
-                self._work_failed = error  # keep them in memory: still refused as replays
+                self._work_failed = error  # keep it in memory: still refused as a replay
             else:
-                for digest, _ in batch:
-                    self._work_unflushed.discard(digest)
-            if self._work_pending:
-                loop.call_soon(self._flush_work)
-            else:
-                self._work_flushing = False
+                self._work_unflushed.discard(digest)
         job.add_done_callback(done)
 
     async def forget_work(self, before_epoch: int) -> int:
         """Delete used work of epochs before ``before_epoch`` (no longer acceptable)."""
-        def delete() -> int:
-            with self._lock:
-                return int(self._db.execute("DELETE FROM used_work WHERE epoch < ?",
-                                            (before_epoch,)).rowcount)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._writer, delete)
+        return await self.write(lambda db: int(db.execute(
+            "DELETE FROM used_work WHERE epoch < ?", (before_epoch,)).rowcount))
 
     def work_count(self) -> int:
-        return int(self._reader.execute("SELECT count(*) FROM used_work").fetchone()[0]) + len(
+        return int(self.read_one("SELECT count(*) FROM used_work")[0]) + len(
             self._work_unflushed)
-
-    async def drain(self) -> None:
-        """Wait until every recorded work hash is on disk."""
-        while self._work_flushing:
-            await asyncio.sleep(0.005)
-
-    def close(self) -> None:
-        if self._work_pending:
-            try:
-                self._insert_work(self._work_pending)
-                self._work_pending = []
-            except sqlite3.Error as exc:
-                log.error("could not record the last used proofs of work: %s", exc)
-        self._writer.shutdown(wait=True)
-        with self._lock:
-            self._db.close()
-        self._reader.close()
-

@@ -37,9 +37,9 @@ from cryptography.utils import Buffer
 from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
 from pkcs11 import exceptions as p11
 
+from ._errors import KeyStoreError
 from ._signer import (
     Algorithm,
-    KeyStoreError,
     PrivateKey,
     PublicKey,
     check_algorithm,

@@ -15,6 +15,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
+from ._errors import KeyStoreError
+
 Algorithm = Literal["ecdsa-p256-sha256", "ed25519"]
 ALGORITHMS: tuple[Algorithm, ...] = get_args(Algorithm)
 
@@ -23,10 +25,6 @@ PrivateKey: TypeAlias = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
 
 # Names become file names and token labels: keep them boring.
 _NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
-
-
-class KeyStoreError(Exception):
-    """Any keystore failure; the message says what and where, never the PIN."""
 
 
 class Signer(Protocol):

@@ -17,10 +17,10 @@ from typing import Literal
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
+from ._errors import KeyStoreError
 from ._files import write_atomic
 from ._signer import (
     Algorithm,
-    KeyStoreError,
     PrivateKey,
     PublicKey,
     algorithm_of,
@@ -127,6 +127,34 @@ class SoftwareKeyStore:
         with self._lock:
             self._check_open()
             return self._load(name, path) or self._create(name, path, algorithm)
+
+    def import_key(self, name: str, pem: bytes) -> SoftwareSigner:
+        """Store a private key made elsewhere as ``name`` (a development cluster's shared
+        root: ``trustchain cluster init``); refuses to replace a key.
+
+        :raises KeyStoreError: ``name`` exists, or ``pem`` is not a P-256/Ed25519 key.
+        """
+        path = self._path(name)
+        try:
+            key = serialization.load_pem_private_key(pem, password=None)
+        except (ValueError, TypeError) as exc:
+            raise KeyStoreError(f"key {name!r} is not an unencrypted PEM private key: "
+                                f"{exc}") from exc
+        if not isinstance(key, ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey):
+            raise KeyStoreError(f"key {name!r} is a {type(key).__name__}, not a P-256 or "
+                                "Ed25519 key")
+        with self._lock:
+            self._check_open()
+            if self._load(name, path) is not None:
+                raise KeyStoreError(f"key {name!r} already exists in {self.directory}")
+            signer = SoftwareSigner(name, key)
+            try:
+                self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+                write_atomic(path, pem, mode=0o600)
+            except OSError as exc:
+                raise KeyStoreError(f"cannot write key {name!r} to {path}: {exc}") from exc
+            self._signers[name] = signer
+            return signer
 
     def _create(self, name: str, path: Path, algorithm: Algorithm) -> SoftwareSigner:
         key: PrivateKey

@@ -51,21 +51,14 @@ from protocol.ct_structs import (
     timestamped_entry_of_tile_leaf,
 )
 
-from ._files import fsync_directory
+from ._errors import TileCorrupted, TileError
+from ._files import fsync_directory, write_atomic
 
 WIDTH = 256
 HASH_SIZE = 32
 TILE_BITS = 8
 MAX_LEVEL = 5
 """Hash tiles exist at levels 0 to 5 (2**48 leaves)."""
-
-
-class TileError(Exception):
-    """The tiles cannot be read or written."""
-
-
-class TileCorrupted(TileError):
-    """Tiles contradict each other or the committed checkpoint (tampering or damage)."""
 
 
 @dataclass(slots=True)
@@ -407,6 +400,41 @@ class TileLog:
         for path, data in bundle.files.items():
             if self._pending.get(path) is data:
                 del self._pending[path]
+
+    # --- the shard's other files ---------------------------------------------------------
+
+    def stage_issuer(self, bundle: Bundle, fingerprint: bytes, der: bytes) -> None:
+        """Add an issuer certificate (``issuer/<sha256 hex>``) to ``bundle``'s files."""
+        bundle.files[f"issuer/{fingerprint.hex()}"] = der
+
+    def issuers(self) -> dict[bytes, bytes]:
+        """SHA-256 -> DER of every issuer certificate stored with the shard."""
+        found: dict[bytes, bytes] = {}
+        directory = self.dir / "issuer"
+        try:
+            if directory.is_dir():
+                for path in directory.iterdir():
+                    if not path.name.startswith("."):
+                        found[bytes.fromhex(path.name)] = path.read_bytes()
+        except (OSError, ValueError) as exc:
+            raise TileError(f"cannot read the issuers in {directory}: {exc}") from exc
+        return found
+
+    def write_checkpoint(self, note: bytes) -> None:
+        """Replace the ``checkpoint`` file (static-ct-api) with ``note``, durably."""
+        try:
+            write_atomic(self.dir / "checkpoint", note)
+        except OSError as exc:
+            raise TileError(f"cannot write {self.dir / 'checkpoint'}: {exc}") from exc
+
+    def write_public_key(self, pem: bytes) -> None:
+        """``log-key.pem``: the shard's public key, for readers of the tiles alone."""
+        path = self.dir / "log-key.pem"
+        try:
+            if not path.exists() or path.read_bytes() != pem:
+                write_atomic(path, pem)
+        except OSError as exc:
+            raise TileError(f"cannot write {path}: {exc}") from exc
 
     # --- recovery -------------------------------------------------------------------------
 

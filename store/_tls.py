@@ -30,6 +30,21 @@ class TlsCredential:
     def exists(self) -> bool:
         return self.certfile.is_file() and self.keyfile.is_file()
 
+    def read_chain(self) -> list[x509.Certificate]:
+        """The certificate chain on disk (leaf first); empty if missing or unreadable."""
+        try:
+            return x509.load_pem_x509_certificates(self.certfile.read_bytes())
+        except (OSError, ValueError):
+            return []
+
+    def install(self, key_pem: bytes, chain_pem: bytes) -> None:
+        """Replace the credential: the new key (0600) first, then the chain that uses it.
+
+        A reader that sees the new chain finds its key already in place.
+        """
+        write_atomic(self.keyfile, key_pem, mode=0o600)
+        write_atomic(self.certfile, chain_pem)
+
 
 def credential_paths(data_dir: str | Path) -> TlsCredential:
     """Where the server certificate and key live inside ``data_dir``."""

@@ -21,6 +21,7 @@ from store import verify_log, write_atomic
 
 from . import _config as config
 from ._cli_proofs import guarded, proofs_dir, ready_prover
+from ._compose import data_directory, open_ca, open_ca_stores, open_configured_keystore
 
 ClientBody = Callable[[stoq.AsyncClient], Any]
 
@@ -63,32 +64,21 @@ def _when(ts: int) -> str:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from ._app import Node  # the node wiring, without starting a server
-
     cfg = config.load(args.config)
-    node = Node(cfg, data_dir=args.data_dir)
-    node.open_stores()
-    try:
-        assert node.audit is not None and node.certs is not None
-        node.audit.append("ca.init", {"config": cfg.source})
-        existed = node.certs.active_authority("root") is not None
-        node.prepare_ca(create=True)
-        assert node.hierarchy is not None and node.hierarchy.root is not None
-        admin = node.hierarchy.ensure_admin()
-        fingerprint = node.hierarchy.root.fingerprint(hashes.SHA256()).hex()
+    data = data_directory(cfg, Path(args.data_dir or cfg.node.data_dir).resolve())
+    with open_ca_stores(cfg, data) as stores:
+        stores.audit.append("ca.init", {"config": cfg.source})
+        existed = stores.certs.active_authority("root") is not None
+        hierarchy = open_ca(cfg, data, stores.keystore, stores.certs, stores.audit, create=True)
+        admin = hierarchy.ensure_admin()
+        assert hierarchy.root is not None and hierarchy.issuer is not None
+        fingerprint = hierarchy.root.fingerprint(hashes.SHA256()).hex()
         print(("CA already initialised in " if existed else "initialised a new CA in ")
-              + str(node.data_dir))
-        print(f"root certificate {node.hierarchy.root_file} sha256 {fingerprint}")
-        assert node.hierarchy.issuer is not None
-        print(f"issuing intermediate {node.hierarchy.issuer.name} "
-              f"(keys in the {node.keystore.kind} keystore)")
-        print(f"administrator credential {admin}/admin.pem, {admin}/admin.key")
-    finally:
-        if node.audit is not None:
-            node.audit.close()  # signs its final checkpoint: before the keystore closes
-        if node.certs is not None:
-            node.certs.close()
-        node.keystore.close()
+              + str(data.root))
+        print(f"root certificate {hierarchy.root_file} sha256 {fingerprint}")
+        print(f"issuing intermediate {hierarchy.issuer.name} "
+              f"(keys in the {stores.keystore.kind} keystore)")
+        print(f"administrator credential {admin.certificate}, {admin.key}")
     return 0
 
 
@@ -234,11 +224,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    from ._app import open_configured_keystore
-
     cfg = config.load(args.config)
     data_dir = Path(args.data_dir or cfg.node.data_dir)
-    path = data_dir / "audit" / "audit.log"
+    path = data_directory(cfg, data_dir).audit_path
     if not path.is_file():
         print(f"error: no audit log at {path}", file=sys.stderr)
         return 2

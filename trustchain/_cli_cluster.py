@@ -31,6 +31,7 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -54,12 +55,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 import stoq
-from handlers.ca import ROOT_KEY, Hierarchy, HierarchyConfig
+from handlers.ca import ROOT_KEY
 from handlers.consensus.bft import validator_id
 from protocol import ErrorCode, TrustChainError
-from store import AuthorityRecord, SoftwareKeyStore, write_atomic
+from store import AuthorityRecord, DataDirectory, SoftwareKeyStore, write_atomic
 
 from . import _config as config
+from ._compose import data_directory, open_ca, open_ca_stores
 
 ClientBody = Callable[[stoq.AsyncClient], Awaitable[int]]
 RunClient = Callable[[argparse.Namespace, ClientBody], int]
@@ -345,28 +347,16 @@ def _make_root(cfg: config.Config, workdir: Path, chain_id: str) -> tuple[bytes,
     intermediate ``Hierarchy.ensure`` makes there too is discarded, key and all;
     every node makes its own.
     """
-    from ._app import open_ca_stores
-
-    keystore, certs, audit = open_ca_stores(cfg, workdir)
-    try:
-        hierarchy = Hierarchy(
-            keystore=keystore, certs=certs, data_dir=workdir,
-            config=HierarchyConfig(ca_id=chain_id,
-                                   domains=tuple(cfg.dns.domains.trustchain_domains),
-                                   root_lifetime=cfg.ca.root_lifetime,
-                                   intermediate_lifetime=cfg.ca.intermediate_lifetime),
-            clock=time.time, audit=audit.append)
-        hierarchy.ensure()
-        record = certs.active_authority("root")
-        signer = keystore.get(ROOT_KEY)
+    ca_cfg = config.replace(cfg, ca=dataclasses.replace(cfg.ca, ca_id=chain_id))
+    data = DataDirectory(workdir)
+    with open_ca_stores(ca_cfg, data) as stores:
+        open_ca(ca_cfg, data, stores.keystore, stores.certs, stores.audit, create=True)
+        record = stores.certs.active_authority("root")
+        signer = stores.keystore.get(ROOT_KEY)
         assert record is not None and signer is not None
         key_pem = signer.private_key().private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption())
-    finally:
-        audit.close()
-        certs.close()
-        keystore.close()
     return key_pem, record
 
 
@@ -379,36 +369,25 @@ class _Made:
 def _make_node(cfg: config.Config, key_pem: bytes, root: AuthorityRecord,
                chain_id: str) -> _Made:
     """Give the node at ``cfg`` the cluster root, its own intermediate and validator key."""
-    from ._app import Node
-
-    node = Node(cfg)
-    node.open_stores()
-    try:
-        assert node.audit is not None and node.certs is not None
-        keystore = node.keystore
+    data = data_directory(cfg, Path(cfg.node.data_dir).resolve())
+    with open_ca_stores(cfg, data) as stores:
+        keystore = stores.keystore
         if not isinstance(keystore, SoftwareKeyStore):
             raise config.ConfigError("cluster init writes software-keystore nodes only")
-        # The root key goes where the keystore reads it (DATA/keys/root.pem), before
-        # anything asks the keystore for it.
-        keystore.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        write_atomic(keystore.directory / f"{ROOT_KEY}.pem", key_pem, mode=0o600)
-        node.certs.add_authority(root, make_active=True)
-        node.audit.append("ca.root-imported", {
+        # The root key goes into the keystore before anything asks the keystore for it.
+        keystore.import_key(ROOT_KEY, key_pem)
+        stores.certs.add_authority(root, make_active=True)
+        stores.audit.append("ca.root-imported", {
             "fingerprint": hashlib.sha256(root.der).hexdigest(), "chain_id": chain_id,
             "by": "trustchain cluster init", "key_copied": True})
-        node.audit.append("ca.init", {"config": cfg.source})
-        node.prepare_ca(create=True)  # the root exists: only this node's intermediate is new
-        assert node.hierarchy is not None and node.hierarchy.issuer is not None
-        validator = node.keystore.get_or_create(cfg.consensus.validator_key, "ed25519")
+        stores.audit.append("ca.init", {"config": cfg.source})
+        # the root exists: only this node's intermediate is new
+        hierarchy = open_ca(cfg, data, keystore, stores.certs, stores.audit, create=True)
+        assert hierarchy.issuer is not None
+        validator = keystore.get_or_create(cfg.consensus.validator_key, "ed25519")
         raw = validator.public_key().public_bytes(serialization.Encoding.Raw,
                                                   serialization.PublicFormat.Raw)
-        return _Made(public_key=raw, intermediate=node.hierarchy.issuer.der)
-    finally:
-        if node.audit is not None:
-            node.audit.close()  # signs its last checkpoint: before the keystore closes
-        if node.certs is not None:
-            node.certs.close()
-        node.keystore.close()
+        return _Made(public_key=raw, intermediate=hierarchy.issuer.der)
 
 
 def tolerated_faults(n: int) -> int:

@@ -1,4 +1,4 @@
-"""STOQ links between validators: the :class:`handlers.consensus.Transport` of a node.
+"""STOQ links between validators: the :class:`handlers.consensus.PeerLinks` of a node.
 
 One client connection per peer, opened on first use and re-opened after a
 failure. Consensus messages are signed by validator keys, so the link does
@@ -19,7 +19,7 @@ import stoq
 log = logging.getLogger("trustchain.consensus")
 
 
-class StoqTransport:
+class StoqPeerLinks:
     """Reaches validators by id at their configured ``[address]:port``."""
 
     def __init__(self, *, me: str | None, endpoints: dict[str, tuple[str, int]],

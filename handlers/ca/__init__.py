@@ -4,24 +4,42 @@ from protocol import renewal_statement, revocation_statement
 
 from ._admission import Admission, Admitted, Decision, LocalAdmission
 from ._authority import ROOT_KEY, Hierarchy, HierarchyConfig, Issuer
+from ._leaf import LeafSigner, LeafTemplate, LocalSigner
 from ._policy import CheckedRequest, NamingPolicy, check_request
+from ._publishing import (
+    CertificateIssued,
+    CertificateRevoked,
+    LogPosition,
+    Publisher,
+    Publishers,
+)
 from ._rotation import Rotator, node_csr
 from ._signing import KeystoreSettings, SigningWorkers
-from .service import CertificateAuthority
+from .service import CertificateAuthority, IssuanceCounts, PrecertificateLog
 
 __all__ = [
     "ROOT_KEY",
     "Admission",
     "Admitted",
     "CertificateAuthority",
+    "CertificateIssued",
+    "CertificateRevoked",
     "CheckedRequest",
     "Decision",
     "Hierarchy",
     "HierarchyConfig",
+    "IssuanceCounts",
     "Issuer",
     "KeystoreSettings",
+    "LeafSigner",
+    "LeafTemplate",
     "LocalAdmission",
+    "LocalSigner",
+    "LogPosition",
     "NamingPolicy",
+    "PrecertificateLog",
+    "Publisher",
+    "Publishers",
     "Rotator",
     "SigningWorkers",
     "check_request",

@@ -1,9 +1,9 @@
 """The CA hierarchy: a root and rotating issuing intermediates, keys in the keystore.
 
-``ensure_hierarchy`` is idempotent: it creates what is missing (root key and
+``Hierarchy.ensure`` is idempotent: it creates what is missing (root key and
 certificate, first intermediate) and otherwise loads what exists. Keys never
 leave the keystore; certificates live in the certificate database and, for
-the root, in ``DATA/root.pem``.
+the root, in the published root file (``root.pem``) clients trust.
 """
 
 from __future__ import annotations
@@ -12,14 +12,13 @@ import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from store import AuthorityRecord, CertificateStore, write_atomic
+from store import AdminCredential, AuthorityRecord, CertificateStore, DurableFile
 
 from . import _x509
 from ._policy import CheckedRequest
@@ -58,24 +57,25 @@ def _pem(cert: x509.Certificate) -> bytes:
 
 
 class Hierarchy:
-    """Root and intermediates of one CA."""
+    """Root and intermediates of one CA.
 
-    def __init__(self, *, keystore: Any, certs: CertificateStore, data_dir: Path,
-                 config: HierarchyConfig, clock: Callable[[], float],
+    :param root_file: where the root certificate is published for clients (PEM).
+    :param admin: where the administrator credential is written.
+    """
+
+    def __init__(self, *, keystore: Any, certs: CertificateStore, root_file: DurableFile,
+                 admin: AdminCredential, config: HierarchyConfig, clock: Callable[[], float],
                  audit: Callable[[str, dict[str, Any]], Any]) -> None:
         self.keystore = keystore
         self.certs = certs
-        self.data_dir = data_dir
+        self.root_file = root_file
+        self.admin = admin
         self.config = config
         self.clock = clock
         self._audit = audit
         self.root: x509.Certificate | None = None
         self.root_der = b""
         self.issuer: Issuer | None = None
-
-    @property
-    def root_file(self) -> Path:
-        return self.data_dir / "root.pem"
 
     def ensure(self) -> bool:
         """Create or load the hierarchy; True if anything was created."""
@@ -99,8 +99,8 @@ class Hierarchy:
         assert record is not None
         self.root_der = record.der
         self.root = x509.load_der_x509_certificate(record.der)
-        if not self.root_file.exists() or self.root_file.read_bytes() != _pem(self.root):
-            write_atomic(self.root_file, _pem(self.root))
+        if self.root_file.read() != _pem(self.root):
+            self.root_file.write(_pem(self.root))
         active = self.certs.active_authority("intermediate")
         if active is None:
             self.rotate_intermediate(reason="initial")
@@ -163,8 +163,8 @@ class Hierarchy:
         end = cert.not_valid_after_utc.timestamp()
         return start + (end - start) * self.config.intermediate_renew_fraction
 
-    def ensure_admin(self, renew_before: float = ADMIN_RENEW_BEFORE) -> Path:
-        """An administrator credential in ``DATA/admin`` (key and certificate).
+    def ensure_admin(self, renew_before: float = ADMIN_RENEW_BEFORE) -> AdminCredential:
+        """The administrator credential (key and certificate), made if missing.
 
         Made once, and made again when the current one expires within
         ``renew_before`` seconds (it lives as long as its intermediate). The
@@ -173,11 +173,9 @@ class Hierarchy:
         ``admin_certificate``). The key is a file: it belongs to an operator,
         not to the CA, and can be moved off the machine.
         """
-        directory = self.data_dir / "admin"
-        certfile = directory / "admin.pem"
         newest = max((a.not_after for a in self.certs.authorities("admin")), default=0.0)
-        if certfile.exists() and newest > self.clock() + renew_before:
-            return directory
+        if self.admin.exists() and newest > self.clock() + renew_before:
+            return self.admin
         assert self.issuer is not None
         key = ec.generate_private_key(ec.SECP256R1())
         spki = key.public_key().public_bytes(serialization.Encoding.DER,
@@ -193,16 +191,15 @@ class Hierarchy:
                                              .not_valid_after_utc.timestamp()),
                           self.issuer.signer.private_key())
         der = cert.public_bytes(serialization.Encoding.DER)
-        write_atomic(directory / "admin.key", key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption()), mode=0o600)
-        write_atomic(certfile, _pem(cert))
+        self.admin.install(key.private_bytes(serialization.Encoding.PEM,
+                                             serialization.PrivateFormat.PKCS8,
+                                             serialization.NoEncryption()), _pem(cert))
         self.certs.add_authority(AuthorityRecord(
             name=f"admin-{hashlib.sha256(der).hexdigest()[:16]}", role="admin", der=der,
             not_before=now - 300, not_after=cert.not_valid_after_utc.timestamp(),
             created_at=now, active=True), make_active=False)
         self._audit("ca.admin-created", {"fingerprint": hashlib.sha256(der).hexdigest()})
-        return directory
+        return self.admin
 
     def has_admin(self) -> bool:
         return bool(self.certs.authorities("admin"))

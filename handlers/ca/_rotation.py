@@ -1,4 +1,5 @@
-"""Automatic rotation: the issuing intermediate and the node's own TLS certificate.
+"""Automatic rotation: the issuing intermediate and the node's own TLS certificate;
+``ca.rotation-status``.
 
 ``Rotator.check()`` is one pass with the injected clock (tests call it
 directly); ``run()`` repeats it. The node's QUIC certificate is a CA-issued
@@ -10,19 +11,23 @@ without dropping connections.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import ipaddress
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from store import TlsCredential, write_atomic
+from protocol.ops import ca as ops
+from store import TlsCredential
 
+from .._router import RequestContext, Router
 from ._authority import Hierarchy
+from .service import IssuanceCounts
 
 log = logging.getLogger("trustchain.ca")
 
@@ -43,17 +48,21 @@ class Rotator:
     """Keeps the intermediate and the node certificate fresh.
 
     :param issue: ``async (csr_der) -> ca.issue result``: the CA's own issuance
-        path (internal: the operator configured these names), so node
+        path (:meth:`CertificateAuthority.issue_node_certificate`), so node
         certificates are stored and audited like any other.
+    :param counts: the CA's counts of issued and refused requests (reported).
     :param installed: called after new TLS files are written (the transport reloads).
     """
 
-    def __init__(self, *, hierarchy: Hierarchy, issue: Callable[[bytes], Any],
+    def __init__(self, *, hierarchy: Hierarchy,
+                 issue: Callable[[bytes], Awaitable[dict[str, Any]]],
                  tls: TlsCredential, names: list[str], addresses: list[str],
+                 counts: IssuanceCounts | None = None,
                  installed: Callable[[], None] | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.hierarchy = hierarchy
         self._issue = issue
+        self.counts = counts or IssuanceCounts()
         self.tls = tls
         self.names = names
         self.addresses = addresses
@@ -73,10 +82,10 @@ class Rotator:
         """Adopt the TLS certificate on disk if the CA issued it (after a restart)."""
         if not self.tls.exists():
             return
-        try:
-            cert = x509.load_pem_x509_certificates(self.tls.certfile.read_bytes())[0]
-        except ValueError:
+        chain = self.tls.read_chain()
+        if not chain:
             return
+        cert = chain[0]
         issuers = {x509.load_der_x509_certificate(a.der).subject
                    for a in self.hierarchy.intermediates()}
         if cert.issuer in issuers:
@@ -115,9 +124,8 @@ class Rotator:
         key_pem = key.private_bytes(serialization.Encoding.PEM,
                                     serialization.PrivateFormat.PKCS8,
                                     serialization.NoEncryption())
-        write_atomic(self.tls.keyfile, key_pem, mode=0o600)
-        write_atomic(self.tls.certfile,
-                     b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain))
+        self.tls.install(key_pem, b"".join(c.public_bytes(serialization.Encoding.PEM)
+                                           for c in chain))
         self.server_certificate = {"serial": result["serial"],
                                    "not_before": result["not_before"],
                                    "not_after": result["not_after"]}
@@ -143,3 +151,22 @@ class Rotator:
             except Exception:
                 log.exception("rotation pass failed; retrying at the next interval")
             await asyncio.sleep(interval)
+
+    # --- ca.rotation-status -----------------------------------------------------------
+
+    def rotation_status(self, args: ops.RotationStatusArgs,
+                        ctx: RequestContext) -> dict[str, Any]:
+        status: dict[str, Any] = {
+            "intermediates": [
+                {"name": a.name, "not_before": int(a.not_before), "not_after": int(a.not_after),
+                 "active": a.active, "fingerprint": hashlib.sha256(a.der).hexdigest()}
+                for a in self.hierarchy.intermediates()],
+            "intermediate_renew_at": int(self.hierarchy.intermediate_renew_at()),
+            "issued": self.counts.issued,
+            "rejected": self.counts.rejected,
+        }
+        status.update(self.status())
+        return status
+
+    def register(self, router: Router) -> None:
+        router.add(ops.ROTATION_STATUS, self.rotation_status)

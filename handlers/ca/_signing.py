@@ -35,6 +35,7 @@ from cryptography import x509
 
 from protocol import Internal
 
+from ._leaf import Extensions, LeafTemplate
 from ._policy import CheckedRequest
 
 log = logging.getLogger("trustchain.ca")
@@ -262,6 +263,13 @@ class SigningWorkers:
         if not isinstance(der, bytes):
             raise WorkerFailed("the signing worker answered something that is not a certificate")
         return der
+
+    async def sign_leaf(self, leaf: LeafTemplate, extensions: Extensions) -> bytes:
+        """:class:`LeafSigner`: :meth:`sign` for a template."""
+        return await self.sign(issuer_name=leaf.issuer.name, issuer_der=leaf.issuer.der,
+                               request=leaf.request, serial=leaf.serial,
+                               not_before=leaf.not_before, not_after=leaf.not_after,
+                               extensions=extensions)
 
     def _replace(self) -> None:
         """Start a worker in place of a dead one, in the background."""

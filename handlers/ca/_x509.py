@@ -11,7 +11,9 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
+
+from protocol.ct_structs import SCT_LIST_OID, sct_list_extension_value
 
 from ._policy import CheckedRequest
 
@@ -140,6 +142,17 @@ def sign_leaf(issuer: x509.Certificate, request: CheckedRequest, *, serial: int,
     for extension in extensions:
         builder = builder.add_extension(extension.value, critical=extension.critical)
     return sign(builder, private_key).public_bytes(serialization.Encoding.DER)
+
+
+def precertificate_poison() -> x509.Extension[x509.ExtensionType]:
+    """The critical poison extension that makes a leaf a precertificate (RFC 6962 §3.1)."""
+    return x509.Extension(ExtensionOID.PRECERT_POISON, True, x509.PrecertPoison())
+
+
+def sct_list(scts: Sequence[bytes]) -> x509.Extension[x509.ExtensionType]:
+    """The embedded SCT list extension (RFC 6962 §3.3) of TLS-encoded SCTs."""
+    value = x509.UnrecognizedExtension(SCT_LIST_OID, sct_list_extension_value(list(scts)))
+    return x509.Extension(SCT_LIST_OID, False, value)
 
 
 def is_ec(private_key: Any) -> bool:

@@ -1,14 +1,23 @@
-"""``ca.*`` ops: issue, chain, validate, revoke, rotation-status."""
+"""``ca.*`` ops: issue, chain, validate, revoke.
+
+One issuance reads top to bottom in :meth:`CertificateAuthority._issue`: admit
+the decision (four proofs, a committed block), fix the leaf from it, sign its
+precertificate and log it (the CT log answers the SCT), sign the certificate
+with the SCT, store and audit it, then tell the publishers (DNS,
+fingerprints). ``ca.rotation-status`` is the rotator's (:mod:`._rotation`).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from cryptography import x509
 
@@ -20,6 +29,7 @@ from protocol import (
     renewal_statement,
     revocation_statement,
 )
+from protocol.ct_structs import SignedCertificateTimestamp
 from protocol.ops import ca as ops
 from store import CertificateRecord, CertificateStore, verify_signature
 
@@ -27,16 +37,37 @@ from .._router import RequestContext, Router
 from . import _x509
 from ._admission import Admission, Admitted, Decision
 from ._authority import Hierarchy
+from ._leaf import LeafSigner, LeafTemplate, LocalSigner
 from ._policy import CheckedRequest, NamingPolicy, check_ownership, check_request
-from ._signing import SigningWorkers
-
-SignLeaf = Callable[[Sequence[x509.Extension[Any]]], Awaitable[bytes]]
-"""Signs the leaf being issued with extra extensions added last; its DER."""
+from ._publishing import CertificateIssued, CertificateRevoked, LogPosition, Publishers
 
 log = logging.getLogger("trustchain.ca")
 
 REVOCATION_WINDOW = 300.0
 """Seconds a signed revocation statement's ``time`` may differ from the server's clock."""
+
+
+class LoggedPrecertificate(Protocol):
+    """What the CT log answers for a precertificate: its SCT and where the entry is."""
+
+    @property
+    def sct(self) -> SignedCertificateTimestamp: ...
+
+    @property
+    def shard(self) -> int: ...
+
+    @property
+    def leaf_index(self) -> int: ...
+
+
+class PrecertificateLog(Protocol):
+    """The CT log, as the CA uses it (``handlers.ct.CtService``)."""
+
+    async def log_precertificate(self, precertificate: bytes, *, issuer: x509.Certificate,
+                                 chain: Sequence[bytes], names: Sequence[str],
+                                 spki_sha256: bytes) -> LoggedPrecertificate:
+        """Log ``precertificate`` (issuer then root in ``chain``); its SCT once durable."""
+        ...
 
 
 def _consensus_fields(admitted: Admitted) -> dict[str, Any]:
@@ -54,40 +85,49 @@ def parse_serial(text: str, field: str = "serial") -> str:
     return serial.lstrip("0") or "0"
 
 
-class CertificateAuthority:
-    """Answers the ``ca.*`` ops.
+@dataclass
+class IssuanceCounts:
+    """Certificates issued and requests refused since the node started."""
 
+    issued: int = 0
+    rejected: int = 0
+
+
+class CertificateAuthority:
+    """Answers ``ca.issue``, ``ca.chain``, ``ca.validate`` and ``ca.revoke``.
+
+    :param admission: admits each decision (four proofs, a committed block) or refuses it.
+    :param signer: signs leaves (on the event loop, or in worker processes).
+    :param transparency: the CT log every certificate goes to before it is signed
+        (RFC 6962 §3.3: precertificate, SCT, certificate); None: no CT.
+    :param publishers: told of every certificate once it is durable (DNS, fingerprints).
     :param audit: ``async (kind, data)`` that returns once the record is durable.
-    :param on_issued: called with each new :class:`CertificateRecord` (CT, DNS, ...).
     """
 
     def __init__(self, *, hierarchy: Hierarchy, certs: CertificateStore, policy: NamingPolicy,
                  admission: Admission, audit: Callable[[str, dict[str, Any]], Any],
+                 signer: LeafSigner | None = None,
+                 transparency: PrecertificateLog | None = None,
+                 publishers: Publishers | None = None,
                  validity: float = 86400.0, backdate: float = 300.0,
-                 clock: Callable[[], float] = time.time,
-                 rotation_status: Callable[[], dict[str, Any]] | None = None) -> None:
+                 clock: Callable[[], float] = time.time) -> None:
         self.hierarchy = hierarchy
         self.certs = certs
         self.policy = policy
         self.admission = admission
+        self.signer = signer or LocalSigner()
+        self.transparency = transparency
+        self.publishers = publishers or Publishers()
         self._audit = audit
         self.validity = validity
         self.backdate = backdate
         self.clock = clock
-        self._rotation_status = rotation_status
         self._pending_names: dict[str, str] = {}  # name -> spki of an issuance in flight
-        self.on_issued: list[Callable[[CertificateRecord], Any]] = []
-        self.on_revoked: list[Callable[[CertificateRecord], Any]] = []
-        """Called with the revoked :class:`CertificateRecord` after each revocation (DNS)."""
-        self.precert_logger: Callable[[SignLeaf, bytes],
-                                      Awaitable[list[x509.Extension[Any]]]] | None = None
-        """CT (RFC 6962 §3.3): ``(sign, issuer_der)`` signs a precertificate with
-        ``sign([poison])``, logs it and returns the extensions the final certificate
-        adds (the SCT list); set by the CT service."""
-        self.signing_workers: SigningWorkers | None = None
-        """Worker processes that sign leaves (``ca.signing_workers``); None: sign here."""
-        self.issued = 0
-        self.rejected = 0
+        self.counts = IssuanceCounts()
+
+    @property
+    def issued(self) -> int:
+        return self.counts.issued
 
     # --- ca.issue -----------------------------------------------------------------
 
@@ -95,6 +135,11 @@ class CertificateAuthority:
         return await self.issue_csr(args.csr, args.proofs, requester=ctx.peer.address,
                                     renews=args.renews,
                                     renewal_signature=args.renewal_signature)
+
+    async def issue_node_certificate(self, csr: bytes) -> dict[str, Any]:
+        """The node's own TLS certificate: its names are the operator's configuration, so
+        the ownership rule does not apply and no client proofs come with it."""
+        return await self.issue_csr(csr, None, requester="node", internal=True)
 
     async def issue_csr(self, csr: bytes, proofs: dict[str, Any] | None, *, requester: str,
                         renews: str | None = None,
@@ -104,8 +149,8 @@ class CertificateAuthority:
 
         ``renews`` + ``renewal_signature``: the key of the certificate being
         replaced signed :func:`renewal_statement`, so its names may move to the
-        CSR's new key. ``internal``: the node's own certificate, whose names the
-        operator configured; the ownership rule does not apply to it.
+        CSR's new key. ``internal``: the node's own certificate
+        (:meth:`issue_node_certificate`).
         """
         try:
             request = check_request(csr, self.policy)
@@ -113,20 +158,28 @@ class CertificateAuthority:
                 renewed = self._check_renewal(csr, renews, renewal_signature)
                 self._check_names_free(request, renewed)
         except TrustChainError as exc:
-            self.rejected += 1
-            await self._audit("ca.issue-rejected", {"code": exc.code.value,
-                                                    "reason": exc.message,
-                                                    "requester": requester})
+            await self._refused(exc, {"requester": requester})
             raise
-        names = request.names
-        for name in names:
+        with self._names_in_flight(request):
+            return await self._issue(request, proofs, csr=csr, internal=internal)
+
+    @contextlib.contextmanager
+    def _names_in_flight(self, request: CheckedRequest) -> Iterator[None]:
+        """Hold ``request``'s names while it is issued, so a concurrent request for one
+        of them by another key is refused (ownership, :meth:`_check_names_free`)."""
+        for name in request.names:
             self._pending_names[name] = request.spki_sha256
         try:
-            return await self._issue_admitted(request, proofs, csr=csr, internal=internal)
+            yield
         finally:
-            for name in names:
+            for name in request.names:
                 if self._pending_names.get(name) == request.spki_sha256:
                     del self._pending_names[name]
+
+    async def _refused(self, exc: TrustChainError, context: dict[str, Any]) -> None:
+        self.counts.rejected += 1
+        await self._audit("ca.issue-rejected", {"code": exc.code.value, "reason": exc.message,
+                                                **context})
 
     def _check_renewal(self, csr: bytes, renews: str | None,
                        signature: bytes | None) -> str | None:
@@ -158,8 +211,10 @@ class CertificateAuthority:
             holders[name] = held
         check_ownership(request, holders, self.policy, renews)
 
-    async def _issue_admitted(self, request: CheckedRequest, proofs: dict[str, Any] | None,
-                              *, csr: bytes, internal: bool = False) -> dict[str, Any]:
+    async def _issue(self, request: CheckedRequest, proofs: dict[str, Any] | None, *,
+                     csr: bytes, internal: bool) -> dict[str, Any]:
+        """The issuance itself, in order: admit, fix the leaf, log its precertificate,
+        sign it with the SCT, store and audit it, tell the publishers."""
         decision = Decision(kind="issue", subject={"names": list(request.names),
                                                    "spki_sha256": request.spki_sha256},
                             request=hashlib.sha256(csr).digest(), internal=internal,
@@ -167,61 +222,62 @@ class CertificateAuthority:
         try:
             admitted = await self.admission.admit(decision, proofs)
         except TrustChainError as exc:
-            self.rejected += 1
-            await self._audit("ca.issue-rejected", {"code": exc.code.value,
-                                                    "reason": exc.message,
-                                                    "names": list(request.names)})
+            await self._refused(exc, {"names": list(request.names)})
             raise
-        issuer = self.hierarchy.issuer
-        assert issuer is not None
-        # with consensus, the committed block fixes the serial and the validity
-        now = self.clock()
-        start = float(admitted.decided_at) if admitted.decided_at is not None else now
-        not_before = start - self.backdate
-        # never beyond the issuing intermediate (rotation keeps that far away)
-        not_after = min(start + self.validity,
-                        issuer.certificate.not_valid_after_utc.timestamp())
-        serial = admitted.serial if admitted.serial is not None else _x509.new_serial()
-        workers = self.signing_workers
-
-        async def sign(extensions: Sequence[x509.Extension[Any]]) -> bytes:
-            """The leaf with ``extensions`` added last, signed by the issuer."""
-            assert issuer is not None
-            if workers is None:
-                return _x509.sign_leaf(issuer.certificate, request, serial=serial,
-                                       not_before=not_before, not_after=not_after,
-                                       extensions=extensions,
-                                       private_key=issuer.signer.private_key())
-            return await workers.sign(issuer_name=issuer.name, issuer_der=issuer.der,
-                                      request=request, serial=serial, not_before=not_before,
-                                      not_after=not_after, extensions=extensions)
-
-        extensions: list[x509.Extension[Any]] = []
-        if self.precert_logger is not None:  # CT: the SCT goes in the certificate
-            extensions = await self.precert_logger(sign, issuer.der)
-        der = await sign(extensions)
+        leaf = self._leaf(request, admitted)
+        logged = await self._log_precertificate(leaf)
+        der = await self.signer.sign_leaf(
+            leaf, [_x509.sct_list([logged.sct.encode()])] if logged is not None else [])
         record = CertificateRecord(
-            serial=_x509.serial_hex(serial), der=der,
+            serial=_x509.serial_hex(leaf.serial), der=der,
             fingerprint=hashlib.sha256(der).hexdigest(), spki_sha256=request.spki_sha256,
-            issuer=issuer.name, not_before=float(int(not_before)),
-            not_after=float(int(not_after)), issued_at=now, revoked_at=None,
+            issuer=leaf.issuer.name, not_before=float(int(leaf.not_before)),
+            not_after=float(int(leaf.not_after)), issued_at=self.clock(), revoked_at=None,
             revocation_reason=None, names=request.names)
         # Both durable before the reply; their fsyncs overlap.
         await asyncio.gather(self.certs.add(record), self._audit("ca.issued", {
             "serial": record.serial, "fingerprint": record.fingerprint,
             "names": list(request.names), "spki_sha256": request.spki_sha256,
-            "issuer": issuer.name, "not_after": int(not_after),
+            "issuer": leaf.issuer.name, "not_after": int(leaf.not_after),
             "admission": admitted.admission, "decision": admitted.decision_digest.hex()}))
-        self.issued += 1
-        for callback in self.on_issued:
-            callback(record)
+        self.counts.issued += 1
+        self.publishers.issued(CertificateIssued(record=record, logged=None if logged is None
+                                                 else LogPosition(shard=logged.shard,
+                                                                  leaf_index=logged.leaf_index,
+                                                                  log_id=logged.sct.log_id)))
+        return self._issue_result(record, admitted)
+
+    def _leaf(self, request: CheckedRequest, admitted: Admitted) -> LeafTemplate:
+        """The certificate to sign; with consensus, the committed block fixes its serial
+        and the start of its validity."""
+        issuer = self.hierarchy.issuer
+        assert issuer is not None
+        start = float(admitted.decided_at) if admitted.decided_at is not None else self.clock()
+        # never beyond the issuing intermediate (rotation keeps that far away)
+        not_after = min(start + self.validity,
+                        issuer.certificate.not_valid_after_utc.timestamp())
+        serial = admitted.serial if admitted.serial is not None else _x509.new_serial()
+        return LeafTemplate(issuer=issuer, request=request, serial=serial,
+                            not_before=start - self.backdate, not_after=not_after)
+
+    async def _log_precertificate(self, leaf: LeafTemplate) -> LoggedPrecertificate | None:
+        """Sign the precertificate (the leaf with the poison) and log it: its SCT."""
+        if self.transparency is None:
+            return None
+        precertificate = await self.signer.sign_leaf(leaf, [_x509.precertificate_poison()])
+        return await self.transparency.log_precertificate(
+            precertificate, issuer=leaf.issuer.certificate,
+            chain=[leaf.issuer.der, self.hierarchy.root_der], names=leaf.request.names,
+            spki_sha256=bytes.fromhex(leaf.request.spki_sha256))
+
+    def _issue_result(self, record: CertificateRecord, admitted: Admitted) -> dict[str, Any]:
         lifetime = record.not_after - record.not_before
         return {
-            "certificate": der,
+            "certificate": record.der,
             "chain": self.hierarchy.chain_der(),
             "serial": record.serial,
             "fingerprint": record.fingerprint,
-            "names": list(request.names),
+            "names": list(record.names),
             "not_before": int(record.not_before),
             "not_after": int(record.not_after),
             "renew_after": int(record.not_before + lifetime * 2 / 3),
@@ -301,8 +357,7 @@ class CertificateAuthority:
         await self._audit("ca.revoked", {"serial": serial, "reason": args.reason, "by": by,
                                          "admission": admitted.admission})
         revoked = dataclasses.replace(record, revoked_at=now, revocation_reason=args.reason)
-        for callback in self.on_revoked:
-            callback(revoked)
+        self.publishers.revoked(CertificateRevoked(record=revoked))
         return {"serial": serial, "revoked_at": int(now), "reason": args.reason,
                 "already_revoked": False}
 
@@ -332,29 +387,9 @@ class CertificateAuthority:
                                + " key", field="signature")
         return by
 
-    # --- ca.rotation-status ---------------------------------------------------------------
-
-    def rotation_status(self, args: ops.RotationStatusArgs,
-                        ctx: RequestContext) -> dict[str, Any]:
-        issuer = self.hierarchy.issuer
-        assert issuer is not None
-        status: dict[str, Any] = {
-            "intermediates": [
-                {"name": a.name, "not_before": int(a.not_before), "not_after": int(a.not_after),
-                 "active": a.active, "fingerprint": hashlib.sha256(a.der).hexdigest()}
-                for a in self.hierarchy.intermediates()],
-            "intermediate_renew_at": int(self.hierarchy.intermediate_renew_at()),
-            "issued": self.issued,
-            "rejected": self.rejected,
-        }
-        if self._rotation_status is not None:
-            status.update(self._rotation_status())
-        return status
-
     def register(self, router: Router) -> None:
         router.add(ops.ISSUE, self.issue)
         router.add(ops.CHAIN, self.chain)
         router.add(ops.VALIDATE, self.validate)
         router.add(ops.REVOKE, self.revoke)
-        router.add(ops.ROTATION_STATUS, self.rotation_status)
 

@@ -11,9 +11,9 @@ from protocol import Internal, ProofInvalid
 from protocol.ops.consensus import MAX_KEY_SIZE, Operation
 
 from ..ca import Admitted, Decision
-from ._chain import ConsensusChain
 from ._decisions import derive_serial, seal
-from ._proofs import ProofVerifier
+from ._driver import ConsensusChain
+from ._verifier import ProofVerifier
 
 Audit = Callable[[str, dict[str, Any]], Awaitable[Any]]
 

@@ -10,9 +10,9 @@ from protocol import ConsensusRejected, InvalidRequest, NotFound, decode_item
 from protocol.ops import consensus as ops
 
 from .._router import RequestContext, Router
-from ._chain import ConsensusChain
 from ._cosign import validate_ct_log_consensus
 from ._decisions import matches_decision
+from ._driver import ConsensusChain
 from .bft import Block, Commit
 
 

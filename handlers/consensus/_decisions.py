@@ -38,6 +38,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from protocol import ProofInvalid, TrustChainError, decode_item, encode_deterministic
+from protocol.ops.consensus import Operation
 
 from ._cosign import checkpoint_body, precommit_extension
 from .bft import Block, Commit, ValidatorSet
@@ -131,29 +132,26 @@ def matches_decision(certificate: x509.Certificate, block: Block, index: int, *,
     return None
 
 
-Verify = Callable[[str, bytes, Any], Awaitable[Any]]
+Verify = Callable[[Operation, bytes, Any], Awaitable[Any]]
 """``async (operation, request_digest, proofs)``: raises ``ProofInvalid``."""
 
 
 class CaRules:
-    """:class:`handlers.consensus._chain.Rules` for CA decisions.
+    """:class:`handlers.consensus.Rules` for CA decisions.
 
     :param check_csr: raises ``TrustChainError`` unless the CSR passes the naming policy.
     :param verify_proofs: the node's four-proof verifier.
     :param set_stake: ``async (key_id, amount, reason)``, applies a committed credit.
-    :param validators: the current validator set (a callable: it changes on isolation).
     """
 
     def __init__(self, *, check_csr: Callable[[bytes], Any], verify_proofs: Verify,
-                 set_stake: Callable[[str, int, str], Awaitable[Any]],
-                 validators: Callable[[], ValidatorSet], development: bool,
+                 set_stake: Callable[[str, int, str], Awaitable[Any]], development: bool,
                  minimum_stake: int,
                  on_block: Callable[[Block], Awaitable[None]] | None = None,
                  cosign: Callable[[bytes], bytes] | None = None) -> None:
         self.check_csr = check_csr
         self.verify_proofs = verify_proofs
         self.set_stake = set_stake
-        self.validators = validators
         self.development = development
         self.minimum_stake = minimum_stake
         self.on_block = on_block
@@ -163,9 +161,9 @@ class CaRules:
         """CT log origin -> (size, block height, decision index) of its latest
         committed checkpoint."""
 
-    async def check(self, decision: bytes) -> str | None:
+    async def check(self, decision: bytes, validators: ValidatorSet) -> str | None:
         try:
-            sealed = open_sealed(decision, self.validators())
+            sealed = open_sealed(decision, validators)
         except DecisionError as exc:
             return str(exc)
         body = sealed.body

@@ -6,22 +6,31 @@ not a form of the discriminant ("Deserializing compressed form failed",
 "Invalid form. Positive a", ...). Both are mapped to a reason string here, so
 a foreign or corrupted proof is an answer, never a crash of the caller.
 :func:`verify_time` is also what the verifier's worker processes run.
+
+The libraries load at the first verification, not when the server is imported:
+a node that never sees a proof (a CT-only bench, ``trustchain init``) never
+loads them.
 """
 
 from __future__ import annotations
 
-import chiapos
-import chiavdf
+import functools
+from typing import Any
 
 from protocol.ops.consensus import VDF_DISCRIMINANT_BITS, VDF_GENERATOR
 
-_VERIFIER = chiapos.Verifier()
+
+@functools.cache
+def _space_verifier() -> Any:
+    import chiapos
+
+    return chiapos.Verifier()
 
 
 def verify_space(plot_id: bytes, k: int, challenge: bytes, proof: bytes) -> bool:
     """Whether ``proof`` is a chiapos proof of space for ``challenge`` in plot ``plot_id``."""
     try:
-        quality = _VERIFIER.validate_proof(plot_id, k, challenge, proof)
+        quality = _space_verifier().validate_proof(plot_id, k, challenge, proof)
     except (RuntimeError, ValueError, TypeError):
         return False
     return bool(quality)
@@ -33,6 +42,8 @@ def verify_time(seed: bytes, iterations: int, output: bytes, proof: bytes) -> st
     :returns: None if ``output`` is ``g^(2^iterations)`` with a valid proof,
         else why not.
     """
+    import chiavdf
+
     try:
         discriminant = chiavdf.create_discriminant(seed, VDF_DISCRIMINANT_BITS)
     except (RuntimeError, ValueError) as exc:  # pragma: no cover - seed is always 32 bytes

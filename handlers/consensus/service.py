@@ -6,8 +6,6 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
@@ -16,15 +14,14 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from protocol import InvalidRequest, NotFound, Unauthorized, Unavailable
 from protocol.ops import consensus as ops
 from protocol.ops.consensus import ProofParams
-from store import BeaconRecord, LedgerStore
+from store import BeaconRecord
 
 from .._router import RequestContext, Router
 from ._beacon import BeaconChain
-from ._proofs import ProofVerifier
+from ._stake import Faucet, StakeLedger
+from ._verifier import ProofVerifier
 
 log = logging.getLogger("trustchain.consensus")
-
-Audit = Callable[[str, dict[str, Any]], Awaitable[Any]]
 
 
 def _key_id_of(der: bytes, field: str = "key") -> str:
@@ -41,58 +38,22 @@ def _key_id_of(der: bytes, field: str = "key") -> str:
 
 
 class ConsensusService:
-    """Answers the ``consensus.*`` ops and keeps the stake ledger.
+    """Answers ``consensus.beacon``, ``consensus.stake`` and ``consensus.faucet``.
 
-    :param development: the faucet is served only in development mode.
-    :param audit: ``async (kind, data)``, returns once the record is durable.
+    :param stake: the stake ledger (what ``consensus.stake`` reads).
+    :param faucet: how a faucet credit is made; served only in development mode.
     """
 
-    def __init__(self, *, ledger: LedgerStore, beacons: BeaconChain, verifier: ProofVerifier,
-                 params: ProofParams, development: bool, audit: Audit,
-                 clock: Callable[[], float] = time.time) -> None:
-        self.ledger = ledger
+    def __init__(self, *, stake: StakeLedger, beacons: BeaconChain, verifier: ProofVerifier,
+                 params: ProofParams, development: bool, faucet: Faucet) -> None:
+        self.stake_ledger = stake
+        self.ledger = stake.ledger
         self.beacons = beacons
         self.verifier = verifier
         self.params = params
         self.development = development
-        self.clock = clock
-        self._audit = audit
-        self._stake_lock = asyncio.Lock()
+        self.faucet_credit = faucet
         self._task: asyncio.Task[None] | None = None
-        self.submit_stake: Callable[[str, int], Awaitable[None]] | None = None
-        """Set by the chain wiring: a faucet credit becomes a decision that every
-        validator applies once a block commits it."""
-
-    # --- stake -----------------------------------------------------------------------
-
-    async def set_stake(self, key_id: str, amount: int, reason: str) -> tuple[int, int]:
-        """Change a key's stake: stored, then audited (``consensus.stake-changed``)."""
-        async with self._stake_lock:
-            change = await self.ledger.set_stake(key_id, amount, reason, self.clock())
-            await self._audit("consensus.stake-changed", {
-                "key": key_id, "before": change.before, "after": change.after,
-                "reason": reason})
-        log.info("stake changed", extra={"key": key_id, "after": amount, "reason": reason})
-        return change.before, change.after
-
-    async def apply_genesis(self, genesis: dict[str, int]) -> int:
-        """Credit the configured genesis stake to keys the ledger does not know yet.
-
-        Once a key is in the ledger, the ledger is its authority: a changed
-        genesis amount for a known key is ignored (with a warning).
-        :returns: the number of keys credited.
-        """
-        credited = 0
-        for key_id, amount in sorted(genesis.items()):
-            if self.ledger.known(key_id):
-                if self.ledger.balance(key_id) != amount:
-                    log.warning("consensus.genesis: key %s is already in the ledger with %d; "
-                                "the configured %d is ignored", key_id,
-                                self.ledger.balance(key_id), amount)
-                continue
-            await self.set_stake(key_id, amount, "genesis")
-            credited += 1
-        return credited
 
     # --- ops ------------------------------------------------------------------------------
 
@@ -148,13 +109,8 @@ class ConsensusService:
         before = self.ledger.balance(key_id)
         credited = 0
         if before < self.params.minimum_stake:
-            if self.submit_stake is not None:
-                await self.submit_stake(key_id, self.params.minimum_stake)
-                credited = self.ledger.balance(key_id) - before
-            else:
-                before, after = await self.set_stake(key_id, self.params.minimum_stake,
-                                                     "faucet")
-                credited = after - before
+            await self.faucet_credit.credit(key_id, self.params.minimum_stake)
+            credited = self.ledger.balance(key_id) - before
         return {"key_id": key_id, "amount": self.ledger.balance(key_id), "credited": credited}
 
     def register(self, router: Router) -> None:
@@ -180,6 +136,3 @@ class ConsensusService:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        await self.ledger.drain()
-        await self.verifier.close()
-        self.ledger.close()

@@ -1,7 +1,7 @@
 """The Certificate Transparency log: chains, sequencing, tiles, proofs, subscriptions."""
 
-from ._chain import ChainValidator, CheckedChain, leaf_names
 from ._log import CtLog, LiveBatch, LiveFeed, Shard, Submitted, entry_hash
+from ._submitted import ChainValidator, CheckedChain, leaf_names
 from .service import CtService
 
 __all__ = [

@@ -25,9 +25,8 @@ import hashlib
 import logging
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
@@ -52,11 +51,11 @@ from store import (
     CheckpointRecord,
     CtDatabase,
     ShardRecord,
+    TileDirectory,
     TileLog,
-    write_atomic,
 )
 
-from ._chain import CheckedChain
+from ._submitted import CheckedChain
 
 log = logging.getLogger("trustchain.ct")
 
@@ -236,18 +235,22 @@ def entry_item(index: int, entry: TimestampedEntry, fingerprint: bytes,
 class CtLog:
     """All shards of the log and the sequencer that feeds the active one.
 
-    :param directory: ``DATA/ct``; shard *n* lives in ``directory/<n>``.
+    :param tiles: where the shards' tiles live (``store.TileDirectory``).
     :param origin: checkpoint origin prefix; shard *n*'s origin is ``origin/<n>``.
     :param batch_interval: seconds between the starts of two batches.
     :param sth_interval: longest time without a fresh signed tree head.
+    :param on_sequenced: called with each sequenced batch once it is durable (the
+        ``fp.watch`` streams); a failing listener is logged and skipped.
     :param clock: wall clock in seconds; timestamps are its milliseconds.
     """
 
-    def __init__(self, *, directory: Path, db: CtDatabase, keystore: Any, origin: str,
+    def __init__(self, *, tiles: TileDirectory, db: CtDatabase, keystore: Any, origin: str,
                  max_entries_per_shard: int = 10_000_000, batch_interval: float = 0.02,
                  max_batch: int = 4096, sth_interval: float = 1.0,
-                 feed_capacity: int = 16_384, clock: Callable[[], float] = time.time) -> None:
-        self.directory = Path(directory)
+                 feed_capacity: int = 16_384,
+                 on_sequenced: Sequence[Callable[[Shard, LiveBatch], None]] = (),
+                 clock: Callable[[], float] = time.time) -> None:
+        self.tiles = tiles
         self.db = db
         self.keystore = keystore
         self.origin = origin
@@ -262,7 +265,7 @@ class CtLog:
         """Set when the log stopped sequencing (another writer, a storage failure)."""
         self.sequenced = 0
         self.batches = 0
-        self.on_sequenced: list[Callable[[Shard, LiveBatch], Any]] = []
+        self.on_sequenced = tuple(on_sequenced)
         self._pool: list[_Pending] = []
         self._inflight: dict[bytes, _Pending] = {}
         self._wake: asyncio.Event | None = None
@@ -287,7 +290,6 @@ class CtLog:
 
     def open(self) -> None:
         """Load every shard (repairing tiles from staged bundles); create shard 0 if none."""
-        self.directory.mkdir(parents=True, exist_ok=True)
         records = self.db.shards()
         if not records:
             self._create_shard(0)
@@ -306,28 +308,17 @@ class CtLog:
                                "missing from the keystore")
         checkpoint = self.db.checkpoint(record.shard)
         assert checkpoint is not None
-        tiles = TileLog(self.directory / str(record.shard))
+        tiles = self.tiles.shard(record.shard)
         repaired = tiles.recover(checkpoint.size, checkpoint.root)
         if repaired:
             log.warning("CT shard %d: re-installed %d staged tile bundles", record.shard,
                         repaired, extra={"shard": record.shard, "bundles": repaired})
         shard = Shard(record=record, signer=signer, tiles=tiles, checkpoint=checkpoint,
-                      prepared=checkpoint)
-        issuer_dir = tiles.dir / "issuer"
-        if issuer_dir.is_dir():
-            for path in issuer_dir.iterdir():
-                if not path.name.startswith("."):
-                    shard.issuers[bytes.fromhex(path.name)] = path.read_bytes()
-        write_atomic(tiles.dir / "checkpoint", checkpoint.note.encode())
-        self._write_key(shard)
+                      prepared=checkpoint, issuers=tiles.issuers())
+        tiles.write_checkpoint(checkpoint.note.encode())
+        tiles.write_public_key(signer.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
         return shard
-
-    def _write_key(self, shard: Shard) -> None:
-        pem = shard.signer.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        path = shard.tiles.dir / "log-key.pem"
-        if not path.exists() or path.read_bytes() != pem:
-            write_atomic(path, pem)
 
     def _create_shard(self, number: int) -> None:
         name = f"ct-log-{number}"
@@ -585,7 +576,7 @@ class CtLog:
         if batch:
             bundle = shard.tiles.append(appended)
             for fp, der in new_issuers.items():
-                bundle.files[f"issuer/{fp.hex()}"] = der
+                shard.tiles.stage_issuer(bundle, fp, der)
             size, root = bundle.size, bundle.root
         else:
             size, root = old.size, old.root
@@ -654,8 +645,7 @@ class CtLog:
         if bundle is not None:
             self._install(shard, bundle)
         else:
-            self._installer.submit(write_atomic, shard.tiles.dir / "checkpoint",
-                                   new.note.encode())
+            self._installer.submit(shard.tiles.write_checkpoint, new.note.encode())
         if shard is self.active and shard.size >= self.max_entries_per_shard \
                 and self.failed is None:
             self._rollover()  # rare: a few milliseconds on the loop
@@ -719,7 +709,7 @@ class CtLog:
         try:
             checkpoint = self.db.checkpoint(shard.number)
             assert checkpoint is not None
-            tiles = TileLog(shard.tiles.dir)
+            tiles = self.tiles.shard(shard.number)
             tiles.recover(checkpoint.size, checkpoint.root)
         except Exception as exc:
             # The committed tree cannot be read back: stop sequencing rather than guess.

@@ -4,25 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from cryptography import x509
-from cryptography.x509.oid import ExtensionOID
 
-from protocol import Event, InvalidRequest, NotFound
+from protocol import Event, Internal, InvalidRequest, NotFound
 from protocol.ct_structs import (
-    SCT_LIST_OID,
+    StructureError,
     TileLeaf,
     extra_data,
-    sct_list_extension_value,
+    issuer_key_hash,
+    precert_tbs,
     tile_leaf_header,
 )
 from protocol.ops import ct as ops
 
 from .._router import RequestContext, Router
-from ._chain import ChainValidator
 from ._log import CtLog, LiveBatch, Shard, Submitted
+from ._submitted import ChainValidator, CheckedChain
 
 EVENT_ENTRIES = 256
 """Most entries in one ``entries`` event."""
@@ -98,23 +98,24 @@ class CtService:
         result["leaf_index"] = submitted.leaf_index
         return result
 
-    async def log_precertificate(
-            self, sign: Callable[[Sequence[x509.Extension[Any]]], Awaitable[bytes]],
-            issuer_der: bytes) -> list[x509.Extension[Any]]:
-        """The CA's precertificate flow (RFC 6962 §3.3): ``sign`` the leaf with the
-        poison extension, log that precertificate, and return the SCT list extension
-        for the final certificate.
+    async def log_precertificate(self, precertificate: bytes, *, issuer: x509.Certificate,
+                                 chain: Sequence[bytes], names: Sequence[str],
+                                 spki_sha256: bytes) -> Submitted:
+        """Log the CA's own precertificate (RFC 6962 §3.3); its SCT once it is durable.
 
-        The final certificate's TBS without the SCT list equals the precertificate's
-        without the poison, because ``sign`` adds both extensions last.
+        The CA built the precertificate from a checked request and signed it with
+        its own intermediate, so it is logged without the checks a submitted chain
+        gets. ``chain`` is the issuer then the root (the entry's extra data);
+        ``names`` and ``spki_sha256`` are the leaf's, for subscribers and watchers.
         """
-        precert = await sign([x509.Extension(ExtensionOID.PRECERT_POISON, True,
-                                             x509.PrecertPoison())])
-        checked = self.validator.check([precert, issuer_der], precert=True)
-        submitted = await self.log.submit(checked, precert=True)
-        sct_list = x509.UnrecognizedExtension(
-            SCT_LIST_OID, sct_list_extension_value([submitted.sct.encode()]))
-        return [x509.Extension(SCT_LIST_OID, False, sct_list)]
+        try:
+            tbs = precert_tbs(precertificate)
+        except StructureError as exc:
+            raise Internal(f"the CA's precertificate cannot be read: {exc}") from None
+        checked = CheckedChain(leaf_der=precertificate, issuers=tuple(chain),
+                               issuer_key_hash=issuer_key_hash(issuer), tbs=tbs,
+                               names=tuple(names), spki_sha256=spki_sha256)
+        return await self.log.submit(checked, precert=True)
 
     # --- reads ----------------------------------------------------------------------------
 

@@ -14,23 +14,21 @@ by pre-publication (RFC 6781 §4.1.1.1, RFC 7583 §3.2):
 A new ZSK is published ``prepublish`` seconds before it starts signing, so
 resolvers have it cached by then; the old one stays published ``prepublish``
 seconds after it stopped signing, until no cached signature needs it. The
-schedule is written to ``keys.json`` (the private keys never leave the
-keystore); :meth:`KeyRing.roll` applies it at the time it is given.
+schedule is kept in a store file (``keys.json``; the private keys never leave
+the keystore); :meth:`KeyRing.roll` applies it at the time it is given.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import dns.dnssec
 import dns.rdtypes.ANY.DNSKEY
 from dns.dnssectypes import Algorithm
 
-from store import Signer, write_atomic
+from store import JsonFile, Signer
 
 log = logging.getLogger("trustchain.dns")
 
@@ -80,16 +78,16 @@ class KeyRing:
     """The KSK and the ZSK schedule.
 
     :param keystore: where the keys live (``get_or_create(name, algorithm)``).
-    :param path: the schedule file, ``DATA/dns/keys.json``.
+    :param schedule: where the key schedule is kept.
     """
 
-    def __init__(self, *, keystore: Any, path: Path, algorithm: str = "ed25519",
+    def __init__(self, *, keystore: Any, schedule: JsonFile, algorithm: str = "ed25519",
                  zsk_lifetime: float = 30 * 86400.0, prepublish: float = 86400.0,
                  key_prefix: str = "dns") -> None:
         if algorithm not in DNSSEC_ALGORITHMS:
             raise ValueError(f"unsupported DNSSEC key algorithm {algorithm!r}")
         self.keystore = keystore
-        self.path = path
+        self.schedule = schedule
         self.algorithm = algorithm
         self.zsk_lifetime = zsk_lifetime
         self.prepublish = prepublish
@@ -114,9 +112,8 @@ class KeyRing:
 
     def load(self, now: float) -> None:
         """Read the schedule (or start one: a KSK and a first ZSK, both active now)."""
-        entries: list[dict[str, Any]] = []
-        if self.path.exists():
-            entries = json.loads(self.path.read_text())["keys"]
+        stored = self.schedule.load()
+        entries: list[dict[str, Any]] = stored["keys"] if stored else []
         keys = [self._bind(ZoneKey(**e)) for e in entries]
         self.ksk = next((k for k in keys if k.role == "ksk"), None)
         self.zsks = [k for k in keys if k.role == "zsk"]
@@ -145,7 +142,7 @@ class KeyRing:
     def _save(self) -> None:
         keys = [self.ksk, *self.zsks] if self.ksk else list(self.zsks)
         body = {"algorithm": self.algorithm, "keys": [k.to_json() for k in keys]}
-        write_atomic(self.path, json.dumps(body, indent=1).encode())
+        self.schedule.save(body)
 
     def roll(self, now: float) -> bool:
         """Apply the schedule at ``now``: publish, activate, retire and remove ZSKs.

@@ -130,7 +130,7 @@ async def test_name_constraints_enforced_by_openssl(tmp_path: Path) -> None:
     """A leaf outside the TrustChain domains, signed by the real intermediate key
     (bypassing our policy), fails openssl's check: the constraints are in force."""
     async with running_node(tmp_path, ENGINE) as node:
-        hierarchy = node.node.hierarchy
+        hierarchy = node.node.services.hierarchy
         assert hierarchy is not None and hierarchy.issuer is not None
         key = p256()
         now = time.time()
@@ -188,13 +188,13 @@ async def test_bad_csr(tmp_path: Path, cddl: CddlChecker, name: str, make: Any,
                        message: str) -> None:
     async with running_node(tmp_path, ENGINE, checker=cddl) as node, \
             await node.client() as client:
-        assert node.node.certs is not None
-        stored = node.node.certs.count()
+        assert node.node.ca.certs is not None
+        stored = node.node.ca.certs.count()
         with pytest.raises(InvalidRequest) as info:
             await client.request("ca.issue", {"csr": make()})
         assert message in info.value.message
         assert info.value.details["field"] == "csr"
-        assert node.node.certs.count() == stored
+        assert node.node.ca.certs.count() == stored
         assert (await client.request("node.health"))["status"] == "ok"
 
 
@@ -280,9 +280,9 @@ async def test_admin_revocation(tmp_path: Path, cddl: CddlChecker,
     async with running_node(tmp_path, ENGINE, checker=cddl) as node, \
             await node.client() as client:
         requester = Requester(client, prover)
-        hierarchy = node.node.hierarchy
+        hierarchy = node.node.services.hierarchy
         assert hierarchy is not None
-        admin_dir = hierarchy.ensure_admin()
+        admin_dir = hierarchy.ensure_admin().directory
         admin_key = serialization.load_pem_private_key(
             (admin_dir / "admin.key").read_bytes(), None)
         admin_cert = x509.load_pem_x509_certificate((admin_dir / "admin.pem").read_bytes())

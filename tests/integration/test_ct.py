@@ -74,7 +74,7 @@ async def test_issued_certificates_carry_a_verifiable_sct(tmp_path: Path, cddl: 
         with pytest.raises(x509.ExtensionNotFound):
             cert.extensions.get_extension_for_oid(ct.POISON_OID)
         got = await client.request("ct.get-entry-and-proof", {
-            "leaf_index": sct.leaf_index, "tree_size": node.node.services["ct"].log.active.size})
+            "leaf_index": sct.leaf_index, "tree_size": node.node.services.ct.log.active.size})
         assert got["leaf_input"] == entry.merkle_tree_leaf()
         pre, chain = ct.parse_extra_data(ct.PRECERT_ENTRY, got["extra_data"])
         precert = x509.load_der_x509_certificate(pre)
@@ -220,7 +220,7 @@ async def test_rfc6962_ops_over_quic(tmp_path: Path, cddl: CddlChecker) -> None:
         # The server and the log are intact after all that.
         after = await client.request("ct.get-sth")
         assert after["tree_size"] == new["tree_size"]
-        node.node.services["ct"].log.active.tiles.verify_all()
+        node.node.services.ct.log.active.tiles.verify_all()
     assert cddl.checked > 70
 
 

@@ -556,7 +556,7 @@ max_pending_queries = 3
                 await conn.close()
             # the three queries that were waiting on the silent upstream went with their
             # connection: nothing stays counted as pending
-            service = node.node.services["dns"]
+            service = node.node.services.dns
             for _ in range(100):
                 if service.doq_stats()["pending"] == 0:
                     break

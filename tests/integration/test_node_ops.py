@@ -20,7 +20,7 @@ async def test_health_and_info(tmp_path: Path, engine: str, cddl: CddlChecker) -
         async with await node.client() as client:
             health = await client.request("node.health")
             assert health["status"] == "ok"
-            assert health["checks"] == {"accepting": True, "consensus": True}
+            assert health["checks"] == {"accepting": True, "consensus": True, "publishing": True}
             info = await client.request("node.info")
             assert info["engine"]["name"] == engine
             assert info["alpns"] == ["stoq/1", "doq"]  # DoQ on every socket (spec §15.1)
@@ -76,7 +76,7 @@ async def test_a_stopped_chain_degrades_health_and_refuses_issuance(
         tmp_path: Path, engine: str, cddl: CddlChecker) -> None:
     """The chain's disk fails under it: the node stays up, says so, and issues nothing."""
     async with running_node(tmp_path, engine, checker=cddl) as node:
-        chain = node.node.services["chain"]
+        chain = node.node.services.chain
         chain.store._db.close()  # the chain database becomes unwritable
         faucet_key = ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)

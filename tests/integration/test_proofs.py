@@ -254,9 +254,9 @@ async def test_replay_after_restart_is_refused(tmp_path: Path, cddl: CddlChecker
 async def test_node_certificate_needs_no_client_proofs(tmp_path: Path,
                                                        cddl: CddlChecker) -> None:
     async with running_node(tmp_path, ENGINE, checker=cddl) as node:
-        assert node.node.rotator is not None and node.node.ca is not None
+        assert node.node.services.rotator is not None and node.node.ca is not None
         before = node.node.ca.issued
-        done = await node.node.rotator.renew_server_certificate()
+        done = await node.node.services.rotator.renew_server_certificate()
         assert done["what"] == "server_certificate" and node.node.ca.issued == before + 1
         async with await node.client(pin=None, cafile=str(tmp_path / "root.pem")) as client:
             assert (await client.request("node.health"))["status"] == "ok"
@@ -274,7 +274,7 @@ async def test_concurrent_requesters_share_nothing_but_the_beacon(
         results = await asyncio.gather(*(requester.issue(make_csr(
             ec.generate_private_key(ec.SECP256R1()), [f"c{i}.assets"])) for i in range(24)))
         assert len({r["serial"] for r in results}) == 24
-        stats = node.node.services["proofs"].verifier.stats
+        stats = node.node.services.proofs.verifier.stats
         assert stats.time_verified == 1 and stats.space_verified == 1
         assert stats.time_cached + stats.space_cached == 2 * 23
 

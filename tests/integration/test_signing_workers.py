@@ -14,6 +14,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 import stoq
+from handlers.ca import SigningWorkers
 from protocol import TrustChainError
 from protocol import ct_structs as ct
 
@@ -48,7 +49,8 @@ async def test_workers_sign_verifiable_certificates(tmp_path: Path, cddl: CddlCh
     data = tmp_path / "node"
     async with running_node(data, ENGINE, WORKERS, checker=cddl) as node, \
             await node.client() as client:
-        workers = node.node.ca.signing_workers
+        workers = node.node.ca.signer
+        assert isinstance(workers, SigningWorkers)
         assert workers is not None and len(workers.pids) == 2
         await _issue_and_check(node, tmp_path, data, Requester(client, prover),
                                ["www.hypermesh", "api.trust"])
@@ -60,7 +62,8 @@ async def test_a_killed_worker_is_replaced_and_its_request_fails(
     data = tmp_path / "node"
     async with running_node(data, ENGINE, WORKERS, checker=cddl) as node, \
             await node.client() as client:
-        workers = node.node.ca.signing_workers
+        workers = node.node.ca.signer
+        assert isinstance(workers, SigningWorkers)
         assert workers is not None
         requester = Requester(client, prover)
         await requester._stake()
@@ -108,13 +111,14 @@ async def test_workers_sign_with_softhsm2(tmp_path: Path, cddl: CddlChecker,
     data = tmp_path / "node"
     async with running_node(data, ENGINE, extra, checker=cddl) as node, \
             await node.client() as client:
-        workers = node.node.ca.signing_workers
+        workers = node.node.ca.signer
+        assert isinstance(workers, SigningWorkers)
         assert workers is not None and len(workers.pids) == 2
         assert softhsm_token.pin not in repr(workers._settings)
         requester = Requester(client, prover)
         await _issue_and_check(node, tmp_path, data, requester, ["hsm.hypermesh", "hsm.trust"])
         # A new intermediate (its key made in the token by the node): the workers find it.
-        assert node.node.hierarchy is not None
-        rotated = node.node.hierarchy.rotate_intermediate(reason="test")
+        assert node.node.services.hierarchy is not None
+        rotated = node.node.services.hierarchy.rotate_intermediate(reason="test")
         result = await _issue_and_check(node, tmp_path, data, requester, ["rotated.trust"])
         assert result["chain"][0] == rotated.der

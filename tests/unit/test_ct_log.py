@@ -24,7 +24,7 @@ from protocol import Event, InvalidRequest, NotFound, Peer, Unavailable
 from protocol import ct_merkle as merkle
 from protocol import ct_structs as ct
 from protocol.ops import ct as ops
-from store import CtDatabase, SoftwareKeyStore
+from store import CtDatabase, SoftwareKeyStore, TileDirectory
 
 DER = serialization.Encoding.DER
 
@@ -111,7 +111,8 @@ CTX = RequestContext(peer=Peer(address="::1", port=1, alpn="stoq/1"), op="test",
 
 def open_log(directory: Path, ca: CaForTests, **kwargs: Any) -> tuple[CtLog, CtService]:
     kwargs.setdefault("batch_interval", 0.005)
-    log = CtLog(directory=directory / "ct", db=CtDatabase(directory / "ct" / "ct.sqlite3"),
+    log = CtLog(tiles=TileDirectory(directory / "ct"),
+                db=CtDatabase(directory / "ct" / "ct.sqlite3"),
                 keystore=SoftwareKeyStore(directory / "keys"), origin="test.trust/ct", **kwargs)
     log.open()
     return log, CtService(log, ChainValidator([ca.root_der], clock=_now))
@@ -194,8 +195,18 @@ async def test_precertificate_flow_embeds_a_verifiable_sct(tmp_path: Path, ca: C
             signed = signed.add_extension(extension.value, critical=extension.critical)
         return signed.sign(ca.key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
 
-    final = x509.load_der_x509_certificate(await sign(await svc.log_precertificate(sign,
-                                                                                   ca.der)))
+    # the CA's flow: sign the precertificate, log it, sign the certificate with its SCT
+    precert = await sign([x509.Extension(ct.POISON_OID, True, x509.PrecertPoison())])
+    leaf_key = x509.load_der_x509_certificate(precert).public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    logged = await svc.log_precertificate(precert, issuer=ca.intermediate,
+                                          chain=[ca.der, ca.root_der],
+                                          names=["www.hypermesh", "api.trust"],
+                                          spki_sha256=hashlib.sha256(leaf_key).digest())
+    sct_list = x509.UnrecognizedExtension(ct.SCT_LIST_OID, ct.sct_list_extension_value(
+        [logged.sct.encode()]))
+    final = x509.load_der_x509_certificate(
+        await sign([x509.Extension(ct.SCT_LIST_OID, False, sct_list)]))
     (sct,) = ct.embedded_scts(final)
     key = log.active.signer.public_key()
     entry = ct.verify_embedded_sct(final, ca.intermediate, sct, key)

@@ -1,4 +1,4 @@
-"""Incremental zone updates (``Zone.apply`` through ``DnsService``) against full builds.
+"""Incremental zone updates (``Zone.apply`` through ``TrustChainZones``) against full builds.
 
 After random issuances, renewals, revocations, registrations and expiries, in
 several zones and in batches coalesced on one event-loop turn, every zone of
@@ -25,6 +25,7 @@ import dns.rdtypes.ANY.TLSA
 import dns.rdtypes.IN.AAAA
 import pytest
 
+from handlers.ca import CertificateRevoked
 from handlers.dns import TLSA_PREFIX, SignatureCache, _zone, build_zone
 from handlers.dns._zone import Records
 from protocol.doq import QueryReceived, parse_query
@@ -119,7 +120,7 @@ class Model:
 
     def check(self) -> None:
         """Every zone equals a full build of the model's records, and verifies."""
-        service = self.env.service
+        service = self.env.zones
         records = self.records()
         now = self.env.clock.now
         for origin, zone in service.zones.items():
@@ -147,7 +148,7 @@ class Model:
     def check_answers(self, rng: random.Random) -> None:
         """What the DoQ path serves (from the wire cache when it can) is what a fresh
         lookup renders: the cache dropped every answer the last changes touched."""
-        service = self.env.service
+        service = self.env.answers
         names = [*rng.sample(NAMES[:-1], 5), "_443._quic." + rng.choice(NAMES[:-1]),
                  "nothing.c.trust", "b.c.trust"]
         for name in names:
@@ -162,7 +163,7 @@ class Model:
                 resolution = service.lookup_now(question.name, question.rdtype,
                                                 bool(request.ednsflags & dns.flags.DO))
                 assert resolution is not None
-                fresh = service._render(request, resolution)
+                fresh = service.render(request, resolution)
                 assert isinstance(served, bytes)
                 assert _content(served) == _content(fresh), (name, rdtype)
 
@@ -189,7 +190,7 @@ class Model:
     def revoke(self, rng: random.Random) -> None:
         if self.valid:
             record = self.valid.pop(rng.choice(list(self.valid)))
-            self.env.service.certificate_revoked(record)
+            self.env.zones.certificate_revoked(CertificateRevoked(record=record))
 
     def register(self, rng: random.Random) -> None:
         candidates = [(r, n) for r in self.valid.values() for n in r.names
@@ -206,7 +207,7 @@ class Model:
 
     def expire(self, rng: random.Random) -> None:
         self.env.clock.now += rng.choice([600, 3600, 4 * 3600])
-        self.env.service.maintain()
+        self.env.zones.maintain()
         now = self.env.clock.now
         self.valid = {s: r for s, r in self.valid.items() if r.not_after > now}
 
@@ -219,7 +220,7 @@ def test_incremental_zones_equal_full_builds(env: Env, seed: int) -> None:
         (model.issue, 8), (model.renew, 3), (model.revoke, 4), (model.register, 2),
         (model.expire, 1)]
     functions, weights = zip(*operations, strict=True)
-    rebuilds = env.service.rebuilds
+    rebuilds = env.zones.rebuilds
     for _step in range(60):
         env.clock.now += rng.choice([0, 1, 1, 7])
         if rng.random() < 0.3:  # a burst, applied on one loop turn
@@ -231,15 +232,15 @@ def test_incremental_zones_equal_full_builds(env: Env, seed: int) -> None:
                     operation(rng)
                 await asyncio.sleep(0)
 
-            updates = env.service.updates
+            updates = env.zones.updates
             asyncio.run(burst())
-            assert env.service.updates - updates <= 1
+            assert env.zones.updates - updates <= 1
         else:
             rng.choices(functions, weights)[0](rng)
         model.check()
         model.check_answers(rng)
     # two days at most went by: nothing needed a full build (no key roll, no refresh)
-    assert env.service.rebuilds == rebuilds and env.service.updates > 0
+    assert env.zones.rebuilds == rebuilds and env.zones.updates > 0
 
 
 def test_one_issuance_signs_only_what_changes(env: Env) -> None:
@@ -248,30 +249,30 @@ def test_one_issuance_signs_only_what_changes(env: Env) -> None:
     for i in range(40):
         model.issue(rng, [f"host{i}.trust", f"host{i}.hypermesh", ADDRESSES[i % 6]],
                     issued_at=env.clock.now)
-    trust = env.service.zones[dns.name.from_text("trust.")]
-    hypermesh = env.service.zones[dns.name.from_text("hypermesh.")]
+    trust = env.zones.zones[dns.name.from_text("trust.")]
+    hypermesh = env.zones.zones[dns.name.from_text("hypermesh.")]
     serials = trust.serial, hypermesh.serial
-    signed, rebuilds = env.service._signatures.signed, env.service.rebuilds
+    signed, rebuilds = env.zones._signatures.signed, env.zones.rebuilds
     env.clock.now += 1
     model.issue(rng, ["new.trust", "2001:db8::9"], issued_at=env.clock.now)
     # AAAA and TLSA of the name, the NSEC of both owners and of the predecessor, the SOA
-    assert env.service._signatures.signed - signed == 6
-    assert env.service.rebuilds == rebuilds
-    assert env.service.zones[dns.name.from_text("trust.")] is trust  # updated in place
+    assert env.zones._signatures.signed - signed == 6
+    assert env.zones.rebuilds == rebuilds
+    assert env.zones.zones[dns.name.from_text("trust.")] is trust  # updated in place
     assert trust.serial != serials[0] and hypermesh.serial == serials[1]
     model.check()
     # a renewal with a new key and no address: the AAAA set goes, the TLSA changes
     env.clock.now += 1
-    signed = env.service._signatures.signed
+    signed = env.zones._signatures.signed
     model.issue(rng, ["new.trust"], issued_at=env.clock.now)
-    assert env.service._signatures.signed - signed == 3  # TLSA, NSEC of new.trust, SOA
+    assert env.zones._signatures.signed - signed == 3  # TLSA, NSEC of new.trust, SOA
     assert (dns.name.from_text("new.trust."), AAAA) not in trust.rrsets
     model.check()
     # an older certificate for a published name changes nothing: no signature, same serial
     env.clock.now += 1
-    signed, serial = env.service._signatures.signed, trust.serial
+    signed, serial = env.zones._signatures.signed, trust.serial
     model.issue(rng, ["host3.trust"], issued_at=env.clock.now - 100)
-    assert env.service._signatures.signed == signed and trust.serial == serial
+    assert env.zones._signatures.signed == signed and trust.serial == serial
     model.check()
 
 
@@ -283,7 +284,7 @@ def test_a_failed_signature_leaves_the_zone_as_it_was(env: Env, fail_after: int,
     for i in range(10):
         model.issue(rng, [f"h{i}.trust", ADDRESSES[i % 6]], issued_at=env.clock.now)
     revoked = next(iter(model.valid.values()))
-    zone = env.service.zones[dns.name.from_text("trust.")]
+    zone = env.zones.zones[dns.name.from_text("trust.")]
     before = (list(zone.names), dict(zone.types), dict(zone.rrsets), dict(zone.sigs),
               zone.serial, zone.negative_soa, zone.signature_expiry)
     real_sign = _zone._sign
@@ -301,16 +302,16 @@ def test_a_failed_signature_leaves_the_zone_as_it_was(env: Env, fail_after: int,
 
     # an issuance and a revocation, published together
     record, _ = make_record(["~.trust", "2001:db8::9"], issued_at=env.clock.now)
-    env.service._add(record)
-    env.service._remove(revoked.serial)
+    env.zones._add(record)
+    env.zones._remove(revoked.serial)
     model.valid[record.serial] = record
     model.valid.pop(revoked.serial)
     with pytest.raises(RuntimeError):
-        env.service._publish(env.clock.now)
+        env.zones._publish(env.clock.now)
     assert calls == fail_after + 1
     assert (zone.names, zone.types, zone.rrsets, zone.sigs, zone.serial, zone.negative_soa,
             zone.signature_expiry) == before
-    assert env.service.zones[dns.name.from_text("trust.")] is zone
+    assert env.zones.zones[dns.name.from_text("trust.")] is zone
     monkeypatch.setattr(_zone, "_sign", real_sign)
-    env.service.maintain()  # the next maintenance publishes what failed
+    env.zones.maintain()  # the next maintenance publishes what failed
     model.check()

@@ -26,11 +26,26 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from handlers import RequestContext
-from handlers.dns import DnsService, DnsSettings, KeyRing, ZoneSettings
+from handlers.ca import CertificateIssued, CertificateRevoked
+from handlers.dns import (
+    DnsAnswers,
+    DnsService,
+    DnsSettings,
+    KeyRing,
+    RenderedAnswers,
+    TrustChainZones,
+    ZoneSettings,
+)
 from protocol import InvalidRequest, NotFound, Peer, Unauthorized
 from protocol.doq import PADDING_BLOCK, QueryReceived, parse_query
 from protocol.ops import dns as ops
-from store import CertificateRecord, CertificateStore, SoftwareKeyStore, open_keystore
+from store import (
+    CertificateRecord,
+    CertificateStore,
+    DataDirectory,
+    SoftwareKeyStore,
+    open_keystore,
+)
 
 from ..softhsm import SoftHsmToken
 
@@ -93,23 +108,29 @@ class Env:
         self.service = self.new_service()
 
     def new_service(self) -> DnsService:
-        keyring = KeyRing(keystore=self.keystore, path=self.tmp / "dns" / "keys.json",
+        """The zones, answers and ops of a (re)started node: ``self.zones``,
+        ``self.answers`` and the returned service."""
+        data = DataDirectory(self.tmp)
+        keyring = KeyRing(keystore=self.keystore, schedule=data.dns_key_schedule(),
                           algorithm=self.algorithm, zsk_lifetime=30 * DAY, prepublish=DAY,
                           key_prefix=self.key_prefix)
-        service = DnsService(settings=DnsSettings(domains=("trust", "hypermesh"),
-                                                  nameserver_addresses=("2001:db8::53",),
-                                                  zone=ZoneSettings(record_ttl=300,
-                                                                    negative_ttl=60)),
-                             certs=self.certs, keyring=keyring, forwarder=None,
-                             data_dir=self.tmp / "dns", clock=self.clock)
-        service.start()
-        return service
+        rendered = RenderedAnswers()
+        self.zones = TrustChainZones(
+            settings=DnsSettings(domains=("trust", "hypermesh"),
+                                 nameserver_addresses=("2001:db8::53",),
+                                 zone=ZoneSettings(record_ttl=300, negative_ttl=60)),
+            certs=self.certs, keyring=keyring, registrations=data.dns_registrations(),
+            rendered=rendered, clock=self.clock)
+        self.zones.start()
+        self.answers = DnsAnswers(zones=self.zones, forwarder=None, rendered=rendered)
+        return DnsService(zones=self.zones, answers=self.answers, forwarder=None,
+                          clock=self.clock)
 
     def issue(self, names: list[str], **kwargs: Any) -> tuple[CertificateRecord, Any]:
         kwargs.setdefault("issued_at", self.clock.now)
         record, key = make_record(names, **kwargs)
         self.certs.add_now(record)
-        self.service.certificate_issued(record)
+        self.zones.certificate_issued(CertificateIssued(record=record, logged=None))
         return record, key
 
     def ask(self, name: str, rdtype: str = "AAAA", *, dnssec: bool = True,
@@ -117,12 +138,12 @@ class Env:
         query = dns.message.make_query(name, rdtype, want_dnssec=dnssec, **kwargs)
         query.id = 0
         wire = query.to_wire()
-        answer = self.service.answer_doq(QueryReceived(0, wire, parse_query(wire)), PEER)
+        answer = self.answers.answer_doq(QueryReceived(0, wire, parse_query(wire)), PEER)
         assert isinstance(answer, bytes)
         return answer if raw else dns.message.from_wire(answer)
 
     def ds(self, zone: str = "trust.") -> set[Any]:
-        lines = self.service.ds_records(dns.name.from_text(zone))
+        lines = self.zones.ds_records(dns.name.from_text(zone))
         return {dns.rrset.from_text(zone, 3600, "IN", "DS", line.split(" DS ", 1)[1])[0]
                 for line in lines}
 
@@ -221,19 +242,19 @@ def _types(window: tuple[int, bytes]) -> list[int]:
 
 def test_revocation_expiry_and_renewal(env: Env) -> None:
     first, _ = env.issue(["www.trust", "2001:db8::7"], lifetime=DAY)
-    serial_before = env.service.zones[dns.name.from_text("trust.")].serial
+    serial_before = env.zones.zones[dns.name.from_text("trust.")].serial
     env.clock.now += 60
     second, _ = env.issue(["www.trust", "2001:db8::9"], lifetime=2 * DAY)  # a renewal
     r = env.ask("www.trust")
     assert rdatas(r, dns.rdatatype.AAAA) == ["2001:db8::9"]  # replaced, not added
     assert rdatas(env.ask("_443._quic.www.trust", "TLSA"),
                   dns.rdatatype.TLSA) == [tlsa_of(second)]
-    assert env.service.zones[dns.name.from_text("trust.")].serial > serial_before
-    env.service.certificate_revoked(second)
+    assert env.zones.zones[dns.name.from_text("trust.")].serial > serial_before
+    env.zones.certificate_revoked(CertificateRevoked(record=second))
     # the earlier certificate is still valid, so it is published again
     assert rdatas(env.ask("www.trust"), dns.rdatatype.AAAA) == ["2001:db8::7"]
     env.clock.now = first.not_after + 1
-    assert env.service.maintain() == ["expired 1"]
+    assert env.zones.maintain() == ["expired 1"]
     gone = env.ask("www.trust")
     assert gone.rcode() == dns.rcode.NXDOMAIN and env.validate(gone) >= 2
     assert env.ask("_443._quic.www.trust", "TLSA").rcode() == dns.rcode.NXDOMAIN
@@ -253,21 +274,21 @@ def test_restart_publishes_the_stored_certificates(env: Env) -> None:
 
 def test_signatures_are_refreshed_before_they_expire(env: Env) -> None:
     env.issue(["www.trust", "2001:db8::7"], lifetime=30 * DAY)
-    zone = env.service.zones[dns.name.from_text("trust.")]
+    zone = env.zones.zones[dns.name.from_text("trust.")]
     first_expiry, first_serial = zone.signature_expiry, zone.serial
     assert first_expiry == int(START + 7 * DAY)
     env.clock.now += 3 * DAY
-    assert env.service.maintain() == []  # 4 days left: more than the 3-day refresh
+    assert env.zones.maintain() == []  # 4 days left: more than the 3-day refresh
     env.clock.now += DAY + 1
-    assert env.service.maintain() == ["signatures"]
-    zone = env.service.zones[dns.name.from_text("trust.")]
+    assert env.zones.maintain() == ["signatures"]
+    zone = env.zones.zones[dns.name.from_text("trust.")]
     assert zone.signature_expiry > first_expiry and zone.serial > first_serial
     env.validate(env.ask("www.trust"))
 
 
 def test_zsk_rolls_by_prepublication(env: Env) -> None:
     env.issue(["www.trust", "2001:db8::7"], lifetime=90 * DAY)
-    ring = env.service.keyring
+    ring = env.zones.keyring
     first = ring.signing_zsk(env.clock.now)
 
     def dnskey_tags() -> set[int]:
@@ -281,25 +302,25 @@ def test_zsk_rolls_by_prepublication(env: Env) -> None:
 
     assert signing_tag() == first.tag and len(dnskey_tags()) == 2  # KSK + ZSK
     env.clock.now = START + 29 * DAY  # one day before the ZSK retires: publish the next
-    assert "keys" in env.service.maintain()
+    assert "keys" in env.zones.maintain()
     successor = ring.zsks[-1]
     assert successor is not first and dnskey_tags() == {ring.ksk.tag, first.tag,  # type: ignore[union-attr]
                                                         successor.tag}
     assert signing_tag() == first.tag  # published, not signing yet
     env.validate(env.ask("www.trust"))
     env.clock.now = START + 30 * DAY
-    assert "keys" in env.service.maintain()
+    assert "keys" in env.zones.maintain()
     assert signing_tag() == successor.tag
     assert first.tag in dnskey_tags()  # the retired ZSK stays published a while
     env.validate(env.ask("www.trust"))
     env.clock.now = START + 31 * DAY
-    env.service.maintain()
+    env.zones.maintain()
     assert first.tag not in dnskey_tags() and successor.tag in dnskey_tags()
     env.validate(env.ask("www.trust"))
     # the DS (of the KSK) never changed, and the schedule survives a restart
     ds_before = env.ds()
     env.service = env.new_service()
-    assert env.ds() == ds_before and env.service.keyring.signing_zsk(env.clock.now).tag == \
+    assert env.ds() == ds_before and env.zones.keyring.signing_zsk(env.clock.now).tag == \
         successor.tag
 
 
@@ -324,9 +345,9 @@ def test_dnssec_keys_in_a_pkcs11_token(tmp_path: Path, softhsm_token: SoftHsmTok
 def test_precomputed_answer_keeps_the_question_as_asked(env: Env) -> None:
     env.issue(["www.trust", "2001:db8::7"])
     first = env.ask("www.trust", raw=True)
-    rebuilds = env.service.rebuilds
+    rebuilds = env.zones.rebuilds
     again = env.ask("WWW.Trust", raw=True)  # served from the wire cache
-    assert env.service.rebuilds == rebuilds
+    assert env.zones.rebuilds == rebuilds
     assert len(first) == len(again) and len(first) % PADDING_BLOCK == 0
     assert again[12:22] == b"\x03WWW\x05Trust" and first[12:22] == b"\x03www\x05trust"
     parsed = dns.message.from_wire(again)
@@ -350,7 +371,7 @@ def test_refusals(env: Env, make: Any, rcode: int) -> None:
     query = make()
     query.id = 0
     wire = query.to_wire()
-    answer = env.service.answer_doq(QueryReceived(0, wire, parse_query(wire)), PEER)
+    answer = env.answers.answer_doq(QueryReceived(0, wire, parse_query(wire)), PEER)
     assert isinstance(answer, bytes)
     assert dns.message.from_wire(answer).rcode() == rcode
 
@@ -368,7 +389,7 @@ def _set(query: dns.message.Message, opcode: int) -> dns.message.Message:
 
 def test_unreadable_query_gets_formerr(env: Env) -> None:
     wire = b"\x00\x00\x01\x00\x00\x02" + b"\x00" * 6
-    answer = env.service.answer_doq(QueryReceived(0, wire, None, None), PEER)
+    answer = env.answers.answer_doq(QueryReceived(0, wire, None, None), PEER)
     assert isinstance(answer, bytes) and answer[3] & 0xF == dns.rcode.FORMERR
 
 

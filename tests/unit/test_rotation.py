@@ -18,7 +18,14 @@ from handlers.ca import (
     NamingPolicy,
     Rotator,
 )
-from store import AuditLog, CertificateStore, credential_paths, open_keystore, verify_log
+from store import (
+    AuditLog,
+    CertificateStore,
+    DataDirectory,
+    credential_paths,
+    open_keystore,
+    verify_log,
+)
 
 DOMAINS = ("hypermesh", "trust")
 
@@ -36,7 +43,9 @@ def build(tmp: Path, clock: Clock) -> tuple[Hierarchy, CertificateAuthority, Rot
     keystore = open_keystore(provider="software", data_dir=tmp)
     certs = CertificateStore(tmp / "certs.sqlite3")
     audit = AuditLog(tmp / "audit.log", signer=keystore.get_or_create("audit"), clock=clock)
-    hierarchy = Hierarchy(keystore=keystore, certs=certs, data_dir=tmp,
+    data = DataDirectory(tmp)
+    hierarchy = Hierarchy(keystore=keystore, certs=certs, root_file=data.root_certificate(),
+                          admin=data.admin_credential(),
                           config=HierarchyConfig(ca_id="test", domains=DOMAINS,
                                                  intermediate_lifetime=30 * 86400.0),
                           clock=clock, audit=audit.append)

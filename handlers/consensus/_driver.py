@@ -7,7 +7,7 @@ is told it was decided. Decisions (application records, opaque here) wait in
 a mempool until a block carries them; the node that submitted one learns of
 its commit through :meth:`ConsensusChain.submit`.
 
-The network is a :class:`Transport` supplied by the wiring, so that nothing
+The network is a :class:`PeerLinks` supplied by the composition root, so that nothing
 here knows about QUIC. A single node is the n = 1 case of the same code: it
 proposes, votes and decides by itself, and a block costs one fsync.
 """
@@ -88,7 +88,7 @@ class Committed:
                 for v in self.commit.precommits]
 
 
-class Transport(Protocol):
+class PeerLinks(Protocol):
     """How a validator reaches the others (STOQ in production, anything in tests)."""
 
     async def send(self, validator: str, messages: list[bytes]) -> None:
@@ -105,8 +105,9 @@ class Transport(Protocol):
 class Rules(Protocol):
     """What the application decides about its decisions."""
 
-    async def check(self, decision: bytes) -> str | None:
-        """None if ``decision`` may be committed, else why not. Called once per decision."""
+    async def check(self, decision: bytes, validators: ValidatorSet) -> str | None:
+        """None if ``decision`` may be committed, else why not (``validators``: the
+        current set). Called once per decision."""
 
     async def execute(self, block: Block, commit: Commit) -> None:
         """Apply a committed block (stake changes, beacons, ...); before anyone is told."""
@@ -118,7 +119,7 @@ class Rules(Protocol):
 class OpenRules:
     """Every well-formed decision is valid and nothing is executed (tests, benchmarks)."""
 
-    async def check(self, decision: bytes) -> str | None:
+    async def check(self, decision: bytes, validators: ValidatorSet) -> str | None:
         return None
 
     async def execute(self, block: Block, commit: Commit) -> None:
@@ -148,7 +149,7 @@ class ConsensusChain:
     """
 
     def __init__(self, *, chain_id: str, validators: ValidatorSet, store: ChainStore,
-                 transport: Transport, rules: Rules, me: str | None,
+                 transport: PeerLinks, rules: Rules, me: str | None,
                  sign: Callable[[bytes], bytes] | None, timeouts: Timeouts,
                  block_interval: float = 1.0, gossip_interval: float = 0.5,
                  max_block_decisions: int = 1000, max_frame_size: int = 1 << 20,
@@ -284,7 +285,7 @@ class ConsensusChain:
         future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
         self._checking[digest] = future
         try:
-            verdict = await self.rules.check(decision)
+            verdict = await self.rules.check(decision, self.core.validators)
         except Exception as exc:  # a checker failure refuses the decision, never the node
             verdict = f"the check failed: {exc}"
         finally:

@@ -1,0 +1,73 @@
+"""CT checkpoints before the validators: each committed one is cosigned by the quorum.
+
+Every ``interval`` seconds, each CT shard whose checkpoint grew since the last
+submission is put before the cluster as a ``checkpoint`` decision; once
+committed, the precommits carry the validators' C2SP cosignatures of it
+(``consensus.checkpoint``, spec/stoq.md §18.11).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Iterable
+
+from store import CheckpointRecord
+
+from ._decisions import seal
+from ._driver import ConsensusChain
+
+log = logging.getLogger("trustchain.consensus")
+
+Checkpoints = Callable[[], Iterable[tuple[str, CheckpointRecord]]]
+"""``(origin, latest checkpoint)`` of every CT shard."""
+
+
+class CheckpointSubmitter:
+    """Submits each CT shard's new checkpoints to the chain.
+
+    :param entry: this validator's id; ``sign`` signs with its key (the decisions' seal).
+    """
+
+    def __init__(self, *, chain: ConsensusChain, checkpoints: Checkpoints, entry: str,
+                 sign: Callable[[bytes], bytes], interval: float) -> None:
+        self.chain = chain
+        self.checkpoints = checkpoints
+        self.entry = entry
+        self.sign = sign
+        self.interval = interval
+        self._submitted: dict[str, int] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            for origin, checkpoint in list(self.checkpoints()):
+                if checkpoint.size == 0 or self._submitted.get(origin) == checkpoint.size:
+                    continue
+                if await self._submit(origin, checkpoint):
+                    self._submitted[origin] = checkpoint.size
+
+    async def _submit(self, origin: str, checkpoint: CheckpointRecord) -> bool:
+        body = {"kind": "checkpoint", "origin": origin, "size": checkpoint.size,
+                "root": checkpoint.root, "note": checkpoint.note,
+                "at_ms": int(self.chain.clock() * 1000)}
+        try:
+            await self.chain.submit(seal(body, self.entry, self.sign), checked=False, timeout=60)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.info("CT checkpoint not committed: %s", exc)
+            return False
+        return True

@@ -1,0 +1,74 @@
+"""Rendered DNS answers kept as wire bytes, and what makes them stale.
+
+An authoritative answer is rendered once with dnspython and then served from
+here with the question spliced in; a zone change drops exactly the answers it
+touched (those about the changed names, and every negative answer, which
+carries the SOA). A forwarded answer is kept for the rest of the second it
+was rendered in (its TTLs are still right then).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dns.name
+
+WIRE_CACHE_LIMIT = 65_536
+"""Rendered answers kept at most, of each kind (the cache is emptied when full)."""
+
+AnswerKey = tuple[Any, ...]
+"""(qname, qtype, qclass, flags that shape the answer, EDNS version and DO bit)."""
+
+
+class RenderedAnswers:
+    """Wire answers by question: authoritative ones until their zone changes, forwarded
+    ones for one second."""
+
+    def __init__(self) -> None:
+        self._zone: dict[AnswerKey, bytes] = {}
+        self._positive: dict[dns.name.Name, list[AnswerKey]] = {}
+        """The keys of ``_zone``'s answers with data, by question name."""
+        self._negative: list[AnswerKey] = []
+        """The keys of its NXDOMAIN and NODATA answers (they carry the SOA)."""
+        self._forwarded: dict[AnswerKey, tuple[int, bytes]] = {}
+        """Forwarded answers as sent, with the (monotonic) second they were rendered in."""
+
+    def zone_answer(self, key: AnswerKey) -> bytes | None:
+        return self._zone.get(key)
+
+    def forwarded_answer(self, key: AnswerKey, second: int) -> bytes | None:
+        """The forwarded answer rendered during ``second``, if any."""
+        found = self._forwarded.get(key)
+        return found[1] if found is not None and found[0] == second else None
+
+    def keep_zone_answer(self, key: AnswerKey, name: dns.name.Name, wire: bytes, *,
+                         positive: bool) -> None:
+        if len(self._zone) >= WIRE_CACHE_LIMIT:
+            self.clear()
+        self._zone[key] = wire
+        if positive:
+            self._positive.setdefault(name, []).append(key)
+        else:
+            self._negative.append(key)
+
+    def keep_forwarded(self, key: AnswerKey, second: int, wire: bytes) -> None:
+        if len(self._forwarded) >= WIRE_CACHE_LIMIT:
+            self._forwarded.clear()
+        self._forwarded[key] = (second, wire)
+
+    def clear(self) -> None:
+        """Forget every authoritative answer (a zone was rebuilt whole)."""
+        self._zone.clear()
+        self._positive.clear()
+        self._negative.clear()
+
+    def invalidate(self, changed: set[dns.name.Name]) -> None:
+        """Forget the answers that the change of ``changed``'s RRsets (and of the SOA, in
+        every negative answer) made stale."""
+        cache = self._zone
+        for key in self._negative:
+            cache.pop(key, None)
+        self._negative.clear()
+        for name in changed:
+            for key in self._positive.pop(name, ()):
+                cache.pop(key, None)

@@ -1,0 +1,402 @@
+"""The TrustChain zones, kept up to date with the certificates the CA issued.
+
+One zone per TrustChain domain, made from three sources: the certificates
+the CA issued (for every DNS name of a valid certificate, AAAA records for
+the certificate's IPv6 addresses and a TLSA ``3 1 1`` record, SHA-256 of its
+SubjectPublicKeyInfo, at ``_443._quic.NAME``), the AAAA records certificate
+holders registered with ``dns.register``, and the nameserver's own
+``ns1.DOMAIN``. When several valid certificates carry a name, the newest one
+is published (a renewal replaces its predecessor's records). Revocation and
+expiry remove the records. The zones are signed with the keys of
+:class:`KeyRing`.
+
+Publication is incremental: for every name the zones keep the valid
+certificates that carry it and the one published; an issuance, revocation,
+expiry or registration marks its names, and at the end of the event-loop turn
+(so that a burst of issuances is applied together) only the owner names of
+the marked names are recomputed and given to :meth:`Zone.apply`, which
+re-signs only what changed. The zones are built whole (:func:`build_zone`) at
+start, when the DNSKEY set or the signing key changes, and to refresh the
+signatures. Every change drops the rendered answers it made stale
+(:class:`RenderedAnswers`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import ipaddress
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import dns.dnssec
+import dns.name
+import dns.rdataclass
+import dns.rdatatype
+import dns.rdtypes.ANY.TLSA
+import dns.rdtypes.IN.AAAA
+
+from store import CertificateRecord, CertificateStore, JsonFile
+
+from ..ca import CertificateIssued, CertificateRevoked
+from ._keys import KeyRing
+from ._rendered import RenderedAnswers
+from ._zone import Records, SignatureCache, Zone, ZoneSettings, build_zone, next_serial
+
+log = logging.getLogger("trustchain.dns")
+
+IN = dns.rdataclass.IN
+AAAA = dns.rdatatype.AAAA
+TLSA = dns.rdatatype.TLSA
+TLSA_PREFIX = (b"_443", b"_quic")
+"""TLSA records live at ``_443._quic.NAME``: port 443, transport QUIC (RFC 6698 §3)."""
+_AAAA: Any = dns.rdtypes.IN.AAAA.AAAA  # rdata classes are untyped
+_TLSA: Any = dns.rdtypes.ANY.TLSA.TLSA
+
+
+@dataclass(frozen=True, kw_only=True)
+class DnsSettings:
+    """The ``dns.*`` configuration the zones and the service use."""
+
+    domains: tuple[str, ...]
+    nameserver_addresses: tuple[str, ...] = ("::1",)
+    zone: ZoneSettings = field(default_factory=ZoneSettings)
+    enable_cert_validation: bool = True
+
+
+@dataclass
+class Registration:
+    """AAAA records a certificate holder registered for one of its names."""
+
+    spki_sha256: str
+    serial: str
+    addresses: list[str]
+    time: int
+
+
+def is_address(name: str) -> bool:
+    """Whether ``name`` is an IPv6 address (a certificate name that owns no records)."""
+    try:
+        ipaddress.IPv6Address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def absolute(name: str) -> dns.name.Name:
+    return dns.name.from_text(name.rstrip(".") + ".")
+
+
+def _published_names(record: CertificateRecord) -> list[str]:
+    """The names of ``record`` that own records: no addresses, no wildcards."""
+    return [n for n in record.names if not n.startswith("*.") and not is_address(n)]
+
+
+def _issued_at(record: CertificateRecord) -> float:
+    return record.issued_at
+
+
+def _digestable(rdata: Any) -> bytes:
+    return bytes(rdata.to_digestable())
+
+
+class TrustChainZones:
+    """The signed zones of the TrustChain domains.
+
+    :param certs: the CA's certificate store (read at start).
+    :param keyring: the DNSSEC keys.
+    :param registrations: where ``dns.register``'s records are kept.
+    :param rendered: the answers rendered from these zones, dropped as they go stale.
+    :param clock: wall-clock seconds (certificate validity, signatures, key roll).
+    """
+
+    def __init__(self, *, settings: DnsSettings, certs: CertificateStore, keyring: KeyRing,
+                 registrations: JsonFile, rendered: RenderedAnswers,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.certs = certs
+        self.keyring = keyring
+        self.clock = clock
+        self._registration_file = registrations
+        self._rendered = rendered
+        self.origins = [absolute(d) for d in settings.domains]
+        self._ns_names = {dns.name.Name((b"ns1", *o.labels)) for o in self.origins}
+        self.zones: dict[dns.name.Name, Zone] = {}
+        self._signatures = SignatureCache()
+        self._valid: dict[str, CertificateRecord] = {}
+        self._holders: dict[str, dict[str, CertificateRecord]] = {}
+        """name -> serial -> the valid certificates carrying it (in ``_valid``'s order)."""
+        self._current: dict[str, CertificateRecord] = {}
+        """name -> the certificate the zones publish for it (the newest of its holders)."""
+        self._pending: set[str] = set()
+        """Names whose holders or registration changed since the zones were updated."""
+        self._expiries: list[tuple[float, str]] = []
+        """A heap of (not_after, serial); entries of certificates gone are skipped."""
+        self._key_state: tuple[tuple[str, ...], str] | None = None
+        """The DNSKEY set and the signing ZSK the zones were built with."""
+        self._registrations: dict[str, Registration] = {}
+        self._scheduled = False
+        self.rebuilds = 0
+        """Zones built whole (start, key changes, signature refresh)."""
+        self.updates = 0
+        """Incremental updates (batches of issuances, revocations, registrations)."""
+
+    # --- lifetime ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load the keys, the valid certificates and the registrations; sign the zones."""
+        now = self.clock()
+        self.keyring.load(now)
+        for serial in self.certs.serials():
+            record = self.certs.get(serial)
+            if record is not None and record.revoked_at is None and record.not_after > now:
+                self._add(record)
+        for name, entry in (self._registration_file.load() or {}).items():
+            self._registrations[name] = Registration(**entry)
+        self._rebuild(now)
+
+    async def run(self, interval: float = 60.0) -> None:
+        """Call :meth:`maintain` every ``interval`` seconds, and when a certificate expires."""
+        while True:
+            now = self.clock()
+            try:
+                self.maintain(now)
+            except Exception:
+                log.exception("DNS maintenance failed; retrying")
+            expiry = self._next_expiry()
+            wait = interval if expiry is None or expiry <= now else min(interval,
+                                                                        expiry - now + 0.05)
+            await asyncio.sleep(max(wait, 0.05))
+
+    def maintain(self, now: float | None = None) -> list[str]:
+        """Expire certificates, roll keys and refresh signatures due at ``now``."""
+        now = self.clock() if now is None else now
+        done = []
+        expired = self._expire(now)
+        if expired:
+            done.append(f"expired {expired}")
+        rolled = self.keyring.roll(now)
+        if rolled:
+            done.append("keys")
+        stale = any(z.signature_expiry - now <= self.settings.zone.signature_refresh
+                    for z in self.zones.values())
+        if stale:
+            done.append("signatures")
+        if rolled or stale or self._keys_now(now) != self._key_state:  # (or a build failed)
+            self._rebuild(now)
+        elif self._pending:
+            self._publish(now)
+        return done
+
+    # --- certificates ------------------------------------------------------------------
+
+    def certificate_issued(self, event: CertificateIssued) -> None:
+        """A publisher of the CA: publish the certificate's records."""
+        record = event.record
+        if record.revoked_at is None and record.not_after > self.clock():
+            self._add(record)
+            self._schedule()
+
+    def certificate_revoked(self, event: CertificateRevoked) -> None:
+        """A publisher of the CA: withdraw the certificate's records."""
+        if self._remove(event.record.serial):
+            self._schedule()
+
+    def _add(self, record: CertificateRecord) -> None:
+        if record.serial not in self._valid:
+            heapq.heappush(self._expiries, (record.not_after, record.serial))
+        self._valid[record.serial] = record
+        for name in _published_names(record):
+            self._holders.setdefault(name, {})[record.serial] = record
+            self._pending.add(name)
+
+    def _remove(self, serial: str) -> bool:
+        record = self._valid.pop(serial, None)
+        if record is None:
+            return False
+        for name in _published_names(record):
+            holders = self._holders.get(name)
+            if holders is not None:
+                holders.pop(serial, None)
+                if not holders:
+                    del self._holders[name]
+            self._pending.add(name)
+        return True
+
+    def _expire(self, now: float) -> int:
+        """Remove the certificates that expired at ``now``; how many there were."""
+        expired = 0
+        while self._expiries and self._expiries[0][0] <= now:
+            _, serial = heapq.heappop(self._expiries)
+            record = self._valid.get(serial)
+            if record is not None and record.not_after <= now:
+                self._remove(serial)
+                expired += 1
+        return expired
+
+    def _next_expiry(self) -> float | None:
+        while self._expiries and self._expiries[0][1] not in self._valid:
+            heapq.heappop(self._expiries)
+        return self._expiries[0][0] if self._expiries else None
+
+    def _schedule(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._publish(self.clock())
+            return
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        if self._pending:
+            self._publish(self.clock())
+
+    def current_certificate(self, name: str, now: float | None = None
+                            ) -> CertificateRecord | None:
+        """The newest valid certificate that carries ``name``, as the zones publish it."""
+        now = self.clock() if now is None else now
+        if name in self._holders:
+            candidates: Any = self._holders[name].values()
+        else:  # an address or a wildcard: not indexed
+            candidates = [r for r in self._valid.values() if name in r.names]
+        holders = [r for r in candidates if r.not_after > now and r.revoked_at is None]
+        return max(holders, key=_issued_at) if holders else None
+
+    # --- zones -----------------------------------------------------------------------
+
+    def zone_for(self, name: dns.name.Name) -> Zone | None:
+        best = None
+        for origin, zone in self.zones.items():
+            if name.is_subdomain(origin) and (best is None or len(origin) > len(best.origin)):
+                best = zone
+        return best
+
+    def _settle(self) -> list[dns.name.Name]:
+        """Publish the newest holder of every pending name; the owners to recompute."""
+        owners: list[dns.name.Name] = []
+        for name in self._pending:
+            holders = self._holders.get(name)
+            if holders:
+                self._current[name] = max(holders.values(), key=_issued_at)  # first of ties
+            else:
+                self._current.pop(name, None)
+            owner = absolute(name)
+            owners += (owner, dns.name.Name((*TLSA_PREFIX, *owner.labels)))
+        self._pending.clear()
+        return owners
+
+    def _owner_records(self, owner: dns.name.Name) -> dict[int, tuple[int, list[Any]]]:
+        """All the records of ``owner`` (AAAA, TLSA), from the published certificates."""
+        ttl = int(self.settings.zone.record_ttl)
+        sets: dict[int, tuple[int, list[Any]]] = {}
+        name = owner.to_text(omit_final_dot=True)
+        record = self._current.get(name)
+        addresses: list[str] = []
+        if record is not None:
+            addresses = [a for a in record.names if is_address(a)]
+            registered = self._registrations.get(name)
+            if registered is not None and registered.spki_sha256 == record.spki_sha256:
+                addresses += [a for a in registered.addresses if a not in addresses]
+        rdatas = [_AAAA(IN, AAAA, a) for a in addresses]
+        if owner in self._ns_names:
+            have = [str(rd.to_text()) for rd in rdatas]
+            wanted = have + [a for a in self.settings.nameserver_addresses if a not in have]
+            rdatas = [_AAAA(IN, AAAA, a) for a in wanted]
+        if rdatas:
+            sets[AAAA] = (ttl, sorted(rdatas, key=_digestable))
+        if owner.labels[:len(TLSA_PREFIX)] == TLSA_PREFIX:
+            host = dns.name.Name(owner.labels[len(TLSA_PREFIX):])
+            held = self._current.get(host.to_text(omit_final_dot=True))
+            if held is not None:
+                sets[TLSA] = (ttl, [_TLSA(IN, TLSA, 3, 1, 1, bytes.fromhex(held.spki_sha256))])
+        return sets
+
+    def _records(self) -> Records:
+        """Every record of the zones, from the published certificates."""
+        self._settle()
+        owners = set(self._ns_names)
+        for name in self._current:
+            owner = absolute(name)
+            owners.update((owner, dns.name.Name((*TLSA_PREFIX, *owner.labels))))
+        records: Records = {}
+        for owner in owners:
+            sets = self._owner_records(owner)
+            if sets:
+                records[owner] = sets
+        return records
+
+    def _keys_now(self, now: float) -> tuple[tuple[str, ...], str]:
+        return (tuple(k.name for k in self.keyring.published(now)),
+                self.keyring.signing_zsk(now).name)
+
+    def _rebuild(self, now: float) -> None:
+        """Build and sign every zone whole."""
+        self._expire(now)
+        records = self._records()
+        for origin in self.origins:
+            subset = {name: sets for name, sets in records.items() if name.is_subdomain(origin)}
+            previous = self.zones.get(origin)
+            serial = next_serial(previous.serial if previous is not None else None, now)
+            self.zones[origin] = build_zone(origin, subset, serial=serial, keyring=self.keyring,
+                                            now=now, settings=self.settings.zone,
+                                            cache=self._signatures)
+        self._key_state = self._keys_now(now)
+        self._rendered.clear()
+        self.rebuilds += 1
+
+    def _publish(self, now: float) -> None:
+        """Bring the zones up to date with the pending names (and expiries) at ``now``."""
+        self._expire(now)
+        if not self._pending or self._key_state is None:  # (not started: start() builds)
+            return
+        if self._keys_now(now) != self._key_state:
+            self._rebuild(now)  # the DNSKEY set or the signing key changed: sign it all
+            return
+        names = set(self._pending)
+        changes = {owner: self._owner_records(owner) for owner in self._settle()}
+        changed: set[dns.name.Name] = set()
+        try:
+            for origin in self.origins:
+                subset = {o: sets for o, sets in changes.items() if o.is_subdomain(origin)}
+                if subset:
+                    zone = self.zones[origin]
+                    changed |= zone.apply(subset, serial=next_serial(zone.serial, now),
+                                          keyring=self.keyring, now=now,
+                                          settings=self.settings.zone, cache=self._signatures)
+        except BaseException:
+            # the zone that failed is as it was: publish these names again next time
+            self._pending |= names
+            raise
+        finally:
+            if changed:
+                self._rendered.invalidate(changed)
+        self.updates += 1
+
+    def ds_records(self, origin: dns.name.Name) -> list[str]:
+        """The DS records of ``origin`` for its parent (SHA-256 of the KSK)."""
+        assert self.keyring.ksk is not None
+        ds = dns.dnssec.make_ds(origin, self.keyring.ksk.dnskey, "SHA256")
+        return [f"{origin.to_text()} {3600} IN DS {ds.to_text()}"]
+
+    # --- registrations -------------------------------------------------------------
+
+    def registration(self, name: str) -> Registration | None:
+        return self._registrations.get(name)
+
+    def register(self, name: str, registration: Registration | None) -> None:
+        """Record (or, with None, drop) the AAAA records registered for ``name``; durable
+        before the zones publish them."""
+        if registration is not None:
+            self._registrations[name] = registration
+        else:
+            self._registrations.pop(name, None)
+        self._registration_file.save({n: vars(r)
+                                      for n, r in sorted(self._registrations.items())})
+        self._pending.add(name)
+        self._publish(self.clock())

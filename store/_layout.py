@@ -1,0 +1,191 @@
+"""The data directory: the one place that names the files a node keeps.
+
+Services never choose paths: the composition root asks :class:`DataDirectory`
+for each store, and each store object knows its own file. The layout::
+
+    DATA/
+      keys/                    software keys (development; production keys live in the HSM)
+      root.pem                 the CA root certificate, for clients
+      admin/admin.key, .pem    the administrator credential (an operator's, not the CA's)
+      tls/server.key, .pem     the node's own QUIC/TLS credential
+      ca/certificates.sqlite3  issued certificates, names, revocations, authorities
+      audit/audit.log          the hash-chained audit log
+      ct/ct.sqlite3, ct/<n>/   the CT log's database and each shard's tiles
+      consensus/ledger.sqlite3 stake, beacons, used work
+      consensus/chain.sqlite3  blocks, commits, evidence, signing state
+      dns/keys.json            the DNSSEC key schedule (the keys are in the keystore)
+      dns/registrations.json   AAAA records registered by certificate holders
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ._audit import AuditLog, CheckpointSigner
+from ._blocks import ChainStore
+from ._certdb import CertificateStore
+from ._ctdb import CtDatabase
+from ._errors import FileStoreError
+from ._files import write_atomic
+from ._ledger import LedgerStore
+from ._tiles import TileLog
+from ._tls import TlsCredential, credential_paths
+
+
+class DurableFile:
+    """One small file, always replaced whole: a crash leaves the old or the new one.
+
+    :param mode: permission bits of the file (0o600 for anything secret).
+    """
+
+    def __init__(self, path: Path, *, mode: int = 0o644) -> None:
+        self.path = path
+        self.mode = mode
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def exists(self) -> bool:
+        return self.path.is_file()
+
+    def read(self) -> bytes | None:
+        """The file's bytes, or None if there is no file.
+
+        :raises FileStoreError: it exists but cannot be read.
+        """
+        try:
+            return self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise FileStoreError(f"cannot read {self.path}: {exc}") from exc
+
+    def write(self, data: bytes) -> None:
+        """Replace the file with ``data``, durably (fsync'd before this returns)."""
+        try:
+            write_atomic(self.path, data, mode=self.mode)
+        except OSError as exc:
+            raise FileStoreError(f"cannot write {self.path}: {exc}") from exc
+
+
+class JsonFile(DurableFile):
+    """A :class:`DurableFile` holding one JSON document."""
+
+    def load(self) -> Any:
+        """The document, or None if there is no file.
+
+        :raises FileStoreError: the file cannot be read or is not JSON.
+        """
+        data = self.read()
+        if data is None:
+            return None
+        try:
+            return json.loads(data)
+        except ValueError as exc:
+            raise FileStoreError(f"{self.path} is not valid JSON: {exc}") from exc
+
+    def save(self, document: Any) -> None:
+        self.write(json.dumps(document, indent=1).encode())
+
+
+class AdminCredential:
+    """The administrator's key and certificate (PEM), made by the CA for an operator.
+
+    The key is a file on purpose: it belongs to a person and can be moved off
+    the machine.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.key = DurableFile(directory / "admin.key", mode=0o600)
+        self.certificate = DurableFile(directory / "admin.pem")
+
+    def exists(self) -> bool:
+        return self.certificate.exists()
+
+    def install(self, key_pem: bytes, certificate_pem: bytes) -> None:
+        """Write the key (0600) first, then the certificate that makes it usable."""
+        self.key.write(key_pem)
+        self.certificate.write(certificate_pem)
+
+
+class TileDirectory:
+    """The CT log's tiles: shard *n* in its own directory (static-ct-api layout)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def shard(self, number: int) -> TileLog:
+        """The tiles of shard ``number`` (created empty if missing)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        return TileLog(self.directory / str(number))
+
+
+class DataDirectory:
+    """Every durable file of one node, under one directory.
+
+    :param ct_directory: where the CT log lives instead of ``DATA/ct``
+        (``ct.storage_path``), if set.
+    """
+
+    def __init__(self, root: Path, *, ct_directory: Path | None = None) -> None:
+        self.root = root
+        self._ct = ct_directory or root / "ct"
+
+    def create(self) -> None:
+        """Make the directory itself if it is missing."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise FileStoreError(f"cannot create the data directory {self.root}: {exc}") from exc
+
+    # --- the certificate authority --------------------------------------------------
+
+    def certificates(self) -> CertificateStore:
+        return CertificateStore(self.root / "ca" / "certificates.sqlite3")
+
+    def audit_log(self, signer: CheckpointSigner | None, *,
+                  checkpoint_every: int = 1000) -> AuditLog:
+        return AuditLog(self.root / "audit" / "audit.log", signer=signer,
+                        checkpoint_every=checkpoint_every)
+
+    @property
+    def audit_path(self) -> Path:
+        """The audit log file (``trustchain audit verify`` reads it without a node)."""
+        return self.root / "audit" / "audit.log"
+
+    def root_certificate(self) -> DurableFile:
+        """``root.pem``: what clients trust (``--cafile``)."""
+        return DurableFile(self.root / "root.pem")
+
+    def admin_credential(self) -> AdminCredential:
+        return AdminCredential(self.root / "admin")
+
+    def tls_credential(self) -> TlsCredential:
+        return credential_paths(self.root)
+
+    # --- certificate transparency ---------------------------------------------------
+
+    def ct_database(self) -> CtDatabase:
+        return CtDatabase(self._ct / "ct.sqlite3")
+
+    def ct_tiles(self) -> TileDirectory:
+        return TileDirectory(self._ct)
+
+    # --- consensus ------------------------------------------------------------------
+
+    def ledger(self) -> LedgerStore:
+        return LedgerStore(self.root / "consensus" / "ledger.sqlite3")
+
+    def chain(self) -> ChainStore:
+        return ChainStore(self.root / "consensus" / "chain.sqlite3")
+
+    # --- DNS ------------------------------------------------------------------------
+
+    def dns_key_schedule(self) -> JsonFile:
+        return JsonFile(self.root / "dns" / "keys.json")
+
+    def dns_registrations(self) -> JsonFile:
+        return JsonFile(self.root / "dns" / "registrations.json")
