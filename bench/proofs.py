@@ -43,7 +43,7 @@ import uvloop
 
 import protocol
 import stoq
-import stoq._proofs as stoq_proofs
+import stoq._prover as stoq_prover
 from handlers.consensus import BeaconChain, ProofVerifier
 from handlers.consensus import _native as native
 from protocol.ops.consensus import (
@@ -255,7 +255,7 @@ def _component_rows(verifier: ProofVerifier, prover: stoq.Prover, beacon: stoq.B
     vdfs = []
     for i in range(6 if quick else 24):
         other = hashlib.sha256(b"bench beacon %d" % i).digest()
-        made = stoq_proofs.time_proof(other, beacon.epoch, proofs.requester_key, vdf.iterations)
+        made = stoq_prover.time_proof(other, beacon.epoch, proofs.requester_key, vdf.iterations)
         vdfs.append((vdf_challenge(other, beacon.epoch, proofs.requester_key), made))
     vdf_costs = []
     for other_seed, made in vdfs:
