@@ -67,22 +67,21 @@ from ._common import (
     Children,
     LoadResult,
     LoadSpec,
-    _close_lean,
     load_in_child,
     machine_lines,
     markdown_table,
     percentile,
 )
+from ._streams import close_clients
 from .ca import (
     DRAIN_TIMEOUT,
     IN_FLIGHT,
     IssueResult,
     IssueRun,
     IssueSpec,
-    _issue_protocol_class,
-    _open_connection,
     _sample_cpu,
     name_of,
+    open_issue_client,
 )
 
 REQUESTERS = 200
@@ -399,17 +398,15 @@ async def _warm(spec: ProofLoadSpec) -> IssueResult:
                       duration=spec.duration, warmup=spec.warmup, pool=spec.pool,
                       first_name=spec.first_name, server_pid=spec.server_pid)
     run = IssueRun(issue, frames)
-    engine = stoq.load_engine(spec.engine)
-    cls = _issue_protocol_class(engine)
     connections = list(await asyncio.gather(
-        *(_open_connection(engine, cls, issue, run) for _ in range(spec.connections))))
+        *(open_issue_client(issue, run) for _ in range(spec.connections))))
     try:
         start = time.perf_counter() + 0.01
         run.measure_start = start + spec.warmup
         run.deadline = run.measure_start + spec.duration
         for proto in connections:
             for _ in range(spec.in_flight):
-                if not proto.send_next():
+                if not run.send_next(proto):
                     break
             proto.transmit()
         run.stop_sending()
@@ -419,7 +416,7 @@ async def _warm(spec: ProofLoadSpec) -> IssueResult:
         for proto in connections:
             proto.abandon(f"still open {DRAIN_TIMEOUT:g} s after the end")
     finally:
-        await _close_lean(connections)
+        await close_clients(connections)
     window = max(1e-9, run.deadline - run.measure_start)
     latencies = sorted(run.latencies)
     return IssueResult(
