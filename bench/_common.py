@@ -14,14 +14,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hashlib
 import json
 import os
 import platform
 import queue
 import re
 import signal
-import ssl
 import subprocess
 import sys
 import threading
@@ -29,7 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
 import cbor2
 import uvloop
@@ -37,8 +35,14 @@ import uvloop
 import protocol
 import stoq
 
-if TYPE_CHECKING:
-    from stoq._engine import Engine
+from ._streams import (
+    MAX_DATA,
+    MAX_FRAME_SIZE,
+    MAX_STREAM_DATA,
+    close_clients,
+    open_client,
+    stream_protocol_class,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 """The source tree; child processes run there so that ``python -m`` finds it."""
@@ -57,13 +61,6 @@ HEALTH_SIZED_ANSWER = protocol.encode_frame({"ok": {
 """A frame shaped and sized like the STOQ answer to ``node.health`` (68 bytes)."""
 STREAMS_PER_CONNECTION = 100
 """Concurrent streams the echo server grants, as ``network.max_streams_per_connection``."""
-
-# Flow-control windows: what stoq.Server and stoq.connect use with the default
-# network.max_frame_size, so the bare echo server and the lean client move data
-# under the same limits as STOQ does.
-MAX_FRAME_SIZE = protocol.DEFAULT_MAX_FRAME_SIZE
-MAX_STREAM_DATA = max(1 << 20, MAX_FRAME_SIZE + 4)
-MAX_DATA = max(1 << 20, 4 * MAX_FRAME_SIZE)
 
 BULK_PAYLOAD = MAX_FRAME_SIZE - 64
 """``node.echo`` data size: 1 MiB less the CBOR envelope, so that both the
@@ -297,49 +294,10 @@ def make_certificate(directory: Path) -> tuple[Path, Path]:
 
 # --- the bare QUIC echo server --------------------------------------------------------
 
-def _echo_protocol_class(engine: Engine) -> type:
-    StreamDataReceived = engine.events.StreamDataReceived
-    StreamReset = engine.events.StreamReset
-    ProtocolNegotiated = engine.events.ProtocolNegotiated
-    base: type = engine.QuicConnectionProtocol
-
-    class EchoProtocol(base):  # type: ignore[misc]
-        """Echo each stream's data back, with FIN, once the client's FIN arrives.
-
-        With ALPN :data:`SIZED_ECHO_ALPN`, answer :data:`HEALTH_SIZED_ANSWER` instead.
-        """
-
-        def __init__(self, quic: Any, stream_handler: Any = None) -> None:
-            super().__init__(quic, stream_handler)
-            # The same stream credit as stoq.Server grants, so the transports match.
-            engine.limit_streams(quic, bidi=STREAMS_PER_CONNECTION, uni=0)
-            engine.tune(quic)  # the same transport settings as stoq.Server
-            self._parts: dict[int, list[bytes]] = {}
-            self._answer: bytes | None = None
-
-        def quic_event_received(self, event: Any) -> None:
-            if type(event) is StreamDataReceived:
-                stream_id = event.stream_id
-                if not event.end_stream:
-                    self._parts.setdefault(stream_id, []).append(event.data)
-                    return
-                parts = self._parts.pop(stream_id, None)
-                if self._answer is not None:
-                    data = self._answer
-                elif parts is None:
-                    data = event.data
-                else:
-                    parts.append(event.data)
-                    data = b"".join(parts)
-                self._quic.send_stream_data(stream_id, data, True)
-                engine.stream_finished(self._quic)
-            elif isinstance(event, StreamReset):
-                self._parts.pop(event.stream_id, None)
-            elif (isinstance(event, ProtocolNegotiated)
-                  and event.alpn_protocol == SIZED_ECHO_ALPN):
-                self._answer = HEALTH_SIZED_ANSWER
-
-    return EchoProtocol
+def echo_answer(connection: Any, request: bytes) -> bytes:
+    """The echo server's answer: the request itself, or with ALPN :data:`SIZED_ECHO_ALPN`
+    :data:`HEALTH_SIZED_ANSWER`."""
+    return HEALTH_SIZED_ANSWER if connection.alpn == SIZED_ECHO_ALPN else request
 
 
 async def serve_echo(engine_name: str, port: int, certfile: str, keyfile: str) -> None:
@@ -350,11 +308,19 @@ async def serve_echo(engine_name: str, port: int, certfile: str, keyfile: str) -
                                          idle_timeout=30.0, max_data=MAX_DATA,
                                          max_stream_data=MAX_STREAM_DATA)
     configuration.load_cert_chain(certfile, keyfile)
-    protocol_class = _echo_protocol_class(engine)
+    protocol_class = stream_protocol_class(engine)
+
+    def create_protocol(quic: Any, stream_handler: Any = None) -> Any:
+        # The same stream credit and transport settings as stoq.Server, so the
+        # transports match.
+        engine.limit_streams(quic, bidi=STREAMS_PER_CONNECTION, uni=0)
+        engine.tune(quic)
+        return protocol_class(quic, stream_handler, answer=echo_answer)
+
     loop = asyncio.get_running_loop()
     sock = stoq.make_ipv6_socket(HOST, port)
     transport, _ = await loop.create_datagram_endpoint(
-        lambda: engine.QuicServer(configuration=configuration, create_protocol=protocol_class),
+        lambda: engine.QuicServer(configuration=configuration, create_protocol=create_protocol),
         sock=sock)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -439,6 +405,24 @@ class _Run:
         self.outstanding = 0
         self.drained = asyncio.get_running_loop().create_future()
         self.checked_first = False
+        self.open_loop = False
+        """True: answers send nothing; the caller sends on a schedule (and counts
+        ``outstanding``). False: each answer sends the next request until the deadline."""
+
+    def send_one(self, connection: Any) -> None:
+        connection.send(self.frame, time.perf_counter())
+
+    def answered(self, connection: Any, tag: float, data: bytes | None) -> None:
+        """Check the answer to the request sent at ``tag``, time it, send the next."""
+        now = time.perf_counter()
+        if data is not None:
+            self.check(data)
+            if self.measure_start <= now < self.deadline:
+                self.latencies.append(now - tag)
+        if not self.open_loop and now < self.deadline and not connection.terminated:
+            self.send_one(connection)
+        else:
+            self.finished_one()
 
     def error(self, message: str) -> None:
         self.errors += 1
@@ -479,134 +463,11 @@ def _describe(data: bytes) -> str:
     return data[:40].hex()
 
 
-def _lean_protocol_class(engine: Engine) -> type:
-    ev = engine.events
-    StreamDataReceived = ev.StreamDataReceived
-    perf_counter = time.perf_counter
-    base: type = engine.QuicConnectionProtocol
-
-    class LeanProtocol(base):  # type: ignore[misc]
-        """A client connection that keeps ``in_flight`` requests going until the deadline."""
-
-        def __init__(self, quic: Any, stream_handler: Any = None, *, run: _Run) -> None:
-            super().__init__(quic, stream_handler)
-            self.run = run
-            self.handshake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self.parts: dict[int, list[bytes]] = {}
-            self.started: dict[int, float] = {}
-            self.blocked = 0
-            self.terminated = ""
-
-        def send_request(self) -> None:
-            quic = self._quic
-            stream_id = quic.get_next_available_stream_id()
-            try:
-                quic.send_stream_data(stream_id, self.run.frame, True)
-            except ValueError:
-                # qh3 2.x: the server's stream limit is used up (aioquic and qh3
-                # 1.x queue instead). Retry after the next datagram.
-                self.blocked += 1
-                return
-            self.started[stream_id] = perf_counter()
-
-        def datagram_received(self, data: bytes, addr: Any) -> None:
-            super().datagram_received(data, addr)
-            if self.blocked:
-                blocked, self.blocked = self.blocked, 0
-                for _ in range(blocked):
-                    if perf_counter() < self.run.deadline:
-                        self.send_request()
-                    else:
-                        self.run.finished_one()
-                self.transmit()
-
-        def quic_event_received(self, event: Any) -> None:
-            if type(event) is StreamDataReceived:
-                stream_id = event.stream_id
-                if not event.end_stream:
-                    self.parts.setdefault(stream_id, []).append(event.data)
-                    return
-                parts = self.parts.pop(stream_id, None)
-                if parts is None:
-                    data = event.data
-                else:
-                    parts.append(event.data)
-                    data = b"".join(parts)
-                self._complete(stream_id, data)
-            elif isinstance(event, ev.HandshakeCompleted):
-                if not self.handshake.done():
-                    self.handshake.set_result(None)
-            elif isinstance(event, ev.StreamReset):
-                self.parts.pop(event.stream_id, None)
-                self.run.error(f"stream {event.stream_id} reset, code {event.error_code:#x}")
-                self._complete(event.stream_id, None)
-            elif isinstance(event, ev.ConnectionTerminated):
-                self.terminated = event.reason_phrase or f"error code {event.error_code:#x}"
-                if not self.handshake.done():
-                    self.handshake.set_exception(ConnectionError(self.terminated))
-                self.abandon(f"connection closed: {self.terminated}")
-
-        def abandon(self, why: str) -> None:
-            """Count every request still waiting for an answer as failed."""
-            lost = len(self.started) + self.blocked
-            self.started.clear()
-            self.blocked = 0
-            if lost:
-                self.run.error(f"{lost} requests without an answer: {why}")
-            for _ in range(lost):
-                self.run.finished_one()
-
-        def _complete(self, stream_id: int, data: bytes | None) -> None:
-            now = perf_counter()
-            started = self.started.pop(stream_id, None)
-            if started is None:
-                return
-            run = self.run
-            if data is not None:
-                run.check(data)
-                if run.measure_start <= now < run.deadline:
-                    run.latencies.append(now - started)
-            if now < run.deadline and not self.terminated:
-                self.send_request()
-            else:
-                run.finished_one()
-
-    return LeanProtocol
-
-
-async def _open_lean(engine: Engine, cls: type, spec: LoadSpec, run: _Run) -> Any:
-    configuration = engine.configuration(is_client=True, alpn_protocols=[spec.alpn],
-                                         idle_timeout=60.0, max_data=MAX_DATA,
-                                         max_stream_data=MAX_STREAM_DATA)
-    configuration.server_name = "localhost"
-    configuration.verify_mode = ssl.CERT_NONE  # trust is the pin, checked below
-    quic = engine.QuicConnection(configuration=configuration)
-    engine.tune(quic)  # the same transport settings as stoq.connect
-    loop = asyncio.get_running_loop()
-    sock = stoq.make_ipv6_socket(HOST, 0)
-    transport, proto = await loop.create_datagram_endpoint(lambda: cls(quic, run=run), sock=sock)
-    proto.connect((HOST, spec.port, 0, 0))
-    try:
-        # Not wait_connected(): under uvloop it can miss a handshake that is already done.
-        await asyncio.wait_for(asyncio.shield(proto.handshake), 15.0)
-    except BaseException:
-        transport.close()
-        raise
-    presented = engine.peer_certificate_der(quic) or b""
-    if hashlib.sha256(presented).hexdigest() != spec.pin:
-        transport.close()
-        raise ConnectionError("the server's certificate does not match the pin")
-    return proto
-
-
-async def _close_lean(connections: list[Any]) -> None:
-    for proto in connections:
-        proto.close()
-    with contextlib.suppress(Exception):
-        await asyncio.wait_for(asyncio.gather(*(p.wait_closed() for p in connections)), 2.0)
-    for proto in connections:
-        if proto._transport is not None:
-            proto._transport.close()
+async def open_lean(spec: LoadSpec, run: _Run) -> Any:
+    """One lean client connection for ``spec``: the server trusted by its pin, the
+    transport set up as stoq.connect's."""
+    return await open_client(stoq.load_engine(spec.engine), run, host=HOST, port=spec.port,
+                             alpn=spec.alpn, pin=spec.pin)
 
 
 async def _sample_cpu(spec: LoadSpec, run: _Run) -> tuple[float | None, float]:
@@ -625,17 +486,15 @@ async def _sample_cpu(spec: LoadSpec, run: _Run) -> tuple[float | None, float]:
 
 
 async def _lean_load(spec: LoadSpec, run: _Run) -> tuple[float | None, float]:
-    engine = stoq.load_engine(spec.engine)
-    cls = _lean_protocol_class(engine)
     connections = list(await asyncio.gather(
-        *(_open_lean(engine, cls, spec, run) for _ in range(spec.connections))))
+        *(open_lean(spec, run) for _ in range(spec.connections))))
     try:
         run.measure_start = time.perf_counter() + spec.warmup
         run.deadline = run.measure_start + spec.duration
         run.outstanding = spec.connections * spec.in_flight
         for proto in connections:
             for _ in range(spec.in_flight):
-                proto.send_request()
+                run.send_one(proto)
             proto.transmit()
         cpu = await _sample_cpu(spec, run)
         with contextlib.suppress(TimeoutError):
@@ -644,7 +503,7 @@ async def _lean_load(spec: LoadSpec, run: _Run) -> tuple[float | None, float]:
             proto.abandon(f"still open {DRAIN_TIMEOUT:g} s after the end")
         return cpu
     finally:
-        await _close_lean(connections)
+        await close_clients(connections)
 
 
 async def _library_load(spec: LoadSpec, run: _Run) -> tuple[float | None, float]:

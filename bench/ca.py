@@ -21,24 +21,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hashlib
 import json
 import math
 import os
 import secrets
 import shutil
 import signal
-import ssl
 import subprocess
 import sys
 import tempfile
 import time
-from collections import deque
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn
 
 import cbor2
 import uvloop
@@ -50,14 +47,11 @@ from ._common import (
     FINGERPRINT,
     HOST,
     LISTENING,
-    MAX_DATA,
-    MAX_STREAM_DATA,
     STOQ_OK_PREFIX,
     Child,
     Children,
     LoadResult,
     LoadSpec,
-    _close_lean,
     _describe,
     cpu_seconds,
     load_in_child,
@@ -65,9 +59,7 @@ from ._common import (
     markdown_table,
     percentile,
 )
-
-if TYPE_CHECKING:
-    from stoq._engine import Engine
+from ._streams import close_clients, open_client
 
 KEYSTORES = ("software", "softhsm2")
 SOFTHSM2_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
@@ -265,8 +257,30 @@ class IssueRun:
                 return False
         return True
 
-    def sent(self) -> None:
+    def send(self, connection: Any, frame: bytes, index: int, started: float) -> None:
+        """Send request ``index`` on ``connection``; ``started`` is when it was sent (or
+        scheduled)."""
         self.outstanding += 1
+        connection.send(frame, (started, index))
+
+    def send_next(self, connection: Any) -> bool:
+        """Closed loop: send the next request of the pool; False if none is left."""
+        taken = self.take()
+        if taken is None:
+            return False
+        self.send(connection, taken[0], taken[1], time.perf_counter())
+        return True
+
+    def answered(self, connection: Any, tag: tuple[float, int], data: bytes | None) -> None:
+        """Check and time the answer to request ``tag`` (when it started, its index); in a
+        closed loop, send the next."""
+        now = time.perf_counter()
+        started, index = tag
+        if data is not None and self.check(data, index) and self.counts(started, now):
+            self.latencies.append(now - started)
+        self.finished_one()
+        if not self.open_loop and now < self.deadline and not connection.terminated:
+            self.send_next(connection)
 
     def finished_one(self) -> None:
         self.outstanding -= 1
@@ -293,136 +307,13 @@ def _certificate_names(data: bytes) -> list[str]:
     return names
 
 
-def _issue_protocol_class(engine: Engine) -> type:
-    ev = engine.events
-    StreamDataReceived = ev.StreamDataReceived
-    perf_counter = time.perf_counter
-    base: type = engine.QuicConnectionProtocol
+async def open_issue_client(spec: IssueSpec, run: IssueRun) -> Any:
+    """One client connection to the server, which must present the pinned certificate.
 
-    class IssueProtocol(base):  # type: ignore[misc]
-        """A client connection sending pre-encoded ``ca.issue`` requests, one a stream.
-
-        Closed loop: each answer sends the next request until the deadline. Open
-        loop: the scheduler calls :meth:`send` and answers send nothing.
-        """
-
-        def __init__(self, quic: Any, stream_handler: Any = None, *, run: IssueRun) -> None:
-            super().__init__(quic, stream_handler)
-            self.run = run
-            self.handshake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self.parts: dict[int, list[bytes]] = {}
-            self.started: dict[int, tuple[float, int]] = {}
-            self.blocked: deque[tuple[bytes, int, float]] = deque()
-            self.terminated = ""
-
-        def send(self, frame: bytes, index: int, started: float) -> None:
-            """Send one request; ``started`` is when it was sent (or scheduled)."""
-            self.run.sent()
-            self._send(frame, index, started)
-
-        def send_next(self) -> bool:
-            """Closed loop: send the next request of the pool; False if none is left."""
-            taken = self.run.take()
-            if taken is None:
-                return False
-            self.send(taken[0], taken[1], perf_counter())
-            return True
-
-        def _send(self, frame: bytes, index: int, started: float) -> None:
-            quic = self._quic
-            stream_id = quic.get_next_available_stream_id()
-            try:
-                quic.send_stream_data(stream_id, frame, True)
-            except ValueError:
-                # qh3 2.x: the server's stream limit is used up (aioquic and qh3
-                # 1.x queue instead). Retry after the next datagram.
-                self.blocked.append((frame, index, started))
-                return
-            self.started[stream_id] = (started, index)
-
-        def datagram_received(self, data: bytes, addr: Any) -> None:
-            super().datagram_received(data, addr)
-            if self.blocked:
-                blocked, self.blocked = self.blocked, deque()
-                for frame, index, started in blocked:
-                    self._send(frame, index, started)
-                self.transmit()
-
-        def quic_event_received(self, event: Any) -> None:
-            if type(event) is StreamDataReceived:
-                stream_id = event.stream_id
-                if not event.end_stream:
-                    self.parts.setdefault(stream_id, []).append(event.data)
-                    return
-                parts = self.parts.pop(stream_id, None)
-                if parts is None:
-                    data = event.data
-                else:
-                    parts.append(event.data)
-                    data = b"".join(parts)
-                self._complete(stream_id, data)
-            elif isinstance(event, ev.HandshakeCompleted):
-                if not self.handshake.done():
-                    self.handshake.set_result(None)
-            elif isinstance(event, ev.StreamReset):
-                self.parts.pop(event.stream_id, None)
-                self.run.error(f"stream {event.stream_id} reset, code {event.error_code:#x}")
-                self._complete(event.stream_id, None)
-            elif isinstance(event, ev.ConnectionTerminated):
-                self.terminated = event.reason_phrase or f"error code {event.error_code:#x}"
-                if not self.handshake.done():
-                    self.handshake.set_exception(ConnectionError(self.terminated))
-                self.abandon(f"connection closed: {self.terminated}")
-
-        def abandon(self, why: str) -> None:
-            """Count every request still waiting for an answer as failed."""
-            lost = len(self.started) + len(self.blocked)
-            self.started.clear()
-            self.blocked.clear()
-            if lost:
-                self.run.error(f"{lost} requests without an answer: {why}")
-            for _ in range(lost):
-                self.run.finished_one()
-
-        def _complete(self, stream_id: int, data: bytes | None) -> None:
-            now = perf_counter()
-            entry = self.started.pop(stream_id, None)
-            if entry is None:
-                return
-            started, index = entry
-            run = self.run
-            if data is not None and run.check(data, index) and run.counts(started, now):
-                run.latencies.append(now - started)
-            run.finished_one()
-            if not run.open_loop and now < run.deadline and not self.terminated:
-                self.send_next()
-
-    return IssueProtocol
-
-
-async def _open_connection(engine: Engine, cls: type, spec: IssueSpec, run: IssueRun) -> Any:
-    """One client connection to the server, which must present the pinned certificate."""
-    configuration = engine.configuration(is_client=True, alpn_protocols=[protocol.ALPN],
-                                         idle_timeout=60.0, max_data=MAX_DATA,
-                                         max_stream_data=MAX_STREAM_DATA)
-    configuration.server_name = "localhost"
-    configuration.verify_mode = ssl.CERT_NONE  # trust is the pin, checked below
-    quic = engine.QuicConnection(configuration=configuration)
-    loop = asyncio.get_running_loop()
-    sock = stoq.make_ipv6_socket(HOST, 0)
-    transport, proto = await loop.create_datagram_endpoint(lambda: cls(quic, run=run), sock=sock)
-    proto.connect((HOST, spec.port, 0, 0))
-    try:
-        # Not wait_connected(): under uvloop it can miss a handshake that is already done.
-        await asyncio.wait_for(asyncio.shield(proto.handshake), 15.0)
-    except BaseException:
-        transport.close()
-        raise
-    presented = engine.peer_certificate_der(quic) or b""
-    if hashlib.sha256(presented).hexdigest() != spec.pin:
-        transport.close()
-        raise ConnectionError("the server's certificate does not match the pin")
-    return proto
+    Without stoq.connect's pacer (``tune=False``), as this benchmark has always run.
+    """
+    return await open_client(stoq.load_engine(spec.engine), run, host=HOST, port=spec.port,
+                             pin=spec.pin, tune=False)
 
 
 async def _sample_cpu(spec: IssueSpec, run: IssueRun
@@ -457,7 +348,7 @@ async def _schedule(run: IssueRun, connections: list[Any], start: float) -> None
                 if due > now or due >= run.deadline:
                     break
                 proto = connections[k % len(connections)]
-                proto.send(run.frames[k], k, due)
+                run.send(proto, run.frames[k], k, due)
                 if run.measure_start <= due:
                     run.send_lags.append(now - due)
                 touched.add(proto)
@@ -478,11 +369,8 @@ async def run_issue(spec: IssueSpec) -> IssueResult:
     frames = make_frames(spec.first_name, spec.pool)
     prepare = time.perf_counter() - started
     run = IssueRun(spec, frames)
-    engine = stoq.load_engine(spec.engine)
-    cls = _issue_protocol_class(engine)
-    n = spec.connections
     connections = list(await asyncio.gather(
-        *(_open_connection(engine, cls, spec, run) for _ in range(n))))
+        *(open_issue_client(spec, run) for _ in range(spec.connections))))
     try:
         start = time.perf_counter() + 0.01
         run.measure_start = start + spec.warmup
@@ -492,7 +380,7 @@ async def run_issue(spec: IssueSpec) -> IssueResult:
         else:
             for proto in connections:
                 for _ in range(spec.in_flight):
-                    if not proto.send_next():
+                    if not run.send_next(proto):
                         break
                 proto.transmit()
             run.stop_sending()  # from here on, answers send the next requests themselves
@@ -504,7 +392,7 @@ async def run_issue(spec: IssueSpec) -> IssueResult:
         for proto in connections:
             proto.abandon(f"still open {DRAIN_TIMEOUT:g} s after the end")
     finally:
-        await _close_lean(connections)
+        await close_clients(connections)
     window = max(1e-9, run.deadline - run.measure_start)
     latencies = sorted(run.latencies)
     lags = sorted(run.send_lags)

@@ -34,7 +34,6 @@ import contextlib
 import json
 import re
 import signal
-import ssl
 import subprocess
 import sys
 import tempfile
@@ -43,7 +42,7 @@ import tomllib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn
 
 import cbor2
 import uvloop
@@ -54,23 +53,18 @@ import stoq
 from ._common import (
     HOST,
     LISTENING,
-    MAX_DATA,
-    MAX_STREAM_DATA,
     ROOT,
     STOQ_OK_PREFIX,
     Child,
     Children,
-    _close_lean,
     _describe,
     cpu_seconds,
     machine_lines,
     markdown_table,
     percentile,
 )
-from .ca import IssueRun, IssueSpec, _issue_protocol_class, name_of
-
-if TYPE_CHECKING:
-    from stoq._engine import Engine
+from ._streams import close_clients, open_client
+from .ca import IssueRun, IssueSpec, name_of
 
 VALIDATORS = (1, 4, 7)
 ISSUE_SIZES = (1, 4)
@@ -259,30 +253,6 @@ class _Run(IssueRun):
         return True
 
 
-async def _open(engine: Engine, cls: type, plan: LoadPlan, run: IssueRun) -> Any:
-    """One lean client connection to node-1, its certificate verified against the
-    cluster's root (the node serves its CA-issued certificate once the cluster is up)."""
-    configuration = engine.configuration(is_client=True, alpn_protocols=[protocol.ALPN],
-                                         idle_timeout=60.0, max_data=MAX_DATA,
-                                         max_stream_data=MAX_STREAM_DATA)
-    configuration.server_name = HOST
-    configuration.verify_mode = ssl.CERT_REQUIRED
-    configuration.load_verify_locations(plan.cafile)
-    quic = engine.QuicConnection(configuration=configuration)
-    engine.tune(quic)
-    loop = asyncio.get_running_loop()
-    sock = stoq.make_ipv6_socket(HOST, 0)
-    transport, proto = await loop.create_datagram_endpoint(lambda: cls(quic, run=run), sock=sock)
-    proto.connect((HOST, plan.port, 0, 0))
-    try:
-        # Not wait_connected(): under uvloop it can miss a handshake that is already done.
-        await asyncio.wait_for(asyncio.shield(proto.handshake), 15.0)
-    except BaseException:
-        transport.close()
-        raise
-    return proto
-
-
 def _frames(job: Job) -> list[bytes]:
     if job.kind == "health":
         return [protocol.encode_frame({"op": "node.health", "args": {}})] * job.pool
@@ -299,10 +269,12 @@ async def _closed(plan: LoadPlan, job: Job, frames: list[bytes],
                      in_flight=job.in_flight, duration=job.duration, warmup=job.warmup,
                      pool=len(frames), first_name=first_name)
     run = _Run(spec, frames, job.kind)
+    # node-1 serves its CA-issued certificate once the cluster is up: verified
+    # against the cluster's root
     engine = stoq.load_engine(plan.engine)
-    cls = _issue_protocol_class(engine)
     connections = list(await asyncio.gather(
-        *(_open(engine, cls, plan, run) for _ in range(job.connections))))
+        *(open_client(engine, run, host=HOST, port=plan.port, cafile=plan.cafile)
+          for _ in range(job.connections))))
     perf_counter = time.perf_counter
     try:
         start = perf_counter() + 0.01
@@ -310,7 +282,7 @@ async def _closed(plan: LoadPlan, job: Job, frames: list[bytes],
         run.deadline = run.measure_start + job.duration
         for proto in connections:
             for _ in range(job.in_flight):
-                if not proto.send_next():
+                if not run.send_next(proto):
                     break
             proto.transmit()
         run.stop_sending()
@@ -327,7 +299,7 @@ async def _closed(plan: LoadPlan, job: Job, frames: list[bytes],
         for proto in connections:
             proto.abandon(f"still open {DRAIN_TIMEOUT:g} s after the end")
     finally:
-        await _close_lean(connections)
+        await close_clients(connections)
     window = max(1e-9, run.deadline - run.measure_start)
     latencies = sorted(run.latencies)
     return JobResult(

@@ -50,17 +50,16 @@ from ._common import (
     Children,
     LoadResult,
     LoadSpec,
-    _close_lean,
     _lean_load,
-    _lean_protocol_class,
-    _open_lean,
     _Run,
     _sample_cpu,
     machine_lines,
     make_certificate,
     markdown_table,
+    open_lean,
     percentile,
 )
+from ._streams import close_clients
 
 TARGET_RATE = 10_000
 TARGET_P99_MS = 5.0
@@ -133,6 +132,7 @@ class DoqRun(_Run):
         self.counter = 0
         self._fixed = (b"" if load.queries == "miss" else _framed(query_wire(load.queries, 0)))
         super().__init__(spec, self._fixed, b"")
+        self.open_loop = load.rate > 0
 
     @property
     def frame(self) -> bytes:
@@ -169,23 +169,8 @@ def _spec(load: DnsLoad) -> LoadSpec:
 
 
 async def _open_loop(spec: LoadSpec, run: DoqRun, rate: float) -> tuple[float | None, float]:
-    engine = stoq.load_engine(spec.engine)
-    base = _lean_protocol_class(engine)
     perf_counter = time.perf_counter
-
-    class OpenLoop(base):  # type: ignore[valid-type, misc]
-        def _complete(self, stream_id: int, data: bytes | None) -> None:
-            now = perf_counter()
-            started = self.started.pop(stream_id, None)
-            if started is None:
-                return
-            if data is not None:
-                run.check(data)
-                if run.measure_start <= now < run.deadline:
-                    run.latencies.append(now - started)
-            run.finished_one()
-
-    proto = await _open_lean(engine, OpenLoop, spec, run)
+    proto = await open_lean(spec, run)
     try:
         run.measure_start = perf_counter() + spec.warmup
         run.deadline = run.measure_start + spec.duration
@@ -196,7 +181,7 @@ async def _open_loop(spec: LoadSpec, run: DoqRun, rate: float) -> tuple[float | 
             due = int((now - start) * rate) - sent
             for _ in range(due):
                 run.outstanding += 1
-                proto.send_request()
+                run.send_one(proto)
             sent += max(due, 0)
             proto.transmit()
             await asyncio.sleep(0.001)
@@ -208,7 +193,7 @@ async def _open_loop(spec: LoadSpec, run: DoqRun, rate: float) -> tuple[float | 
             proto.abandon("still open 10 s after the end")
         return cpu
     finally:
-        await _close_lean([proto])
+        await close_clients([proto])
 
 
 class _UdpClient(asyncio.DatagramProtocol):

@@ -43,7 +43,7 @@ import uvloop
 
 import protocol
 import stoq
-import stoq._proofs as stoq_proofs
+import stoq._prover as stoq_prover
 from handlers.consensus import BeaconChain, ProofVerifier
 from handlers.consensus import _native as native
 from protocol.ops.consensus import (
@@ -67,22 +67,21 @@ from ._common import (
     Children,
     LoadResult,
     LoadSpec,
-    _close_lean,
     load_in_child,
     machine_lines,
     markdown_table,
     percentile,
 )
+from ._streams import close_clients
 from .ca import (
     DRAIN_TIMEOUT,
     IN_FLIGHT,
     IssueResult,
     IssueRun,
     IssueSpec,
-    _issue_protocol_class,
-    _open_connection,
     _sample_cpu,
     name_of,
+    open_issue_client,
 )
 
 REQUESTERS = 200
@@ -255,7 +254,7 @@ def _component_rows(verifier: ProofVerifier, prover: stoq.Prover, beacon: stoq.B
     vdfs = []
     for i in range(6 if quick else 24):
         other = hashlib.sha256(b"bench beacon %d" % i).digest()
-        made = stoq_proofs.time_proof(other, beacon.epoch, proofs.requester_key, vdf.iterations)
+        made = stoq_prover.time_proof(other, beacon.epoch, proofs.requester_key, vdf.iterations)
         vdfs.append((vdf_challenge(other, beacon.epoch, proofs.requester_key), made))
     vdf_costs = []
     for other_seed, made in vdfs:
@@ -399,17 +398,15 @@ async def _warm(spec: ProofLoadSpec) -> IssueResult:
                       duration=spec.duration, warmup=spec.warmup, pool=spec.pool,
                       first_name=spec.first_name, server_pid=spec.server_pid)
     run = IssueRun(issue, frames)
-    engine = stoq.load_engine(spec.engine)
-    cls = _issue_protocol_class(engine)
     connections = list(await asyncio.gather(
-        *(_open_connection(engine, cls, issue, run) for _ in range(spec.connections))))
+        *(open_issue_client(issue, run) for _ in range(spec.connections))))
     try:
         start = time.perf_counter() + 0.01
         run.measure_start = start + spec.warmup
         run.deadline = run.measure_start + spec.duration
         for proto in connections:
             for _ in range(spec.in_flight):
-                if not proto.send_next():
+                if not run.send_next(proto):
                     break
             proto.transmit()
         run.stop_sending()
@@ -419,7 +416,7 @@ async def _warm(spec: ProofLoadSpec) -> IssueResult:
         for proto in connections:
             proto.abandon(f"still open {DRAIN_TIMEOUT:g} s after the end")
     finally:
-        await _close_lean(connections)
+        await close_clients(connections)
     window = max(1e-9, run.deadline - run.measure_start)
     latencies = sorted(run.latencies)
     return IssueResult(

@@ -23,11 +23,11 @@ from ._ct import (
 )
 from ._doq import DoqApplication, DoqLimits, DoqSession, DoqStats
 from ._engine import DEFAULT_ENGINE, ENGINES, load_engine
-from ._proofs import (
+from ._prover import (
     Beacon,
     Credential,
-    ProofError,
     Prover,
+    ProverError,
     create_plot,
     solve_work,
 )
@@ -36,6 +36,11 @@ from ._renewal import CertificateRenewer, build_csr
 from ._server import Server, ServerLimits, certificate_fingerprint
 from ._session import Dispatch, Reply
 from ._sockets import make_ipv6_socket
+
+ProofError = ProverError
+"""Deprecated: the old name of :class:`ProverError`, kept while ``trustchain/_cli_proofs.py``
+still catches ``stoq.ProofError``; new code uses ``ProverError`` (``protocol.ct_merkle`` has
+its own ``ProofError``, for Merkle proofs)."""
 
 __all__ = [
     "DEFAULT_ENGINE",
@@ -57,6 +62,7 @@ __all__ = [
     "LogVerificationError",
     "ProofError",
     "Prover",
+    "ProverError",
     "RateLimiter",
     "Reply",
     "Server",

@@ -83,8 +83,9 @@ class DoqStats:
     """Queries being answered asynchronously now."""
 
 
-class DoqTransport(Protocol):
-    """What a DoQ session needs from its QUIC connection."""
+class DoqStreams(Protocol):
+    """The QUIC connection as a :class:`DoqSession` uses it: write, stop and reset its
+    streams, close the connection, know the peer and the time."""
 
     peer: Peer
 
@@ -108,15 +109,15 @@ class DoqApplication:
                                          self.limits.rate_limit_prefix_length)
                              if self.limits.rate_limit_per_minute else None)
 
-    def __call__(self, transport: DoqTransport) -> DoqSession:
-        return DoqSession(transport, self)
+    def __call__(self, streams: DoqStreams) -> DoqSession:
+        return DoqSession(streams, self)
 
 
 class DoqSession:
     """The ``doq`` application on one connection."""
 
-    def __init__(self, transport: DoqTransport, app: DoqApplication) -> None:
-        self._transport = transport
+    def __init__(self, streams: DoqStreams, app: DoqApplication) -> None:
+        self._streams = streams
         self._app = app
         limits = app.limits
         self._conn = DoqConnection(fin_timeout=limits.fin_timeout,
@@ -135,7 +136,7 @@ class DoqSession:
     # --- input from QUIC ------------------------------------------------------------
 
     def stream_data(self, stream_id: int, data: bytes, end_stream: bool) -> None:
-        events = self._conn.receive_data(stream_id, data, end_stream, self._transport.now())
+        events = self._conn.receive_data(stream_id, data, end_stream, self._streams.now())
         self._handle(events)
         self._flush()
 
@@ -176,7 +177,7 @@ class DoqSession:
                     stats.protocol_errors += 1
                 log.info("DoQ connection closed", extra={
                     "code": event.error_code, "reason": event.reason,  # type: ignore[union-attr]
-                    "peer": self._transport.peer.address})
+                    "peer": self._streams.peer.address})
                 for task in self._tasks.values():
                     task.cancel()
                 self._tasks.clear()
@@ -185,15 +186,15 @@ class DoqSession:
         app = self._app
         app.stats.queries += 1
         limiter = app.rate_limiter
-        if limiter is not None and limiter.acquire(self._transport.peer.address,
-                                                   self._transport.now()):
+        if limiter is not None and limiter.acquire(self._streams.peer.address,
+                                                   self._streams.now()):
             app.stats.rate_limited += 1
             flags = event.query.flags if event.query is not None else None
             self._conn.send_answer(event.stream_id,
                                    error_response(event.message, RCODE_REFUSED, flags))
             return
         try:
-            reply = app.answer(event, self._transport.peer)
+            reply = app.answer(event, self._streams.peer)
         except Exception:
             log.exception("DoQ answer failed")
             self._conn.abandon(event.stream_id, DOQ_INTERNAL_ERROR)
@@ -234,23 +235,23 @@ class DoqSession:
     # --- output to QUIC --------------------------------------------------------------
 
     def _flush(self) -> None:
-        transport = self._transport
+        streams = self._streams
         for item in self._conn.data_to_send():
             kind = type(item)
             if kind is SendData:
-                transport.send_stream_data(item.stream_id, item.data,  # type: ignore[union-attr]
+                streams.send_stream_data(item.stream_id, item.data,  # type: ignore[union-attr]
                                            item.end_stream)  # type: ignore[union-attr]
-                transport.stream_finished()
+                streams.stream_finished()
             elif kind is ResetStream:
-                transport.reset_stream(item.stream_id, item.error_code)  # type: ignore[union-attr]
-                transport.stream_finished()
+                streams.reset_stream(item.stream_id, item.error_code)  # type: ignore[union-attr]
+                streams.stream_finished()
             elif kind is StopSending:
-                transport.stop_stream(item.stream_id, item.error_code)  # type: ignore[union-attr]
+                streams.stop_stream(item.stream_id, item.error_code)  # type: ignore[union-attr]
             elif kind is CloseConnection:
-                transport.close_with(item.error_code, item.reason)  # type: ignore[union-attr]
+                streams.close_with(item.error_code, item.reason)  # type: ignore[union-attr]
                 self.connection_lost()
                 return
-        transport.transmit_soon()
+        streams.transmit_soon()
         self._arm_timer()
 
     def _arm_timer(self) -> None:
@@ -267,5 +268,5 @@ class DoqSession:
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_at = None
-        self._handle(self._conn.handle_timer(self._transport.now()))
+        self._handle(self._conn.handle_timer(self._streams.now()))
         self._flush()

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import os
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -31,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from protocol import renewal_statement
 
 from ._client import AsyncClient
+from ._files import write_atomic
 
 log = logging.getLogger("stoq.renewal")
 
@@ -59,17 +59,6 @@ def build_csr(key: Any, names: list[str], addresses: list[str]) -> bytes:
     return (x509.CertificateSigningRequestBuilder().subject_name(subject)
             .add_extension(x509.SubjectAlternativeName(san), critical=not names)
             .sign(key, algorithm).public_bytes(serialization.Encoding.DER))
-
-
-def _write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
 
 
 class CertificateRenewer:
@@ -115,16 +104,15 @@ class CertificateRenewer:
         if self._proofs is not None:
             args["proofs"] = await self._proofs(csr)
         result = await self.client.request("ca.issue", args)
-        self.directory.mkdir(parents=True, exist_ok=True)
 
         def pem(der: bytes) -> bytes:
             return x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM)
 
-        _write(self.directory / "key.pem", key.private_bytes(
+        write_atomic(self.directory / "key.pem", key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption()), mode=0o600)
-        _write(self.directory / "cert.pem", pem(result["certificate"]))
-        _write(self.directory / "chain.pem", b"".join(pem(d) for d in result["chain"]))
+        write_atomic(self.directory / "cert.pem", pem(result["certificate"]))
+        write_atomic(self.directory / "chain.pem", b"".join(pem(d) for d in result["chain"]))
         self.current = result
         lifetime = result["not_after"] - result["not_before"]
         self._jitter = self.rng.uniform(0, lifetime * JITTER_FRACTION)  # fixed per certificate

@@ -119,8 +119,8 @@ class Server:
     def alpns(self) -> list[str]:
         return list(self._applications)
 
-    def _stoq_session(self, transport: Any) -> StoqSession:
-        return StoqSession(transport, self._dispatch, max_frame_size=self.limits.max_frame_size,
+    def _stoq_session(self, streams: Any) -> StoqSession:
+        return StoqSession(streams, self._dispatch, max_frame_size=self.limits.max_frame_size,
                            rate_limiter=self._rate_limiter, draining=self._refusing_requests)
 
     def _refusing_requests(self) -> bool:
@@ -287,7 +287,7 @@ def _protocol_class(engine: Engine) -> type:
             finally:
                 self._receiving = False
 
-        # Transport interface used by sessions.
+        # What sessions use of their connection (_session.StoqStreams, _doq.DoqStreams).
         def send_stream_data(self, stream_id: int, data: bytes, end_stream: bool) -> None:
             try:
                 self._quic.send_stream_data(stream_id, data, end_stream)

@@ -49,8 +49,13 @@ SEND_BUFFER_HIGH_WATER = 1 << 20
 producer waits (the reader is slower than the events)."""
 
 
-class Transport(Protocol):
-    """What a session needs from its QUIC connection."""
+class StoqStreams(Protocol):
+    """The QUIC connection as a :class:`StoqSession` uses it: write, stop and reset its
+    streams, see how much of a stream was sent, know the peer and the time.
+
+    The server's connection protocol implements it (``stoq._server``); not to be
+    confused with ``handlers.consensus.Transport``, the links between validators.
+    """
 
     peer: Peer
 
@@ -67,9 +72,9 @@ class Transport(Protocol):
 class StoqSession:
     """The ``stoq/1`` application on one connection."""
 
-    def __init__(self, transport: Transport, dispatch: Dispatch, *, max_frame_size: int,
+    def __init__(self, streams: StoqStreams, dispatch: Dispatch, *, max_frame_size: int,
                  rate_limiter: RateLimiter | None, draining: Callable[[], bool]) -> None:
-        self._transport = transport
+        self._streams = streams
         self._dispatch = dispatch
         self._conn = ServerConnection(max_frame_size=max_frame_size)
         self._rate_limiter = rate_limiter
@@ -116,15 +121,15 @@ class StoqSession:
             self._conn.refuse(stream_id, Unavailable("the server is shutting down"))
             return
         if self._rate_limiter is not None:
-            wait = self._rate_limiter.acquire(self._transport.peer.address,
-                                              self._transport.now())
+            wait = self._rate_limiter.acquire(self._streams.peer.address,
+                                              self._streams.now())
             if wait:
                 self._conn.refuse(stream_id, RateLimited(
                     wait, f"rate limit of {self._rate_limiter.per_minute} requests a "
                           f"minute exceeded; retry after {wait:.3f} s"))
                 return
         try:
-            reply = self._dispatch(request, self._transport.peer)
+            reply = self._dispatch(request, self._streams.peer)
         except TrustChainError as exc:
             reply = Error(code=exc.code, message=exc.message, details=exc.details)
         except Exception:
@@ -169,7 +174,7 @@ class StoqSession:
                 self._flush()
                 # Back-pressure: a slow reader holds the producer, not our memory.
                 while True:
-                    sent = self._transport.stream_sent_offset(stream_id)
+                    sent = self._streams.stream_sent_offset(stream_id)
                     if sent is None or not self._conn.is_open(stream_id):
                         return
                     if written - sent <= SEND_BUFFER_HIGH_WATER:
@@ -216,23 +221,23 @@ class StoqSession:
     # --- output to QUIC -------------------------------------------------------
 
     def _flush(self) -> None:
-        transport = self._transport
+        streams = self._streams
         instructions = self._conn.data_to_send()
         if not instructions:
             return
         for item in instructions:
             kind = type(item)
             if kind is SendData:
-                transport.send_stream_data(item.stream_id, item.data,  # type: ignore[union-attr]
+                streams.send_stream_data(item.stream_id, item.data,  # type: ignore[union-attr]
                                            item.end_stream)  # type: ignore[union-attr]
                 if item.end_stream:  # type: ignore[union-attr]
-                    transport.stream_finished()
+                    streams.stream_finished()
             elif kind is StopSending:
-                transport.stop_stream(item.stream_id, item.error_code)  # type: ignore[union-attr]
+                streams.stop_stream(item.stream_id, item.error_code)  # type: ignore[union-attr]
             elif kind is ResetStream:
-                transport.reset_stream(item.stream_id, item.error_code)  # type: ignore[union-attr]
-                transport.stream_finished()
-        transport.transmit_soon()
+                streams.reset_stream(item.stream_id, item.error_code)  # type: ignore[union-attr]
+                streams.stream_finished()
+        streams.transmit_soon()
 
 
 def _internal() -> Error:

@@ -5,7 +5,7 @@ client library (which builds): the wire shape of ``proofs``, the statements
 that are hashed or signed (deterministic CBOR, RFC 8949 §4.2.1), and the
 derivations that bind each proof to the requester's key, the epoch beacon and
 the request. The cryptography that needs native code (chiapos, chiavdf) lives
-in ``handlers.consensus`` and ``stoq._proofs``; spec/stoq.md §17 is the
+in ``handlers.consensus`` and ``stoq._prover``; spec/stoq.md §17 is the
 reference for a client in another language.
 
 A proof set on the wire (the ``proofs`` argument of ``ca.issue`` and

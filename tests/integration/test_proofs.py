@@ -23,7 +23,7 @@ from protocol.ops.consensus import (
     parse_proofs,
     work_prefix,
 )
-from stoq._proofs import sign_binding
+from stoq._prover import sign_binding
 from store import verify_signature
 
 from ..helpers import CddlChecker, Requester, RunningNode, running_node

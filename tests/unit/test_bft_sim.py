@@ -15,7 +15,7 @@ import pytest
 
 from handlers.consensus.bft import Vote, VoteType
 from handlers.consensus.bft._core import Timeouts
-from handlers.consensus.bft._sim import Behaviour, Simulation, genesis_proposer, well_formed
+from tests.bft_sim import Behaviour, Simulation, genesis_proposer, well_formed
 
 
 def _decided_rounds(sim: Simulation) -> dict[int, int]:

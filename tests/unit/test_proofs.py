@@ -37,7 +37,7 @@ from protocol.ops.consensus import (
     work_hash,
     work_prefix,
 )
-from stoq._proofs import sign_binding
+from stoq._prover import sign_binding
 from store import AuditLog, LedgerStore, open_keystore, verify_log, verify_signature
 
 EPOCH_LENGTH = 600
@@ -296,7 +296,7 @@ async def test_time_refusals(world: World, other_plotted: Path) -> None:
                        value=beacon.value, params=ProofParams(
                            minimum_stake=1000, minimum_work_difficulty=8, plot_size=18,
                            vdf_iterations=10, epoch_length=EPOCH_LENGTH), development=True)
-    short = stoq._proofs.time_proof(weak.value, weak.epoch, world.prover.spki, 10)
+    short = stoq._prover.time_proof(weak.value, weak.epoch, world.prover.spki, 10)
     await refused(world, resign({**honest, "time": short.to_wire()}, world.prover), "time",
                   "too few")
     await world.verify(honest)

@@ -2,9 +2,9 @@
 
 ``_types``: validators, blocks, signed proposals and votes, commits and
 evidence, all deterministic CBOR. ``_core``: the state machine (messages and
-timeouts in, effects out). ``_sim``: a seeded discrete-event network that drives
-several cores for tests and benchmarks. ``handlers.consensus._cluster`` runs a
-core over STOQ.
+timeouts in, effects out). ``tests/bft_sim.py`` is a seeded discrete-event
+network that drives several cores for tests. ``handlers.consensus._cluster``
+runs a core over STOQ.
 """
 
 from ._types import (

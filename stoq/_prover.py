@@ -17,7 +17,17 @@ production 1,000,000 iterations on one core here), then for every request
 solves fresh proof of work on all cores and signs the binding.
 
 The wire format is :mod:`protocol.ops.consensus`; spec/stoq.md §17 is its
-reference.
+reference. The node's side, which checks these proofs, is
+``handlers.consensus._proofs``.
+
+``chiapos`` and ``chiavdf`` are imported inside the three functions that call
+them (:func:`space_proof`, :func:`time_proof`, :func:`vdf_speed`), not at the
+top: a server (``trustchain serve``) imports ``stoq`` too, and only a client
+that proves needs these native extensions. That is simpler than a lazy
+``__getattr__`` in ``stoq/__init__.py``, which would need names declared
+again for mypy, would load both libraries on the first ``stoq.Prover`` or
+``except stoq.ProverError`` anyway, and would hide the package's contents
+from a reader of its ``__init__``.
 """
 
 from __future__ import annotations
@@ -37,8 +47,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import chiapos
-import chiavdf
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
@@ -65,6 +73,7 @@ from protocol.ops.consensus import (
 )
 
 from ._client import AsyncClient
+from ._files import write_atomic
 
 Progress = Callable[[str, float], None]
 """``progress(message, fraction)``: what is being done and how far (0.0 to 1.0)."""
@@ -76,8 +85,11 @@ WORK_CHUNK = 1 << 18
 """Nonces one worker tries before it reports back (about 0.1 s)."""
 
 
-class ProofError(Exception):
-    """The proofs cannot be built (no plot, no proof in the plot, a plotting failure)."""
+class ProverError(Exception):
+    """The proofs cannot be built (no plot, no proof in the plot, a plotting failure).
+
+    Not :class:`protocol.ct_merkle.ProofError`, which says a Merkle proof is wrong.
+    """
 
 
 # --- proof of work ------------------------------------------------------------------------
@@ -146,7 +158,7 @@ def solve_work(prefix: bytes, difficulty: int, *, workers: int | None = None) ->
                         return int(line).to_bytes(8, "big")
                     selector.unregister(ready.fileobj)
                     if not selector.get_map():
-                        raise ProofError("every proof-of-work process ended without a nonce")
+                        raise ProverError("every proof-of-work process ended without a nonce")
     finally:
         for child in children:
             with contextlib.suppress(ProcessLookupError):
@@ -190,7 +202,7 @@ def create_plot(directory: Path, spki: bytes, k: int, *,
     its output drives ``progress``. A plot of k=18 takes about a second and
     4 MB; k=32 takes hours and about 101 GiB. Returns the plot's path.
 
-    :raises ProofError: the plotter failed.
+    :raises ProverError: the plotter failed.
     """
     directory.mkdir(parents=True, exist_ok=True)
     plot_id = plot_id_for(spki, k)
@@ -216,7 +228,7 @@ def create_plot(directory: Path, spki: bytes, k: int, *,
             leftover.unlink()
         tmp.rmdir()
     if status != 0 or not final.exists():
-        raise ProofError(f"chiapos could not make a k={k} plot (exit status {status}): "
+        raise ProverError(f"chiapos could not make a k={k} plot (exit status {status}): "
                          + " / ".join(tail[-3:]))
     if progress is not None:
         progress(f"plotting k={k}: done", 1.0)
@@ -251,18 +263,20 @@ def plot_filename(spki: bytes, k: int) -> str:
 def space_proof(plot: Path, spki: bytes, k: int, beacon: bytes) -> SpaceProof:
     """The first of the epoch's challenges that the plot answers.
 
-    :raises ProofError: the plot is not ``spki``'s, or answers none of them.
+    :raises ProverError: the plot is not ``spki``'s, or answers none of them.
     """
+    import chiapos  # only a proving client needs it (see the module docstring)
+
     plot_id = plot_id_for(spki, k)
     prover = chiapos.DiskProver(str(plot))
     if bytes(prover.get_id()) != plot_id or prover.get_size() != k:
-        raise ProofError(f"{plot} is not the k={k} plot of this requester key")
+        raise ProverError(f"{plot} is not the k={k} plot of this requester key")
     for index in range(SPACE_CHALLENGES):
         challenge = space_challenge(beacon, plot_id, index)
         if prover.get_qualities_for_challenge(challenge):
             proof = bytes(prover.get_full_proof(challenge, 0))
             return SpaceProof(plot_id=plot_id, k=k, index=index, proof=proof)
-    raise ProofError(f"{plot} answers none of the {SPACE_CHALLENGES} challenges of this "
+    raise ProverError(f"{plot} answers none of the {SPACE_CHALLENGES} challenges of this "
                      "epoch (improbable: is the plot damaged?)")
 
 
@@ -272,6 +286,8 @@ def space_proof(plot: Path, spki: bytes, k: int, beacon: bytes) -> SpaceProof:
 def time_proof(beacon: bytes, epoch: int, spki: bytes, iterations: int) -> TimeProof:
     """The VDF of the epoch for key ``spki``: ``iterations`` sequential squarings
     (chiavdf releases the GIL while it works, so a thread may run it)."""
+    import chiavdf  # only a proving client needs it (see the module docstring)
+
     seed = vdf_challenge(beacon, epoch, spki)
     result = bytes(chiavdf.prove(seed, VDF_GENERATOR, VDF_DISCRIMINANT_BITS, iterations, ""))
     return TimeProof(iterations=iterations, output=result[:VDF_FORM_SIZE],
@@ -280,6 +296,8 @@ def time_proof(beacon: bytes, epoch: int, spki: bytes, iterations: int) -> TimeP
 
 def vdf_speed(sample: int = 2000) -> float:
     """VDF iterations a second on this machine (a short measurement)."""
+    import chiavdf  # only a proving client needs it (see the module docstring)
+
     started = time.perf_counter()
     chiavdf.prove(hashlib.sha256(b"speed").digest(), VDF_GENERATOR, VDF_DISCRIMINANT_BITS,
                   sample, "")
@@ -341,19 +359,11 @@ def load_or_create_requester_key(path: Path) -> RequesterKey:
                 isinstance(key, ec.EllipticCurvePrivateKey)
                 and isinstance(key.curve, ec.SECP256R1 | ec.SECP384R1)):
             return key
-        raise ProofError(f"{path}: the requester key must be a P-256, P-384 or Ed25519 key")
+        raise ProverError(f"{path}: the requester key must be a P-256, P-384 or Ed25519 key")
     key = ec.generate_private_key(ec.SECP256R1())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, key.private_bytes(serialization.Encoding.PEM,
-                                       serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption()))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    write_atomic(path, key.private_bytes(serialization.Encoding.PEM,
+                                         serialization.PrivateFormat.PKCS8,
+                                         serialization.NoEncryption()), mode=0o600)
     return key
 
 
@@ -470,7 +480,7 @@ class Prover:
         found = self.plot_for(params.plot_size)
         if found is None:
             if not make_plot:
-                raise ProofError(f"no plot of size k >= {params.plot_size} in "
+                raise ProverError(f"no plot of size k >= {params.plot_size} in "
                                  f"{self.directory}: run `trustchain proofs plot`")
             plot, k = self.ensure_plot(params.plot_size, progress=progress), params.plot_size
         else:
@@ -478,10 +488,7 @@ class Prover:
         space = space_proof(plot, self.spki, k, beacon.value)
         vdf = self._time_with_progress(beacon, params.vdf_iterations, progress)
         credential = Credential(epoch=beacon.epoch, beacon=beacon.value, space=space, time=vdf)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(credential.to_bytes())
-        os.replace(tmp, path)
+        write_atomic(path, credential.to_bytes())
         for old in path.parent.glob("epoch-*.cbor"):  # older epochs are no longer accepted
             with contextlib.suppress(ValueError, OSError):
                 if int(old.name.split("-")[1]) < beacon.epoch - 1:

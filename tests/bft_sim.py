@@ -17,6 +17,9 @@ simulated here, with their own keys, rather than by patching the core:
 
 The checks (:meth:`Simulation.check`) are the safety properties: agreement,
 validity, and no honest validator signing two conflicting messages.
+
+Test code, not product: it lives in ``tests/`` and drives the public
+:mod:`handlers.consensus.bft` API only.
 """
 
 from __future__ import annotations
@@ -33,30 +36,26 @@ from typing import Literal
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from protocol import decode_item, encode_deterministic
-
-from ._core import (
+from handlers.consensus.bft import (
     Application,
+    Block,
     Broadcast,
+    CommitMessage,
     Decided,
+    DuplicateVoteEvidence,
     Effect,
     EvidenceFound,
+    Message,
     Misbehaviour,
     NeedBlocks,
     PeerBehind,
     PersistSigningState,
+    Proposal,
     ScheduleTimeout,
     SendTo,
+    SigningState,
     Tendermint,
     Timeouts,
-)
-from ._types import (
-    Block,
-    CommitMessage,
-    DuplicateVoteEvidence,
-    Message,
-    Proposal,
-    SigningState,
     Validator,
     ValidatorSet,
     Vote,
@@ -64,6 +63,7 @@ from ._types import (
     encode_message,
     validator_id,
 )
+from protocol import decode_item, encode_deterministic
 
 Behaviour = Literal["honest", "equivocate", "silent", "invalid"]
 
