@@ -44,7 +44,7 @@ import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,9 +60,8 @@ from protocol import ErrorCode, TrustChainError
 from store import AuthorityRecord, SoftwareKeyStore, write_atomic
 
 from . import _config as config
-
-ClientBody = Callable[[stoq.AsyncClient], Awaitable[int]]
-RunClient = Callable[[argparse.Namespace, ClientBody], int]
+from ._app import Node, open_ca_stores
+from ._cli_common import Command, Subcommands, print_rows, quiet_client_noise
 
 DEFAULT_BASE_PORT = 7700
 """Node I listens on ``base + I`` (7701, 7702, ...) unless ``--base-port`` says otherwise."""
@@ -80,8 +79,7 @@ DEVELOPMENT_NOTICE = (
     "Never use this for a real CA.")
 
 
-def add_commands(sub: Any, *, add_trust_options: Callable[[argparse.ArgumentParser], None],
-                 run_client: RunClient) -> dict[str, Callable[[argparse.Namespace], int]]:
+def add_commands(sub: Subcommands) -> dict[str, Command]:
     parser = sub.add_parser("cluster", help="a development validator cluster on this machine")
     commands = parser.add_subparsers(dest="cluster_command", required=True)
 
@@ -300,26 +298,6 @@ def _port_in_use(port: int, address: str = ADDRESS) -> bool:
     return False
 
 
-class _DropClientNoise(logging.Filter):
-    """Drop asyncio's per-packet complaint about sends to a port nobody listens on yet."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.getMessage() != "socket.send() raised exception."
-
-
-def _quiet_client_noise(loop: asyncio.AbstractEventLoop) -> None:
-    """Keep the output of polling clients readable: a node that is not up yet (or still
-    serves its bootstrap certificate) fails handshakes, which is expected here."""
-    logging.getLogger("asyncio").addFilter(_DropClientNoise())
-
-    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        if isinstance(context.get("exception"), stoq.ConnectionFailed):
-            return  # a failed handshake nobody waits for any more
-        loop.default_exception_handler(context)
-
-    loop.set_exception_handler(handler)
-
-
 @contextlib.contextmanager
 def _quiet_warnings() -> Iterator[None]:
     """Silence the stores' per-open development warnings (one notice is printed instead)."""
@@ -345,8 +323,6 @@ def _make_root(cfg: config.Config, workdir: Path, chain_id: str) -> tuple[bytes,
     intermediate ``Hierarchy.ensure`` makes there too is discarded, key and all;
     every node makes its own.
     """
-    from ._app import open_ca_stores
-
     keystore, certs, audit = open_ca_stores(cfg, workdir)
     try:
         hierarchy = Hierarchy(
@@ -379,8 +355,6 @@ class _Made:
 def _make_node(cfg: config.Config, key_pem: bytes, root: AuthorityRecord,
                chain_id: str) -> _Made:
     """Give the node at ``cfg`` the cluster root, its own intermediate and validator key."""
-    from ._app import Node
-
     node = Node(cfg)
     node.open_stores()
     try:
@@ -520,7 +494,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     rows = [("NAME", "ENDPOINT", "VALIDATOR ID", "CONFIG")]
     rows += [(plan.name, f"[{ADDRESS}]:{plan.port}", validator_id(m.public_key),
               str(plan.config_path)) for plan, m in zip(plans, made, strict=True)]
-    _print_rows(rows)
+    print_rows(rows)
     print(DEVELOPMENT_NOTICE)
     print(f"start every node:  trustchain cluster up {out}")
     print(f"start one node:    trustchain serve --config {plans[0].config_path}")
@@ -528,13 +502,6 @@ def cmd_init(args: argparse.Namespace) -> int:
     print(f"ask one node:      trustchain health --server [{ADDRESS}]:{plans[0].port} "
           f"--cafile {out / ROOT_FILE}")
     return 0
-
-
-def _print_rows(rows: Sequence[Sequence[str]], out: Any = None) -> None:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip(),
-              file=out or sys.stdout)
 
 
 # --- up ---------------------------------------------------------------------------
@@ -722,7 +689,7 @@ class Supervisor:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        _quiet_client_noise(loop)
+        quiet_client_noise(loop)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.on_signal, sig)
         preexec = _child_setup()
@@ -746,7 +713,7 @@ class Supervisor:
                              str(health), str(member.log)))
                 if not isinstance(answer, dict):
                     bad.append((member, answer))
-            _print_rows(rows)
+            print_rows(rows)
             sys.stdout.flush()
             if bad:
                 self.failed = True
@@ -826,7 +793,7 @@ async def _ask_status(member: Member, cafile: Path, engine: str,
 
 
 async def _ask_all(cluster: Cluster, engine: str, timeout: float) -> list[dict[str, Any]]:
-    _quiet_client_noise(asyncio.get_running_loop())
+    quiet_client_noise(asyncio.get_running_loop())
     return list(await asyncio.gather(*(_ask_status(m, cluster.root, engine, timeout)
                                        for m in cluster.members)))
 
@@ -885,7 +852,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         rows: list[tuple[str, ...]] = [("NAME", "REACHABLE", "HEIGHT", "ROUND", "STEP",
                                         "ISOLATED", "EVIDENCE", "LAST BLOCK", "NOTE")]
         rows += [_status_row(a) for a in answers]
-        _print_rows(rows)
+        print_rows(rows)
         chains = {a["status"].get("chain_id") for a in answers if a["status"]}
         for chain in sorted(str(c) for c in chains - {cluster.chain_id}):
             print(f"warning: a node reports chain {chain!r}, not {cluster.chain_id!r}",
