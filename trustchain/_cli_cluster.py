@@ -18,8 +18,10 @@ the trust anchor of the cluster; ``DIR/cluster.toml`` lists the nodes.
 ``up`` starts ``python -m trustchain serve --config DIR/node-I/config.toml``
 for every node (output in ``DIR/node-I/node.log``), waits until each answers
 ``node.health``, and stays in the foreground: SIGINT and SIGTERM are passed on
-to every node (a second one kills them), and a node that exits by itself stops
-the others. Exit status 0 after a requested stop, 1 when a node failed.
+to every node (a second one kills them). A node that exits by itself is
+restarted with a back-off (``_supervisor.RestartPolicy``), or with
+``--no-restart`` stops the others. Exit status 0 after a requested stop, 1
+when a node failed (or was given up on).
 
 ``status`` asks every node for ``consensus.status``; exit status 3 when no
 node could be reached, 0 otherwise.
@@ -57,7 +59,7 @@ from ._cluster_layout import (
     remove_cluster_files,
     running_nodes,
 )
-from ._supervisor import Supervisor
+from ._supervisor import RestartPolicy, Supervisor
 
 DEFAULT_BASE_PORT = 7700
 """Node I listens on ``base + I`` (7701, 7702, ...) unless ``--base-port`` says otherwise."""
@@ -91,14 +93,31 @@ def add_commands(sub: Subcommands) -> dict[str, Command]:
     init.add_argument("--force", action="store_true",
                       help="replace a cluster already in DIR (deletes its nodes' data and keys)")
 
-    up = commands.add_parser("up", help="run every node of a cluster in the foreground")
+    policy = RestartPolicy()
+    up = commands.add_parser(
+        "up", help="run every node of a cluster in the foreground",
+        description=(
+            "Run every node of the cluster in the foreground until Ctrl-C or SIGTERM, which "
+            "stop every node (a second one kills them); exit status 0 after such a stop. "
+            "A node that exits by itself (a crash, kill -9) is reported with the tail of "
+            f"its log and restarted after {policy.first_delay:g} s, a delay that doubles with "
+            f"each further exit up to {policy.max_delay:g} s and starts again at "
+            f"{policy.first_delay:g} s once the node has stayed up {policy.stable_after:g} s. "
+            f"A node that exits {policy.max_failed_starts} times in a row before answering "
+            "node.health is given up on: the others keep running, and the exit status "
+            "becomes 1. A node that fails to come up at the first start stops the cluster "
+            "(exit status 1)."))
     up.add_argument("dir", metavar="DIR", help="directory written by `cluster init`")
     up.add_argument("--wait", type=float, default=60.0, metavar="SECONDS",
-                    help="how long the nodes may take to answer node.health (default 60)")
+                    help="how long the nodes may take to answer node.health, at the start "
+                         "and after a restart (default 60)")
     up.add_argument("--stop-timeout", type=float, default=30.0, metavar="SECONDS",
                     help="how long stopping nodes may take before they are killed (default 30)")
     up.add_argument("--engine", choices=stoq.ENGINES, default=stoq.DEFAULT_ENGINE,
                     help="QUIC engine of the health checks")
+    up.add_argument("--no-restart", action="store_true",
+                    help="do not restart a node that exits: stop the whole cluster instead "
+                         "(exit status 1)")
 
     status = commands.add_parser("status", help="ask every node of a cluster for "
                                                 "consensus.status")
@@ -219,7 +238,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     if missing:
         raise ValueError(f"missing: {', '.join(missing)}")
     supervisor = Supervisor(cluster, wait=args.wait, stop_timeout=args.stop_timeout,
-                            engine=args.engine)
+                            engine=args.engine,
+                            restart=None if args.no_restart else RestartPolicy())
     result: int = uvloop.run(supervisor.run())
     return result
 
