@@ -7,68 +7,42 @@ Exit status: 0 success; 1 the server refused (its error code is printed);
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
-from collections.abc import Awaitable, Callable
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable
 
 import uvloop
 
 import stoq
-from protocol import TrustChainError
-from store import AuditError, CertStoreError, KeyStoreError, credential_paths
 
-from . import __version__, _cli_ca
+from . import __version__, _cli_ca, _cli_cluster, _cli_ct, _cli_dns, _cli_proofs
 from . import _config as config
 from ._app import Node
+from ._cli_common import (
+    Command,
+    Subcommands,
+    add_trust_options,
+    client_command,
+    offline_command,
+    parse_endpoint,
+    print_json,
+    run_client,
+)
 from ._compose import EVERY_PART, PART_SETS, NodeParts
 from ._logging import configure as configure_logging
 
-DEFAULT_SERVER = "[::1]:8443"
+ADD_COMMANDS: list[Callable[[Subcommands], dict[str, Command]]] = [
+    _cli_ct.add_commands,
+    _cli_proofs.add_commands,
+    _cli_dns.add_commands,
+    _cli_cluster.add_commands,
+]
+"""The ``add_commands`` of each sub-command module, in the order of ``--help``. They run
+after the core commands exist: proofs adds ``--proofs-dir`` to ``issue`` and ``revoke``."""
 
 
-def parse_endpoint(text: str, *, default_host: str = "::1") -> tuple[str, int]:
-    """``[ADDR]:PORT`` (or a bare ``PORT``) as ``(addr, port)``.
-
-    :raises ValueError: with a message for the user.
-    """
-    text = text.strip()
-    if text.isdigit():
-        host, port_text = default_host, text
-    elif text.startswith("["):
-        end = text.find("]")
-        if end < 0 or not text[end + 1:].startswith(":"):
-            raise ValueError(f"{text!r}: expected [ADDR]:PORT, for example [::1]:8443")
-        host, port_text = text[1:end], text[end + 2:]
-    else:
-        raise ValueError(f"{text!r}: expected [ADDR]:PORT, for example [::1]:8443 "
-                         "(IPv6 addresses go in brackets)")
-    config.check_ipv6(host, "address")
-    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise ValueError(f"{text!r}: {port_text!r} is not a port number")
-    return host, int(port_text)
-
-
-def _add_trust_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--server", default=DEFAULT_SERVER, metavar="[ADDR]:PORT",
-                   help=f"server to ask (default {DEFAULT_SERVER})")
-    trust = p.add_mutually_exclusive_group()
-    trust.add_argument("--cafile", help="verify the server against this CA certificate file")
-    trust.add_argument("--pin", metavar="SHA256",
-                       help="accept only the server certificate with this SHA-256 (hex)")
-    trust.add_argument("--insecure", action="store_true",
-                       help="do not authenticate the server (development only)")
-    p.add_argument("--data-dir", default=None,
-                   help="local node data directory used to find a default trust anchor "
-                        "(default ./trustchain-data)")
-    p.add_argument("--engine", choices=stoq.ENGINES, default=stoq.DEFAULT_ENGINE,
-                   help="QUIC engine of the client")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait (default 10)")
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
+    """The parser of every command, and the command each sub-command name runs."""
     parser = argparse.ArgumentParser(prog="trustchain", description=(
         "TrustChain: a QUIC-native, IPv6-only certificate authority, CT log and DNS server."))
     parser.add_argument("--version", action="version", version=f"trustchain {__version__}")
@@ -84,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (("health", "ask a node whether it is healthy"),
                        ("info", "show a node's version, engine, ALPNs, ops and limits"),
                        ("rotation-status", "show the CA's rotation schedule")):
-        _add_trust_options(sub.add_parser(name, help=text))
+        add_trust_options(sub.add_parser(name, help=text))
 
     init = sub.add_parser("init", help="create the CA (root, intermediate, admin) if missing")
     init.add_argument("--config", help="TOML configuration file")
@@ -97,11 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     issue.add_argument("--key-type", choices=("p256", "p384", "ed25519"), default="p256",
                        help="type of a new key (default p256)")
     issue.add_argument("--out", required=True, help="directory for cert.pem and chain.pem")
-    _add_trust_options(issue)
+    add_trust_options(issue)
 
     validate = sub.add_parser("validate", help="status of a certificate by serial")
     validate.add_argument("serial")
-    _add_trust_options(validate)
+    add_trust_options(validate)
 
     revoke = sub.add_parser("revoke", help="revoke a certificate")
     revoke.add_argument("serial")
@@ -113,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
                         choices=("unspecified", "key_compromise", "affiliation_changed",
                                  "superseded", "cessation_of_operation",
                                  "privilege_withdrawn"))
-    _add_trust_options(revoke)
+    add_trust_options(revoke)
 
     verify = sub.add_parser("verify", help="check a certificate offline against the root")
     verify.add_argument("certificate", help="PEM certificate (cert.pem)")
@@ -129,63 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "records")
     audit_verify.add_argument("--config")
     audit_verify.add_argument("--data-dir")
-    from . import _cli_cluster, _cli_ct, _cli_dns, _cli_proofs  # (cycle: see the CLI split)
-    for module in (_cli_ct, _cli_proofs, _cli_dns, _cli_cluster):
-        COMMANDS.update(module.add_commands(sub, add_trust_options=_add_trust_options,
-                                            run_client=_run_client))
-    return parser
-
-
-def _trust(args: argparse.Namespace) -> dict[str, Any]:
-    """Connection trust options; without any, trust the local node's own files."""
-    if args.cafile:
-        return {"cafile": args.cafile}
-    if args.pin:
-        return {"pin": args.pin}
-    if args.insecure:
-        print("warning: --insecure: the server is not authenticated", file=sys.stderr)
-        return {"insecure": True}
-    data_dir = Path(args.data_dir or "./trustchain-data")
-    root = data_dir / "root.pem"
-    if root.is_file():
-        return {"cafile": str(root)}
-    certfile = credential_paths(data_dir).certfile
-    if certfile.is_file():
-        return {"pin": stoq.certificate_fingerprint(str(certfile))}
-    raise ValueError("no trust anchor: pass --cafile FILE, --pin SHA256 or --insecure "
-                     f"(looked for {root} and {certfile})")
-
-
-def _print_json(value: Any) -> None:
-    def default(obj: Any) -> Any:
-        if isinstance(obj, bytes):
-            return obj.hex()
-        return str(obj)
-    print(json.dumps(value, indent=2, sort_keys=True, default=default))
-
-
-async def _client_call(args: argparse.Namespace,
-                       body: Callable[[stoq.AsyncClient], Awaitable[int]]) -> int:
-    host, port = parse_endpoint(args.server)
-    client = await stoq.connect(host, port, engine=args.engine, timeout=args.timeout,
-                                keep_alive_interval=None, **_trust(args))
-    async with client:
-        return await body(client)
-
-
-def _run_client(args: argparse.Namespace,
-                body: Callable[[stoq.AsyncClient], Awaitable[int]]) -> int:
-    try:
-        return uvloop.run(_client_call(args, body))
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except stoq.ConnectionFailed as exc:
-        print(f"error: cannot reach {args.server}: {exc.message}", file=sys.stderr)
-        return 3
-    except TrustChainError as exc:
-        print(f"error: {exc.code.value}: {exc.message}", file=sys.stderr)
-        return 1
+    commands = dict(CORE_COMMANDS)
+    for add_commands in ADD_COMMANDS:
+        commands.update(add_commands(sub))
+    return parser, commands
 
 
 def cmd_serve(args: argparse.Namespace, parts: NodeParts = EVERY_PART) -> int:
@@ -215,41 +136,17 @@ def cmd_serve(args: argparse.Namespace, parts: NodeParts = EVERY_PART) -> int:
     return 0
 
 
-def cmd_simple(op: str) -> Callable[[argparse.Namespace], int]:
+def cmd_simple(op: str) -> Command:
+    """A command that prints the answer of ``op`` (no arguments) as JSON."""
     def command(args: argparse.Namespace) -> int:
         async def body(client: stoq.AsyncClient) -> int:
-            _print_json(await client.request(op))
+            print_json(await client.request(op))
             return 0
-        return _run_client(args, body)
+        return run_client(args, body)
     return command
 
 
-def client_command(make: Callable[[argparse.Namespace], Callable[[stoq.AsyncClient],
-                                                                   Awaitable[int]]]
-                   ) -> Callable[[argparse.Namespace], int]:
-    def command(args: argparse.Namespace) -> int:
-        try:
-            body = make(args)
-        except (ValueError, OSError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        return _run_client(args, body)
-    return command
-
-
-def offline_command(run: Callable[[argparse.Namespace], int]
-                    ) -> Callable[[argparse.Namespace], int]:
-    def command(args: argparse.Namespace) -> int:
-        try:
-            return run(args)
-        except (config.ConfigError, ValueError, OSError, AuditError, CertStoreError,
-                KeyStoreError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-    return command
-
-
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+CORE_COMMANDS: dict[str, Command] = {
     "serve": cmd_serve,
     "health": cmd_simple("node.health"),
     "info": cmd_simple("node.info"),
@@ -264,15 +161,16 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return COMMANDS[args.command](args)
+    parser, commands = build_parser()
+    args = parser.parse_args(argv)
+    return commands[args.command](args)
 
 
 def serve_parts(argv: list[str], parts: str) -> int:
     """``trustchain serve ARGV`` with only the services of ``PART_SETS[parts]``: what the
     benchmarks run to measure what each stage adds."""
-    args = build_parser().parse_args(["serve", *argv])
-    return cmd_serve(args, PART_SETS[parts])
+    parser, _ = build_parser()
+    return cmd_serve(parser.parse_args(["serve", *argv]), PART_SETS[parts])
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ import argparse
 import datetime
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +19,10 @@ from handlers.ca import revocation_statement
 from store import verify_log, write_atomic
 
 from . import _config as config
+from ._cli_common import ClientBody
+from ._cli_ct import check_embedded_scts, log_keys
 from ._cli_proofs import guarded, proofs_dir, ready_prover
 from ._compose import data_directory, open_ca, open_ca_stores, open_configured_keystore
-
-ClientBody = Callable[[stoq.AsyncClient], Any]
 
 
 def load_or_create_key(path: Path, key_type: str) -> Any:
@@ -206,8 +205,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
     print(f"valid {leaf.not_valid_before_utc:%Y-%m-%d %H:%M:%S} to "
           f"{leaf.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC")
     if not problems:  # CT: the embedded SCT, against the log's key (offline)
-        from ._cli_ct import check_embedded_scts, log_keys
-
         chain_certs = x509.load_pem_x509_certificates(chain.read_bytes()) if chain else []
         issuer = next((c for c in chain_certs if c.subject == leaf.issuer), None)
         sct_problems, sct_lines = check_embedded_scts(

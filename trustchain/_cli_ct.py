@@ -12,20 +12,27 @@ from __future__ import annotations
 import argparse
 import datetime
 import sys
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 import stoq
+from protocol import ct_structs as ct
 
-ClientBody = Callable[[stoq.AsyncClient], Awaitable[int]]
-RunClient = Callable[[argparse.Namespace, ClientBody], int]
+from ._cli_common import (
+    ClientBody,
+    Command,
+    Subcommands,
+    add_trust_options,
+    parse_endpoint,
+    run_client,
+    trust_arguments,
+)
 
 
-def add_commands(sub: Any, *, add_trust_options: Callable[[argparse.ArgumentParser], None],
-                 run_client: RunClient) -> dict[str, Callable[[argparse.Namespace], int]]:
+def add_commands(sub: Subcommands) -> dict[str, Command]:
     parser = sub.add_parser("ct", help="the Certificate Transparency log")
     commands = parser.add_subparsers(dest="ct_command", required=True)
     watch = commands.add_parser("watch", help="print log entries live (resumes by itself)")
@@ -49,7 +56,7 @@ def add_commands(sub: Any, *, add_trust_options: Callable[[argparse.ArgumentPars
 
     def command(args: argparse.Namespace) -> int:
         if args.ct_command == "watch":
-            return _watch(args, run_client)
+            return _watch(args)
         body = {"proof": _proof, "sth": _sth}[args.ct_command](args)
         return run_client(args, body)
 
@@ -61,12 +68,10 @@ def _when(ms: int) -> str:
         "%Y-%m-%dT%H:%M:%S.%fZ")[:-4] + "Z"
 
 
-def _watch(args: argparse.Namespace, run_client: RunClient) -> int:
-    from ._cli import _trust, parse_endpoint  # the client options of every command
-
+def _watch(args: argparse.Namespace) -> int:
     async def body(client: stoq.AsyncClient) -> int:
         host, port = parse_endpoint(args.server)
-        trust = _trust(args)
+        trust = trust_arguments(args)
 
         first: list[stoq.AsyncClient] = [client]
 
@@ -137,24 +142,18 @@ def _sth(args: argparse.Namespace) -> ClientBody:
 
 def log_keys(paths: list[str], data_dir: str | None) -> dict[bytes, tuple[str, Any]]:
     """Log keys by log id: the files given, else every ``DATA/ct/<shard>/log-key.pem``."""
-    from cryptography.hazmat.primitives import serialization
-
-    from protocol.ct_structs import log_id_of
-
     files = [Path(p) for p in paths] or sorted(
         (Path(data_dir or "./trustchain-data") / "ct").glob("*/log-key.pem"))
     keys: dict[bytes, tuple[str, Any]] = {}
     for path in files:
         key = serialization.load_pem_public_key(path.read_bytes())
-        keys[log_id_of(key)] = (str(path), key)
+        keys[ct.log_id_of(key)] = (str(path), key)
     return keys
 
 
 def check_embedded_scts(leaf: x509.Certificate, issuer: x509.Certificate | None,
                         keys: dict[bytes, tuple[str, Any]]) -> tuple[list[str], list[str]]:
     """Offline check of a certificate's embedded SCTs: (problems, report lines)."""
-    from protocol import ct_structs as ct
-
     try:
         scts = ct.embedded_scts(leaf)
     except ct.StructureError as exc:

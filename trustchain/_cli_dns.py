@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +35,17 @@ import dns.rrset
 
 import stoq
 
-ClientBody = Callable[[stoq.AsyncClient], Awaitable[int]]
-RunClient = Callable[[argparse.Namespace, ClientBody], int]
+from ._cli_common import (
+    ClientBody,
+    Command,
+    Subcommands,
+    add_trust_options,
+    parse_endpoint,
+    run_client,
+)
 
 
-def add_commands(sub: Any, *, add_trust_options: Callable[[argparse.ArgumentParser], None],
-                 run_client: RunClient) -> dict[str, Callable[[argparse.Namespace], int]]:
+def add_commands(sub: Subcommands) -> dict[str, Command]:
     parser = sub.add_parser("dns", help="query a node's DNS service (DoQ or STOQ)")
     commands = parser.add_subparsers(dest="dns_command", required=True)
     query = commands.add_parser("query", help="resolve NAME and show the validation status")
@@ -103,7 +108,6 @@ def _health(args: argparse.Namespace) -> ClientBody:
 
 
 def _query_doq(args: argparse.Namespace) -> int:
-    from ._cli import parse_endpoint
     try:
         host, port = parse_endpoint(args.server)
         if args.pin:

@@ -19,16 +19,15 @@ import argparse
 import re
 import sys
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 import stoq
 from protocol import Unauthorized
 
-DEFAULT_PROOFS_DIR = "./trustchain-proofs"
+from ._cli_common import ClientBody, Command, Subcommands, add_trust_options, run_client
 
-ClientBody = Callable[[stoq.AsyncClient], Awaitable[int]]
+DEFAULT_PROOFS_DIR = "./trustchain-proofs"
 
 
 class ProgressLine:
@@ -102,8 +101,7 @@ async def ready_prover(client: stoq.AsyncClient, directory: Path,
     return prover
 
 
-def _cmd_plot(args: argparse.Namespace,
-              run_client: Callable[[argparse.Namespace, ClientBody], int]) -> int:
+def _cmd_plot(args: argparse.Namespace) -> int:
     directory = proofs_dir(args)
     if args.k is not None:
         if not 18 <= args.k <= 50:
@@ -127,8 +125,7 @@ def _cmd_plot(args: argparse.Namespace,
     return run_client(args, guarded(body))
 
 
-def _cmd_prepare(args: argparse.Namespace,
-                 run_client: Callable[[argparse.Namespace, ClientBody], int]) -> int:
+def _cmd_prepare(args: argparse.Namespace) -> int:
     async def body(client: stoq.AsyncClient) -> int:
         prover = await ready_prover(client, proofs_dir(args))
         beacon = await prover.beacon(client)
@@ -142,8 +139,7 @@ def _cmd_prepare(args: argparse.Namespace,
     return run_client(args, guarded(body))
 
 
-def _cmd_status(args: argparse.Namespace,
-                run_client: Callable[[argparse.Namespace, ClientBody], int]) -> int:
+def _cmd_status(args: argparse.Namespace) -> int:
     async def body(client: stoq.AsyncClient) -> int:
         prover = stoq.Prover.open(proofs_dir(args))
         beacon = await prover.beacon(client)
@@ -164,8 +160,7 @@ def _cmd_status(args: argparse.Namespace,
     return run_client(args, guarded(body))
 
 
-def _cmd_faucet(args: argparse.Namespace,
-                run_client: Callable[[argparse.Namespace, ClientBody], int]) -> int:
+def _cmd_faucet(args: argparse.Namespace) -> int:
     async def body(client: stoq.AsyncClient) -> int:
         prover = stoq.Prover.open(proofs_dir(args))
         result = await client.request("consensus.faucet", {"key": prover.spki})
@@ -175,9 +170,7 @@ def _cmd_faucet(args: argparse.Namespace,
     return run_client(args, guarded(body))
 
 
-def add_commands(sub: Any, *, add_trust_options: Callable[[argparse.ArgumentParser], None],
-                 run_client: Callable[[argparse.Namespace, ClientBody], int]
-                 ) -> dict[str, Callable[[argparse.Namespace], int]]:
+def add_commands(sub: Subcommands) -> dict[str, Command]:
     """Add ``trustchain proofs``, and ``--proofs-dir`` to ``issue`` and ``revoke``."""
     proofs = sub.add_parser("proofs", help="requester key, plot and epoch credentials for the "
                                            "four-proof admission")
@@ -205,5 +198,5 @@ def add_commands(sub: Any, *, add_trust_options: Callable[[argparse.ArgumentPars
                 "faucet": _cmd_faucet}
 
     def command(args: argparse.Namespace) -> int:
-        return handlers[args.proofs_command](args, run_client)
+        return handlers[args.proofs_command](args)
     return {"proofs": command}

@@ -2,8 +2,10 @@
 processes on [::1], ephemeral ports) and status.
 
 The running cluster is shared by the tests of this module, in order: health,
-status, then a killed node (which ends that `cluster up`); a second `cluster up`
-is stopped with SIGTERM. Every wait is bounded.
+status, a SIGKILLed node that is restarted, then SIGINT (which ends that
+`cluster up`). Further `cluster up`s: one with --no-restart (a killed node stops
+the others), one stopped with SIGTERM, and a 2-node one whose broken node is
+given up on. Every wait is bounded.
 """
 
 from __future__ import annotations
@@ -66,17 +68,22 @@ def _wait_gone(pids: list[int], timeout: float = 5.0) -> list[int]:
 class ClusterUp:
     """``trustchain cluster up DIR`` as a child process; its stdout is read by a thread."""
 
-    def __init__(self, directory: Path, workdir: Path) -> None:
+    def __init__(self, directory: Path, workdir: Path, *options: str,
+                 nodes: int = NODES) -> None:
         self.stderr_path = workdir / f"cluster-up-{time.monotonic_ns()}.err"
         self._stderr = self.stderr_path.open("w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "trustchain", "cluster", "up", str(directory),
-             "--wait", str(UP_WAIT), "--stop-timeout", "20"],
+             "--wait", str(UP_WAIT), "--stop-timeout", "20", *options],
             stdout=subprocess.PIPE, stderr=self._stderr, text=True, cwd=workdir, env=ENV)
+        self.nodes = nodes
         self.lines: list[str] = []
         self._queue: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
         self.pids: dict[str, int] = {}
+        """The current process of each node (the table, then restarts)."""
+        self.every_pid: set[int] = set()
+        """Every node process this `cluster up` said it started."""
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -98,22 +105,45 @@ class ClusterUp:
                 break
             if line is None:
                 pytest.fail(f"cluster up ended early:\n{self.output()}")
-            self.lines.append(line)
-            if m := re.match(r"(node-\d+)\s+(\d+)\s+\[", line):
-                self.pids[m.group(1)] = int(m.group(2))
+            self._note(line)
             if re.search(pattern, line):
                 return line
         pytest.fail(f"no line matching {pattern!r} within {timeout} s:\n{self.output()}")
 
+    def _note(self, line: str) -> None:
+        self.lines.append(line)
+        if m := (re.match(r"(node-\d+)\s+(\d+)\s+\[", line)
+                 or re.match(r"(node-\d+) restarted \(pid (\d+)\)", line)):
+            self.pids[m.group(1)] = int(m.group(2))
+            self.every_pid.add(int(m.group(2)))
+
+    def wait_for_stderr(self, pattern: str, timeout: float) -> str:
+        """The first stderr line matching ``pattern`` (stdout is collected meanwhile)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.stderr.splitlines():
+                if re.search(pattern, line):
+                    return line
+            try:
+                line_or_end = self._queue.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if line_or_end is None:
+                pytest.fail(f"cluster up ended early:\n{self.output()}")
+            self._note(line_or_end)
+        pytest.fail(f"no stderr line matching {pattern!r} within {timeout} s:\n"
+                    f"{self.output()}")
+
     def wait_up(self) -> None:
         self.wait_for(r"^all \d+ nodes are up", UP_WAIT + 10)
-        assert sorted(self.pids) == [f"node-{i}" for i in range(1, NODES + 1)], self.output()
+        assert sorted(self.pids) == [f"node-{i}" for i in range(1, self.nodes + 1)], \
+            self.output()
 
     def finish(self, timeout: float = 40.0) -> int:
         """Wait for the exit; collect the rest of stdout."""
         code = self.proc.wait(timeout)
         while (line := self._queue.get(timeout=5)) is not None:
-            self.lines.append(line)
+            self._note(line)
         return code
 
     def output(self) -> str:
@@ -128,7 +158,7 @@ class ClusterUp:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
-        for pid in _wait_gone(list(self.pids.values()), 1.0):
+        for pid in _wait_gone(sorted(self.every_pid), 1.0):
             os.kill(pid, signal.SIGKILL)
         self._stderr.close()
 
@@ -308,15 +338,58 @@ def test_status_reports_every_node(running: ClusterUp, cluster_dir: Path,
         assert fields[1] == "yes" and int(fields[2]) >= 1, line
 
 
-def test_a_killed_node_is_reported_and_stops_the_others(running: ClusterUp) -> None:
-    pids = dict(running.pids)
-    os.kill(pids["node-3"], signal.SIGKILL)
-    code = running.finish()
-    assert code == 1, running.output()
-    assert re.search(r"node-3 \(pid \d+\) exited unexpectedly: killed by SIGKILL",
+def test_a_killed_node_is_restarted(running: ClusterUp, cluster_dir: Path,
+                                    workdir: Path) -> None:
+    killed = running.pids["node-3"]
+    os.kill(killed, signal.SIGKILL)
+    running.wait_for(r"^restarting node-3 in 1 s$", 10)
+    line = running.wait_for(r"^node-3 restarted \(pid \d+\)$", 10)
+    assert running.pids["node-3"] != killed, line
+    running.wait_for(r"^node-3 \(pid \d+\) answers node\.health again: ok$", UP_WAIT)
+    assert re.search(rf"node-3 \(pid {killed}\) exited unexpectedly: killed by SIGKILL",
                      running.stderr), running.output()
     assert "| " in running.stderr  # the tail of its log
-    assert not _wait_gone(list(pids.values())), "node processes left behind"
+    assert not _wait_gone([killed]) and _alive(running.pids["node-3"])
+    assert all(_alive(pid) for pid in running.pids.values())
+
+    node = next(n for n in _cluster_file(cluster_dir)["nodes"] if n["name"] == "node-3")
+    health = _cli("health", "--server", f"[::1]:{node['port']}", "--cafile",
+                  str(cluster_dir / "root.pem"), cwd=workdir)
+    assert health.returncode == 0 and json.loads(health.stdout)["status"] == "ok", \
+        health.stdout + health.stderr
+    status = _cli("cluster", "status", str(cluster_dir), "--json", cwd=workdir)
+    assert status.returncode == 0, status.stderr
+    answer = next(n for n in json.loads(status.stdout)["nodes"] if n["name"] == "node-3")
+    assert answer["reachable"] and answer["status"], answer
+
+
+def test_sigint_stops_every_node_after_a_restart(running: ClusterUp) -> None:
+    pids = sorted(running.every_pid)
+    assert len(pids) == NODES + 1  # node-3 twice
+    running.proc.send_signal(signal.SIGINT)
+    assert running.finish() == 0, running.output()
+    for name, pid in running.pids.items():
+        assert f"{name} (pid {pid}) stopped: exit status 0" in running.lines, running.output()
+    assert running.lines[-1] == "all nodes stopped", running.output()
+    assert not _wait_gone(pids), "node processes left behind"
+
+
+def test_no_restart_a_killed_node_stops_the_others(cluster_dir: Path, workdir: Path) -> None:
+    up = ClusterUp(cluster_dir, workdir, "--no-restart")
+    try:
+        up.wait_up()
+        pids = dict(up.pids)
+        os.kill(pids["node-3"], signal.SIGKILL)
+        code = up.finish()
+        assert code == 1, up.output()
+        assert re.search(r"node-3 \(pid \d+\) exited unexpectedly: killed by SIGKILL",
+                         up.stderr), up.output()
+        assert "| " in up.stderr  # the tail of its log
+        assert "stopping the other 3 node(s)" in up.stderr, up.output()
+        assert not any("restart" in line for line in up.lines), up.output()
+        assert not _wait_gone(list(pids.values())), "node processes left behind"
+    finally:
+        up.stop()
 
 
 def test_sigterm_stops_every_node(cluster_dir: Path, workdir: Path) -> None:
@@ -331,5 +404,36 @@ def test_sigterm_stops_every_node(cluster_dir: Path, workdir: Path) -> None:
             assert any(re.match(rf"{name} \(pid \d+\) stopped: exit status 0", x)
                        for x in up.lines), up.output()
         assert not _wait_gone(pids), "node processes left behind"
+    finally:
+        up.stop()
+
+
+def test_a_node_that_keeps_failing_to_start_is_given_up_on(workdir: Path) -> None:
+    """Back-off 1, 2, 4, 8, 16 s, then no sixth start: about 35 s."""
+    directory = workdir / "pair"
+    made = _cli("cluster", "init", "--validators", "2", "--base-port", "0",
+                "--out", str(directory), cwd=workdir)
+    assert made.returncode == 0, made.stderr
+    up = ClusterUp(directory, workdir, nodes=2)
+    try:
+        up.wait_up()
+        first = dict(up.pids)
+        (directory / "node-2" / "config.toml").write_text("not [ toml\n")
+        os.kill(first["node-2"], signal.SIGKILL)
+        up.wait_for_stderr(r"^error: giving up on node-2: it exited 5 times in a row before "
+                           r"answering node\.health; the other 1 node\(s\) keep running$", 50)
+        delays = [float(m.group(1)) for line in up.lines
+                  if (m := re.match(r"restarting node-2 in (\S+) s", line))]
+        assert delays == [1, 2, 4, 8, 16], up.output()
+        assert len(up.every_pid) == 2 + 5, up.output()
+        exits = re.findall(r"node-2 \(pid \d+\) exited unexpectedly", up.stderr)
+        assert len(exits) == 6, up.output()  # the kill, then five failed starts
+        assert _alive(first["node-1"]) and up.proc.poll() is None
+        assert not _wait_gone(sorted(up.every_pid - {first["node-1"]})), up.output()
+
+        up.proc.send_signal(signal.SIGINT)
+        assert up.finish() == 1, up.output()  # a node was given up on
+        assert up.lines[-1] == "all nodes stopped (with errors)", up.output()
+        assert not _wait_gone(sorted(up.every_pid)), "node processes left behind"
     finally:
         up.stop()
