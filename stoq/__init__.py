@@ -37,11 +37,6 @@ from ._server import Server, ServerLimits, certificate_fingerprint
 from ._session import Dispatch, Reply
 from ._sockets import make_ipv6_socket
 
-ProofError = ProverError
-"""Deprecated: the old name of :class:`ProverError`, kept while ``trustchain/_cli_proofs.py``
-still catches ``stoq.ProofError``; new code uses ``ProverError`` (``protocol.ct_merkle`` has
-its own ``ProofError``, for Merkle proofs)."""
-
 __all__ = [
     "DEFAULT_ENGINE",
     "ENGINES",
@@ -60,7 +55,6 @@ __all__ = [
     "LogEntry",
     "LogFollower",
     "LogVerificationError",
-    "ProofError",
     "Prover",
     "ProverError",
     "RateLimiter",

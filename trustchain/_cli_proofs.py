@@ -66,7 +66,7 @@ def guarded(body: ClientBody) -> ClientBody:
     async def run(client: stoq.AsyncClient) -> int:
         try:
             return await body(client)
-        except stoq.ProofError as exc:
+        except stoq.ProverError as exc:
             print(f"error: cannot build the proofs: {exc}", file=sys.stderr)
             return 1
     return run
@@ -110,7 +110,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
         try:
             prover = stoq.Prover.open(directory)
             path = prover.ensure_plot(args.k, progress=ProgressLine())
-        except stoq.ProofError as exc:
+        except stoq.ProverError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         print(f"plot {path} (k={args.k}) for requester key {prover.key_id}")
