@@ -404,6 +404,181 @@ def _task(exits: contextlib.AsyncExitStack, coroutine: Coroutine[Any, Any, None]
 # --- the node --------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Foundation:
+    """The stores, keys and CA hierarchy every later stage builds on."""
+
+    keystore: KeyStore
+    audit_log: AuditLog
+    certs: CertificateStore
+    hierarchy: Hierarchy
+    policy: NamingPolicy
+    signer: LeafSigner
+
+    @property
+    def audit(self) -> Audit:
+        return self.audit_log.append_async
+
+
+async def _foundation(cfg: Config, data: DataDirectory,
+                      exits: contextlib.AsyncExitStack) -> _Foundation:
+    """Stores and keys: the keystore, the audit log, the certificates, the hierarchy, and
+    who signs leaves (the event loop, or ``ca.signing_workers`` processes)."""
+    data.create()
+    keystore = open_configured_keystore(cfg, data.root)
+    exits.callback(keystore.close)
+    audit_log = data.audit_log(signer=keystore.get_or_create(AUDIT_KEY))
+    exits.callback(audit_log.close)  # signs its final checkpoint: before the keystore closes
+    audit_log.append("node.started", {"mode": cfg.ca.mode, "config": cfg.source,
+                                      "warnings": list(cfg.warnings)})
+    exits.callback(audit_log.append, "node.stopped", {})
+    certs = data.certificates()
+    exits.callback(certs.close)
+    hierarchy = open_ca(cfg, data, keystore, certs, audit_log,
+                        create=cfg.ca.mode == "development")
+    policy = NamingPolicy(domains=tuple(cfg.dns.domains.trustchain_domains),
+                          allow_wildcards=cfg.ca.policy.allow_wildcards,
+                          name_conflict=cfg.ca.policy.name_conflict)
+    signer: LeafSigner = LocalSigner()
+    if cfg.ca.signing_workers:
+        workers = SigningWorkers(cfg.ca.signing_workers, keystore_settings(cfg, data.root))
+        exits.push_async_callback(workers.close)
+        await workers.warm_up()
+        signer = workers
+    return _Foundation(keystore=keystore, audit_log=audit_log, certs=certs,
+                       hierarchy=hierarchy, policy=policy, signer=signer)
+
+
+@dataclass(frozen=True)
+class _Admitting:
+    """What admits CA decisions: the four proofs and, with a chain, a committed block."""
+
+    admission: Admission
+    proofs: ConsensusService | None = None
+    chain: ConsensusChain | None = None
+    validator: _Validator | None = None
+
+
+async def _admitting(cfg: Config, data: DataDirectory, base: _Foundation, parts: NodeParts,
+                     router: Router, checks: dict[str, Callable[[], bool]],
+                     exits: contextlib.AsyncExitStack) -> _Admitting:
+    """Proofs (stake, beacons, the verifier) and the validator chain, as ``parts`` asks."""
+    if not parts.proofs:
+        return _Admitting(admission=LocalAdmission())
+    development = cfg.ca.mode == "development"
+    audit = base.audit
+    validator: _Validator | None = None
+    chain_store: ChainStore | None = None
+    if parts.chain:
+        validator = await _validator(cfg, base.keystore, audit)
+        chain_store = data.chain()
+        exits.callback(chain_store.close)
+    params = proof_params(cfg)
+    ledger = data.ledger()
+    exits.callback(ledger.close)
+    beacon_signer = await _key(base.keystore, BEACON_KEY, "ecdsa-p256-sha256", audit)
+    beacons = _beacons(cfg, ledger, beacon_signer, chain_store, audit)
+    verifier = ProofVerifier(params=params, ledger=ledger, beacons=beacons,
+                             workers=cfg.consensus.verify_workers)
+    exits.push_async_callback(verifier.close)
+    stake = StakeLedger(ledger=ledger, audit=audit)
+    await stake.apply_genesis(dict(cfg.consensus.genesis))
+    if not isinstance(beacons, ChainBeacons):
+        await beacons.current()
+    four_proofs = FourProofAdmission(verifier=verifier, audit=audit)
+    admission: Admission = four_proofs
+    faucet: Faucet = LedgerFaucet(stake)
+    chain: ConsensusChain | None = None
+    if validator is not None and chain_store is not None:
+        links = StoqPeerLinks(me=validator.me,
+                              endpoints={v.id: (v.address, v.port)
+                                         for v in validator.validators.validators},
+                              engine=cfg.network.quic_engine)
+        exits.push_async_callback(links.close)
+        policy = base.policy
+        rules = CaRules(check_csr=lambda csr: check_request(csr, policy),
+                        verify_proofs=verifier.verify, set_stake=stake.set_stake,
+                        development=development, minimum_stake=params.minimum_stake,
+                        on_block=_beacon_updates(beacons),
+                        cosign=validator.signer.sign if validator.me else None)
+        chain = _chain(cfg, validator, chain_store, links, rules, audit)
+        exits.push_async_callback(chain.stop)
+        ChainService(chain, rules.checkpoints, validity=cfg.ca.cert_validity_days * 86400.0,
+                     backdate=cfg.ca.backdate).register(router)
+        running = chain
+        checks["consensus"] = lambda: running.started and running.failure is None
+        if validator.me is not None:
+            timeout = cfg.consensus.finality_timeout
+            admission = ConsensusAdmission(local=four_proofs, chain=chain, entry=validator.me,
+                                           sign=validator.signer.sign, timeout=timeout)
+            faucet = ChainFaucet(chain=chain, entry=validator.me, sign=validator.signer.sign,
+                                 timeout=timeout)
+    proofs = ConsensusService(stake=stake, beacons=beacons, verifier=verifier, params=params,
+                              development=development, faucet=faucet)
+    proofs.register(router)
+    proofs.start()
+    exits.push_async_callback(proofs.stop)
+    if not development:
+        # a production node starts its VDF worker now, so that the first requester of
+        # an epoch does not wait for a process to start (development: at first use)
+        await verifier.warm_up()
+    if chain is not None:
+        await chain.start()
+    return _Admitting(admission=admission, proofs=proofs, chain=chain, validator=validator)
+
+
+@dataclass(frozen=True)
+class _Transparency:
+    ct: CtService
+    fingerprints: FingerprintService | None
+
+
+def _transparency(cfg: Config, data: DataDirectory, base: _Foundation, admitting: _Admitting,
+                  router: Router, exits: contextlib.AsyncExitStack) -> _Transparency:
+    """The CT log, its ``ct.*`` ops, the fingerprint index and ``fp.watch``; with a chain,
+    the checkpoints go to the validators for cosigning."""
+    if cfg.ct.storage.backend != "filesystem":
+        log.warning("ct.storage.backend %r is not implemented in this version; the tiles "
+                    "go to the filesystem at %s", cfg.ct.storage.backend,
+                    data.ct_tiles().directory)
+    ct_db = data.ct_database()
+    exits.callback(ct_db.close)
+    watchers = FingerprintWatchers()
+    ct_log = CtLog(tiles=data.ct_tiles(), db=ct_db, keystore=base.keystore,
+                   origin=cfg.ct.log_id, max_entries_per_shard=cfg.ct.max_entries_per_shard,
+                   batch_interval=cfg.ct.batch_interval, max_batch=cfg.ct.max_batch,
+                   sth_interval=cfg.ct.merkle_update_interval,
+                   feed_capacity=cfg.ct.subscription_buffer,
+                   on_sequenced=[watchers.sequenced], clock=time.time)
+    ct_log.open()
+    hierarchy = base.hierarchy
+    roots = [hierarchy.root_der, *_extra_roots(list(cfg.ct.extra_roots))]
+    ct = CtService(ct_log, ChainValidator(roots, clock=time.time))
+    ct.register(router)
+    fingerprints: FingerprintService | None = None
+    if cfg.ct.enable_realtime_fingerprinting:
+        def issuer_der(name: str) -> bytes | None:
+            return next((a.der for a in hierarchy.intermediates() if a.name == name), None)
+
+        fingerprints = FingerprintService(db=ct_db, log=ct_log, certs=base.certs,
+                                          issuer_der=issuer_der, watchers=watchers)
+        exits.push_async_callback(fingerprints.close)
+        fingerprints.register(router)
+    ct_log.start()
+    exits.push_async_callback(ct_log.stop)
+    _task(exits, log_node_certificate(data.tls_credential(), ct), "ct-node-certificate")
+    validator, chain = admitting.validator, admitting.chain
+    if chain is not None and validator is not None and validator.me is not None:
+        shards = ct_log.shards
+        submitter = CheckpointSubmitter(
+            chain=chain, checkpoints=lambda: [(s.origin, s.checkpoint) for s in shards],
+            entry=validator.me, sign=validator.signer.sign,
+            interval=max(1.0, cfg.ct.merkle_update_interval))
+        submitter.start()
+        exits.push_async_callback(submitter.stop)
+    return _Transparency(ct=ct, fingerprints=fingerprints)
+
+
 async def build_services(cfg: Config, data: DataDirectory, exits: contextlib.AsyncExitStack,
                          *, listen: Iterable[tuple[str, int]],
                          describe: Callable[[], dict[str, Any]],
@@ -415,170 +590,43 @@ async def build_services(cfg: Config, data: DataDirectory, exits: contextlib.Asy
     :param accepting: whether the server accepts requests (``node.health``).
     :param installed: called when the rotator installed a new TLS certificate.
     """
-    development = cfg.ca.mode == "development"
-    data.create()
-
-    # stores and keys
-    keystore = open_configured_keystore(cfg, data.root)
-    exits.callback(keystore.close)
-    audit_log = data.audit_log(signer=keystore.get_or_create(AUDIT_KEY))
-    exits.callback(audit_log.close)  # signs its final checkpoint: before the keystore closes
-    audit_log.append("node.started", {"mode": cfg.ca.mode, "config": cfg.source,
-                                      "warnings": list(cfg.warnings)})
-    exits.callback(audit_log.append, "node.stopped", {})
-    audit = audit_log.append_async
-    certs = data.certificates()
-    exits.callback(certs.close)
-    hierarchy = open_ca(cfg, data, keystore, certs, audit_log, create=development)
-    domains = tuple(cfg.dns.domains.trustchain_domains)
-    policy = NamingPolicy(domains=domains, allow_wildcards=cfg.ca.policy.allow_wildcards,
-                          name_conflict=cfg.ca.policy.name_conflict)
-    signer: LeafSigner = LocalSigner()
-    if cfg.ca.signing_workers:
-        workers = SigningWorkers(cfg.ca.signing_workers, keystore_settings(cfg, data.root))
-        exits.push_async_callback(workers.close)
-        await workers.warm_up()
-        signer = workers
+    base = await _foundation(cfg, data, exits)
     router = Router()
     checks: dict[str, Callable[[], bool]] = {"accepting": accepting}
     NodeService(describe=describe, checks=checks).register(router)
-
-    # proofs: stake, beacons, the verifier
-    admission: Admission = LocalAdmission()
-    proofs: ConsensusService | None = None
-    chain: ConsensusChain | None = None
-    chain_store: ChainStore | None = None
-    validator: _Validator | None = None
-    if parts.chain:
-        validator = await _validator(cfg, keystore, audit)
-        chain_store = data.chain()
-        exits.callback(chain_store.close)
-    if parts.proofs:
-        params = proof_params(cfg)
-        ledger = data.ledger()
-        exits.callback(ledger.close)
-        beacon_signer = await _key(keystore, BEACON_KEY, "ecdsa-p256-sha256", audit)
-        beacons = _beacons(cfg, ledger, beacon_signer, chain_store, audit)
-        verifier = ProofVerifier(params=params, ledger=ledger, beacons=beacons,
-                                 workers=cfg.consensus.verify_workers)
-        exits.push_async_callback(verifier.close)
-        stake = StakeLedger(ledger=ledger, audit=audit)
-        await stake.apply_genesis(dict(cfg.consensus.genesis))
-        if not isinstance(beacons, ChainBeacons):
-            await beacons.current()
-        four_proofs = FourProofAdmission(verifier=verifier, audit=audit)
-        admission = four_proofs
-        faucet: Faucet = LedgerFaucet(stake)
-
-        # the chain: every CA decision committed in a block first
-        if validator is not None and chain_store is not None:
-            consensus = cfg.consensus
-            links = StoqPeerLinks(me=validator.me,
-                                  endpoints={v.id: (v.address, v.port)
-                                             for v in validator.validators.validators},
-                                  engine=cfg.network.quic_engine)
-            exits.push_async_callback(links.close)
-            rules = CaRules(check_csr=lambda csr: check_request(csr, policy),
-                            verify_proofs=verifier.verify, set_stake=stake.set_stake,
-                            development=development, minimum_stake=params.minimum_stake,
-                            on_block=_beacon_updates(beacons),
-                            cosign=validator.signer.sign if validator.me else None)
-            chain = _chain(cfg, validator, chain_store, links, rules, audit)
-            exits.push_async_callback(chain.stop)
-            ChainService(chain, rules.checkpoints, validity=cfg.ca.cert_validity_days * 86400.0,
-                         backdate=cfg.ca.backdate).register(router)
-            checks["consensus"] = lambda: chain is not None and chain.started \
-                and chain.failure is None
-            if validator.me is not None:
-                admission = ConsensusAdmission(local=four_proofs, chain=chain,
-                                               entry=validator.me, sign=validator.signer.sign,
-                                               timeout=consensus.finality_timeout)
-                faucet = ChainFaucet(chain=chain, entry=validator.me,
-                                     sign=validator.signer.sign,
-                                     timeout=consensus.finality_timeout)
-        proofs = ConsensusService(stake=stake, beacons=beacons, verifier=verifier,
-                                  params=params, development=development, faucet=faucet)
-        proofs.register(router)
-        proofs.start()
-        exits.push_async_callback(proofs.stop)
-        if not development:
-            # a production node starts its VDF worker now, so that the first requester of
-            # an epoch does not wait for a process to start (development: at first use)
-            await verifier.warm_up()
-        if chain is not None:
-            await chain.start()
-
-    # certificate transparency and fingerprints
-    ct: CtService | None = None
-    fingerprints: FingerprintService | None = None
+    admitting = await _admitting(cfg, data, base, parts, router, checks, exits)
     publishers: list[tuple[str, Publisher]] = []
-    tls = data.tls_credential()
-    if parts.transparency:
-        if cfg.ct.storage.backend != "filesystem":
-            log.warning("ct.storage.backend %r is not implemented in this version; the tiles "
-                        "go to the filesystem at %s", cfg.ct.storage.backend,
-                        data.ct_tiles().directory)
-        ct_db = data.ct_database()
-        exits.callback(ct_db.close)
-        watchers = FingerprintWatchers()
-        ct_log = CtLog(tiles=data.ct_tiles(), db=ct_db, keystore=keystore,
-                       origin=cfg.ct.log_id, max_entries_per_shard=cfg.ct.max_entries_per_shard,
-                       batch_interval=cfg.ct.batch_interval, max_batch=cfg.ct.max_batch,
-                       sth_interval=cfg.ct.merkle_update_interval,
-                       feed_capacity=cfg.ct.subscription_buffer,
-                       on_sequenced=[watchers.sequenced], clock=time.time)
-        ct_log.open()
-        roots = [hierarchy.root_der, *_extra_roots(list(cfg.ct.extra_roots))]
-        ct = CtService(ct_log, ChainValidator(roots, clock=time.time))
-        ct.register(router)
-        if cfg.ct.enable_realtime_fingerprinting:
-            def issuer_der(name: str) -> bytes | None:
-                return next((a.der for a in hierarchy.intermediates() if a.name == name), None)
-
-            fingerprints = FingerprintService(db=ct_db, log=ct_log, certs=certs,
-                                              issuer_der=issuer_der, watchers=watchers)
-            exits.push_async_callback(fingerprints.close)
-            fingerprints.register(router)
-            publishers.append(("fingerprints", fingerprints))
-        ct_log.start()
-        exits.push_async_callback(ct_log.stop)
-        _task(exits, log_node_certificate(tls, ct), "ct-node-certificate")
-        if chain is not None and validator is not None and validator.me is not None:
-            shards = ct_log.shards
-            submitter = CheckpointSubmitter(
-                chain=chain, checkpoints=lambda: [(s.origin, s.checkpoint) for s in shards],
-                entry=validator.me, sign=validator.signer.sign,
-                interval=max(1.0, cfg.ct.merkle_update_interval))
-            submitter.start()
-            exits.push_async_callback(submitter.stop)
-
-    # DNS
+    transparency = (_transparency(cfg, data, base, admitting, router, exits)
+                    if parts.transparency else None)
+    if transparency is not None and transparency.fingerprints is not None:
+        publishers.append(("fingerprints", transparency.fingerprints))
     addresses = node_addresses(cfg, listen)
-    dns_service: DnsService | None = None
+    dns: DnsService | None = None
     applications: list[tuple[str, stoq.DoqApplication]] = []
     if parts.dns and cfg.dns.enabled:
-        dns_service, zones, application = _dns(cfg, data, keystore, certs, addresses, exits)
-        dns_service.register(router)
+        dns, zones, application = _dns(cfg, data, base.keystore, base.certs, addresses, exits)
+        dns.register(router)
         publishers.append(("dns", zones))
         applications.append((ALPN_DOQ, application))
-
-    # the certificate authority
     published = Publishers(publishers)
     checks["publishing"] = published.healthy
     ca = CertificateAuthority(
-        hierarchy=hierarchy, certs=certs, policy=policy, admission=admission,
-        audit=audit, signer=signer, transparency=ct, publishers=published,
+        hierarchy=base.hierarchy, certs=base.certs, policy=base.policy,
+        admission=admitting.admission, audit=base.audit, signer=base.signer,
+        transparency=transparency.ct if transparency else None, publishers=published,
         validity=cfg.ca.cert_validity_days * 86400.0, backdate=cfg.ca.backdate)
     ca.register(router)
-    rotator = Rotator(hierarchy=hierarchy, issue=ca.issue_node_certificate, tls=tls,
+    tls = data.tls_credential()
+    rotator = Rotator(hierarchy=base.hierarchy, issue=ca.issue_node_certificate, tls=tls,
                       names=list(cfg.node.names), addresses=addresses, counts=ca.counts,
                       installed=installed)
     rotator.load_current()
     rotator.register(router)
-    return Services(router=router, applications=tuple(applications), keystore=keystore,
-                    audit=audit_log, hierarchy=hierarchy, ca=ca, rotator=rotator, tls=tls,
-                    proofs=proofs, chain=chain, ct=ct, fingerprints=fingerprints,
-                    dns=dns_service)
+    return Services(router=router, applications=tuple(applications), keystore=base.keystore,
+                    audit=base.audit_log, hierarchy=base.hierarchy, ca=ca, rotator=rotator,
+                    tls=tls, proofs=admitting.proofs, chain=admitting.chain,
+                    ct=transparency.ct if transparency else None,
+                    fingerprints=transparency.fingerprints if transparency else None, dns=dns)
 
 
 def _beacon_updates(beacons: BeaconChain) -> Callable[[Block], Awaitable[None]] | None:
