@@ -30,7 +30,7 @@ from protocol import Event, InvalidRequest, NotFound
 from protocol import ct_merkle as merkle
 from protocol import ct_structs as ct
 from protocol.ops import fp as ops
-from store import CertificateRecord, CertificateStore, CtDatabase, FingerprintRecord
+from store import CertificateRecord, FingerprintRecord, StateDatabase
 
 from ._router import RequestContext, Router
 from .ca import CertificateIssued, CertificateRevoked
@@ -130,30 +130,32 @@ class FingerprintWatchers:
 
 
 class FingerprintService:
-    """Answers ``fp.get`` and ``fp.verify``; indexes what the CA issues (a publisher).
+    """Answers ``fp.get`` and ``fp.verify`` from the replicated fingerprint index; tells
+    the ``fp.watch`` streams of issuances and revocations (a publisher of the CA).
 
-    :param certs: the CA's certificate database (the DER of issued certificates).
-    :param issuer_der: the DER of the CA intermediate called ``name``, or None.
+    :param state: the replicated state (the index, and the DER of issued certificates).
+    :param issuer_der: the DER of the intermediate with this SHA-256 (hex), or None.
+    :param log_key: a CT log ID -> (shard, public key) of the log of a validator of the
+        cluster (every validator's log holds the same entries), or None.
     :param watchers: the ``fp.watch`` streams told of issuances and revocations.
     """
 
-    def __init__(self, *, db: CtDatabase, log: CtLog, certs: CertificateStore,
-                 issuer_der: Callable[[str], bytes | None], watchers: FingerprintWatchers,
+    def __init__(self, *, state: StateDatabase, log: CtLog,
+                 issuer_der: Callable[[str], bytes | None],
+                 log_key: Callable[[bytes], tuple[int, Any] | None],
+                 watchers: FingerprintWatchers,
                  clock: Callable[[], float] = time.time) -> None:
-        self.db = db
+        self.state = state
         self.log = log
-        self.certs = certs
         self.issuer_der = issuer_der
+        self.log_key = log_key
         self.watchers = watchers
         self.clock = clock
-        self._recent: dict[bytes, FingerprintRecord] = {}
-        self._writes: set[asyncio.Future[None]] = set()
-        self.indexed = 0
 
-    # --- indexing (a publisher of the CA) -----------------------------------------------
+    # --- a publisher of the CA ---------------------------------------------------------
 
     def certificate_issued(self, event: CertificateIssued) -> None:
-        """Fingerprint and index a new certificate, at its CT position."""
+        """A certificate was committed (the state indexed it): tell its watchers."""
         record = event.record
         logged = event.logged
         rec = FingerprintRecord(sha256=bytes.fromhex(record.fingerprint),
@@ -162,8 +164,7 @@ class FingerprintService:
                                 leaf_index=logged.leaf_index if logged else None,
                                 serial=record.serial, first_seen=record.issued_at,
                                 names=record.names)
-        self._store(rec)
-        previous = [r for name in record.names for r in self.certs.holders(name, self.clock())
+        previous = [r for name in record.names for r in self.state.holders(name, self.clock())
                     if r.serial != record.serial and r.spki_sha256 != record.spki_sha256]
         self.watchers.publish(rec, "rotated" if previous else "issued",
                               previous=previous[0].fingerprint if previous else None)
@@ -176,29 +177,13 @@ class FingerprintService:
                                 first_seen=record.issued_at, names=record.names)
         self.watchers.publish(rec, "revoked", reason=record.revocation_reason)
 
-    def _store(self, rec: FingerprintRecord) -> None:
-        """Index ``rec`` in the next group commit; served from memory until then."""
-        self._recent[rec.sha256] = rec
-        job = self.db.add_fingerprints_soon([rec])
-        self._writes.add(job)
-
-        def done(job: asyncio.Future[None]) -> None:
-            self._writes.discard(job)
-            if not job.cancelled() and job.exception() is not None:
-                log.error("fingerprint not stored", extra={"error": str(job.exception())})
-                return
-            self._recent.pop(rec.sha256, None)
-            self.indexed += 1
-        job.add_done_callback(done)
-
-    async def close(self) -> None:
-        if self._writes:
-            await asyncio.gather(*self._writes, return_exceptions=True)
+    def registration_changed(self, name: str) -> None:
+        """Registrations are the DNS service's business."""
 
     # --- fp.get -------------------------------------------------------------------------------
 
     def _lookup(self, sha: bytes) -> FingerprintRecord | None:
-        return self._recent.get(sha) or self.db.fingerprint(sha)
+        return self.state.fingerprint(sha)
 
     def get(self, args: ops.GetArgs, ctx: RequestContext) -> dict[str, Any]:
         given = [k for k in ("fingerprint", "spki_sha256", "name") if getattr(args, k)]
@@ -210,12 +195,10 @@ class FingerprintService:
             records = [rec] if rec else []
         elif args.spki_sha256:
             key = parse_hex256(args.spki_sha256, "spki_sha256")
-            records = [r for r in self._recent.values() if r.spki_sha256 == key]
-            records += self.db.fingerprints_by_spki(key)
+            records = self.state.fingerprints_by_spki(key)
         else:
             name = (args.name or "").strip().lower()
-            records = [r for r in self._recent.values() if name in r.names]
-            records += self.db.fingerprints_by_name(name)
+            records = self.state.fingerprints_by_name(name)
         unique = {r.sha256: r for r in records}
         if not unique:
             raise NotFound(f"no certificate with {given[0]} "
@@ -236,7 +219,7 @@ class FingerprintService:
         shard: Shard | None = None
         index: int | None = None
         if rec.kind == "issued":
-            stored = self.certs.by_fingerprint(sha.hex())
+            stored = self.state.by_fingerprint(sha.hex())
             der = stored.der if stored else b""
             result["der_matches"] = hashlib.sha256(der).digest() == sha
             sct_valid = False
@@ -294,16 +277,21 @@ class FingerprintService:
             return None, None, None, False
         issuer = x509.load_der_x509_certificate(issuer_der)
         for sct in scts:
-            shard = self.log.shard_by_log_id(sct.log_id)
-            if shard is None:
+            # this validator's log, or another validator's: every log holds the same tree
+            found = self.log_key(sct.log_id)
+            if found is None:
                 continue
+            number, key = found
             try:
-                entry = ct.verify_embedded_sct(cert, issuer, sct, shard.signer.public_key())
+                shard = self.log.shard(number)
+                entry = ct.verify_embedded_sct(cert, issuer, sct, key)
             except ct.SignatureError as exc:
                 problems.append(str(exc))
-                return None, shard, None, False
+                return None, None, None, False
+            except NotFound:
+                continue
             return merkle.leaf_hash(entry.merkle_tree_leaf()), shard, sct.leaf_index, True
-        problems.append("no SCT from this log")
+        problems.append("no SCT from a log of this cluster")
         return None, None, None, False
 
     def register(self, router: Router) -> None:

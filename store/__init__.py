@@ -1,28 +1,17 @@
-"""Everything durable or secret: files, keys, certificates, databases, the audit log."""
+"""Everything durable or secret: files, keys, databases, tiles, the audit log."""
 
 from ._audit import AuditLog, AuditRecord, AuditReport, verify_log
+from ._authorities import AuthorityRecord, AuthorityStore
+from ._beacons import BeaconRecord, BeaconStore
 from ._blocks import ChainStore, StoredBlock, StoredEvidence
-from ._certdb import (
-    AuthorityRecord,
-    CertificateRecord,
-    CertificateStore,
-)
-from ._ctdb import (
-    CheckpointRecord,
-    CtDatabase,
-    FingerprintRecord,
-    ShardRecord,
-    Submission,
-)
 from ._errors import (
     AuditError,
-    CertStoreError,
+    AuthorityError,
+    BeaconError,
     ChainStoreError,
-    CheckpointConflict,
-    CtStoreError,
     FileStoreError,
     KeyStoreError,
-    LedgerError,
+    StateError,
     StoreError,
     TileCorrupted,
     TileError,
@@ -30,7 +19,6 @@ from ._errors import (
 from ._files import fsync_directory, write_atomic
 from ._keystore import open_keystore
 from ._layout import AdminCredential, DataDirectory, DurableFile, JsonFile, TileDirectory
-from ._ledger import BeaconRecord, LedgerStore, StakeChange
 from ._pkcs11 import Pkcs11KeyStore
 from ._signer import (
     Algorithm,
@@ -40,6 +28,19 @@ from ._signer import (
     verify_signature,
 )
 from ._softkeys import SoftwareKeyStore
+from ._state import (
+    CertificateRecord,
+    CtEntryRecord,
+    CtLogRecord,
+    FingerprintRecord,
+    Row,
+    StateChanges,
+    StateDatabase,
+    TreeHead,
+    certificate_row,
+    registration_row,
+)
+from ._statehash import MultisetHash, state_hash
 from ._tiles import Appended, Bundle, TileLog
 from ._tls import TlsCredential, create_self_signed, credential_paths
 
@@ -51,18 +52,18 @@ __all__ = [
     "AuditLog",
     "AuditRecord",
     "AuditReport",
+    "AuthorityError",
     "AuthorityRecord",
+    "AuthorityStore",
+    "BeaconError",
     "BeaconRecord",
+    "BeaconStore",
     "Bundle",
-    "CertStoreError",
     "CertificateRecord",
-    "CertificateStore",
     "ChainStore",
     "ChainStoreError",
-    "CheckpointConflict",
-    "CheckpointRecord",
-    "CtDatabase",
-    "CtStoreError",
+    "CtEntryRecord",
+    "CtLogRecord",
     "DataDirectory",
     "DurableFile",
     "FileStoreError",
@@ -70,27 +71,31 @@ __all__ = [
     "JsonFile",
     "KeyStore",
     "KeyStoreError",
-    "LedgerError",
-    "LedgerStore",
+    "MultisetHash",
     "Pkcs11KeyStore",
-    "ShardRecord",
+    "Row",
     "Signer",
     "SoftwareKeyStore",
-    "StakeChange",
+    "StateChanges",
+    "StateDatabase",
+    "StateError",
     "StoreError",
     "StoredBlock",
     "StoredEvidence",
-    "Submission",
     "TileCorrupted",
     "TileDirectory",
     "TileError",
     "TileLog",
     "TlsCredential",
+    "TreeHead",
+    "certificate_row",
     "create_self_signed",
     "credential_paths",
     "fsync_directory",
     "open_keystore",
+    "registration_row",
     "spki_sha256",
+    "state_hash",
     "verify_log",
     "verify_signature",
     "write_atomic",

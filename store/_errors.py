@@ -4,15 +4,14 @@
 
     StoreError                    something durable or secret could not be read or written
     ├── AuditError                the hash-chained audit log
-    ├── CertStoreError            the certificate database
+    ├── AuthorityError            the CA's own authorities (root, intermediates, admins)
+    ├── BeaconError               the epoch beacons
     ├── ChainStoreError           the consensus chain (blocks, commits, signing state)
-    ├── CtStoreError              the CT log's database
-    │   └── CheckpointConflict    another writer advanced the log first
-    ├── FileStoreError            a small durable file (credentials, schedules, registrations)
+    ├── FileStoreError            a small durable file (credentials, schedules)
     ├── KeyStoreError             a keystore (key directory or PKCS#11 token)
-    ├── LedgerError               the stake ledger
+    ├── StateError                the replicated state (certificates, CT, stake...)
     └── TileError                 the CT tiles on disk
-        └── TileCorrupted         tiles contradict each other or the committed checkpoint
+        └── TileCorrupted         tiles contradict each other or the committed state
 
 Every error is raised ``from`` the library error it translates (sqlite3,
 PKCS#11, OSError), and its message says what and where, never a secret.
@@ -29,32 +28,28 @@ class AuditError(StoreError):
     """The audit log cannot record or cannot be read; the message says where and why."""
 
 
-class CertStoreError(StoreError):
-    """The certificate database failed; wraps sqlite3 errors."""
+class AuthorityError(StoreError):
+    """The CA's authority database failed; wraps sqlite3 errors."""
+
+
+class BeaconError(StoreError):
+    """The beacon database cannot be read or written."""
 
 
 class ChainStoreError(StoreError):
     """The chain database cannot be opened or written."""
 
 
-class CtStoreError(StoreError):
-    """The CT database failed; wraps sqlite3 errors."""
-
-
-class CheckpointConflict(CtStoreError):
-    """The checkpoint moved since this writer read it: another writer advanced the log."""
-
-
 class FileStoreError(StoreError):
-    """A small durable file (a credential, a key schedule, registrations) is unreadable."""
+    """A small durable file (a credential, a key schedule) is unreadable."""
 
 
 class KeyStoreError(StoreError):
     """Any keystore failure; the message says what and where, never the PIN."""
 
 
-class LedgerError(StoreError):
-    """The stake ledger cannot be read or written."""
+class StateError(StoreError):
+    """The replicated state cannot be read or written, or a block does not follow it."""
 
 
 class TileError(StoreError):
@@ -62,4 +57,4 @@ class TileError(StoreError):
 
 
 class TileCorrupted(TileError):
-    """Tiles contradict each other or the committed checkpoint (tampering or damage)."""
+    """Tiles contradict each other or the committed state (tampering or damage)."""

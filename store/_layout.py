@@ -8,10 +8,11 @@ for each store, and each store object knows its own file. The layout::
       root.pem                 the CA root certificate, for clients
       admin/admin.key, .pem    the administrator credential (an operator's, not the CA's)
       tls/server.key, .pem     the node's own QUIC/TLS credential
-      ca/certificates.sqlite3  issued certificates, names, revocations, authorities
+      ca/authorities.sqlite3   this CA node's root, intermediates, administrators
       audit/audit.log          the hash-chained audit log
-      ct/ct.sqlite3, ct/<n>/   the CT log's database and each shard's tiles
-      consensus/ledger.sqlite3 stake, beacons, used work
+      state/state.sqlite3      the replicated state: certificates, CT, stake, ...
+      ct/<n>/                  each CT shard's tiles
+      consensus/beacons.sqlite3 the epoch beacons
       consensus/chain.sqlite3  blocks, commits, evidence, signing state
       dns/keys.json            the DNSSEC key schedule (the keys are in the keystore)
       dns/registrations.json   AAAA records registered by certificate holders
@@ -24,12 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from ._audit import AuditLog, CheckpointSigner
+from ._authorities import AuthorityStore
+from ._beacons import BeaconStore
 from ._blocks import ChainStore
-from ._certdb import CertificateStore
-from ._ctdb import CtDatabase
 from ._errors import FileStoreError
 from ._files import write_atomic
-from ._ledger import LedgerStore
+from ._state import StateDatabase
 from ._tiles import TileLog
 from ._tls import TlsCredential, credential_paths
 
@@ -143,8 +144,12 @@ class DataDirectory:
 
     # --- the certificate authority --------------------------------------------------
 
-    def certificates(self) -> CertificateStore:
-        return CertificateStore(self.root / "ca" / "certificates.sqlite3")
+    def authorities(self) -> AuthorityStore:
+        return AuthorityStore(self.root / "ca" / "authorities.sqlite3")
+
+    def state(self) -> StateDatabase:
+        """The replicated state (certificates, CT tree, stake, ...)."""
+        return StateDatabase(self.root / "state" / "state.sqlite3")
 
     def audit_log(self, signer: CheckpointSigner | None, *,
                   checkpoint_every: int = 1000) -> AuditLog:
@@ -168,16 +173,13 @@ class DataDirectory:
 
     # --- certificate transparency ---------------------------------------------------
 
-    def ct_database(self) -> CtDatabase:
-        return CtDatabase(self._ct / "ct.sqlite3")
-
     def ct_tiles(self) -> TileDirectory:
         return TileDirectory(self._ct)
 
     # --- consensus ------------------------------------------------------------------
 
-    def ledger(self) -> LedgerStore:
-        return LedgerStore(self.root / "consensus" / "ledger.sqlite3")
+    def beacons(self) -> BeaconStore:
+        return BeaconStore(self.root / "consensus" / "beacons.sqlite3")
 
     def chain(self) -> ChainStore:
         return ChainStore(self.root / "consensus" / "chain.sqlite3")

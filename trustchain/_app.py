@@ -20,10 +20,11 @@ from typing import Any, TextIO
 import protocol
 import stoq
 from handlers.ca import CertificateAuthority
+from protocol import TrustChainError
 from store import create_self_signed
 
 from . import __version__
-from ._compose import EVERY_PART, NodeParts, Services, build_services, data_directory
+from ._compose import Services, build_services, data_directory
 from ._config import Config
 
 log = logging.getLogger("trustchain")
@@ -49,19 +50,14 @@ def server_limits(cfg: Config) -> stoq.ServerLimits:
 
 
 class Node:
-    """One TrustChain node: its data directory, services and QUIC server.
-
-    :param parts: which services to build (every one; benchmarks build fewer).
-    """
+    """One TrustChain node: its data directory, services and QUIC server."""
 
     def __init__(self, cfg: Config, *, data_dir: str | None = None,
-                 listen: list[tuple[str, int]] | None = None,
-                 parts: NodeParts = EVERY_PART) -> None:
+                 listen: list[tuple[str, int]] | None = None) -> None:
         self.cfg = cfg
         self.data_dir = Path(data_dir or cfg.node.data_dir).resolve()
         self.data = data_directory(cfg, self.data_dir)
         self.listen = listen or cfg.listen_addresses()
-        self.parts = parts
         self.server: stoq.Server | None = None
         self.services: Services | None = None
         self._exits = contextlib.AsyncExitStack()
@@ -111,7 +107,7 @@ class Node:
         try:
             self.services = await build_services(
                 self.cfg, self.data, self._exits, listen=self.listen, describe=self.describe,
-                accepting=self.accepting, installed=self.reload_certificate, parts=self.parts)
+                accepting=self.accepting, installed=self.reload_certificate)
         except BaseException:
             await self._exits.aclose()
             raise
@@ -134,7 +130,12 @@ class Node:
         # needs a quorum of validators for that, so it serves the bootstrap
         # certificate until its peers are up.
         if len(self.cfg.consensus.validators) <= 1:
-            await services.rotator.check()
+            try:
+                if services.keys is not None:
+                    await services.keys.announce()
+                await services.rotator.check()
+            except TrustChainError as exc:  # serve reads with the certificate it has
+                log.error("the node's TLS certificate could not be renewed: %s", exc.message)
             self._cert_mtime = credential.certfile.stat().st_mtime
         loop = asyncio.get_running_loop()
         for task in (loop.create_task(self._watch_certificate(), name="tls-watch"),

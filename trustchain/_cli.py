@@ -28,7 +28,6 @@ from ._cli_common import (
     print_json,
     run_client,
 )
-from ._compose import EVERY_PART, PART_SETS, NodeParts
 from ._logging import configure as configure_logging
 
 ADD_COMMANDS: list[Callable[[Subcommands], dict[str, Command]]] = [
@@ -109,7 +108,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     return parser, commands
 
 
-def cmd_serve(args: argparse.Namespace, parts: NodeParts = EVERY_PART) -> int:
+def cmd_serve(args: argparse.Namespace) -> int:
     try:
         cfg = config.load(args.config)
         listen = [parse_endpoint(x) for x in args.listen] if args.listen else None
@@ -124,7 +123,7 @@ def cmd_serve(args: argparse.Namespace, parts: NodeParts = EVERY_PART) -> int:
     log = logging.getLogger("trustchain")
     for warning in cfg.warnings:
         log.warning(warning)
-    node = Node(cfg, data_dir=args.data_dir, listen=listen, parts=parts)
+    node = Node(cfg, data_dir=args.data_dir, listen=listen)
     try:
         uvloop.run(node.run())
     except config.ConfigError as exc:
@@ -164,13 +163,6 @@ def main(argv: list[str] | None = None) -> int:
     parser, commands = build_parser()
     args = parser.parse_args(argv)
     return commands[args.command](args)
-
-
-def serve_parts(argv: list[str], parts: str) -> int:
-    """``trustchain serve ARGV`` with only the services of ``PART_SETS[parts]``: what the
-    benchmarks run to measure what each stage adds."""
-    parser, _ = build_parser()
-    return cmd_serve(parser.parse_args(["serve", *argv]), PART_SETS[parts])
 
 
 if __name__ == "__main__":

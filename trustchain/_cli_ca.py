@@ -67,8 +67,9 @@ def cmd_init(args: argparse.Namespace) -> int:
     data = data_directory(cfg, Path(args.data_dir or cfg.node.data_dir).resolve())
     with open_ca_stores(cfg, data) as stores:
         stores.audit.append("ca.init", {"config": cfg.source})
-        existed = stores.certs.active_authority("root") is not None
-        hierarchy = open_ca(cfg, data, stores.keystore, stores.certs, stores.audit, create=True)
+        existed = stores.authorities.active_authority("root") is not None
+        hierarchy = open_ca(cfg, data, stores.keystore, stores.authorities, stores.audit,
+                            create=True)
         admin = hierarchy.ensure_admin()
         assert hierarchy.root is not None and hierarchy.issuer is not None
         fingerprint = hierarchy.root.fingerprint(hashes.SHA256()).hex()

@@ -19,7 +19,7 @@ import uvloop
 
 import stoq
 from protocol import TrustChainError
-from store import AuditError, CertStoreError, KeyStoreError, credential_paths
+from store import AuditError, AuthorityError, KeyStoreError, credential_paths
 
 from . import _config as config
 
@@ -153,7 +153,7 @@ def offline_command(run: Command) -> Command:
     def command(args: argparse.Namespace) -> int:
         try:
             return run(args)
-        except (config.ConfigError, ValueError, OSError, AuditError, CertStoreError,
+        except (config.ConfigError, ValueError, OSError, AuditError, AuthorityError,
                 KeyStoreError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

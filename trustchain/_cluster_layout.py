@@ -303,8 +303,8 @@ def _make_root(cfg: config.Config, workdir: Path, chain_id: str) -> tuple[bytes,
     ca_cfg = config.replace(cfg, ca=dataclasses.replace(cfg.ca, ca_id=chain_id))
     data = DataDirectory(workdir)
     with open_ca_stores(ca_cfg, data) as stores:
-        open_ca(ca_cfg, data, stores.keystore, stores.certs, stores.audit, create=True)
-        record = stores.certs.active_authority("root")
+        open_ca(ca_cfg, data, stores.keystore, stores.authorities, stores.audit, create=True)
+        record = stores.authorities.active_authority("root")
         signer = stores.keystore.get(ROOT_KEY)
         assert record is not None and signer is not None
         key_pem = signer.private_key().private_bytes(
@@ -324,13 +324,13 @@ def _make_node(cfg: config.Config, key_pem: bytes, root: AuthorityRecord,
             raise config.ConfigError("cluster init writes software-keystore nodes only")
         # The root key goes into the keystore before anything asks the keystore for it.
         keystore.import_key(ROOT_KEY, key_pem)
-        stores.certs.add_authority(root, make_active=True)
+        stores.authorities.add_authority(root, make_active=True)
         stores.audit.append("ca.root-imported", {
             "fingerprint": hashlib.sha256(root.der).hexdigest(), "chain_id": chain_id,
             "by": "trustchain cluster init", "key_copied": True})
         stores.audit.append("ca.init", {"config": cfg.source})
         # the root exists: only this node's intermediate is new
-        open_ca(cfg, data, keystore, stores.certs, stores.audit, create=True)
+        open_ca(cfg, data, keystore, stores.authorities, stores.audit, create=True)
         validator = keystore.get_or_create(cfg.consensus.validator_key, "ed25519")
         raw: bytes = validator.public_key().public_bytes(serialization.Encoding.Raw,
                                                          serialization.PublicFormat.Raw)
@@ -375,7 +375,7 @@ def make_cluster(plan: ClusterPlan) -> MadeCluster:
     made = MadeCluster(root_der=root.der, validator_keys=keys)
 
     validators = [{"public_key": key.hex(), "address": ADDRESS, "port": node.port,
-                   "power": 1, "name": node.name}
+                   "power": 1, "name": node.name, "names": [f"{node.name}.{plan.domains[0]}"]}
                   for node, key in zip(plan.nodes, keys, strict=True)]
     for node in plan.nodes:
         write_atomic(node.config_path, plan.config_text(node, validators).encode())

@@ -1,13 +1,15 @@
 """The composition root: one node's services, built in plain order.
 
-stores -> keys and hierarchy -> proofs -> chain -> CT -> publishers (fingerprints,
-DNS) -> CA -> rotation -> router. Every collaborator goes in through a
-constructor; nothing is changed on a service after it is built. Whatever must
-be stopped or closed is pushed on one :class:`contextlib.AsyncExitStack`, so
-the node stops in the reverse order of this file.
+stores and keys -> the replicated state and its CT log -> proofs -> publishers
+(fingerprints, DNS) -> the state machine and the validator chain -> the ops
+that submit decisions (CA, CT, DNS, stake) -> rotation -> router. Every
+collaborator goes in through a constructor; nothing is changed on a service
+after it is built. Whatever must be stopped or closed is pushed on one
+:class:`contextlib.AsyncExitStack`, so the node stops in the reverse order of
+this file.
 
-:class:`NodeParts` builds a node with fewer services; only the benchmarks do
-that, to measure what each stage adds to an issuance.
+A node is a validator of its cluster (or, alone, of a cluster of one): every
+state change is a decision that a block commits and every validator executes.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,36 +31,29 @@ from cryptography.hazmat.primitives import serialization
 import stoq
 from handlers import NodeService, Router
 from handlers.ca import (
-    Admission,
     CertificateAuthority,
+    Cluster,
     Hierarchy,
     HierarchyConfig,
     KeystoreSettings,
     LeafSigner,
-    LocalAdmission,
     LocalSigner,
     NamingPolicy,
     Publisher,
     Publishers,
     Rotator,
     SigningWorkers,
-    check_request,
 )
 from handlers.consensus import (
     BeaconChain,
-    CaRules,
     ChainBeacons,
     ChainFaucet,
     ChainService,
     CheckpointSubmitter,
-    ConsensusAdmission,
     ConsensusChain,
     ConsensusService,
     Faucet,
-    FourProofAdmission,
-    LedgerFaucet,
     ProofVerifier,
-    StakeLedger,
 )
 from handlers.consensus.bft import Block, Validator, ValidatorSet, validator_id
 from handlers.consensus.bft._core import Timeouts
@@ -76,20 +71,29 @@ from handlers.dns import (
     ZoneSettings,
 )
 from handlers.fingerprint import FingerprintService, FingerprintWatchers
-from protocol import TrustChainError
-from protocol.ct_structs import embedded_scts
+from handlers.replica import (
+    CaRules,
+    CaStateMachine,
+    DecisionLog,
+    KeysAnnouncer,
+    ReplicaService,
+    ValidatorDirectory,
+    ValidatorKeys,
+)
+from protocol import ConsensusRejected
 from protocol.doq import ALPN_DOQ
 from protocol.ops.consensus import ProofParams
 from store import (
     Algorithm,
     AuditLog,
-    CertificateStore,
+    AuthorityStore,
+    BeaconStore,
     ChainStore,
     DataDirectory,
     KeyStore,
     KeyStoreError,
-    LedgerStore,
     Signer,
+    StateDatabase,
     TlsCredential,
     open_keystore,
 )
@@ -109,34 +113,6 @@ Audit = Callable[[str, dict[str, Any]], Any]
 
 
 @dataclass(frozen=True, kw_only=True)
-class NodeParts:
-    """Which services a node builds: a node builds every one; the benchmarks build the
-    CA with fewer, to measure what each stage adds to an issuance."""
-
-    proofs: bool = True
-    """Four-proof admission: the stake ledger, epoch beacons, ``consensus.*`` ops."""
-    chain: bool = True
-    """The validator chain: every CA decision committed in a block (needs ``proofs``)."""
-    transparency: bool = True
-    """The CT log (every certificate through the precertificate flow) and ``fp.*``."""
-    dns: bool = True
-    """The DNS service and DNS over QUIC (when ``dns.enabled``)."""
-
-
-EVERY_PART = NodeParts()
-"""A node's services: all of them."""
-PART_SETS = {
-    "all": EVERY_PART,
-    "ca-alone": NodeParts(proofs=False, chain=False, transparency=False, dns=False),
-    "four-proof": NodeParts(chain=False, transparency=False, dns=False),
-    "consensus": NodeParts(transparency=False, dns=False),
-}
-"""The nodes the benchmarks compare: every service; the CA with its local admission
-(no proofs checked) and nothing else; with four-proof admission; with four proofs and
-the validator chain."""
-
-
-@dataclass(frozen=True, kw_only=True)
 class Services:
     """What :func:`build_services` made: the router and the services a caller may ask."""
 
@@ -146,12 +122,16 @@ class Services:
     keystore: KeyStore
     audit: AuditLog
     hierarchy: Hierarchy
+    state: StateDatabase
+    machine: CaStateMachine
     ca: CertificateAuthority
     rotator: Rotator
+    keys: KeysAnnouncer | None
+    """None: this node follows the cluster without a validator key."""
     tls: TlsCredential
-    proofs: ConsensusService | None
-    chain: ConsensusChain | None
-    ct: CtService | None
+    proofs: ConsensusService
+    chain: ConsensusChain
+    ct: CtService
     fingerprints: FingerprintService | None
     dns: DnsService | None
 
@@ -186,7 +166,7 @@ def keystore_settings(cfg: Config, data_dir: Path) -> KeystoreSettings:
 
 
 def data_directory(cfg: Config, data_dir: Path) -> DataDirectory:
-    """The node's data directory, with the CT log where ``ct.storage_path`` puts it."""
+    """The node's data directory, with the CT tiles where ``ct.storage_path`` puts them."""
     configured = cfg.ct.storage_path
     return DataDirectory(data_dir, ct_directory=Path(configured) if configured else None)
 
@@ -201,7 +181,7 @@ async def _key(keystore: KeyStore, name: str, algorithm: Algorithm, audit: Audit
     return signer
 
 
-def open_ca(cfg: Config, data: DataDirectory, keystore: KeyStore, certs: CertificateStore,
+def open_ca(cfg: Config, data: DataDirectory, keystore: KeyStore, authorities: AuthorityStore,
             audit: AuditLog, *, create: bool) -> Hierarchy:
     """Load the CA hierarchy; create it if ``create`` (development, or ``init``).
 
@@ -210,10 +190,10 @@ def open_ca(cfg: Config, data: DataDirectory, keystore: KeyStore, certs: Certifi
     config = HierarchyConfig(ca_id=cfg.ca.ca_id, domains=tuple(cfg.dns.domains.trustchain_domains),
                              root_lifetime=cfg.ca.root_lifetime,
                              intermediate_lifetime=cfg.ca.intermediate_lifetime)
-    hierarchy = Hierarchy(keystore=keystore, certs=certs, root_file=data.root_certificate(),
-                          admin=data.admin_credential(), config=config, clock=time.time,
-                          audit=audit.append)
-    if not create and certs.active_authority("root") is None:
+    hierarchy = Hierarchy(keystore=keystore, authorities=authorities,
+                          root_file=data.root_certificate(), admin=data.admin_credential(),
+                          config=config, clock=time.time, audit=audit.append)
+    if not create and authorities.active_authority("root") is None:
         raise ConfigError(f"no CA in {data.root}: production mode does not create one by "
                           "itself; run `trustchain init` first")
     hierarchy.ensure()
@@ -224,10 +204,10 @@ def open_ca(cfg: Config, data: DataDirectory, keystore: KeyStore, certs: Certifi
 
 @dataclass(frozen=True)
 class CaStores:
-    """A CA's keystore, certificate database and audit log, open without a node."""
+    """A CA's keystore, authority database and audit log, open without a node."""
 
     keystore: KeyStore
-    certs: CertificateStore
+    authorities: AuthorityStore
     audit: AuditLog
 
 
@@ -239,15 +219,15 @@ def open_ca_stores(cfg: Config, data: DataDirectory) -> Iterator[CaStores]:
     data.create()
     keystore = open_configured_keystore(cfg, data.root)
     try:
-        certs = data.certificates()
+        authorities = data.authorities()
         try:
             audit = data.audit_log(signer=keystore.get_or_create(AUDIT_KEY))
             try:
-                yield CaStores(keystore=keystore, certs=certs, audit=audit)
+                yield CaStores(keystore=keystore, authorities=authorities, audit=audit)
             finally:
                 audit.close()
         finally:
-            certs.close()
+            authorities.close()
     finally:
         keystore.close()
 
@@ -257,7 +237,7 @@ def node_addresses(cfg: Config, listen: Iterable[tuple[str, int]]) -> list[str]:
     return list(cfg.node.addresses) or sorted({h for h, _ in listen if h != "::"} | {"::1"})
 
 
-# --- proofs and the chain --------------------------------------------------------------------
+# --- the validator set --------------------------------------------------------------------
 
 
 def proof_params(cfg: Config) -> ProofParams:
@@ -271,63 +251,71 @@ def proof_params(cfg: Config) -> ProofParams:
                        epoch_length=int(consensus.epoch_length))
 
 
-def validator_set(cfg: Config, own_key: bytes) -> tuple[ValidatorSet, dict[str, str]]:
-    """The configured validators (or this node alone) and their names."""
-    configured = cfg.consensus.validators
-    if not configured:
-        me = Validator(own_key, 1, "::1", 0)
-        return ValidatorSet((me,)), {me.id: "self"}
-    validators = tuple(Validator(bytes.fromhex(v.public_key), v.power, v.address, v.port)
-                       for v in configured)
-    names = {v.id: c.name or v.id[:8] for v, c in zip(validators, configured, strict=True)}
-    return ValidatorSet(validators), names
-
-
 @dataclass(frozen=True)
-class _Validator:
-    """This node as a validator: its key, the set, the chain's store and links."""
+class ValidatorIdentity:
+    """This node as a validator: its key, the set, and the names each may certify."""
 
     signer: Signer
     own_id: str
     me: str | None
     """``own_id`` if the set holds it; None: the node follows without voting."""
     validators: ValidatorSet
-    names: dict[str, str]
+    labels: dict[str, str]
+    node_names: dict[str, frozenset[str]]
+    """validator id -> the names (and addresses) its own TLS certificate may carry."""
 
 
-async def _validator(cfg: Config, keystore: KeyStore, audit: Audit) -> _Validator:
+def validator_set(cfg: Config, own_key: bytes, addresses: list[str]
+                  ) -> tuple[ValidatorSet, dict[str, str], dict[str, frozenset[str]]]:
+    """The configured validators (or this node alone), their labels and their names."""
+    configured = cfg.consensus.validators
+    if not configured:
+        me = Validator(own_key, 1, "::1", 0)
+        return (ValidatorSet((me,)), {me.id: "self"},
+                {me.id: frozenset([*cfg.node.names, *addresses])})
+    validators = tuple(Validator(bytes.fromhex(v.public_key), v.power, v.address, v.port)
+                       for v in configured)
+    labels = {v.id: c.name or v.id[:8] for v, c in zip(validators, configured, strict=True)}
+    names = {v.id: frozenset([*c.names, c.address])
+             for v, c in zip(validators, configured, strict=True)}
+    return ValidatorSet(validators), labels, names
+
+
+async def validator_identity(cfg: Config, keystore: KeyStore, addresses: list[str],
+                             audit: Audit) -> ValidatorIdentity:
     consensus = cfg.consensus
     signer = await _key(keystore, consensus.validator_key, "ed25519", audit)
     if signer.algorithm != "ed25519":
         raise ConfigError(f"the validator key {consensus.validator_key!r} must be Ed25519")
     own_key = signer.public_key().public_bytes(serialization.Encoding.Raw,
                                                serialization.PublicFormat.Raw)
-    validators, names = validator_set(cfg, own_key)
+    validators, labels, names = validator_set(cfg, own_key, addresses)
     own_id = validator_id(own_key)
     me: str | None = own_id
     if own_id not in validators.by_id:
         log.warning("this node's validator key is not in consensus.validators: it follows "
                     "the chain without voting", extra={"validator": own_id})
         me = None
-    return _Validator(signer=signer, own_id=own_id, me=me, validators=validators, names=names)
+    return ValidatorIdentity(signer=signer, own_id=own_id, me=me, validators=validators,
+                             labels=labels, node_names=names)
 
 
-def _beacons(cfg: Config, ledger: LedgerStore, signer: Signer, chain_store: ChainStore | None,
+def _beacons(cfg: Config, store: BeaconStore, signer: Signer, chain_store: ChainStore,
              audit: Audit) -> BeaconChain:
     """A cluster's epoch beacon is its first committed block of the epoch; a node
     alone draws and signs its own."""
     epoch_length = int(cfg.consensus.epoch_length)
-    if chain_store is not None and len(cfg.consensus.validators) > 1:
+    if len(cfg.consensus.validators) > 1:
         def first_block_at(time_ms: int) -> tuple[int, bytes] | None:
             stored = chain_store.first_at_or_after(time_ms)
             return None if stored is None else (stored.time_ms, stored.id)
 
-        return ChainBeacons(first_block_at=first_block_at, ledger=ledger, signer=signer,
+        return ChainBeacons(first_block_at=first_block_at, store=store, signer=signer,
                             epoch_length=epoch_length, audit=audit)
-    return BeaconChain(ledger=ledger, signer=signer, epoch_length=epoch_length, audit=audit)
+    return BeaconChain(store=store, signer=signer, epoch_length=epoch_length, audit=audit)
 
 
-def _chain(cfg: Config, validator: _Validator, store: ChainStore, links: StoqPeerLinks,
+def _chain(cfg: Config, validator: ValidatorIdentity, store: ChainStore, links: StoqPeerLinks,
            rules: CaRules, audit: Audit) -> ConsensusChain:
     consensus = cfg.consensus
     sign = validator.signer.sign if validator.me else None
@@ -340,10 +328,20 @@ def _chain(cfg: Config, validator: _Validator, store: ChainStore, links: StoqPee
                           delta=consensus.timeout_delta),
         block_interval=consensus.block_interval, gossip_interval=consensus.gossip_interval,
         max_block_decisions=consensus.max_block_decisions,
-        max_frame_size=cfg.network.max_frame_size, names=validator.names, audit=audit)
+        max_frame_size=cfg.network.max_frame_size, names=validator.labels, audit=audit)
 
 
-# --- certificate transparency ----------------------------------------------------------------
+def _beacon_updates(beacons: BeaconChain) -> Callable[[Block], Coroutine[Any, Any, None]] | None:
+    if not isinstance(beacons, ChainBeacons):
+        return None
+
+    async def on_block(block: Block) -> None:
+        await beacons.on_block(block.time_ms, block.id)
+
+    return on_block
+
+
+# --- certificate transparency and DNS -----------------------------------------------------
 
 
 def _extra_roots(paths: list[str]) -> list[bytes]:
@@ -357,35 +355,28 @@ def _extra_roots(paths: list[str]) -> list[bytes]:
     return roots
 
 
-async def log_node_certificate(tls: TlsCredential, ct: CtService) -> None:
-    """A node TLS certificate issued before the log existed (an older version): log it
-    as an x509 entry unless it carries an SCT. The self-signed bootstrap certificate
-    (before the CA issued one) is not the CA's and is not logged."""
-    chain = tls.read_chain()
-    if not chain or chain[0].issuer == chain[0].subject or embedded_scts(chain[0]):
-        return
-    ders = [c.public_bytes(serialization.Encoding.DER) for c in chain]
-    try:
-        checked = ct.validator.check(ders, precert=False)
-        submitted = await ct.log.submit(checked, precert=False)
-    except TrustChainError as exc:
-        log.warning("the node's TLS certificate could not be logged: %s", exc.message)
-        return
-    log.info("node TLS certificate logged", extra={"shard": submitted.shard,
-                                                   "leaf_index": submitted.leaf_index})
-
-
-# --- DNS -------------------------------------------------------------------------------------
-
-
 def _forwarder(cfg: Config) -> Forwarder:
-    dns = cfg.dns
+    dns_cfg = cfg.dns
     upstreams = []
-    for i, text in enumerate(dns.upstream_servers):
+    for i, text in enumerate(dns_cfg.upstream_servers):
         protocol, address, port, name = parse_upstream(text, f"dns.upstream_servers[{i}]")
         upstreams.append(Upstream("doq" if protocol == "doq" else "udp", address, port, name))
-    return Forwarder(upstreams, cache=AnswerCache(dns.cache_size, dns.cache_ttl),
-                     cafile=dns.upstream_cafile, timeout=dns.upstream_timeout)
+    return Forwarder(upstreams, cache=AnswerCache(dns_cfg.cache_size, dns_cfg.cache_ttl),
+                     cafile=dns_cfg.upstream_cafile, timeout=dns_cfg.upstream_timeout)
+
+
+def _zones(cfg: Config, state: StateDatabase, keyring: KeyRing, rendered: RenderedAnswers,
+           addresses: list[str]) -> TrustChainZones:
+    dns_cfg = cfg.dns
+    settings = DnsSettings(
+        domains=tuple(dns_cfg.domains.trustchain_domains),
+        nameserver_addresses=tuple(dns_cfg.nameserver_addresses) or tuple(addresses),
+        zone=ZoneSettings(record_ttl=int(dns_cfg.record_ttl),
+                          negative_ttl=int(dns_cfg.negative_ttl),
+                          signature_validity=dns_cfg.signature_validity,
+                          signature_refresh=dns_cfg.signature_refresh),
+        enable_cert_validation=dns_cfg.enable_cert_validation)
+    return TrustChainZones(settings=settings, state=state, keyring=keyring, rendered=rendered)
 
 
 def _task(exits: contextlib.AsyncExitStack, coroutine: Coroutine[Any, Any, None],
@@ -401,29 +392,45 @@ def _task(exits: contextlib.AsyncExitStack, coroutine: Coroutine[Any, Any, None]
     exits.push_async_callback(stop)
 
 
+def local_keys(hierarchy: Hierarchy, ct_log: CtLog, keyring: KeyRing | None,
+               clock: Callable[[], float] = time.time) -> Callable[[int], ValidatorKeys]:
+    """What this validator signs with now, as a ``keys`` decision stamped ``at_ms``."""
+    def keys(at_ms: int) -> ValidatorKeys:
+        intermediates = sorted(hierarchy.intermediates(), key=lambda a: a.created_at)
+        active = hierarchy.issuer
+        ders = [a.der for a in intermediates if a.not_after > clock()
+                and (active is None or a.der != active.der)]
+        if active is not None:
+            ders.append(active.der)
+        logs = tuple((s.number, s.public_key_der()) for s in ct_log.shards)
+        dnskeys: tuple[bytes, ...] = ()
+        if keyring is not None:
+            dnskeys = tuple(sorted(k.dnskey.to_digestable() for k in keyring.published(clock())))
+        admins = tuple(a.der for a in hierarchy.authorities.authorities("admin"))
+        return ValidatorKeys(intermediates=tuple(ders), ct_logs=logs, dnskeys=dnskeys,
+                             admins=admins, at_ms=at_ms)
+    return keys
+
+
 # --- the node --------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Foundation:
-    """The stores, keys and CA hierarchy every later stage builds on."""
+async def build_services(cfg: Config, data: DataDirectory, exits: contextlib.AsyncExitStack,
+                         *, listen: Iterable[tuple[str, int]],
+                         describe: Callable[[], dict[str, Any]],
+                         accepting: Callable[[], bool],
+                         installed: Callable[[], None]) -> Services:
+    """Build every service of a node, in order; ``exits`` stops them in reverse.
 
-    keystore: KeyStore
-    audit_log: AuditLog
-    certs: CertificateStore
-    hierarchy: Hierarchy
-    policy: NamingPolicy
-    signer: LeafSigner
+    :param describe: the facts ``node.info`` reports (the shell knows the server).
+    :param accepting: whether the server accepts requests (``node.health``).
+    :param installed: called when the rotator installed a new TLS certificate.
+    """
+    development = cfg.ca.mode == "development"
+    lifetime = cfg.ca.cert_validity_days * 86400.0
+    addresses = node_addresses(cfg, listen)
 
-    @property
-    def audit(self) -> Audit:
-        return self.audit_log.append_async
-
-
-async def _foundation(cfg: Config, data: DataDirectory,
-                      exits: contextlib.AsyncExitStack) -> _Foundation:
-    """Stores and keys: the keystore, the audit log, the certificates, the hierarchy, and
-    who signs leaves (the event loop, or ``ca.signing_workers`` processes)."""
+    # stores and keys
     data.create()
     keystore = open_configured_keystore(cfg, data.root)
     exits.callback(keystore.close)
@@ -432,10 +439,10 @@ async def _foundation(cfg: Config, data: DataDirectory,
     audit_log.append("node.started", {"mode": cfg.ca.mode, "config": cfg.source,
                                       "warnings": list(cfg.warnings)})
     exits.callback(audit_log.append, "node.stopped", {})
-    certs = data.certificates()
-    exits.callback(certs.close)
-    hierarchy = open_ca(cfg, data, keystore, certs, audit_log,
-                        create=cfg.ca.mode == "development")
+    audit = audit_log.append_async
+    authorities = data.authorities()
+    exits.callback(authorities.close)
+    hierarchy = open_ca(cfg, data, keystore, authorities, audit_log, create=development)
     policy = NamingPolicy(domains=tuple(cfg.dns.domains.trustchain_domains),
                           allow_wildcards=cfg.ca.policy.allow_wildcards,
                           name_conflict=cfg.ca.policy.name_conflict)
@@ -445,229 +452,214 @@ async def _foundation(cfg: Config, data: DataDirectory,
         exits.push_async_callback(workers.close)
         await workers.warm_up()
         signer = workers
-    return _Foundation(keystore=keystore, audit_log=audit_log, certs=certs,
-                       hierarchy=hierarchy, policy=policy, signer=signer)
+    validator = await validator_identity(cfg, keystore, addresses, audit)
+    router = Router()
+    checks: dict[str, Callable[[], bool]] = {"accepting": accepting}
+    NodeService(describe=describe, checks=checks).register(router)
 
+    # the replicated state, and this validator's CT log of it
+    state = data.state()
+    exits.callback(state.close)
+    if cfg.ct.storage.backend != "filesystem":
+        log.warning("ct.storage.backend %r is not implemented in this version; the tiles "
+                    "go to the filesystem at %s", cfg.ct.storage.backend,
+                    data.ct_tiles().directory)
+    watchers = FingerprintWatchers()
+    ct_log = CtLog(tiles=data.ct_tiles(), state=state, keystore=keystore,
+                   origin=cfg.ct.log_id, max_entries_per_shard=cfg.ct.max_entries_per_shard,
+                   sth_interval=cfg.ct.merkle_update_interval,
+                   feed_capacity=cfg.ct.subscription_buffer,
+                   on_sequenced=[watchers.sequenced], clock=time.time)
+    ct_log.open()
+    chains = ChainValidator([hierarchy.root_der, *_extra_roots(list(cfg.ct.extra_roots))],
+                            clock=time.time)
 
-@dataclass(frozen=True)
-class _Admitting:
-    """What admits CA decisions: the four proofs and, with a chain, a committed block."""
-
-    admission: Admission
-    proofs: ConsensusService | None = None
-    chain: ConsensusChain | None = None
-    validator: _Validator | None = None
-
-
-async def _admitting(cfg: Config, data: DataDirectory, base: _Foundation, parts: NodeParts,
-                     router: Router, checks: dict[str, Callable[[], bool]],
-                     exits: contextlib.AsyncExitStack) -> _Admitting:
-    """Proofs (stake, beacons, the verifier) and the validator chain, as ``parts`` asks."""
-    if not parts.proofs:
-        return _Admitting(admission=LocalAdmission())
-    development = cfg.ca.mode == "development"
-    audit = base.audit
-    validator: _Validator | None = None
-    chain_store: ChainStore | None = None
-    if parts.chain:
-        validator = await _validator(cfg, base.keystore, audit)
-        chain_store = data.chain()
-        exits.callback(chain_store.close)
+    # proofs: beacons and the verifier, on the replicated stake and used work
     params = proof_params(cfg)
-    ledger = data.ledger()
-    exits.callback(ledger.close)
-    beacon_signer = await _key(base.keystore, BEACON_KEY, "ecdsa-p256-sha256", audit)
-    beacons = _beacons(cfg, ledger, beacon_signer, chain_store, audit)
-    verifier = ProofVerifier(params=params, ledger=ledger, beacons=beacons,
-                             workers=cfg.consensus.verify_workers)
+    chain_store = data.chain()
+    exits.callback(chain_store.close)
+    beacon_store = data.beacons()
+    exits.callback(beacon_store.close)
+    beacon_signer = await _key(keystore, BEACON_KEY, "ecdsa-p256-sha256", audit)
+    beacons = _beacons(cfg, beacon_store, beacon_signer, chain_store, audit)
+    verifier = ProofVerifier(params=params, ledger=state, beacons=beacons,
+                             workers=cfg.consensus.verify_workers, audit=audit)
     exits.push_async_callback(verifier.close)
-    stake = StakeLedger(ledger=ledger, audit=audit)
-    await stake.apply_genesis(dict(cfg.consensus.genesis))
-    if not isinstance(beacons, ChainBeacons):
-        await beacons.current()
-    four_proofs = FourProofAdmission(verifier=verifier, audit=audit)
-    admission: Admission = four_proofs
-    faucet: Faucet = LedgerFaucet(stake)
-    chain: ConsensusChain | None = None
-    if validator is not None and chain_store is not None:
-        links = StoqPeerLinks(me=validator.me,
-                              endpoints={v.id: (v.address, v.port)
-                                         for v in validator.validators.validators},
-                              engine=cfg.network.quic_engine)
-        exits.push_async_callback(links.close)
-        policy = base.policy
-        rules = CaRules(check_csr=lambda csr: check_request(csr, policy),
-                        verify_proofs=verifier.verify, set_stake=stake.set_stake,
-                        development=development, minimum_stake=params.minimum_stake,
-                        on_block=_beacon_updates(beacons),
-                        cosign=validator.signer.sign if validator.me else None)
-        chain = _chain(cfg, validator, chain_store, links, rules, audit)
-        exits.push_async_callback(chain.stop)
-        ChainService(chain, rules.checkpoints, validity=cfg.ca.cert_validity_days * 86400.0,
-                     backdate=cfg.ca.backdate).register(router)
-        running = chain
-        checks["consensus"] = lambda: running.started and running.failure is None
-        if validator.me is not None:
-            timeout = cfg.consensus.finality_timeout
-            admission = ConsensusAdmission(local=four_proofs, chain=chain, entry=validator.me,
-                                           sign=validator.signer.sign, timeout=timeout)
-            faucet = ChainFaucet(chain=chain, entry=validator.me, sign=validator.signer.sign,
-                                 timeout=timeout)
-    proofs = ConsensusService(stake=stake, beacons=beacons, verifier=verifier, params=params,
+
+    # publishers: what hears of every committed certificate
+    directory = ValidatorDirectory()
+    publishers: list[tuple[str, Publisher]] = []
+    fingerprints: FingerprintService | None = None
+    if cfg.ct.enable_realtime_fingerprinting:
+        fingerprints = FingerprintService(
+            state=state, log=ct_log, watchers=watchers,
+            issuer_der=lambda fp: _intermediate_der(directory, fp),
+            log_key=lambda log_id: _log_key(directory, log_id))
+        publishers.append(("fingerprints", fingerprints))
+    keyring: KeyRing | None = None
+    zones: TrustChainZones | None = None
+    rendered = RenderedAnswers()
+    if cfg.dns.enabled:
+        dns_cfg = cfg.dns
+        keyring = KeyRing(keystore=keystore, schedule=data.dns_key_schedule(),
+                          algorithm=dns_cfg.dnssec_algorithm, zsk_lifetime=dns_cfg.zsk_lifetime,
+                          prepublish=dns_cfg.zsk_prepublish)
+        zones = _zones(cfg, state, keyring, rendered, addresses)
+        zones.start()
+        publishers.append(("dns", zones))
+    published = Publishers(publishers)
+    checks["publishing"] = published.healthy
+
+    # the state machine and the validator chain
+    root = x509.load_der_x509_certificate(hierarchy.root_der)
+    machine = CaStateMachine(
+        state=state, ct=ct_log, chains=chains, policy=policy, root_der=hierarchy.root_der,
+        node_names=validator.node_names, publishers=published, audit=audit,
+        epoch_length=params.epoch_length, lifetime=lifetime, backdate=cfg.ca.backdate,
+        minimum_stake=params.minimum_stake, development=development, directory=directory)
+    await machine.open(dict(cfg.consensus.genesis))
+    if machine.corrupt is not None:
+        log.critical("%s; this validator will not vote (rebuild its state from the blocks)",
+                     machine.corrupt)
+    rules = CaRules(machine=machine, policy=policy, verify_proofs=verifier.verify,
+                    chains=chains, root=root, node_names=validator.node_names,
+                    lifetime=lifetime, backdate=cfg.ca.backdate, development=development,
+                    minimum_stake=params.minimum_stake,
+                    cosign=validator.signer.sign if validator.me else None,
+                    on_block=_beacon_updates(beacons))
+    links = StoqPeerLinks(me=validator.me,
+                          endpoints={v.id: (v.address, v.port)
+                                     for v in validator.validators.validators},
+                          engine=cfg.network.quic_engine)
+    exits.push_async_callback(links.close)
+    voting = validator if machine.corrupt is None else dataclasses.replace(validator, me=None)
+    chain = _chain(cfg, voting, chain_store, links, rules, audit)
+    exits.push_async_callback(chain.stop)
+    replica = ReplicaService(machine=machine, decisions=None)
+    decisions: DecisionLog | None = None
+    if voting.me is not None:
+        decisions = DecisionLog(chain=chain, machine=machine, entry=voting.me,
+                                sign=validator.signer.sign,
+                                timeout=cfg.consensus.finality_timeout)
+        replica = ReplicaService(machine=machine, decisions=decisions)
+    replica.register(router)
+    ChainService(chain, machine.checkpoints, state_status=replica.status).register(router)
+    checks["consensus"] = lambda: (chain.started and chain.failure is None
+                                   and chain.diverged is None and machine.corrupt is None)
+
+    # what submits decisions: stake, CT, DNS, the CA
+    faucet: Faucet = _NoFaucet()
+    if decisions is not None:
+        faucet = ChainFaucet(chain=chain, entry=decisions.entry, sign=decisions.sign,
+                             timeout=cfg.consensus.finality_timeout)
+    proofs = ConsensusService(stake=state, beacons=beacons, verifier=verifier, params=params,
                               development=development, faucet=faucet)
     proofs.register(router)
+    ct = CtService(ct_log, chains, decisions=decisions)
+    ct.register(router)
+    if fingerprints is not None:
+        fingerprints.register(router)
+    dns_service: DnsService | None = None
+    applications: list[tuple[str, stoq.DoqApplication]] = []
+    if zones is not None:
+        forwarder = _forwarder(cfg)
+        exits.push_async_callback(forwarder.close)
+        answers = DnsAnswers(zones=zones, forwarder=forwarder, rendered=rendered)
+        application = stoq.DoqApplication(answers.answer_doq, stoq.DoqLimits(
+            fin_timeout=cfg.dns.fin_timeout, max_pending=cfg.dns.max_pending_queries,
+            rate_limit_per_minute=cfg.dns.rate_limit_per_minute,
+            rate_limit_prefix_length=cfg.api.rate_limit_prefix_length))
+        dns_service = DnsService(zones=zones, answers=answers, forwarder=forwarder,
+                                 decisions=decisions,
+                                 enable_cert_validation=cfg.dns.enable_cert_validation,
+                                 doq_stats=lambda: dataclasses.asdict(application.stats))
+        dns_service.register(router)
+        applications.append((ALPN_DOQ, application))
+        _task(exits, zones.run(DNS_MAINTENANCE_INTERVAL), "dns-maintenance")
+    keys: KeysAnnouncer | None = None
+    if decisions is not None:
+        keys = KeysAnnouncer(log_=decisions, local=local_keys(hierarchy, ct_log, keyring),
+                             active=lambda: hierarchy.issuer.der if hierarchy.issuer else b"")
+    ca = CertificateAuthority(
+        hierarchy=hierarchy, state=state, policy=policy,
+        decisions=decisions if decisions is not None else _Observer(),
+        proofs=verifier, transparency=ct_log,
+        cluster=Cluster(intermediate=lambda fp: _intermediate_der(directory, fp),
+                        intermediates=lambda: [i.der for i in directory.intermediates()],
+                        ready=keys.ready if keys is not None else lambda: False,
+                        announce=keys.announce if keys is not None else _nothing,
+                        admins=directory.admins),
+        audit=audit, signer=signer, lifetime=lifetime, backdate=cfg.ca.backdate)
+    ca.register(router)
+    tls = data.tls_credential()
+    rotator = Rotator(hierarchy=hierarchy, issue=ca.issue_node_certificate, tls=tls,
+                      names=list(cfg.node.names), addresses=addresses, counts=ca.counts,
+                      installed=installed,
+                      announce=keys.announce if keys is not None else None)
+    rotator.load_current()
+    rotator.register(router)
+
+    # running: the beacons, the chain (it executes any stored block first), the CT heads,
+    # the keys and the checkpoints
     proofs.start()
     exits.push_async_callback(proofs.stop)
     if not development:
         # a production node starts its VDF worker now, so that the first requester of
         # an epoch does not wait for a process to start (development: at first use)
         await verifier.warm_up()
-    if chain is not None:
-        await chain.start()
-    return _Admitting(admission=admission, proofs=proofs, chain=chain, validator=validator)
-
-
-@dataclass(frozen=True)
-class _Transparency:
-    ct: CtService
-    fingerprints: FingerprintService | None
-
-
-def _transparency(cfg: Config, data: DataDirectory, base: _Foundation, admitting: _Admitting,
-                  router: Router, exits: contextlib.AsyncExitStack) -> _Transparency:
-    """The CT log, its ``ct.*`` ops, the fingerprint index and ``fp.watch``; with a chain,
-    the checkpoints go to the validators for cosigning."""
-    if cfg.ct.storage.backend != "filesystem":
-        log.warning("ct.storage.backend %r is not implemented in this version; the tiles "
-                    "go to the filesystem at %s", cfg.ct.storage.backend,
-                    data.ct_tiles().directory)
-    ct_db = data.ct_database()
-    exits.callback(ct_db.close)
-    watchers = FingerprintWatchers()
-    ct_log = CtLog(tiles=data.ct_tiles(), db=ct_db, keystore=base.keystore,
-                   origin=cfg.ct.log_id, max_entries_per_shard=cfg.ct.max_entries_per_shard,
-                   batch_interval=cfg.ct.batch_interval, max_batch=cfg.ct.max_batch,
-                   sth_interval=cfg.ct.merkle_update_interval,
-                   feed_capacity=cfg.ct.subscription_buffer,
-                   on_sequenced=[watchers.sequenced], clock=time.time)
-    ct_log.open()
-    hierarchy = base.hierarchy
-    roots = [hierarchy.root_der, *_extra_roots(list(cfg.ct.extra_roots))]
-    ct = CtService(ct_log, ChainValidator(roots, clock=time.time))
-    ct.register(router)
-    fingerprints: FingerprintService | None = None
-    if cfg.ct.enable_realtime_fingerprinting:
-        def issuer_der(name: str) -> bytes | None:
-            return next((a.der for a in hierarchy.intermediates() if a.name == name), None)
-
-        fingerprints = FingerprintService(db=ct_db, log=ct_log, certs=base.certs,
-                                          issuer_der=issuer_der, watchers=watchers)
-        exits.push_async_callback(fingerprints.close)
-        fingerprints.register(router)
+    await chain.start()
+    if not isinstance(beacons, ChainBeacons):
+        await beacons.current()
     ct_log.start()
     exits.push_async_callback(ct_log.stop)
-    _task(exits, log_node_certificate(data.tls_credential(), ct), "ct-node-certificate")
-    validator, chain = admitting.validator, admitting.chain
-    if chain is not None and validator is not None and validator.me is not None:
+    if keys is not None and decisions is not None:
+        keys.start()
+        exits.push_async_callback(keys.stop)
         shards = ct_log.shards
         submitter = CheckpointSubmitter(
             chain=chain, checkpoints=lambda: [(s.origin, s.checkpoint) for s in shards],
-            entry=validator.me, sign=validator.signer.sign,
+            entry=decisions.entry, sign=decisions.sign,
             interval=max(1.0, cfg.ct.merkle_update_interval))
         submitter.start()
         exits.push_async_callback(submitter.stop)
-    return _Transparency(ct=ct, fingerprints=fingerprints)
+    return Services(router=router, applications=tuple(applications), keystore=keystore,
+                    audit=audit_log, hierarchy=hierarchy, state=state, machine=machine,
+                    ca=ca, rotator=rotator, keys=keys, tls=tls, proofs=proofs, chain=chain,
+                    ct=ct, fingerprints=fingerprints, dns=dns_service)
 
 
-async def build_services(cfg: Config, data: DataDirectory, exits: contextlib.AsyncExitStack,
-                         *, listen: Iterable[tuple[str, int]],
-                         describe: Callable[[], dict[str, Any]],
-                         accepting: Callable[[], bool], installed: Callable[[], None],
-                         parts: NodeParts = EVERY_PART) -> Services:
-    """Build every service of a node, in order; ``exits`` stops them in reverse.
-
-    :param describe: the facts ``node.info`` reports (the shell knows the server).
-    :param accepting: whether the server accepts requests (``node.health``).
-    :param installed: called when the rotator installed a new TLS certificate.
-    """
-    base = await _foundation(cfg, data, exits)
-    router = Router()
-    checks: dict[str, Callable[[], bool]] = {"accepting": accepting}
-    NodeService(describe=describe, checks=checks).register(router)
-    admitting = await _admitting(cfg, data, base, parts, router, checks, exits)
-    publishers: list[tuple[str, Publisher]] = []
-    transparency = (_transparency(cfg, data, base, admitting, router, exits)
-                    if parts.transparency else None)
-    if transparency is not None and transparency.fingerprints is not None:
-        publishers.append(("fingerprints", transparency.fingerprints))
-    addresses = node_addresses(cfg, listen)
-    dns: DnsService | None = None
-    applications: list[tuple[str, stoq.DoqApplication]] = []
-    if parts.dns and cfg.dns.enabled:
-        dns, zones, application = _dns(cfg, data, base.keystore, base.certs, addresses, exits)
-        dns.register(router)
-        publishers.append(("dns", zones))
-        applications.append((ALPN_DOQ, application))
-    published = Publishers(publishers)
-    checks["publishing"] = published.healthy
-    ca = CertificateAuthority(
-        hierarchy=base.hierarchy, certs=base.certs, policy=base.policy,
-        admission=admitting.admission, audit=base.audit, signer=base.signer,
-        transparency=transparency.ct if transparency else None, publishers=published,
-        validity=cfg.ca.cert_validity_days * 86400.0, backdate=cfg.ca.backdate)
-    ca.register(router)
-    tls = data.tls_credential()
-    rotator = Rotator(hierarchy=base.hierarchy, issue=ca.issue_node_certificate, tls=tls,
-                      names=list(cfg.node.names), addresses=addresses, counts=ca.counts,
-                      installed=installed)
-    rotator.load_current()
-    rotator.register(router)
-    return Services(router=router, applications=tuple(applications), keystore=base.keystore,
-                    audit=base.audit_log, hierarchy=base.hierarchy, ca=ca, rotator=rotator,
-                    tls=tls, proofs=admitting.proofs, chain=admitting.chain,
-                    ct=transparency.ct if transparency else None,
-                    fingerprints=transparency.fingerprints if transparency else None, dns=dns)
+def _intermediate_der(directory: ValidatorDirectory, fingerprint: str) -> bytes | None:
+    found = directory.intermediate(fingerprint)
+    return None if found is None else found.der
 
 
-def _beacon_updates(beacons: BeaconChain) -> Callable[[Block], Awaitable[None]] | None:
-    """What a committed block does to the beacons: fixes the epoch's beacon in a cluster."""
-    if not isinstance(beacons, ChainBeacons):
+def _log_key(directory: ValidatorDirectory, log_id: bytes) -> tuple[int, Any] | None:
+    found = directory.log_key(log_id)
+    if found is None:
         return None
-
-    async def on_block(block: Block) -> None:
-        await beacons.on_block(block.time_ms, block.id)
-
-    return on_block
+    _, shard, spki = found
+    return shard, serialization.load_der_public_key(spki)
 
 
-def _dns(cfg: Config, data: DataDirectory, keystore: KeyStore, certs: CertificateStore,
-         addresses: list[str], exits: contextlib.AsyncExitStack
-         ) -> tuple[DnsService, TrustChainZones, stoq.DoqApplication]:
-    """The zones, the answers, the ``dns.*`` ops and the DoQ application."""
-    dns = cfg.dns
-    keyring = KeyRing(keystore=keystore, schedule=data.dns_key_schedule(),
-                      algorithm=dns.dnssec_algorithm, zsk_lifetime=dns.zsk_lifetime,
-                      prepublish=dns.zsk_prepublish)
-    forwarder = _forwarder(cfg)
-    exits.push_async_callback(forwarder.close)
-    settings = DnsSettings(
-        domains=tuple(dns.domains.trustchain_domains),
-        nameserver_addresses=tuple(dns.nameserver_addresses) or tuple(addresses),
-        zone=ZoneSettings(record_ttl=int(dns.record_ttl), negative_ttl=int(dns.negative_ttl),
-                          signature_validity=dns.signature_validity,
-                          signature_refresh=dns.signature_refresh),
-        enable_cert_validation=dns.enable_cert_validation)
-    rendered = RenderedAnswers()
-    zones = TrustChainZones(settings=settings, certs=certs, keyring=keyring,
-                            registrations=data.dns_registrations(), rendered=rendered)
-    zones.start()
-    answers = DnsAnswers(zones=zones, forwarder=forwarder, rendered=rendered)
-    application = stoq.DoqApplication(answers.answer_doq, stoq.DoqLimits(
-        fin_timeout=dns.fin_timeout, max_pending=dns.max_pending_queries,
-        rate_limit_per_minute=dns.rate_limit_per_minute,
-        rate_limit_prefix_length=cfg.api.rate_limit_prefix_length))
-    service = DnsService(zones=zones, answers=answers, forwarder=forwarder,
-                         enable_cert_validation=dns.enable_cert_validation,
-                         doq_stats=lambda: dataclasses.asdict(application.stats))
-    _task(exits, zones.run(DNS_MAINTENANCE_INTERVAL), "dns-maintenance")
-    return service, zones, application
+async def _nothing() -> None:
+    return None
+
+
+class _NoFaucet:
+    """A node without a validator key cannot credit stake."""
+
+    async def credit(self, key_id: str, amount: int) -> None:
+        raise ConsensusRejected("this node follows the cluster without a validator key; "
+                                "ask a validator")
+
+
+class _Observer:
+    """A node without a validator key submits nothing."""
+
+    async def commit(self, decision: Any, *, checked: bool = False) -> Any:
+        raise ConsensusRejected("this node follows the cluster without a validator key; "
+                                "ask a validator")
+
+    def now_ms(self) -> int:
+        return int(time.time() * 1000)
+

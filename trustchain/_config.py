@@ -190,6 +190,9 @@ class ValidatorConfig:
     power: int = 1
     name: str = ""
     """A label for logs and ``consensus.status``."""
+    names: list[str] = field(default_factory=list)
+    """DNS names the validator's own TLS certificate may carry (with ``address``); every
+    validator checks a validator's node-certificate decision against them."""
 
 
 @dataclass(frozen=True, kw_only=True)

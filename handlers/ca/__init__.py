@@ -6,6 +6,7 @@ from ._admission import Admission, Admitted, Decision, LocalAdmission
 from ._authority import ROOT_KEY, Hierarchy, HierarchyConfig, Issuer
 from ._leaf import LeafSigner, LeafTemplate, LocalSigner
 from ._policy import CheckedRequest, NamingPolicy, check_request
+from ._profile import ProfileError, check_certificate, check_precertificate, validity
 from ._publishing import (
     CertificateIssued,
     CertificateRevoked,
@@ -15,7 +16,7 @@ from ._publishing import (
 )
 from ._rotation import Rotator, node_csr
 from ._signing import KeystoreSettings, SigningWorkers
-from .service import CertificateAuthority, IssuanceCounts, PrecertificateLog
+from .service import CertificateAuthority, Cluster, IssuanceCounts
 
 __all__ = [
     "ROOT_KEY",
@@ -25,6 +26,7 @@ __all__ = [
     "CertificateIssued",
     "CertificateRevoked",
     "CheckedRequest",
+    "Cluster",
     "Decision",
     "Hierarchy",
     "HierarchyConfig",
@@ -37,13 +39,16 @@ __all__ = [
     "LocalSigner",
     "LogPosition",
     "NamingPolicy",
-    "PrecertificateLog",
+    "ProfileError",
     "Publisher",
     "Publishers",
     "Rotator",
     "SigningWorkers",
+    "check_certificate",
+    "check_precertificate",
     "check_request",
     "node_csr",
     "renewal_statement",
     "revocation_statement",
+    "validity",
 ]

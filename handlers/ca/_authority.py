@@ -2,7 +2,7 @@
 
 ``Hierarchy.ensure`` is idempotent: it creates what is missing (root key and
 certificate, first intermediate) and otherwise loads what exists. Keys never
-leave the keystore; certificates live in the certificate database and, for
+leave the keystore; their certificates live in the authority database and, for
 the root, in the published root file (``root.pem``) clients trust.
 """
 
@@ -18,7 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from store import AdminCredential, AuthorityRecord, CertificateStore, DurableFile
+from store import AdminCredential, AuthorityRecord, AuthorityStore, DurableFile
 
 from . import _x509
 from ._policy import CheckedRequest
@@ -63,11 +63,11 @@ class Hierarchy:
     :param admin: where the administrator credential is written.
     """
 
-    def __init__(self, *, keystore: Any, certs: CertificateStore, root_file: DurableFile,
+    def __init__(self, *, keystore: Any, authorities: AuthorityStore, root_file: DurableFile,
                  admin: AdminCredential, config: HierarchyConfig, clock: Callable[[], float],
                  audit: Callable[[str, dict[str, Any]], Any]) -> None:
         self.keystore = keystore
-        self.certs = certs
+        self.authorities = authorities
         self.root_file = root_file
         self.admin = admin
         self.config = config
@@ -80,7 +80,7 @@ class Hierarchy:
     def ensure(self) -> bool:
         """Create or load the hierarchy; True if anything was created."""
         created = False
-        record = self.certs.active_authority("root")
+        record = self.authorities.active_authority("root")
         if record is None:
             signer = self.keystore.get(ROOT_KEY) or self._new_key(ROOT_KEY)
             now = self.clock()
@@ -88,20 +88,20 @@ class Hierarchy:
                                     ca_id=self.config.ca_id, domains=self.config.domains,
                                     not_before=now - 300, not_after=now + self.config.root_lifetime)
             der = root.public_bytes(serialization.Encoding.DER)
-            self.certs.add_authority(AuthorityRecord(
+            self.authorities.add_authority(AuthorityRecord(
                 name=ROOT_KEY, role="root", der=der, not_before=now - 300,
                 not_after=now + self.config.root_lifetime, created_at=now, active=True),
                 make_active=True)
             self._audit("ca.root-created", {"fingerprint": hashlib.sha256(der).hexdigest(),
                                             "domains": list(self.config.domains)})
             created = True
-            record = self.certs.active_authority("root")
+            record = self.authorities.active_authority("root")
         assert record is not None
         self.root_der = record.der
         self.root = x509.load_der_x509_certificate(record.der)
         if self.root_file.read() != _pem(self.root):
             self.root_file.write(_pem(self.root))
-        active = self.certs.active_authority("intermediate")
+        active = self.authorities.active_authority("intermediate")
         if active is None:
             self.rotate_intermediate(reason="initial")
             created = True
@@ -131,7 +131,8 @@ class Hierarchy:
         verifying until they expire.
         """
         assert self.root is not None
-        numbers = [int(a.name.rsplit("-", 1)[1]) for a in self.certs.authorities("intermediate")]
+        numbers = [int(a.name.rsplit("-", 1)[1])
+                   for a in self.authorities.authorities("intermediate")]
         number = max(numbers, default=0) + 1
         name = f"intermediate-{number}"
         signer = self.keystore.get(name) or self._new_key(name)
@@ -146,7 +147,7 @@ class Hierarchy:
                                         number=number, domains=self.config.domains,
                                         not_before=now - 300, not_after=not_after)
         der = cert.public_bytes(serialization.Encoding.DER)
-        self.certs.add_authority(AuthorityRecord(
+        self.authorities.add_authority(AuthorityRecord(
             name=name, role="intermediate", der=der, not_before=now - 300, not_after=not_after,
             created_at=now, active=True), make_active=True)
         self._audit("ca.intermediate-rotated", {
@@ -173,7 +174,7 @@ class Hierarchy:
         ``admin_certificate``). The key is a file: it belongs to an operator,
         not to the CA, and can be moved off the machine.
         """
-        newest = max((a.not_after for a in self.certs.authorities("admin")), default=0.0)
+        newest = max((a.not_after for a in self.authorities.authorities("admin")), default=0.0)
         if self.admin.exists() and newest > self.clock() + renew_before:
             return self.admin
         assert self.issuer is not None
@@ -194,7 +195,7 @@ class Hierarchy:
         self.admin.install(key.private_bytes(serialization.Encoding.PEM,
                                              serialization.PrivateFormat.PKCS8,
                                              serialization.NoEncryption()), _pem(cert))
-        self.certs.add_authority(AuthorityRecord(
+        self.authorities.add_authority(AuthorityRecord(
             name=f"admin-{hashlib.sha256(der).hexdigest()[:16]}", role="admin", der=der,
             not_before=now - 300, not_after=cert.not_valid_after_utc.timestamp(),
             created_at=now, active=True), make_active=False)
@@ -202,7 +203,7 @@ class Hierarchy:
         return self.admin
 
     def has_admin(self) -> bool:
-        return bool(self.certs.authorities("admin"))
+        return bool(self.authorities.authorities("admin"))
 
     def chain_der(self) -> list[bytes]:
         """The active intermediate followed by the root."""
@@ -210,4 +211,4 @@ class Hierarchy:
         return [self.issuer.der, self.root_der]
 
     def intermediates(self) -> list[AuthorityRecord]:
-        return self.certs.authorities("intermediate")
+        return self.authorities.authorities("intermediate")

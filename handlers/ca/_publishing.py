@@ -53,6 +53,10 @@ class Publisher(Protocol):
 
     def certificate_revoked(self, event: CertificateRevoked) -> None: ...
 
+    def registration_changed(self, name: str) -> None:
+        """The AAAA records registered for ``name`` changed (``dns.register``)."""
+        ...
+
 
 @dataclass
 class _Status:
@@ -81,16 +85,21 @@ class Publishers:
             with self._guard(name, event.record.serial):
                 publisher.certificate_revoked(event)
 
+    def registration_changed(self, name: str) -> None:
+        for publisher_name, publisher in self._publishers:
+            with self._guard(publisher_name, name):
+                publisher.registration_changed(name)
+
     @contextlib.contextmanager
-    def _guard(self, name: str, serial: str) -> Iterator[None]:
+    def _guard(self, name: str, subject: str) -> Iterator[None]:
         status = self.status[name]
         try:
             yield
         except Exception as exc:
             status.failures += 1
             status.last_error = f"{type(exc).__name__}: {exc}"
-            log.exception("publishing certificate %s to %s failed", serial, name,
-                          extra={"publisher": name, "serial": serial})
+            log.exception("publishing %s to %s failed", subject, name,
+                          extra={"publisher": name, "subject": subject})
         else:
             status.last_error = None
 

@@ -52,6 +52,8 @@ class Rotator:
         certificates are stored and audited like any other.
     :param counts: the CA's counts of issued and refused requests (reported).
     :param installed: called after new TLS files are written (the transport reloads).
+    :param announce: commits this validator's keys to the cluster (after a new
+        intermediate, before it issues with it).
     """
 
     def __init__(self, *, hierarchy: Hierarchy,
@@ -59,10 +61,12 @@ class Rotator:
                  tls: TlsCredential, names: list[str], addresses: list[str],
                  counts: IssuanceCounts | None = None,
                  installed: Callable[[], None] | None = None,
+                 announce: Callable[[], Awaitable[None]] | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.hierarchy = hierarchy
         self._issue = issue
         self.counts = counts or IssuanceCounts()
+        self._announce = announce
         self.tls = tls
         self.names = names
         self.addresses = addresses
@@ -105,10 +109,12 @@ class Rotator:
             issuer = self.hierarchy.rotate_intermediate(reason="scheduled")
             done.append({"what": "intermediate", "name": issuer.name, "time": int(now)})
             reissue = True  # under the new intermediate
+            if self._announce is not None:
+                await self._announce()
         if self.hierarchy.has_admin():
-            before = len(self.hierarchy.certs.authorities("admin"))
+            before = len(self.hierarchy.authorities.authorities("admin"))
             self.hierarchy.ensure_admin()
-            if len(self.hierarchy.certs.authorities("admin")) > before:
+            if len(self.hierarchy.authorities.authorities("admin")) > before:
                 done.append({"what": "admin_credential", "time": int(now)})
         renew_at = self._server_renew_at()
         if reissue or renew_at is None or now >= renew_at:

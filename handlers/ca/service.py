@@ -1,22 +1,30 @@
-"""``ca.*`` ops: issue, chain, validate, revoke.
+"""``ca.*`` ops: issue, chain, validate, revoke, on the cluster's replicated state.
 
-One issuance reads top to bottom in :meth:`CertificateAuthority._issue`: admit
-the decision (four proofs, a committed block), fix the leaf from it, sign its
-precertificate and log it (the CT log answers the SCT), sign the certificate
-with the SCT, store and audit it, then tell the publishers (DNS,
-fingerprints). ``ca.rotation-status`` is the rotator's (:mod:`._rotation`).
+One issuance reads top to bottom in :meth:`CertificateAuthority._issue`:
+
+1. check the CSR, the names and the proofs here first (a clear error at once);
+2. fix the leaf (a random 128-bit serial, the validity from now, this
+   validator's intermediate) and sign its precertificate;
+3. commit an ``issue`` decision carrying it: every validator checks it, and
+   once a block commits it every validator executes it (the names are
+   reserved, the precertificate is logged in CT at the same index);
+4. take this validator's SCT for that entry, sign the certificate with it;
+5. commit the signed ``certificate``: every validator checks it against the
+   committed precertificate and stores it, and its DNS records and
+   fingerprint appear everywhere;
+6. answer, from the replicated state.
+
+Revocation is one decision; validation and the chain are read from the
+replicated state, so any validator answers for any certificate.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import dataclasses
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from cryptography import x509
@@ -26,32 +34,33 @@ from protocol import (
     NotFound,
     TrustChainError,
     Unauthorized,
+    Unavailable,
+    error_from_wire,
     renewal_statement,
     revocation_statement,
 )
 from protocol.ct_structs import SignedCertificateTimestamp
+from protocol.decisions import Decision, Issue, NodeCertificate, Revoke, SignedCertificate
 from protocol.ops import ca as ops
-from store import CertificateRecord, CertificateStore, verify_signature
+from store import CertificateRecord, StateDatabase, verify_signature
 
 from .._router import RequestContext, Router
 from . import _x509
-from ._admission import Admission, Admitted, Decision
 from ._authority import Hierarchy
 from ._leaf import LeafSigner, LeafTemplate, LocalSigner
 from ._policy import CheckedRequest, NamingPolicy, check_ownership, check_request
-from ._publishing import CertificateIssued, CertificateRevoked, LogPosition, Publishers
+from ._profile import validity
 
 log = logging.getLogger("trustchain.ca")
 
 REVOCATION_WINDOW = 300.0
 """Seconds a signed revocation statement's ``time`` may differ from the server's clock."""
+PENDING_HOLDS_NAMES = 600.0
+"""Seconds an issuance waiting for its certificate holds its names (as the state rules)."""
 
 
-class LoggedPrecertificate(Protocol):
-    """What the CT log answers for a precertificate: its SCT and where the entry is."""
-
-    @property
-    def sct(self) -> SignedCertificateTimestamp: ...
+class CtPosition(Protocol):
+    """Where the CT log holds an entry (``handlers.ct.Logged``)."""
 
     @property
     def shard(self) -> int: ...
@@ -60,22 +69,90 @@ class LoggedPrecertificate(Protocol):
     def leaf_index(self) -> int: ...
 
 
-class PrecertificateLog(Protocol):
-    """The CT log, as the CA uses it (``handlers.ct.CtService``)."""
+class DecisionOutcome(Protocol):
+    """What executing a committed decision did (``handlers.replica.Outcome``)."""
 
-    async def log_precertificate(self, precertificate: bytes, *, issuer: x509.Certificate,
-                                 chain: Sequence[bytes], names: Sequence[str],
-                                 spki_sha256: bytes) -> LoggedPrecertificate:
-        """Log ``precertificate`` (issuer then root in ``chain``); its SCT once durable."""
+    @property
+    def accepted(self) -> bool: ...
+
+    @property
+    def code(self) -> str: ...
+
+    @property
+    def message(self) -> str: ...
+
+    @property
+    def details(self) -> dict[str, Any]: ...
+
+    @property
+    def value(self) -> dict[str, Any]: ...
+
+    @property
+    def logged(self) -> Any: ...
+
+    @property
+    def block_hash(self) -> bytes | None: ...
+
+    @property
+    def block_height(self) -> int | None: ...
+
+    @property
+    def signatures(self) -> list[dict[str, Any]]: ...
+
+
+class Decisions(Protocol):
+    """This validator's way to the cluster (``handlers.replica.DecisionLog``)."""
+
+    async def commit(self, decision: Decision, *, checked: bool = False) -> Any:
+        """The outcome of ``decision`` once committed and executed."""
+        ...
+
+    def now_ms(self) -> int: ...
+
+
+class ProofCheck(Protocol):
+    async def verify(self, op: Any, request: bytes, raw: Any) -> Any:
+        """Raise ``ProofInvalid`` unless ``raw`` proves the request."""
         ...
 
 
-def _consensus_fields(admitted: Admitted) -> dict[str, Any]:
-    """``block_hash``, ``block_height`` and ``signatures`` of a committed decision."""
-    if admitted.block_hash is None:
-        return {}
-    return {"block_hash": admitted.block_hash, "block_height": admitted.block_height,
-            "signatures": admitted.signatures or []}
+class SctSource(Protocol):
+    def sct(self, logged: Any) -> Any:
+        """This validator's SCT for a logged entry (``.sct``: the SCT)."""
+        ...
+
+
+@dataclass
+class IssuanceCounts:
+    """Certificates issued and requests refused through this validator since it started."""
+
+    issued: int = 0
+    rejected: int = 0
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """What the CA reads of the cluster besides the state: its validators' keys.
+
+    :param intermediate: SHA-256 (hex) of an intermediate's DER -> its DER.
+    :param intermediates: every validator's announced intermediates.
+    :param ready: whether the state holds the intermediate this validator issues with.
+    :param announce: commits this validator's keys (waits for the block).
+    :param admins: SHA-256 (hex) of every administrator certificate -> its validator.
+    """
+
+    intermediate: Callable[[str], bytes | None]
+    intermediates: Callable[[], list[bytes]]
+    ready: Callable[[], bool]
+    announce: Callable[[], Awaitable[None]]
+    admins: Callable[[], dict[str, str]] = field(default=dict)
+
+
+def _raise_refused(outcome: DecisionOutcome) -> None:
+    """Raise the error a refused decision's outcome names (its code, message, details)."""
+    if not outcome.accepted:
+        raise error_from_wire({**outcome.details, "code": outcome.code,
+                               "message": outcome.message})
 
 
 def parse_serial(text: str, field: str = "serial") -> str:
@@ -85,44 +162,33 @@ def parse_serial(text: str, field: str = "serial") -> str:
     return serial.lstrip("0") or "0"
 
 
-@dataclass
-class IssuanceCounts:
-    """Certificates issued and requests refused since the node started."""
-
-    issued: int = 0
-    rejected: int = 0
-
-
 class CertificateAuthority:
     """Answers ``ca.issue``, ``ca.chain``, ``ca.validate`` and ``ca.revoke``.
 
-    :param admission: admits each decision (four proofs, a committed block) or refuses it.
-    :param signer: signs leaves (on the event loop, or in worker processes).
-    :param transparency: the CT log every certificate goes to before it is signed
-        (RFC 6962 §3.3: precertificate, SCT, certificate); None: no CT.
-    :param publishers: told of every certificate once it is durable (DNS, fingerprints).
+    :param state: the replicated state (the certificate registry).
+    :param decisions: commits this validator's decisions.
+    :param proofs: checks a request's four proofs before it goes to the cluster.
+    :param transparency: this validator's CT log (its SCTs).
     :param audit: ``async (kind, data)`` that returns once the record is durable.
     """
 
-    def __init__(self, *, hierarchy: Hierarchy, certs: CertificateStore, policy: NamingPolicy,
-                 admission: Admission, audit: Callable[[str, dict[str, Any]], Any],
-                 signer: LeafSigner | None = None,
-                 transparency: PrecertificateLog | None = None,
-                 publishers: Publishers | None = None,
-                 validity: float = 86400.0, backdate: float = 300.0,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, *, hierarchy: Hierarchy, state: StateDatabase, policy: NamingPolicy,
+                 decisions: Decisions, proofs: ProofCheck, transparency: SctSource,
+                 cluster: Cluster, audit: Callable[[str, dict[str, Any]], Any],
+                 signer: LeafSigner | None = None, lifetime: float = 86400.0,
+                 backdate: float = 300.0, clock: Callable[[], float] = time.time) -> None:
         self.hierarchy = hierarchy
-        self.certs = certs
+        self.state = state
         self.policy = policy
-        self.admission = admission
-        self.signer = signer or LocalSigner()
+        self.decisions = decisions
+        self.proofs = proofs
         self.transparency = transparency
-        self.publishers = publishers or Publishers()
+        self.cluster = cluster
+        self.signer = signer or LocalSigner()
         self._audit = audit
-        self.validity = validity
+        self.lifetime = lifetime
         self.backdate = backdate
         self.clock = clock
-        self._pending_names: dict[str, str] = {}  # name -> spki of an issuance in flight
         self.counts = IssuanceCounts()
 
     @property
@@ -137,49 +203,74 @@ class CertificateAuthority:
                                     renewal_signature=args.renewal_signature)
 
     async def issue_node_certificate(self, csr: bytes) -> dict[str, Any]:
-        """The node's own TLS certificate: its names are the operator's configuration, so
-        the ownership rule does not apply and no client proofs come with it."""
-        return await self.issue_csr(csr, None, requester="node", internal=True)
+        """This validator's own TLS certificate: names from the validator set, no proofs."""
+        return await self.issue_csr(csr, None, requester="node", node=True)
 
     async def issue_csr(self, csr: bytes, proofs: dict[str, Any] | None, *, requester: str,
-                        renews: str | None = None,
-                        renewal_signature: bytes | None = None,
-                        internal: bool = False) -> dict[str, Any]:
-        """Check, admit, sign, store and audit one certificate; the ``ca.issue`` result.
+                        renews: str | None = None, renewal_signature: bytes | None = None,
+                        node: bool = False) -> dict[str, Any]:
+        """Check, commit, sign and commit one certificate; the ``ca.issue`` result.
 
         ``renews`` + ``renewal_signature``: the key of the certificate being
         replaced signed :func:`renewal_statement`, so its names may move to the
-        CSR's new key. ``internal``: the node's own certificate
-        (:meth:`issue_node_certificate`).
+        CSR's new key.
         """
         try:
             request = check_request(csr, self.policy)
-            if not internal:
+            if not node:
                 renewed = self._check_renewal(csr, renews, renewal_signature)
                 self._check_names_free(request, renewed)
+                await self.proofs.verify("issue", hashlib.sha256(csr).digest(), proofs)
+            if not self.cluster.ready():
+                await self.cluster.announce()  # a new intermediate: the cluster learns it first
+            if not self.cluster.ready():
+                raise Unavailable("this validator's keys are not committed yet; try again "
+                                  "in a few seconds", retry_after=2)
+            return await self._issue(request, csr, proofs, renews, renewal_signature,
+                                     node=node)
         except TrustChainError as exc:
-            await self._refused(exc, {"requester": requester})
+            self.counts.rejected += 1
+            await self._audit("ca.issue-rejected", {"code": exc.code.value,
+                                                    "reason": exc.message,
+                                                    "requester": requester})
             raise
-        with self._names_in_flight(request):
-            return await self._issue(request, proofs, csr=csr, internal=internal)
 
-    @contextlib.contextmanager
-    def _names_in_flight(self, request: CheckedRequest) -> Iterator[None]:
-        """Hold ``request``'s names while it is issued, so a concurrent request for one
-        of them by another key is refused (ownership, :meth:`_check_names_free`)."""
-        for name in request.names:
-            self._pending_names[name] = request.spki_sha256
-        try:
-            yield
-        finally:
-            for name in request.names:
-                if self._pending_names.get(name) == request.spki_sha256:
-                    del self._pending_names[name]
+    async def _issue(self, request: CheckedRequest, csr: bytes, proofs: Any,
+                     renews: str | None, renewal_signature: bytes | None, *,
+                     node: bool) -> dict[str, Any]:
+        """Precertificate -> committed issuance -> SCT -> certificate -> committed."""
+        at_ms = self.decisions.now_ms()
+        leaf = self._leaf(request, at_ms)
+        precert = await self.signer.sign_leaf(leaf, [_x509.precertificate_poison()])
+        decision: Decision = (NodeCertificate(csr=csr, precertificate=precert, at_ms=at_ms)
+                              if node else
+                              Issue(csr=csr, proofs=proofs, precertificate=precert,
+                                    renews=renews, renewal_signature=renewal_signature,
+                                    at_ms=at_ms))
+        reserved = await self.decisions.commit(decision, checked=not node)
+        _raise_refused(reserved)
+        sct: SignedCertificateTimestamp = self.transparency.sct(reserved.logged).sct
+        der = await self.signer.sign_leaf(leaf, [_x509.sct_list([sct.encode()])])
+        serial = _x509.serial_hex(leaf.serial)
+        signed = await self.decisions.commit(SignedCertificate(
+            serial=serial, certificate=der, at_ms=self.decisions.now_ms()), checked=True)
+        _raise_refused(signed)
+        record = self.state.get(serial)
+        if record is None:
+            raise Unavailable(f"certificate {serial} was committed but this validator does "
+                              "not hold it yet")
+        self.counts.issued += 1
+        return self._issue_result(record, signed)
 
-    async def _refused(self, exc: TrustChainError, context: dict[str, Any]) -> None:
-        self.counts.rejected += 1
-        await self._audit("ca.issue-rejected", {"code": exc.code.value, "reason": exc.message,
-                                                **context})
+    def _leaf(self, request: CheckedRequest, at_ms: int) -> LeafTemplate:
+        """The certificate to sign: its serial (random), validity (from ``at_ms``) and
+        issuer (this validator's active intermediate)."""
+        issuer = self.hierarchy.issuer
+        assert issuer is not None
+        not_before, not_after = validity(at_ms, lifetime=self.lifetime, backdate=self.backdate,
+                                         issuer=issuer.certificate)
+        return LeafTemplate(issuer=issuer, request=request, serial=_x509.new_serial(),
+                            not_before=not_before, not_after=not_after)
 
     def _check_renewal(self, csr: bytes, renews: str | None,
                        signature: bytes | None) -> str | None:
@@ -188,7 +279,7 @@ class CertificateAuthority:
         if renews is None or signature is None:
             raise InvalidRequest("renews and renewal_signature go together", field="renews")
         serial = parse_serial(renews, "renews")
-        record = self.certs.get(serial)
+        record = self.state.get(serial)
         if record is None:
             raise NotFound(f"no certificate with serial {serial} to renew", field="renews")
         if record.revoked_at is not None or record.not_after <= self.clock():
@@ -201,106 +292,55 @@ class CertificateAuthority:
         return serial
 
     def _check_names_free(self, request: CheckedRequest, renews: str | None = None) -> None:
+        """The ownership rule on the state now (the block decides it again, for sure)."""
         now = self.clock()
-        holders = {}
+        holders: dict[str, list[tuple[str, str, float]]] = {}
         for name in request.names:
-            held = [(r.serial, r.spki_sha256, r.not_after) for r in self.certs.holders(name, now)]
-            pending = self._pending_names.get(name)
-            if pending is not None:
-                held.append(("(being issued)", pending, now + self.validity))
-            holders[name] = held
+            holders[name] = [
+                (r.serial, r.spki_sha256, r.not_after) for r in self.state.claims(name)
+                if (r.issued_at + PENDING_HOLDS_NAMES > now if r.pending
+                    else r.not_after > now)]
         check_ownership(request, holders, self.policy, renews)
 
-    async def _issue(self, request: CheckedRequest, proofs: dict[str, Any] | None, *,
-                     csr: bytes, internal: bool) -> dict[str, Any]:
-        """The issuance itself, in order: admit, fix the leaf, log its precertificate,
-        sign it with the SCT, store and audit it, tell the publishers."""
-        decision = Decision(kind="issue", subject={"names": list(request.names),
-                                                   "spki_sha256": request.spki_sha256},
-                            request=hashlib.sha256(csr).digest(), internal=internal,
-                            material={"csr": csr})
-        try:
-            admitted = await self.admission.admit(decision, proofs)
-        except TrustChainError as exc:
-            await self._refused(exc, {"names": list(request.names)})
-            raise
-        leaf = self._leaf(request, admitted)
-        logged = await self._log_precertificate(leaf)
-        der = await self.signer.sign_leaf(
-            leaf, [_x509.sct_list([logged.sct.encode()])] if logged is not None else [])
-        record = CertificateRecord(
-            serial=_x509.serial_hex(leaf.serial), der=der,
-            fingerprint=hashlib.sha256(der).hexdigest(), spki_sha256=request.spki_sha256,
-            issuer=leaf.issuer.name, not_before=float(int(leaf.not_before)),
-            not_after=float(int(leaf.not_after)), issued_at=self.clock(), revoked_at=None,
-            revocation_reason=None, names=request.names)
-        # Both durable before the reply; their fsyncs overlap.
-        await asyncio.gather(self.certs.add(record), self._audit("ca.issued", {
-            "serial": record.serial, "fingerprint": record.fingerprint,
-            "names": list(request.names), "spki_sha256": request.spki_sha256,
-            "issuer": leaf.issuer.name, "not_after": int(leaf.not_after),
-            "admission": admitted.admission, "decision": admitted.decision_digest.hex()}))
-        self.counts.issued += 1
-        self.publishers.issued(CertificateIssued(record=record, logged=None if logged is None
-                                                 else LogPosition(shard=logged.shard,
-                                                                  leaf_index=logged.leaf_index,
-                                                                  log_id=logged.sct.log_id)))
-        return self._issue_result(record, admitted)
-
-    def _leaf(self, request: CheckedRequest, admitted: Admitted) -> LeafTemplate:
-        """The certificate to sign; with consensus, the committed block fixes its serial
-        and the start of its validity."""
-        issuer = self.hierarchy.issuer
-        assert issuer is not None
-        start = float(admitted.decided_at) if admitted.decided_at is not None else self.clock()
-        # never beyond the issuing intermediate (rotation keeps that far away)
-        not_after = min(start + self.validity,
-                        issuer.certificate.not_valid_after_utc.timestamp())
-        serial = admitted.serial if admitted.serial is not None else _x509.new_serial()
-        return LeafTemplate(issuer=issuer, request=request, serial=serial,
-                            not_before=start - self.backdate, not_after=not_after)
-
-    async def _log_precertificate(self, leaf: LeafTemplate) -> LoggedPrecertificate | None:
-        """Sign the precertificate (the leaf with the poison) and log it: its SCT."""
-        if self.transparency is None:
-            return None
-        precertificate = await self.signer.sign_leaf(leaf, [_x509.precertificate_poison()])
-        return await self.transparency.log_precertificate(
-            precertificate, issuer=leaf.issuer.certificate,
-            chain=[leaf.issuer.der, self.hierarchy.root_der], names=leaf.request.names,
-            spki_sha256=bytes.fromhex(leaf.request.spki_sha256))
-
-    def _issue_result(self, record: CertificateRecord, admitted: Admitted) -> dict[str, Any]:
+    def _issue_result(self, record: CertificateRecord, signed: DecisionOutcome
+                      ) -> dict[str, Any]:
         lifetime = record.not_after - record.not_before
         return {
             "certificate": record.der,
-            "chain": self.hierarchy.chain_der(),
+            "chain": self._chain_of(record),
             "serial": record.serial,
             "fingerprint": record.fingerprint,
             "names": list(record.names),
             "not_before": int(record.not_before),
             "not_after": int(record.not_after),
             "renew_after": int(record.not_before + lifetime * 2 / 3),
-            "admission": admitted.admission,
-            **_consensus_fields(admitted),
+            "admission": "consensus",
+            "block_hash": signed.block_hash,
+            "block_height": signed.block_height,
+            "signatures": signed.signatures,
         }
+
+    def _chain_of(self, record: CertificateRecord) -> list[bytes]:
+        issuer = self.cluster.intermediate(record.issuer)
+        return [issuer, self.hierarchy.root_der] if issuer else [self.hierarchy.root_der]
 
     # --- ca.chain -----------------------------------------------------------------
 
     def chain(self, args: ops.ChainArgs, ctx: RequestContext) -> dict[str, Any]:
         now = self.clock()
-        return {
-            "chain": self.hierarchy.chain_der(),
-            "root": self.hierarchy.root_der,
-            "intermediates": [a.der for a in self.hierarchy.intermediates()
-                              if a.not_after > now],
-        }
+        intermediates = []
+        for der in self.cluster.intermediates():
+            cert = x509.load_der_x509_certificate(der)
+            if cert.not_valid_after_utc.timestamp() > now:
+                intermediates.append(der)
+        return {"chain": self.hierarchy.chain_der(), "root": self.hierarchy.root_der,
+                "intermediates": intermediates or [self.hierarchy.chain_der()[0]]}
 
     # --- ca.validate ----------------------------------------------------------------
 
     def validate(self, args: ops.ValidateArgs, ctx: RequestContext) -> dict[str, Any]:
         serial = parse_serial(args.serial)
-        record = self.certs.get(serial)
+        record = self.state.get(serial)
         if record is None:
             return {"serial": serial, "status": "unknown"}
         now = self.clock()
@@ -312,14 +352,11 @@ class CertificateAuthority:
             status = "not_yet_valid"
         else:
             status = "valid"
-        issuer = next((a for a in self.hierarchy.intermediates() if a.name == record.issuer),
-                      None)
         result: dict[str, Any] = {
             "serial": record.serial, "status": status, "fingerprint": record.fingerprint,
             "names": list(record.names), "not_before": int(record.not_before),
             "not_after": int(record.not_after), "certificate": record.der,
-            "chain": [issuer.der, self.hierarchy.root_der] if issuer else
-                     [self.hierarchy.root_der],
+            "chain": self._chain_of(record),
         }
         if record.revoked_at is not None:
             result["revoked_at"] = int(record.revoked_at)
@@ -331,10 +368,14 @@ class CertificateAuthority:
     async def revoke(self, args: ops.RevokeArgs, ctx: RequestContext) -> dict[str, Any]:
         serial = parse_serial(args.serial)
         try:
-            record = self.certs.get(serial)
+            record = self.state.get(serial)
             if record is None:
                 raise NotFound(f"no certificate with serial {serial}", field="serial")
-            by = self._authenticate_revocation(serial, record, args)
+            self._authenticate_revocation(serial, record, args)
+            if record.revoked_at is None:
+                statement = revocation_statement(serial, args.reason, args.time)
+                await self.proofs.verify("revoke", hashlib.sha256(statement).digest(),
+                                         args.proofs)
         except TrustChainError as exc:
             await self._audit("ca.revoke-rejected", {"serial": serial, "code": exc.code.value,
                                                      "reason": exc.message,
@@ -343,26 +384,18 @@ class CertificateAuthority:
         if record.revoked_at is not None:
             return {"serial": serial, "revoked_at": int(record.revoked_at),
                     "reason": record.revocation_reason, "already_revoked": True}
-        decision = Decision(kind="revoke", subject={"serial": serial, "reason": args.reason},
-                            request=hashlib.sha256(revocation_statement(
-                                serial, args.reason, args.time)).digest())
-        admitted = await self.admission.admit(decision, args.proofs)
-        now = self.clock()
-        first = await self.certs.revoke(serial, args.reason, now)
-        if not first:  # a concurrent revocation won
-            current = self.certs.get(serial)
-            assert current is not None and current.revoked_at is not None
-            return {"serial": serial, "revoked_at": int(current.revoked_at),
-                    "reason": current.revocation_reason, "already_revoked": True}
-        await self._audit("ca.revoked", {"serial": serial, "reason": args.reason, "by": by,
-                                         "admission": admitted.admission})
-        revoked = dataclasses.replace(record, revoked_at=now, revocation_reason=args.reason)
-        self.publishers.revoked(CertificateRevoked(record=revoked))
-        return {"serial": serial, "revoked_at": int(now), "reason": args.reason,
-                "already_revoked": False}
+        outcome = await self.decisions.commit(Revoke(
+            serial=serial, reason=args.reason, time=args.time, signature=args.signature,
+            admin_certificate=args.admin_certificate, proofs=args.proofs,
+            at_ms=self.decisions.now_ms()), checked=True)
+        _raise_refused(outcome)
+        value = outcome.value
+        return {"serial": serial, "revoked_at": value["revoked_at"], "reason": value["reason"],
+                "already_revoked": value["already_revoked"]}
 
     def _authenticate_revocation(self, serial: str, record: CertificateRecord,
                                  args: ops.RevokeArgs) -> str:
+        """The same checks the block applies, here first for a clear error at once."""
         if abs(self.clock() - args.time) > REVOCATION_WINDOW:
             raise Unauthorized(f"the revocation statement's time is more than "
                                f"{int(REVOCATION_WINDOW)} s from the server's clock",
@@ -370,10 +403,7 @@ class CertificateAuthority:
         statement = revocation_statement(serial, args.reason, args.time)
         if args.admin_certificate is not None:
             fingerprint = hashlib.sha256(args.admin_certificate).hexdigest()
-            now = self.clock()
-            admins = {hashlib.sha256(a.der).hexdigest() for a in self.certs.authorities("admin")
-                      if a.not_after > now}
-            if fingerprint not in admins:
+            if fingerprint not in self.cluster.admins():
                 raise Unauthorized("admin_certificate is not an administrator certificate of "
                                    "this CA", field="admin_certificate")
             key = x509.load_der_x509_certificate(args.admin_certificate).public_key()
@@ -392,4 +422,3 @@ class CertificateAuthority:
         router.add(ops.CHAIN, self.chain)
         router.add(ops.VALIDATE, self.validate)
         router.add(ops.REVOKE, self.revoke)
-

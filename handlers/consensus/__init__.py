@@ -1,40 +1,46 @@
-"""Consensus services: epoch beacons, the stake ledger and four-proof admission.
+"""Consensus: the Tendermint driver over STOQ, sealed decisions, epoch beacons, stake, proofs.
 
 The four proofs (space, stake, work, time) and their binding are specified in
 spec/stoq.md §17; :mod:`protocol.ops.consensus` has the wire format shared
-with the client library.
+with the client library. What the decisions mean is the replicated CA's
+(:mod:`handlers.replica`).
 """
 
-from ._admission import ConsensusAdmission, FourProofAdmission
 from ._beacon import BeaconChain, ChainBeacons
 from ._chain_service import ChainService
 from ._checkpoints import CheckpointSubmitter
-from ._decisions import CaRules, derive_serial, matches_decision
-from ._driver import Committed, ConsensusChain, OpenRules, PeerLinks, Rules
-from ._stake import ChainFaucet, Faucet, LedgerFaucet, StakeLedger
+from ._driver import (
+    Committed,
+    ConsensusChain,
+    Executed,
+    OpenRules,
+    PeerLinks,
+    Rules,
+)
+from ._sealed import SealedDecision, SealError, open_sealed, seal, unseal
+from ._stake import ChainFaucet, Faucet
 from ._verifier import ProofVerifier, VerifierStats
 from .service import ConsensusService
 
 __all__ = [
     "BeaconChain",
-    "CaRules",
     "ChainBeacons",
     "ChainFaucet",
     "ChainService",
     "CheckpointSubmitter",
     "Committed",
-    "ConsensusAdmission",
     "ConsensusChain",
     "ConsensusService",
+    "Executed",
     "Faucet",
-    "FourProofAdmission",
-    "LedgerFaucet",
     "OpenRules",
     "PeerLinks",
     "ProofVerifier",
     "Rules",
-    "StakeLedger",
+    "SealError",
+    "SealedDecision",
     "VerifierStats",
-    "derive_serial",
-    "matches_decision",
+    "open_sealed",
+    "seal",
+    "unseal",
 ]

@@ -23,7 +23,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 
 from protocol.ops.consensus import beacon_statement
-from store import BeaconRecord, LedgerStore, Signer
+from store import BeaconRecord, BeaconStore, Signer
 
 log = logging.getLogger("trustchain.consensus")
 
@@ -39,11 +39,11 @@ class BeaconChain:
     :param audit: ``async (kind, data)``, returns once the record is durable.
     """
 
-    def __init__(self, *, ledger: LedgerStore, signer: Signer, epoch_length: int,
+    def __init__(self, *, store: BeaconStore, signer: Signer, epoch_length: int,
                  audit: Audit, clock: Callable[[], float] = time.time) -> None:
         if epoch_length < 1:
             raise ValueError("epoch_length must be at least 1 second")
-        self.ledger = ledger
+        self.store = store
         self.signer = signer
         self.epoch_length = epoch_length
         self.clock = clock
@@ -64,7 +64,7 @@ class BeaconChain:
 
     def get(self, epoch: int) -> BeaconRecord | None:
         """The beacon of ``epoch`` if it was made."""
-        return self.ledger.beacon(epoch)
+        return self.store.beacon(epoch)
 
     async def current(self) -> BeaconRecord:
         """The beacon of the current epoch, made now if this is its first use."""
@@ -72,7 +72,7 @@ class BeaconChain:
 
     async def ensure(self, epoch: int) -> BeaconRecord:
         """The beacon of ``epoch``, which must have begun; made, stored and audited once."""
-        existing = self.ledger.beacon(epoch)
+        existing = self.store.beacon(epoch)
         if existing is not None:
             return existing
         if epoch > self.current_epoch():
@@ -82,15 +82,15 @@ class BeaconChain:
     async def _record(self, epoch: int, value: bytes) -> BeaconRecord:
         """Sign, store and audit ``value`` as the beacon of ``epoch`` (once)."""
         async with self._lock:
-            existing = self.ledger.beacon(epoch)
+            existing = self.store.beacon(epoch)
             if existing is not None:
                 return existing
-            previous = self.ledger.latest_beacon(before=epoch)
+            previous = self.store.latest_beacon(before=epoch)
             previous_value = previous.value if previous is not None else GENESIS_PREVIOUS
             start = self.start_of(epoch)
             signature = self.signer.sign(beacon_statement(epoch=epoch, start=start, value=value,
                                                           previous=previous_value))
-            record = await self.ledger.add_beacon(BeaconRecord(
+            record = await self.store.add_beacon(BeaconRecord(
                 epoch=epoch, start=start, value=value, previous=previous_value,
                 signature=signature, public_key=self.public_key,
                 algorithm=self.signer.algorithm, created_at=self.clock()))
@@ -136,7 +136,7 @@ class ChainBeacons(BeaconChain):
     async def on_block(self, time_ms: int, block_id: bytes) -> None:
         """A block was committed: it may be the first of its epoch."""
         epoch = self.epoch_at(time_ms / 1000)
-        if self.ledger.beacon(epoch) is None:
+        if self.store.beacon(epoch) is None:
             await self._record(epoch, block_id)
         self._block.set()
         self._block = asyncio.Event()
@@ -145,7 +145,7 @@ class ChainBeacons(BeaconChain):
         """The beacon of ``epoch``, waiting (up to ``wait`` s) for its first block."""
         deadline = asyncio.get_running_loop().time() + self._wait
         while True:
-            existing = self.ledger.beacon(epoch)
+            existing = self.store.beacon(epoch)
             if existing is not None:
                 return existing
             if epoch > self.current_epoch():

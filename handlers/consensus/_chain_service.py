@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from cryptography import x509
-
-from protocol import ConsensusRejected, InvalidRequest, NotFound, decode_item
+from protocol import ConsensusRejected, NotFound, decode_item
 from protocol.ops import consensus as ops
 
 from .._router import RequestContext, Router
 from ._cosign import validate_ct_log_consensus
-from ._decisions import matches_decision
 from ._driver import ConsensusChain
 from .bft import Block, Commit
 
@@ -20,44 +18,16 @@ class ChainService:
     """Serves one :class:`ConsensusChain` to the other validators and to operators.
 
     :param checkpoints: CT origin -> (size, block height, decision index) of the
-        latest committed checkpoint (:attr:`._decisions.CaRules.checkpoints`).
+        latest committed checkpoint (the application's).
+    :param state_status: what ``consensus.status`` reports of the application's state.
     """
 
     def __init__(self, chain: ConsensusChain,
                  checkpoints: dict[str, tuple[int, int, int]] | None = None, *,
-                 validity: float = 86400.0, backdate: float = 300.0) -> None:
+                 state_status: Callable[[], dict[str, Any]] = dict) -> None:
         self.chain = chain
         self.checkpoints = checkpoints if checkpoints is not None else {}
-        self.validity = validity
-        self.backdate = backdate
-
-    def check_certificate(self, args: ops.CheckCertificateArgs,
-                          ctx: RequestContext) -> dict[str, Any]:
-        """Find the committed issuance a certificate must come from (spec §18.6).
-
-        The block is found by the certificate's start of validity (the block time
-        minus the back-dating); a certificate that matches no committed decision
-        was signed without consensus, and is recorded as misbehaviour.
-        """
-        try:
-            cert = x509.load_der_x509_certificate(args.certificate)
-        except ValueError:
-            raise InvalidRequest("certificate is not a DER X.509 certificate",
-                                 field="certificate") from None
-        start_ms = (int(cert.not_valid_before_utc.timestamp()) + int(self.backdate)) * 1000
-        for stored in self.chain.store.blocks_between(start_ms, start_ms + 1000):
-            block = Block.from_wire(decode_item(stored.block))
-            for index in range(len(block.decisions)):
-                if matches_decision(cert, block, index, validity=self.validity,
-                                    backdate=self.backdate) is None:
-                    return {"committed": True, "block_height": block.height, "index": index,
-                            "block_hash": block.id, "reason": None}
-        reason = ("no committed block fixed this certificate's serial number, validity and "
-                  "key: it was signed without consensus")
-        self.chain.misbehaved(None, f"certificate {format(cert.serial_number, 'x')} issued by "
-                                    f"{cert.issuer.rfc4514_string()}: {reason}")
-        return {"committed": False, "block_height": None, "index": None, "block_hash": None,
-                "reason": reason}
+        self.state_status = state_status
 
     def checkpoint(self, args: ops.CheckpointArgs, ctx: RequestContext) -> dict[str, Any]:
         """``validate_ct_log_consensus`` of the latest committed checkpoint of each origin."""
@@ -96,11 +66,10 @@ class ChainService:
                 "latest": latest}
 
     def status(self, args: ops.StatusArgs, ctx: RequestContext) -> dict[str, Any]:
-        return self.chain.status()
+        return {**self.chain.status(), **self.state_status()}
 
     def register(self, router: Router) -> None:
         router.add(ops.GOSSIP, self.gossip)
         router.add(ops.BLOCKS, self.blocks)
         router.add(ops.STATUS, self.status)
         router.add(ops.CHECKPOINT, self.checkpoint)
-        router.add(ops.CHECK_CERTIFICATE, self.check_certificate)

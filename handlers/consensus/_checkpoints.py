@@ -13,14 +13,14 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterable
 
-from store import CheckpointRecord
+from store import TreeHead
 
-from ._decisions import seal
 from ._driver import ConsensusChain
+from ._sealed import seal
 
 log = logging.getLogger("trustchain.consensus")
 
-Checkpoints = Callable[[], Iterable[tuple[str, CheckpointRecord]]]
+Checkpoints = Callable[[], Iterable[tuple[str, TreeHead]]]
 """``(origin, latest checkpoint)`` of every CT shard."""
 
 
@@ -59,7 +59,7 @@ class CheckpointSubmitter:
                 if await self._submit(origin, checkpoint):
                     self._submitted[origin] = checkpoint.size
 
-    async def _submit(self, origin: str, checkpoint: CheckpointRecord) -> bool:
+    async def _submit(self, origin: str, checkpoint: TreeHead) -> bool:
         body = {"kind": "checkpoint", "origin": origin, "size": checkpoint.size,
                 "root": checkpoint.root, "note": checkpoint.note,
                 "at_ms": int(self.chain.clock() * 1000)}

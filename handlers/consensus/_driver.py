@@ -42,6 +42,7 @@ from .bft import (
 from .bft._core import (
     Broadcast,
     Decided,
+    Diverged,
     Effect,
     EvidenceFound,
     Misbehaviour,
@@ -72,12 +73,24 @@ def decision_digest(decision: bytes) -> bytes:
 
 
 @dataclass(frozen=True)
+class Executed:
+    """What executing a committed block did: each decision's outcome (the
+    application's), the state hash after it, and the validators it proved faulty."""
+
+    outcomes: tuple[Any, ...]
+    app_hash: bytes
+    isolate: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Committed:
-    """Where a decision was committed: ``submit_ca_decision_for_consensus``'s answer."""
+    """Where a decision was committed, and what executing it did."""
 
     block: Block
     index: int
     commit: Commit
+    outcome: Any = None
+    """The application's outcome of the decision (None when executed before a restart)."""
 
     @property
     def block_hash(self) -> bytes:
@@ -103,27 +116,41 @@ class PeerLinks(Protocol):
 
 
 class Rules(Protocol):
-    """What the application decides about its decisions."""
+    """What the application decides about its decisions, and its state."""
+
+    @property
+    def state_hash(self) -> bytes:
+        """The hash of the application's state after the last block it executed."""
+
+    @property
+    def executed_height(self) -> int:
+        """The height of the last block the application executed (0: none)."""
 
     async def check(self, decision: bytes, validators: ValidatorSet) -> str | None:
         """None if ``decision`` may be committed, else why not (``validators``: the
         current set). Called once per decision."""
 
-    async def execute(self, block: Block, commit: Commit) -> None:
-        """Apply a committed block (stake changes, beacons, ...); before anyone is told."""
+    async def execute(self, block: Block, commit: Commit) -> Executed:
+        """Apply a committed block; durable, before anyone is told of it."""
 
     def extension(self, block: Block) -> bytes:
         """This validator's precommit extension for ``block`` (b"" for none)."""
 
 
 class OpenRules:
-    """Every well-formed decision is valid and nothing is executed (tests, benchmarks)."""
+    """Every well-formed decision is valid; the state is the chain itself (tests)."""
+
+    state_hash = bytes(32)
+
+    def __init__(self) -> None:
+        self.executed_height = 0
 
     async def check(self, decision: bytes, validators: ValidatorSet) -> str | None:
         return None
 
-    async def execute(self, block: Block, commit: Commit) -> None:
-        return None
+    async def execute(self, block: Block, commit: Commit) -> Executed:
+        self.executed_height = block.height
+        return Executed(outcomes=(None,) * len(block.decisions), app_hash=self.state_hash)
 
     def extension(self, block: Block) -> bytes:
         return b""
@@ -190,6 +217,8 @@ class ConsensusChain:
         self.decided_at: dict[int, float] = {}
         self.started = False
         self.failure: BaseException | None = None
+        self.diverged: str | None = None
+        """Why this validator's state is not the cluster's (it stopped voting)."""
 
         # restore: last block, validator set and signing state
         latest = store.latest()
@@ -211,7 +240,8 @@ class ConsensusChain:
         self.core = Tendermint(
             chain_id=chain_id, validators=current, app=self, me=me, sign=sign,
             height=(previous.height + 1) if previous else 1, previous=previous,
-            signing_state=state, timeouts=timeouts, committed_evidence=committed_evidence)
+            signing_state=state, timeouts=timeouts, committed_evidence=committed_evidence,
+            app_hash=rules.state_hash, await_execution=True)
         self.peers = {v.id: _Peer(v.id, self.names.get(v.id, v.id[:8]))
                       for v in current.validators if v.id != me}
 
@@ -428,9 +458,11 @@ class ConsensusChain:
         return {v.id for v in self.core.validators.validators if v.power == 0}
 
     async def start(self) -> None:
-        """Start the consensus task, the ticker and one sender per peer."""
+        """Execute the stored blocks the application has not (a crash between the two
+        commits), then start the consensus task, the ticker and one sender per peer."""
         if self.started:
             return
+        await self._catch_up_state()
         self.started = True
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._run(), name="consensus"))
@@ -439,6 +471,27 @@ class ConsensusChain:
             self._tasks.append(loop.create_task(self._sender(peer),
                                                 name=f"consensus-send-{peer.name}"))
         self._inputs.put_nowait(("start",))
+
+    async def _catch_up_state(self) -> None:
+        latest = self.last_block.height if self.last_block else 0
+        for height in range(self.rules.executed_height + 1, latest + 1):
+            stored = self.store.block(height)
+            assert stored is not None
+            block = Block.from_wire(decode_item(stored.block))
+            if block.app_hash != self.rules.state_hash:
+                self._diverge(block, self.rules.state_hash)
+                return
+            await self.rules.execute(block, Commit.from_wire(decode_item(stored.commit)))
+            log.info("stored block executed", extra={"height": height})
+        self.core.app_hash = self.rules.state_hash
+
+    def _diverge(self, block: Block, ours: bytes) -> None:
+        self.diverged = (f"the block at height {block.height} carries state hash "
+                         f"{block.app_hash.hex()[:16]}, ours is {ours.hex()[:16]}: this "
+                         "validator's state is not the cluster's; it stopped voting")
+        self.core.diverged = block
+        log.critical("consensus: state diverged", extra={"height": block.height,
+                                                        "reason": self.diverged})
 
     async def stop(self) -> None:
         for handle in self._timers:
@@ -525,6 +578,8 @@ class ConsensusChain:
                     self._enqueue(target, encode_message(effect.message))
             elif isinstance(effect, ScheduleTimeout):
                 self._schedule(effect.step, effect.height, effect.round, effect.delay)
+            elif isinstance(effect, Diverged):
+                self._diverge(effect.block, effect.ours)
             elif isinstance(effect, Decided):
                 await self._decided(effect)
             elif isinstance(effect, EvidenceFound):
@@ -565,7 +620,9 @@ class ConsensusChain:
             self.decided_at.pop(min(self.decided_at))
         for digest in digests:
             self.mempool.pop(digest, None)
-        await self.rules.execute(block, commit)
+        if self.diverged is not None:
+            return  # our state is not the cluster's: executing more would only hide it
+        executed = await self.rules.execute(block, commit)
         for offender in effect.isolated:
             log.warning("validator isolated", extra={"validator": offender,
                                                      "height": block.height})
@@ -577,9 +634,16 @@ class ConsensusChain:
             log.warning("isolation refused: it would leave fewer than 4 validators",
                         extra={"validator": offender, "height": block.height})
         for index, digest in enumerate(digests):
+            outcome = executed.outcomes[index] if index < len(executed.outcomes) else None
             for future in self._waiters.pop(digest, []):
                 if not future.done():
-                    future.set_result(Committed(block, index, commit))
+                    future.set_result(Committed(block, index, commit, outcome))
+        before = {v.id for v in self.core.validators.validators if v.power == 0}
+        await self._perform(self.core.executed(executed.app_hash, executed.isolate))
+        for offender in sorted(self.isolated - before):
+            log.warning("validator isolated for misissuance",
+                        extra={"validator": offender, "height": block.height})
+            self.transport.drop(offender)
         if self.mempool:
             self._inputs.put_nowait(("content",))
 
@@ -721,6 +785,7 @@ class ConsensusChain:
             "isolated": sorted(isolated),
             "mempool": len(self.mempool),
             "misbehaviour": len(self.misbehaviour),
+            "diverged": self.diverged,
         }
 
 

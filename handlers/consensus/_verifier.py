@@ -28,17 +28,19 @@ if they fail.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from protocol import ProofInvalid
 from protocol.ops.consensus import (
+    MAX_KEY_SIZE,
     Operation,
     ProofParams,
     ProofSet,
@@ -52,7 +54,7 @@ from protocol.ops.consensus import (
     work_hash,
     work_prefix,
 )
-from store import LedgerStore, verify_signature
+from store import verify_signature
 
 from . import _native
 from ._beacon import BeaconChain
@@ -85,16 +87,31 @@ def _fail(proof: str, message: str, **details: Any) -> ProofInvalid:
     return ProofInvalid(f"{proof}: {message}", proof=proof, **details)
 
 
+class WorkLedger(Protocol):
+    """What the verifier reads of the replicated state: stake, and work already used."""
+
+    def balance(self, key_id: str) -> int: ...
+
+    def work_used(self, digest: bytes) -> bool: ...
+
+
+MAX_CHECKED_WORK = 100_000
+"""Accepted work hashes kept in memory before those of past epochs are dropped."""
+
+
 class ProofVerifier:
     """Verifies proof sets against the ledger, the beacons and ``params``.
 
     :param workers: processes for new VDFs; 0 verifies them on the caller's thread.
     """
 
-    def __init__(self, *, params: ProofParams, ledger: LedgerStore, beacons: BeaconChain,
-                 workers: int = 1, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, *, params: ProofParams, ledger: WorkLedger, beacons: BeaconChain,
+                 workers: int = 1,
+                 audit: Callable[[str, dict[str, Any]], Awaitable[Any]] | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
         self.params = params
         self.ledger = ledger
+        self._audit = audit
         self.beacons = beacons
         self.clock = clock
         self.workers = workers
@@ -105,6 +122,9 @@ class ProofVerifier:
         self._space_ok: dict[int, set[bytes]] = {}
         self._time_ok: dict[int, set[bytes]] = {}
         self._in_flight: dict[bytes, asyncio.Future[str | None]] = {}
+        self._checked: dict[bytes, int] = {}
+        """Work hash -> epoch of every proof set this verifier accepted: a second
+        request with the same work is refused before its first is even committed."""
         self._workers = VdfWorkers(workers) if workers > 0 else None
 
     # --- the check ----------------------------------------------------------------
@@ -124,8 +144,15 @@ class ProofVerifier:
         """
         try:
             proofs = await self._verify(op, request, raw)
-        except ProofInvalid:
+        except ProofInvalid as exc:
             self.stats.rejected += 1
+            if self._audit is not None:
+                record: dict[str, Any] = {"op": op, "proof": exc.details.get("proof", ""),
+                                          "reason": exc.message, "request": request.hex()}
+                key = raw.get("requester_key") if isinstance(raw, dict) else None
+                if isinstance(key, bytes) and len(key) <= MAX_KEY_SIZE:
+                    record["requester"] = hashlib.sha256(key).hexdigest()
+                await self._audit("consensus.proofs-rejected", record)
             raise
         self.stats.admitted += 1
         return proofs
@@ -150,7 +177,7 @@ class ProofVerifier:
                                 f"bits; {self._target_bits} are required (the nonce must be "
                                 "found for this request, key and epoch)",
                         field="proofs.work.nonce")
-        if self.ledger.work_used(digest):
+        if self._used(digest):
             raise _fail("work", "this proof of work was already used (a replayed request); "
                                 "every request needs fresh work", field="proofs.work.nonce")
 
@@ -174,11 +201,18 @@ class ProofVerifier:
         self._check_space(proofs, kid, beacon.value, space_digest)
         await self._check_time(proofs, kid, beacon.value, time_digest)
 
-        if self.ledger.work_used(digest):  # a concurrent twin passed while we waited
+        if self._used(digest):  # a concurrent twin passed while we waited
             raise _fail("work", "this proof of work was already used (a replayed request); "
                                 "every request needs fresh work", field="proofs.work.nonce")
-        self.ledger.use_work(digest, epoch)
+        self._checked[digest] = epoch
+        if len(self._checked) > MAX_CHECKED_WORK:
+            oldest = previous - 1
+            self._checked = {d: e for d, e in self._checked.items() if e > oldest}
         return proofs
+
+    def _used(self, digest: bytes) -> bool:
+        """Committed (the ledger) or already checked here (a twin in flight)."""
+        return digest in self._checked or self.ledger.work_used(digest)
 
     def _public_key(self, der: bytes) -> Any:
         key = self._keys.get(der)

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from typing import Any
+from typing import Any, Protocol
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
@@ -18,7 +18,7 @@ from store import BeaconRecord
 
 from .._router import RequestContext, Router
 from ._beacon import BeaconChain
-from ._stake import Faucet, StakeLedger
+from ._stake import Faucet
 from ._verifier import ProofVerifier
 
 log = logging.getLogger("trustchain.consensus")
@@ -37,17 +37,22 @@ def _key_id_of(der: bytes, field: str = "key") -> str:
     return hashlib.sha256(der).hexdigest()
 
 
+class StakeBalances(Protocol):
+    """Where stake is read (the replicated state)."""
+
+    def balance(self, key_id: str) -> int: ...
+
+
 class ConsensusService:
     """Answers ``consensus.beacon``, ``consensus.stake`` and ``consensus.faucet``.
 
-    :param stake: the stake ledger (what ``consensus.stake`` reads).
+    :param stake: the replicated stake (what ``consensus.stake`` reads).
     :param faucet: how a faucet credit is made; served only in development mode.
     """
 
-    def __init__(self, *, stake: StakeLedger, beacons: BeaconChain, verifier: ProofVerifier,
+    def __init__(self, *, stake: StakeBalances, beacons: BeaconChain, verifier: ProofVerifier,
                  params: ProofParams, development: bool, faucet: Faucet) -> None:
-        self.stake_ledger = stake
-        self.ledger = stake.ledger
+        self.balances = stake
         self.beacons = beacons
         self.verifier = verifier
         self.params = params
@@ -97,7 +102,7 @@ class ConsensusService:
 
     def stake(self, args: ops.StakeArgs, ctx: RequestContext) -> dict[str, Any]:
         key_id = _key_id_of(args.key)
-        amount = self.ledger.balance(key_id)
+        amount = self.balances.balance(key_id)
         return {"key_id": key_id, "amount": amount, "minimum": self.params.minimum_stake,
                 "sufficient": amount >= self.params.minimum_stake}
 
@@ -106,12 +111,12 @@ class ConsensusService:
             raise Unauthorized("consensus.faucet is a development-only op; a production node "
                                "has no faucet (stake comes from the genesis ledger)")
         key_id = _key_id_of(args.key)
-        before = self.ledger.balance(key_id)
+        before = self.balances.balance(key_id)
         credited = 0
         if before < self.params.minimum_stake:
             await self.faucet_credit.credit(key_id, self.params.minimum_stake)
-            credited = self.ledger.balance(key_id) - before
-        return {"key_id": key_id, "amount": self.ledger.balance(key_id), "credited": credited}
+            credited = self.balances.balance(key_id) - before
+        return {"key_id": key_id, "amount": self.balances.balance(key_id), "credited": credited}
 
     def register(self, router: Router) -> None:
         router.add(ops.BEACON, self.beacon)
@@ -120,15 +125,10 @@ class ConsensusService:
 
     # --- lifetime ----------------------------------------------------------------------------
 
-    async def _on_epoch(self, epoch: int) -> None:
-        removed = await self.ledger.forget_work(epoch - 1)
-        if removed:
-            log.info("forgot used work of past epochs", extra={"rows": removed})
-
     def start(self) -> None:
         """Make each epoch's beacon as it begins (a task on the running loop)."""
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self.beacons.run(self._on_epoch))
+            self._task = asyncio.get_running_loop().create_task(self.beacons.run())
 
     async def stop(self) -> None:
         if self._task is not None:

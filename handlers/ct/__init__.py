@@ -1,18 +1,33 @@
-"""The Certificate Transparency log: chains, sequencing, tiles, proofs, subscriptions."""
+"""The Certificate Transparency log: chains, block-driven appends, tiles, proofs, subscriptions."""
 
-from ._log import CtLog, LiveBatch, LiveFeed, Shard, Submitted, entry_hash
+from ._log import (
+    CtBatch,
+    CtLog,
+    Entry,
+    LiveBatch,
+    LiveFeed,
+    Logged,
+    Shard,
+    Submitted,
+    chain_entry_hash,
+    entry_hash,
+)
 from ._submitted import ChainValidator, CheckedChain, leaf_names
 from .service import CtService
 
 __all__ = [
     "ChainValidator",
     "CheckedChain",
+    "CtBatch",
     "CtLog",
     "CtService",
+    "Entry",
     "LiveBatch",
     "LiveFeed",
+    "Logged",
     "Shard",
     "Submitted",
+    "chain_entry_hash",
     "entry_hash",
     "leaf_names",
 ]

@@ -98,9 +98,11 @@ class ChainValidator:
                 self._parsed.popitem(last=False)
         return cert
 
-    def check(self, chain: Sequence[bytes], *, precert: bool) -> CheckedChain:
+    def check(self, chain: Sequence[bytes], *, precert: bool,
+              at: float | None = None) -> CheckedChain:
         """Check ``chain`` (leaf first) for ``add-chain`` or, with ``precert``,
-        ``add-pre-chain``.
+        ``add-pre-chain``, valid at time ``at`` (default: the clock's now; a block's
+        time when a validator executes it, so every validator decides alike).
 
         :raises InvalidRequest: ``field = "chain"`` and a ``reason``.
         """
@@ -124,7 +126,8 @@ class ChainValidator:
         if not precert and poisoned:
             raise refuse("precertificate", "chain[0] is a precertificate (poison extension): "
                                            "submit it with ct.add-pre-chain", 0)
-        now = datetime.datetime.fromtimestamp(self._clock(), datetime.UTC)
+        now = datetime.datetime.fromtimestamp(self._clock() if at is None else at,
+                                              datetime.UTC)
         for i, cert in enumerate(certs):
             if cert.not_valid_after_utc < now:
                 raise refuse("expired", f"chain[{i}] expired at "

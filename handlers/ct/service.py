@@ -4,25 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Protocol
 
-from cryptography import x509
-
-from protocol import Event, Internal, InvalidRequest, NotFound
-from protocol.ct_structs import (
-    StructureError,
-    TileLeaf,
-    extra_data,
-    issuer_key_hash,
-    precert_tbs,
-    tile_leaf_header,
-)
+from protocol import Event, InvalidRequest, NotFound, Unavailable, error_from_wire
+from protocol.ct_structs import TileLeaf, extra_data, tile_leaf_header
+from protocol.decisions import Decision, LogChain
 from protocol.ops import ct as ops
 
 from .._router import RequestContext, Router
-from ._log import CtLog, LiveBatch, Shard, Submitted
-from ._submitted import ChainValidator, CheckedChain
+from ._log import CtLog, LiveBatch, Logged, Shard, Submitted, chain_entry_hash
+from ._submitted import ChainValidator
 
 EVENT_ENTRIES = 256
 """Most entries in one ``entries`` event."""
@@ -69,27 +61,60 @@ def matches(names: list[str], suffixes: tuple[str, ...]) -> bool:
     return False
 
 
+class Decisions(Protocol):
+    """This validator's way to the cluster (``handlers.replica.DecisionLog``)."""
+
+    async def commit(self, decision: Decision, *, checked: bool = False) -> Any:
+        """The outcome (``.accepted``, ``.logged``...) of ``decision`` once executed."""
+        ...
+
+    def now_ms(self) -> int: ...
+
+
 class CtService:
-    """Answers the ``ct.*`` ops from a :class:`CtLog`."""
+    """Answers the ``ct.*`` ops from a :class:`CtLog`.
+
+    :param decisions: how a submitted chain gets into every validator's log (a ``log``
+        decision); None: this node cannot submit (an observer of the cluster).
+    """
 
     def __init__(self, log: CtLog, validator: ChainValidator, *,
+                 decisions: Decisions | None = None,
                  max_get_entries: int = ops.MAX_GET_ENTRIES,
                  clock: Callable[[], float] = time.time) -> None:
         self.log = log
         self.validator = validator
+        self.decisions = decisions
         self.max_get_entries = max_get_entries
         self.clock = clock
 
     # --- submission ---------------------------------------------------------------------
 
     async def add_chain(self, args: ops.AddChainArgs, ctx: RequestContext) -> dict[str, Any]:
-        checked = self.validator.check(args.chain, precert=False)
-        return self._sct_result(await self.log.submit(checked, precert=False))
+        return await self._submit(args.chain, precert=False)
 
     async def add_pre_chain(self, args: ops.AddChainArgs,
                             ctx: RequestContext) -> dict[str, Any]:
-        checked = self.validator.check(args.chain, precert=True)
-        return self._sct_result(await self.log.submit(checked, precert=True))
+        return await self._submit(args.chain, precert=True)
+
+    async def _submit(self, chain: list[bytes], *, precert: bool) -> dict[str, Any]:
+        """Check the chain here (a clear error at once), log it through a block (every
+        validator appends it at the same index), answer this validator's SCT."""
+        checked = self.validator.check(chain, precert=precert)
+        known = self.log.state.ct_entry(chain_entry_hash(checked, precert=precert))
+        if known is not None:
+            return self._sct_result(self.log.sct(Logged(known.entry_hash, known.shard,
+                                                        known.leaf_index, known.timestamp,
+                                                        fresh=False)))
+        if self.decisions is None:
+            raise Unavailable("this node follows the cluster without a validator key; "
+                              "submit to a validator")
+        outcome = await self.decisions.commit(LogChain(chain=tuple(chain), precert=precert,
+                                                       at_ms=self.decisions.now_ms()))
+        if not outcome.accepted:
+            raise error_from_wire({**outcome.details, "code": outcome.code,
+                                   "message": outcome.message})
+        return self._sct_result(self.log.sct(outcome.logged))
 
     @staticmethod
     def _sct_result(submitted: Submitted) -> dict[str, Any]:
@@ -97,25 +122,6 @@ class CtService:
         result["shard"] = submitted.shard
         result["leaf_index"] = submitted.leaf_index
         return result
-
-    async def log_precertificate(self, precertificate: bytes, *, issuer: x509.Certificate,
-                                 chain: Sequence[bytes], names: Sequence[str],
-                                 spki_sha256: bytes) -> Submitted:
-        """Log the CA's own precertificate (RFC 6962 §3.3); its SCT once it is durable.
-
-        The CA built the precertificate from a checked request and signed it with
-        its own intermediate, so it is logged without the checks a submitted chain
-        gets. ``chain`` is the issuer then the root (the entry's extra data);
-        ``names`` and ``spki_sha256`` are the leaf's, for subscribers and watchers.
-        """
-        try:
-            tbs = precert_tbs(precertificate)
-        except StructureError as exc:
-            raise Internal(f"the CA's precertificate cannot be read: {exc}") from None
-        checked = CheckedChain(leaf_der=precertificate, issuers=tuple(chain),
-                               issuer_key_hash=issuer_key_hash(issuer), tbs=tbs,
-                               names=tuple(names), spki_sha256=spki_sha256)
-        return await self.log.submit(checked, precert=True)
 
     # --- reads ----------------------------------------------------------------------------
 
@@ -153,7 +159,7 @@ class CtService:
             raise InvalidRequest("hash must be a 32-byte leaf hash", field="hash",
                                  reason="bad_hash")
         self._check_tree_size(shard, args.tree_size)
-        found = self.log.db.leaf_index(args.hash)
+        found = self.log.state.leaf_index(args.hash)
         if found is None or found[0] != shard.number or found[1] >= shard.size:
             raise NotFound(f"no entry with leaf hash {args.hash.hex()} in shard {shard.number}",
                            field="hash")
@@ -213,7 +219,7 @@ class CtService:
         return {"shard": shard.number, "log_id": shard.log_id,
                 "public_key": shard.public_key_der(), "origin": shard.origin,
                 "tree_size": shard.size,
-                "state": "frozen" if shard.record.frozen else "active"}
+                "state": "frozen" if shard.frozen else "active"}
 
     # --- ct.subscribe ------------------------------------------------------------------------
 
@@ -262,12 +268,12 @@ class CtService:
                     yield Event(event="sth", data=sth)
                     sth_sent = size
                     continue
-                if shard.record.frozen:
+                if shard.frozen:
                     yield Event(event="resume", data={"shard": shard.number + 1, "next": 0,
                                                       "reason": "shard_full"})
                     return
                 waiter.clear()
-                if shard.size > position or shard.record.frozen:
+                if shard.size > position or shard.frozen:
                     continue
                 try:
                     await asyncio.wait_for(waiter.wait(), heartbeat)

@@ -39,7 +39,7 @@ import dns.rdatatype
 import dns.rdtypes.ANY.TLSA
 import dns.rdtypes.IN.AAAA
 
-from store import CertificateRecord, CertificateStore, JsonFile
+from store import CertificateRecord, StateDatabase
 
 from ..ca import CertificateIssued, CertificateRevoked
 from ._keys import KeyRing
@@ -106,21 +106,19 @@ def _digestable(rdata: Any) -> bytes:
 class TrustChainZones:
     """The signed zones of the TrustChain domains.
 
-    :param certs: the CA's certificate store (read at start).
+    :param state: the replicated state: the certificates and the registrations.
     :param keyring: the DNSSEC keys.
-    :param registrations: where ``dns.register``'s records are kept.
     :param rendered: the answers rendered from these zones, dropped as they go stale.
     :param clock: wall-clock seconds (certificate validity, signatures, key roll).
     """
 
-    def __init__(self, *, settings: DnsSettings, certs: CertificateStore, keyring: KeyRing,
-                 registrations: JsonFile, rendered: RenderedAnswers,
+    def __init__(self, *, settings: DnsSettings, state: StateDatabase, keyring: KeyRing,
+                 rendered: RenderedAnswers,
                  clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
-        self.certs = certs
+        self.state = state
         self.keyring = keyring
         self.clock = clock
-        self._registration_file = registrations
         self._rendered = rendered
         self.origins = [absolute(d) for d in settings.domains]
         self._ns_names = {dns.name.Name((b"ns1", *o.labels)) for o in self.origins}
@@ -150,12 +148,10 @@ class TrustChainZones:
         """Load the keys, the valid certificates and the registrations; sign the zones."""
         now = self.clock()
         self.keyring.load(now)
-        for serial in self.certs.serials():
-            record = self.certs.get(serial)
-            if record is not None and record.revoked_at is None and record.not_after > now:
-                self._add(record)
-        for name, entry in (self._registration_file.load() or {}).items():
-            self._registrations[name] = Registration(**entry)
+        for record in self.state.valid_certificates(now):
+            self._add(record)
+        for name, (spki, serial, addresses, at) in self.state.registrations().items():
+            self._registrations[name] = Registration(spki, serial, addresses, at)
         self._rebuild(now)
 
     async def run(self, interval: float = 60.0) -> None:
@@ -256,6 +252,10 @@ class TrustChainZones:
         self._scheduled = False
         if self._pending:
             self._publish(self.clock())
+
+    def flush(self) -> None:
+        """Publish what is pending now rather than at the end of the event-loop turn."""
+        self._flush()
 
     def current_certificate(self, name: str, now: float | None = None
                             ) -> CertificateRecord | None:
@@ -389,14 +389,12 @@ class TrustChainZones:
     def registration(self, name: str) -> Registration | None:
         return self._registrations.get(name)
 
-    def register(self, name: str, registration: Registration | None) -> None:
-        """Record (or, with None, drop) the AAAA records registered for ``name``; durable
-        before the zones publish them."""
-        if registration is not None:
-            self._registrations[name] = registration
-        else:
+    def registration_changed(self, name: str) -> None:
+        """A publisher of the CA: the state's registration for ``name`` changed."""
+        found = self.state.registrations().get(name)
+        if found is None:
             self._registrations.pop(name, None)
-        self._registration_file.save({n: vars(r)
-                                      for n, r in sorted(self._registrations.items())})
+        else:
+            self._registrations[name] = Registration(*found)
         self._pending.add(name)
-        self._publish(self.clock())
+        self._schedule()

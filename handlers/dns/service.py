@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import dns.dnssec
 import dns.exception
@@ -22,7 +22,8 @@ import dns.rdatatype
 import dns.rrset
 from cryptography import x509
 
-from protocol import InvalidRequest, NotFound, Unauthorized
+from protocol import InvalidRequest, NotFound, Unauthorized, Unavailable, error_from_wire
+from protocol.decisions import Decision, Register
 from protocol.ops import dns as ops
 from store import verify_signature
 
@@ -30,7 +31,7 @@ from .._router import RequestContext, Router
 from ._answers import DnsAnswers
 from ._resolver import Forwarder, Resolution
 from ._zone import Zone
-from ._zones import TLSA_PREFIX, Registration, TrustChainZones, absolute, is_address
+from ._zones import TLSA_PREFIX, TrustChainZones, absolute, is_address
 
 DNSKEY = dns.rdatatype.DNSKEY
 RRSIG = dns.rdatatype.RRSIG
@@ -40,20 +41,34 @@ REGISTER_WINDOW = 300.0
 MAX_REGISTERED_ADDRESSES = 16
 
 
+class Decisions(Protocol):
+    """This validator's way to the cluster (``handlers.replica.DecisionLog``)."""
+
+    async def commit(self, decision: Decision, *, checked: bool = False) -> Any:
+        """The outcome (``.accepted``, ``.code``...) of ``decision`` once executed."""
+        ...
+
+    def now_ms(self) -> int: ...
+
+
 class DnsService:
     """Answers the ``dns.*`` ops.
 
+    :param decisions: how a registration gets to every validator (a ``register``
+        decision); None: this node cannot submit (an observer of the cluster).
     :param doq_stats: the DoQ transport's counters (``dns.health``); the transport is
         not a handler's business, so the wiring passes a function.
     """
 
     def __init__(self, *, zones: TrustChainZones, answers: DnsAnswers,
-                 forwarder: Forwarder | None, enable_cert_validation: bool = True,
+                 forwarder: Forwarder | None, decisions: Decisions | None = None,
+                 enable_cert_validation: bool = True,
                  doq_stats: Callable[[], dict[str, Any]] = dict,
                  clock: Callable[[], float] = time.time) -> None:
         self.zones = zones
         self.answers = answers
         self.forwarder = forwarder
+        self.decisions = decisions
         self.enable_cert_validation = enable_cert_validation
         self.doq_stats = doq_stats
         self.clock = clock
@@ -119,7 +134,7 @@ class DnsService:
         tlsa_name = dns.name.Name((*TLSA_PREFIX, *host.labels))
         text = host.to_text(omit_final_dot=True).lower()
         # the CA's own database, not the zone's view of it: a drift shows as a mismatch
-        holders = self.zones.certs.holders(text, self.clock())
+        holders = self.zones.state.holders(text, self.clock())
         record = max(holders, key=lambda r: r.issued_at) if holders else None
         tlsa = zone.rrset(tlsa_name, TLSA)
         binding: dict[str, Any] = {"name": tlsa_name.to_text(), "serial": None,
@@ -174,7 +189,8 @@ class DnsService:
 
     # --- dns.register --------------------------------------------------------------------
 
-    def register_records(self, args: ops.RegisterArgs, ctx: RequestContext) -> dict[str, Any]:
+    async def register_records(self, args: ops.RegisterArgs,
+                               ctx: RequestContext) -> dict[str, Any]:
         serial = args.serial.strip().lower()
         if not serial or any(c not in "0123456789abcdef" for c in serial):
             raise InvalidRequest(f"serial {args.serial!r} is not a hexadecimal number",
@@ -186,7 +202,7 @@ class DnsService:
                                  field="addresses")
         addresses = [_unicast(a) for a in args.addresses]
         now = self.clock()
-        record = self.zones.certs.get(serial)
+        record = self.zones.state.get(serial)
         if record is None:
             raise NotFound(f"no certificate with serial {serial}", field="serial")
         if record.revoked_at is not None or record.not_after <= now:
@@ -207,8 +223,16 @@ class DnsService:
         if not verify_signature(key, args.signature, statement):
             raise Unauthorized("the signature does not prove possession of the "
                                "certificate's key", field="signature")
-        self.zones.register(name, Registration(record.spki_sha256, serial, addresses, args.time)
-                            if addresses else None)
+        if self.decisions is None:
+            raise Unavailable("this node follows the cluster without a validator key; "
+                              "register through a validator")
+        outcome = await self.decisions.commit(Register(
+            serial=serial, name=name, addresses=tuple(addresses), time=args.time,
+            signature=args.signature, at_ms=self.decisions.now_ms()), checked=True)
+        if not outcome.accepted:
+            raise error_from_wire({**outcome.details, "code": outcome.code,
+                                   "message": outcome.message})
+        self.zones.flush()
         current = self.zones.current_certificate(name, now)
         zone = self.zones.zone_for(absolute(name))
         return {"name": name, "addresses": addresses, "serial": serial,

@@ -188,13 +188,13 @@ async def test_bad_csr(tmp_path: Path, cddl: CddlChecker, name: str, make: Any,
                        message: str) -> None:
     async with running_node(tmp_path, ENGINE, checker=cddl) as node, \
             await node.client() as client:
-        assert node.node.ca.certs is not None
-        stored = node.node.ca.certs.count()
+        assert node.node.ca.state is not None
+        stored = node.node.ca.state.count()
         with pytest.raises(InvalidRequest) as info:
             await client.request("ca.issue", {"csr": make()})
         assert message in info.value.message
         assert info.value.details["field"] == "csr"
-        assert node.node.ca.certs.count() == stored
+        assert node.node.ca.state.count() == stored
         assert (await client.request("node.health"))["status"] == "ok"
 
 

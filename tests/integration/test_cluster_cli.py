@@ -30,7 +30,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 import stoq
-from store import CertificateStore, SoftwareKeyStore
+from store import AuthorityStore, SoftwareKeyStore
 from trustchain import _config as config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -243,7 +243,7 @@ def test_init_writes_a_four_validator_cluster(cluster_dir: Path, workdir: Path) 
         assert node["validator_id"] == hashlib.sha256(raw).digest()[:20].hex()
         # the same root everywhere; the node's own intermediate under it
         assert (data / "root.pem").read_bytes() == root_pem
-        certs = CertificateStore(data / "ca" / "certificates.sqlite3")
+        certs = AuthorityStore(data / "ca" / "authorities.sqlite3")
         try:
             root_record = certs.active_authority("root")
             intermediate = certs.active_authority("intermediate")

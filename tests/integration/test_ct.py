@@ -23,8 +23,8 @@ from protocol import InvalidRequest, NotFound
 from protocol import ct_merkle as merkle
 from protocol import ct_structs as ct
 
+from ..ca_fixtures import CaForTests, make_ca
 from ..helpers import CddlChecker, Requester, RunningNode, running_node
-from ..unit.test_ct_log import CaForTests, make_ca
 from .test_ca import make_csr, openssl_verify, pkilint, write_pems
 
 ENGINE = "qh3"
@@ -419,8 +419,9 @@ async def test_fingerprints_get_verify_watch(tmp_path: Path, cddl: CddlChecker,
         with pytest.raises(InvalidRequest):
             await client.request("fp.get", {"fingerprint": "00" * 32, "name": "a.trust"})
         await watch.aclose()
-    # Tampering with the stored certificate is detected by fp.verify.
-    db = tmp_path / "node" / "ca" / "certificates.sqlite3"
+    # Tampering with the stored certificate is detected by fp.verify (and, the state no
+    # longer matching its hash, the node stops voting and says so).
+    db = tmp_path / "node" / "state" / "state.sqlite3"
     import sqlite3
     with sqlite3.connect(db) as conn:
         der = conn.execute("SELECT der FROM certificates WHERE serial=?",
@@ -431,6 +432,10 @@ async def test_fingerprints_get_verify_watch(tmp_path: Path, cddl: CddlChecker,
             await node.client() as client:
         verified = await client.request("fp.verify", {"fingerprint": result["fingerprint"]})
         assert not verified["valid"] and not verified["der_matches"]
+        health = await client.request("node.health")
+        assert health["status"] == "degraded" and health["checks"]["consensus"] is False
+        status = await client.request("consensus.status")
+        assert "does not match its hash" in status["state"]["corrupt"]
 
 
 async def _next_change(watch: Any) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from protocol import ct_merkle as merkle
 from protocol import ct_structs as ct
 
 from ..helpers import start_server_process
-from ..unit.test_ct_log import make_ca
+from ..ca_fixtures import make_ca
 
 
 async def test_sigkill_loses_no_acknowledged_entry(tmp_path: Path) -> None:

@@ -129,6 +129,15 @@ class Decided:
 
 
 @dataclass(frozen=True)
+class Diverged:
+    """A quorum decided ``block`` although it carries a state hash other than ours: this
+    validator's state is not the cluster's. It stops signing from here on."""
+
+    block: Block
+    ours: bytes
+
+
+@dataclass(frozen=True)
 class EvidenceFound:
     """Equivocation proven for the first time here (found locally, or received and verified)."""
 
@@ -162,7 +171,7 @@ class NeedBlocks:
     from_height: int
 
 
-Effect = (Broadcast | SendTo | ScheduleTimeout | PersistSigningState | Decided
+Effect = (Broadcast | SendTo | ScheduleTimeout | PersistSigningState | Decided | Diverged
           | EvidenceFound | Misbehaviour | PeerBehind | NeedBlocks)
 
 
@@ -242,7 +251,8 @@ class Tendermint:
                  height: int = 1, previous: Block | None = None,
                  signing_state: SigningState | None = None,
                  timeouts: Timeouts = Timeouts(), relay: bool = True,
-                 committed_evidence: Iterable[bytes] = ()) -> None:
+                 committed_evidence: Iterable[bytes] = (),
+                 app_hash: bytes = bytes(32), await_execution: bool = False) -> None:
         if height < 1:
             raise ValueError("heights start at 1")
         if (previous is None) != (height == 1):
@@ -271,6 +281,18 @@ class Tendermint:
         self._future_count: dict[tuple[int, str], int] = {}
         self._future_keys: set[tuple[Any, ...]] = set()
         self._need_blocks_asked = 0
+        self.app_hash = app_hash
+        """The application's state hash after the last executed block."""
+        self.await_execution = await_execution
+        """True: after deciding a block, wait for :meth:`executed` (an application with
+        state to update); False: the state hash never changes and the next height starts
+        at once."""
+        self.executing = False
+        """A block was decided and the application is executing it: the next height
+        starts when it says :meth:`executed`; messages wait until then."""
+        self._held: list[tuple[CommitMessage, str | None]] = []
+        self.diverged: Block | None = None
+        """The decided block whose state hash was not ours (we stopped signing)."""
         self._reset_height()
 
     def _reset_height(self) -> None:
@@ -379,6 +401,9 @@ class Tendermint:
     def receive(self, message: Message, sender: str | None = None) -> list[Effect]:
         """Handle one message; ``sender`` is the transport peer (for blame), if known."""
         out: list[Effect] = []
+        if self.executing and not isinstance(message, DuplicateVoteEvidence):
+            self._hold(message, sender, out)
+            return out
         if isinstance(message, Vote):
             self._on_signed(message, message.validator, message.height, sender, out)
         elif isinstance(message, Proposal):
@@ -412,6 +437,8 @@ class Tendermint:
     def content_available(self) -> list[Effect]:
         """The application has something to propose now: a waiting round-0 proposer asks again."""
         out: list[Effect] = []
+        if self.executing:
+            return out
         if self._awaiting_content and self.round == 0 and self.step == "propose":
             self._awaiting_content = False
             self._propose(out)
@@ -427,6 +454,8 @@ class Tendermint:
         may lack a vote whose signer crashed since, or a faulty validator's vote
         that it needs to see the quorum we saw.
         """
+        if self.executing:
+            return [Broadcast(e) for e in self.pending_evidence]
         wanted: list[Message] = list(self._own)
         wanted += self._proposals.get(self.round, {}).values()
         if self._valid_value is not None:
@@ -466,7 +495,8 @@ class Tendermint:
     @property
     def _can_sign(self) -> bool:
         validator = self.validators.by_id.get(self.me) if self.me is not None else None
-        return validator is not None and validator.power > 0 and self._sign is not None
+        return (validator is not None and validator.power > 0 and self._sign is not None
+                and self.diverged is None)
 
     def _schedule(self, step: Step, out: list[Effect]) -> None:
         out.append(ScheduleTimeout(step, self.height, self.round,
@@ -508,7 +538,8 @@ class Tendermint:
             time_ms, decisions = content
             block = Block(height=self.height, previous=self._previous_id,
                           time_ms=max(time_ms, self._previous_time + 1), proposer=self.me,
-                          decisions=tuple(decisions), evidence=self._evidence_for_block())
+                          decisions=tuple(decisions), evidence=self._evidence_for_block(),
+                          app_hash=self.app_hash)
             valid_round = -1
         if not self._may_sign(0, block.id, out):
             return "none"
@@ -687,14 +718,56 @@ class Tendermint:
         self.pending_evidence = [e for e in self.pending_evidence
                                  if e.id not in self._committed_evidence
                                  and e.offender not in offenders]
+        if block.app_hash != self.app_hash and self.diverged is None:
+            self.diverged = block
+            out.append(Diverged(block, self.app_hash))
         out.append(Decided(block, commit, validators, tuple(isolated), tuple(refused)))
         self.height += 1
         self.validators = validators
         self._previous_id, self._previous_time = block.id, block.time_ms
         self._reset_height()
+        self.executing = True
+        if not self.await_execution:
+            self._next_height(self.app_hash, (), out)
+
+    def executed(self, app_hash: bytes, isolate: Iterable[str] = ()) -> list[Effect]:
+        """The application executed the decided block: its state hash is now ``app_hash``,
+        and it proved ``isolate`` misbehaving (their power is 0 from this height, as with
+        committed evidence). Start the next height."""
+        out: list[Effect] = []
+        if self.executing:
+            self._next_height(app_hash, isolate, out)
+        return out
+
+    def _next_height(self, app_hash: bytes, isolate: Iterable[str], out: list[Effect]) -> None:
+        self.app_hash = app_hash
+        active = len(self.validators.active)
+        offenders = []
+        for offender in sorted(set(isolate)):
+            validator = self.validators.by_id.get(offender)
+            if validator is not None and validator.power > 0 and active - 1 >= MIN_ACTIVE:
+                offenders.append(offender)
+                active -= 1
+        if offenders:
+            self.validators = self.validators.isolate(offenders)
+        self.executing = False
         self._start_round(0, out, after_decision=True)
         self._replay(out)
+        held, self._held = self._held, []
+        for message, sender in held:
+            self._on_commit(message, sender, out)
         self._run(out)
+
+    def _hold(self, message: Message, sender: str | None, out: list[Effect]) -> None:
+        """While the last decided block executes: keep what comes for later heights."""
+        if isinstance(message, CommitMessage):
+            if message.commit.height >= self.height and len(self._held) < 8:
+                self._held.append((message, sender))
+            return
+        if isinstance(message, Vote | Proposal):
+            signer = message.validator if isinstance(message, Vote) else message.proposer
+            if message.height >= self.height:
+                self._buffer(message, signer, message.height, sender, out)
 
     def _replay(self, out: list[Effect]) -> None:
         """Hand buffered messages for the new height to the algorithm, in arrival order."""
@@ -869,6 +942,8 @@ class Tendermint:
             return "proposer is not a validator"
         if block.time_ms <= self._previous_time:
             return "time is not after the previous block's"
+        if block.app_hash != self.app_hash:
+            return "its state hash is not ours"
         ids = [e.id for e in block.evidence]
         if len(set(ids)) != len(ids):
             return "evidence appears twice"

@@ -202,10 +202,14 @@ class Block:
     proposer: str
     decisions: tuple[bytes, ...] = ()
     evidence: tuple[DuplicateVoteEvidence, ...] = ()
+    app_hash: bytes = bytes(HASH_SIZE)
+    """The application's state hash after executing the block at ``height - 1``: a
+    validator whose own differs has diverged."""
 
     def to_wire(self) -> dict[str, Any]:
         return {"height": self.height, "previous": self.previous, "time_ms": self.time_ms,
-                "proposer": self.proposer, "decisions": list(self.decisions),
+                "proposer": self.proposer, "app_hash": self.app_hash,
+                "decisions": list(self.decisions),
                 "evidence": [e.to_wire() for e in self.evidence]}
 
     @cached_property
@@ -232,10 +236,12 @@ class Block:
         if height < 1:
             raise BadMessage("block.height: heights start at 1")
         previous = _hash(item, "previous")
-        assert previous is not None
+        app_hash = _hash(item, "app_hash")
+        assert previous is not None and app_hash is not None
         return cls(height=height, previous=previous, time_ms=_uint(item, "time_ms"),
                    proposer=_id(item, "proposer"), decisions=tuple(decisions),
-                   evidence=tuple(DuplicateVoteEvidence.from_wire(e) for e in evidence))
+                   evidence=tuple(DuplicateVoteEvidence.from_wire(e) for e in evidence),
+                   app_hash=app_hash)
 
 
 GENESIS_ID = bytes(HASH_SIZE)

@@ -1,0 +1,116 @@
+"""What a TrustChain leaf must be, checked by anyone who holds the request and the issuer.
+
+A validator that seals an issuance signs the precertificate itself and puts it
+in the decision: it fixes the serial number (128 random bits, top bit set),
+the validity (from the decision's time, back-dated, capped by the issuing
+intermediate) and everything else from the CSR and the profile of
+:func:`_x509.leaf_builder`. Every other validator rebuilds the expected TBS
+from the same inputs and compares bytes (:func:`check_precertificate`), so an
+issuer can sign nothing the rules did not allow; the final certificate must
+then be the same TBS with the SCT list in place of the poison
+(:func:`check_certificate`).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+from protocol.ct_structs import SCT_LIST_OID, StructureError, precert_tbs
+
+from . import _x509
+from ._policy import CheckedRequest
+
+
+class ProfileError(ValueError):
+    """A certificate that is not what the rules allow; the message says what differs."""
+
+
+def validity(at_ms: int, *, lifetime: float, backdate: float,
+             issuer: x509.Certificate) -> tuple[int, int]:
+    """``(not_before, not_after)`` of a leaf decided at ``at_ms``: back-dated, and never
+    beyond the issuing intermediate."""
+    start = at_ms // 1000
+    return (start - int(backdate),
+            min(start + int(lifetime), int(issuer.not_valid_after_utc.timestamp())))
+
+
+@functools.cache
+def _dummy_key(kind: str) -> Any:
+    """A throwaway key of the issuer's kind: signing with it yields the same TBS bytes."""
+    if kind == "ed25519":
+        return ed25519.Ed25519PrivateKey.generate()
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def expected_tbs(request: CheckedRequest, issuer: x509.Certificate, *, serial: int,
+                 not_before: int, not_after: int,
+                 extensions: list[x509.Extension[x509.ExtensionType]]) -> bytes:
+    """The TBSCertificate the profile makes of these inputs (the signature aside)."""
+    kind = "ed25519" if isinstance(issuer.public_key(), ed25519.Ed25519PublicKey) else "ecdsa"
+    builder = _x509.leaf_builder(issuer, request, serial=serial, not_before=not_before,
+                                 not_after=not_after)
+    for extension in extensions:
+        builder = builder.add_extension(extension.value, critical=extension.critical)
+    return _x509.sign(builder, _dummy_key(kind)).tbs_certificate_bytes
+
+
+def _verify_issued(cert: x509.Certificate, issuer: x509.Certificate) -> None:
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):
+        raise ProfileError("it is not signed by the issuing intermediate") from None
+
+
+def check_precertificate(precertificate: bytes, *, request: CheckedRequest,
+                         issuer: x509.Certificate, at_ms: int, lifetime: float,
+                         backdate: float) -> x509.Certificate:
+    """The precertificate, if it is exactly what ``request`` decided at ``at_ms`` allows.
+
+    :raises ProfileError: it is not (the message says what differs).
+    """
+    try:
+        cert = x509.load_der_x509_certificate(precertificate)
+    except ValueError:
+        raise ProfileError("the precertificate is not a DER certificate") from None
+    serial = cert.serial_number
+    if serial >> (_x509.SERIAL_BITS - 1) != 1:
+        raise ProfileError("the serial number is not 128 bits with the top bit set")
+    not_before, not_after = validity(at_ms, lifetime=lifetime, backdate=backdate,
+                                     issuer=issuer)
+    expected = expected_tbs(request, issuer, serial=serial, not_before=not_before,
+                            not_after=not_after, extensions=[_x509.precertificate_poison()])
+    if cert.tbs_certificate_bytes != expected:
+        raise ProfileError("the precertificate is not the one the request and the profile "
+                           "make (names, key, validity or extensions differ)")
+    _verify_issued(cert, issuer)
+    return cert
+
+
+def check_certificate(certificate: bytes, *, precertificate: bytes,
+                      issuer: x509.Certificate) -> x509.Certificate:
+    """The final certificate, if it is the committed precertificate with an SCT list
+    instead of the poison, signed by the issuer.
+
+    :raises ProfileError: it is not.
+    """
+    try:
+        cert = x509.load_der_x509_certificate(certificate)
+        cert.extensions.get_extension_for_oid(SCT_LIST_OID)
+    except x509.ExtensionNotFound:
+        raise ProfileError("the certificate carries no SCT list") from None
+    except ValueError:
+        raise ProfileError("the certificate is not a DER certificate") from None
+    try:
+        committed = precert_tbs(precertificate)
+    except StructureError as exc:
+        raise ProfileError(f"the committed precertificate cannot be read: {exc}") from None
+    if cert.tbs_precertificate_bytes != committed:
+        raise ProfileError("the certificate is not the committed precertificate (with its "
+                           "SCTs): serial, names, key, validity or extensions differ")
+    _verify_issued(cert, issuer)
+    return cert
