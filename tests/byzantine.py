@@ -9,11 +9,18 @@ This is the twins-style equivocation of the reference's 33 % case; it bypasses
 the core's signing guard on purpose. Each equivocation is printed as a JSON
 line (``{"equivocated": kind, "height", "round", "at_ms"}``) on stderr so that
 tests and benchmarks can time detection.
+
+With ``--forge proof-free`` it is honest in its votes instead, and tries the
+other shortcut a byzantine validator has: every 2 s (at most 10 times) it
+seals an ``issue`` decision without proofs for ``forged.trust`` and puts it in
+its own mempool unchecked, so that it gossips it and proposes blocks holding
+it. Each attempt is printed as ``{"forged": "proof-free", "digest"}``.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import json
 import os
@@ -21,7 +28,11 @@ import sys
 import time
 from typing import Any
 
-from handlers.consensus import ConsensusChain
+from cryptography.hazmat.primitives.asymmetric import ec
+
+import stoq
+from handlers.consensus import ConsensusChain, seal
+from handlers.consensus._driver import decision_digest
 from handlers.consensus.bft import Proposal, Vote, encode_message
 from handlers.consensus.bft._core import Broadcast, Effect
 
@@ -65,11 +76,50 @@ def install() -> None:
     ConsensusChain._perform = perform  # type: ignore[method-assign]
 
 
+FORGE_ATTEMPTS = 10
+
+
+async def _forge(chain: ConsensusChain) -> None:
+    assert chain.me is not None and chain.sign is not None
+    csr = stoq.build_csr(ec.generate_private_key(ec.SECP256R1()), ["forged.trust"], [])
+    for _ in range(FORGE_ATTEMPTS):
+        await asyncio.sleep(2.0)
+        body = {"kind": "issue", "csr": csr, "proofs": None, "precertificate": b"",
+                "renews": None, "renewal_signature": None, "at_ms": int(time.time() * 1000)}
+        decision = seal(body, chain.me, chain.sign)
+        print(json.dumps({"forged": "proof-free",
+                          "digest": decision_digest(decision).hex()}), file=sys.stderr,
+              flush=True)
+        try:
+            await chain.submit(decision, checked=True, timeout=2.0)
+        except Exception as exc:  # never committed: what the honest ones should achieve
+            print(json.dumps({"forged": "not committed", "why": str(exc)[:200]}),
+                  file=sys.stderr, flush=True)
+
+
+def install_forger() -> None:
+    """Make every :class:`ConsensusChain` of this process propose proof-free issuances."""
+    honest_start = ConsensusChain.start
+    tasks: list[asyncio.Task[None]] = []
+
+    async def start(self: ConsensusChain) -> None:
+        await honest_start(self)
+        if self.me is not None:
+            tasks.append(asyncio.get_running_loop().create_task(_forge(self)))
+
+    ConsensusChain.start = start  # type: ignore[method-assign]
+
+
 def main(argv: list[str] | None = None) -> Any:
     parser = argparse.ArgumentParser(prog="python -m tests.byzantine")
     parser.add_argument("--config", required=True)
+    parser.add_argument("--forge", choices=["proof-free"], default=None,
+                        help="forge proof-free decisions instead of equivocating")
     args = parser.parse_args(argv)
-    install()
+    if args.forge:
+        install_forger()
+    else:
+        install()
     from trustchain._cli import main as trustchain_main
     return trustchain_main(["serve", "--config", args.config])
 

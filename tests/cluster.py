@@ -42,13 +42,14 @@ class Cluster:
     """N validator processes on [::1] made by `trustchain cluster init`."""
 
     def __init__(self, directory: Path, size: int, *, chain_id: str = "test-cluster",
-                 checker: Any = None, **consensus: str) -> None:
+                 checker: Any = None, ceremony: bool = False, **consensus: str) -> None:
         self.directory = directory
         self.checker = checker
         """If given (a :class:`tests.helpers.CddlChecker`), every answer is checked."""
         result = subprocess.run(
             [sys.executable, "-m", "trustchain", "cluster", "init", "--validators", str(size),
-             "--base-port", "0", "--out", str(directory), "--chain-id", chain_id],
+             "--base-port", "0", "--out", str(directory), "--chain-id", chain_id,
+             *(["--ceremony"] if ceremony else [])],
             capture_output=True, text=True, env=ENV, timeout=120, cwd=directory.parent)
         if result.returncode != 0:
             raise RuntimeError(f"cluster init failed: {result.stdout}\n{result.stderr}")
@@ -70,17 +71,22 @@ class Cluster:
     def log(self, index: int) -> Path:
         return self.directory / f"node-{index + 1}" / "test.log"
 
-    def start(self, index: int, *, byzantine: bool = False) -> None:
-        module = "tests.byzantine" if byzantine else "trustchain"
+    def start(self, index: int, *, byzantine: bool = False, forger: bool = False) -> None:
+        """Start node ``index``: honest, equivocating (``byzantine``), or proposing
+        proof-free issuances (``forger``); see tests/byzantine.py."""
         args = ["--config", str(self.config(index))]
-        command = [sys.executable, "-m", module] + (args if byzantine else ["serve", *args])
+        if byzantine or forger:
+            command = [sys.executable, "-m", "tests.byzantine", *args]
+            command += ["--forge", "proof-free"] if forger else []
+        else:
+            command = [sys.executable, "-m", "trustchain", "serve", *args]
         with self.log(index).open("ab") as out:
             self.procs[index] = subprocess.Popen(command, stdout=out, stderr=out, env=ENV,
                                                  cwd=self.directory)
 
-    def start_all(self, byzantine: tuple[int, ...] = ()) -> None:
+    def start_all(self, byzantine: tuple[int, ...] = (), forgers: tuple[int, ...] = ()) -> None:
         for i in range(self.size):
-            self.start(i, byzantine=i in byzantine)
+            self.start(i, byzantine=i in byzantine, forger=i in forgers)
 
     def kill(self, index: int) -> None:
         proc = self.procs.pop(index)
@@ -142,10 +148,11 @@ class Cluster:
 
 @contextlib.contextmanager
 def running_cluster(directory: Path, size: int, *, byzantine: tuple[int, ...] = (),
-                    checker: Any = None, **consensus: str) -> Any:
-    cluster = Cluster(directory, size, checker=checker, **consensus)
+                    forgers: tuple[int, ...] = (), checker: Any = None,
+                    ceremony: bool = False, **consensus: str) -> Any:
+    cluster = Cluster(directory, size, checker=checker, ceremony=ceremony, **consensus)
     try:
-        cluster.start_all(byzantine)
+        cluster.start_all(byzantine, forgers)
         yield cluster
     finally:
         cluster.stop()

@@ -15,7 +15,7 @@ import uvloop
 
 import stoq
 
-from . import __version__, _cli_ca, _cli_cluster, _cli_ct, _cli_dns, _cli_proofs
+from . import __version__, _cli_ca, _cli_ceremony, _cli_cluster, _cli_ct, _cli_dns, _cli_proofs
 from . import _config as config
 from ._app import Node
 from ._cli_common import (
@@ -35,6 +35,7 @@ ADD_COMMANDS: list[Callable[[Subcommands], dict[str, Command]]] = [
     _cli_proofs.add_commands,
     _cli_dns.add_commands,
     _cli_cluster.add_commands,
+    _cli_ceremony.add_commands,
 ]
 """The ``add_commands`` of each sub-command module, in the order of ``--help``. They run
 after the core commands exist: proofs adds ``--proofs-dir`` to ``issue`` and ``revoke``."""

@@ -47,6 +47,7 @@ from ._cluster_layout import (
     ADDRESS,
     DEFAULT_CHAIN_ID,
     ROOT_FILE,
+    ROOT_HOLDER,
     Cluster,
     ClusterPlan,
     MadeCluster,
@@ -90,6 +91,10 @@ def add_commands(sub: Subcommands) -> dict[str, Command]:
     init.add_argument("--domain", action="append", default=None, metavar="D",
                       help="a TrustChain domain (repeatable; default: the built-in list); "
                            "node I is named node-I.<first domain>")
+    init.add_argument("--ceremony", action="store_true",
+                      help="keep the root key in DIR/root-holder only and give each node an "
+                           "intermediate by the production ceremony (`trustchain ceremony`) "
+                           "instead of copying the root key into every node")
     init.add_argument("--force", action="store_true",
                       help="replace a cluster already in DIR (deletes its nodes' data and keys)")
 
@@ -191,7 +196,7 @@ def _warn_about(plan: ClusterPlan, *, picked_ports: bool) -> None:
               f"{', '.join(map(str, busy))} of [{ADDRESS}] in use right now", file=sys.stderr)
 
 
-def _print_made(plan: ClusterPlan, made: MadeCluster) -> None:
+def _print_made(plan: ClusterPlan, made: MadeCluster, *, ceremony: bool) -> None:
     out = plan.directory
     total = len(plan.nodes)
     faults = tolerated_faults(total)
@@ -202,7 +207,11 @@ def _print_made(plan: ClusterPlan, made: MadeCluster) -> None:
     rows += [(node.name, f"[{ADDRESS}]:{node.port}", vid, str(node.config_path))
              for node, vid in zip(plan.nodes, made.validator_ids(), strict=True)]
     print_rows(rows)
-    print(DEVELOPMENT_NOTICE)
+    if ceremony:
+        print(f"the root key is only in {out / ROOT_HOLDER} (move it offline); each node's "
+              "intermediate was signed by the ceremony")
+    else:
+        print(DEVELOPMENT_NOTICE)
     first = plan.nodes[0]
     print(f"start every node:  trustchain cluster up {out}")
     print(f"start one node:    trustchain serve --config {first.config_path}")
@@ -223,8 +232,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     plan.check()
     _warn_about(plan, picked_ports=args.base_port == 0)
     remove_cluster_files(existing)  # --force
-    made = make_cluster(plan)
-    _print_made(plan, made)
+    made = make_cluster(plan, ceremony=args.ceremony)
+    _print_made(plan, made, ceremony=args.ceremony)
     return 0
 
 

@@ -36,12 +36,14 @@ from handlers.consensus.bft import validator_id
 from store import AuthorityRecord, DataDirectory, SoftwareKeyStore, write_atomic
 
 from . import _config as config
-from ._compose import data_directory, open_ca, open_ca_stores
+from ._compose import ca_hierarchy, data_directory, open_ca, open_ca_stores
 
 DEFAULT_CHAIN_ID = "trustchain-dev-cluster"
 CLUSTER_FILE = "cluster.toml"
 ROOT_FILE = "root.pem"
 ADDRESS = "::1"
+ROOT_HOLDER = "root-holder"
+"""With ``--ceremony``: the root's own data directory (the only place its key lives)."""
 _NODE_DIR = re.compile(r"node-\d+")
 
 
@@ -132,7 +134,7 @@ def existing_cluster_files(directory: Path) -> list[Path]:
         return []
     found = [p for p in directory.iterdir() if p.is_dir() and _NODE_DIR.fullmatch(p.name)]
     found += [p for p in (directory / CLUSTER_FILE, directory / ROOT_FILE,
-                          directory / ".root") if p.exists()]
+                          directory / ".root", directory / ROOT_HOLDER) if p.exists()]
     return sorted(found)
 
 
@@ -337,6 +339,45 @@ def _make_node(cfg: config.Config, key_pem: bytes, root: AuthorityRecord,
         return raw
 
 
+def _make_root_holder(cfg: config.Config, directory: Path, chain_id: str) -> AuthorityRecord:
+    """The root in its own data directory, kept: its key never leaves it."""
+    ca_cfg = config.replace(cfg, ca=dataclasses.replace(cfg.ca, ca_id=chain_id))
+    data = DataDirectory(directory)
+    with open_ca_stores(ca_cfg, data) as stores:
+        open_ca(ca_cfg, data, stores.keystore, stores.authorities, stores.audit, create=True)
+        record = stores.authorities.active_authority("root")
+        assert record is not None
+    return record
+
+
+def _make_node_by_ceremony(cfg: config.Config, holder_cfg: config.Config, holder: Path,
+                           root: AuthorityRecord, name: str) -> bytes:
+    """The production ceremony for one node (``trustchain ceremony request``, ``sign``,
+    ``install``): its intermediate key is made in its keystore, the root holder signs the
+    request; return the validator's raw Ed25519 public key."""
+    data = data_directory(cfg, Path(cfg.node.data_dir).resolve())
+    holder_data = DataDirectory(holder)
+    with open_ca_stores(cfg, data) as stores:
+        hierarchy = ca_hierarchy(cfg, data, stores.keystore, stores.authorities, stores.audit)
+        _, request = hierarchy.request_intermediate(name)
+        with open_ca_stores(holder_cfg, holder_data) as root_stores:
+            root_side = ca_hierarchy(holder_cfg, holder_data, root_stores.keystore,
+                                     root_stores.authorities, root_stores.audit)
+            root_side.ensure()
+            signed = root_side.sign_intermediate(request)
+        root_pem = x509.load_der_x509_certificate(root.der).public_bytes(
+            serialization.Encoding.PEM)
+        hierarchy.install_intermediate(signed.public_bytes(serialization.Encoding.PEM),
+                                       root_pem)
+        stores.audit.append("ca.init", {"config": cfg.source})
+        hierarchy.ensure()
+        hierarchy.ensure_admin()
+        validator = stores.keystore.get_or_create(cfg.consensus.validator_key, "ed25519")
+        raw: bytes = validator.public_key().public_bytes(serialization.Encoding.Raw,
+                                                         serialization.PublicFormat.Raw)
+        return raw
+
+
 # --- writing it ---------------------------------------------------------------------------
 
 
@@ -356,22 +397,37 @@ class MadeCluster:
         return [validator_id(key) for key in self.validator_keys]
 
 
-def make_cluster(plan: ClusterPlan) -> MadeCluster:
+def make_cluster(plan: ClusterPlan, *, ceremony: bool = False) -> MadeCluster:
     """Make the root and every node's keys, then write the node configurations (each
-    listing every validator), ``root.pem`` and ``cluster.toml``."""
+    listing every validator), ``root.pem`` and ``cluster.toml``.
+
+    :param ceremony: keep the root key in its own directory (``root-holder``) and give
+        each node an intermediate by the production ceremony, instead of copying the
+        root key into every node (the development shortcut).
+    """
     out = plan.directory
     out.mkdir(parents=True, exist_ok=True)
     keys: list[bytes] = []
     with _quiet_warnings():
-        scratch = out / ".root"
-        try:
-            key_pem, root = _make_root(plan.check(), scratch, plan.chain_id)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-        for node in plan.nodes:
-            node.directory.mkdir(parents=True, exist_ok=True)
-            cfg = config.loads(plan.config_text(node), str(node.config_path))
-            keys.append(_make_node(cfg, key_pem, root, plan.chain_id))
+        if ceremony:
+            holder_cfg = config.replace(plan.check(), ca=dataclasses.replace(
+                plan.check().ca, ca_id=plan.chain_id))
+            root = _make_root_holder(holder_cfg, out / ROOT_HOLDER, plan.chain_id)
+            for node in plan.nodes:
+                node.directory.mkdir(parents=True, exist_ok=True)
+                cfg = config.loads(plan.config_text(node), str(node.config_path))
+                keys.append(_make_node_by_ceremony(cfg, holder_cfg, out / ROOT_HOLDER, root,
+                                                   node.name))
+        else:
+            scratch = out / ".root"
+            try:
+                key_pem, root = _make_root(plan.check(), scratch, plan.chain_id)
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+            for node in plan.nodes:
+                node.directory.mkdir(parents=True, exist_ok=True)
+                cfg = config.loads(plan.config_text(node), str(node.config_path))
+                keys.append(_make_node(cfg, key_pem, root, plan.chain_id))
     made = MadeCluster(root_der=root.der, validator_keys=keys)
 
     validators = [{"public_key": key.hex(), "address": ADDRESS, "port": node.port,

@@ -53,6 +53,7 @@ from handlers.consensus import (
     ConsensusChain,
     ConsensusService,
     Faucet,
+    LinkVerifier,
     ProofVerifier,
 )
 from handlers.consensus.bft import Block, Validator, ValidatorSet, validator_id
@@ -99,7 +100,7 @@ from store import (
 )
 
 from ._config import Config, ConfigError, parse_upstream
-from ._peers import StoqPeerLinks
+from ._peers import ServedTlsKeys, StoqPeerLinks
 
 log = logging.getLogger("trustchain")
 
@@ -181,18 +182,24 @@ async def _key(keystore: KeyStore, name: str, algorithm: Algorithm, audit: Audit
     return signer
 
 
+def ca_hierarchy(cfg: Config, data: DataDirectory, keystore: KeyStore,
+                 authorities: AuthorityStore, audit: AuditLog) -> Hierarchy:
+    """The CA hierarchy of ``data``, not loaded yet (``ensure`` loads or creates it)."""
+    config = HierarchyConfig(ca_id=cfg.ca.ca_id, domains=tuple(cfg.dns.domains.trustchain_domains),
+                             root_lifetime=cfg.ca.root_lifetime,
+                             intermediate_lifetime=cfg.ca.intermediate_lifetime)
+    return Hierarchy(keystore=keystore, authorities=authorities,
+                     root_file=data.root_certificate(), admin=data.admin_credential(),
+                     config=config, clock=time.time, audit=audit.append)
+
+
 def open_ca(cfg: Config, data: DataDirectory, keystore: KeyStore, authorities: AuthorityStore,
             audit: AuditLog, *, create: bool) -> Hierarchy:
     """Load the CA hierarchy; create it if ``create`` (development, or ``init``).
 
     :raises ConfigError: there is no CA and ``create`` is false (production).
     """
-    config = HierarchyConfig(ca_id=cfg.ca.ca_id, domains=tuple(cfg.dns.domains.trustchain_domains),
-                             root_lifetime=cfg.ca.root_lifetime,
-                             intermediate_lifetime=cfg.ca.intermediate_lifetime)
-    hierarchy = Hierarchy(keystore=keystore, authorities=authorities,
-                          root_file=data.root_certificate(), admin=data.admin_credential(),
-                          config=config, clock=time.time, audit=audit.append)
+    hierarchy = ca_hierarchy(cfg, data, keystore, authorities, audit)
     if not create and authorities.active_authority("root") is None:
         raise ConfigError(f"no CA in {data.root}: production mode does not create one by "
                           "itself; run `trustchain init` first")
@@ -366,7 +373,7 @@ def _forwarder(cfg: Config) -> Forwarder:
 
 
 def _zones(cfg: Config, state: StateDatabase, keyring: KeyRing, rendered: RenderedAnswers,
-           addresses: list[str]) -> TrustChainZones:
+           addresses: list[str], directory: ValidatorDirectory) -> TrustChainZones:
     dns_cfg = cfg.dns
     settings = DnsSettings(
         domains=tuple(dns_cfg.domains.trustchain_domains),
@@ -376,7 +383,8 @@ def _zones(cfg: Config, state: StateDatabase, keyring: KeyRing, rendered: Render
                           signature_validity=dns_cfg.signature_validity,
                           signature_refresh=dns_cfg.signature_refresh),
         enable_cert_validation=dns_cfg.enable_cert_validation)
-    return TrustChainZones(settings=settings, state=state, keyring=keyring, rendered=rendered)
+    return TrustChainZones(settings=settings, state=state, keyring=keyring, rendered=rendered,
+                           cosigners=directory.dnskeys)
 
 
 def _task(exits: contextlib.AsyncExitStack, coroutine: Coroutine[Any, Any, None],
@@ -504,7 +512,7 @@ async def build_services(cfg: Config, data: DataDirectory, exits: contextlib.Asy
         keyring = KeyRing(keystore=keystore, schedule=data.dns_key_schedule(),
                           algorithm=dns_cfg.dnssec_algorithm, zsk_lifetime=dns_cfg.zsk_lifetime,
                           prepublish=dns_cfg.zsk_prepublish)
-        zones = _zones(cfg, state, keyring, rendered, addresses)
+        zones = _zones(cfg, state, keyring, rendered, addresses, directory)
         zones.start()
         publishers.append(("dns", zones))
     published = Publishers(publishers)
@@ -527,12 +535,14 @@ async def build_services(cfg: Config, data: DataDirectory, exits: contextlib.Asy
                     minimum_stake=params.minimum_stake,
                     cosign=validator.signer.sign if validator.me else None,
                     on_block=_beacon_updates(beacons))
-    links = StoqPeerLinks(me=validator.me,
+    voting = validator if machine.corrupt is None else dataclasses.replace(validator, me=None)
+    links = StoqPeerLinks(chain_id=cfg.consensus.chain_id, me=voting.me,
+                          sign=validator.signer.sign if voting.me else None,
+                          validators=validator.validators,
                           endpoints={v.id: (v.address, v.port)
                                      for v in validator.validators.validators},
                           engine=cfg.network.quic_engine)
     exits.push_async_callback(links.close)
-    voting = validator if machine.corrupt is None else dataclasses.replace(validator, me=None)
     chain = _chain(cfg, voting, chain_store, links, rules, audit)
     exits.push_async_callback(chain.stop)
     replica = ReplicaService(machine=machine, decisions=None)
@@ -543,7 +553,12 @@ async def build_services(cfg: Config, data: DataDirectory, exits: contextlib.Asy
                                 timeout=cfg.consensus.finality_timeout)
         replica = ReplicaService(machine=machine, decisions=decisions)
     replica.register(router)
-    ChainService(chain, machine.checkpoints, state_status=replica.status).register(router)
+    ChainService(chain, machine.checkpoints,
+                 links=LinkVerifier(chain_id=chain.chain_id,
+                                    validators=lambda: chain.core.validators),
+                 tls_keys=ServedTlsKeys(data.tls_credential()),
+                 state_status=lambda: {**replica.status(), "links": dict(links.refused)},
+                 ).register(router)
     checks["consensus"] = lambda: (chain.started and chain.failure is None
                                    and chain.diverged is None and machine.corrupt is None)
 

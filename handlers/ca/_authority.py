@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -54,6 +55,11 @@ class Issuer:
 
 def _pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _spki_sha256(public_key: Any) -> str:
+    return hashlib.sha256(public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)).hexdigest()
 
 
 class Hierarchy:
@@ -155,6 +161,118 @@ class Hierarchy:
             "not_after": int(not_after)})
         self.issuer = Issuer(name=name, signer=signer, certificate=cert, der=der)
         log.info("issuing intermediate rotated", extra={"intermediate": name, "reason": reason})
+        return self.issuer
+
+    # --- the production ceremony: the root holder signs each validator's intermediate --
+
+    def can_rotate(self) -> bool:
+        """Whether this keystore holds the root key (else a new intermediate needs the
+        ceremony: :meth:`request_intermediate`, :meth:`sign_intermediate`,
+        :meth:`install_intermediate`)."""
+        return self.keystore.get(ROOT_KEY) is not None
+
+    def _next_number(self) -> int:
+        taken = [int(n.rsplit("-", 1)[1]) for n in self.keystore.names()
+                 if n.startswith("intermediate-") and n.rsplit("-", 1)[1].isdigit()]
+        taken += [int(a.name.rsplit("-", 1)[1]) for a in self.authorities.authorities(
+            "intermediate")]
+        return max(taken, default=0) + 1
+
+    def request_intermediate(self, holder: str) -> tuple[str, bytes]:
+        """A new intermediate key made in this keystore (it never leaves) and the PEM
+        certificate request the root holder signs; returns (key name, CSR)."""
+        number = self._next_number()
+        name = f"intermediate-{number}"
+        signer = self._new_key(name)
+        csr = (x509.CertificateSigningRequestBuilder()
+               .subject_name(_x509.intermediate_name(self.config.ca_id, number, holder))
+               .sign(signer.private_key(), _x509.hash_for(signer.private_key())))
+        self._audit("ca.intermediate-requested", {
+            "name": name, "holder": holder,
+            "public_key_sha256": _spki_sha256(signer.public_key())})
+        return name, csr.public_bytes(serialization.Encoding.PEM)
+
+    def sign_intermediate(self, csr_pem: bytes) -> x509.Certificate:
+        """The root holder's step: an issuing intermediate for a validator's request.
+
+        :raises ValueError: the request is malformed or its signature does not verify,
+            or this keystore does not hold the root key.
+        """
+        root_signer = self.keystore.get(ROOT_KEY)
+        if root_signer is None or self.root is None:
+            raise ValueError("this CA's keystore does not hold the root key: sign where "
+                             "the root is (made by `trustchain init`)")
+        try:
+            csr = x509.load_pem_x509_csr(csr_pem)
+        except ValueError:
+            raise ValueError("not a PEM certificate request") from None
+        if not csr.is_signature_valid:
+            raise ValueError("the request's signature does not verify")
+        public_key = csr.public_key()
+        if not isinstance(public_key, ec.EllipticCurvePublicKey):
+            raise ValueError("an intermediate key must be ECDSA P-256")
+        now = self.clock()
+        not_after = min(now + self.config.intermediate_lifetime,
+                        self.root.not_valid_after_utc.timestamp())
+        cert = _x509.build_intermediate(
+            root_signer.private_key(), self.root, public_key, ca_id=self.config.ca_id,
+            number=0, domains=self.config.domains, not_before=now - 300, not_after=not_after,
+            subject=csr.subject)
+        der = cert.public_bytes(serialization.Encoding.DER)
+        self._audit("ca.intermediate-signed", {
+            "subject": csr.subject.rfc4514_string(),
+            "fingerprint": hashlib.sha256(der).hexdigest(), "not_after": int(not_after)})
+        return cert
+
+    def install_intermediate(self, cert_pem: bytes, root_pem: bytes) -> Issuer:
+        """The validator's last step: make the root-signed intermediate whose key this
+        keystore holds the active issuer (and adopt the root, whose key stays away).
+
+        :raises ValueError: not issued by that root, not a CA, no key for it here, or a
+            different root than this CA already has.
+        """
+        try:
+            cert = x509.load_pem_x509_certificate(cert_pem)
+            root = x509.load_pem_x509_certificate(root_pem)
+        except ValueError:
+            raise ValueError("the certificate and the root must be PEM certificates") from None
+        try:
+            cert.verify_directly_issued_by(root)
+        except (ValueError, TypeError, InvalidSignature):
+            raise ValueError("the intermediate is not signed by that root") from None
+        if not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
+            raise ValueError("the certificate is not a CA certificate")
+        name = next((n for n in self.keystore.names() if n.startswith("intermediate-")
+                     and (s := self.keystore.get(n)) is not None
+                     and s.public_key() == cert.public_key()), None)
+        if name is None:
+            raise ValueError("no intermediate key in this keystore matches the certificate "
+                             "(`trustchain ceremony request` makes it)")
+        root_der = root.public_bytes(serialization.Encoding.DER)
+        record = self.authorities.active_authority("root")
+        if record is not None and record.der != root_der:
+            raise ValueError("this CA already has another root")
+        if record is None:
+            self.authorities.add_authority(AuthorityRecord(
+                name=ROOT_KEY, role="root", der=root_der,
+                not_before=root.not_valid_before_utc.timestamp(),
+                not_after=root.not_valid_after_utc.timestamp(), created_at=self.clock(),
+                active=True), make_active=True)
+        der = cert.public_bytes(serialization.Encoding.DER)
+        self.authorities.add_authority(AuthorityRecord(
+            name=name, role="intermediate", der=der,
+            not_before=cert.not_valid_before_utc.timestamp(),
+            not_after=cert.not_valid_after_utc.timestamp(), created_at=self.clock(),
+            active=True), make_active=True)
+        self.root, self.root_der = root, root_der
+        if self.root_file.read() != _pem(root):
+            self.root_file.write(_pem(root))
+        self._audit("ca.intermediate-installed", {
+            "name": name, "fingerprint": hashlib.sha256(der).hexdigest()})
+        active = self.authorities.active_authority("intermediate")
+        assert active is not None
+        self._load_issuer(active)
+        assert self.issuer is not None
         return self.issuer
 
     def intermediate_renew_at(self) -> float:

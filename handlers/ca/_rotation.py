@@ -75,6 +75,8 @@ class Rotator:
         self.server_certificate: dict[str, Any] | None = None
         self.last_check: float | None = None
         self.events: list[dict[str, Any]] = []
+        self.ceremony_due = False
+        """The intermediate is due for renewal and only the ceremony can renew it."""
 
     def _server_renew_at(self) -> float | None:
         if self.server_certificate is None:
@@ -105,7 +107,14 @@ class Rotator:
         self.last_check = now
         done: list[dict[str, Any]] = []
         reissue = False
-        if now >= self.hierarchy.intermediate_renew_at():
+        if now >= self.hierarchy.intermediate_renew_at() and not self.hierarchy.can_rotate():
+            # production cluster: the root key is elsewhere; the operator runs the ceremony
+            if not self.ceremony_due:
+                log.warning("the issuing intermediate is due for renewal; this node does not "
+                            "hold the root key: run `trustchain ceremony request` and have "
+                            "the root holder sign it")
+            self.ceremony_due = True
+        elif now >= self.hierarchy.intermediate_renew_at():
             issuer = self.hierarchy.rotate_intermediate(reason="scheduled")
             done.append({"what": "intermediate", "name": issuer.name, "time": int(now)})
             reissue = True  # under the new intermediate
@@ -168,6 +177,7 @@ class Rotator:
                  "active": a.active, "fingerprint": hashlib.sha256(a.der).hexdigest()}
                 for a in self.hierarchy.intermediates()],
             "intermediate_renew_at": int(self.hierarchy.intermediate_renew_at()),
+            "ceremony_due": self.ceremony_due,
             "issued": self.counts.issued,
             "rejected": self.counts.rejected,
         }

@@ -48,7 +48,7 @@ def name_constraints(domains: tuple[str, ...]) -> x509.NameConstraints:
     return x509.NameConstraints(permitted_subtrees=permitted, excluded_subtrees=None)
 
 
-def _hash_for(private_key: Any) -> hashes.SHA256 | None:
+def hash_for(private_key: Any) -> hashes.SHA256 | None:
     return None if isinstance(private_key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
 
 
@@ -66,16 +66,23 @@ def build_root(private_key: Any, public_key: Any, *, ca_id: str, domains: tuple[
         .add_extension(_ca_usage(), critical=True)
         .add_extension(ski, critical=False)
         .add_extension(name_constraints(domains), critical=True)
-        .sign(private_key, _hash_for(private_key))
+        .sign(private_key, hash_for(private_key))
     )
+
+
+def intermediate_name(ca_id: str, number: int, holder: str | None = None) -> x509.Name:
+    """The subject of an issuing intermediate; ``holder`` names the validator that holds
+    its key (a cluster has one intermediate per validator: their names must differ)."""
+    common = f"TrustChain Issuing CA {number}" + (f" ({holder})" if holder else "")
+    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, ca_id),
+                      x509.NameAttribute(NameOID.COMMON_NAME, common[:64])])
 
 
 def build_intermediate(root_private_key: Any, root: x509.Certificate, public_key: Any, *,
                        ca_id: str, number: int, domains: tuple[str, ...],
-                       not_before: float, not_after: float) -> x509.Certificate:
-    subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, ca_id),
-                         x509.NameAttribute(NameOID.COMMON_NAME,
-                                            f"TrustChain Issuing CA {number}")])
+                       not_before: float, not_after: float,
+                       subject: x509.Name | None = None) -> x509.Certificate:
+    subject = subject or intermediate_name(ca_id, number)
     root_ski = root.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     return (
         x509.CertificateBuilder()
@@ -90,7 +97,7 @@ def build_intermediate(root_private_key: Any, root: x509.Certificate, public_key
         .add_extension(name_constraints(domains), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
                                               ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .sign(root_private_key, _hash_for(root_private_key))
+        .sign(root_private_key, hash_for(root_private_key))
     )
 
 
@@ -128,7 +135,7 @@ def leaf_builder(issuer: x509.Certificate, request: CheckedRequest, *, serial: i
 
 
 def sign(builder: x509.CertificateBuilder, private_key: Any) -> x509.Certificate:
-    return builder.sign(private_key, _hash_for(private_key))
+    return builder.sign(private_key, hash_for(private_key))
 
 
 def sign_leaf(issuer: x509.Certificate, request: CheckedRequest, *, serial: int,

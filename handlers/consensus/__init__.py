@@ -17,6 +17,7 @@ from ._driver import (
     PeerLinks,
     Rules,
 )
+from ._links import LinkVerifier, link_refusal, link_statement, spki_sha256
 from ._sealed import SealedDecision, SealError, open_sealed, seal, unseal
 from ._stake import ChainFaucet, Faucet
 from ._verifier import ProofVerifier, VerifierStats
@@ -33,6 +34,7 @@ __all__ = [
     "ConsensusService",
     "Executed",
     "Faucet",
+    "LinkVerifier",
     "OpenRules",
     "PeerLinks",
     "ProofVerifier",
@@ -40,7 +42,10 @@ __all__ = [
     "SealError",
     "SealedDecision",
     "VerifierStats",
+    "link_refusal",
+    "link_statement",
     "open_sealed",
     "seal",
+    "spki_sha256",
     "unseal",
 ]

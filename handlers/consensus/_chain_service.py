@@ -1,16 +1,18 @@
-"""``consensus.gossip``, ``consensus.blocks`` and ``consensus.status``: a validator's ops."""
+"""``consensus.gossip``, ``consensus.identity``, ``consensus.blocks`` and
+``consensus.status``: a validator's ops."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
 
-from protocol import ConsensusRejected, NotFound, decode_item
+from protocol import ConsensusRejected, NotFound, Unauthorized, decode_item
 from protocol.ops import consensus as ops
 
 from .._router import RequestContext, Router
 from ._cosign import validate_ct_log_consensus
 from ._driver import ConsensusChain
+from ._links import LinkVerifier, link_statement
 from .bft import Block, Commit
 
 
@@ -20,14 +22,20 @@ class ChainService:
     :param checkpoints: CT origin -> (size, block height, decision index) of the
         latest committed checkpoint (the application's).
     :param state_status: what ``consensus.status`` reports of the application's state.
+    :param links: checks that gossip comes from a validator over a link it bound.
+    :param tls_keys: SPKI hashes of the TLS keys this node served with, newest first.
     """
 
     def __init__(self, chain: ConsensusChain,
                  checkpoints: dict[str, tuple[int, int, int]] | None = None, *,
+                 links: LinkVerifier, tls_keys: Callable[[], list[bytes]],
                  state_status: Callable[[], dict[str, Any]] = dict) -> None:
         self.chain = chain
         self.checkpoints = checkpoints if checkpoints is not None else {}
+        self.links = links
+        self.tls_keys = tls_keys
         self.state_status = state_status
+        self._statements: dict[bytes, bytes] = {}
 
     def checkpoint(self, args: ops.CheckpointArgs, ctx: RequestContext) -> dict[str, Any]:
         """``validate_ct_log_consensus`` of the latest committed checkpoint of each origin."""
@@ -50,11 +58,26 @@ class ChainService:
         return {"checkpoints": found}
 
     async def gossip(self, args: ops.GossipArgs, ctx: RequestContext) -> dict[str, Any]:
-        """Messages from another validator; each is signed, so the sender is only a hint."""
+        """Messages from another validator, over a link it bound to this endpoint."""
+        refusal = self.links.refusal(args.sender, args.link, self.tls_keys())
+        if refusal is not None:
+            raise Unauthorized(f"not a validator link: {refusal}", field="link")
         if self.chain.failure is not None:
             raise ConsensusRejected("this validator's consensus has stopped")
         accepted = await self.chain.receive(list(args.messages), args.sender)
         return {"accepted": accepted, "height": self.chain.core.height}
+
+    def identity(self, args: ops.IdentityArgs, ctx: RequestContext) -> dict[str, Any]:
+        """This endpoint's validator and its signed statement over the TLS key it serves."""
+        chain = self.chain
+        if chain.me is None or chain.sign is None:
+            raise NotFound("this node follows the chain without being a validator")
+        tls_key = self.tls_keys()[0]
+        statement = self._statements.get(tls_key)
+        if statement is None:
+            statement = chain.sign(link_statement(chain.chain_id, chain.me, tls_key))
+            self._statements = {tls_key: statement}
+        return {"validator": chain.me, "tls_key": tls_key, "link": statement}
 
     def blocks(self, args: ops.BlocksArgs, ctx: RequestContext) -> dict[str, Any]:
         latest = self.chain.last_block.height if self.chain.last_block else 0
@@ -70,6 +93,7 @@ class ChainService:
 
     def register(self, router: Router) -> None:
         router.add(ops.GOSSIP, self.gossip)
+        router.add(ops.IDENTITY, self.identity)
         router.add(ops.BLOCKS, self.blocks)
         router.add(ops.STATUS, self.status)
         router.add(ops.CHECKPOINT, self.checkpoint)

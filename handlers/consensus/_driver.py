@@ -163,7 +163,7 @@ class _Peer:
     outbox: list[bytes] = field(default_factory=list)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     connected: bool = False
-    last_error: str = ""
+    last_error: str | None = None
     sent: int = 0
 
 
@@ -778,7 +778,8 @@ class ConsensusChain:
                 "height": last.height, "id": last.id, "time_ms": last.time_ms,
                 "decisions": len(last.decisions)},
             "peers": [{"id": p.id, "name": p.name, "connected": p.connected,
-                       "queued": len(p.outbox)} for p in self.peers.values()],
+                       "queued": len(p.outbox), "last_error": p.last_error}
+                      for p in self.peers.values()],
             "evidence": [{"id": e.id, "offender": e.offender, "height": e.height,
                           "found_ms": e.found_ms, "committed_height": e.committed_height}
                          for e in self.store.evidence()],

@@ -120,8 +120,9 @@ class Shard:
 
     @property
     def frozen(self) -> bool:
-        """Full: no more entries (the next shard takes them)."""
-        return self.tiles.appended >= self.capacity
+        """Full as readers see it: no more entries (the next shard, already published,
+        takes them)."""
+        return self.tiles.size >= self.capacity
 
     def public_key_der(self) -> bytes:
         return bytes(self.signer.public_key().public_bytes(
@@ -391,7 +392,7 @@ class CtLog:
             for offset, (_, key) in enumerate(chunk):
                 places[key] = Logged(key, shard.number, write.start + offset, timestamp,
                                      fresh=True)
-            if shard.frozen:
+            if shard.tiles.appended >= shard.capacity:  # full once this block is committed
                 shard = self._next_shard(shard.number + 1, batch, changes, rows)
         batch.logged = [places[k] for k in keys]
         return batch

@@ -357,11 +357,13 @@ def _nsec_rrset(owner: dns.name.Name, following: dns.name.Name, types: Iterable[
 
 
 def build_zone(origin: dns.name.Name, records: Records, *, serial: int, keyring: KeyRing,
-               now: float, settings: ZoneSettings, cache: SignatureCache) -> Zone:
+               now: float, settings: ZoneSettings, cache: SignatureCache,
+               cosigners: Sequence[Any] = ()) -> Zone:
     """Sign ``records`` as the zone ``origin`` with ``keyring``'s keys at ``now``.
 
     SOA, NS (``ns1.ORIGIN``) and DNSKEY are added at the apex, and the NSEC
     chain over every owner name. Records outside the zone are ignored.
+    ``cosigners`` are the other signers' DNSKEYs, published beside ours.
     """
     ns_name = dns.name.Name((b"ns1", *origin.labels))
     soa = _soa_rdata(origin, serial, settings)
@@ -372,7 +374,7 @@ def build_zone(origin: dns.name.Name, records: Records, *, serial: int, keyring:
     apex.setdefault(NS, (settings.record_ttl, [
         dns.rdata.from_text(IN, NS, ns_name.to_text())]))
     published = keyring.published(now)
-    apex[DNSKEY] = (DNSKEY_TTL, [k.dnskey for k in published])
+    apex[DNSKEY] = (DNSKEY_TTL, [k.dnskey for k in published] + list(cosigners))
     names = sorted(data)
     for index, name in enumerate(names):
         nsec = _nsec_rrset(name, names[(index + 1) % len(names)], data[name], settings)

@@ -34,6 +34,7 @@ from typing import Any
 
 import dns.dnssec
 import dns.name
+import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
 import dns.rdtypes.ANY.TLSA
@@ -42,7 +43,7 @@ import dns.rdtypes.IN.AAAA
 from store import CertificateRecord, StateDatabase
 
 from ..ca import CertificateIssued, CertificateRevoked
-from ._keys import KeyRing
+from ._keys import FLAGS_KSK, KeyRing
 from ._rendered import RenderedAnswers
 from ._zone import Records, SignatureCache, Zone, ZoneSettings, build_zone, next_serial
 
@@ -51,6 +52,7 @@ log = logging.getLogger("trustchain.dns")
 IN = dns.rdataclass.IN
 AAAA = dns.rdatatype.AAAA
 TLSA = dns.rdatatype.TLSA
+DNSKEY = dns.rdatatype.DNSKEY
 TLSA_PREFIX = (b"_443", b"_quic")
 """TLSA records live at ``_443._quic.NAME``: port 443, transport QUIC (RFC 6698 §3)."""
 _AAAA: Any = dns.rdtypes.IN.AAAA.AAAA  # rdata classes are untyped
@@ -109,15 +111,19 @@ class TrustChainZones:
     :param state: the replicated state: the certificates and the registrations.
     :param keyring: the DNSSEC keys.
     :param rendered: the answers rendered from these zones, dropped as they go stale.
+    :param cosigners: the DNSKEYs (RDATA wire) every validator announced, ours included:
+        each validator signs with its own keys and publishes all of them, so one DS
+        set validates answers from any validator (RFC 8901, model 2).
     :param clock: wall-clock seconds (certificate validity, signatures, key roll).
     """
 
     def __init__(self, *, settings: DnsSettings, state: StateDatabase, keyring: KeyRing,
-                 rendered: RenderedAnswers,
+                 rendered: RenderedAnswers, cosigners: Callable[[], list[bytes]] = list,
                  clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
         self.state = state
         self.keyring = keyring
+        self.cosigners = cosigners
         self.clock = clock
         self._rendered = rendered
         self.origins = [absolute(d) for d in settings.domains]
@@ -133,7 +139,7 @@ class TrustChainZones:
         """Names whose holders or registration changed since the zones were updated."""
         self._expiries: list[tuple[float, str]] = []
         """A heap of (not_after, serial); entries of certificates gone are skipped."""
-        self._key_state: tuple[tuple[str, ...], str] | None = None
+        self._key_state: tuple[tuple[str, ...], str, tuple[bytes, ...]] | None = None
         """The DNSKEY set and the signing ZSK the zones were built with."""
         self._registrations: dict[str, Registration] = {}
         self._scheduled = False
@@ -250,8 +256,11 @@ class TrustChainZones:
 
     def _flush(self) -> None:
         self._scheduled = False
-        if self._pending:
-            self._publish(self.clock())
+        now = self.clock()
+        if self._key_state is not None and self._keys_now(now) != self._key_state:
+            self._rebuild(now)  # another validator's keys came or went
+        elif self._pending:
+            self._publish(now)
 
     def flush(self) -> None:
         """Publish what is pending now rather than at the end of the event-loop turn."""
@@ -331,21 +340,28 @@ class TrustChainZones:
                 records[owner] = sets
         return records
 
-    def _keys_now(self, now: float) -> tuple[tuple[str, ...], str]:
+    def _keys_now(self, now: float) -> tuple[tuple[str, ...], str, tuple[bytes, ...]]:
         return (tuple(k.name for k in self.keyring.published(now)),
-                self.keyring.signing_zsk(now).name)
+                self.keyring.signing_zsk(now).name, tuple(sorted(self.cosigners())))
+
+    def _cosigner_keys(self, now: float) -> list[Any]:
+        """The other validators' DNSKEYs (ours are the keyring's)."""
+        own = {_digestable(k.dnskey) for k in self.keyring.published(now)}
+        return [dns.rdata.from_wire(IN, DNSKEY, wire, 0, len(wire))
+                for wire in sorted(set(self.cosigners()) - own)]
 
     def _rebuild(self, now: float) -> None:
         """Build and sign every zone whole."""
         self._expire(now)
         records = self._records()
+        cosigners = self._cosigner_keys(now)
         for origin in self.origins:
             subset = {name: sets for name, sets in records.items() if name.is_subdomain(origin)}
             previous = self.zones.get(origin)
             serial = next_serial(previous.serial if previous is not None else None, now)
             self.zones[origin] = build_zone(origin, subset, serial=serial, keyring=self.keyring,
                                             now=now, settings=self.settings.zone,
-                                            cache=self._signatures)
+                                            cache=self._signatures, cosigners=cosigners)
         self._key_state = self._keys_now(now)
         self._rendered.clear()
         self.rebuilds += 1
@@ -379,10 +395,13 @@ class TrustChainZones:
         self.updates += 1
 
     def ds_records(self, origin: dns.name.Name) -> list[str]:
-        """The DS records of ``origin`` for its parent (SHA-256 of the KSK)."""
+        """The DS records of ``origin`` for its parent: SHA-256 of every validator's KSK
+        (ours first), so that a resolver validates answers from any of them."""
         assert self.keyring.ksk is not None
-        ds = dns.dnssec.make_ds(origin, self.keyring.ksk.dnskey, "SHA256")
-        return [f"{origin.to_text()} {3600} IN DS {ds.to_text()}"]
+        ksks = [self.keyring.ksk.dnskey] + [k for k in self._cosigner_keys(self.clock())
+                                            if k.flags & FLAGS_KSK == FLAGS_KSK]
+        return [f"{origin.to_text()} {3600} IN DS {dns.dnssec.make_ds(origin, k, 'SHA256')}"
+                for k in ksks]
 
     # --- registrations -------------------------------------------------------------
 

@@ -162,7 +162,8 @@ class ReplicaService:
     def status(self) -> dict[str, Any]:
         machine = self.machine
         return {"state": {"height": machine.height, "hash": machine.state_hash,
-                          "corrupt": machine.corrupt, "executed": machine.executed},
+                          "corrupt": machine.corrupt, "executed": machine.executed,
+                          "validators": len(machine.directory.validators())},
                 "refused": dict(sorted(machine.refusals.items()))}
 
     def check_certificate(self, args: ops.CheckCertificateArgs,

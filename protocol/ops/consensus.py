@@ -99,8 +99,15 @@ MAX_BLOCKS_PER_REQUEST = 256
 class GossipArgs:
     messages: list[bytes] = arg(max_length=MAX_GOSSIP_MESSAGES,
                                 doc="deterministic-CBOR consensus messages (spec §18.3)")
-    sender: str | None = arg(None, max_length=40,
-                             doc="the sending validator's id (a hint: every message is signed)")
+    sender: str | None = arg(None, max_length=40, doc="the sending validator's id")
+    link: bytes | None = arg(None, max_length=64,
+                             doc="the sender's link statement over this endpoint's TLS key "
+                                 "(spec §18.2)")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class IdentityArgs:
+    pass
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -127,6 +134,8 @@ class CheckCertificateArgs:
 
 GOSSIP = register(OpSpec(name="consensus.gossip", args=GossipArgs,
                          summary="validators only: proposals, votes, evidence, decisions"))
+IDENTITY = register(OpSpec(name="consensus.identity", args=IdentityArgs,
+                           summary="the validator behind this endpoint, bound to its TLS key"))
 BLOCKS = register(OpSpec(name="consensus.blocks", args=BlocksArgs,
                          summary="decided blocks with their commit certificates"))
 STATUS = register(OpSpec(name="consensus.status", args=StatusArgs,

@@ -1,5 +1,7 @@
-"""Validator clusters of real processes on [::1]: issuance through committed blocks,
-a crashed and restarted validator, and a cluster that loses its quorum.
+"""Validator clusters of real processes on [::1]: one certificate authority whose every
+validator executes every block (issue anywhere, answer everywhere, lose one, catch
+up), byzantine shortcuts refused, a crashed and restarted validator, and a cluster
+that loses its quorum.
 
 The byzantine 7-validator case is tests/integration/test_production.py; the
 algorithm's corner cases (locks, round skips, partitions, drops) are exercised
@@ -11,18 +13,26 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import time
 from pathlib import Path
 from typing import Any
 
+import dns.asyncquery
+import dns.dnssec
+import dns.message
+import dns.name
+import dns.rdataclass
+import dns.rdatatype
+import dns.rrset
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 import stoq
-from handlers.consensus import matches_decision
 from handlers.consensus.bft import Block, Commit, Validator, ValidatorSet
-from protocol import decode_item
+from protocol import ct_merkle as merkle
+from protocol import decode_item, revocation_statement
 from store import SoftwareKeyStore
 from tests.cluster import Cluster, running_cluster
 from tests.helpers import CddlChecker, Requester
@@ -46,73 +56,255 @@ async def _same_chain(cluster: Cluster, nodes: list[int], upto: int) -> list[dic
     return chains[0][:upto]
 
 
-async def test_issuance_only_through_committed_blocks(tmp_path: Path, prover: stoq.Prover,
-                                                      cddl: CddlChecker) -> None:
-    with running_cluster(tmp_path / "c4", 4, checker=cddl, **FAST) as cluster:
+async def test_one_ca_any_validator_answers_and_losing_one_loses_nothing(
+        tmp_path: Path, prover: stoq.Prover, cddl: CddlChecker) -> None:
+    """Issue through node-1; nodes 2-4 answer for it from their replicated state; kill
+    node-1, revoke through node-2, restart node-1: it catches up to the same state.
+
+    The cluster is made by the production ceremony: no node holds the root key."""
+    with running_cluster(tmp_path / "c4", 4, checker=cddl, ceremony=True, **FAST) as cluster:
         everyone = list(range(4))
-        await cluster.wait_until(everyone, _heights_at_least(3), 60, "4 validators decide")
-        async with await cluster.client(1) as client:
-            requester = Requester(client, prover)
-            result = await requester.issue(stoq.build_csr(
-                ec.generate_private_key(ec.SECP256R1()), ["cluster.trust"], []))
+        for i in everyone:
+            keys = {p.name for p in (tmp_path / "c4" / f"node-{i + 1}" / "data" / "keys")
+                    .iterdir()}
+            assert "validator.pem" in keys and "root.pem" not in keys, keys
+        await cluster.wait_until(everyone, _keys_announced(4), 90, "every validator's keys")
+        key = ec.generate_private_key(ec.SECP256R1())
+        async with await cluster.client(0) as client:
+            result = await Requester(client, prover).issue(stoq.build_csr(
+                key, ["one.trust"], ["2001:db8::1"]))
         assert result["admission"] == "consensus"
         height = result["block_height"]
         # The commit certificate the client got: precommits of more than 2/3 of the set.
-        validators = [cluster.id(i) for i in everyone]
         signers = {s["validator"] for s in result["signatures"]}
-        assert signers <= set(validators) and len(signers) >= 3
-        # Every validator holds that block; any of them checks that the signer issued
-        # exactly what the block fixed (serial, validity, key).
-        await cluster.wait_until(everyone, _heights_at_least(height + 1), 30, "block stored")
+        assert signers <= {cluster.id(i) for i in everyone} and len(signers) >= 3
         stored = (await cluster.blocks(3, height, 1))[0]
         block = Block.from_wire(decode_item(stored["block"]))
-        commit = Commit.from_wire(decode_item(stored["commit"]))
         assert block.id == result["block_hash"]
         status = await cluster.ask(3, "consensus.status")
         assert status is not None
         keys = [bytes.fromhex(n["public_key"]) for n in cluster.nodes]
-        commit.verify(status["chain_id"], ValidatorSet(tuple(Validator(k) for k in keys)))
-        cert = x509.load_der_x509_certificate(result["certificate"])
-        index = next(i for i in range(len(block.decisions))
-                     if matches_decision(cert, block, i, validity=VALIDITY,
-                                         backdate=BACKDATE) is None)
-        assert index >= 0
-        # ... and a certificate the block did not fix is caught.
-        other = x509.load_der_x509_certificate(result["chain"][0])  # not the leaf
-        assert matches_decision(other, block, index, validity=VALIDITY,
-                                backdate=BACKDATE) is not None
-        await _same_chain(cluster, everyone, height)
-        # Any validator finds the committed decision behind the certificate ...
-        found = await cluster.ask(3, "consensus.check-certificate",
-                                  {"certificate": result["certificate"]})
-        assert found is not None and found["committed"] is True
-        assert (found["block_height"], found["block_hash"]) == (height, block.id)
-        # ... and catches one its signer made without consensus (here: node-2's own
-        # intermediate key, taken from its keystore, signing outside the CA).
-        rogue = _sign_outside_consensus(tmp_path / "c4" / "node-2" / "data", cert,
-                                        x509.load_der_x509_certificate(result["chain"][0]))
-        before = await cluster.ask(3, "consensus.status")
-        caught = await cluster.ask(3, "consensus.check-certificate", {"certificate": rogue})
-        after = await cluster.ask(3, "consensus.status")
+        Commit.from_wire(decode_item(stored["commit"])).verify(
+            status["chain_id"], ValidatorSet(tuple(Validator(k) for k in keys)))
+        anchors = await _cluster_ds(cluster, 0)
+        assert len(anchors) == 4  # one KSK per validator (RFC 8901 multi-signer)
+        for i in (1, 2, 3):
+            await _answers_for(cluster, i, result, anchors, "valid")
+        await _checkpoint_cosigned(cluster, status["chain_id"])
+
+        cluster.kill(0)  # SIGKILL the entry node: nothing it issued is lost
+        live = [1, 2, 3]
+        for i in live:
+            await _answers_for(cluster, i, result, anchors, "valid")
+        now = int(time.time())
+        statement = revocation_statement(result["serial"], "key_compromise", now)
+        async with await cluster.client(1) as client:
+            revoked = await Requester(client, prover).revoke({
+                "serial": result["serial"], "reason": "key_compromise", "time": now,
+                "signature": key.sign(statement, ec.ECDSA(hashes.SHA256()))})
+        assert revoked["reason"] == "key_compromise" and not revoked["already_revoked"]
+        for i in (2, 3):
+            answer = await cluster.ask(i, "ca.validate", {"serial": result["serial"]})
+            assert answer is not None and answer["status"] == "revoked", (i, answer)
+            tlsa = await _doq(cluster, i, "_443._quic.one.trust", "TLSA")
+            assert not [r for r in tlsa.answer if r.rdtype == dns.rdatatype.TLSA]
+
+        cluster.start(0)
+        await cluster.wait_until(everyone, _heights_at_least(height + 4), 90,
+                                 "the restarted validator catches up")
+        await _same_state(cluster, everyone)
+        answer = await cluster.ask(0, "ca.validate", {"serial": result["serial"]})
+        assert answer is not None and answer["status"] == "revoked"
+
+
+async def _checkpoint_cosigned(cluster: Cluster, chain_id: str) -> None:
+    """Node-1's CT checkpoint is committed with C2SP cosignatures of more than 2/3 of
+    the validators."""
+    sth = await cluster.ask(0, "ct.get-sth")
+    assert sth is not None and sth["tree_size"] >= 1
+    origin = sth["checkpoint"].split("\n", 1)[0]
+    keys = {cluster.id(i): bytes.fromhex(cluster.nodes[i]["public_key"])
+            for i in range(cluster.size)}
+    answer = None
+    for _ in range(120):
+        answer = await cluster.ask(1, "consensus.checkpoint", {"origin": origin})
+        if answer is not None and answer["checkpoints"][0]["size"] >= sth["tree_size"]:
+            break
+        await asyncio.sleep(0.25)
+    assert answer is not None, "no cosigned checkpoint committed"
+    cosigned = answer["checkpoints"][0]
+    assert len(cosigned["cosigners"]) >= 3
+    assert _c2sp_cosigners(cosigned["checkpoint"], chain_id, keys) == set(cosigned["cosigners"])
+
+
+def _keys_announced(count: int) -> Any:
+    """A status predicate: the state holds ``count`` validators' announced keys (their
+    DNSSEC keys among them), and this validator has not diverged."""
+    return lambda s: (s["state"]["validators"] >= count and s["diverged"] is None)
+
+
+async def _same_state(cluster: Cluster, nodes: list[int], attempts: int = 40) -> bytes:
+    """Poll until every node reports the same executed height; then the hashes agree."""
+    for _ in range(attempts):
+        statuses = await cluster.statuses(nodes)
+        states = {i: (s["state"]["height"], s["state"]["hash"])
+                  for i, s in statuses.items() if s is not None}
+        assert all(s is not None and s["diverged"] is None and s["state"]["corrupt"] is None
+                   for s in statuses.values()), statuses
+        if len(states) == len(nodes) and len({h for h, _ in states.values()}) == 1:
+            assert len(set(states.values())) == 1, f"state hashes differ: {states}"
+            return next(iter(states.values()))[1]
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"the nodes never reported one height together: {states}")
+
+
+async def _doq(cluster: Cluster, index: int, name: str, rdtype: str) -> dns.message.Message:
+    query = dns.message.make_query(name, rdtype, want_dnssec=True)
+    return await dns.asyncquery.quic(query, "::1", port=cluster.port(index), verify=False,
+                                     timeout=10)
+
+
+async def _cluster_ds(cluster: Cluster, index: int) -> set[Any]:
+    """The DS set of ``trust.`` as node ``index`` exports it for the parent zone."""
+    health = await cluster.ask(index, "dns.health")
+    assert health is not None
+    lines = next(z["ds"] for z in health["zones"] if z["name"] == "trust.")
+    return {dns.rrset.from_text("trust.", 3600, "IN", "DS", line.split(" DS ", 1)[1])[0]
+            for line in lines}
+
+
+async def _trusted_keys(cluster: Cluster, index: int, anchors: set[Any]) -> dns.rrset.RRset:
+    """Node ``index``'s DNSKEY set for ``trust.``, validated under the cluster's DS set."""
+    origin = dns.name.from_text("trust.")
+    response = await _doq(cluster, index, "trust.", "DNSKEY")
+    dnskeys = response.find_rrset(response.answer, origin, dns.rdataclass.IN,
+                                  dns.rdatatype.DNSKEY)
+    sig = response.find_rrset(response.answer, origin, dns.rdataclass.IN, dns.rdatatype.RRSIG,
+                              dns.rdatatype.DNSKEY)
+    ksks = [k for k in dnskeys if dns.dnssec.make_ds(origin, k, "SHA256") in anchors]
+    assert ksks, f"node {index}: no DNSKEY matches the cluster's DS set"
+    dns.dnssec.validate(dnskeys, sig, {origin: dns.rrset.from_rdata_list(origin, 3600, ksks)})
+    return dnskeys
+
+
+def _validated(response: dns.message.Message, dnskeys: dns.rrset.RRset,
+               rdtype: int) -> list[str]:
+    """The ``rdtype`` records of the answer, each RRset checked against its RRSIG."""
+    keys = {dns.name.from_text("trust."): dnskeys}
+    found = []
+    for rrset in response.answer:
+        if rrset.rdtype == rdtype:
+            sig = response.find_rrset(response.answer, rrset.name, dns.rdataclass.IN,
+                                      dns.rdatatype.RRSIG, rdtype)
+            dns.dnssec.validate(rrset, sig, keys)
+            found += [r.to_text() for r in rrset]
+    return found
+
+
+async def _answers_for(cluster: Cluster, index: int, result: dict[str, Any],
+                       anchors: set[Any], status: str) -> None:
+    """Node ``index`` answers for the certificate ``result`` from its own state: its
+    status, its AAAA and TLSA records under the cluster's DNSSEC identity, its
+    fingerprint (SCT and inclusion) and its CT inclusion proof."""
+    answer = await cluster.ask(index, "ca.validate", {"serial": result["serial"]})
+    assert answer is not None and answer["status"] == status, (index, answer)
+    dnskeys = await _trusted_keys(cluster, index, anchors)
+    aaaa = await _doq(cluster, index, "one.trust", "AAAA")
+    assert _validated(aaaa, dnskeys, dns.rdatatype.AAAA) == ["2001:db8::1"]
+    tlsa = await _doq(cluster, index, "_443._quic.one.trust", "TLSA")
+    spki = hashlib.sha256(x509.load_der_x509_certificate(result["certificate"]).public_key()
+                          .public_bytes(serialization.Encoding.DER,
+                                        serialization.PublicFormat.SubjectPublicKeyInfo))
+    assert _validated(tlsa, dnskeys, dns.rdatatype.TLSA) == [f"3 1 1 {spki.hexdigest()}"]
+    verified = await cluster.ask(index, "fp.verify", {"fingerprint": result["fingerprint"]})
+    assert verified is not None and verified["valid"] and verified["sct_valid"], verified
+    merkle.verify_inclusion(verified["leaf_index"], verified["tree_size"],
+                            verified["leaf_hash"], verified["audit_path"],
+                            verified["sha256_root_hash"])
+    proof = await cluster.ask(index, "ct.get-proof-by-hash", {
+        "hash": verified["leaf_hash"], "tree_size": verified["tree_size"], "shard":
+        verified["shard"]})
+    assert proof is not None and proof["leaf_index"] == verified["leaf_index"]
+
+
+async def test_many_issuances_one_state_and_byzantine_shortcuts_refused(
+        tmp_path: Path, prover: stoq.Prover, cddl: CddlChecker) -> None:
+    """Five validators, node-5 byzantine: it proposes proof-free issuances (refused by
+    every honest one) and then signs a certificate without a decision (evidence: it is
+    isolated). Meanwhile 1,000 issuances spread over nodes 1-4 leave one state."""
+    forger = 4
+    with running_cluster(tmp_path / "c5", 5, forgers=(forger,), checker=cddl,
+                         **FAST) as cluster:
+        honest = [0, 1, 2, 3]
+        await cluster.wait_until(honest, _keys_announced(5), 90, "every validator's keys")
+        results = await _issue_many(cluster, prover, honest, ISSUANCES)
+        assert len({r["serial"] for r in results}) == ISSUANCES
+        await _same_state(cluster, honest)
+        # every honest validator refused the forger's proof-free decisions ...
+        statuses = await cluster.wait_until(
+            honest, lambda s: s["refused"].get(cluster.id(forger), 0) >= 1, 60,
+            "the proof-free decisions refused")
+        for status in statuses.values():
+            assert set(status["refused"]) == {cluster.id(forger)}
+        # ... and none was ever committed: no certificate for its name exists anywhere.
+        for i in honest:
+            found = await cluster.ask(i, "fp.get", {"name": "forged.trust"})
+            assert found is None, found
+        forged = cluster.log(forger).read_text()
+        assert '"forged": "proof-free"' in forged and '"not committed"' in forged
+
+        # A certificate signed by the forger's intermediate without a decision is
+        # self-proving evidence: any validator that sees it submits it; it is isolated.
+        sample = results[0]
+        issuer = await cluster.ask(forger, "ca.chain")
+        assert issuer is not None
+        rogue = _sign_outside_consensus(tmp_path / "c5" / f"node-{forger + 1}" / "data",
+                                        x509.load_der_x509_certificate(sample["certificate"]),
+                                        x509.load_der_x509_certificate(issuer["chain"][0]))
+        caught = await cluster.ask(2, "consensus.check-certificate", {"certificate": rogue})
         assert caught is not None and caught["committed"] is False and caught["reason"]
-        assert before is not None and after is not None
-        assert after["misbehaviour"] == before["misbehaviour"] + 1
-        # The entry node's CT log (which logged that certificate) has its checkpoint
-        # committed with C2SP cosignatures of more than 2/3 of the validators.
-        sth = await cluster.ask(1, "ct.get-sth")
-        assert sth is not None and sth["tree_size"] >= 1
-        origin = sth["checkpoint"].split("\n", 1)[0]
-        keys = {cluster.id(i): bytes.fromhex(cluster.nodes[i]["public_key"]) for i in everyone}
-        for _ in range(120):
-            answer = await cluster.ask(0, "consensus.checkpoint", {"origin": origin})
-            if answer is not None and answer["checkpoints"][0]["size"] >= sth["tree_size"]:
-                break
-            await asyncio.sleep(0.25)
-        assert answer is not None, "no cosigned checkpoint committed"
-        cosigned = answer["checkpoints"][0]
-        assert len(cosigned["cosigners"]) >= 3
-        assert _c2sp_cosigners(cosigned["checkpoint"], status["chain_id"], keys) \
-            == set(cosigned["cosigners"])
+        await cluster.wait_until(honest, lambda s: cluster.id(forger) in s["isolated"], 60,
+                                 "the misissuing validator isolated")
+        # ... and the isolation is durable: it survives a restart.
+        cluster.kill(1)
+        cluster.start(1)
+        await cluster.wait_until([1], lambda s: cluster.id(forger) in s["isolated"], 60,
+                                 "isolation after a restart")
+        # The honest four go on as one CA.
+        async with await cluster.client(3) as client:
+            last = await Requester(client, prover).issue(stoq.build_csr(
+                ec.generate_private_key(ec.SECP256R1()), ["after.trust"], []))
+        for i in honest:
+            answer = await cluster.ask(i, "ca.validate", {"serial": last["serial"]})
+            assert answer is not None and answer["status"] == "valid"
+        await _same_state(cluster, honest)
+
+
+ISSUANCES = 1000
+IN_FLIGHT = 64
+
+
+async def _issue_many(cluster: Cluster, prover: stoq.Prover, nodes: list[int],
+                      count: int) -> list[dict[str, Any]]:
+    """``count`` issuances, round-robin over ``nodes``, ``IN_FLIGHT`` at a time."""
+    clients = [await cluster.client(i) for i in nodes]
+    try:
+        requesters = [Requester(c, prover) for c in clients]
+        for requester in requesters:
+            await requester._stake()
+        slots = asyncio.Semaphore(IN_FLIGHT)
+
+        async def one(n: int) -> dict[str, Any]:
+            async with slots:
+                csr = stoq.build_csr(ec.generate_private_key(ec.SECP256R1()),
+                                     [f"n{n}.many.trust"], [])
+                return await requesters[n % len(requesters)].issue(csr)
+
+        return list(await asyncio.wait_for(asyncio.gather(*(one(n) for n in range(count))),
+                                           600))
+    finally:
+        for client in clients:
+            await client.close()
 
 
 def _sign_outside_consensus(data_dir: Path, model: x509.Certificate,
