@@ -25,13 +25,13 @@ import dns.rdtypes.ANY.TLSA
 import dns.rdtypes.IN.AAAA
 import pytest
 
-from handlers.ca import CertificateRevoked
 from handlers.dns import TLSA_PREFIX, SignatureCache, _zone, build_zone
 from handlers.dns._zone import Records
 from protocol.doq import QueryReceived, parse_query
 from store import CertificateRecord
 
-from .test_dns_zone import DAY, PEER, Env, make_record, register
+from ..state_fixtures import DAY, make_record
+from .test_dns_zone import PEER, Env, register
 
 IN = dns.rdataclass.IN
 AAAA = dns.rdatatype.AAAA
@@ -53,7 +53,7 @@ ADDRESSES = [f"2001:db8::{i}" for i in range(1, 7)]
 def env(tmp_path: Path) -> Iterator[Env]:
     e = Env(tmp_path)
     yield e
-    e.certs.close()
+    e.state.close()
 
 
 def _is_address(name: str) -> bool:
@@ -190,7 +190,7 @@ class Model:
     def revoke(self, rng: random.Random) -> None:
         if self.valid:
             record = self.valid.pop(rng.choice(list(self.valid)))
-            self.env.zones.certificate_revoked(CertificateRevoked(record=record))
+            self.env.revoke(record)
 
     def register(self, rng: random.Random) -> None:
         candidates = [(r, n) for r in self.valid.values() for n in r.names

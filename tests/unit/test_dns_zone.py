@@ -1,12 +1,13 @@
-"""The DNS service without sockets: zones built from real certificates in a real
-SQLite store, signed with keys from a real keystore (software or SoftHSM2), every
-answer taken from the DoQ wire path and validated with dnspython."""
+"""The DNS service without sockets: zones built from real certificates in the real
+replicated state (SQLite, written block by block as the CA's state machine does),
+signed with keys from a real keystore (software or SoftHSM2), every answer taken
+from the DoQ wire path and validated with dnspython; registrations committed
+through a real state machine."""
 
 from __future__ import annotations
 
 import asyncio
-import datetime
-import hashlib
+import dataclasses
 import ipaddress
 import secrets
 from collections.abc import Iterator
@@ -21,12 +22,11 @@ import dns.rcode
 import dns.rdatatype
 import dns.rrset
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from handlers import RequestContext
-from handlers.ca import CertificateIssued, CertificateRevoked
+from handlers.ca import CertificateIssued, CertificateRevoked, Publishers
 from handlers.dns import (
     DnsAnswers,
     DnsService,
@@ -36,20 +36,21 @@ from handlers.dns import (
     TrustChainZones,
     ZoneSettings,
 )
-from protocol import InvalidRequest, NotFound, Peer, Unauthorized
+from protocol import InvalidRequest, NotFound, Peer, Unauthorized, Unavailable
 from protocol.doq import PADDING_BLOCK, QueryReceived, parse_query
 from protocol.ops import dns as ops
-from store import (
-    CertificateRecord,
-    CertificateStore,
-    DataDirectory,
-    SoftwareKeyStore,
-    open_keystore,
-)
+from store import CertificateRecord, DataDirectory, SoftwareKeyStore, open_keystore
 
 from ..softhsm import SoftHsmToken
+from ..state_fixtures import (
+    DAY,
+    SoleValidator,
+    add_certificate,
+    make_record,
+    revoke_certificate,
+)
 
-DAY = 86400.0
+DOMAINS = ("trust", "hypermesh")
 START = 1_767_225_600.0
 PEER = Peer(address="::1", port=5353, alpn="doq")
 CTX = RequestContext(peer=PEER, op="dns.register", received_at=START)
@@ -63,45 +64,16 @@ class Clock:
         return self.now
 
 
-_CA_KEY = ec.generate_private_key(ec.SECP256R1())
-
-
-def make_record(names: list[str], *, issued_at: float, key: Any = None,
-                lifetime: float = DAY) -> tuple[CertificateRecord, Any]:
-    key = key or ed25519.Ed25519PrivateKey.generate()
-    san: list[x509.GeneralName] = []
-    for name in names:
-        try:
-            san.append(x509.IPAddress(ipaddress.IPv6Address(name)))
-        except ValueError:
-            san.append(x509.DNSName(name))
-    serial = x509.random_serial_number() | (1 << 127)
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([]))
-            .issuer_name(x509.Name([x509.NameAttribute(x509.OID_COMMON_NAME, "test CA")]))
-            .public_key(key.public_key()).serial_number(serial)
-            .not_valid_before(datetime.datetime.fromtimestamp(issued_at - 300, datetime.UTC))
-            .not_valid_after(datetime.datetime.fromtimestamp(issued_at + lifetime,
-                                                             datetime.UTC))
-            .add_extension(x509.SubjectAlternativeName(san), critical=True)
-            .sign(_CA_KEY, hashes.SHA256()))
-    der = cert.public_bytes(serialization.Encoding.DER)
-    spki = key.public_key().public_bytes(serialization.Encoding.DER,
-                                         serialization.PublicFormat.SubjectPublicKeyInfo)
-    record = CertificateRecord(
-        serial=format(serial, "x"), der=der, fingerprint=hashlib.sha256(der).hexdigest(),
-        spki_sha256=hashlib.sha256(spki).hexdigest(), issuer="intermediate-1",
-        not_before=issued_at - 300, not_after=issued_at + lifetime, issued_at=issued_at,
-        revoked_at=None, revocation_reason=None, names=tuple(names))
-    return record, key
-
-
 class Env:
+    """One node's DNS service over the replicated state in ``tmp``: the zones, the
+    answers, the ops, and a state machine that commits its registrations."""
+
     def __init__(self, tmp: Path, keystore: Any = None, algorithm: str = "ed25519",
                  clock: Clock | None = None, key_prefix: str = "dns") -> None:
         self.tmp = tmp
         self.clock = clock or Clock()
-        self.certs = CertificateStore(tmp / "certificates.sqlite3")
+        self.data = DataDirectory(tmp)
+        self.state = self.data.state()
         self.keystore = keystore or SoftwareKeyStore(tmp / "keys")
         self.algorithm = algorithm
         self.key_prefix = key_prefix
@@ -109,29 +81,40 @@ class Env:
 
     def new_service(self) -> DnsService:
         """The zones, answers and ops of a (re)started node: ``self.zones``,
-        ``self.answers`` and the returned service."""
-        data = DataDirectory(self.tmp)
-        keyring = KeyRing(keystore=self.keystore, schedule=data.dns_key_schedule(),
+        ``self.answers``, ``self.decisions`` and the returned service."""
+        keyring = KeyRing(keystore=self.keystore, schedule=self.data.dns_key_schedule(),
                           algorithm=self.algorithm, zsk_lifetime=30 * DAY, prepublish=DAY,
                           key_prefix=self.key_prefix)
         rendered = RenderedAnswers()
         self.zones = TrustChainZones(
-            settings=DnsSettings(domains=("trust", "hypermesh"),
+            settings=DnsSettings(domains=DOMAINS,
                                  nameserver_addresses=("2001:db8::53",),
                                  zone=ZoneSettings(record_ttl=300, negative_ttl=60)),
-            certs=self.certs, keyring=keyring, registrations=data.dns_registrations(),
-            rendered=rendered, clock=self.clock)
+            state=self.state, keyring=keyring, rendered=rendered, clock=self.clock)
         self.zones.start()
         self.answers = DnsAnswers(zones=self.zones, forwarder=None, rendered=rendered)
+        self.decisions = SoleValidator(state=self.state, data=self.data,
+                                       publishers=Publishers([("dns", self.zones)]),
+                                       clock=self.clock, domains=DOMAINS)
         return DnsService(zones=self.zones, answers=self.answers, forwarder=None,
-                          clock=self.clock)
+                          decisions=self.decisions, clock=self.clock)
 
     def issue(self, names: list[str], **kwargs: Any) -> tuple[CertificateRecord, Any]:
+        """Commit a certificate for ``names`` to the state and publish it, as the state
+        machine does after the block; the record as stored, and its key."""
         kwargs.setdefault("issued_at", self.clock.now)
         record, key = make_record(names, **kwargs)
-        self.certs.add_now(record)
-        self.zones.certificate_issued(CertificateIssued(record=record, logged=None))
-        return record, key
+        stored = add_certificate(self.state, record)
+        self.zones.certificate_issued(CertificateIssued(record=stored, logged=None))
+        return stored, key
+
+    def revoke(self, record: CertificateRecord, *, publish: bool = True) -> CertificateRecord:
+        """Commit the revocation of ``record`` now; tell the zones unless ``publish`` is
+        False (a node that was down: only its state knows)."""
+        revoked = revoke_certificate(self.state, record.serial, self.clock.now)
+        if publish:
+            self.zones.certificate_revoked(CertificateRevoked(record=revoked))
+        return revoked
 
     def ask(self, name: str, rdtype: str = "AAAA", *, dnssec: bool = True,
             raw: bool = False, **kwargs: Any) -> Any:
@@ -177,7 +160,7 @@ class Env:
 def env(tmp_path: Path) -> Iterator[Env]:
     e = Env(tmp_path)
     yield e
-    e.certs.close()
+    e.state.close()
 
 
 def rdatas(response: dns.message.Message, rdtype: int) -> list[str]:
@@ -250,7 +233,7 @@ def test_revocation_expiry_and_renewal(env: Env) -> None:
     assert rdatas(env.ask("_443._quic.www.trust", "TLSA"),
                   dns.rdatatype.TLSA) == [tlsa_of(second)]
     assert env.zones.zones[dns.name.from_text("trust.")].serial > serial_before
-    env.zones.certificate_revoked(CertificateRevoked(record=second))
+    env.revoke(second)
     # the earlier certificate is still valid, so it is published again
     assert rdatas(env.ask("www.trust"), dns.rdatatype.AAAA) == ["2001:db8::7"]
     env.clock.now = first.not_after + 1
@@ -263,13 +246,22 @@ def test_revocation_expiry_and_renewal(env: Env) -> None:
 def test_restart_publishes_the_stored_certificates(env: Env) -> None:
     record, _ = env.issue(["api.trust", "2001:db8::1"])
     revoked, _ = env.issue(["old.trust"])
-    # the store is the source of truth after a restart
-    asyncio.run(env.certs.revoke(revoked.serial, "superseded", env.clock.now))
-    again = env.new_service()
-    env.service = again
+    # the state is the source of truth after a restart: a revocation this node's zones
+    # never heard of, an issuance still waiting for its certificate, an expired one
+    env.revoke(revoked, publish=False)
+    assert rdatas(env.ask("_443._quic.old.trust", "TLSA"),
+                  dns.rdatatype.TLSA) == [tlsa_of(revoked)]
+    waiting, _ = make_record(["pending.trust"], issued_at=env.clock.now)
+    assert add_certificate(env.state, dataclasses.replace(
+        waiting, der=b"", fingerprint="", precertificate=b"precertificate")).pending
+    add_certificate(env.state, make_record(["gone.trust"], issued_at=env.clock.now - 2 * DAY,
+                                           lifetime=DAY)[0])
+    env.service = env.new_service()
     assert rdatas(env.ask("_443._quic.api.trust", "TLSA"),
                   dns.rdatatype.TLSA) == [tlsa_of(record)]
-    assert env.ask("_443._quic.old.trust", "TLSA").rcode() == dns.rcode.NXDOMAIN
+    assert rdatas(env.ask("api.trust"), dns.rdatatype.AAAA) == ["2001:db8::1"]
+    for gone in ("old.trust", "pending.trust", "gone.trust"):
+        assert env.ask(f"_443._quic.{gone}", "TLSA").rcode() == dns.rcode.NXDOMAIN, gone
 
 
 def test_signatures_are_refreshed_before_they_expire(env: Env) -> None:
@@ -337,7 +329,7 @@ def test_dnssec_keys_in_a_pkcs11_token(tmp_path: Path, softhsm_token: SoftHsmTok
         r = e.ask("hsm.trust")
         assert next(rr for rr in r.answer if rr.rdtype == dns.rdatatype.RRSIG)[0].algorithm == 13
         assert e.validate(r) == 1
-        e.certs.close()
+        e.state.close()
     finally:
         keystore.close()
 
@@ -399,9 +391,9 @@ def sign(key: Any, data: bytes) -> bytes:
     return bytes(key.sign(data, ec.ECDSA(hashes.SHA256())))
 
 
-def register(env: Env, record: CertificateRecord, key: Any, name: str, addresses: list[str],
-             at: float | None = None, signer: Any = None) -> dict[str, Any]:
-    at = int(env.clock.now if at is None else at)
+def _register_args(record: CertificateRecord, key: Any, name: str, addresses: list[str],
+                   at: int) -> ops.RegisterArgs:
+    """``dns.register``'s arguments, signed with ``key``."""
     normalised = []
     for address in addresses:
         try:
@@ -409,9 +401,16 @@ def register(env: Env, record: CertificateRecord, key: Any, name: str, addresses
         except ValueError:
             normalised.append(address)
     statement = ops.registration_statement(record.serial, name, normalised, at)
-    args = ops.RegisterArgs(serial=record.serial, name=name, addresses=addresses, time=at,
-                            signature=sign(signer or key, statement))
-    return env.service.register_records(args, CTX)
+    return ops.RegisterArgs(serial=record.serial, name=name, addresses=addresses, time=at,
+                            signature=sign(key, statement))
+
+
+def register(env: Env, record: CertificateRecord, key: Any, name: str, addresses: list[str],
+             at: float | None = None, signer: Any = None) -> dict[str, Any]:
+    """``dns.register`` through the node's service: checked there, committed in a block."""
+    args = _register_args(record, signer or key, name, addresses,
+                          int(env.clock.now if at is None else at))
+    return asyncio.run(env.service.register_records(args, CTX))
 
 
 def test_register_publishes_extra_addresses_for_the_certificate_holder(env: Env) -> None:
@@ -436,18 +435,55 @@ def test_register_publishes_extra_addresses_for_the_certificate_holder(env: Env)
     with pytest.raises(InvalidRequest, match="cannot identify"):
         register(env, record, key, "www.trust", ["ff02::1"], at=START + 2)
     with pytest.raises(NotFound):
-        env.service.register_records(ops.RegisterArgs(
+        asyncio.run(env.service.register_records(ops.RegisterArgs(
             serial="abcdef", name="www.trust", addresses=[], time=int(START),
-            signature=b"x"), CTX)
+            signature=b"x"), CTX))
+    # the replicated state holds it, as the register decision's block left it
+    assert env.state.registrations() == {"www.trust": (
+        record.spki_sha256, record.serial, ["2001:db8::100", "2001:db8::101"], int(START))}
+    # a node without a validator key (an observer) checks the statement, submits nothing
+    height = env.state.height()
+    observer = DnsService(zones=env.zones, answers=env.answers, forwarder=None,
+                          clock=env.clock)
+    with pytest.raises(Unavailable):
+        asyncio.run(observer.register_records(_register_args(
+            record, key, "www.trust", ["2001:db8::1"], int(START) + 1), CTX))
+    assert env.state.height() == height
     # ownership follows the certificate: a new key's certificate hides them,
     env.clock.now += 10
-    env.issue(["www.trust", "2001:db8::9"])
+    newer, _ = env.issue(["www.trust", "2001:db8::9"])
     assert rdatas(env.ask("www.trust"), dns.rdatatype.AAAA) == ["2001:db8::9"]
-    # and a restart keeps the registration
+    # a restart keeps the registration (it is in the state): hidden while the newer
+    # certificate holds the name, published again once it is revoked
     env.service = env.new_service()
     assert rdatas(env.ask("www.trust"), dns.rdatatype.AAAA) == ["2001:db8::9"]
+    registration = env.zones.registration("www.trust")
+    assert registration is not None and registration.time == int(START)
+    env.revoke(newer)
+    assert rdatas(env.ask("www.trust"), dns.rdatatype.AAAA) == [
+        "2001:db8::100", "2001:db8::101", "2001:db8::7"]
     # an empty list withdraws it
-    assert register(env, record, key, "www.trust", [], at=START + 20)["addresses"] == []
+    withdrawn = register(env, record, key, "www.trust", [], at=START + 20)
+    assert withdrawn["addresses"] == [] and withdrawn["published"]
+    assert rdatas(env.ask("www.trust"), dns.rdatatype.AAAA) == ["2001:db8::7"]
+    assert env.state.registrations() == {} and env.zones.registration("www.trust") is None
+
+
+def test_racing_registrations_are_decided_by_the_committed_state(env: Env) -> None:
+    record, key = env.issue(["www.trust", "2001:db8::7"])
+
+    async def both() -> list[Any]:
+        # both pass the node's checks before either is committed; the block order decides
+        return await asyncio.gather(*(
+            env.service.register_records(_register_args(
+                record, key, "www.trust", [address], int(START)), CTX)
+            for address in ("2001:db8::1", "2001:db8::2")), return_exceptions=True)
+
+    first, second = asyncio.run(both())
+    assert first["addresses"] == ["2001:db8::1"] and first["published"]
+    assert isinstance(second, Unauthorized) and "replayed" in second.message
+    assert env.state.registrations()["www.trust"][2] == ["2001:db8::1"]
+    assert rdatas(env.ask("www.trust"), dns.rdatatype.AAAA) == ["2001:db8::1", "2001:db8::7"]
 
 
 def test_resolve_op_reports_validation_and_tlsa_binding(env: Env) -> None:
@@ -462,8 +498,7 @@ def test_resolve_op_reports_validation_and_tlsa_binding(env: Env) -> None:
             "data": "2001:db8::7"} in result["answer"]
     # the CA's database, not the zone, is the reference: a newer certificate the zone
     # did not hear about shows as a mismatch
-    newer, _ = make_record(["www.trust"], issued_at=START + 1)
-    env.certs.add_now(newer)
+    newer = add_certificate(env.state, make_record(["www.trust"], issued_at=START + 1)[0])
     drift = asyncio.run(env.service.resolve(ops.ResolveArgs(name="_443._quic.www.trust",
                                                             type="TLSA"), ctx))
     assert drift["tlsa"]["status"] == "mismatch" and drift["tlsa"]["serial"] == newer.serial
