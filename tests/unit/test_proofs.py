@@ -1,9 +1,15 @@
 """The four-proof set without a network: real chiapos plots and proofs, real chiavdf VDFs,
-a real SQLite ledger and audit log in a temp dir, and an injected clock.
+the real replicated state (SQLite), beacon store and audit log in a temp dir, and an
+injected clock.
 
 Every proof is accepted when honest and refused when it comes from another key,
 another epoch or another request, with a bit flipped, below the difficulty or
 the stake, or replayed; epoch credentials are verified once and then cached.
+
+Stake and used work are replicated state: they change only when a block is
+executed, so the tests change them the way a validator does, with blocks of
+sealed decisions executed by the real state machine (:class:`Replica`): genesis
+stake, ``stake`` credits, and ``issue`` decisions that commit their work.
 """
 
 from __future__ import annotations
@@ -11,17 +17,32 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import json
+import sqlite3
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives import serialization
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 import stoq
-from handlers.consensus import BeaconChain, ProofVerifier
+from handlers.ca import Publishers, _x509, check_request, validity
+from handlers.consensus import BeaconChain, ProofVerifier, seal
+from handlers.consensus.bft import Block
+from handlers.ct import ChainValidator, CtLog
+from handlers.replica import (
+    CaStateMachine,
+    Decision,
+    Issue,
+    Outcome,
+    StakeCredit,
+    ValidatorKeys,
+    raise_refused,
+)
 from protocol import ProofInvalid, encode_deterministic
 from protocol.ops.consensus import (
     VDF_FORM_SIZE,
@@ -38,7 +59,18 @@ from protocol.ops.consensus import (
     work_prefix,
 )
 from stoq._prover import sign_binding
-from store import AuditLog, LedgerStore, open_keystore, verify_log, verify_signature
+from store import (
+    AuditLog,
+    BeaconStore,
+    KeyStore,
+    StateDatabase,
+    TileDirectory,
+    open_keystore,
+    verify_log,
+    verify_signature,
+)
+
+from ..state_fixtures_ct import BACKDATE, KEY, LIFETIME, ME, POLICY, cluster_ca
 
 EPOCH_LENGTH = 600
 START = 1_800_000_000.0  # a multiple of EPOCH_LENGTH: epoch 3,000,000 starts here
@@ -54,16 +86,89 @@ class Clock:
         return self.now
 
 
+class Replica:
+    """This validator's replicated state machine over ``state``: the only way stake and
+    used work change. Executes blocks of decisions sealed by one validator, at the
+    clock's time; the validator's issuing intermediate is ``ca``'s."""
+
+    def __init__(self, directory: Path, state: StateDatabase, keystore: KeyStore,
+                 audit: AuditLog, clock: Clock) -> None:
+        self.clock = clock
+        self.ca = cluster_ca(clock())
+        self.ct = CtLog(tiles=TileDirectory(directory / "ct"), state=state, keystore=keystore,
+                        origin="unit.trust/ct", clock=clock)
+        self.ct.open()
+        self.machine = CaStateMachine(
+            state=state, ct=self.ct, chains=ChainValidator([self.ca.root_der], clock=clock),
+            policy=POLICY, root_der=self.ca.root_der, node_names={}, publishers=Publishers(),
+            audit=audit.append_async, epoch_length=EPOCH_LENGTH, lifetime=LIFETIME,
+            backdate=BACKDATE, minimum_stake=PARAMS.minimum_stake, development=True,
+            clock=clock)
+        self.previous = bytes(32)
+
+    def now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    async def execute(self, *decisions: Decision) -> tuple[Outcome, ...]:
+        """One block holding ``decisions``, committed and executed."""
+        block = Block(height=self.machine.height + 1, previous=self.previous,
+                      time_ms=self.now_ms(), proposer=ME.id,
+                      decisions=tuple(seal(d.body(), ME.id, KEY.sign) for d in decisions))
+        executed = await self.machine.execute(block)
+        self.previous = block.id
+        return tuple(executed.outcomes)
+
+    async def credit(self, key: str, amount: int, reason: str = "test") -> None:
+        """A committed ``stake`` decision: ``key``'s stake becomes ``amount``."""
+        (outcome,) = await self.execute(StakeCredit(key_id=key, amount=amount, reason=reason,
+                                                    at_ms=self.now_ms()))
+        raise_refused(outcome)
+
+    async def issue(self, csr: bytes, proofs: Any) -> Outcome:
+        """A committed ``issue`` decision for ``csr`` with ``proofs`` (its work is used
+        if it is accepted), its precertificate signed by this validator."""
+        if self.machine.directory.of(ME.id) is None:
+            raise_refused((await self.execute(ValidatorKeys(
+                intermediates=(self.ca.der,), ct_logs=(), dnskeys=(), admins=(),
+                at_ms=self.now_ms())))[0])
+        request = check_request(csr, POLICY)
+        at_ms = self.now_ms()
+        not_before, not_after = validity(at_ms, lifetime=LIFETIME, backdate=BACKDATE,
+                                         issuer=self.ca.intermediate)
+        precertificate = _x509.sign_leaf(
+            self.ca.intermediate, request, serial=_x509.new_serial(), not_before=not_before,
+            not_after=not_after, extensions=[_x509.precertificate_poison()],
+            private_key=self.ca.key)
+        (outcome,) = await self.execute(Issue(csr=csr, proofs=proofs,
+                                              precertificate=precertificate, at_ms=at_ms))
+        return outcome
+
+    async def close(self) -> None:
+        await self.ct.stop()
+
+
+def make_csr(name: str) -> bytes:
+    key = ec.generate_private_key(ec.SECP256R1())
+    return (x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+            .sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.DER))
+
+
 @dataclass
 class World:
-    """A verifier over a real ledger, beacon chain (software key) and audit log."""
+    """A verifier over the real replicated state, beacon chain (software key) and audit
+    log, and the state machine that changes that state."""
 
+    directory: Path
     verifier: ProofVerifier
-    ledger: LedgerStore
+    state: StateDatabase
+    beacon_store: BeaconStore
     beacons: BeaconChain
     audit: AuditLog
     clock: Clock
     prover: stoq.Prover
+    replica: Replica
+    keystore: KeyStore
 
     async def beacon(self) -> stoq.Beacon:
         record = await self.beacons.current()
@@ -81,31 +186,54 @@ class World:
     async def verify(self, proofs: Any, csr: bytes = b"csr") -> None:
         await self.verifier.verify("issue", issue_digest(csr), proofs)
 
+    async def close(self) -> None:
+        await self.verifier.close()
+        await self.replica.close()
+        await self.state.drain()
+        self.state.close()
+        self.beacon_store.close()
+        self.audit.close()
+
+
+def open_stores(tmp: Path, clock: Clock, keystore: KeyStore, audit: AuditLog,
+                params: ProofParams = PARAMS, workers: int = 0
+                ) -> tuple[StateDatabase, BeaconStore, BeaconChain, ProofVerifier]:
+    """What a node opens at start: the state, the beacons and a verifier over them."""
+    state = StateDatabase(tmp / "state" / "state.sqlite3")
+    beacon_store = BeaconStore(tmp / "consensus" / "beacons.sqlite3")
+    beacons = BeaconChain(store=beacon_store, signer=keystore.get_or_create("beacon"),
+                          epoch_length=EPOCH_LENGTH, audit=audit.append_async, clock=clock)
+    verifier = ProofVerifier(params=params, ledger=state, beacons=beacons, workers=workers,
+                             audit=audit.append_async, clock=clock)
+    return state, beacon_store, beacons, verifier
+
 
 async def make_world(tmp: Path, plotted: Path, *, workers: int = 0,
                      params: ProofParams = PARAMS) -> World:
     clock = Clock(START)
     keystore = open_keystore(provider="software", data_dir=tmp)
     audit = AuditLog(tmp / "audit.log", signer=keystore.get_or_create("audit"), clock=clock)
-    ledger = LedgerStore(tmp / "ledger.sqlite3")
-    beacons = BeaconChain(ledger=ledger, signer=keystore.get_or_create("beacon"),
-                          epoch_length=EPOCH_LENGTH, audit=audit.append_async, clock=clock)
-    verifier = ProofVerifier(params=params, ledger=ledger, beacons=beacons, workers=workers,
-                             clock=clock)
+    state, beacon_store, beacons, verifier = open_stores(tmp, clock, keystore, audit, params,
+                                                         workers)
     prover = stoq.Prover.open(plotted)
-    ledger.set_stake_now(prover.key_id, 1000, "genesis", clock())
-    return World(verifier=verifier, ledger=ledger, beacons=beacons, audit=audit, clock=clock,
-                 prover=prover)
+    replica = Replica(tmp, state, keystore, audit, clock)
+    await replica.machine.open({prover.key_id: 1000})  # the genesis stake
+    return World(directory=tmp, verifier=verifier, state=state, beacon_store=beacon_store,
+                 beacons=beacons, audit=audit, clock=clock, prover=prover, replica=replica,
+                 keystore=keystore)
+
+
+def audit_records(path: Path, kind: str) -> list[dict[str, Any]]:
+    """The ``data`` of every record of ``kind`` in the audit log at ``path``."""
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    return [r["data"] for r in records if r["kind"] == kind]
 
 
 @pytest.fixture
 async def world(tmp_path: Path, plotted: Path) -> AsyncIterator[World]:
     made = await make_world(tmp_path, plotted)
     yield made
-    await made.verifier.close()
-    await made.ledger.drain()
-    made.ledger.close()
-    made.audit.close()
+    await made.close()
 
 
 @pytest.fixture(scope="module")
@@ -198,9 +326,7 @@ async def test_vdf_in_a_worker_process_and_a_dying_worker(tmp_path: Path, plotte
         assert world.verifier.worker_restarts == 1
         await world.verify(await world.proofs(b"y"), b"y")  # a new worker serves
     finally:
-        await world.verifier.close()
-        world.ledger.close()
-        world.audit.close()
+        await world.close()
 
 
 # --- each proof refused -------------------------------------------------------------------------
@@ -221,7 +347,7 @@ async def test_missing_set_and_each_missing_part(world: World) -> None:
 async def test_space_refusals(world: World, other_plotted: Path) -> None:
     honest = await world.proofs()
     other = stoq.Prover.open(other_plotted)
-    world.ledger.set_stake_now(other.key_id, 5000, "test", world.clock())
+    await world.replica.credit(other.key_id, 5000)
     # another key's space proof: its plot id is not this key's
     theirs = await world.proofs(prover=other)
     stolen = resign({**honest, "space": theirs["space"]}, world.prover)
@@ -260,14 +386,13 @@ async def test_space_plot_smaller_than_required(tmp_path: Path, plotted: Path) -
         lenient = await world.proofs()  # made against k >= 18 (PARAMS)
         await refused(world, lenient, "space", "k >= 19")
     finally:
-        world.ledger.close()
-        world.audit.close()
+        await world.close()
 
 
 async def test_time_refusals(world: World, other_plotted: Path) -> None:
     honest = await world.proofs()
     other = stoq.Prover.open(other_plotted)
-    world.ledger.set_stake_now(other.key_id, 5000, "test", world.clock())
+    await world.replica.credit(other.key_id, 5000)
     theirs = await world.proofs(prover=other)
     # another key's VDF: a form of another discriminant (chiavdf raises; a clear answer)
     stolen = resign({**honest, "time": theirs["time"]}, world.prover)
@@ -354,7 +479,7 @@ async def test_work_refusals(world: World) -> None:
                 "issue", issue_digest(b"csr"), key_id(other_key.spki), honest["epoch"]),
                 honest["work"]["nonce"])) < 8:
             break
-    world.ledger.set_stake_now(other_key.key_id, 1000, "test", world.clock())
+    await world.replica.credit(other_key.key_id, 1000)
     swapped = {**honest, "requester_key": other_key.spki}
     await refused(world, resign(swapped, other_key), "work", "8 are required")
     # one bit flipped in the nonce
@@ -369,27 +494,75 @@ async def test_work_refusals(world: World) -> None:
     await refused(world, honest, "work", "already used")
 
 
-async def test_replay_refused_after_a_restart(tmp_path: Path, plotted: Path) -> None:
+async def test_committed_work_is_refused_after_a_restart(tmp_path: Path,
+                                                       plotted: Path) -> None:
+    """Used work is replicated state: the issuance that used it commits it, and a restarted
+    node, which remembers nothing it checked, still refuses it."""
     world = await make_world(tmp_path, plotted)
-    honest = await world.proofs()
-    await world.verify(honest)
-    await world.ledger.drain()
-    world.ledger.close()
-    ledger = LedgerStore(tmp_path / "ledger.sqlite3")  # the node restarts
-    beacons = BeaconChain(ledger=ledger, signer=world.beacons.signer,
-                          epoch_length=EPOCH_LENGTH, audit=world.audit.append_async,
-                          clock=world.clock)
-    verifier = ProofVerifier(params=PARAMS, ledger=ledger, beacons=beacons, workers=0,
-                             clock=world.clock)
+    csr = make_csr("replay.trust")
+    honest = await world.proofs(csr)
+    await world.verify(honest, csr)
+    raise_refused(await world.replica.issue(csr, honest))
+    proofs = parse_proofs(honest)
+    digest = work_hash(work_prefix("issue", issue_digest(csr), key_id(proofs.requester_key),
+                                   proofs.epoch), proofs.nonce)
+    assert world.state.work_used(digest)
+    checked_only = await world.proofs(b"never committed")
+    await world.verify(checked_only, b"never committed")
+    await world.close()  # the node restarts
+    audit = AuditLog(tmp_path / "audit.log", clock=world.clock)
+    state, beacon_store, _, verifier = open_stores(tmp_path, world.clock, world.keystore, audit)
     try:
-        assert ledger.balance(world.prover.key_id) == 1000  # the stake survived too
+        assert state.balance(world.prover.key_id) == 1000  # the stake survived too
         with pytest.raises(ProofInvalid, match="already used"):
-            await verifier.verify("issue", issue_digest(b"csr"), honest)
-        await verifier.verify("issue", issue_digest(b"b"), await world.proofs(b"b"))
+            await verifier.verify("issue", issue_digest(csr), honest)
+        # work that was only checked, never committed by a block, was never used
+        await verifier.verify("issue", issue_digest(b"never committed"), checked_only)
         assert verifier.stats.space_verified == 1  # the caches did not survive: cold again
     finally:
-        ledger.close()
-        world.audit.close()
+        await verifier.close()
+        state.close()
+        beacon_store.close()
+        audit.close()
+
+
+async def test_work_another_validator_committed_is_refused_until_its_epoch_ends(
+        world: World) -> None:
+    """Work this verifier never saw, used by an executed issuance (checked by another
+    validator), is refused here and by the state machine; once no epoch accepts it the
+    state forgets it, and the epoch check refuses the set instead."""
+    csr = make_csr("elsewhere.trust")
+    honest = await world.proofs(csr)
+    raise_refused(await world.replica.issue(csr, honest))
+    await refused(world, honest, "work", "already used", csr)
+    again = await world.replica.issue(csr, honest)
+    assert not again.accepted and again.code == "proof_invalid"
+    assert again.details["proof"] == "work" and "already used" in again.message
+    proofs = parse_proofs(honest)
+    digest = work_hash(work_prefix("issue", issue_digest(csr), key_id(proofs.requester_key),
+                                   proofs.epoch), proofs.nonce)
+    world.clock.now += EPOCH_LENGTH  # the next epoch: still accepted, still used
+    await world.beacons.current()
+    await world.replica.credit(world.prover.key_id, 1000)
+    assert world.state.work_used(digest)
+    world.clock.now += EPOCH_LENGTH  # two epochs on: dropped with the next block
+    await world.beacons.current()
+    await world.replica.credit(world.prover.key_id, 1000)
+    assert not world.state.work_used(digest)
+    await refused(world, honest, "time", "accepts epochs", csr)
+
+
+async def test_refusals_are_audited(world: World) -> None:
+    honest = await world.proofs()
+    await refused(world, {**honest, "binding": flip(honest["binding"], 5)}, "binding")
+    await refused(world, {**honest, "requester_key": b"k" * 5000}, "stake")
+    await world.verify(honest)
+    first, second = audit_records(world.directory / "audit.log", "consensus.proofs-rejected")
+    assert first["proof"] == "binding" and first["op"] == "issue"
+    assert first["request"] == issue_digest(b"csr").hex()
+    assert first["requester"] == world.prover.key_id
+    assert second["proof"] == "stake" and "requester" not in second  # an oversized key
+    assert world.verifier.stats.rejected == 2 and world.verifier.stats.admitted == 1
 
 
 async def test_concurrent_twins_only_one_admitted(world: World) -> None:
@@ -409,14 +582,13 @@ async def test_stake_refusals(world: World) -> None:
     theirs = rework({**honest, "requester_key": poor.spki})
     error = await refused(world, resign(theirs, poor), "stake", "at least 1000")
     assert error.details["stake"] == 0 and error.details["minimum"] == 1000
-    world.ledger.set_stake_now(poor.key_id, 999, "test", world.clock())  # just below
+    await world.replica.credit(poor.key_id, 999)  # just below
     error = await refused(world, resign(theirs, poor), "stake", "holds 999")
     # not a key at all, or a kind of key we do not verify
     for junk in (b"\x30\x03\x02\x01\x00", ec.generate_private_key(ec.SECP521R1()).public_key()
                  .public_bytes(serialization.Encoding.DER,
                                serialization.PublicFormat.SubjectPublicKeyInfo)):
-        world.ledger.set_stake_now(hashlib.sha256(junk).hexdigest(), 5000, "test",
-                                   world.clock())
+        await world.replica.credit(hashlib.sha256(junk).hexdigest(), 5000)
         await refused(world, rework({**honest, "requester_key": junk}), "stake",
                       "requester_key")
     await world.verify(honest)
@@ -612,6 +784,13 @@ async def test_beacons_are_chained_signed_and_audited(world: World, tmp_path: Pa
     assert verify_signature(key, second.signature, statement)
     with pytest.raises(ValueError, match="not begun"):
         await world.beacons.ensure(second.epoch + 1)
+    # kept: a node that restarts serves the same beacons and makes none again
+    world.beacon_store.close()
+    world.beacon_store = BeaconStore(tmp_path / "consensus" / "beacons.sqlite3")
+    again = BeaconChain(store=world.beacon_store, signer=world.beacons.signer,
+                        epoch_length=EPOCH_LENGTH, audit=world.audit.append_async,
+                        clock=world.clock)
+    assert again.get(first.epoch) == first and await again.current() == second
     world.audit.close()
     log = (tmp_path / "audit.log").read_text()
     assert log.count('"consensus.beacon"') == 2
@@ -619,14 +798,46 @@ async def test_beacons_are_chained_signed_and_audited(world: World, tmp_path: Pa
     world.audit = AuditLog(tmp_path / "audit2.log")  # for the fixture's teardown
 
 
-async def test_ledger_stake_persists(tmp_path: Path) -> None:
-    ledger = LedgerStore(tmp_path / "l.sqlite3")
-    change = await ledger.set_stake("ab" * 32, 1500, "genesis", 1.0)
-    assert (change.before, change.after) == (0, 1500)
-    await ledger.set_stake("ab" * 32, 900, "faucet", 2.0)
-    ledger.close()
-    again = LedgerStore(tmp_path / "l.sqlite3")
-    assert again.balance("ab" * 32) == 900 and again.balance("cd" * 32) == 0
-    assert [(c.before, c.after, c.reason) for c in again.changes()] == [
-        (0, 1500, "genesis"), (1500, 900, "faucet")]
-    again.close()
+async def test_stake_is_replicated_state_and_survives_a_restart(tmp_path: Path) -> None:
+    """Genesis stake, then a committed credit; after a restart the state holds the
+    balance, the audit log its history, and an edit behind the blocks' back is caught."""
+    clock = Clock(START)
+    keystore = open_keystore(provider="software", data_dir=tmp_path)
+    path = tmp_path / "state" / "state.sqlite3"
+
+    async def open_replica() -> tuple[StateDatabase, AuditLog, Replica]:
+        state = StateDatabase(path)
+        audit = AuditLog(tmp_path / "audit.log", clock=clock)
+        replica = Replica(tmp_path, state, keystore, audit, clock)
+        await replica.machine.open({"ab" * 32: 1500})  # applied to an empty state only
+        return state, audit, replica
+
+    async def close(state: StateDatabase, audit: AuditLog, replica: Replica) -> None:
+        await replica.close()
+        await state.drain()
+        state.close()
+        audit.close()
+
+    state, audit, replica = await open_replica()
+    assert state.balance("ab" * 32) == 1500 and state.height() == 0
+    clock.now += 10
+    await replica.credit("ab" * 32, 900, "faucet")
+    await close(state, audit, replica)
+    state, audit, replica = await open_replica()
+    try:
+        assert state.balance("ab" * 32) == 900 and state.balance("cd" * 32) == 0
+        assert state.known("ab" * 32) and not state.known("cd" * 32)
+        assert replica.machine.height == 1 and replica.machine.corrupt is None
+        history = audit_records(tmp_path / "audit.log", "consensus.stake-changed")
+        assert [(r["before"], r["after"], r["reason"]) for r in history] == [
+            (0, 1500, "genesis"), (1500, 900, "faucet")]
+    finally:
+        await close(state, audit, replica)
+    with sqlite3.connect(path) as conn:  # stake raised outside the blocks
+        conn.execute("UPDATE stake SET amount=5000 WHERE key_id=?", ("ab" * 32,))
+    state, audit, replica = await open_replica()
+    try:
+        assert replica.machine.corrupt is not None
+        assert "does not match its hash" in replica.machine.corrupt
+    finally:
+        await close(state, audit, replica)
