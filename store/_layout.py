@@ -15,7 +15,6 @@ for each store, and each store object knows its own file. The layout::
       consensus/beacons.sqlite3 the epoch beacons
       consensus/chain.sqlite3  blocks, commits, evidence, signing state
       dns/keys.json            the DNSSEC key schedule (the keys are in the keystore)
-      dns/registrations.json   AAAA records registered by certificate holders
 """
 
 from __future__ import annotations
@@ -188,6 +187,3 @@ class DataDirectory:
 
     def dns_key_schedule(self) -> JsonFile:
         return JsonFile(self.root / "dns" / "keys.json")
-
-    def dns_registrations(self) -> JsonFile:
-        return JsonFile(self.root / "dns" / "registrations.json")

@@ -443,7 +443,8 @@ class StateDatabase(SqliteDatabase):
     def valid_certificates(self, now: float) -> list[CertificateRecord]:
         """Every issued, unexpired, unrevoked certificate (the DNS zones' source)."""
         rows = self.read_all(f"SELECT {self._CERTIFICATE} FROM certificates WHERE der IS NOT "
-                             "NULL AND revoked_ms IS NULL AND not_after > ? ORDER BY issued_ms",
+                             "NULL AND revoked_ms IS NULL AND not_after > ? "
+                             "ORDER BY issued_ms, height, position",
                              (now,))
         return [_record(r, self._names(r[0])) for r in rows]
 

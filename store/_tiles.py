@@ -356,8 +356,8 @@ class TileLog:
         """Make ``bundle`` durable in ``staging/`` (blocking: call from a worker thread)."""
         bundle.files["checkpoint"] = checkpoint_note
         staging = self.dir / "staging"
-        staging.mkdir(parents=True, exist_ok=True)
         try:
+            staging.mkdir(parents=True, exist_ok=True)
             _write_file(staging / bundle.name, bundle.encode(), sync=True)
             fsync_directory(staging)
         except OSError as exc:

@@ -52,10 +52,12 @@ from store import (
     Appended,
     Bundle,
     CtLogRecord,
+    KeyStore,
     MultisetHash,
     StateChanges,
     StateDatabase,
     TileDirectory,
+    TileError,
     TileLog,
     TreeHead,
 )
@@ -63,6 +65,9 @@ from store import (
 from ._submitted import CheckedChain
 
 log = logging.getLogger("trustchain.ct")
+
+SIGNED_CACHE = 4096
+"""SCT signatures kept in memory until the state holds them (one SCT per entry)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,7 +269,8 @@ class CtLog:
     :param clock: wall clock in seconds (tree head timestamps).
     """
 
-    def __init__(self, *, tiles: TileDirectory, state: StateDatabase, keystore: Any, origin: str,
+    def __init__(self, *, tiles: TileDirectory, state: StateDatabase, keystore: KeyStore,
+                 origin: str,
                  max_entries_per_shard: int = 10_000_000, sth_interval: float = 1.0,
                  feed_capacity: int = 16_384,
                  on_sequenced: Sequence[Callable[[Shard, LiveBatch], None]] = (),
@@ -285,6 +291,10 @@ class CtLog:
                                                                 thread_name_prefix="ct-install")
         self._installing: set[asyncio.Future[None]] = set()
         self._task: asyncio.Task[None] | None = None
+        self._signed: dict[tuple[bytes, int], bytes] = {}
+        self.failed: str | None = None
+        """Why a block's tiles could not be staged: the log in memory is ahead of the
+        state, so it appends nothing more until a restart reloads it."""
 
     # --- opening ------------------------------------------------------------------------
 
@@ -372,6 +382,9 @@ class CtLog:
         An entry the log already holds (or that the block logs twice) keeps its first
         place. A shard that fills up is followed at once by the next, empty one.
         """
+        if self.failed is not None:
+            raise TileError(f"the CT log stopped after a failed block ({self.failed}); "
+                            "restart the node")
         keys = [chain_entry_hash(e.chain, precert=e.precert) for e in entries]
         known = self.state.ct_entries(keys)
         places: dict[bytes, Logged] = {
@@ -481,14 +494,28 @@ class CtLog:
         """Make the batch's tiles durable in the shards' staging areas (fsync), before the
         state that refers to them is committed."""
         loop = asyncio.get_running_loop()
-        for write in batch.writes:
-            await loop.run_in_executor(self._installer, write.shard.tiles.write_bundle,
-                                       write.bundle, write.head.note.encode())
+        try:
+            for write in batch.writes:
+                await loop.run_in_executor(self._installer, write.shard.tiles.write_bundle,
+                                           write.bundle, write.head.note.encode())
+        except BaseException as exc:
+            self.abandon(f"{type(exc).__name__}: {exc}")
+            raise
+
+    def abandon(self, reason: str) -> None:
+        """A block appended in memory will not be committed: append nothing more."""
+        self.failed = reason
+        log.critical("CT log stopped: a block's entries could not be made durable",
+                     extra={"reason": reason})
 
     def published(self, batch: CtBatch) -> None:
         """The block's state is committed: readers see the entries, subscribers hear of
         them, and the tiles are written in place (off the critical path)."""
         self.shards.extend(batch.new_shards)
+        for shard in batch.new_shards:
+            shard.tiles.write_checkpoint(shard.checkpoint.note.encode())
+            shard.tiles.write_public_key(shard.signer.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
         for write in batch.writes:
             shard = write.shard
             shard.tiles.publish(write.bundle)
@@ -528,11 +555,16 @@ class CtLog:
     def sct(self, logged: Logged) -> Submitted:
         """This validator's SCT for an entry of the log (signed once, then kept)."""
         shard = self.shard(logged.shard)
-        signature = self.state.sct_signature(logged.entry_hash, logged.shard)
+        key = (logged.entry_hash, logged.shard)
+        signature = self._signed.get(key) or self.state.sct_signature(*key)
         if signature is None:
             ((item, _),) = shard.tiles.entries(logged.leaf_index, logged.leaf_index + 1)
             leaf_input = TileLeaf.parse(item).entry.merkle_tree_leaf()
             signature = digitally_signed(shard.signer.sign(leaf_input))
+            # kept here until the state has it: a second request meanwhile gets this one
+            if len(self._signed) >= SIGNED_CACHE:
+                del self._signed[next(iter(self._signed))]
+            self._signed[key] = signature
             self.state.save_sct(logged.entry_hash, logged.shard, signature)
         return Submitted(sct=SignedCertificateTimestamp(
             log_id=shard.log_id, timestamp=logged.timestamp,

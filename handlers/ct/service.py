@@ -11,6 +11,7 @@ from protocol import Event, InvalidRequest, NotFound, Unavailable, error_from_wi
 from protocol.ct_structs import TileLeaf, extra_data, tile_leaf_header
 from protocol.decisions import Decision, LogChain
 from protocol.ops import ct as ops
+from store import TileCorrupted
 
 from .._router import RequestContext, Router
 from ._log import CtLog, LiveBatch, Logged, Shard, Submitted, chain_entry_hash
@@ -102,7 +103,8 @@ class CtService:
         validator appends it at the same index), answer this validator's SCT."""
         checked = self.validator.check(chain, precert=precert)
         known = self.log.state.ct_entry(chain_entry_hash(checked, precert=precert))
-        if known is not None:
+        if known is not None and known.shard < len(self.log.shards) \
+                and known.leaf_index < self.log.shard(known.shard).size:
             return self._sct_result(self.log.sct(Logged(known.entry_hash, known.shard,
                                                         known.leaf_index, known.timestamp,
                                                         fresh=False)))
@@ -172,7 +174,11 @@ class CtService:
 
     def _entry(self, shard: Shard, item: bytes) -> dict[str, Any]:
         leaf = TileLeaf.parse(item)
-        chain = [shard.issuers[fp] for fp in leaf.chain_fingerprints]
+        try:
+            chain = [shard.issuers[fp] for fp in leaf.chain_fingerprints]
+        except KeyError:
+            raise TileCorrupted(f"CT shard {shard.number}: an entry names an issuer the shard "
+                                "does not hold (its data tile was altered)") from None
         return {"leaf_input": leaf.entry.merkle_tree_leaf(),
                 "extra_data": extra_data(leaf, chain)}
 

@@ -97,8 +97,10 @@ def _published_names(record: CertificateRecord) -> list[str]:
     return [n for n in record.names if not n.startswith("*.") and not is_address(n)]
 
 
-def _issued_at(record: CertificateRecord) -> float:
-    return record.issued_at
+def newest_first(record: CertificateRecord) -> tuple[float, int, int]:
+    """The order in which a name's holders supersede each other: issuance time, then the
+    place in the chain (one block may issue a name to two keys at one time)."""
+    return (record.issued_at, record.height, record.position)
 
 
 def _digestable(rdata: Any) -> bytes:
@@ -275,7 +277,7 @@ class TrustChainZones:
         else:  # an address or a wildcard: not indexed
             candidates = [r for r in self._valid.values() if name in r.names]
         holders = [r for r in candidates if r.not_after > now and r.revoked_at is None]
-        return max(holders, key=_issued_at) if holders else None
+        return max(holders, key=newest_first) if holders else None
 
     # --- zones -----------------------------------------------------------------------
 
@@ -292,7 +294,7 @@ class TrustChainZones:
         for name in self._pending:
             holders = self._holders.get(name)
             if holders:
-                self._current[name] = max(holders.values(), key=_issued_at)  # first of ties
+                self._current[name] = max(holders.values(), key=newest_first)
             else:
                 self._current.pop(name, None)
             owner = absolute(name)

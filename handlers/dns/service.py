@@ -31,7 +31,7 @@ from .._router import RequestContext, Router
 from ._answers import DnsAnswers
 from ._resolver import Forwarder, Resolution
 from ._zone import Zone
-from ._zones import TLSA_PREFIX, TrustChainZones, absolute, is_address
+from ._zones import TLSA_PREFIX, TrustChainZones, absolute, is_address, newest_first
 
 DNSKEY = dns.rdatatype.DNSKEY
 RRSIG = dns.rdatatype.RRSIG
@@ -135,7 +135,7 @@ class DnsService:
         text = host.to_text(omit_final_dot=True).lower()
         # the CA's own database, not the zone's view of it: a drift shows as a mismatch
         holders = self.zones.state.holders(text, self.clock())
-        record = max(holders, key=lambda r: r.issued_at) if holders else None
+        record = max(holders, key=newest_first) if holders else None
         tlsa = zone.rrset(tlsa_name, TLSA)
         binding: dict[str, Any] = {"name": tlsa_name.to_text(), "serial": None,
                                    "fingerprint": None}

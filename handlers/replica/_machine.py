@@ -288,7 +288,12 @@ class CaStateMachine:
         self._certificate_rows(run)
         run.changes.state_hash = state_hash(block.height, run.rows)
         await self.ct.stage(batch)
-        await asyncio.get_running_loop().run_in_executor(None, self.state.apply, run.changes)
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self.state.apply,
+                                                             run.changes)
+        except BaseException as exc:
+            self.ct.abandon(f"the state of block {block.height} was not committed: {exc}")
+            raise
         self.rows, self.height, self.state_hash = run.rows, block.height, run.changes.state_hash
         self.ct.published(batch)
         await self._committed(run)
@@ -297,6 +302,9 @@ class CaStateMachine:
                         isolate=tuple(sorted(run.isolate)))
 
     def _apply(self, run: _Run, index: int, decision: Decision, entry: str) -> Outcome:
+        stale = self._fresh(run, decision.at_ms)  # every decision: its seal time bounds it
+        if stale is not None:
+            return stale
         if isinstance(decision, Issue | NodeCertificate):
             return self._issue(run, index, decision, entry)
         if isinstance(decision, SignedCertificate):
@@ -355,9 +363,6 @@ class CaStateMachine:
 
     def _issue(self, run: _Run, index: int, decision: Issue | NodeCertificate,
                entry: str) -> Outcome:
-        stale = self._fresh(run, decision.at_ms)
-        if stale is not None:
-            return stale
         try:
             request = check_request(decision.csr, self.policy)
         except TrustChainError as exc:  # checked before commit
@@ -521,9 +526,6 @@ class CaStateMachine:
     # --- revocation, registration -------------------------------------------------------
 
     def _revoke(self, run: _Run, decision: Revoke) -> Outcome:
-        stale = self._fresh(run, decision.at_ms)
-        if stale is not None:
-            return stale
         record = self._record(run, decision.serial)
         if record is None:
             return refused("not_found", f"no certificate with serial {decision.serial}",

@@ -27,6 +27,7 @@ import pytest
 
 from handlers.dns import TLSA_PREFIX, SignatureCache, _zone, build_zone
 from handlers.dns._zone import Records
+from handlers.dns._zones import newest_first
 from protocol.doq import QueryReceived, parse_query
 from store import CertificateRecord
 
@@ -95,7 +96,7 @@ class Model:
                 if _is_address(name) or name.startswith("*."):
                     continue
                 held = current.get(name)
-                if held is None or record.issued_at > held.issued_at:
+                if held is None or newest_first(record) > newest_first(held):
                     current[name] = record
         ttl = 300
         records: Records = {}
