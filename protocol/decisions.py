@@ -12,6 +12,7 @@ is the inverse. The checks that need keys, proofs or the state are not here:
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -168,6 +169,14 @@ class Register:
         addresses = _get(body, "addresses", list)
         if len(addresses) > 16 or not all(isinstance(a, str) for a in addresses):
             raise DecisionError("register: at most 16 addresses (text)")
+        for address in addresses:
+            try:
+                canonical = ipaddress.IPv6Address(address).compressed
+            except ValueError:
+                canonical = None
+            if canonical != address:
+                raise DecisionError(f"register: {address[:64]!r} is not an IPv6 address in "
+                                    "compressed form")
         return cls(serial=_get(body, "serial", str), name=_get(body, "name", str),
                    addresses=tuple(addresses), time=_uint(body, "time"),
                    signature=_get(body, "signature", bytes), at_ms=_uint(body, "at_ms"))

@@ -235,25 +235,57 @@ def create_plot(directory: Path, spki: bytes, k: int, *,
     return final
 
 
+PLOTTER_STALL = 60.0
+"""Seconds without a line of plotter output before the plotter is taken as stuck (chiapos
+loops forever for a few plot ids with some settings; it prints often while it works)."""
+
+
 def _run_plotter(argv: list[str], k: int, progress: Progress | None) -> tuple[int, list[str]]:
-    phase, steps = 1, 0
-    tail: list[str] = []
     with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, errors="replace") as child:
         assert child.stdout is not None
-        for line in child.stdout:
-            tail = [*tail, line.rstrip()][-20:]
-            if m := _PHASE.search(line):
-                phase, steps = int(m.group(1)), 0
-            elif _STEP.search(line):
-                steps = min(steps + 1, _PHASE_STEPS[phase])
-            else:
-                continue
-            if progress is not None:
-                weight = _PHASE_START.get(phase + 1, 1.0) - _PHASE_START[phase]
-                progress(f"plotting k={k}: phase {phase}/4",
-                         _PHASE_START[phase] + weight * steps / _PHASE_STEPS[phase])
-        return child.wait(), tail
+        last_line = [time.monotonic()]
+        done = threading.Event()
+
+        def watch() -> None:
+            while not done.wait(1.0):
+                if time.monotonic() - last_line[0] > PLOTTER_STALL:
+                    child.kill()
+                    return
+
+        watchdog = threading.Thread(target=watch, name="plotter-watchdog", daemon=True)
+        watchdog.start()
+        try:
+            status, tail = _read_plotter(child, k, progress, last_line)
+        finally:
+            done.set()
+            watchdog.join()
+        if status < 0:
+            tail = [*tail, f"the plotter printed nothing for {PLOTTER_STALL:g} s and was "
+                           "stopped"]
+        return status, tail
+
+
+def _read_plotter(child: subprocess.Popen[str], k: int, progress: Progress | None,
+                  last_line: list[float]) -> tuple[int, list[str]]:
+    """Follow the plotter's output (progress, the last lines) until it exits."""
+    phase, steps = 1, 0
+    tail: list[str] = []
+    assert child.stdout is not None
+    for line in child.stdout:
+        last_line[0] = time.monotonic()
+        tail = [*tail, line.rstrip()][-20:]
+        if m := _PHASE.search(line):
+            phase, steps = int(m.group(1)), 0
+        elif _STEP.search(line):
+            steps = min(steps + 1, _PHASE_STEPS[phase])
+        else:
+            continue
+        if progress is not None:
+            weight = _PHASE_START.get(phase + 1, 1.0) - _PHASE_START[phase]
+            progress(f"plotting k={k}: phase {phase}/4",
+                     _PHASE_START[phase] + weight * steps / _PHASE_STEPS[phase])
+    return child.wait(), tail
 
 
 def plot_filename(spki: bytes, k: int) -> str:

@@ -83,6 +83,11 @@ CREATE TABLE IF NOT EXISTS validator_keys (
     validator TEXT PRIMARY KEY,        -- validator id
     keys BLOB NOT NULL                 -- deterministic CBOR of what it announced
 );
+CREATE TABLE IF NOT EXISTS isolated (
+    validator TEXT PRIMARY KEY,        -- a validator the blocks proved faulty
+    height INTEGER NOT NULL,           -- the block that proved it
+    reason TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS ct_shards (
     shard INTEGER PRIMARY KEY,
     size INTEGER NOT NULL,
@@ -139,7 +144,7 @@ CREATE TABLE IF NOT EXISTS ct_scts (
 """
 
 TABLES = ("certificates", "names", "registrations", "stake", "used_work", "validator_keys",
-          "ct_shards", "ct_entries", "ct_leaves", "fingerprints", "fingerprint_names")
+          "isolated", "ct_shards", "ct_entries", "ct_leaves", "fingerprints", "fingerprint_names")
 """The replicated tables, in the order :meth:`StateDatabase.rows` walks them."""
 
 _COLUMNS = {
@@ -152,6 +157,7 @@ _COLUMNS = {
     "stake": ("key_id", "amount"),
     "used_work": ("hash", "epoch"),
     "validator_keys": ("validator", "keys"),
+    "isolated": ("validator", "height", "reason"),
     "ct_shards": ("shard", "size", "root"),
     "ct_entries": ("entry_hash", "shard", "leaf_index", "timestamp"),
     "ct_leaves": ("leaf_hash", "shard", "leaf_index"),
@@ -166,6 +172,7 @@ _KEYS = {
     "stake": ("key_id",),
     "used_work": ("hash",),
     "validator_keys": ("validator",),
+    "isolated": ("validator",),
     "ct_shards": ("shard",),
     "ct_entries": ("entry_hash",),
     "ct_leaves": ("leaf_hash",),
@@ -276,6 +283,12 @@ class StateChanges:
         self.upserts.setdefault(row[0], []).append(row)
 
     def delete(self, table: str, key: tuple[Any, ...]) -> None:
+        """Delete the row with ``key``; an upsert of it earlier in the block is dropped
+        (:meth:`StateDatabase.apply` writes deletes before upserts)."""
+        upserts = self.upserts.get(table)
+        if upserts:
+            positions = [_COLUMNS[table].index(k) + 1 for k in _KEYS[table]]
+            self.upserts[table] = [r for r in upserts if tuple(r[p] for p in positions) != key]
         self.deletes.setdefault(table, []).append(key)
 
 
@@ -477,6 +490,10 @@ class StateDatabase(SqliteDatabase):
         """validator id -> what it announced (deterministic CBOR)."""
         return {v: bytes(k) for v, k in self.read_all("SELECT validator, keys FROM "
                                                       "validator_keys")}
+
+    def isolated(self) -> dict[str, int]:
+        """validator id -> the height of the block that proved it faulty (isolated)."""
+        return {v: h for v, h in self.read_all("SELECT validator, height FROM isolated")}
 
     # --- certificate transparency ---------------------------------------------------
 

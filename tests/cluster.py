@@ -29,11 +29,17 @@ ENV = {**os.environ, "PYTHONUNBUFFERED": "1",
 
 
 def tune(config: Path, **consensus: str) -> None:
-    """Append ``[consensus]`` overrides by rewriting the table's keys in place."""
+    """Set ``[consensus]`` keys (replacing those the file has)."""
     text = config.read_text()
     lines = text.splitlines()
     start = lines.index("[consensus]")
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("[")),
+               len(lines))
     for key, value in consensus.items():
+        lines[start + 1:end] = [line for line in lines[start + 1:end]
+                                if not line.startswith(f"{key} =")]
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("[")),
+                   len(lines))
         lines.insert(start + 1, f"{key} = {value}")
     config.write_text("\n".join(lines) + "\n")
 
@@ -109,8 +115,8 @@ class Cluster:
         return "\n".join(f"--- node-{i + 1}\n" + self.log(i).read_text(errors="replace")[-3000:]
                          for i in range(self.size) if self.log(i).exists())
 
-    async def client(self, index: int) -> stoq.AsyncClient:
-        return await stoq.connect("::1", self.port(index), insecure=True, timeout=5.0,
+    async def client(self, index: int, timeout: float = 5.0) -> stoq.AsyncClient:
+        return await stoq.connect("::1", self.port(index), insecure=True, timeout=timeout,
                                   trace=self.checker)
 
     async def ask(self, index: int, op: str, args: dict[str, Any] | None = None,

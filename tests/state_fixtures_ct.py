@@ -180,7 +180,9 @@ class LoneValidator:
                         chains=self.node.chains, root=ca.root, node_names={},
                         lifetime=LIFETIME, backdate=BACKDATE, development=True,
                         minimum_stake=PARAMS.minimum_stake, cosign=KEY.sign, clock=now)
-        self.links = StoqPeerLinks(me=ME.id, endpoints={}, engine=stoq.ENGINES[0])
+        self.links = StoqPeerLinks(chain_id="ct-unit", me=ME.id, sign=KEY.sign,
+                                   validators=ValidatorSet((ME,)), endpoints={},
+                                   engine=stoq.ENGINES[0])
         self.chain = ConsensusChain(
             chain_id="ct-unit", validators=ValidatorSet((ME,)),
             store=ChainStore(directory / "consensus" / "chain.sqlite3"), transport=self.links,

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import serialization
 import stoq
 from handlers.consensus import link_refusal, link_statement, spki_sha256
 from handlers.consensus.bft import ValidatorSet
-from protocol import Timeout
+from protocol import Timeout, TrustChainError
 from store import TlsCredential
 
 log = logging.getLogger("trustchain.consensus")
@@ -116,8 +116,16 @@ class StoqPeerLinks:
         reason: str | None = "it presented no TLS certificate"
         if presented is not None:
             tls_key = spki_sha256(presented)
-            identity = await client.request("consensus.identity", {}, timeout=self.timeout)
-            if identity.get("validator") != validator:
+            try:
+                identity = await client.request("consensus.identity", {},
+                                                timeout=self.timeout)
+            except Timeout:
+                raise
+            except TrustChainError as exc:  # an observer, another service, an old node
+                identity = {"refusal": f"it does not answer as a validator ({exc.message})"}
+            if "refusal" in identity:
+                reason = str(identity["refusal"])
+            elif identity.get("validator") != validator:
                 reason = f"it says it is validator {str(identity.get('validator'))[:16]}"
             elif identity.get("tls_key") != tls_key:
                 reason = "its link statement names another TLS key than the one it served"

@@ -391,7 +391,8 @@ class CertificateAuthority:
         _raise_refused(outcome)
         value = outcome.value
         return {"serial": serial, "revoked_at": value["revoked_at"], "reason": value["reason"],
-                "already_revoked": value["already_revoked"]}
+                "already_revoked": value["already_revoked"],
+                "block_height": outcome.block_height}
 
     def _authenticate_revocation(self, serial: str, record: CertificateRecord,
                                  args: ops.RevokeArgs) -> str:

@@ -126,6 +126,9 @@ class Rules(Protocol):
     def executed_height(self) -> int:
         """The height of the last block the application executed (0: none)."""
 
+    def isolated(self) -> frozenset[str]:
+        """The validators the executed blocks proved faulty (kept in the state)."""
+
     async def check(self, decision: bytes, validators: ValidatorSet) -> str | None:
         """None if ``decision`` may be committed, else why not (``validators``: the
         current set). Called once per decision."""
@@ -144,6 +147,9 @@ class OpenRules:
 
     def __init__(self) -> None:
         self.executed_height = 0
+
+    def isolated(self) -> frozenset[str]:
+        return frozenset()
 
     async def check(self, decision: bytes, validators: ValidatorSet) -> str | None:
         return None
@@ -484,6 +490,9 @@ class ConsensusChain:
             await self.rules.execute(block, Commit.from_wire(decode_item(stored.commit)))
             log.info("stored block executed", extra={"height": height})
         self.core.app_hash = self.rules.state_hash
+        self.core.isolate_proven(self.rules.isolated())
+        for offender in sorted(self.isolated):
+            self.transport.drop(offender)
 
     def _diverge(self, block: Block, ours: bytes) -> None:
         self.diverged = (f"the block at height {block.height} carries state hash "

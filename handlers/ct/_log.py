@@ -54,6 +54,7 @@ from store import (
     CtLogRecord,
     KeyStore,
     MultisetHash,
+    Row,
     StateChanges,
     StateDatabase,
     TileDirectory,
@@ -463,11 +464,13 @@ class CtLog:
             fingerprint = sha256(chain.leaf_der).digest()
             appended.append(Appended(hashed, te + pre + len(fps).to_bytes(2, "big") + fps,
                                      fingerprint, chain.names))
+            indexed: tuple[Row, ...] = ()
+            if not self._fingerprinted(fingerprint, entry.precert, changes):
+                indexed = (("fingerprints", fingerprint, chain.spki_sha256, kind, number,
+                            index, None, timestamp),
+                           *(("fingerprint_names", n, fingerprint) for n in chain.names))
             for row in (("ct_entries", key, number, index, timestamp),
-                        ("ct_leaves", hashed, number, index),
-                        ("fingerprints", fingerprint, chain.spki_sha256, kind, number, index,
-                         None, timestamp),
-                        *(("fingerprint_names", n, fingerprint) for n in chain.names)):
+                        ("ct_leaves", hashed, number, index), *indexed):
                 changes.upsert(row)
                 rows.add(row)
             item = {"index": index, "timestamp": timestamp, "entry_type": kind,
@@ -489,6 +492,15 @@ class CtLog:
         changes.ct_heads.append(signed)
         return _ShardWrite(shard=shard, start=start, bundle=bundle, new_issuers=new_issuers,
                            head=signed, items=items, slim=slim)
+
+    def _fingerprinted(self, fingerprint: bytes, precert: bool,
+                       changes: StateChanges) -> bool:
+        """Whether the fingerprint index already has this certificate (one the CA issued,
+        submitted again with ``ct.add-chain``): its issued row stays the one kept."""
+        if precert:
+            return False  # a precertificate is logged once (the entry hash says so)
+        return (self.state.fingerprint(fingerprint) is not None
+                or any(r[1] == fingerprint for r in changes.upserts.get("fingerprints", ())))
 
     async def stage(self, batch: CtBatch) -> None:
         """Make the batch's tiles durable in the shards' staging areas (fsync), before the

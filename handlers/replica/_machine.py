@@ -223,7 +223,11 @@ class CaStateMachine:
         self.height = self.state.height()
         self.rows = rows
         self.state_hash = state_hash(self.height, rows)
-        if stored is not None and MultisetHash.from_bytes(stored) != rows:
+        if stored is None and self.height > 0:
+            self.corrupt = (f"the stored state at height {self.height} has no stored hash: "
+                            "it was changed outside the blocks (edited or damaged)")
+            log.critical("replicated state corrupt: %s", self.corrupt)
+        elif stored is not None and MultisetHash.from_bytes(stored) != rows:
             self.corrupt = (f"the stored state at height {self.height} does not match its "
                             "hash: it was changed outside the blocks (edited or damaged)")
             log.critical("replicated state corrupt: %s", self.corrupt)
@@ -265,13 +269,13 @@ class CaStateMachine:
                                         rows_hash=rows, state_hash=b""))
         outcomes: list[Outcome] = []
         for index, raw in enumerate(block.decisions):
+            sealed = None
             try:
                 sealed = unseal(raw)
                 decision = parse(sealed.body)
                 outcome = self._apply(run, index, decision, sealed.entry)
             except (SealError, DecisionError) as exc:  # checked before commit: not expected
                 outcome = refused("invalid_request", f"the decision is malformed: {exc}")
-                sealed = None
             if not outcome.accepted and sealed is not None:
                 self.refusals[sealed.entry] = self.refusals.get(sealed.entry, 0) + 1
             outcomes.append(outcome)
@@ -468,7 +472,7 @@ class CaStateMachine:
                                      issuer=issuer.certificate)
         except ProfileError as exc:
             if self._signed_by(decision.certificate, issuer.certificate):
-                run.isolate.add(record.validator)
+                self._isolate(run, record.validator, "misissuance")
                 run.audit.append(("consensus.misissuance", {
                     "validator": record.validator, "serial": record.serial,
                     "reason": str(exc)}))
@@ -479,6 +483,13 @@ class CaStateMachine:
         fingerprint = hashlib.sha256(decision.certificate).hexdigest()
         done = dataclasses.replace(record, der=decision.certificate, fingerprint=fingerprint)
         self._put(run, done)
+        logged = self.state.fingerprint(bytes.fromhex(fingerprint))
+        if logged is not None:  # submitted with ct.add-chain first: the issued row replaces it
+            run.rows.remove(("fingerprints", logged.sha256, logged.spki_sha256, logged.kind,
+                             logged.shard, logged.leaf_index, logged.serial,
+                             round(logged.first_seen * 1000)))
+            for name in logged.names:
+                run.rows.remove(("fingerprint_names", name, logged.sha256))
         row = ("fingerprints", bytes.fromhex(fingerprint), bytes.fromhex(record.spki_sha256),
                "issued", record.ct_shard, record.ct_index, record.serial, run.time_ms)
         run.changes.upsert(row)
@@ -666,11 +677,26 @@ class CaStateMachine:
                     return refused("invalid_request", "it is the committed precertificate")
             except ValueError:
                 pass
-        run.isolate.add(issuer.validator)
+        self._isolate(run, issuer.validator, "misissuance")
         run.audit.append(("consensus.misissuance", {
             "validator": issuer.validator, "serial": format(cert.serial_number, "x"),
             "fingerprint": hashlib.sha256(decision.certificate).hexdigest()}))
         return Outcome(accepted=True, value={"offender": issuer.validator})
+
+    def _isolate(self, run: _Run, validator: str, reason: str) -> None:
+        """Record that the block proved ``validator`` faulty: the chain isolates it (power
+        0 from the next height), and the state keeps it, so that a restart does too."""
+        if validator in run.isolate:
+            return
+        run.isolate.add(validator)
+        if validator not in self.state.isolated():
+            row = ("isolated", validator, run.height, reason)
+            run.changes.upsert(row)
+            run.rows.add(row)
+
+    def isolated(self) -> frozenset[str]:
+        """The validators the executed blocks proved faulty."""
+        return frozenset(self.state.isolated())
 
     def _stake(self, run: _Run, decision: StakeCredit) -> Outcome:
         before = run.stake.get(decision.key_id, self.state.balance(decision.key_id))

@@ -209,6 +209,9 @@ class CaRules:
     def executed_height(self) -> int:
         return self.machine.height
 
+    def isolated(self) -> frozenset[str]:
+        return self.machine.isolated()
+
     async def execute(self, block: Block, commit: Commit) -> Executed:
         executed = await self.machine.execute(block)
         if self.on_block is not None:

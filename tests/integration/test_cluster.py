@@ -12,8 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
+import subprocess
+import sys
 import time
+import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +29,7 @@ import dns.name
 import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -31,14 +37,17 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 import stoq
 from handlers.consensus.bft import Block, Commit, Validator, ValidatorSet
+from protocol import Unauthorized, decode_item, revocation_statement
 from protocol import ct_merkle as merkle
-from protocol import decode_item, revocation_statement
 from store import SoftwareKeyStore
-from tests.cluster import Cluster, running_cluster
+from tests.cluster import ENV, Cluster, running_cluster
 from tests.helpers import CddlChecker, Requester
 
 FAST = {"block_interval": '"500ms"', "timeout_propose": '"500ms"',
         "timeout_prevote": '"300ms"', "timeout_precommit": '"300ms"'}
+CHEAP_WORK = {"minimum_work_difficulty": "8"}
+"""For many issuances: the requester's pure-Python work proof (16 bits by default in a
+development cluster) would otherwise be what the test measures."""
 VALIDITY = 86400.0
 BACKDATE = 300.0
 
@@ -86,6 +95,7 @@ async def test_one_ca_any_validator_answers_and_losing_one_loses_nothing(
         keys = [bytes.fromhex(n["public_key"]) for n in cluster.nodes]
         Commit.from_wire(decode_item(stored["commit"])).verify(
             status["chain_id"], ValidatorSet(tuple(Validator(k) for k in keys)))
+        await _executed(cluster, everyone, height)
         anchors = await _cluster_ds(cluster, 0)
         assert len(anchors) == 4  # one KSK per validator (RFC 8901 multi-signer)
         for i in (1, 2, 3):
@@ -103,6 +113,7 @@ async def test_one_ca_any_validator_answers_and_losing_one_loses_nothing(
                 "serial": result["serial"], "reason": "key_compromise", "time": now,
                 "signature": key.sign(statement, ec.ECDSA(hashes.SHA256()))})
         assert revoked["reason"] == "key_compromise" and not revoked["already_revoked"]
+        await _executed(cluster, live, revoked["block_height"])
         for i in (2, 3):
             answer = await cluster.ask(i, "ca.validate", {"serial": result["serial"]})
             assert answer is not None and answer["status"] == "revoked", (i, answer)
@@ -135,6 +146,13 @@ async def _checkpoint_cosigned(cluster: Cluster, chain_id: str) -> None:
     cosigned = answer["checkpoints"][0]
     assert len(cosigned["cosigners"]) >= 3
     assert _c2sp_cosigners(cosigned["checkpoint"], chain_id, keys) == set(cosigned["cosigners"])
+
+
+async def _executed(cluster: Cluster, nodes: list[int], height: int) -> None:
+    """Wait until every node in ``nodes`` has executed the block at ``height`` (the client
+    was answered once its entry validator had; the others follow within moments)."""
+    await cluster.wait_until(nodes, lambda s: s["state"]["height"] >= height, 30,
+                             f"block {height} executed")
 
 
 def _keys_announced(count: int) -> Any:
@@ -234,7 +252,7 @@ async def test_many_issuances_one_state_and_byzantine_shortcuts_refused(
     isolated). Meanwhile 1,000 issuances spread over nodes 1-4 leave one state."""
     forger = 4
     with running_cluster(tmp_path / "c5", 5, forgers=(forger,), checker=cddl,
-                         **FAST) as cluster:
+                         **FAST, **CHEAP_WORK) as cluster:
         honest = [0, 1, 2, 3]
         await cluster.wait_until(honest, _keys_announced(5), 90, "every validator's keys")
         results = await _issue_many(cluster, prover, honest, ISSUANCES)
@@ -274,6 +292,7 @@ async def test_many_issuances_one_state_and_byzantine_shortcuts_refused(
         async with await cluster.client(3) as client:
             last = await Requester(client, prover).issue(stoq.build_csr(
                 ec.generate_private_key(ec.SECP256R1()), ["after.trust"], []))
+        await _executed(cluster, honest, last["block_height"])
         for i in honest:
             answer = await cluster.ask(i, "ca.validate", {"serial": last["serial"]})
             assert answer is not None and answer["status"] == "valid"
@@ -287,7 +306,7 @@ IN_FLIGHT = 64
 async def _issue_many(cluster: Cluster, prover: stoq.Prover, nodes: list[int],
                       count: int) -> list[dict[str, Any]]:
     """``count`` issuances, round-robin over ``nodes``, ``IN_FLIGHT`` at a time."""
-    clients = [await cluster.client(i) for i in nodes]
+    clients = [await cluster.client(i, timeout=60.0) for i in nodes]
     try:
         requesters = [Requester(c, prover) for c in clients]
         for requester in requesters:
@@ -300,8 +319,11 @@ async def _issue_many(cluster: Cluster, prover: stoq.Prover, nodes: list[int],
                                      [f"n{n}.many.trust"], [])
                 return await requesters[n % len(requesters)].issue(csr)
 
-        return list(await asyncio.wait_for(asyncio.gather(*(one(n) for n in range(count))),
-                                           600))
+        started = time.monotonic()
+        results = await asyncio.wait_for(asyncio.gather(*(one(n) for n in range(count))), 600)
+        print(f"{count} issuances over {len(nodes)} validators in "
+              f"{time.monotonic() - started:.1f} s")
+        return list(results)
     finally:
         for client in clients:
             await client.close()
@@ -315,12 +337,17 @@ def _sign_outside_consensus(data_dir: Path, model: x509.Certificate,
         signer = next(s for s in (keystore.get(n) for n in keystore.names()) if s is not None
                       and s.public_key() == issuer.public_key())
         builder = (x509.CertificateBuilder().subject_name(model.subject)
-                   .issuer_name(model.issuer).public_key(model.public_key())
+                   .issuer_name(issuer.subject).public_key(model.public_key())
                    .serial_number(x509.random_serial_number())
                    .not_valid_before(model.not_valid_before_utc)
                    .not_valid_after(model.not_valid_after_utc))
+        skip = (x509.AuthorityKeyIdentifier, x509.PrecertificateSignedCertificateTimestamps)
         for extension in model.extensions:
-            builder = builder.add_extension(extension.value, extension.critical)
+            if not isinstance(extension.value, skip):
+                builder = builder.add_extension(extension.value, extension.critical)
+        ski = issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
         return builder.sign(signer.private_key(), hashes.SHA256()).public_bytes(
             serialization.Encoding.DER)
     finally:
@@ -356,9 +383,25 @@ async def test_killed_validator_restarts_without_double_signing(tmp_path: Path,
         live = [0, 1, 2]
         before = (await cluster.statuses(live))[0]
         assert before is not None
-        # 3 of 4 are a quorum: the others go on deciding
+        # 3 of 4 are a quorum: the others go on deciding ...
         await cluster.wait_until(live, _heights_at_least(before["height"] + 3), 60,
                                  "3 of 4 validators decide")
+        # ... and refuse an impostor that took node-4's address (a node with its own key)
+        missing = cluster.id(3)
+        with _impostor(cluster, 3, tmp_path / "impostor"):
+            statuses = await cluster.wait_until(
+                live, lambda s: missing in s["links"], 60, "the impostor refused")
+            assert all("not answer as a validator" in s["links"][missing]
+                       for s in statuses.values()), statuses
+        # an outsider cannot pass for a validator either
+        async with await cluster.client(0) as client:
+            with pytest.raises(Unauthorized, match="not a validator link"):
+                await client.request("consensus.gossip", {"messages": [],
+                                                          "sender": cluster.id(1)})
+            with pytest.raises(Unauthorized, match="link statement does not verify"):
+                await client.request("consensus.gossip", {"messages": [],
+                                                          "sender": cluster.id(1),
+                                                          "link": b"\x00" * 64})
         cluster.start(3)
         now = (await cluster.statuses([0]))[0]
         assert now is not None
@@ -370,6 +413,25 @@ async def test_killed_validator_restarts_without_double_signing(tmp_path: Path,
             assert status["evidence"] == [] and status["isolated"] == []
         upto = min(s["height"] for s in statuses.values()) - 1
         await _same_chain(cluster, everyone, upto)
+        assert all(missing not in s["links"] for s in statuses.values())
+
+
+@contextlib.contextmanager
+def _impostor(cluster: Cluster, index: int, directory: Path) -> Iterator[None]:
+    """A development node with its own keys serving on node ``index``'s endpoint."""
+    directory.mkdir()
+    text = cluster.config(index).read_text()
+    original = tomllib.loads(text)["node"]["data_dir"]
+    config = directory / "config.toml"
+    config.write_text(text.replace(original, str(directory / "data")))
+    with (directory / "test.log").open("ab") as out:
+        process = subprocess.Popen([sys.executable, "-m", "trustchain", "serve", "--config",
+                                    str(config)], stdout=out, stderr=out, env=ENV)
+    try:
+        yield
+    finally:
+        process.kill()
+        process.wait(10)
 
 
 async def test_no_quorum_no_commit_then_recovery(tmp_path: Path) -> None:

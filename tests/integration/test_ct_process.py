@@ -17,8 +17,8 @@ import stoq
 from protocol import ct_merkle as merkle
 from protocol import ct_structs as ct
 
-from ..helpers import start_server_process
 from ..ca_fixtures import make_ca
+from ..helpers import start_server_process
 
 
 async def test_sigkill_loses_no_acknowledged_entry(tmp_path: Path) -> None:

@@ -586,9 +586,6 @@ async def test_tampered_tiles_or_state_are_detected(tmp_path: Path, ca: CaForTes
         await node.close()
 
 
-@pytest.mark.xfail(strict=True, raises=KeyError, reason="source bug: the issuer "
-                   "fingerprints of a TileLeaf are outside the leaf hash; one altered on disk "
-                   "makes CtService._entry raise KeyError instead of TileCorrupted")
 async def test_an_altered_issuer_fingerprint_in_a_data_tile_is_reported_as_corruption(
         tmp_path: Path, ca: CaForTests) -> None:
     node = CtNode.open(tmp_path, [ca.root_der])
@@ -608,9 +605,6 @@ async def test_an_altered_issuer_fingerprint_in_a_data_tile_is_reported_as_corru
         await node.close()
 
 
-@pytest.mark.xfail(strict=True, raises=TileError, reason="source bug: between the state "
-                   "commit of a block and CtLog.published, CtService finds a submission in "
-                   "the state and CtLog.sct reads an entry beyond the published tree size")
 async def test_a_duplicate_arriving_while_its_block_commits_gets_no_internal_error(
         tmp_path: Path, ca: CaForTests) -> None:
     node = CtNode.open(tmp_path, [ca.root_der])
@@ -654,10 +648,6 @@ async def test_an_sct_is_signed_once_and_kept_across_a_restart(
         await node.close()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="source bug: CtLog.sct saves "
-                   "the signature with StateDatabase.submit (asynchronously); a second "
-                   "request for the same SCT before that commit signs again, and ECDSA "
-                   "gives another SCT")
 async def test_concurrent_requests_for_one_sct_get_the_same_one(
         tmp_path: Path, ca: CaForTests) -> None:
     node = CtNode.open(tmp_path, [ca.root_der])
@@ -758,9 +748,6 @@ async def test_a_block_that_fills_a_shard_opens_the_next_one_empty(
         await node.close()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="source bug: a shard opened "
-                   "by a block (CtLog._next_shard) gets its log-key.pem only at the next "
-                   "CtLog.open")
 async def test_a_new_shard_publishes_its_key_at_once(tmp_path: Path, ca: CaForTests) -> None:
     node = CtNode.open(tmp_path, [ca.root_der], max_entries_per_shard=2)
     try:

@@ -613,9 +613,6 @@ async def test_a_ct_tree_edited_on_disk_is_refused_on_open(cluster: Cluster) -> 
     cluster.replicas.pop(0)  # closed already
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: CaStateMachine.open skips the corruption check "
-                   "when meta.rows_hash is missing, even at a height > 0, so an edit that "
-                   "also deletes the stored hash is not detected on open")
 async def test_an_edit_that_removes_the_stored_hash_is_detected(cluster: Cluster) -> None:
     await a_history(cluster)
     path = cluster.a.state.path
@@ -690,11 +687,6 @@ async def test_misissuance_evidence_isolates_the_signer(cluster: Cluster) -> Non
 
 
 @pytest.mark.parametrize("when", ["after", "same block", "before"])
-@pytest.mark.xfail(strict=True, reason="BUG: the CT log's fingerprint rows (CtLog._write) and "
-                   "CaStateMachine._certificate's 'issued' row share the key sha256(DER): "
-                   "an issued certificate also submitted with ct.add-chain is one row in the "
-                   "file (INSERT OR REPLACE) but two in the incremental hash, so every "
-                   "validator finds its own state 'corrupt' at its next start")
 async def test_logging_an_issued_certificate_keeps_the_state_hash_the_files(
         cluster: Cluster, when: str) -> None:
     request = await cluster.request("logged.trust")
@@ -716,10 +708,6 @@ async def test_logging_an_issued_certificate_keeps_the_state_hash_the_files(
     assert replica.machine.corrupt is None
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: StateDatabase.apply writes a block's deletes "
-                   "before its upserts, whatever their order in the block: a name registered "
-                   "then unregistered in one block stays in the file while the state hash "
-                   "(and every later decision of the block) has it gone")
 async def test_a_registration_withdrawn_in_the_same_block_is_gone_from_the_file(
         cluster: Cluster) -> None:
     web, _ = await cluster.issued("www.hypermesh")
@@ -736,10 +724,6 @@ async def test_a_registration_withdrawn_in_the_same_block_is_gone_from_the_file(
         assert "www.hypermesh" not in replica.state.registrations()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: nothing checks a register decision's addresses "
-                   "(Register.parse, CaRules.check, CaStateMachine._register): text that is "
-                   "not an IPv6 address, sealed by a faulty validator, is committed, and every "
-                   "validator's DNS zone fails to render the name (dns.exception.SyntaxError)")
 async def test_a_registration_of_something_not_an_address_is_refused(
         cluster: Cluster) -> None:
     web, _ = await cluster.issued("www.hypermesh")
@@ -749,9 +733,6 @@ async def test_a_registration_of_something_not_an_address_is_refused(
     assert "www.hypermesh" not in cluster.a.state.registrations()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: CaStateMachine.execute forgets who sealed a "
-                   "decision whose body does not parse (it sets sealed = None for a "
-                   "DecisionError too), so the refusal is not counted against its validator")
 async def test_a_malformed_decision_is_refused_and_counted(cluster: Cluster) -> None:
     malformed = seal({"kind": "issue", "at_ms": cluster.now_ms()}, cluster.entry,
                      cluster.signer.sign)

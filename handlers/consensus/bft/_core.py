@@ -739,17 +739,23 @@ class Tendermint:
             self._next_height(app_hash, isolate, out)
         return out
 
-    def _next_height(self, app_hash: bytes, isolate: Iterable[str], out: list[Effect]) -> None:
-        self.app_hash = app_hash
+    def isolate_proven(self, offenders: Iterable[str]) -> None:
+        """Isolate validators the application proved faulty (power 0), unless that would
+        leave fewer than ``MIN_ACTIVE``: at the next height, or at start for those the
+        executed blocks proved (the stored validator set may predate that block)."""
         active = len(self.validators.active)
-        offenders = []
-        for offender in sorted(set(isolate)):
+        chosen = []
+        for offender in sorted(set(offenders)):
             validator = self.validators.by_id.get(offender)
             if validator is not None and validator.power > 0 and active - 1 >= MIN_ACTIVE:
-                offenders.append(offender)
+                chosen.append(offender)
                 active -= 1
-        if offenders:
-            self.validators = self.validators.isolate(offenders)
+        if chosen:
+            self.validators = self.validators.isolate(chosen)
+
+    def _next_height(self, app_hash: bytes, isolate: Iterable[str], out: list[Effect]) -> None:
+        self.app_hash = app_hash
+        self.isolate_proven(isolate)
         self.executing = False
         self._start_round(0, out, after_decision=True)
         self._replay(out)
