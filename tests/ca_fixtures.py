@@ -316,7 +316,9 @@ async def open_validator(directory: Path, clock: Callable[[], float], *,
                         hierarchy.root_der), node_names=node_names, lifetime=LIFETIME,
                     backdate=BACKDATE, development=True, minimum_stake=PARAMS.minimum_stake,
                     cosign=signer.sign, clock=clock)
-    links = StoqPeerLinks(me=me.id, endpoints={me.id: ("::1", 0)}, engine=stoq.ENGINES[0])
+    links = StoqPeerLinks(chain_id="test", me=me.id, sign=signer.sign,
+                          validators=ValidatorSet((me,)), endpoints={me.id: ("::1", 0)},
+                          engine=stoq.ENGINES[0])
     chain = ConsensusChain(chain_id="test", validators=ValidatorSet((me,)), store=chain_store,
                            transport=links, rules=rules, me=me.id, sign=signer.sign,
                            timeouts=Timeouts(), block_interval=0.05, gossip_interval=0.05,
