@@ -42,6 +42,8 @@ DEFAULT_CHAIN_ID = "trustchain-dev-cluster"
 CLUSTER_FILE = "cluster.toml"
 ROOT_FILE = "root.pem"
 ADDRESS = "::1"
+INTERMEDIATE_FILE = "intermediate.pem"
+"""With ``--ceremony``: each node's signed intermediate, next to its configuration."""
 ROOT_HOLDER = "root-holder"
 """With ``--ceremony``: the root's own data directory (the only place its key lives)."""
 _NODE_DIR = re.compile(r"node-\d+")
@@ -367,8 +369,11 @@ def _make_node_by_ceremony(cfg: config.Config, holder_cfg: config.Config, holder
             signed = root_side.sign_intermediate(request)
         root_pem = x509.load_der_x509_certificate(root.der).public_bytes(
             serialization.Encoding.PEM)
-        hierarchy.install_intermediate(signed.public_bytes(serialization.Encoding.PEM),
-                                       root_pem)
+        signed_pem = signed.public_bytes(serialization.Encoding.PEM)
+        hierarchy.install_intermediate(signed_pem, root_pem)
+        # kept beside the configuration: with the keystore, all a validator needs to
+        # rebuild a lost data directory (`trustchain ceremony install`, then the blocks)
+        write_atomic(Path(cfg.source).parent / INTERMEDIATE_FILE, signed_pem)
         stores.audit.append("ca.init", {"config": cfg.source})
         hierarchy.ensure()
         hierarchy.ensure_admin()

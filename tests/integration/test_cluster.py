@@ -14,6 +14,7 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import shutil
 import subprocess
 import sys
 import time
@@ -126,6 +127,30 @@ async def test_one_ca_any_validator_answers_and_losing_one_loses_nothing(
         await _same_state(cluster, everyone)
         answer = await cluster.ask(0, "ca.validate", {"serial": result["serial"]})
         assert answer is not None and answer["status"] == "revoked"
+
+        # node-3 loses its data directory (its keys, in its token, survive): the signed
+        # intermediate is installed again and everything else is rebuilt from the blocks
+        cluster.kill(2)
+        node = tmp_path / "c4" / "node-3"
+        for child in (node / "data").iterdir():
+            if child.name != "keys":
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+        installed = subprocess.run(
+            [sys.executable, "-m", "trustchain", "ceremony", "install", "--config",
+             str(node / "config.toml"), "--certificate", str(node / "intermediate.pem"),
+             "--root", str(tmp_path / "c4" / "root.pem")],
+            capture_output=True, text=True, env=ENV, timeout=60)
+        assert installed.returncode == 0, installed.stderr
+        cluster.start(2)
+        now = (await cluster.statuses([1]))[1]
+        assert now is not None
+        await cluster.wait_until([2], lambda s: s["state"]["height"] >= now["state"]["height"],
+                                 120, "the rebuilt validator replays every block")
+        await _same_state(cluster, everyone)
+        answer = await cluster.ask(2, "ca.validate", {"serial": result["serial"]})
+        assert answer is not None and answer["status"] == "revoked"
+        verified = await cluster.ask(2, "fp.verify", {"fingerprint": result["fingerprint"]})
+        assert verified is not None and verified["sct_valid"] and verified["included"], verified
 
 
 async def _checkpoint_cosigned(cluster: Cluster, chain_id: str) -> None:
@@ -391,8 +416,8 @@ async def test_killed_validator_restarts_without_double_signing(tmp_path: Path,
         with _impostor(cluster, 3, tmp_path / "impostor"):
             statuses = await cluster.wait_until(
                 live, lambda s: missing in s["links"], 60, "the impostor refused")
-            assert all("not answer as a validator" in s["links"][missing]
-                       for s in statuses.values()), statuses
+            reasons = {i: s["links"][missing] for i, s in statuses.items()}
+            assert all("not answer as a validator" in r for r in reasons.values()), reasons
         # an outsider cannot pass for a validator either
         async with await cluster.client(0) as client:
             with pytest.raises(Unauthorized, match="not a validator link"):
