@@ -84,6 +84,8 @@ SEQUENTIAL_LIMIT, QUICK_SEQUENTIAL_LIMIT = 12.0, 4.0
 """Seconds a sequential series may take: it stops there if its count is not reached."""
 DURATION, QUICK_DURATION = 4.0, 2.0
 WARMUP, QUICK_WARMUP = 0.5, 0.25
+ISSUE_WARMUP = 3.0
+"""Seconds the ca.issue loop runs before its window opens (longer than its latency)."""
 FAUCET_POOL, QUICK_FAUCET_POOL = 12_000, 5_000
 """Fresh keys made for one closed-loop faucet run (the window ends early if it uses them up)."""
 ISSUE_POOL, QUICK_ISSUE_POOL = 4_000, 1_500
@@ -726,9 +728,12 @@ def jobs_for(size: int, settings: Settings) -> list[Job]:
                         in_flight=DEEP_IN_FLIGHT, pool=settings.faucet_pool,
                         duration=duration, warmup=warmup))
     if size in settings.issue_sizes and settings.requesters:
+        # an issuance is two commits (the decision, then the signed certificate): the
+        # loop needs longer than its latency to fill before the window opens
         jobs.append(Job(name="issue-load", kind="issue", mode="closed",
                         in_flight=DEEP_IN_FLIGHT, pool=settings.issue_pool,
-                        requesters=settings.requesters, duration=duration, warmup=warmup))
+                        requesters=settings.requesters, duration=max(duration, DURATION),
+                        warmup=max(warmup, ISSUE_WARMUP)))
     return jobs
 
 
@@ -1310,7 +1315,9 @@ def settings_lines(settings: Settings, sizes: list[int]) -> str:
              f"{len(settings.requesters)} requesters (P-256 keys, k={PLOT_SIZE} plots, the "
              f"development VDF of 10,000 iterations), funded through consensus.faucet first; "
              f"{settings.issue_pool:,} proof sets (new P-256 CSR and name each, fresh work, "
-             f"binding) built before the clock starts"
+             f"binding) built before the clock starts; "
+             f"{max(settings.warmup, ISSUE_WARMUP):g} s warm-up then a "
+             f"{max(settings.duration, DURATION):g} s window (an issuance is two commits)"
              if settings.issue_sizes else "no ca.issue run (needs N = 1 or 4)")
     return "\n".join([
         f"- clusters of {', '.join(map(str, sizes))} validators, each made by `trustchain "
@@ -1319,7 +1326,8 @@ def settings_lines(settings: Settings, sizes: list[int]) -> str:
            "every service of the node but DNS (`[dns] enabled = false`)")
         + f"), with logging at warning and minimum_work_difficulty = "
         f"{WORK_DIFFICULTY}; every request goes to node-1 (the entry node), which answers "
-        f"consensus.faucet and ca.issue once a block has committed the decision",
+        f"consensus.faucet once a block has committed the decision and ca.issue once the "
+        f"signed certificate is committed too",
         f"- sequential: {settings.sequential} requests one at a time after "
         f"{SEQUENTIAL_WARMUP} untimed (or as many as {settings.sequential_limit:g} s allow); "
         f"under load: {CONNECTIONS} connections x {IN_FLIGHT} in flight (64) for node.health "

@@ -570,7 +570,7 @@ async def build_services(cfg: Config, data: DataDirectory, exits: contextlib.Asy
     proofs = ConsensusService(stake=state, beacons=beacons, verifier=verifier, params=params,
                               development=development, faucet=faucet)
     proofs.register(router)
-    ct = CtService(ct_log, chains, decisions=decisions)
+    ct = CtService(ct_log, chains, decisions=decisions, watch=replica)
     ct.register(router)
     if fingerprints is not None:
         fingerprints.register(router)

@@ -109,10 +109,6 @@ class CtConfig:
     """Directory for CT tiles; empty means ``<data_dir>/ct``."""
     enable_realtime_fingerprinting: bool = True
     """Index the fingerprints of every issued or logged certificate (``fp.*`` ops)."""
-    batch_interval: float = _duration(0.02)
-    """Seconds between the starts of two sequencing batches (default 20 ms)."""
-    max_batch: int = 4096
-    """Most entries sequenced in one batch."""
     extra_roots: list[str] = field(default_factory=list)
     """PEM files of roots accepted besides the TrustChain root."""
     subscription_buffer: int = 16_384
@@ -330,6 +326,13 @@ def parse_duration(value: Any, key: str) -> float:
     return seconds
 
 
+_REMOVED = {
+    "ct.batch_interval": "CT entries are sequenced block by block (consensus.block_interval)",
+    "ct.max_batch": "a block holds at most consensus.max_block_decisions decisions",
+}
+"""Keys that once had an effect and have none now: refused, so that none is ignored."""
+
+
 def _build(cls: type[Any], table: dict[str, Any], prefix: str, warnings: list[str]) -> Any:
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls) if f.name not in _NOT_KEYS}
@@ -337,6 +340,8 @@ def _build(cls: type[Any], table: dict[str, Any], prefix: str, warnings: list[st
     for key, raw in table.items():
         path = f"{prefix}{key}"
         f = known.get(key)
+        if path in _REMOVED:
+            raise ConfigError(f"{path}: no longer a setting: {_REMOVED[path]}; remove it")
         if f is None:
             warnings.append(f"unknown configuration key {path!r} ignored")
             continue
@@ -402,7 +407,6 @@ def _validate(cfg: Config) -> None:
         "network.max_frame_size": cfg.network.max_frame_size,
         "network.connection_timeout": cfg.network.connection_timeout,
         "ct.max_entries_per_shard": cfg.ct.max_entries_per_shard,
-        "ct.max_batch": cfg.ct.max_batch,
         "ct.subscription_buffer": cfg.ct.subscription_buffer,
         "ct.merkle_update_interval": cfg.ct.merkle_update_interval,
         "ca.cert_validity_days": cfg.ca.cert_validity_days,

@@ -72,20 +72,29 @@ class Decisions(Protocol):
     def now_ms(self) -> int: ...
 
 
+class Watch(Protocol):
+    """Looks at every certificate submitted, for one a validator signed without a
+    decision (the replica's misissuance evidence)."""
+
+    def examine(self, der: bytes) -> None: ...
+
+
 class CtService:
     """Answers the ``ct.*`` ops from a :class:`CtLog`.
 
     :param decisions: how a submitted chain gets into every validator's log (a ``log``
         decision); None: this node cannot submit (an observer of the cluster).
+    :param watch: shown every submitted leaf.
     """
 
     def __init__(self, log: CtLog, validator: ChainValidator, *,
-                 decisions: Decisions | None = None,
+                 decisions: Decisions | None = None, watch: Watch | None = None,
                  max_get_entries: int = ops.MAX_GET_ENTRIES,
                  clock: Callable[[], float] = time.time) -> None:
         self.log = log
         self.validator = validator
         self.decisions = decisions
+        self.watch = watch
         self.max_get_entries = max_get_entries
         self.clock = clock
 
@@ -102,6 +111,8 @@ class CtService:
         """Check the chain here (a clear error at once), log it through a block (every
         validator appends it at the same index), answer this validator's SCT."""
         checked = self.validator.check(chain, precert=precert)
+        if self.watch is not None:
+            self.watch.examine(checked.leaf_der)
         known = self.log.state.ct_entry(chain_entry_hash(checked, precert=precert))
         if known is not None and known.shard < len(self.log.shards) \
                 and known.leaf_index < self.log.shard(known.shard).size:

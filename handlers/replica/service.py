@@ -28,6 +28,7 @@ from cryptography import x509
 from protocol import ConsensusRejected, InvalidRequest, TrustChainError, error_from_wire
 from protocol.decisions import Decision, Misissued, ValidatorKeys
 from protocol.ops import consensus as ops
+from store import CertificateRecord
 
 from .._router import RequestContext, Router
 from ..ca._profile import ProfileError, check_certificate
@@ -146,6 +147,12 @@ class KeysAnnouncer:
             self._task = None
 
 
+EVIDENCE_DELAY = 2.0
+"""Seconds between finding a certificate no block allows and submitting it as evidence."""
+MAX_EVIDENCE_PENDING = 1024
+"""Fingerprints of misissued certificates already submitted (not submitted twice)."""
+
+
 class ReplicaService:
     """``consensus.check-certificate``, and the state in ``consensus.status``.
 
@@ -175,29 +182,48 @@ class ReplicaService:
         except ValueError:
             raise InvalidRequest("certificate is not a DER X.509 certificate",
                                  field="certificate") from None
+        record, reason = self._verdict(cert, args.certificate)
+        if record is not None:
+            return {"committed": True, "block_height": record.height,
+                    "index": record.position, "block_hash": self.machine_block_id(record.height),
+                    "reason": None}
+        return {"committed": False, "block_height": None, "index": None, "block_hash": None,
+                "reason": reason}
+
+    def examine(self, der: bytes) -> None:
+        """A certificate that reached this validator some other way (``ct.add-chain``):
+        if a validator's intermediate signed it without a committed decision, submit the
+        evidence (spec §18.7)."""
+        try:
+            cert = x509.load_der_x509_certificate(der)
+        except ValueError:
+            return
+        self._verdict(cert, der)
+
+    def _verdict(self, cert: x509.Certificate, der: bytes
+                 ) -> tuple[CertificateRecord | None, str]:
+        """The committed record behind ``cert``, or why there is none (submitting the
+        evidence when a validator's intermediate signed it)."""
         record = self.machine.state.certificate(format(cert.serial_number, "x"))
         issuer = self.machine.directory.issuer_of(cert)
         if record is not None and issuer is not None and record.issuer == issuer.fingerprint:
-            committed = record.der == args.certificate
+            committed = record.der == der
             if not committed and record.pending:
                 try:
-                    check_certificate(args.certificate, precertificate=record.precertificate,
+                    check_certificate(der, precertificate=record.precertificate,
                                       issuer=issuer.certificate)
                     committed = True
                 except ProfileError:
                     committed = False
+            if not committed and record.precertificate == der:
+                committed = True  # the precertificate of a committed issuance
             if committed:
-                stored = self.machine_block_id(record.height)
-                return {"committed": True, "block_height": record.height,
-                        "index": record.position, "block_hash": stored, "reason": None}
+                return record, ""
         if issuer is None:
-            reason = "it is not signed by a validator's issuing intermediate"
-        else:
-            reason = ("no committed block allows this certificate: it was signed without "
+            return None, "it is not signed by a validator's issuing intermediate"
+        self._submit_evidence(der, issuer.validator)
+        return None, ("no committed block allows this certificate: it was signed without "
                       "consensus")
-            self._submit_evidence(args.certificate, issuer.validator)
-        return {"committed": False, "block_height": None, "index": None, "block_hash": None,
-                "reason": reason}
 
     def machine_block_id(self, height: int) -> bytes | None:
         if self.decisions is None:
@@ -207,14 +233,25 @@ class ReplicaService:
 
     def _submit_evidence(self, der: bytes, offender: str) -> None:
         fingerprint = hashlib.sha256(der).hexdigest()
-        if self.decisions is None or fingerprint in self._evidence:
+        if self.decisions is None or fingerprint in self._evidence \
+                or offender in self.machine.isolated():
             return
+        if len(self._evidence) >= MAX_EVIDENCE_PENDING:
+            self._evidence.clear()  # (a bound: resubmitting is harmless, refused if known)
         self._evidence.add(fingerprint)
         log.warning("misissuance found", extra={"validator": offender,
                                                 "fingerprint": fingerprint})
         decisions = self.decisions
 
         async def submit() -> None:
+            # this validator may be a block behind the one that committed the certificate:
+            # look again once that block has had time to arrive
+            await asyncio.sleep(EVIDENCE_DELAY)
+            cert = x509.load_der_x509_certificate(der)
+            record = self.machine.state.certificate(format(cert.serial_number, "x"))
+            if record is not None and der in (record.der, record.precertificate):
+                self._evidence.discard(fingerprint)
+                return
             try:
                 await decisions.commit(Misissued(certificate=der, at_ms=decisions.now_ms()))
             except (TrustChainError, TimeoutError) as exc:

@@ -273,8 +273,9 @@ async def _answers_for(cluster: Cluster, index: int, result: dict[str, Any],
 async def test_many_issuances_one_state_and_byzantine_shortcuts_refused(
         tmp_path: Path, prover: stoq.Prover, cddl: CddlChecker) -> None:
     """Five validators, node-5 byzantine: it proposes proof-free issuances (refused by
-    every honest one) and then signs a certificate without a decision (evidence: it is
-    isolated). Meanwhile 1,000 issuances spread over nodes 1-4 leave one state."""
+    every honest one) and then signs a certificate without a decision, which reaches a
+    validator through ct.add-chain (evidence: it is isolated, also after a restart).
+    Meanwhile 1,000 issuances spread over nodes 1-4 leave one state."""
     forger = 4
     with running_cluster(tmp_path / "c5", 5, forgers=(forger,), checker=cddl,
                          **FAST, **CHEAP_WORK) as cluster:
@@ -304,10 +305,12 @@ async def test_many_issuances_one_state_and_byzantine_shortcuts_refused(
         rogue = _sign_outside_consensus(tmp_path / "c5" / f"node-{forger + 1}" / "data",
                                         x509.load_der_x509_certificate(sample["certificate"]),
                                         x509.load_der_x509_certificate(issuer["chain"][0]))
-        caught = await cluster.ask(2, "consensus.check-certificate", {"certificate": rogue})
-        assert caught is not None and caught["committed"] is False and caught["reason"]
+        logged = await cluster.ask(2, "ct.add-chain", {"chain": [rogue, issuer["chain"][0]]})
+        assert logged is not None and logged["shard"] == 0
         await cluster.wait_until(honest, lambda s: cluster.id(forger) in s["isolated"], 60,
                                  "the misissuing validator isolated")
+        caught = await cluster.ask(0, "consensus.check-certificate", {"certificate": rogue})
+        assert caught is not None and caught["committed"] is False and caught["reason"]
         # ... and the isolation is durable: it survives a restart.
         cluster.kill(1)
         cluster.start(1)

@@ -33,7 +33,7 @@ ENGINE = "qh3"
 def _extra(tmp_path: Path, ca: CaForTests, **ct_keys: Any) -> str:
     roots = tmp_path / "extra-root.pem"
     roots.write_bytes(ca.root.public_bytes(serialization.Encoding.PEM))
-    lines = [f'extra_roots = ["{roots}"]', 'batch_interval = "5ms"']
+    lines = [f'extra_roots = ["{roots}"]']
     lines += [f"{k} = {v!r}".replace("'", '"') for k, v in ct_keys.items()]
     return "[ct]\n" + "\n".join(lines) + "\n"
 

@@ -25,7 +25,7 @@ async def test_sigkill_loses_no_acknowledged_entry(tmp_path: Path) -> None:
     ca = make_ca("Kill")
     root = tmp_path / "extra-root.pem"
     root.write_bytes(ca.root.public_bytes(serialization.Encoding.PEM))
-    extra = f'[ct]\nextra_roots = ["{root}"]\nbatch_interval = "10ms"\n'
+    extra = f'[ct]\nextra_roots = ["{root}"]\n'
     leaves = [ca.leaf(f"k{i}.trust") for i in range(3500)]
     server = start_server_process(tmp_path, "qh3", extra)
     acknowledged: list[tuple[bytes, dict[str, Any]]] = []

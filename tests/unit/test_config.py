@@ -55,6 +55,8 @@ def test_unknown_keys_warn_by_name() -> None:
     ("[dns.domains]\ntrustchain_domains = [1]", "dns.domains.trustchain_domains[0]"),
     ("[logging.output]\ntype = \"file\"", "logging.output.path"),
     ("[ca]\nhsm = 3", "ca.hsm"),
+    ("[ct]\nbatch_interval = \"5ms\"", "ct.batch_interval"),  # removed: refused, not ignored
+    ("[ct]\nmax_batch = 10", "ct.max_batch"),
 ])
 def test_bad_values_name_the_key(text: str, key: str) -> None:
     with pytest.raises(config.ConfigError) as info:
