@@ -5,7 +5,7 @@ from protocol import renewal_statement, revocation_statement
 from ._admission import Admission, Admitted, Decision, LocalAdmission
 from ._authority import ROOT_KEY, Hierarchy, HierarchyConfig, Issuer
 from ._leaf import LeafSigner, LeafTemplate, LocalSigner
-from ._policy import CheckedRequest, NamingPolicy, check_request
+from ._policy import CheckedRequest, NamingPolicy, check_request, is_address
 from ._profile import ProfileError, check_certificate, check_precertificate, validity
 from ._publishing import (
     CertificateIssued,
@@ -47,6 +47,7 @@ __all__ = [
     "check_certificate",
     "check_precertificate",
     "check_request",
+    "is_address",
     "node_csr",
     "renewal_statement",
     "revocation_statement",

@@ -18,6 +18,15 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from protocol import InvalidRequest, Unauthorized
 
+
+def is_address(name: str) -> bool:
+    """Whether a certificate name is an IPv6 address (it owns no DNS records)."""
+    try:
+        ipaddress.IPv6Address(name)
+    except ValueError:
+        return False
+    return True
+
 MAX_CSR_BYTES = 16_384
 MAX_NAMES = 100
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")

@@ -9,12 +9,12 @@ committed, the precommits carry the validators' C2SP cosignatures of it
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Iterable
 
 from store import TreeHead
 
+from .._tasks import cancel_and_wait
 from ._driver import ConsensusChain
 from ._sealed import seal
 
@@ -44,11 +44,8 @@ class CheckpointSubmitter:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         while True:

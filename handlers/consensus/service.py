@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 from typing import Any, Protocol
@@ -17,6 +16,7 @@ from protocol.ops.consensus import ProofParams
 from store import BeaconRecord
 
 from .._router import RequestContext, Router
+from .._tasks import cancel_and_wait
 from ._beacon import BeaconChain
 from ._stake import Faucet
 from ._verifier import ProofVerifier
@@ -131,8 +131,5 @@ class ConsensusService:
             self._task = asyncio.get_running_loop().create_task(self.beacons.run())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None

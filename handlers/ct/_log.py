@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
-import contextlib
 import hashlib
 import logging
 import struct
@@ -63,6 +62,7 @@ from store import (
     TreeHead,
 )
 
+from .._tasks import cancel_and_wait
 from ._submitted import CheckedChain
 
 log = logging.getLogger("trustchain.ct")
@@ -608,11 +608,8 @@ class CtLog:
 
     async def stop(self) -> None:
         """Stop re-signing; wait for tile installation."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         if self._installing:
             await asyncio.gather(*self._installing, return_exceptions=True)
         self._installer.shutdown(wait=True)

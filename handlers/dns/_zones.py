@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import heapq
-import ipaddress
 import logging
 import time
 from collections.abc import Callable
@@ -42,7 +41,7 @@ import dns.rdtypes.IN.AAAA
 
 from store import CertificateRecord, StateDatabase
 
-from ..ca import CertificateIssued, CertificateRevoked
+from ..ca import CertificateIssued, CertificateRevoked, is_address
 from ._keys import FLAGS_KSK, KeyRing
 from ._rendered import RenderedAnswers
 from ._zone import Records, SignatureCache, Zone, ZoneSettings, build_zone, next_serial
@@ -77,15 +76,6 @@ class Registration:
     serial: str
     addresses: list[str]
     time: int
-
-
-def is_address(name: str) -> bool:
-    """Whether ``name`` is an IPv6 address (a certificate name that owns no records)."""
-    try:
-        ipaddress.IPv6Address(name)
-    except ValueError:
-        return False
-    return True
 
 
 def absolute(name: str) -> dns.name.Name:

@@ -28,10 +28,11 @@ from protocol.ops import dns as ops
 from store import verify_signature
 
 from .._router import RequestContext, Router
+from ..ca import is_address
 from ._answers import DnsAnswers
 from ._resolver import Forwarder, Resolution
 from ._zone import Zone
-from ._zones import TLSA_PREFIX, TrustChainZones, absolute, is_address, newest_first
+from ._zones import TLSA_PREFIX, TrustChainZones, absolute, newest_first
 
 DNSKEY = dns.rdatatype.DNSKEY
 RRSIG = dns.rdatatype.RRSIG

@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
-import ipaddress
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -80,7 +79,7 @@ from ..ca import (
     Publishers,
     check_request,
 )
-from ..ca._policy import CheckedRequest, check_ownership
+from ..ca._policy import CheckedRequest, check_ownership, is_address
 from ..ca._profile import ProfileError, check_certificate, check_precertificate
 from ..consensus import Executed, SealError
 from ..consensus._sealed import unseal
@@ -586,7 +585,7 @@ class CaStateMachine:
             return refused("unauthorized", f"certificate {record.serial} is revoked or expired",
                            field="serial")
         name = decision.name
-        if name not in record.names or name.startswith("*.") or _is_address(name):
+        if name not in record.names or name.startswith("*.") or is_address(name):
             return refused("unauthorized", f"certificate {record.serial} does not carry the "
                            f"DNS name {name!r}", field="name")
         if abs(run.seconds - decision.time) > STATEMENT_WINDOW:
@@ -779,13 +778,6 @@ class CaStateMachine:
         for kind, data in run.audit:
             await self._audit(kind, data)
 
-
-def _is_address(name: str) -> bool:
-    try:
-        ipaddress.IPv6Address(name)
-    except ValueError:
-        return False
-    return True
 
 
 def check_fresh(at_ms: int, now_ms: int) -> str | None:

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -31,6 +30,7 @@ from protocol.ops import consensus as ops
 from store import CertificateRecord
 
 from .._router import RequestContext, Router
+from .._tasks import cancel_and_wait
 from ..ca._profile import ProfileError, check_certificate
 from ..consensus import ConsensusChain, seal
 from ._machine import CaStateMachine, Outcome
@@ -140,11 +140,8 @@ class KeysAnnouncer:
             await asyncio.sleep(self.interval)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
 
 EVIDENCE_DELAY = 2.0
