@@ -423,22 +423,28 @@ def local_keys(hierarchy: Hierarchy, ct_log: CtLog, keyring: KeyRing | None,
 # --- the node --------------------------------------------------------------------------------
 
 
-async def build_services(cfg: Config, data: DataDirectory, exits: contextlib.AsyncExitStack,
-                         *, listen: Iterable[tuple[str, int]],
-                         describe: Callable[[], dict[str, Any]],
-                         accepting: Callable[[], bool],
-                         installed: Callable[[], None]) -> Services:
-    """Build every service of a node, in order; ``exits`` stops them in reverse.
+@dataclass(frozen=True)
+class _Foundation:
+    """Keys, the audit log, the CA hierarchy, this node as a validator, the router."""
 
-    :param describe: the facts ``node.info`` reports (the shell knows the server).
-    :param accepting: whether the server accepts requests (``node.health``).
-    :param installed: called when the rotator installed a new TLS certificate.
-    """
+    development: bool
+    lifetime: float
+    addresses: list[str]
+    keystore: KeyStore
+    audit_log: AuditLog
+    audit: Audit
+    hierarchy: Hierarchy
+    policy: NamingPolicy
+    signer: LeafSigner
+    validator: ValidatorIdentity
+    router: Router
+    checks: dict[str, Callable[[], bool]]
+
+
+async def _foundation(cfg: Config, data: DataDirectory, exits: contextlib.AsyncExitStack,
+                      addresses: list[str], describe: Callable[[], dict[str, Any]],
+                      accepting: Callable[[], bool]) -> _Foundation:
     development = cfg.ca.mode == "development"
-    lifetime = cfg.ca.cert_validity_days * 86400.0
-    addresses = node_addresses(cfg, listen)
-
-    # stores and keys
     data.create()
     keystore = open_configured_keystore(cfg, data.root)
     exits.callback(keystore.close)
@@ -464,8 +470,28 @@ async def build_services(cfg: Config, data: DataDirectory, exits: contextlib.Asy
     router = Router()
     checks: dict[str, Callable[[], bool]] = {"accepting": accepting}
     NodeService(describe=describe, checks=checks).register(router)
+    return _Foundation(development=development, lifetime=cfg.ca.cert_validity_days * 86400.0,
+                       addresses=addresses, keystore=keystore, audit_log=audit_log,
+                       audit=audit, hierarchy=hierarchy, policy=policy, signer=signer,
+                       validator=validator, router=router, checks=checks)
 
-    # the replicated state, and this validator's CT log of it
+
+@dataclass(frozen=True)
+class _Replicated:
+    """The replicated state, this validator's CT log of it, and the proof verifier."""
+
+    state: StateDatabase
+    watchers: FingerprintWatchers
+    ct_log: CtLog
+    chains: ChainValidator
+    params: ProofParams
+    chain_store: ChainStore
+    beacons: BeaconChain | ChainBeacons
+    verifier: ProofVerifier
+
+
+async def _replicated(cfg: Config, data: DataDirectory, exits: contextlib.AsyncExitStack,
+                      base: _Foundation) -> _Replicated:
     state = data.state()
     exits.callback(state.close)
     if cfg.ct.storage.backend != "filesystem":
@@ -473,34 +499,50 @@ async def build_services(cfg: Config, data: DataDirectory, exits: contextlib.Asy
                     "go to the filesystem at %s", cfg.ct.storage.backend,
                     data.ct_tiles().directory)
     watchers = FingerprintWatchers()
-    ct_log = CtLog(tiles=data.ct_tiles(), state=state, keystore=keystore,
+    ct_log = CtLog(tiles=data.ct_tiles(), state=state, keystore=base.keystore,
                    origin=cfg.ct.log_id, max_entries_per_shard=cfg.ct.max_entries_per_shard,
                    sth_interval=cfg.ct.merkle_update_interval,
                    feed_capacity=cfg.ct.subscription_buffer,
                    on_sequenced=[watchers.sequenced], clock=time.time)
     ct_log.open()
-    chains = ChainValidator([hierarchy.root_der, *_extra_roots(list(cfg.ct.extra_roots))],
+    chains = ChainValidator([base.hierarchy.root_der, *_extra_roots(list(cfg.ct.extra_roots))],
                             clock=time.time)
-
     # proofs: beacons and the verifier, on the replicated stake and used work
     params = proof_params(cfg)
     chain_store = data.chain()
     exits.callback(chain_store.close)
     beacon_store = data.beacons()
     exits.callback(beacon_store.close)
-    beacon_signer = await _key(keystore, BEACON_KEY, "ecdsa-p256-sha256", audit)
-    beacons = _beacons(cfg, beacon_store, beacon_signer, chain_store, audit)
+    beacon_signer = await _key(base.keystore, BEACON_KEY, "ecdsa-p256-sha256", base.audit)
+    beacons = _beacons(cfg, beacon_store, beacon_signer, chain_store, base.audit)
     verifier = ProofVerifier(params=params, ledger=state, beacons=beacons,
-                             workers=cfg.consensus.verify_workers, audit=audit)
+                             workers=cfg.consensus.verify_workers, audit=base.audit)
     exits.push_async_callback(verifier.close)
+    return _Replicated(state=state, watchers=watchers, ct_log=ct_log, chains=chains,
+                       params=params, chain_store=chain_store, beacons=beacons,
+                       verifier=verifier)
 
-    # publishers: what hears of every committed certificate
+
+@dataclass(frozen=True)
+class _Publishing:
+    """What hears of every committed certificate: fingerprints and the DNS zones."""
+
+    directory: ValidatorDirectory
+    fingerprints: FingerprintService | None
+    keyring: KeyRing | None
+    zones: TrustChainZones | None
+    rendered: RenderedAnswers
+    published: Publishers
+
+
+def _publishing(cfg: Config, data: DataDirectory, base: _Foundation,
+                replicated: _Replicated) -> _Publishing:
     directory = ValidatorDirectory()
     publishers: list[tuple[str, Publisher]] = []
     fingerprints: FingerprintService | None = None
     if cfg.ct.enable_realtime_fingerprinting:
         fingerprints = FingerprintService(
-            state=state, log=ct_log, watchers=watchers,
+            state=replicated.state, log=replicated.ct_log, watchers=replicated.watchers,
             issuer_der=lambda fp: _intermediate_der(directory, fp),
             log_key=lambda log_id: _log_key(directory, log_id))
         publishers.append(("fingerprints", fingerprints))
@@ -509,32 +551,51 @@ async def build_services(cfg: Config, data: DataDirectory, exits: contextlib.Asy
     rendered = RenderedAnswers()
     if cfg.dns.enabled:
         dns_cfg = cfg.dns
-        keyring = KeyRing(keystore=keystore, schedule=data.dns_key_schedule(),
+        keyring = KeyRing(keystore=base.keystore, schedule=data.dns_key_schedule(),
                           algorithm=dns_cfg.dnssec_algorithm, zsk_lifetime=dns_cfg.zsk_lifetime,
                           prepublish=dns_cfg.zsk_prepublish)
-        zones = _zones(cfg, state, keyring, rendered, addresses, directory)
+        zones = _zones(cfg, replicated.state, keyring, rendered, base.addresses, directory)
         zones.start()
         publishers.append(("dns", zones))
     published = Publishers(publishers)
-    checks["publishing"] = published.healthy
+    base.checks["publishing"] = published.healthy
+    return _Publishing(directory=directory, fingerprints=fingerprints, keyring=keyring,
+                       zones=zones, rendered=rendered, published=published)
 
-    # the state machine and the validator chain
-    root = x509.load_der_x509_certificate(hierarchy.root_der)
+
+@dataclass(frozen=True)
+class _Cluster:
+    """The state machine, the validator chain that feeds it, and what submits to it."""
+
+    machine: CaStateMachine
+    chain: ConsensusChain
+    replica: ReplicaService
+    decisions: DecisionLog | None
+
+
+async def _cluster(cfg: Config, data: DataDirectory, exits: contextlib.AsyncExitStack,
+                   base: _Foundation, replicated: _Replicated,
+                   publishing: _Publishing) -> _Cluster:
+    validator, params = base.validator, replicated.params
     machine = CaStateMachine(
-        state=state, ct=ct_log, chains=chains, policy=policy, root_der=hierarchy.root_der,
-        node_names=validator.node_names, publishers=published, audit=audit,
-        epoch_length=params.epoch_length, lifetime=lifetime, backdate=cfg.ca.backdate,
-        minimum_stake=params.minimum_stake, development=development, directory=directory)
+        state=replicated.state, ct=replicated.ct_log, chains=replicated.chains,
+        policy=base.policy, root_der=base.hierarchy.root_der,
+        node_names=validator.node_names, publishers=publishing.published, audit=base.audit,
+        epoch_length=params.epoch_length, lifetime=base.lifetime, backdate=cfg.ca.backdate,
+        minimum_stake=params.minimum_stake, development=base.development,
+        directory=publishing.directory)
     await machine.open(dict(cfg.consensus.genesis))
     if machine.corrupt is not None:
         log.critical("%s; this validator will not vote (rebuild its state from the blocks)",
                      machine.corrupt)
-    rules = CaRules(machine=machine, policy=policy, verify_proofs=verifier.verify,
-                    chains=chains, root=root, node_names=validator.node_names,
-                    lifetime=lifetime, backdate=cfg.ca.backdate, development=development,
+    rules = CaRules(machine=machine, policy=base.policy, verify_proofs=replicated.verifier.verify,
+                    chains=replicated.chains,
+                    root=x509.load_der_x509_certificate(base.hierarchy.root_der),
+                    node_names=validator.node_names, lifetime=base.lifetime,
+                    backdate=cfg.ca.backdate, development=base.development,
                     minimum_stake=params.minimum_stake,
                     cosign=validator.signer.sign if validator.me else None,
-                    on_block=_beacon_updates(beacons))
+                    on_block=_beacon_updates(replicated.beacons))
     voting = validator if machine.corrupt is None else dataclasses.replace(validator, me=None)
     links = StoqPeerLinks(chain_id=cfg.consensus.chain_id, me=voting.me,
                           sign=validator.signer.sign if voting.me else None,
@@ -543,88 +604,64 @@ async def build_services(cfg: Config, data: DataDirectory, exits: contextlib.Asy
                                      for v in validator.validators.validators},
                           engine=cfg.network.quic_engine)
     exits.push_async_callback(links.close)
-    chain = _chain(cfg, voting, chain_store, links, rules, audit)
+    chain = _chain(cfg, voting, replicated.chain_store, links, rules, base.audit)
     exits.push_async_callback(chain.stop)
-    replica = ReplicaService(machine=machine, decisions=None)
     decisions: DecisionLog | None = None
     if voting.me is not None:
         decisions = DecisionLog(chain=chain, machine=machine, entry=voting.me,
                                 sign=validator.signer.sign,
                                 timeout=cfg.consensus.finality_timeout)
-        replica = ReplicaService(machine=machine, decisions=decisions)
-    replica.register(router)
+    replica = ReplicaService(machine=machine, decisions=decisions)
+    replica.register(base.router)
     ChainService(chain, machine.checkpoints,
                  links=LinkVerifier(chain_id=chain.chain_id,
                                     validators=lambda: chain.core.validators),
                  tls_keys=ServedTlsKeys(data.tls_credential()),
                  state_status=lambda: {**replica.status(), "links": dict(links.refused)},
-                 ).register(router)
-    checks["consensus"] = lambda: (chain.started and chain.failure is None
-                                   and chain.diverged is None and machine.corrupt is None)
+                 ).register(base.router)
+    base.checks["consensus"] = lambda: (chain.started and chain.failure is None
+                                        and chain.diverged is None and machine.corrupt is None)
+    return _Cluster(machine=machine, chain=chain, replica=replica, decisions=decisions)
 
-    # what submits decisions: stake, CT, DNS, the CA
-    faucet: Faucet = _NoFaucet()
-    if decisions is not None:
-        faucet = ChainFaucet(chain=chain, entry=decisions.entry, sign=decisions.sign,
-                             timeout=cfg.consensus.finality_timeout)
-    proofs = ConsensusService(stake=state, beacons=beacons, verifier=verifier, params=params,
-                              development=development, faucet=faucet)
-    proofs.register(router)
-    ct = CtService(ct_log, chains, decisions=decisions, watch=replica)
-    ct.register(router)
-    if fingerprints is not None:
-        fingerprints.register(router)
-    dns_service: DnsService | None = None
-    applications: list[tuple[str, stoq.DoqApplication]] = []
-    if zones is not None:
-        forwarder = _forwarder(cfg)
-        exits.push_async_callback(forwarder.close)
-        answers = DnsAnswers(zones=zones, forwarder=forwarder, rendered=rendered)
-        application = stoq.DoqApplication(answers.answer_doq, stoq.DoqLimits(
-            fin_timeout=cfg.dns.fin_timeout, max_pending=cfg.dns.max_pending_queries,
-            rate_limit_per_minute=cfg.dns.rate_limit_per_minute,
-            rate_limit_prefix_length=cfg.api.rate_limit_prefix_length))
-        dns_service = DnsService(zones=zones, answers=answers, forwarder=forwarder,
-                                 decisions=decisions,
-                                 enable_cert_validation=cfg.dns.enable_cert_validation,
-                                 doq_stats=lambda: dataclasses.asdict(application.stats))
-        dns_service.register(router)
-        applications.append((ALPN_DOQ, application))
-        _task(exits, zones.run(DNS_MAINTENANCE_INTERVAL), "dns-maintenance")
-    keys: KeysAnnouncer | None = None
-    if decisions is not None:
-        keys = KeysAnnouncer(log_=decisions, local=local_keys(hierarchy, ct_log, keyring),
-                             active=lambda: hierarchy.issuer.der if hierarchy.issuer else b"")
-    ca = CertificateAuthority(
-        hierarchy=hierarchy, state=state, policy=policy,
-        decisions=decisions if decisions is not None else _Observer(),
-        proofs=verifier, transparency=ct_log,
-        cluster=Cluster(intermediate=lambda fp: _intermediate_der(directory, fp),
-                        intermediates=lambda: [i.der for i in directory.intermediates()],
-                        ready=keys.ready if keys is not None else lambda: False,
-                        announce=keys.announce if keys is not None else _nothing,
-                        admins=directory.admins),
-        audit=audit, signer=signer, lifetime=lifetime, backdate=cfg.ca.backdate)
-    ca.register(router)
-    tls = data.tls_credential()
-    rotator = Rotator(hierarchy=hierarchy, issue=ca.issue_node_certificate, tls=tls,
-                      names=list(cfg.node.names), addresses=addresses, counts=ca.counts,
-                      installed=installed,
-                      announce=keys.announce if keys is not None else None)
-    rotator.load_current()
-    rotator.register(router)
 
-    # running: the beacons, the chain (it executes any stored block first), the CT heads,
-    # the keys and the checkpoints
+def _dns_service(cfg: Config, exits: contextlib.AsyncExitStack, base: _Foundation,
+                 publishing: _Publishing, decisions: DecisionLog | None
+                 ) -> tuple[DnsService | None, list[tuple[str, stoq.DoqApplication]]]:
+    """The ``dns.*`` ops and the DoQ application, when the node serves DNS."""
+    zones = publishing.zones
+    if zones is None:
+        return None, []
+    forwarder = _forwarder(cfg)
+    exits.push_async_callback(forwarder.close)
+    answers = DnsAnswers(zones=zones, forwarder=forwarder, rendered=publishing.rendered)
+    application = stoq.DoqApplication(answers.answer_doq, stoq.DoqLimits(
+        fin_timeout=cfg.dns.fin_timeout, max_pending=cfg.dns.max_pending_queries,
+        rate_limit_per_minute=cfg.dns.rate_limit_per_minute,
+        rate_limit_prefix_length=cfg.api.rate_limit_prefix_length))
+    dns_service = DnsService(zones=zones, answers=answers, forwarder=forwarder,
+                             decisions=decisions,
+                             enable_cert_validation=cfg.dns.enable_cert_validation,
+                             doq_stats=lambda: dataclasses.asdict(application.stats))
+    dns_service.register(base.router)
+    _task(exits, zones.run(DNS_MAINTENANCE_INTERVAL), "dns-maintenance")
+    return dns_service, [(ALPN_DOQ, application)]
+
+
+async def _start(cfg: Config, exits: contextlib.AsyncExitStack, base: _Foundation,
+                 replicated: _Replicated, chain: ConsensusChain, proofs: ConsensusService,
+                 keys: KeysAnnouncer | None, decisions: DecisionLog | None) -> None:
+    """Run the beacons, the chain (it executes any stored block first), the CT heads, the
+    key announcements and the checkpoints."""
     proofs.start()
     exits.push_async_callback(proofs.stop)
-    if not development:
+    if not base.development:
         # a production node starts its VDF worker now, so that the first requester of
         # an epoch does not wait for a process to start (development: at first use)
-        await verifier.warm_up()
+        await replicated.verifier.warm_up()
     await chain.start()
-    if not isinstance(beacons, ChainBeacons):
-        await beacons.current()
+    if not isinstance(replicated.beacons, ChainBeacons):
+        await replicated.beacons.current()
+    ct_log = replicated.ct_log
     ct_log.start()
     exits.push_async_callback(ct_log.stop)
     if keys is not None and decisions is not None:
@@ -637,10 +674,76 @@ async def build_services(cfg: Config, data: DataDirectory, exits: contextlib.Asy
             interval=max(1.0, cfg.ct.merkle_update_interval))
         submitter.start()
         exits.push_async_callback(submitter.stop)
-    return Services(router=router, applications=tuple(applications), keystore=keystore,
-                    audit=audit_log, hierarchy=hierarchy, state=state, machine=machine,
-                    ca=ca, rotator=rotator, keys=keys, tls=tls, proofs=proofs, chain=chain,
-                    ct=ct, fingerprints=fingerprints, dns=dns_service)
+
+
+async def build_services(cfg: Config, data: DataDirectory, exits: contextlib.AsyncExitStack,
+                         *, listen: Iterable[tuple[str, int]],
+                         describe: Callable[[], dict[str, Any]],
+                         accepting: Callable[[], bool],
+                         installed: Callable[[], None]) -> Services:
+    """Build every service of a node, in order; ``exits`` stops them in reverse.
+
+    Stages: the foundation (keys, audit, hierarchy, validator) → the replicated state,
+    its CT log and the proof verifier → the publishers → the state machine and the
+    chain → the services that submit decisions (proofs, CT, DNS, the CA) → running.
+
+    :param describe: the facts ``node.info`` reports (the shell knows the server).
+    :param accepting: whether the server accepts requests (``node.health``).
+    :param installed: called when the rotator installed a new TLS certificate.
+    """
+    base = await _foundation(cfg, data, exits, node_addresses(cfg, listen), describe,
+                             accepting)
+    replicated = await _replicated(cfg, data, exits, base)
+    publishing = _publishing(cfg, data, base, replicated)
+    cluster = await _cluster(cfg, data, exits, base, replicated, publishing)
+    chain, decisions, directory = cluster.chain, cluster.decisions, publishing.directory
+    hierarchy, ct_log, router = base.hierarchy, replicated.ct_log, base.router
+
+    # what submits decisions: stake, CT, DNS, the CA
+    faucet: Faucet = _NoFaucet()
+    if decisions is not None:
+        faucet = ChainFaucet(chain=chain, entry=decisions.entry, sign=decisions.sign,
+                             timeout=cfg.consensus.finality_timeout)
+    proofs = ConsensusService(stake=replicated.state, beacons=replicated.beacons,
+                              verifier=replicated.verifier, params=replicated.params,
+                              development=base.development, faucet=faucet)
+    proofs.register(router)
+    ct = CtService(ct_log, replicated.chains, decisions=decisions, watch=cluster.replica)
+    ct.register(router)
+    if publishing.fingerprints is not None:
+        publishing.fingerprints.register(router)
+    dns_service, applications = _dns_service(cfg, exits, base, publishing, decisions)
+    keys: KeysAnnouncer | None = None
+    if decisions is not None:
+        keys = KeysAnnouncer(log_=decisions,
+                             local=local_keys(hierarchy, ct_log, publishing.keyring),
+                             active=lambda: hierarchy.issuer.der if hierarchy.issuer else b"")
+    ca = CertificateAuthority(
+        hierarchy=hierarchy, state=replicated.state, policy=base.policy,
+        decisions=decisions if decisions is not None else _Observer(),
+        proofs=replicated.verifier, transparency=ct_log,
+        cluster=Cluster(intermediate=lambda fp: _intermediate_der(directory, fp),
+                        intermediates=lambda: [i.der for i in directory.intermediates()],
+                        ready=keys.ready if keys is not None else lambda: False,
+                        announce=keys.announce if keys is not None else _nothing,
+                        admins=directory.admins),
+        audit=base.audit, signer=base.signer, lifetime=base.lifetime,
+        backdate=cfg.ca.backdate)
+    ca.register(router)
+    tls = data.tls_credential()
+    rotator = Rotator(hierarchy=hierarchy, issue=ca.issue_node_certificate, tls=tls,
+                      names=list(cfg.node.names), addresses=base.addresses, counts=ca.counts,
+                      installed=installed,
+                      announce=keys.announce if keys is not None else None)
+    rotator.load_current()
+    rotator.register(router)
+
+    await _start(cfg, exits, base, replicated, chain, proofs, keys, decisions)
+    return Services(router=router, applications=tuple(applications), keystore=base.keystore,
+                    audit=base.audit_log, hierarchy=hierarchy, state=replicated.state,
+                    machine=cluster.machine, ca=ca, rotator=rotator, keys=keys, tls=tls,
+                    proofs=proofs, chain=chain, ct=ct, fingerprints=publishing.fingerprints,
+                    dns=dns_service)
 
 
 def _intermediate_der(directory: ValidatorDirectory, fingerprint: str) -> bytes | None:
