@@ -3,19 +3,25 @@
 Part 1, in this process on one core: what the node spends to verify each proof,
 cold (the first time it sees a credential: a full chiapos or chiavdf check) and
 cached (a credential remembered for its epoch), and a whole request with warm
-credentials, at two work difficulties (the node's cost does not depend on it).
+credentials, at two work difficulties (the node's cost does not depend on it):
+``ProofVerifier.verify`` against the replicated state (``StateDatabase``: the
+stake, the used work), then the request's used-work row committed in a block,
+as the state machine does when the block executes.
 
-Part 2, over STOQ: a real ``trustchain serve`` (development mode, plots of
-k=18, 1,000 VDF iterations, a low work difficulty so that the load generator
-can make requests fast, every requester in the genesis ledger) and a
-load-generator process. Each requester has its own key and k=18 plot (made
-before the server starts, about a second each). The load generator first
-sends every requester's first request of the epoch (the cold path: the node
-verifies its space and time credential), then closed-loop ``ca.issue`` with
-64 requests in flight on 1 and 4 connections, round robin over the
-requesters, every request with a new P-256 CSR for a distinct name, fresh
-work and its own binding signature, all made before the clock starts. The
-same server answers ``node.health`` in the same run, for comparison.
+Part 2, over STOQ: a real ``trustchain serve``, a validator alone
+(development mode, plots of k=18, 1,000 VDF iterations, a low work difficulty
+so that the load generator can make requests fast, every requester in the
+genesis stake), then the same node with its proof check reduced to parsing
+(``bench._node --proofs parse``, the baseline), and a load-generator process.
+Each requester has its own key and k=18 plot (made before the server starts,
+about a second each). The load generator first sends every requester's first
+request of the epoch (the cold path: the node verifies its space and time
+credential), then closed-loop ``ca.issue`` with 64 requests in flight on 1 and
+4 connections, round robin over the requesters, every request with a new
+P-256 CSR for a distinct name, fresh work and its own binding signature, all
+made before the clock starts; the same kind of requests then go to the
+baseline. The four-proof server answers ``node.health`` in the same run too,
+for comparison.
 
 Loopback ``[::1]`` only; every run is bounded; every process is stopped at the
 end. Markdown goes to stdout, progress to stderr.
@@ -59,7 +65,17 @@ from protocol.ops.consensus import (
     work_hash,
     work_prefix,
 )
-from store import AuditLog, LedgerStore, open_keystore, verify_signature
+from store import (
+    AuditLog,
+    BeaconStore,
+    MultisetHash,
+    Row,
+    StateChanges,
+    StateDatabase,
+    open_keystore,
+    state_hash,
+    verify_signature,
+)
 
 from ._common import (
     FINGERPRINT,
@@ -72,6 +88,7 @@ from ._common import (
     markdown_table,
     percentile,
 )
+from ._node import serve_argv
 from ._streams import close_clients
 from .ca import (
     DRAIN_TIMEOUT,
@@ -85,13 +102,15 @@ from .ca import (
 )
 
 REQUESTERS = 200
-QUICK_REQUESTERS = 20
+QUICK_REQUESTERS = 6
 POOL = 12_000
 """Proof sets made for one closed-loop run."""
-QUICK_POOL = 4_000
+QUICK_POOL = 2_000
 LOAD_DIFFICULTY = 4
 """Work bits the benchmark server requires, so that the load generator keeps up."""
 PROD_DIFFICULTY = 20
+WORK_BLOCK = 64
+"""Requests verified, then committed in one block, at a time in part 1 (64 in flight)."""
 VDF_ITERATIONS = 1000
 EPOCH_LENGTH = 3600
 CONNECTIONS = (1, 4)
@@ -121,8 +140,9 @@ def _per_call(fn: Callable[[], Any], count: int, rounds: int = 5) -> float:
 class MicroFigures:
     rows: list[tuple[str, str, float, float | None]]
     """(proof, what, cold seconds, cached seconds or None)."""
-    warm: dict[int, float]
-    """Work difficulty -> CPU seconds per whole warm request."""
+    warm: dict[int, tuple[float, float, int]]
+    """Work difficulty -> CPU seconds per warm request: ``ProofVerifier.verify``, and
+    its used-work row committed in a block (:class:`UsedWork`); the rows a block."""
     cold: float
     """CPU seconds per whole cold request (VDF checked on the event loop)."""
     worker_latency: float
@@ -138,18 +158,52 @@ def _build_sets(prover: stoq.Prover, beacon: stoq.Beacon, credential: stoq.Crede
     return sets
 
 
+class UsedWork:
+    """The replicated state as the node's state machine keeps it, for the verifier's
+    stake and replay lookups: the requester's genesis stake, then blocks of admitted
+    requests whose used-work rows are committed as the machine executes ``issue``
+    decisions (the proofs parsed, the work hash, the row added to the state's multiset
+    hash, the block's one transaction with its height and state hash)."""
+
+    def __init__(self, state: StateDatabase, stake: dict[str, int]) -> None:
+        self.state = state
+        genesis: list[Row] = [("stake", key, amount) for key, amount in sorted(stake.items())]
+        self.rows = MultisetHash.of(genesis)
+        state.write_genesis(genesis, self.rows, state_hash(0, self.rows))
+        self.height = 0
+
+    def commit(self, admitted: list[tuple[bytes, dict[str, Any]]]) -> None:
+        """One block of admitted requests: (request digest, proof set) each."""
+        rows = self.rows.copy()
+        height = self.height + 1
+        changes = StateChanges(height=height,
+                               block_id=hashlib.sha256(b"bench block %d" % height).digest(),
+                               rows_hash=rows, state_hash=b"")
+        for request, wire in admitted:
+            proofs = parse_proofs(wire)
+            digest = work_hash(work_prefix("issue", request, key_id(proofs.requester_key),
+                                           proofs.epoch), proofs.nonce)
+            row = ("used_work", digest, proofs.epoch)
+            changes.upsert(row)
+            rows.add(row)
+        changes.state_hash = state_hash(height, rows)
+        self.state.apply(changes)
+        self.rows, self.height = rows, height
+
+
 async def _micro(tmp: Path, quick: bool) -> MicroFigures:
     keystore = open_keystore(provider="software", data_dir=tmp / "micro-keys")
     audit = AuditLog(tmp / "micro-audit.log", signer=keystore.get_or_create("audit"))
-    ledger = LedgerStore(tmp / "micro-ledger.sqlite3")
-    beacons = BeaconChain(ledger=ledger, signer=keystore.get_or_create("beacon"),
+    ledger = StateDatabase(tmp / "micro-state" / "state.sqlite3")
+    beacon_store = BeaconStore(tmp / "micro-beacons.sqlite3")
+    beacons = BeaconChain(store=beacon_store, signer=keystore.get_or_create("beacon"),
                           epoch_length=EPOCH_LENGTH, audit=audit.append_async)
     prover = stoq.Prover.open(tmp / "micro-requester")
     prover.ensure_plot(18)
-    ledger.set_stake_now(prover.key_id, 1000, "genesis", time.time())
+    used = UsedWork(ledger, {prover.key_id: 1000})
     record = await beacons.current()
     rows: list[tuple[str, str, float, float | None]] = []
-    warm: dict[int, float] = {}
+    warm: dict[int, tuple[float, float, int]] = {}
     verifiers = []
     try:
         for difficulty in (8, PROD_DIFFICULTY):
@@ -162,16 +216,23 @@ async def _micro(tmp: Path, quick: bool) -> MicroFigures:
             credential = prover.credential_for(beacon)
             verifier = ProofVerifier(params=params, ledger=ledger, beacons=beacons, workers=0)
             verifiers.append(verifier)
-            count = (60 if quick else 200) if difficulty > 16 else (1000 if quick else 4000)
+            count = (8 if quick else 200) if difficulty > 16 else (1000 if quick else 4000)
             progress(f"part 1: {count} proof sets at {difficulty} work bits")
             sets = _build_sets(prover, beacon, credential, count + 1, f"d{difficulty}")
             first = sets.pop()  # the cold one: credentials verified in full
             await verifier.verify("issue", first[0], first[1])
-            cpu0 = time.process_time()
-            for request, wire in sets:
-                await verifier.verify("issue", request, wire)
-            await ledger.drain()
-            warm[difficulty] = (time.process_time() - cpu0) / len(sets)
+            verified = committed = 0.0
+            for start in range(0, len(sets), WORK_BLOCK):  # a block's worth, then its block
+                block = sets[start:start + WORK_BLOCK]
+                cpu0 = time.process_time()
+                for request, wire in block:
+                    await verifier.verify("issue", request, wire)
+                cpu1 = time.process_time()
+                used.commit(block)
+                verified += cpu1 - cpu0
+                committed += time.process_time() - cpu1
+            warm[difficulty] = (verified / len(sets), committed / len(sets),
+                                min(WORK_BLOCK, len(sets)))
             if difficulty == 8:
                 rows += _component_rows(verifier, prover, beacon, sets[0][1], sets[0][0],
                                         quick)
@@ -204,8 +265,8 @@ async def _micro(tmp: Path, quick: bool) -> MicroFigures:
     finally:
         for verifier in verifiers:
             await verifier.close()
-        await ledger.drain()
         ledger.close()
+        beacon_store.close()
         audit.close()
         keystore.close()
 
@@ -302,8 +363,8 @@ class ProofLoadSpec:
     first_name: int = 0
     server_pid: int = 0
     beacon: str = ""
-    """JSON of a ``consensus.beacon`` result (bytes as hex), for a server without the
-    ``consensus.*`` ops (the local-admission baseline); empty: ask the server."""
+    """JSON of a ``consensus.beacon`` result (bytes as hex): the four-proof server's,
+    for the parse-only baseline (which checks none of it); empty: ask the server."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -460,21 +521,11 @@ def _in_child(children: Children, spec: ProofLoadSpec, log: Path) -> dict[str, A
         children.stop(child)
 
 
-def _serve_code(parts: str) -> str:
-    """``trustchain serve`` with only the services of ``trustchain._compose.PART_SETS[parts]``."""
-    return ("import sys; from trustchain._cli import serve_parts; "
-            f"sys.exit(serve_parts(sys.argv[1:], {parts!r}))")
-
-
-SERVERS = {
-    "four-proof": "four-proof",
-    "consensus": "consensus",
-    "local": "ca-alone",
-}
-"""Part 2's servers: the CA with four-proof admission and no other service; the same
-with the validator chain (one validator: every decision committed in a block, as a
-default node does); and the CA with its local admission (no proofs checked), all
-sent the same kind of requests."""
+SERVERS = ("four-proof", "local")
+"""Part 2's servers, each a validator alone (every decision committed in a block, as a
+default node does): ``trustchain serve`` with its four-proof check, and the same node
+with the proofs only parsed (``bench._node --proofs parse``: the baseline), both sent
+the same kind of requests."""
 
 CONFIG = """\
 # Written by bench/proofs.py for one benchmark run.
@@ -492,6 +543,8 @@ level = "warning"
 format = "text"
 [dns]
 enabled = {dns}
+[ct]
+enable_realtime_fingerprinting = {dns}
 [consensus]
 plot_size = 18
 vdf_iterations = {iterations}
@@ -543,7 +596,7 @@ def run_stoq(children: Children, engine: str, tmp: Path, plots: Path, count: int
     dirs = [str(p) for p in requesters]
     beacon = ""
     names = 0
-    for label in ("four-proof", "consensus", "local"):
+    for label in SERVERS:
         config = tmp / f"trustchain-{label}.toml"
         data_dir = tmp / f"data-{label}"
         config.write_text(CONFIG.format(data_dir=data_dir, engine=engine, genesis=genesis,
@@ -551,25 +604,20 @@ def run_stoq(children: Children, engine: str, tmp: Path, plots: Path, count: int
                                         difficulty=LOAD_DIFFICULTY, epoch_length=EPOCH_LENGTH,
                                         dns="true" if services == "all" else "false",
                                         signing_workers=signing_workers))
-        serve = ["serve", "--config", str(config), "--data-dir", str(data_dir), "--listen",
-                 "[::1]:0"]
-        if services == "all" and label == "four-proof":
-            argv = [sys.executable, "-m", "trustchain", *serve]
-        else:
-            argv = [sys.executable, "-c", _serve_code(SERVERS[label]), *serve[1:]]
+        argv = [sys.executable, *serve_argv(check_proofs=label == "four-proof", serve_args=[
+            "--config", str(config), "--data-dir", str(data_dir), "--listen", "[::1]:0"])]
         server, port, pin = _start(children, f"trustchain serve ({label})", argv,
                                    tmp / f"trustchain-{label}.log")
         progress(f"part 2: trustchain serve ({label}) pid {server.pid} on [::1]:{port}")
         figures.warm[label] = {}
         try:
-            if label in ("four-proof", "consensus"):  # each has its own epoch beacon
+            if label == "four-proof":  # its epoch beacon; the local baseline takes it too
                 cold = ProofLoadSpec(mode="cold", engine=engine, port=port, pin=pin,
                                      requesters=dirs, first_name=names, server_pid=server.pid)
                 names += len(dirs)
                 try:
                     result = _in_child(children, cold, tmp / f"load-cold-{label}.log")
-                    if label == "four-proof":
-                        figures.cold = result
+                    figures.cold = result
                     beacon = result["beacon"]
                     progress(f"part 2: cold path ({label}): {result['requests']} first "
                              f"requests in {result['seconds']:.2f} s "
@@ -632,21 +680,30 @@ def _cpu(fraction: float | None) -> str:
 
 
 def report_micro(micro: MicroFigures) -> str:
-    rows = [[proof, what, _us(cold), _us(cached)] for proof, what, cold, cached in micro.rows]
+    rows = [[proof, what, _us(cold), _us(cached),
+             f"{cold / cached:,.0f}" if cached else "—"]
+            for proof, what, cold, cached in micro.rows]
     parts = ["### Verification cost per proof (one core, in process)\n",
              markdown_table(["proof", "what the node does", "cold (first sight)",
-                             "cached (rest of the epoch)"], rows), ""]
-    whole = [[f"{difficulty} bits", _us(cpu), "yes" if cpu <= TARGET_WARM_MS / 1e3 else "no"]
-             for difficulty, cpu in sorted(micro.warm.items())]
-    parts += ["Whole request, `ProofVerifier.verify` (parse, epoch, work, replay check, stake, "
-              "binding, cached space and time, recording the work hash in SQLite), CPU per "
-              "request of this process (all threads):\n",
-              markdown_table(["work difficulty", "warm request", f"<= {TARGET_WARM_MS} ms"],
-                             whole), "",
+                             "cached (rest of the epoch)", "cold / cached"], rows), ""]
+    whole = [[f"{difficulty} bits", _us(verify), f"{_us(work)} ({rows} a block)",
+              _us(verify + work), "yes" if verify + work <= TARGET_WARM_MS / 1e3 else "no"]
+             for difficulty, (verify, work, rows) in sorted(micro.warm.items())]
+    warm8 = sum(micro.warm[min(micro.warm)][:2])
+    parts += ["Whole warm request, CPU per request of this process (all threads): "
+              "`ProofVerifier.verify` (parse, epoch, work, replay check against the state's "
+              "used work, stake from the state, binding, cached space and time), then what "
+              "the state machine does with the request's work when its block executes "
+              f"(the used-work row added to the state hash and committed in a block of up to "
+              f"{WORK_BLOCK} rows, `StateDatabase.apply`: fewer rows a block, more cost a "
+              "row):\n",
+              markdown_table(["work difficulty", "verify", "used-work row", "whole request",
+                              f"<= {TARGET_WARM_MS} ms"], whole), "",
               f"Cold request (credentials verified in full, VDF on the event loop): "
-              f"{_us(micro.cold)} CPU; with the VDF in the worker process, as the node runs it, "
-              f"a cold request waits {_us(micro.worker_latency)} (the event loop is free "
-              f"meanwhile).", ""]
+              f"{_us(micro.cold)} CPU, {micro.cold / warm8:,.0f} times a warm one "
+              f"({_us(warm8)}, {min(micro.warm)} bits); with the VDF in the worker process, as "
+              f"the node runs it, a cold request waits {_us(micro.worker_latency)} (the event "
+              f"loop is free meanwhile).", ""]
     return "\n".join(parts)
 
 
@@ -661,10 +718,9 @@ def report_stoq(figures: StoqFigures, pool: int) -> str:
                      f"**{cold['rate']:,.0f}/s**, server CPU {_cpu(cold['server_cpu'])} "
                      f"(errors: {cold['errors']}).\n")
     rows = []
-    for label, title in (("four-proof", "four-proof admission"),
-                         ("consensus", "four-proof admission, then a committed block "
-                                       "(one validator, the default node)"),
-                         ("local", "local admission, same requests (proofs not checked)")):
+    local = figures.warm.get("local", {})
+    for label, title in (("four-proof", "four-proof admission (the default node)"),
+                         ("local", "proofs parsed, not checked (baseline), same requests")):
         for n in CONNECTIONS:
             warm = figures.warm.get(label, {}).get(n)
             if warm is None:
@@ -672,24 +728,31 @@ def report_stoq(figures: StoqFigures, pool: int) -> str:
             rate = warm["rate"]
             per = (warm["server_cpu"] / rate * 1e3) if warm["server_cpu"] and rate else None
             health = figures.health.get(n) if label == "four-proof" else None
+            baseline = local.get(n) if label == "four-proof" else None
             rows.append([title, f"{n} conn x {IN_FLIGHT}", f"{rate:,.0f}/s",
                          f"{warm['p50_ms']:.1f} / {warm['p99_ms']:.1f} ms",
                          _cpu(warm["server_cpu"]), "—" if per is None else f"{per:.2f} ms",
                          _cpu(warm["client_cpu"]),
-                         f"{health.rate:,.0f}/s" if health else "",
+                         f"{rate / baseline['rate']:.2f}" if baseline and baseline["rate"]
+                         else "",
+                         f"{health.rate:,.0f}/s ({rate / health.rate:.3f})"
+                         if health and health.rate else "",
                          str(warm["errors"]) + (" (pool used up)" if warm["exhausted"]
                                                 else "")])
     parts.append(markdown_table(["server", "load", "ca.issue/s", "p50 / p99", "server CPU",
                                  "server CPU per issuance", "load generator CPU",
-                                 "node.health/s, same server", "errors"], rows))
+                                 "/ baseline", "node.health/s, same server (ratio)",
+                                 "errors"], rows))
     parts.append(f"\nTarget (information only): >= {TARGET_RATE:,} issuances/s with warm "
                  f"proofs. Each closed-loop run has {pool:,} requests (CSR, fresh work, "
                  f"binding) made before its clock starts, round robin over the requesters; "
-                 f"the same kind of requests go to a second server whose CA admits locally, "
-                 f"so that the difference between the two rows is what four-proof "
-                 f"validation costs over STOQ. Server: "
-                 + ("every service wired" if figures.services == "all" else
-                    "the CA and the four-proof admission, no CT or DNS service") + ".")
+                 f"the same kind of requests go to a second server, the same node whose "
+                 f"proof check only parses the proof set, so that the ratio of the two rows "
+                 f"is what four-proof validation costs over STOQ. Both are validators alone: "
+                 f"every issuance is two decisions, each committed in a block. Server: "
+                 + ("every service of a node" if figures.services == "all" else
+                    "no DNS and no real-time fingerprints (the fewest services a node has)")
+                 + ".")
     for problem in figures.problems:
         parts.append(f"\nproblem: {problem}")
     return "\n".join(parts) + "\n"
@@ -702,8 +765,9 @@ def report_extrapolation(micro: MicroFigures, figures: StoqFigures) -> str:
              "Plotting 10,000 k=18 plots would take about 3 hours and 40 GB here, so the run "
              f"above has {figures.requesters}. What grows with the number of requesters, and "
              "what does not:\n",
-             "- a warm request costs the same with 10 or 10,000 requesters: the ledger, the "
-             "credential caches and the key cache are hash lookups;",
+             "- a warm request costs the same with 10 or 10,000 requesters: the state's stake "
+             "and used-work lookups are primary-key lookups, the credential caches and the "
+             "key cache are hash lookups;",
              "- the node remembers two credentials a requester per accepted epoch (a 64-byte "
              "key, in a set: about 200 bytes with Python's overhead) and one parsed public "
              "key: about 2 MB for 10,000 requesters, 4 MB over the two accepted epochs;",
@@ -714,8 +778,9 @@ def report_extrapolation(micro: MicroFigures, figures: StoqFigures) -> str:
                 f"{10_000 / cold_rate:.0f} s of wall time at the start of each epoch, "
                 f"spread over the epoch in practice)" if cold_rate else "")
              + "; `consensus.verify_workers` adds processes;",
-             "- the used-work table grows by one row per admitted request and is emptied of "
-             "epochs no longer accepted at each epoch start."]
+             "- the replicated used-work table grows by one row per admitted request; the "
+             "first block of an epoch drops the rows of epochs no longer accepted (every "
+             "validator, in the same block)."]
     return "\n".join(lines) + "\n"
 
 
@@ -743,8 +808,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine", choices=stoq.ENGINES, default=stoq.DEFAULT_ENGINE)
     parser.add_argument("--skip-micro", action="store_true", help="only part 2")
     parser.add_argument("--services", choices=("proofs", "all"), default="proofs",
-                        help="part 2's node: the CA with four-proof admission only (default), "
-                             "or every service of a node (CT, DNS ...)")
+                        help="part 2's nodes: without DNS and real-time fingerprints "
+                             "(default), or with every service of a node")
     parser.add_argument("--signing-workers", type=int, default=0, metavar="N",
                         help="ca.signing_workers of part 2's nodes (default 0: sign on the "
                              "event loop)")
@@ -766,8 +831,9 @@ def main(argv: list[str] | None = None) -> int:
           f"process can make the requests; the node's cost is one SHA-256 at any difficulty, "
           f"see part 1), epoch {EPOCH_LENGTH} s; part 2's node runs "
           + ("every service of a node" if args.services == "all" else
-             "the CA with four-proof admission and no other service (no CT, no DNS: what "
-             "admission adds to issuance; `--services all` for the whole node)")
+             "the fewest services a node has (no DNS, no real-time fingerprints; "
+             "`--services all` for the whole node)")
+          + ", a validator alone (each decision committed in a block)"
           + (f"; certificates signed by {args.signing_workers} worker processes "
              "(ca.signing_workers)" if args.signing_workers else "") + "\n",
           flush=True)
