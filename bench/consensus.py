@@ -88,7 +88,7 @@ ISSUE_WARMUP = 3.0
 """Seconds the ca.issue loop runs before its window opens (longer than its latency)."""
 FAUCET_POOL, QUICK_FAUCET_POOL = 12_000, 5_000
 """Fresh keys made for one closed-loop faucet run (the window ends early if it uses them up)."""
-ISSUE_POOL, QUICK_ISSUE_POOL = 4_000, 1_500
+ISSUE_POOL, QUICK_ISSUE_POOL = 4_000, 3_000
 """Proof sets (CSR, fresh work, binding) made for one closed-loop ca.issue run."""
 REQUESTERS, QUICK_REQUESTERS = 4, 2
 """Requester keys, each with its own k=18 plot, that the ca.issue requests round-robin over."""

@@ -6,6 +6,7 @@ a name held by another key) whose message says exactly what is wrong.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import re
@@ -158,8 +159,16 @@ def check_names(csr: x509.CertificateSigningRequest,
 def check_request(der: bytes, policy: NamingPolicy) -> CheckedRequest:
     """Parse and check a CSR: signature, key, names.
 
+    The same CSR is checked by its entry validator, by every validator before the vote
+    and again when the block executes: the answer is kept for the most recent ones.
+
     :raises InvalidRequest: with ``field = "csr"`` and the reason.
     """
+    return _check_request(der, policy)
+
+
+@functools.lru_cache(maxsize=4096)
+def _check_request(der: bytes, policy: NamingPolicy) -> CheckedRequest:
     csr = load_csr(der)
     key = check_key(csr)
     if not csr.is_signature_valid:
