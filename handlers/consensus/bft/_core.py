@@ -446,23 +446,27 @@ class Tendermint:
         return out
 
     def gossip(self) -> list[Effect]:
-        """Re-send what others may have missed: our own messages of this height, the
-        proposals we know for this round (and for our valid value), pending evidence.
+        """Re-send what others may have missed: our own votes of this height and pending
+        evidence.
 
-        If nothing moved since the last call (same height, round and step), also
-        every vote we hold for this round and our valid round's prevotes: a peer
-        may lack a vote whose signer crashed since, or a faulty validator's vote
-        that it needs to see the quorum we saw.
+        If nothing moved since the last call (same height, round and step), also our
+        proposal, the proposals we know for this round (and for our valid value), every
+        vote we hold for this round and our valid round's prevotes: a peer may lack a
+        vote whose signer crashed since, or a faulty validator's vote that it needs to
+        see the quorum we saw. Proposals (whole blocks) wait for that: while heights
+        move, every peer has them, and re-sending each block from every validator every
+        interval would cost more than the decisions it carries.
         """
         if self.executing:
             return [Broadcast(e) for e in self.pending_evidence]
-        wanted: list[Message] = list(self._own)
-        wanted += self._proposals.get(self.round, {}).values()
-        if self._valid_value is not None:
-            wanted += [p for p in self._proposals.get(self.valid_round, {}).values()
-                       if p.block.id == self._valid_value.id]
         mark = (self.height, self.round, self.step)
-        if mark == self._gossip_mark:
+        stuck = mark == self._gossip_mark
+        wanted: list[Message] = [m for m in self._own if stuck or not isinstance(m, Proposal)]
+        if stuck:
+            wanted += self._proposals.get(self.round, {}).values()
+            if self._valid_value is not None:
+                wanted += [p for p in self._proposals.get(self.valid_round, {}).values()
+                           if p.block.id == self._valid_value.id]
             for votes in (self._prevotes.get(self.round), self._precommits.get(self.round),
                           self._prevotes.get(self.valid_round)):
                 if votes is not None:
