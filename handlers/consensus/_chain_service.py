@@ -59,7 +59,7 @@ class ChainService:
 
     async def gossip(self, args: ops.GossipArgs, ctx: RequestContext) -> dict[str, Any]:
         """Messages from another validator, over a link it bound to this endpoint."""
-        refusal = self.links.refusal(args.sender, args.link, self.tls_keys())
+        refusal = self.links.refusal(args.sender, args.link, self.tls_keys)
         if refusal is not None:
             raise Unauthorized(f"not a validator link: {refusal}", field="link")
         if self.chain.failure is not None:

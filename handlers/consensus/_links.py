@@ -72,7 +72,7 @@ class LinkVerifier:
         self._checked: dict[tuple[str, bytes], bool] = {}
 
     def refusal(self, validator: str | None, signature: bytes | None,
-                own_keys: list[bytes]) -> str | None:
+                own_keys: Callable[[], list[bytes]]) -> str | None:
         """None if the gossip comes from ``validator`` over a link it bound; else why not.
 
         :param own_keys: the SPKI hashes of the TLS keys this node served with since it
@@ -84,7 +84,7 @@ class LinkVerifier:
         if self._checked.get(key):
             return None
         reasons = [link_refusal(self.validators(), self.chain_id, validator, own, signature)
-                   for own in own_keys]
+                   for own in own_keys()]
         if None in reasons:
             if len(self._checked) >= self.CACHE:
                 self._checked.clear()

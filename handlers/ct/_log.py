@@ -397,11 +397,12 @@ class CtLog:
                 places[key] = Logged(key, -1, -1, timestamp, fresh=True)  # placed below
                 new.append((entry, key))
         batch = CtBatch(logged=[])
+        issued = {r[1] for r in changes.upserts.get("fingerprints", ())}
         shard = self.active
         while new:
             room = shard.capacity - shard.tiles.appended
             chunk, new = new[:room], new[room:]
-            write = self._write(shard, chunk, timestamp, changes, rows)
+            write = self._write(shard, chunk, timestamp, changes, rows, issued)
             batch.writes.append(write)
             for offset, (_, key) in enumerate(chunk):
                 places[key] = Logged(key, shard.number, write.start + offset, timestamp,
@@ -428,7 +429,7 @@ class CtLog:
         return shard
 
     def _write(self, shard: Shard, entries: list[tuple[Entry, bytes]], timestamp: int,
-               changes: StateChanges, rows: MultisetHash) -> _ShardWrite:
+               changes: StateChanges, rows: MultisetHash, issued: set[bytes]) -> _ShardWrite:
         """The tiles and rows of ``entries`` appended to ``shard``, and its new head."""
         sha256 = hashlib.sha256
         number = shard.number
@@ -465,7 +466,7 @@ class CtLog:
             appended.append(Appended(hashed, te + pre + len(fps).to_bytes(2, "big") + fps,
                                      fingerprint, chain.names))
             indexed: tuple[Row, ...] = ()
-            if not self._fingerprinted(fingerprint, entry.precert, changes):
+            if not self._fingerprinted(fingerprint, entry.precert, issued):
                 indexed = (("fingerprints", fingerprint, chain.spki_sha256, kind, number,
                             index, None, timestamp),
                            *(("fingerprint_names", n, fingerprint) for n in chain.names))
@@ -493,14 +494,15 @@ class CtLog:
         return _ShardWrite(shard=shard, start=start, bundle=bundle, new_issuers=new_issuers,
                            head=signed, items=items, slim=slim)
 
-    def _fingerprinted(self, fingerprint: bytes, precert: bool,
-                       changes: StateChanges) -> bool:
+    def _fingerprinted(self, fingerprint: bytes, precert: bool, issued: set[bytes]) -> bool:
         """Whether the fingerprint index already has this certificate (one the CA issued,
-        submitted again with ``ct.add-chain``): its issued row stays the one kept."""
+        submitted again with ``ct.add-chain``): its issued row stays the one kept.
+
+        :param issued: the fingerprints this block's own rows index already.
+        """
         if precert:
             return False  # a precertificate is logged once (the entry hash says so)
-        return (self.state.fingerprint(fingerprint) is not None
-                or any(r[1] == fingerprint for r in changes.upserts.get("fingerprints", ())))
+        return fingerprint in issued or self.state.fingerprint(fingerprint) is not None
 
     async def stage(self, batch: CtBatch) -> None:
         """Make the batch's tiles durable in the shards' staging areas (fsync), before the

@@ -52,13 +52,13 @@ def test_the_verifier_accepts_statements_over_any_recent_tls_key() -> None:
     old_tls, new_tls = os.urandom(32), os.urandom(32)
     statement = key.sign(link_statement(CHAIN, me.id, old_tls))
     # a peer connected before this node changed its certificate still gets through
-    assert verifier.refusal(me.id, statement, [new_tls, old_tls]) is None
-    assert verifier.refusal(me.id, statement, [new_tls]) is None  # cached once checked
+    assert verifier.refusal(me.id, statement, lambda: [new_tls, old_tls]) is None
+    assert verifier.refusal(me.id, statement, lambda: [new_tls]) is None  # cached
     fresh = LinkVerifier(chain_id=CHAIN, validators=lambda: current)
-    assert "does not verify" in str(fresh.refusal(me.id, statement, [new_tls]))
-    assert "needs the sender" in str(fresh.refusal(None, statement, [old_tls]))
-    assert "needs the sender" in str(fresh.refusal(me.id, None, [old_tls]))
-    assert "no TLS key" in str(fresh.refusal(me.id, statement, []))
+    assert "does not verify" in str(fresh.refusal(me.id, statement, lambda: [new_tls]))
+    assert "needs the sender" in str(fresh.refusal(None, statement, lambda: [old_tls]))
+    assert "needs the sender" in str(fresh.refusal(me.id, None, lambda: [old_tls]))
+    assert "no TLS key" in str(fresh.refusal(me.id, statement, list))
 
 
 def test_served_tls_keys_follow_the_certificate_file(tmp_path: Path) -> None:
