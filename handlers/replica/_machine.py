@@ -35,6 +35,7 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import ExtensionOID
 
 from protocol import TrustChainError, renewal_statement, revocation_statement
 from protocol.ct_structs import (
@@ -98,6 +99,9 @@ MAX_CLOCK_AHEAD_MS = 5_000
 """Nor may it be sealed further ahead of its block's time than this."""
 PENDING_HOLDS_NAMES_MS = 600_000
 """How long an issuance waiting for its signed certificate holds its names."""
+PRECERTIFICATE_NOT_EVIDENCE = (
+    "a precertificate is not evidence: an issue decision carries its signed "
+    "precertificate before any block commits it (a refused or lost decision leaves one)")
 STATEMENT_WINDOW = 300
 """Seconds a signed statement's time may differ from its block's time."""
 
@@ -657,6 +661,8 @@ class CaStateMachine:
             cert = x509.load_der_x509_certificate(decision.certificate)
         except ValueError:
             return refused("invalid_request", "not a DER certificate")
+        if is_precertificate(cert):
+            return refused("invalid_request", PRECERTIFICATE_NOT_EVIDENCE)
         issuer = self.directory.issuer_of(cert)
         if issuer is None:
             return refused("invalid_request", "no validator's intermediate signed it")
@@ -786,3 +792,11 @@ def check_fresh(at_ms: int, now_ms: int) -> str | None:
         return "it is stamped more than 5 minutes from this validator's clock"
     return None
 
+
+def is_precertificate(cert: x509.Certificate) -> bool:
+    """Whether ``cert`` carries the CT poison (RFC 6962 §3.1): not usable for TLS."""
+    try:
+        cert.extensions.get_extension_for_oid(ExtensionOID.PRECERT_POISON)
+    except x509.ExtensionNotFound:
+        return False
+    return True

@@ -33,7 +33,12 @@ from .._router import RequestContext, Router
 from .._tasks import cancel_and_wait
 from ..ca._profile import ProfileError, check_certificate
 from ..consensus import ConsensusChain, seal
-from ._machine import CaStateMachine, Outcome
+from ._machine import (
+    PRECERTIFICATE_NOT_EVIDENCE,
+    CaStateMachine,
+    Outcome,
+    is_precertificate,
+)
 
 log = logging.getLogger("trustchain.replica")
 
@@ -218,6 +223,8 @@ class ReplicaService:
                 return record, ""
         if issuer is None:
             return None, "it is not signed by a validator's issuing intermediate"
+        if is_precertificate(cert):
+            return None, PRECERTIFICATE_NOT_EVIDENCE
         self._submit_evidence(der, issuer.validator)
         return None, ("no committed block allows this certificate: it was signed without "
                       "consensus")

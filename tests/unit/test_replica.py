@@ -683,6 +683,23 @@ async def test_misissuance_evidence_isolates_the_signer(cluster: Cluster) -> Non
     assert_same_state(cluster)
 
 
+async def test_the_precertificate_of_a_refused_issuance_is_not_evidence(cluster: Cluster) -> None:
+    """An issue decision carries a signed precertificate before any block commits it;
+    one refused at execution (here: the name is another key's) leaves a precertificate
+    no block allows, which must not frame its honest signer."""
+    await cluster.issued("taken.trust")
+    late = await cluster.request("taken.trust")
+    (refused,) = await cluster.commit(late.decision)
+    assert not refused.accepted and "held by another key" in refused.message
+    assert isinstance(late.decision, Issue)
+    executed = await cluster.run(cluster.block(
+        Misissued(certificate=late.decision.precertificate, at_ms=cluster.now_ms())))
+    (outcome,) = executed.outcomes
+    assert not outcome.accepted and "a precertificate is not evidence" in outcome.message
+    assert executed.isolate == ()
+    assert_same_state(cluster)
+
+
 # --- bugs found --------------------------------------------------------------------------
 
 
