@@ -15,7 +15,8 @@ The rules (RFC 9250 §4.2, §4.3.3, §5.5.2):
   and ends its side with FIN after one answer;
 - the Message ID of every query is 0;
 - a non-zero Message ID, bytes after the message, a FIN before the whole
-  message, no FIN within ``fin_timeout`` after a complete message, data on a
+  message (an empty FIN on a stream already ended is a retransmission and
+  is ignored), no FIN within ``fin_timeout`` after a complete message, data on a
   unidirectional or server-initiated stream, and an ``edns-tcp-keepalive``
   option are protocol errors: the connection is closed with
   DOQ_PROTOCOL_ERROR;
@@ -50,6 +51,10 @@ MAX_MESSAGE_SIZE = 65535
 """The largest DNS message a 2-octet length can carry."""
 MAX_NAME_LENGTH = 255
 """Octets of a domain name in wire form, length octets and root label included."""
+ENDED_STREAMS_KEPT = 256
+"""Ended streams a connection remembers, to ignore duplicates of their last frames
+(more than the streams a client may have open at once, so all that are still in QUIC's
+retransmission window)."""
 
 EDNS_TCP_KEEPALIVE = 11
 """EDNS(0) option code of edns-tcp-keepalive (RFC 7828); forbidden in DoQ."""
@@ -348,6 +353,10 @@ class DoqConnection:
         self.stream_timeout = stream_timeout
         self.max_buffered = max_buffered
         self._streams: dict[int, _Stream] = {}
+        self._ended: dict[int, None] = {}
+        """The latest streams this side ended (answered, abandoned, reset), oldest first:
+        QUIC reports a duplicate of a query's last frame, retransmitted after the answer,
+        as an empty FIN on its stream, which must not read as a new, empty query."""
         self._buffered = 0
         self._out: list[DoqInstruction] = []
         self.closed: ConnectionBroken | None = None
@@ -366,7 +375,7 @@ class DoqConnection:
             return self._break(DOQ_PROTOCOL_ERROR, f"data on a {kind} stream ({stream_id})")
         stream = self._streams.get(stream_id)
         if stream is None:
-            if not data and not end_stream:
+            if (not data and not end_stream) or stream_id in self._ended:
                 return []
             stream = self._streams[stream_id] = _Stream(started=now)
         elif stream.answering:
@@ -410,6 +419,7 @@ class DoqConnection:
         stream = self._streams.pop(stream_id, None)
         if stream is None or self.closed is not None:
             return []
+        self._end(stream_id)
         self._buffered -= len(stream.buffer)
         self._out.append(ResetStream(stream_id, DOQ_REQUEST_CANCELLED))
         return [QueryCancelled(stream_id)] if stream.answering else []
@@ -436,6 +446,7 @@ class DoqConnection:
                                        f"no FIN on stream {stream_id} after its query")
             elif now >= stream.started + self.stream_timeout:
                 del self._streams[stream_id]
+                self._end(stream_id)
                 self._buffered -= len(stream.buffer)
                 self._out.append(StopSending(stream_id, DOQ_REQUEST_CANCELLED))
                 self._out.append(ResetStream(stream_id, DOQ_REQUEST_CANCELLED))
@@ -457,11 +468,13 @@ class DoqConnection:
         if len(message) > MAX_MESSAGE_SIZE:
             raise LocalProtocolError(f"an answer of {len(message)} octets does not fit DoQ")
         del self._streams[stream_id]
+        self._end(stream_id)
         self._out.append(SendData(stream_id, len(message).to_bytes(2, "big") + message, True))
 
     def abandon(self, stream_id: int, error_code: int = DOQ_INTERNAL_ERROR) -> None:
         """Give up on a query without an answer (RESET_STREAM with ``error_code``)."""
         if self._streams.pop(stream_id, None) is not None and self.closed is None:
+            self._end(stream_id)
             self._out.append(ResetStream(stream_id, error_code))
 
     def close(self, error_code: int, reason: str) -> list[DoqEvent]:
@@ -478,6 +491,12 @@ class DoqConnection:
         """Instructions for the transport, in order; the list is handed over."""
         out, self._out = self._out, []
         return out
+
+    def _end(self, stream_id: int) -> None:
+        ended = self._ended
+        ended[stream_id] = None
+        if len(ended) > ENDED_STREAMS_KEPT:
+            del ended[next(iter(ended))]
 
     def _break(self, error_code: int, reason: str) -> list[DoqEvent]:
         event = ConnectionBroken(error_code, reason)
@@ -498,6 +517,7 @@ __all__ = [
     "DOQ_UNSPECIFIED_ERROR",
     "EDNS_PADDING",
     "EDNS_TCP_KEEPALIVE",
+    "ENDED_STREAMS_KEPT",
     "MAX_MESSAGE_SIZE",
     "MAX_NAME_LENGTH",
     "PADDING_BLOCK",

@@ -241,6 +241,8 @@ class RawConnection:
         self.terminated: Any = None
         self.protocol: Any = None
         self.transport: Any = None
+        self.deaf = False
+        """While True, datagrams from the server are dropped (as if lost on the way)."""
 
     async def connect(self, host: str, port: int, alpn: str = "stoq/1",
                       connection_id_length: int = 8) -> RawConnection:
@@ -255,6 +257,10 @@ class RawConnection:
         ev = engine.events
 
         class Proto(engine.QuicConnectionProtocol):  # type: ignore[misc, name-defined]
+            def datagram_received(self, data: bytes, addr: Any) -> None:
+                if not owner.deaf:
+                    super().datagram_received(data, addr)
+
             def quic_event_received(self, event: Any) -> None:
                 if isinstance(event, ev.StreamDataReceived):
                     owner.streams.setdefault(event.stream_id, bytearray()).extend(event.data)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import shutil
 import socket
 import subprocess
@@ -591,18 +592,46 @@ BAD_QUERIES = [
 ]
 
 
-async def test_bad_queries_get_dns_errors(tmp_path: Path, engine: str) -> None:
+async def test_bad_queries_get_dns_errors(tmp_path: Path, engine: str,
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="stoq")
     async with dns_node(tmp_path, engine) as node:
         conn = await raw(node)
         try:
             for what, message, rcode in BAD_QUERIES:
-                _, answer = await conn.request(framed(message))
+                sid, answer = await conn.request(framed(message))
+                assert len(answer) > 2, (what, sid, conn.resets, conn.terminated)
                 assert int.from_bytes(answer[:2], "big") == len(answer) - 2, what
                 parsed = dns.message.from_wire(answer[2:])
                 assert parsed.id == 0 and parsed.rcode() == rcode, (what, parsed)
             assert conn.terminated is None  # the same connection is still up
-            _, answer = await conn.request(framed(wire()))
+            sid, answer = await conn.request(framed(wire()))
+            assert len(answer) > 2, (sid, conn.resets, conn.terminated)
             assert dns.message.from_wire(answer[2:]).answer
+        finally:
+            await conn.close()
+
+
+async def test_a_query_retransmitted_after_its_answer_keeps_the_connection(
+        tmp_path: Path, engine: str) -> None:
+    # The answer (and the server's ACK) are lost: the client sends the query's frame
+    # again, which reaches the server after it answered. That is QUIC doing its job,
+    # not a new empty query: the connection stays up and the answer arrives. The client
+    # is qh3 for both servers: on a probe timeout it resends the oldest data (aioquic's
+    # client would only send a PING).
+    async with dns_node(tmp_path, engine) as node:
+        conn = await RawConnection("qh3").connect(node.host, node.port, alpn="doq")
+        try:
+            conn.deaf = True
+            stream_id = conn.new_stream()
+            conn.send(stream_id, framed(wire()))
+            await asyncio.sleep(2.5)  # the client's probe timeouts retransmit the query
+            conn.deaf = False
+            answer = await conn.response(stream_id, timeout=10)
+            assert conn.terminated is None, conn.terminated
+            assert dns.message.from_wire(answer[2:]).answer
+            _, again = await conn.request(framed(wire()))
+            assert dns.message.from_wire(again[2:]).answer
         finally:
             await conn.close()
 

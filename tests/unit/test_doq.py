@@ -19,6 +19,7 @@ from protocol.doq import (
     DOQ_PROTOCOL_ERROR,
     DOQ_REQUEST_CANCELLED,
     EDNS_TCP_KEEPALIVE,
+    ENDED_STREAMS_KEPT,
     CloseConnection,
     ConnectionBroken,
     DnsFormatError,
@@ -270,3 +271,32 @@ def test_oversized_answer_is_refused_locally() -> None:
 def test_unknown_type_is_read() -> None:
     q = parse_query(query("x.trust", "TYPE65280"))
     assert q.qtype == 65280 and dns.rdatatype.to_text(q.qtype) == "TYPE65280"
+
+
+def test_a_retransmitted_last_frame_after_the_answer_is_ignored() -> None:
+    # QUIC reports a duplicate of a stream's data+FIN frame, retransmitted after the
+    # answer went out, as an empty FIN: not a new query ended before its message
+    conn = DoqConnection()
+    conn.receive_data(0, framed(query()), True, 0.0)
+    conn.send_answer(0, b"x")
+    conn.receive_data(4, framed(query()), True, 0.0)
+    conn.abandon(4)
+    conn.receive_data(8, framed(query()), True, 0.0)
+    conn.stream_reset(8)
+    conn.data_to_send()
+    for stream_id in (0, 4, 8):
+        assert conn.receive_data(stream_id, b"", True, 1.0) == []
+    assert conn.closed is None and conn.data_to_send() == []
+    # an empty FIN on a stream never seen is still a protocol error
+    broken(conn.receive_data(12, b"", True, 1.0), DOQ_PROTOCOL_ERROR, "ended before")
+
+
+def test_ended_streams_are_remembered_within_a_bound() -> None:
+    conn = DoqConnection()
+    for i in range(ENDED_STREAMS_KEPT + 10):
+        conn.receive_data(4 * i, framed(query()), True, 0.0)
+        conn.send_answer(4 * i, b"x")
+    latest = 4 * (ENDED_STREAMS_KEPT + 9)
+    assert conn.receive_data(latest, b"", True, 1.0) == []
+    # the oldest are forgotten: memory stays bounded on a long connection
+    broken(conn.receive_data(0, b"", True, 1.0), DOQ_PROTOCOL_ERROR, "ended before")
