@@ -20,6 +20,7 @@ the keystore); :meth:`KeyRing.roll` applies it at the time it is given.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -57,8 +58,9 @@ class ZoneKey:
     signer: Any = field(default=None, repr=False, compare=False)
     dnskey: Any = field(default=None, repr=False, compare=False)
 
-    @property
+    @functools.cached_property
     def tag(self) -> int:
+        """The DNSKEY's key tag (computed once: the key is bound before it signs)."""
         return int(dns.dnssec.key_id(self.dnskey))
 
     def state(self, now: float) -> str:

@@ -38,6 +38,7 @@ import dns.rdtypes.ANY.SOA
 import dns.rrset
 
 from ._keys import KeyRing, ZoneKey
+from ._rrsig import rrsig
 
 IN = dns.rdataclass.IN
 SOA = dns.rdatatype.SOA
@@ -328,10 +329,11 @@ def _sign(rrset: dns.rrset.RRset, key: ZoneKey, origin: dns.name.Name, now: floa
         if (old_content == content and tag == key.tag
                 and sig[0].expiration - now > settings.signature_refresh):
             return sig
-    rrsig = dns.dnssec.sign(rrset, key.signer.private_key(), origin, key.dnskey,
-                            inception=int(now - INCEPTION_SKEW),
-                            expiration=int(now + settings.signature_validity))
-    sig = dns.rrset.from_rdata(rrset.name, rrset.ttl, rrsig)
+    signature = rrsig(rrset.name, rrset.rdtype, rrset.ttl, content[1], signer=key.signer,
+                      algorithm=key.dnskey.algorithm, key_tag=key.tag, zone=origin,
+                      inception=int(now - INCEPTION_SKEW),
+                      expiration=int(now + settings.signature_validity))
+    sig = dns.rrset.from_rdata(rrset.name, rrset.ttl, signature)
     cache.entries[(rrset.name, rrset.rdtype)] = (content, key.tag, sig)
     cache.signed += 1
     return sig
