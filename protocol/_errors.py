@@ -39,7 +39,8 @@ class ErrorCode(enum.StrEnum):
     NOT_FOUND = "not_found"
     """The named object does not exist."""
     CONSENSUS_REJECTED = "consensus_rejected"
-    """The validator quorum did not agree to the operation."""
+    """The operation's decision could not be submitted to the validators (this node's
+    own check refused it, or its consensus cannot take it now)."""
     PROOF_INVALID = "proof_invalid"
     """One of the four admission proofs failed; ``proof`` names which."""
     UNAVAILABLE = "unavailable"
@@ -142,7 +143,7 @@ class RateLimited(ServiceError):
 
 
 class ConsensusRejected(ServiceError):
-    """The validator quorum did not agree to the operation."""
+    """The operation's decision could not be submitted to the validators."""
 
     code = ErrorCode.CONSENSUS_REJECTED
 

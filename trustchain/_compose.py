@@ -81,7 +81,7 @@ from handlers.replica import (
     ValidatorDirectory,
     ValidatorKeys,
 )
-from protocol import ConsensusRejected
+from protocol import Unavailable
 from protocol.doq import ALPN_DOQ
 from protocol.ops.consensus import ProofParams
 from store import (
@@ -725,7 +725,7 @@ async def build_services(cfg: Config, data: DataDirectory, exits: contextlib.Asy
         cluster=Cluster(intermediate=lambda fp: _intermediate_der(directory, fp),
                         intermediates=lambda: [i.der for i in directory.intermediates()],
                         ready=keys.ready if keys is not None else lambda: False,
-                        announce=keys.announce if keys is not None else _nothing,
+                        announce=keys.announce if keys is not None else _follower_cannot_announce,
                         admins=directory.admins),
         audit=base.audit, signer=base.signer, lifetime=base.lifetime,
         backdate=cfg.ca.backdate)
@@ -759,24 +759,28 @@ def _log_key(directory: ValidatorDirectory, log_id: bytes) -> tuple[int, Any] | 
     return shard, serialization.load_der_public_key(spki)
 
 
-async def _nothing() -> None:
-    return None
+FOLLOWER = ("this node follows the cluster without a validator key and submits no "
+            "decisions; ask a validator")
+"""Why a follower refuses every op that changes the CA's state: ``unavailable``, the code
+``ct.add-chain`` and ``dns.register`` give it too (spec/stoq.md §8.2)."""
+
+
+async def _follower_cannot_announce() -> None:
+    raise Unavailable(FOLLOWER)
 
 
 class _NoFaucet:
     """A node without a validator key cannot credit stake."""
 
     async def credit(self, key_id: str, amount: int) -> None:
-        raise ConsensusRejected("this node follows the cluster without a validator key; "
-                                "ask a validator")
+        raise Unavailable(FOLLOWER)
 
 
 class _Observer:
     """A node without a validator key submits nothing."""
 
     async def commit(self, decision: Any, *, checked: bool = False) -> Any:
-        raise ConsensusRejected("this node follows the cluster without a validator key; "
-                                "ask a validator")
+        raise Unavailable(FOLLOWER)
 
     def now_ms(self) -> int:
         return int(time.time() * 1000)

@@ -192,6 +192,22 @@ async def test_rfc6962_ops_over_quic(tmp_path: Path, cddl: CddlChecker) -> None:
                                                         extra.root_der]})
         new = await client.request("ct.get-sth")
         await stoq.verify_consistency(client, 0, old, new)
+        # ct.subscribe: the first sth ends the backfill, after every entry below its size
+        # (spec §16.13); from the current size (the default start) it comes first.
+        delivered: list[int] = []
+        backfill = client.subscribe("ct.subscribe", {"start": 0, "include_leaf": False})
+        async for event in backfill:
+            if event.event == "sth":
+                assert delivered == list(range(event.data["tree_size"]))
+                assert event.data["next"] == event.data["tree_size"] == new["tree_size"]
+                break
+            assert event.event == "entries"
+            delivered += [e["index"] for e in event.data["entries"]]
+        await backfill.aclose()
+        live = client.subscribe("ct.subscribe", {})
+        first = await live.__anext__()
+        assert first.event == "sth" and first.data["tree_size"] == new["tree_size"]
+        await live.aclose()
         bad = {
             "bad_certificate": ("ct.add-chain", {"chain": [b"\x30\x82garbage"]}),
             "unknown_root": ("ct.add-chain", {"chain": [make_ca("X").leaf("x.trust")]}),
@@ -381,7 +397,8 @@ async def test_fingerprints_get_verify_watch(tmp_path: Path, cddl: CddlChecker,
                                                       "heartbeat_ms": 200})
         first = await watch.__anext__()
         assert first.event == "watching"
-        result = await requester.issue(make_csr(key, ["fp.trust"]))
+        result = await requester.issue(make_csr(key, ["fp.trust", "zz.trust"], ["2001:db8::5"]))
+        assert result["names"] == ["fp.trust", "zz.trust", "2001:db8::5"]
         logged = await _next_change(watch)  # the precertificate, as the log sequences it
         assert logged["change"] == "logged" and logged["kind"] == "precert"
         change = await _next_change(watch)
@@ -389,9 +406,12 @@ async def test_fingerprints_get_verify_watch(tmp_path: Path, cddl: CddlChecker,
         assert (change["shard"], change["leaf_index"]) == (logged["shard"],
                                                           logged["leaf_index"])
         assert change["matched"] == ["fp.trust"]
+        assert change["names"] == result["names"]  # fp.watch: the certificate's order
         got = (await client.request("fp.get", {"fingerprint": result["fingerprint"]}))
         (record,) = got["certificates"]
         assert record["kind"] == "issued" and record["serial"] == result["serial"]
+        # fp.get: names sorted as text, so this address before the DNS names (spec §16.15)
+        assert record["names"] == ["2001:db8::5", "fp.trust", "zz.trust"]
         spki = hashlib.sha256(key.public_key().public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo))
         assert record["spki_sha256"] == spki.hexdigest()

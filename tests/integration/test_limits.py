@@ -106,10 +106,18 @@ async def test_client_refuses_ipv4_hosts() -> None:
             await stoq.connect(host, 1, insecure=True)
 
 
+ALPN_MISMATCH_ALERT = {"qh3": 0x128, "aioquic": 0x178}
+"""The CRYPTO_ERROR a node closes with when the client offers no ALPN it serves: qh3
+sends handshake_failure, aioquic no_application_protocol (spec §2.2)."""
+
+
 async def test_wrong_alpn_fails_the_handshake(tmp_path: Path, engine: str) -> None:
     async with running_node(tmp_path, engine) as node:
-        with pytest.raises(stoq.ConnectionFailed):
-            await node.client(alpn="h3", timeout=5)
+        for client_engine in ("qh3", "aioquic"):
+            with pytest.raises(stoq.ConnectionFailed) as failed:
+                await node.client(alpn="h3", timeout=5, engine=client_engine)
+            assert failed.value.details["quic_error"] == ALPN_MISMATCH_ALERT[engine]
+            assert "No common ALPN protocols" in failed.value.message
 
 
 async def test_pinning(tmp_path: Path, engine: str, cddl: CddlChecker) -> None:

@@ -10,9 +10,19 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 import stoq
-from protocol import ConsensusRejected, InvalidRequest, Timeout, TrustChainError, UnknownOp
+from protocol import (
+    ConsensusRejected,
+    InvalidRequest,
+    NotFound,
+    Timeout,
+    TrustChainError,
+    Unavailable,
+    UnknownOp,
+)
 
+from ..ca_fixtures import make_ca
 from ..helpers import CddlChecker, running_node
+from .test_ct import _extra
 
 
 async def test_health_and_info(tmp_path: Path, engine: str, cddl: CddlChecker) -> None:
@@ -87,6 +97,31 @@ async def test_a_stopped_chain_degrades_health_and_refuses_issuance(
             assert health["status"] == "degraded" and health["checks"]["consensus"] is False
             with pytest.raises(ConsensusRejected, match="consensus has stopped"):
                 await client.request("consensus.faucet", {"key": faucet_key})
+
+
+async def test_a_follower_refuses_every_state_change_with_unavailable(
+        tmp_path: Path, cddl: CddlChecker) -> None:
+    """A node whose validator key is not in the set follows the chain and submits no
+    decision: the faucet, a CT submission and its own certificate all get the same code,
+    ``unavailable`` (spec §8.2), not ``consensus_rejected`` for some of them."""
+    other = ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    extra_ca = make_ca("Extra")
+    settings = _extra(tmp_path, extra_ca) + (
+        f'[[consensus.validators]]\npublic_key = "{other.hex()}"\nport = 9\n')
+    async with running_node(tmp_path / "node", "qh3", settings, checker=cddl) as node:
+        key = ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        async with await node.client() as client:
+            with pytest.raises(Unavailable, match="follows the cluster"):
+                await client.request("consensus.faucet", {"key": key})
+            with pytest.raises(Unavailable, match="follows the cluster"):
+                await client.request("ct.add-chain",
+                                     {"chain": [extra_ca.leaf("f.trust"), extra_ca.der]})
+            with pytest.raises(NotFound):
+                await client.request("consensus.identity")
+        with pytest.raises(Unavailable, match="follows the cluster"):
+            await node.node.services.rotator.check()
 
 
 async def test_a_slow_reader_overflows_instead_of_buffering_without_end(

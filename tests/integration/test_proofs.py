@@ -152,6 +152,9 @@ async def test_every_ca_operation_needs_the_full_set(tmp_path: Path, cddl: CddlC
             await client.request("ca.revoke", {**args, "proofs": wrong})
         assert info.value.details["proof"] == "work"
         assert (await requester.revoke(args))["already_revoked"] is False
+        # already revoked: answered from the state, proofs not looked at (spec §10.10 step 7)
+        again = await client.request("ca.revoke", args)
+        assert again["already_revoked"] is True and "block_height" not in again
         assert (await client.request("node.health"))["status"] == "ok"
     rejected = [r for r in _audit(node) if r["kind"] == "consensus.proofs-rejected"]
     assert {r["data"]["proof"] for r in rejected} == {"space", "stake", "work", "time",
