@@ -53,8 +53,10 @@ class Node:
     """One TrustChain node: its data directory, services and QUIC server."""
 
     def __init__(self, cfg: Config, *, data_dir: str | None = None,
-                 listen: list[tuple[str, int]] | None = None) -> None:
+                 listen: list[tuple[str, int]] | None = None,
+                 check_audit_log: bool = False) -> None:
         self.cfg = cfg
+        self.check_audit_log = check_audit_log
         self.data_dir = Path(data_dir or cfg.node.data_dir).resolve()
         self.data = data_directory(cfg, self.data_dir)
         self.listen = listen or cfg.listen_addresses()
@@ -107,7 +109,8 @@ class Node:
         try:
             self.services = await build_services(
                 self.cfg, self.data, self._exits, listen=self.listen, describe=self.describe,
-                accepting=self.accepting, installed=self.reload_certificate)
+                accepting=self.accepting, installed=self.reload_certificate,
+                check_audit_log=self.check_audit_log)
         except BaseException:
             await self._exits.aclose()
             raise
