@@ -39,6 +39,10 @@ def server_limits(cfg: Config) -> stoq.ServerLimits:
     net = cfg.network
     return stoq.ServerLimits(
         max_connections=net.max_concurrent_connections,
+        max_connections_per_address=net.max_connections_per_address,
+        max_connections_per_prefix=net.max_connections_per_prefix,
+        connection_prefix_length=net.connection_prefix_length,
+        max_handshakes_per_second=net.max_handshakes_per_second,
         idle_timeout=net.connection_timeout,
         keep_alive_interval=net.keep_alive_interval,
         max_frame_size=net.max_frame_size,
@@ -97,6 +101,10 @@ class Node:
                 "max_frame_size": limits.max_frame_size,
                 "max_streams_per_connection": limits.max_streams_per_connection,
                 "max_connections": limits.max_connections,
+                "max_connections_per_address": limits.max_connections_per_address,
+                "max_connections_per_prefix": limits.max_connections_per_prefix,
+                "connection_prefix_length": limits.connection_prefix_length,
+                "max_handshakes_per_second": limits.max_handshakes_per_second,
                 "idle_timeout": limits.idle_timeout,
                 "keep_alive_interval": limits.keep_alive_interval,
                 "rate_limit_per_minute": limits.rate_limit_per_minute,
