@@ -318,7 +318,8 @@ async def connect(host: str, port: int, *, cafile: str | None = None, pin: str |
                   engine: str = DEFAULT_ENGINE, alpn: str = ALPN, timeout: float = 10.0,
                   idle_timeout: float = 60.0, keep_alive_interval: float | None = 15.0,
                   max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
-                  trace: FrameTrace | None = None) -> AsyncClient:
+                  trace: FrameTrace | None = None,
+                  local_address: str = "::") -> AsyncClient:
     """Open a STOQ connection to ``[host]:port`` over IPv6.
 
     Exactly one of ``cafile`` (verify the chain and name), ``pin`` (accept only
@@ -326,6 +327,7 @@ async def connect(host: str, port: int, *, cafile: str | None = None, pin: str |
     anything: development only) chooses how the server is authenticated.
     ``certfile``/``keyfile`` present a client certificate (mutual TLS).
     ``trace(op, item)`` sees every frame received, decoded, before it is used.
+    ``local_address`` is the address to send from (default: the system's choice).
 
     :raises ConnectionFailed: the handshake failed or timed out.
     :raises CertificateMismatch: the server's certificate is not the pinned one.
@@ -357,7 +359,7 @@ async def connect(host: str, port: int, *, cafile: str | None = None, pin: str |
     if cls is None:
         cls = _CLIENT_CLASSES[quic_engine.name] = _client_protocol_class(quic_engine)
     loop = asyncio.get_running_loop()
-    sock = make_ipv6_socket("::", 0)
+    sock = make_ipv6_socket(local_address, 0)
     quic = quic_engine.QuicConnection(configuration=configuration)
     quic_engine.tune(quic)
     transport, protocol = await loop.create_datagram_endpoint(

@@ -6,7 +6,8 @@ import ipaddress
 
 
 class RateLimiter:
-    """Allow ``per_minute`` requests a minute per client, with a minute's burst.
+    """Allow ``per_minute`` requests a minute per client, with a minute's burst (or
+    ``burst`` tokens).
 
     Clients are keyed by the first ``prefix_length`` bits of their IPv6
     address (64 by default: one end site gets one allowance, not one per
@@ -17,14 +18,15 @@ class RateLimiter:
     __slots__ = ("_buckets", "_keys", "_last_prune", "capacity", "per_minute", "prefix_length",
                  "rate")
 
-    def __init__(self, per_minute: int, prefix_length: int = 64) -> None:
+    def __init__(self, per_minute: int, prefix_length: int = 64, *,
+                 burst: float | None = None) -> None:
         if per_minute < 0:
             raise ValueError("per_minute must be >= 0")
         if not 0 <= prefix_length <= 128:
             raise ValueError("prefix_length must be within 0..128")
         self.per_minute = per_minute
         self.prefix_length = prefix_length
-        self.capacity = float(per_minute)
+        self.capacity = float(per_minute if burst is None else burst)
         self.rate = per_minute / 60.0
         self._buckets: dict[int, list[float]] = {}  # key -> [tokens, updated_at]
         self._keys: dict[str, int] = {}
@@ -62,7 +64,8 @@ class RateLimiter:
         return (1.0 - tokens) / self.rate
 
     def _prune(self, now: float) -> None:
-        # A bucket untouched for a minute is full again: forgetting it is exact.
+        # A bucket untouched for a minute is full again (a burst holds at most a
+        # minute's allowance): forgetting it is exact.
         self._last_prune = now
         stale = [k for k, (_, at) in self._buckets.items() if now - at >= 60.0]
         for k in stale:

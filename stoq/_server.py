@@ -2,9 +2,10 @@
 
 One :class:`Server` listens on any number of ``[address]:port`` pairs. Every
 socket speaks every registered ALPN (``stoq/1`` always; ``doq`` when the DNS
-service registers it). Connections beyond ``max_connections``, IPv4 or
-v4-mapped peers, and new connections while draining are closed with
-CONNECTION_REFUSED during the handshake.
+service registers it). Connections beyond ``max_connections`` or beyond the
+per-address limits (:class:`AddressLimits`), IPv4 or v4-mapped peers, and new
+connections while draining are closed with CONNECTION_REFUSED during the
+handshake, with the reason in the close's reason phrase.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from protocol import ALPN, DEFAULT_MAX_FRAME_SIZE, STOQ_NO_ERROR, Event, Peer
 
+from ._addresses import AddressLimits
 from ._engine import CONNECTION_REFUSED, DEFAULT_ENGINE, Engine, load_engine
 from ._ratelimit import RateLimiter
 from ._session import Dispatch, StoqSession
@@ -43,6 +45,17 @@ class ServerLimits:
 
     max_connections: int = 10_000
     """Concurrent QUIC connections; more are refused. ``network.max_concurrent_connections``."""
+    max_connections_per_address: int = 64
+    """Concurrent connections from one IPv6 address; 0 is unlimited.
+    ``network.max_connections_per_address``."""
+    max_connections_per_prefix: int = 256
+    """Concurrent connections from one ``connection_prefix_length`` prefix; 0 is unlimited.
+    ``network.max_connections_per_prefix``."""
+    connection_prefix_length: int = 64
+    """Bits of the address that make a prefix. ``network.connection_prefix_length``."""
+    max_handshakes_per_second: float = 100.0
+    """New connections a second from one address (one second's burst); 0 is unlimited.
+    ``network.max_handshakes_per_second``."""
     idle_timeout: float = 30.0
     """Seconds without packets before a connection is dropped. ``network.connection_timeout``."""
     keep_alive_interval: float = 15.0
@@ -96,6 +109,11 @@ class Server:
         self._rate_limiter = (RateLimiter(self.limits.rate_limit_per_minute,
                                           self.limits.rate_limit_prefix_length)
                               if self.limits.rate_limit_per_minute else None)
+        self._address_limits = AddressLimits(
+            per_address=self.limits.max_connections_per_address,
+            per_prefix=self.limits.max_connections_per_prefix,
+            prefix_length=self.limits.connection_prefix_length,
+            handshakes_per_second=self.limits.max_handshakes_per_second)
         self._applications: dict[str, SessionFactory] = {ALPN: self._stoq_session}
         self._endpoints: list[tuple[asyncio.DatagramTransport, Any]] = []
         self._connections: set[Any] = set()
@@ -184,6 +202,10 @@ class Server:
     def connection_count(self) -> int:
         return len(self._connections)
 
+    def connections_from(self, address: str) -> int:
+        """Connections the per-address limits count for ``address`` now."""
+        return self._address_limits.connections_from(address)
+
     @property
     def draining(self) -> bool:
         return self._draining
@@ -210,6 +232,8 @@ class Server:
         return {
             "connections": len(self._connections),
             "refused_connections": self.refused_connections,
+            "refused_by_address_limits": self._address_limits.refused,
+            "client_addresses": len(self._address_limits),
             "in_flight": sum(p.session.in_flight for p in self._connections
                              if p.session is not None),
             "rate_limited_clients": len(self._rate_limiter) if self._rate_limiter else 0,
@@ -276,6 +300,7 @@ def _protocol_class(engine: Engine) -> type:
             engine.limit_streams(quic, bidi=server.limits.max_streams_per_connection, uni=0)
             engine.tune(quic)
             self._receiving = False
+            self._address_key: tuple[int, int] | None = None
             server._connections.add(self)
 
         def datagram_received(self, data: bytes, addr: Any) -> None:
@@ -340,6 +365,9 @@ def _protocol_class(engine: Engine) -> type:
                     self._start_session()
             elif isinstance(event, ev.ConnectionTerminated):
                 self.server._connections.discard(self)
+                if self._address_key is not None:
+                    self.server._address_limits.release(self._address_key)
+                    self._address_key = None
                 if self.session is not None:
                     self.session.connection_lost()
 
@@ -349,6 +377,12 @@ def _protocol_class(engine: Engine) -> type:
                 ip = ipaddress.ip_address(address[0].split("%", 1)[0])
                 if not isinstance(ip, ipaddress.IPv6Address) or ip.ipv4_mapped is not None:
                     self._refusal = "IPv4 peers are not served"
+                else:
+                    admitted = self.server._address_limits.admit(str(ip), self._loop.time())
+                    if isinstance(admitted, str):
+                        self._refusal = admitted
+                    else:
+                        self._address_key = admitted
             if self._refusal is not None:
                 self.server.refused_connections += 1
                 log.info("connection refused", extra={"reason": self._refusal,

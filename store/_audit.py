@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -70,6 +71,8 @@ _INT_MIN = -(2**64)
 _INT_MAX = 2**64 - 1
 _FIELDS = frozenset(("seq", "time", "kind", "data", "prev", "hash"))
 _TAIL_CHUNK = 64 * 1024
+_TAIL_LIMIT = 8 << 20
+"""Bytes read back from the end to find the last checkpoint at start."""
 
 
 class CheckpointSigner(Protocol):
@@ -344,10 +347,14 @@ class AuditLog:
     and :meth:`close` block for a disk flush. ``checkpoint_every=0`` turns the
     automatic checkpoints off. Opening checks the last record only; checking the
     whole chain is :func:`verify_log`'s job.
+
+    Opening also verifies the chain from the record the last signed checkpoint
+    covers to the end (``check_all``: from the first record), and refuses a log
+    that was edited there: appending to it would bury the edit under new records.
     """
 
     def __init__(self, path: Path, *, signer: CheckpointSigner | None = None,
-                 checkpoint_every: int = 1000,
+                 checkpoint_every: int = 1000, check_all: bool = False,
                  clock: Callable[[], float] = time.time) -> None:
         if checkpoint_every < 0:
             raise AuditError("checkpoint_every must be 0 (off) or more")
@@ -370,6 +377,7 @@ class AuditLog:
         self._fd = self._open()
         try:
             seq, digest, self._unsigned = self._recover()
+            self._check_chain(check_all)
         except BaseException:
             os.close(self._fd)
             raise
@@ -418,6 +426,21 @@ class AuditLog:
             raise AuditError(f"audit log {self.path}: the last record is damaged ({exc}); "
                              "run 'trustchain audit verify' before appending") from None
         return parsed.seq, parsed.hash, parsed.kind != CHECKPOINT_KIND
+
+    def _check_chain(self, check_all: bool) -> None:
+        """Verify the records from the last signed checkpoint (or all) before appending."""
+        start = 0 if check_all else _tail_start(self._fd, os.fstat(self._fd).st_size)
+        trusted = {self._signer_spki} if self._signer_spki else None
+        with open(self.path, "rb") as handle:
+            handle.seek(start)
+            report = _verify_lines(handle, trusted, resume=start > 0)
+        if report.problems:
+            more = len(report.problems) - 1
+            raise AuditError(
+                f"audit log {self.path} was altered: {report.problems[0]}"
+                f"{f' (and {more} more)' if more else ''}; the node will not append "
+                "to it. `trustchain audit verify` lists every problem; keep the file as "
+                "evidence and move it aside to start a new log")
 
     @property
     def head(self) -> tuple[int, bytes]:
@@ -651,6 +674,34 @@ def _last_line(fd: int, size: int) -> tuple[bytes | None, int]:
     return buf[:end - 1], end
 
 
+def _tail_start(fd: int, size: int) -> int:
+    """Offset of the record the last checkpoint covers (the line before it), or 0 when
+    there is none within the last few MiB (then everything is checked)."""
+    buf = b""
+    pos = size
+    while pos > 0 and len(buf) < _TAIL_LIMIT:
+        step = min(_TAIL_CHUNK, pos)
+        pos -= step
+        buf = os.pread(fd, step, pos) + buf
+        lines = buf.split(b"\n")[:-1]  # the file ends with a newline (see _recover)
+        first = 0 if pos == 0 else 1    # else lines[0] may be cut
+        starts = list(itertools.accumulate((len(line) + 1 for line in lines[:-1]),
+                                           initial=pos))
+        for k in range(len(lines) - 1, first, -1):
+            if _is_checkpoint(lines[k]):
+                return starts[k - 1]
+    return 0
+
+
+def _is_checkpoint(line: bytes) -> bool:
+    if CHECKPOINT_KIND.encode() not in line:
+        return False
+    try:
+        return _parse_line(line).kind == CHECKPOINT_KIND
+    except _Malformed:
+        return False
+
+
 def verify_log(path: Path, *, public_keys: list[Any] | None = None) -> AuditReport:
     """Check every record's hash, the sequence, the chain and every checkpoint.
 
@@ -670,12 +721,15 @@ def verify_log(path: Path, *, public_keys: list[Any] | None = None) -> AuditRepo
         raise AuditError(f"no audit log at {path}") from None
 
 
-def _verify_lines(handle: BinaryIO, trusted: set[bytes] | None) -> AuditReport:
+def _verify_lines(handle: BinaryIO, trusted: set[bytes] | None, *,
+                  resume: bool = False) -> AuditReport:
+    """The report on the lines from ``handle``'s position; ``resume``: that is not the
+    start of the log (the first line's predecessor is unknown)."""
     problems: list[str] = []
     warnings: list[str] = []
     records = 0
-    last_seq: int | None = 0  # None: unknown after a line that was not a record
-    last_hash: bytes | None = GENESIS
+    last_seq: int | None = None if resume else 0  # None: unknown (not a record, or resumed)
+    last_hash: bytes | None = None if resume else GENESIS
     last_checkpoint: int | None = None
     since_checkpoint = 0
     for number, raw in enumerate(handle, 1):

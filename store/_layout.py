@@ -148,12 +148,19 @@ class DataDirectory:
 
     def state(self) -> StateDatabase:
         """The replicated state (certificates, CT tree, stake, ...)."""
-        return StateDatabase(self.root / "state" / "state.sqlite3")
+        return StateDatabase(self.state_path)
+
+    @property
+    def state_path(self) -> Path:
+        """The state database (``trustchain ct check`` finds the committed trees there)."""
+        return self.root / "state" / "state.sqlite3"
 
     def audit_log(self, signer: CheckpointSigner | None, *,
-                  checkpoint_every: int = 1000) -> AuditLog:
+                  checkpoint_every: int = 1000, check_all: bool = False) -> AuditLog:
+        """The audit log, its chain checked from the last signed checkpoint (``check_all``:
+        from the first record) before anything is appended."""
         return AuditLog(self.root / "audit" / "audit.log", signer=signer,
-                        checkpoint_every=checkpoint_every)
+                        checkpoint_every=checkpoint_every, check_all=check_all)
 
     @property
     def audit_path(self) -> Path:

@@ -178,14 +178,16 @@ class TileLog:
                 return levels
         data = self._read(tile_path(level, index))
         if data is None or len(data) != WIDTH * HASH_SIZE:
-            raise TileCorrupted(f"shard {self.dir.name}: hash tile {tile_path(level, index)} "
-                                "is missing or not 8192 bytes")
+            raise TileCorrupted(f"shard {self.dir.name}: hash tile "
+                                f"{self.dir / tile_path(level, index)} is missing or not "
+                                "8192 bytes")
         levels = perfect_levels([data[i:i + HASH_SIZE] for i in range(0, len(data), HASH_SIZE)])
         # Authenticate the tile by its hash one level up (itself authenticated the same
         # way, up to the in-memory right edge that the committed root was checked against).
         if level < MAX_LEVEL and self.block(TILE_BITS * (level + 1), index) != levels[-1][0]:
-            raise TileCorrupted(f"shard {self.dir.name}: hash tile {tile_path(level, index)} "
-                                "does not match its hash in the tile above (altered)")
+            raise TileCorrupted(f"shard {self.dir.name}: hash tile "
+                                f"{self.dir / tile_path(level, index)} does not match its "
+                                "hash in the tile above (altered)")
         with self._lock:
             self._cache[key] = levels
             if len(self._cache) > self._cache_tiles:
@@ -251,18 +253,21 @@ class TileLog:
             if cached is not None:
                 self._data_cache.move_to_end(tile)
                 return cached
-        data = self._read(tile_path("data", tile))
-        names_raw = self._read(tile_path("names", tile))
+        data_path, names_path = tile_path("data", tile), tile_path("names", tile)
+        data = self._read(data_path)
+        names_raw = self._read(names_path)
         if data is None or names_raw is None:
-            raise TileCorrupted(f"shard {self.dir.name}: data tile {tile} is missing")
+            missing = data_path if data is None else names_path
+            raise TileCorrupted(f"shard {self.dir.name}: data tile {self.dir / missing} "
+                                "is missing")
         try:
             items = split_data_tile(data)
             names = cbor2.loads(names_raw)
         except Exception as exc:
-            raise TileCorrupted(f"shard {self.dir.name}: data tile {tile} does not parse: "
-                                f"{exc}") from exc
+            raise TileCorrupted(f"shard {self.dir.name}: data tile {self.dir / data_path} "
+                                f"does not parse: {exc}") from exc
         hashes = self._full_tile_levels(0, tile)[0]
-        self._check(tile * WIDTH, items, names, hashes)
+        self._check(tile * WIDTH, items, names, hashes, data_path)
         with self._lock:
             self._data_cache[tile] = (items, names)
             if len(self._data_cache) > self._cache_data_tiles:
@@ -270,14 +275,17 @@ class TileLog:
         return items, names
 
     def _check(self, start: int, items: Sequence[bytes], names: Sequence[Any],
-               hashes: Sequence[bytes]) -> None:
+               hashes: Sequence[bytes], path: str) -> None:
+        """The data tile at ``path`` against its (already authenticated) leaf hashes."""
         if len(items) != len(hashes) or len(names) != len(hashes):
-            raise TileCorrupted(f"shard {self.dir.name}: data tile at {start} holds "
-                                f"{len(items)} entries, its hash tile {len(hashes)}")
+            raise TileCorrupted(f"shard {self.dir.name}: data tile {self.dir / path} holds "
+                                f"{len(items)} entries and {len(names)} name records, its "
+                                f"hash tile {len(hashes)}")
         for i, item in enumerate(items):
             if leaf_hash(b"\x00\x00" + timestamped_entry_of_tile_leaf(item)) != hashes[i]:
                 raise TileCorrupted(f"shard {self.dir.name}: entry {start + i} does not match "
-                                    "its leaf hash (the data tile was altered)")
+                                    f"its leaf hash (the data tile {self.dir / path} was "
+                                    "altered)")
 
     def entries(self, start: int, end: int) -> list[tuple[bytes, Any]]:
         """``(TileLeaf, [sha256, names])`` of committed entries ``[start, end)``, each
@@ -442,22 +450,59 @@ class TileLog:
         """Load the committed tree (``size``, ``root``) from disk after a start or a crash.
 
         Re-installs the staged bundles that lead to the committed checkpoint,
-        discards the others (never committed), rebuilds the right edge and checks
-        that the tiles give ``root``. Returns the number of bundles re-installed.
+        discards the others (never committed), rebuilds the right edge, checks
+        that the tiles give ``root``, and checks the tiles written last (the
+        full tiles the re-installed bundles touched, else the last full tile)
+        against it. Returns the number of bundles re-installed.
 
-        :raises TileCorrupted: the tiles do not give the committed root.
+        :raises TileCorrupted: a tile is missing or does not agree with the committed
+            root (the message names the file).
         """
+        chain, stale = self._committed_chain(size, root)
+        for bundle in stale:  # not on the committed chain: never committed
+            (self.dir / "staging" / bundle.name).unlink(missing_ok=True)
+        self._pending.clear()
+        for bundle in reversed(chain):
+            self.install(bundle)
+        self._load(size, root)
+        first = min((b.old_size for b in chain), default=max(0, size - WIDTH))
+        self._check_full_tiles(first, size)
+        return len(chain)
+
+    def check(self, size: int, root: bytes) -> None:
+        """Verify the committed tree (``size``, ``root``) and every tile below it,
+        writing nothing (``trustchain ct check``; the node may be running).
+
+        Staged bundles of the committed chain are read in place, as :meth:`recover`
+        would install them.
+
+        :raises TileCorrupted: at the first damaged tile (the message names the file).
+        """
+        chain, _ = self._committed_chain(size, root, discard_cut=False)
+        self._pending.clear()
+        for bundle in reversed(chain):
+            self._pending.update(bundle.files)
+        self._load(size, root)
+        self.verify_all()
+
+    def _committed_chain(self, size: int, root: bytes, *, discard_cut: bool = True
+                         ) -> tuple[list[Bundle], list[Bundle]]:
+        """The staged bundles leading to (``size``, ``root``), newest first, and the
+        staged bundles off that chain. A bundle cut short by a crash (never committed)
+        is deleted unless ``discard_cut`` is false."""
         staging = self.dir / "staging"
         bundles: dict[tuple[int, bytes], Bundle] = {}
         if staging.is_dir():
             for path in sorted(staging.iterdir()):
                 if path.name.startswith("."):
-                    path.unlink(missing_ok=True)
+                    if discard_cut:
+                        path.unlink(missing_ok=True)
                     continue
                 try:
                     bundle = Bundle.decode(path.read_bytes())
                 except (TileCorrupted, UnicodeDecodeError):
-                    path.unlink()  # a bundle cut short by a crash was never committed
+                    if discard_cut:
+                        path.unlink()
                     continue
                 bundles[(bundle.size, bundle.root)] = bundle
         chain: list[Bundle] = []
@@ -466,49 +511,66 @@ class TileLog:
             bundle = bundles.pop(key)
             chain.append(bundle)
             key = (bundle.old_size, bundle.old_root)
-        for bundle in bundles.values():  # not on the committed chain: never committed
-            (staging / bundle.name).unlink(missing_ok=True)
-        self._pending.clear()
-        for bundle in reversed(chain):
-            self.install(bundle)
-        self._load_edge(size)
+        return chain, list(bundles.values())
+
+    def _load(self, size: int, root: bytes) -> None:
+        """Take (``size``, ``root``) as the committed tree: the right edge's hash tiles
+        are checked against ``root`` before its data tile is checked against them, so
+        that damage is blamed on the file that has it."""
+        self._load_edge_hashes(size)
         self.size = self._next_size = size
         computed = self.root_at(size) if size else EMPTY_ROOT
         if computed != root:
-            raise TileCorrupted(f"shard {self.dir.name}: the tiles give root {computed.hex()} "
-                                f"for size {size}, the committed checkpoint {root.hex()}")
+            raise TileCorrupted(f"shard {self.dir.name}: the hash tiles give root "
+                                f"{computed.hex()} for size {size}, the committed checkpoint "
+                                f"{root.hex()} (a hash tile under {self.dir / 'tile'} was "
+                                "altered)")
         self.root = self._next_root = root
-        return len(chain)
+        self._load_edge_data(size)
 
-    def _load_edge(self, size: int) -> None:
+    def _check_full_tiles(self, start: int, end: int) -> None:
+        """Check the full data tiles holding entries ``[start, end)`` against their hash
+        tiles (each authenticated up to the committed root)."""
+        for tile in range(start // WIDTH, end // WIDTH):
+            self._data_tile(tile)
+
+    def _load_edge_hashes(self, size: int) -> None:
         self._edge = [[] for _ in range(MAX_LEVEL + 1)]
         for level in range(MAX_LEVEL + 1):
             width = (size >> (TILE_BITS * level)) % WIDTH
             if not width:
                 continue
             index = size >> (TILE_BITS * (level + 1))
-            data = self._read(tile_path(level, index, width))
+            path = tile_path(level, index, width)
+            data = self._read(path)
             if data is None or len(data) != width * HASH_SIZE:
-                raise TileCorrupted(f"shard {self.dir.name}: partial tile "
-                                    f"{tile_path(level, index, width)} is missing or damaged")
+                raise TileCorrupted(f"shard {self.dir.name}: partial hash tile "
+                                    f"{self.dir / path} is missing or not "
+                                    f"{width * HASH_SIZE} bytes")
             self._edge[level] = [data[i:i + HASH_SIZE] for i in range(0, len(data), HASH_SIZE)]
+        self._next_size = size
+
+    def _load_edge_data(self, size: int) -> None:
         width = size % WIDTH
         self._edge_data, self._edge_names = [], []
         if width:
             index = size >> TILE_BITS
-            data = self._read(tile_path("data", index, width))
-            names = self._read(tile_path("names", index, width))
+            data_path, names_path = tile_path("data", index, width), tile_path("names", index,
+                                                                               width)
+            data = self._read(data_path)
+            names = self._read(names_path)
             if data is None or names is None:
-                raise TileCorrupted(f"shard {self.dir.name}: partial data tile {index} "
-                                    "is missing")
+                missing = data_path if data is None else names_path
+                raise TileCorrupted(f"shard {self.dir.name}: partial data tile "
+                                    f"{self.dir / missing} is missing")
             try:
                 self._edge_data = split_data_tile(data)
                 self._edge_names = cbor2.loads(names)
             except Exception as exc:
-                raise TileCorrupted(f"shard {self.dir.name}: partial data tile {index} does "
-                                    f"not parse: {exc}") from exc
-            self._check(index * WIDTH, self._edge_data, self._edge_names, self._edge[0])
-        self._next_size = size
+                raise TileCorrupted(f"shard {self.dir.name}: partial data tile "
+                                    f"{self.dir / data_path} does not parse: {exc}") from exc
+            self._check(index * WIDTH, self._edge_data, self._edge_names, self._edge[0],
+                        data_path)
 
     def verify_all(self) -> None:
         """Recompute the whole tree from the data tiles and compare every hash tile and
@@ -528,7 +590,8 @@ class TileLog:
                 expected = b"".join(level_hashes[tile * WIDTH:(tile + 1) * WIDTH])
                 if self._read(tile_path(level, tile)) != expected:
                     raise TileCorrupted(f"shard {self.dir.name}: hash tile "
-                                        f"{tile_path(level, tile)} does not match the entries")
+                                        f"{self.dir / tile_path(level, tile)} does not match "
+                                        "the entries")
             level_hashes = [root_from_hashes(level_hashes[i:i + WIDTH])
                             for i in range(0, len(level_hashes) - WIDTH + 1, WIDTH)]
             if not level_hashes:

@@ -39,6 +39,10 @@ def server_limits(cfg: Config) -> stoq.ServerLimits:
     net = cfg.network
     return stoq.ServerLimits(
         max_connections=net.max_concurrent_connections,
+        max_connections_per_address=net.max_connections_per_address,
+        max_connections_per_prefix=net.max_connections_per_prefix,
+        connection_prefix_length=net.connection_prefix_length,
+        max_handshakes_per_second=net.max_handshakes_per_second,
         idle_timeout=net.connection_timeout,
         keep_alive_interval=net.keep_alive_interval,
         max_frame_size=net.max_frame_size,
@@ -53,8 +57,10 @@ class Node:
     """One TrustChain node: its data directory, services and QUIC server."""
 
     def __init__(self, cfg: Config, *, data_dir: str | None = None,
-                 listen: list[tuple[str, int]] | None = None) -> None:
+                 listen: list[tuple[str, int]] | None = None,
+                 check_audit_log: bool = False) -> None:
         self.cfg = cfg
+        self.check_audit_log = check_audit_log
         self.data_dir = Path(data_dir or cfg.node.data_dir).resolve()
         self.data = data_directory(cfg, self.data_dir)
         self.listen = listen or cfg.listen_addresses()
@@ -95,6 +101,10 @@ class Node:
                 "max_frame_size": limits.max_frame_size,
                 "max_streams_per_connection": limits.max_streams_per_connection,
                 "max_connections": limits.max_connections,
+                "max_connections_per_address": limits.max_connections_per_address,
+                "max_connections_per_prefix": limits.max_connections_per_prefix,
+                "connection_prefix_length": limits.connection_prefix_length,
+                "max_handshakes_per_second": limits.max_handshakes_per_second,
                 "idle_timeout": limits.idle_timeout,
                 "keep_alive_interval": limits.keep_alive_interval,
                 "rate_limit_per_minute": limits.rate_limit_per_minute,
@@ -107,7 +117,8 @@ class Node:
         try:
             self.services = await build_services(
                 self.cfg, self.data, self._exits, listen=self.listen, describe=self.describe,
-                accepting=self.accepting, installed=self.reload_certificate)
+                accepting=self.accepting, installed=self.reload_certificate,
+                check_audit_log=self.check_audit_log)
         except BaseException:
             await self._exits.aclose()
             raise

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import uvloop
 
 import stoq
+from store import AuditError, TileCorrupted
 
 from . import __version__, _cli_ca, _cli_ceremony, _cli_cluster, _cli_ct, _cli_dns, _cli_proofs
 from . import _config as config
@@ -54,6 +55,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     serve.add_argument("--listen", action="append", metavar="[ADDR]:PORT",
                        help="listen here instead of the configured addresses (repeatable)")
     serve.add_argument("--data-dir", help="data directory (overrides node.data_dir)")
+    serve.add_argument("--check-audit-log", action="store_true",
+                       help="verify the whole audit chain before starting (by default only "
+                            "the records from the last signed checkpoint)")
 
     for name, text in (("health", "ask a node whether it is healthy"),
                        ("info", "show a node's version, engine, ALPNs, ops and limits"),
@@ -124,11 +128,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     log = logging.getLogger("trustchain")
     for warning in cfg.warnings:
         log.warning(warning)
-    node = Node(cfg, data_dir=args.data_dir, listen=listen)
+    node = Node(cfg, data_dir=args.data_dir, listen=listen,
+                check_audit_log=args.check_audit_log)
     try:
         uvloop.run(node.run())
     except config.ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except AuditError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except TileCorrupted as exc:
+        data_dir = args.data_dir or cfg.node.data_dir
+        print(f"error: the CT log is damaged, the node will not start: {exc}. "
+              f"`trustchain ct check --data-dir {data_dir}` verifies every tile; "
+              f"{_cli_ct.DAMAGED_ADVICE}", file=sys.stderr)
         return 2
     except OSError as exc:
         print(f"error: cannot listen: {exc}", file=sys.stderr)

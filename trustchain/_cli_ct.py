@@ -1,10 +1,11 @@
-"""CT commands of the ``trustchain`` CLI: ``ct watch``, ``ct proof``, ``ct sth``.
+"""CT commands of the ``trustchain`` CLI: ``ct watch``, ``ct proof``, ``ct sth``, ``ct check``.
 
 ``trustchain ct watch [--from N] [--domain SUFFIX]...`` prints the log's
 entries as they are sequenced, one line each, and resumes by itself after a
 ``resume`` event or a lost connection. ``trustchain ct proof CERT`` proves
 that a certificate is in the log (embedded SCT, inclusion proof against a
-verified tree head).
+verified tree head). ``trustchain ct check`` reads a node's data directory and
+verifies every tile of every shard against the committed tree.
 """
 
 from __future__ import annotations
@@ -20,16 +21,20 @@ from cryptography.hazmat.primitives import serialization
 
 import stoq
 from protocol import ct_structs as ct
+from store import TileCorrupted
 
+from . import _config as config
 from ._cli_common import (
     ClientBody,
     Command,
     Subcommands,
     add_trust_options,
+    offline_command,
     parse_endpoint,
     run_client,
     trust_arguments,
 )
+from ._compose import data_directory
 
 
 def add_commands(sub: Subcommands) -> dict[str, Command]:
@@ -53,10 +58,18 @@ def add_commands(sub: Subcommands) -> dict[str, Command]:
     sth = commands.add_parser("sth", help="the latest signed tree head, verified")
     sth.add_argument("--shard", type=int, default=None)
     add_trust_options(sth)
+    check = commands.add_parser(
+        "check", help="verify every tile of a node's CT log against its committed tree "
+                      "(reads the data directory; slow for large logs)")
+    check.add_argument("--config", help="the node's configuration (default: built-in)")
+    check.add_argument("--data-dir", help="the node's data directory "
+                                          "(default: node.data_dir of the configuration)")
 
     def command(args: argparse.Namespace) -> int:
         if args.ct_command == "watch":
             return _watch(args)
+        if args.ct_command == "check":
+            return offline_command(_check)(args)
         body = {"proof": _proof, "sth": _sth}[args.ct_command](args)
         return run_client(args, body)
 
@@ -183,3 +196,38 @@ def check_embedded_scts(leaf: x509.Certificate, issuer: x509.Certificate | None,
     if not problems and not any(line.startswith("OK") for line in lines):
         problems.append("no SCT from a known log")
     return problems, lines
+
+
+def _check(args: argparse.Namespace) -> int:
+    """Every shard's tiles against the tree the state committed: 0 all intact, 1 damage."""
+    cfg = config.load(args.config)
+    data = data_directory(cfg, Path(args.data_dir or cfg.node.data_dir))
+    if not data.state_path.is_file():
+        print(f"error: no node state at {data.state_path} (is --data-dir right?)",
+              file=sys.stderr)
+        return 2
+    state = data.state()
+    try:
+        shards = state.ct_shards()
+    finally:
+        state.close()
+    if not shards:
+        print("the CT log has no committed entries yet")
+        return 0
+    damaged = 0
+    for number, size, root in shards:
+        try:
+            data.ct_tiles().shard(number).check(size, root)
+        except TileCorrupted as exc:
+            damaged += 1
+            print(f"FAIL shard {number} ({size} entries): {exc}")
+        else:
+            print(f"OK shard {number}: {size} entries, root {root.hex()}, every tile verified")
+    if damaged:
+        print(DAMAGED_ADVICE)
+    return 1 if damaged else 0
+
+
+DAMAGED_ADVICE = ("what to do: stop the node and restore the damaged shard's directory from a "
+                  "backup; a cluster validator can instead rebuild it from the blocks (README, "
+                  "\"A cluster is one CA\": a lost data directory is rebuilt)")

@@ -443,12 +443,13 @@ class _Foundation:
 
 async def _foundation(cfg: Config, data: DataDirectory, exits: contextlib.AsyncExitStack,
                       addresses: list[str], describe: Callable[[], dict[str, Any]],
-                      accepting: Callable[[], bool]) -> _Foundation:
+                      accepting: Callable[[], bool], check_audit_log: bool) -> _Foundation:
     development = cfg.ca.mode == "development"
     data.create()
     keystore = open_configured_keystore(cfg, data.root)
     exits.callback(keystore.close)
-    audit_log = data.audit_log(signer=keystore.get_or_create(AUDIT_KEY))
+    audit_log = data.audit_log(signer=keystore.get_or_create(AUDIT_KEY),
+                               check_all=check_audit_log)
     exits.callback(audit_log.close)  # signs its final checkpoint: before the keystore closes
     audit_log.append("node.started", {"mode": cfg.ca.mode, "config": cfg.source,
                                       "warnings": list(cfg.warnings)})
@@ -680,7 +681,8 @@ async def build_services(cfg: Config, data: DataDirectory, exits: contextlib.Asy
                          *, listen: Iterable[tuple[str, int]],
                          describe: Callable[[], dict[str, Any]],
                          accepting: Callable[[], bool],
-                         installed: Callable[[], None]) -> Services:
+                         installed: Callable[[], None],
+                         check_audit_log: bool = False) -> Services:
     """Build every service of a node, in order; ``exits`` stops them in reverse.
 
     Stages: the foundation (keys, audit, hierarchy, validator) → the replicated state,
@@ -690,9 +692,11 @@ async def build_services(cfg: Config, data: DataDirectory, exits: contextlib.Asy
     :param describe: the facts ``node.info`` reports (the shell knows the server).
     :param accepting: whether the server accepts requests (``node.health``).
     :param installed: called when the rotator installed a new TLS certificate.
+    :param check_audit_log: verify the whole audit chain at start, not only the records
+        from the last signed checkpoint.
     """
     base = await _foundation(cfg, data, exits, node_addresses(cfg, listen), describe,
-                             accepting)
+                             accepting, check_audit_log)
     replicated = await _replicated(cfg, data, exits, base)
     publishing = _publishing(cfg, data, base, replicated)
     cluster = await _cluster(cfg, data, exits, base, replicated, publishing)

@@ -263,6 +263,10 @@ class NetworkConfig:
     connection_timeout: float = _duration(30.0)
     keep_alive_interval: float = _duration(15.0)
     max_concurrent_connections: int = 10_000
+    max_connections_per_address: int = 64
+    max_connections_per_prefix: int = 256
+    connection_prefix_length: int = 64
+    max_handshakes_per_second: float = 100.0
     quic_engine: Literal["qh3", "aioquic"] = "qh3"
     max_frame_size: int = 1 << 20
     max_streams_per_connection: int = 100
@@ -420,6 +424,7 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("api.rate_limit_per_minute: must be 0 (unlimited) or more")
     if not 0 <= cfg.api.rate_limit_prefix_length <= 128:
         raise ConfigError("api.rate_limit_prefix_length: must be within 0..128")
+    _validate_address_limits(cfg.network)
     if not 0 <= cfg.consensus.byzantine_tolerance < 0.5:
         raise ConfigError("consensus.byzantine_tolerance: must be within [0, 0.5)")
     if cfg.consensus.minimum_work_difficulty < 0 or cfg.consensus.minimum_work_difficulty > 64:
@@ -458,6 +463,15 @@ def _validate(cfg: Config) -> None:
     if cfg.ca.mode == "production" and cfg.ca.hsm.provider == "software":
         raise ConfigError("ca.hsm.provider: production mode needs a PKCS#11 token "
                           "(softhsm2, pkcs11, aws_cloudhsm or yubihsm), not software keys")
+
+
+def _validate_address_limits(network: NetworkConfig) -> None:
+    for key in ("max_connections_per_address", "max_connections_per_prefix",
+                "max_handshakes_per_second"):
+        if getattr(network, key) < 0:
+            raise ConfigError(f"network.{key}: must be 0 (unlimited) or more")
+    if not 0 <= network.connection_prefix_length <= 128:
+        raise ConfigError("network.connection_prefix_length: must be within 0..128")
 
 
 def _validate_consensus(consensus: ConsensusConfig) -> None:

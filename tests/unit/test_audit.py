@@ -492,3 +492,70 @@ async def test_async_write_failure_reaches_every_waiter(path: Path,
     assert all(isinstance(r, AuditError) and "No space" in str(r) for r in results)
     monkeypatch.undo()
     log.close()
+
+
+# --- the check at open ---------------------------------------------------------------
+
+def signed_log(path: Path, signer: KeySigner, count: int) -> None:
+    """``count`` records with a checkpoint after every 5 and an unsigned tail of 2."""
+    with AuditLog(path, signer=signer, checkpoint_every=5, clock=ticking_clock()) as log:
+        for i in range(count):
+            log.append("ca.issued", {"serial": f"{i:04x}", "n": i})
+    objs = lines(path)
+    assert objs[-1]["kind"] == "checkpoint"  # close() signed the tail: drop that checkpoint
+    write_lines(path, objs[:-1])
+
+
+@pytest.mark.parametrize("where", ["after the last checkpoint", "the covered record",
+                                   "the last checkpoint"])
+def test_opening_refuses_a_log_edited_since_its_last_checkpoint(
+        path: Path, signer: KeySigner, where: str) -> None:
+    signed_log(path, signer, 12)
+    objs = lines(path)
+    last = max(i for i, o in enumerate(objs) if o["kind"] == "checkpoint")
+    assert last < len(objs) - 1
+    index = {"after the last checkpoint": last + 1, "the covered record": last - 1,
+             "the last checkpoint": last}[where]
+    if where == "the last checkpoint":
+        objs[index]["data"]["covers_seq"] -= 1
+    else:
+        objs[index]["data"]["serial"] = "ffff"
+    rehash(objs[index])  # a careful forger: only the chain or the signature gives it away
+    write_lines(path, objs)
+    with pytest.raises(AuditError, match=r"was altered: (record|checkpoint at) \d+"):
+        AuditLog(path, signer=signer)
+    assert not verify_log(path, public_keys=[signer.public_key()]).ok
+
+
+def test_opening_checks_from_the_last_checkpoint_unless_told_to_check_all(
+        path: Path, signer: KeySigner) -> None:
+    signed_log(path, signer, 12)
+    objs = lines(path)
+    objs[2]["data"]["serial"] = "ffff"  # before the last checkpoint
+    rehash(objs[2])
+    write_lines(path, objs)
+    with AuditLog(path, signer=signer):
+        pass  # the tail is intact: opening stays cheap on a long log
+    with pytest.raises(AuditError, match="record 4: prev does not match record 3"):
+        AuditLog(path, signer=signer, check_all=True)
+
+
+def test_opening_checks_a_log_without_checkpoints_whole(path: Path) -> None:
+    fill(path, 6)
+    objs = lines(path)
+    objs[1]["data"]["serial"] = "ffff"
+    write_lines(path, objs)
+    with pytest.raises(AuditError, match="record 2: hash mismatch"):
+        AuditLog(path)
+
+
+@pytest.mark.parametrize("chunk", [64, 300, 1 << 16])
+def test_the_last_checkpoint_is_found_across_read_chunks(
+        path: Path, signer: KeySigner, chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    signed_log(path, signer, 12)
+    monkeypatch.setattr(audit, "_TAIL_CHUNK", chunk)
+    raw = path.read_bytes()
+    last = max(o["seq"] for o in lines(path) if o["kind"] == "checkpoint")
+    covered = raw.index(b'{"seq":%d,' % (last - 1))
+    with open(path, "rb") as handle:
+        assert audit._tail_start(handle.fileno(), len(raw)) == covered

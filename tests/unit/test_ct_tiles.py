@@ -161,31 +161,67 @@ def test_uncommitted_bundle_is_discarded_and_committed_one_installed(tmp_path: P
 def test_tampering_is_detected(tmp_path: Path) -> None:
     log = TileLog(tmp_path)
     bundle = commit(log, synthetic(0, 600))
-    data_tile = tmp_path / "tile/data/001"
+    # An older full data tile: the root still checks out; reading it finds the damage.
+    data_tile = tmp_path / "tile/data/000"
     original = data_tile.read_bytes()
-    data_tile.write_bytes(original.replace(b"\x00\x00\x01\x01", b"\x00\x00\x01\x02", 1))
+    data_tile.write_bytes(original.replace(b"\x00\x00\x00\x05", b"\x00\x00\x00\x06", 1))
+    assert data_tile.read_bytes() != original
     fresh = TileLog(tmp_path)
-    fresh.recover(bundle.size, bundle.root)  # hash tiles intact: the root checks out
-    with pytest.raises(TileCorrupted, match="data tile was altered"):
-        fresh.entries(256, 300)
+    fresh.recover(bundle.size, bundle.root)
+    with pytest.raises(TileCorrupted, match=r"the data tile .*tile/data/000 was altered"):
+        fresh.entries(0, 40)
+    with pytest.raises(TileCorrupted, match="tile/data/000"):
+        TileLog(tmp_path).check(bundle.size, bundle.root)
     data_tile.write_bytes(original)
+    TileLog(tmp_path).check(bundle.size, bundle.root)
+    # The last full data tile (written last) is checked at start.
+    last = tmp_path / "tile/data/001"
+    original = last.read_bytes()
+    last.write_bytes(original.replace(b"\x00\x00\x01\x01", b"\x00\x00\x01\x02", 1))
+    with pytest.raises(TileCorrupted, match=r"the data tile .*tile/data/001 was altered"):
+        TileLog(tmp_path).recover(bundle.size, bundle.root)
+    last.write_bytes(original)
     hash_tile = tmp_path / "tile/0/000"
     raw = bytearray(hash_tile.read_bytes())
     raw[100] ^= 1
     hash_tile.write_bytes(bytes(raw))
     fresh = TileLog(tmp_path)
     fresh.recover(bundle.size, bundle.root)
-    with pytest.raises(TileCorrupted, match="altered"):
+    with pytest.raises(TileCorrupted, match=r"hash tile .*tile/0/000 does not match its hash"):
         fresh.inclusion_proof(5, 600)
-    with pytest.raises(TileCorrupted):
-        fresh.verify_all()
-    hash_tile.write_bytes(bytes(raw[:100]) + bytes([raw[100] ^ 1]) + bytes(raw[101:]))
+    with pytest.raises(TileCorrupted, match="tile/0/000"):
+        TileLog(tmp_path).check(bundle.size, bundle.root)
+    raw[100] ^= 1
+    hash_tile.write_bytes(bytes(raw))
+    # Damage to the right edge's hash tile is blamed on it, not on its data tile.
     partial = tmp_path / "tile/0/002.p/88"
     raw = bytearray(partial.read_bytes())
     raw[0] ^= 1
     partial.write_bytes(bytes(raw))
-    with pytest.raises(TileCorrupted, match="altered"):
+    with pytest.raises(TileCorrupted, match=r"hash tiles give root .* \(a hash tile under"):
         TileLog(tmp_path).recover(bundle.size, bundle.root)
+    raw[0] ^= 1
+    partial.write_bytes(bytes(raw))
+    edge_data = tmp_path / "tile/data/002.p/88"
+    raw = bytearray(edge_data.read_bytes())
+    raw[5] ^= 1  # inside the first entry's timestamp
+    edge_data.write_bytes(bytes(raw))
+    with pytest.raises(TileCorrupted, match=r"the data tile .*tile/data/002.p/88 was altered"):
+        TileLog(tmp_path).recover(bundle.size, bundle.root)
+    raw[5] ^= 1
+    edge_data.write_bytes(bytes(raw))
+    TileLog(tmp_path).recover(bundle.size, bundle.root)
     shutil.rmtree(tmp_path / "tile/0/002.p")
-    with pytest.raises(TileCorrupted, match="missing"):
+    with pytest.raises(TileCorrupted, match=r"partial hash tile .*tile/0/002.p/88 is missing"):
         TileLog(tmp_path).recover(bundle.size, bundle.root)
+
+
+def test_check_reads_the_committed_staged_bundle_and_writes_nothing(tmp_path: Path) -> None:
+    log = TileLog(tmp_path)
+    commit(log, synthetic(0, 300))
+    b = log.append(synthetic(300, 100))
+    log.write_bundle(b, b"cp b\n")  # committed, not installed (a crash)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    TileLog(tmp_path).check(b.size, b.root)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    assert TileLog(tmp_path).recover(b.size, b.root) == 1
