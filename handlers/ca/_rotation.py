@@ -85,7 +85,9 @@ class Rotator:
         return float(start + (end - start) * RENEW_FRACTION)
 
     def load_current(self) -> None:
-        """Adopt the TLS certificate on disk if the CA issued it (after a restart)."""
+        """Adopt the TLS certificate on disk if the CA issued it (after a restart) with
+        a subject: one with an empty subject (the profile before GnuTLS clients were
+        served) is replaced at the first check."""
         if not self.tls.exists():
             return
         chain = self.tls.read_chain()
@@ -94,7 +96,7 @@ class Rotator:
         cert = chain[0]
         issuers = {x509.load_der_x509_certificate(a.der).subject
                    for a in self.hierarchy.intermediates()}
-        if cert.issuer in issuers:
+        if cert.issuer in issuers and len(cert.subject) > 0:
             self.server_certificate = {
                 "serial": format(cert.serial_number, "x"),
                 "not_before": int(cert.not_valid_before_utc.timestamp()),

@@ -308,6 +308,14 @@ async def test_node_certificate_is_ca_issued(tmp_path: Path, cddl: CddlChecker) 
             status = await client.request("ca.rotation-status")
             assert status["server_certificate"]["serial"]
             assert [i["active"] for i in status["intermediates"]] == [True]
+    # its subject is not empty (GnuTLS clients refuse that): with no DNS name, O= the CA
+    leaf = x509.load_pem_x509_certificates((tmp_path / "tls" / "server.pem").read_bytes())[0]
+    assert leaf.subject.rfc4514_string() == "O=trustchain-ca-development"
+    assert format(leaf.serial_number, "x") == status["server_certificate"]["serial"]
+    path = tmp_path / "node.pem"
+    path.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    linted = pkilint(path)
+    assert linted.returncode == 0, linted.stdout + linted.stderr
 
 
 async def test_every_operation_is_audited(tmp_path: Path, cddl: CddlChecker,

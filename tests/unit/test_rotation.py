@@ -106,6 +106,39 @@ async def test_node_certificate_renewed_at_two_thirds(tmp_path: Path) -> None:
                               node.hierarchy.root_der, clock.now)
 
 
+async def test_a_node_certificate_without_subject_is_replaced_after_a_restart(
+        tmp_path: Path) -> None:
+    """A certificate of the profile before GnuTLS clients were served (empty subject) is
+    not adopted at start-up: the first check replaces it."""
+    clock = Clock(START)
+    async with open_validator(tmp_path, clock) as node:
+        await rotator(node, tmp_path, clock, []).check()
+        tls = credential_paths(tmp_path)
+        current, intermediate = tls.read_chain()
+        assert current.subject.rfc4514_string() == "CN=node.trust"
+        restarted = rotator(node, tmp_path, clock, [])
+        restarted.load_current()
+        assert restarted.server_certificate is not None  # adopted: nothing to do
+        assert await restarted.check() == []
+        # the same certificate, but with an empty subject, signed by the intermediate
+        old = (x509.CertificateBuilder().subject_name(x509.Name([]))
+               .issuer_name(current.issuer).public_key(current.public_key())
+               .serial_number(current.serial_number)
+               .not_valid_before(current.not_valid_before_utc)
+               .not_valid_after(current.not_valid_after_utc))
+        for extension in current.extensions:
+            old = old.add_extension(extension.value, critical=extension.critical)
+        assert node.hierarchy.issuer is not None
+        signed = old.sign(node.hierarchy.issuer.signer.private_key(), hashes.SHA256())
+        tls.install(tls.keyfile.read_bytes(), b"".join(
+            c.public_bytes(serialization.Encoding.PEM) for c in (signed, intermediate)))
+        restarted = rotator(node, tmp_path, clock, [])
+        restarted.load_current()
+        assert restarted.server_certificate is None
+        assert [d["what"] for d in await restarted.check()] == ["server_certificate"]
+        assert tls.read_chain()[0].subject.rfc4514_string() == "CN=node.trust"
+
+
 async def test_intermediate_rotates_with_overlap(tmp_path: Path, prover: stoq.Prover) -> None:
     clock = Clock(START)
     async with open_validator(tmp_path, clock, stake=[prover.key_id],
