@@ -29,7 +29,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 import stoq
-from handlers import NodeService, Router
+from handlers import NodeService, Router, cancel_and_wait
 from handlers.ca import (
     CertificateAuthority,
     Cluster,
@@ -453,6 +453,9 @@ async def _foundation(cfg: Config, data: DataDirectory, exits: contextlib.AsyncE
     audit_log.append("node.started", {"mode": cfg.ca.mode, "config": cfg.source,
                                       "warnings": list(cfg.warnings)})
     exits.callback(audit_log.append, "node.stopped", {})
+    signing = asyncio.get_running_loop().create_task(
+        audit_log.sign_tail_every(cfg.audit.checkpoint_interval))
+    exits.push_async_callback(cancel_and_wait, signing)  # stops before the final checkpoint
     audit = audit_log.append_async
     authorities = data.authorities()
     exits.callback(authorities.close)

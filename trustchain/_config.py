@@ -284,6 +284,12 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class AuditConfig:
+    checkpoint_interval: float = _duration(1.0)
+    """While records are unsigned, a signed checkpoint at most this often (and at stop)."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     """The whole configuration of one node."""
 
@@ -295,6 +301,7 @@ class Config:
     api: ApiConfig = field(default_factory=ApiConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     source: str = "<defaults>"
     """Where this configuration was loaded from (not a TOML key)."""
     warnings: tuple[str, ...] = ()
@@ -410,6 +417,7 @@ def _validate(cfg: Config) -> None:
         "ct.subscription_buffer": cfg.ct.subscription_buffer,
         "ct.merkle_update_interval": cfg.ct.merkle_update_interval,
         "ca.cert_validity_days": cfg.ca.cert_validity_days,
+        "audit.checkpoint_interval": cfg.audit.checkpoint_interval,
     }
     for key, value in positive.items():
         if value <= 0:
