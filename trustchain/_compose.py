@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from cryptography.hazmat.primitives import serialization
 import stoq
 from handlers import NodeService, Router, cancel_and_wait
 from handlers.ca import (
+    ROOT_KEY,
     CertificateAuthority,
     Cluster,
     Hierarchy,
@@ -93,6 +95,7 @@ from store import (
     DataDirectory,
     KeyStore,
     KeyStoreError,
+    Pkcs11KeyStore,
     Signer,
     StateDatabase,
     TlsCredential,
@@ -182,12 +185,34 @@ async def _key(keystore: KeyStore, name: str, algorithm: Algorithm, audit: Audit
     return signer
 
 
+def root_key_name(cfg: Config, keystore: KeyStore) -> str:
+    """The keystore name of the root key: ``root``, or the key ``ca.hsm.root_key_id``
+    names: its label, or else, written ``0x`` and hex digits, its PKCS#11 CKA_ID.
+
+    :raises ConfigError: the id names no key of the token.
+    """
+    wanted = cfg.ca.hsm.root_key_id
+    if not wanted:
+        return ROOT_KEY
+    if keystore.get(wanted) is not None:
+        return wanted
+    if re.fullmatch(r"0x([0-9a-fA-F]{2})+", wanted) and isinstance(keystore, Pkcs11KeyStore):
+        label = keystore.label_of_id(bytes.fromhex(wanted[2:]))
+        if label is not None:
+            return label
+    raise ConfigError(f"ca.hsm.root_key_id: {wanted!r} is neither the label nor the CKA_ID "
+                      f"(0x...) of a private key in the {keystore.kind} keystore; the root "
+                      "key must exist already (empty: the CA makes its own key `root`)")
+
+
 def ca_hierarchy(cfg: Config, data: DataDirectory, keystore: KeyStore,
                  authorities: AuthorityStore, audit: AuditLog) -> Hierarchy:
     """The CA hierarchy of ``data``, not loaded yet (``ensure`` loads or creates it)."""
     config = HierarchyConfig(ca_id=cfg.ca.ca_id, domains=tuple(cfg.dns.domains.trustchain_domains),
                              root_lifetime=cfg.ca.root_lifetime,
-                             intermediate_lifetime=cfg.ca.intermediate_lifetime)
+                             intermediate_lifetime=cfg.ca.intermediate_lifetime,
+                             root_key=root_key_name(cfg, keystore),
+                             root_key_given=bool(cfg.ca.hsm.root_key_id))
     return Hierarchy(keystore=keystore, authorities=authorities,
                      root_file=data.root_certificate(), admin=data.admin_credential(),
                      config=config, clock=time.time, audit=audit.append)
@@ -735,7 +760,8 @@ async def build_services(cfg: Config, data: DataDirectory, exits: contextlib.Asy
     ca.register(router)
     tls = data.tls_credential()
     rotator = Rotator(hierarchy=hierarchy, issue=ca.issue_node_certificate, tls=tls,
-                      names=list(cfg.node.names), addresses=base.addresses, counts=ca.counts,
+                      names=list(cfg.node.names), addresses=base.addresses,
+                      rotation_interval=cfg.ca.rotation_interval, counts=ca.counts,
                       installed=installed,
                       announce=keys.announce if keys is not None else None)
     rotator.load_current()

@@ -315,6 +315,26 @@ class Config:
         return list(dict.fromkeys(pairs))
 
 
+CONSENSUS_PROVIDERS = ("nkrypt_four_proof",)
+ROTATION_CHECK_INTERVAL = 60.0
+"""Seconds between two rotation checks of a running node (intermediate, TLS certificate)."""
+INFORMATIONAL = ("ca.hsm.cluster_id", "ca.hsm.backup_enabled", "dns.server_id", "api.server_id",
+                 "consensus.byzantine_tolerance")
+"""Keys that describe the deployment and change nothing the node does: shown by
+``node.info`` (``informational``) and at start, so no one mistakes them for settings."""
+
+
+def informational(cfg: Config) -> dict[str, Any]:
+    """The :data:`INFORMATIONAL` keys and their values in ``cfg``."""
+    values: dict[str, Any] = {}
+    for key in INFORMATIONAL:
+        value: Any = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        values[key] = value
+    return values
+
+
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 _NOT_KEYS = {"source", "warnings"}
@@ -428,8 +448,19 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("api.rate_limit_per_minute: must be 0 (unlimited) or more")
     if not 0 <= cfg.api.rate_limit_prefix_length <= 128:
         raise ConfigError("api.rate_limit_prefix_length: must be within 0..128")
-    if not 0 <= cfg.consensus.byzantine_tolerance < 0.5:
-        raise ConfigError("consensus.byzantine_tolerance: must be within [0, 0.5)")
+    if not 0 <= cfg.consensus.byzantine_tolerance < 1 / 3:
+        raise ConfigError(
+            f"consensus.byzantine_tolerance: {cfg.consensus.byzantine_tolerance:g} is more than "
+            "the validators tolerate: Tendermint commits with more than two thirds of the "
+            "voting power, so it tolerates faulty power below one third (f < n/3); use a "
+            "value within [0, 0.333...)")
+    if cfg.consensus.provider not in CONSENSUS_PROVIDERS:
+        raise ConfigError(f"consensus.provider: {cfg.consensus.provider!r} is not a consensus "
+                          f"this node has; the one provider is {CONSENSUS_PROVIDERS[0]!r} "
+                          "(four proofs, Tendermint validators)")
+    if cfg.ca.rotation_interval < ROTATION_CHECK_INTERVAL:
+        raise ConfigError(f"ca.rotation_interval: at least {ROTATION_CHECK_INTERVAL:g}s (the "
+                          "node checks its certificates that often)")
     if cfg.consensus.minimum_work_difficulty < 0 or cfg.consensus.minimum_work_difficulty > 64:
         raise ConfigError("consensus.minimum_work_difficulty: must be within 0..64 bits")
     _validate_consensus(cfg.consensus)
@@ -583,6 +614,10 @@ def loads(text: str, source: str = "<string>") -> Config:
     warnings: list[str] = []
     cfg = _build(Config, table, "", warnings)
     _validate(cfg)
+    logging_table = table.get("logging", {})
+    if not cfg.logging.structured and logging_table.get("format") == "json":
+        raise ConfigError("logging.structured: false asks for plain text lines, and "
+                          "logging.format = \"json\" for JSON: remove one of them")
     net = cfg.network
     if 0 < net.connection_timeout <= net.keep_alive_interval:
         warnings.append(

@@ -50,6 +50,9 @@ class Rotator:
     :param issue: ``async (csr_der) -> ca.issue result``: the CA's own issuance
         path (:meth:`CertificateAuthority.issue_node_certificate`), so node
         certificates are stored and audited like any other.
+    :param rotation_interval: ``ca.rotation_interval``: the node certificate is re-keyed
+        and renewed this long after its ``notBefore``, or at 2/3 of its lifetime if that
+        comes first (None: at 2/3).
     :param counts: the CA's counts of issued and refused requests (reported).
     :param installed: called after new TLS files are written (the transport reloads).
     :param announce: commits this validator's keys to the cluster (after a new
@@ -59,6 +62,7 @@ class Rotator:
     def __init__(self, *, hierarchy: Hierarchy,
                  issue: Callable[[bytes], Awaitable[dict[str, Any]]],
                  tls: TlsCredential, names: list[str], addresses: list[str],
+                 rotation_interval: float | None = None,
                  counts: IssuanceCounts | None = None,
                  installed: Callable[[], None] | None = None,
                  announce: Callable[[], Awaitable[None]] | None = None,
@@ -70,6 +74,7 @@ class Rotator:
         self.tls = tls
         self.names = names
         self.addresses = addresses
+        self.rotation_interval = rotation_interval
         self._installed = installed
         self.clock = clock
         self.server_certificate: dict[str, Any] | None = None
@@ -82,7 +87,10 @@ class Rotator:
         if self.server_certificate is None:
             return None
         start, end = self.server_certificate["not_before"], self.server_certificate["not_after"]
-        return float(start + (end - start) * RENEW_FRACTION)
+        lifetime = (end - start) * RENEW_FRACTION
+        if self.rotation_interval is not None:
+            lifetime = min(lifetime, self.rotation_interval)
+        return float(start + lifetime)
 
     def load_current(self) -> None:
         """Adopt the TLS certificate on disk if the CA issued it (after a restart) with

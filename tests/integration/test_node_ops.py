@@ -28,6 +28,11 @@ async def test_health_and_info(tmp_path: Path, engine: str, cddl: CddlChecker) -
             assert info["tls_fingerprint"] == node.pin
             assert info["peer"]["address"] == "::1"
             assert info["limits"]["max_streams_per_connection"] == 100
+            assert info["informational"] == {  # named as such: the node does not use them
+                "ca.hsm.cluster_id": "", "ca.hsm.backup_enabled": False,
+                "dns.server_id": "trustchain-dns-development",
+                "api.server_id": "trustchain-api-development",
+                "consensus.byzantine_tolerance": 0.33}
     assert cddl.checked >= 2
 
 
