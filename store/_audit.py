@@ -552,6 +552,16 @@ class AuditLog:
         """Why the log accepts no more records (a write failed), else None."""
         return self._failed
 
+    def problem(self) -> str | None:
+        """None if records are written and signed, else why not (the ``audit`` health
+        check)."""
+        if self._failed is not None:
+            return (f"a write failed ({self._failed}); no records are written until the "
+                    "node restarts")
+        if self.checkpoint_failure is not None:
+            return f"checkpoints cannot be signed: {self.checkpoint_failure}"
+        return None
+
     def sign_tail(self) -> AuditRecord | None:
         """A checkpoint over the records after the last one, if there are any (and a
         signer); None if there was nothing to sign. Blocks for the flush."""

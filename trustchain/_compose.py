@@ -88,6 +88,7 @@ from protocol.doq import ALPN_DOQ
 from protocol.ops.consensus import ProofParams
 from store import (
     Algorithm,
+    AuditError,
     AuditLog,
     AuthorityStore,
     BeaconStore,
@@ -463,7 +464,15 @@ class _Foundation:
     signer: LeafSigner
     validator: ValidatorIdentity
     router: Router
-    checks: dict[str, Callable[[], bool]]
+    checks: dict[str, Callable[[], str | None]]
+
+
+def _record_stop(audit_log: AuditLog) -> None:
+    """``node.stopped`` in the audit log; a log that failed earlier does not stop the stop."""
+    try:
+        audit_log.append("node.stopped", {})
+    except AuditError as exc:
+        log.error("node.stopped not audited: %s", exc)
 
 
 async def _foundation(cfg: Config, data: DataDirectory, exits: contextlib.AsyncExitStack,
@@ -477,7 +486,7 @@ async def _foundation(cfg: Config, data: DataDirectory, exits: contextlib.AsyncE
     exits.callback(audit_log.close)  # signs its final checkpoint: before the keystore closes
     audit_log.append("node.started", {"mode": cfg.ca.mode, "config": cfg.source,
                                       "warnings": list(cfg.warnings)})
-    exits.callback(audit_log.append, "node.stopped", {})
+    exits.callback(_record_stop, audit_log)
     signing = asyncio.get_running_loop().create_task(
         audit_log.sign_tail_every(cfg.audit.checkpoint_interval))
     exits.push_async_callback(cancel_and_wait, signing)  # stops before the final checkpoint
@@ -496,7 +505,10 @@ async def _foundation(cfg: Config, data: DataDirectory, exits: contextlib.AsyncE
         signer = workers
     validator = await validator_identity(cfg, keystore, addresses, audit)
     router = Router()
-    checks: dict[str, Callable[[], bool]] = {"accepting": accepting}
+    checks: dict[str, Callable[[], str | None]] = {
+        "accepting": lambda: None if accepting() else "the server does not accept requests "
+                                                      "(starting or shutting down)",
+        "audit": audit_log.problem}
     NodeService(describe=describe, checks=checks).register(router)
     return _Foundation(development=development, lifetime=cfg.ca.cert_validity_days * 86400.0,
                        addresses=addresses, keystore=keystore, audit_log=audit_log,
@@ -586,7 +598,9 @@ def _publishing(cfg: Config, data: DataDirectory, base: _Foundation,
         zones.start()
         publishers.append(("dns", zones))
     published = Publishers(publishers)
-    base.checks["publishing"] = published.healthy
+    base.checks["publishing"] = published.problem
+    if zones is not None:
+        base.checks["dns"] = zones.problem
     return _Publishing(directory=directory, fingerprints=fingerprints, keyring=keyring,
                        zones=zones, rendered=rendered, published=published)
 
@@ -647,9 +661,22 @@ async def _cluster(cfg: Config, data: DataDirectory, exits: contextlib.AsyncExit
                  tls_keys=ServedTlsKeys(data.tls_credential()),
                  state_status=lambda: {**replica.status(), "links": dict(links.refused)},
                  ).register(base.router)
-    base.checks["consensus"] = lambda: (chain.started and chain.failure is None
-                                        and chain.diverged is None and machine.corrupt is None)
+    base.checks["consensus"] = lambda: consensus_problem(chain, machine)
     return _Cluster(machine=machine, chain=chain, replica=replica, decisions=decisions)
+
+
+def consensus_problem(chain: ConsensusChain, machine: CaStateMachine) -> str | None:
+    """None if this validator runs the chain and executes it, else why not (the
+    ``consensus`` health check)."""
+    if chain.failure is not None:
+        return f"consensus has stopped: {chain.failure}"
+    if not chain.started:
+        return "consensus is not running"
+    if chain.diverged is not None:
+        return f"this validator diverged from the chain: {chain.diverged}"
+    if machine.corrupt is not None:
+        return f"the replicated state is corrupt: {machine.corrupt}"
+    return None
 
 
 def _dns_service(cfg: Config, exits: contextlib.AsyncExitStack, base: _Foundation,
@@ -766,6 +793,9 @@ async def build_services(cfg: Config, data: DataDirectory, exits: contextlib.Asy
                       announce=keys.announce if keys is not None else None)
     rotator.load_current()
     rotator.register(router)
+    base.checks["ct"] = ct_log.problem
+    base.checks["fingerprints"] = ct_log.listener_problem
+    base.checks["rotation"] = rotator.problem
 
     await _start(cfg, exits, base, replicated, chain, proofs, keys, decisions)
     return Services(router=router, applications=tuple(applications), keystore=base.keystore,

@@ -82,6 +82,8 @@ class Rotator:
         self.events: list[dict[str, Any]] = []
         self.ceremony_due = False
         """The intermediate is due for renewal and only the ceremony can renew it."""
+        self.failure: str | None = None
+        """Why the latest rotation pass failed; None once one succeeds."""
 
     def _server_renew_at(self) -> float | None:
         if self.server_certificate is None:
@@ -112,7 +114,24 @@ class Rotator:
             }
 
     async def check(self) -> list[dict[str, Any]]:
-        """One rotation pass; returns what it did."""
+        """One rotation pass; returns what it did. A failure is kept (``problem``) until a
+        pass succeeds."""
+        try:
+            done = await self._check()
+        except Exception as exc:
+            self.failure = f"{type(exc).__name__}: {exc}"
+            raise
+        self.failure = None
+        return done
+
+    def problem(self) -> str | None:
+        """None if the latest rotation pass succeeded, else why it failed (the
+        ``rotation`` health check)."""
+        if self.failure is None:
+            return None
+        return f"the latest rotation pass failed: {self.failure}"
+
+    async def _check(self) -> list[dict[str, Any]]:
         now = self.clock()
         self.last_check = now
         done: list[dict[str, Any]] = []

@@ -20,7 +20,10 @@ async def test_health_and_info(tmp_path: Path, engine: str, cddl: CddlChecker) -
         async with await node.client() as client:
             health = await client.request("node.health")
             assert health["status"] == "ok"
-            assert health["checks"] == {"accepting": True, "consensus": True, "publishing": True}
+            assert health["checks"] == {"accepting": True, "audit": True, "consensus": True,
+                                        "publishing": True, "dns": True, "ct": True,
+                                        "fingerprints": True, "rotation": True}
+            assert health["reasons"] == {}
             info = await client.request("node.info")
             assert info["engine"]["name"] == engine
             assert info["alpns"] == ["stoq/1", "doq"]  # DoQ on every socket (spec §15.1)
@@ -90,6 +93,7 @@ async def test_a_stopped_chain_degrades_health_and_refuses_issuance(
                 await client.request("consensus.faucet", {"key": faucet_key})
             health = await client.request("node.health")
             assert health["status"] == "degraded" and health["checks"]["consensus"] is False
+            assert health["reasons"]["consensus"].startswith("consensus has stopped: ")
             with pytest.raises(ConsensusRejected, match="consensus has stopped"):
                 await client.request("consensus.faucet", {"key": faucet_key})
 
