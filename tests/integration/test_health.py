@@ -16,12 +16,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pkcs11
 import pytest
 
 from protocol import TrustChainError
 from store import KeyStoreError
 
 from ..helpers import CddlChecker, RunningNode, running_node
+from ..softhsm import SoftHsmToken
 
 ENGINE = "qh3"
 
@@ -93,6 +95,32 @@ async def test_an_audit_write_failure_degrades_health(tmp_path: Path, cddl: Cddl
         assert "a write failed" in answer["reasons"]["audit"], answer
         assert "restarts" in answer["reasons"]["audit"]
         assert set(answer["reasons"]) == {"audit"}, answer
+
+
+async def test_an_audit_key_removed_from_the_token_degrades_health(
+        tmp_path: Path, cddl: CddlChecker, softhsm_token: SoftHsmToken,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The audit key is gone from the HSM: the records are still written, the timed
+    checkpoint (every second) cannot be signed, and health says so."""
+    monkeypatch.setenv("TRUSTCHAIN_HSM_PIN", softhsm_token.pin)
+    extra = f'[ca.hsm]\nprovider = "softhsm2"\ntoken_label = "{softhsm_token.token_label}"\n'
+    async with running_node(tmp_path / "node", ENGINE, extra, checker=cddl) as node:
+        assert (await health(node, cddl))["reasons"] == {}
+        token = pkcs11.lib(softhsm_token.module_path).get_token(
+            token_label=softhsm_token.token_label)
+        # the node's keystore has logged this process in: a session sees its keys
+        with token.open(rw=True) as session:
+            keys = list(session.get_objects({pkcs11.Attribute.LABEL: "audit"}))
+            assert keys
+            for key in keys:
+                key.destroy()
+        async with await node.client() as client:
+            with pytest.raises(TrustChainError):  # a record the next checkpoint must cover
+                await client.request("ca.issue", {"csr": b"junk"})
+        answer = await wait_for(node, cddl, "audit", True)
+        assert answer["status"] == "degraded", answer
+        assert answer["reasons"]["audit"].startswith("checkpoints cannot be signed: "), answer
+        assert node.node.services is not None and node.node.services.audit.unsigned
 
 
 async def test_rotation_and_ct_failures_degrade_health_until_they_pass(
