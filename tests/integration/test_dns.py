@@ -326,6 +326,12 @@ async def test_kdig_gets_doq_answers_with_the_certificate_checked(
                    if line and not line.startswith(";")]
         assert [r[3] for r in records] == ["SOA", "RRSIG"], answered.stdout
         assert records[1][4] == "SOA"  # the signature covers the SOA
+        address = await asyncio.to_thread(kdig, node, root(node), hostname, "ns1.trust", "AAAA")
+        assert address.returncode == 0, address.stdout + address.stderr
+        records = [line.split() for line in address.stdout.splitlines()
+                   if line and not line.startswith(";")]
+        assert records[0][3:5] == ["AAAA", "::1"], address.stdout
+        assert records[1][3:5] == ["RRSIG", "AAAA"], address.stdout
 
 
 async def test_kdig_refuses_the_node_for_another_ca_or_name(tmp_path: Path) -> None:
