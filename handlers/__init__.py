@@ -5,6 +5,7 @@ the transport.
 """
 
 from ._router import Handler, RequestContext, Router
+from ._tasks import cancel_and_wait
 from .node import NodeService
 
-__all__ = ["Handler", "NodeService", "RequestContext", "Router"]
+__all__ = ["Handler", "NodeService", "RequestContext", "Router", "cancel_and_wait"]

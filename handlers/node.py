@@ -19,12 +19,13 @@ class NodeService:
     :param describe: returns the static and live facts ``node.info`` reports
         (version, engine, ALPNs, limits, ...); supplied by the application,
         which knows the transport.
-    :param checks: named readiness checks; ``node.health`` reports each and is
-        ``"ok"`` only if all pass.
+    :param checks: named health checks, each returning None when it passes or why it
+        does not; ``node.health`` reports each (and the reasons) and is ``"ok"`` only if
+        all pass.
     """
 
     def __init__(self, *, describe: Callable[[], dict[str, Any]],
-                 checks: dict[str, Callable[[], bool]] | None = None,
+                 checks: dict[str, Callable[[], str | None]] | None = None,
                  clock: Callable[[], float] = time.time,
                  monotonic: Callable[[], float] = time.monotonic) -> None:
         self._describe = describe
@@ -37,10 +38,18 @@ class NodeService:
         return round(self._monotonic() - self._started, 3)
 
     def health(self, args: ops.HealthArgs, ctx: RequestContext) -> dict[str, Any]:
-        checks = {name: bool(check()) for name, check in self._checks.items()}
+        reasons: dict[str, str] = {}
+        for name, check in self._checks.items():
+            try:
+                problem = check()
+            except Exception as exc:  # a check that cannot tell is a failing one
+                problem = f"the check failed: {type(exc).__name__}: {exc}"
+            if problem is not None:
+                reasons[name] = problem
         return {
-            "status": "ok" if all(checks.values()) else "degraded",
-            "checks": checks,
+            "status": "degraded" if reasons else "ok",
+            "checks": {name: name not in reasons for name in self._checks},
+            "reasons": reasons,
             "time": round(self._clock(), 3),
             "uptime": self.uptime(),
         }

@@ -24,7 +24,10 @@ being over ``encode_deterministic({"ctx": CHECKPOINT_CONTEXT, "seq":
 covers_seq, "hash": covers_hash})``. With a signer, one ends every write that
 reaches or passes a ``seq`` that is a multiple of ``checkpoint_every`` (so a
 group commit of many records gets one, after its last), one is written by
-:meth:`AuditLog.checkpoint`, and one by :meth:`AuditLog.close`.
+:meth:`AuditLog.checkpoint`, one by :meth:`AuditLog.sign_tail` when records
+are unsigned (:meth:`AuditLog.sign_tail_every` calls it at an interval, so a
+running node leaves no record unsigned for longer than that), and one by
+:meth:`AuditLog.close`.
 """
 
 from __future__ import annotations
@@ -120,6 +123,16 @@ class AuditReport:
     problems: list[str] = field(default_factory=list)
     unsigned_tail: int = 0
     warnings: list[str] = field(default_factory=list)
+    last_seq: int | None = None
+    """The ``seq`` of the last record (None: an empty log, or a last line that is not a
+    record); the unsigned tail is the records after the last checkpoint up to it."""
+
+    def unsigned_range(self) -> tuple[int, int] | None:
+        """``(first, last)`` seq of the unsigned tail; None if there is none (or the last
+        line is not a record)."""
+        if not self.unsigned_tail or self.last_seq is None:
+            return None
+        return self.last_seq - self.unsigned_tail + 1, self.last_seq
 
 
 class _Entry(NamedTuple):
@@ -364,6 +377,8 @@ class AuditLog:
         self._clock = clock
         self._lock = threading.Lock()  # the file, the head and _failed
         self._failed: str | None = None
+        self.checkpoint_failure: str | None = None
+        """Why the last checkpoint this log tried failed; None once one succeeds."""
         self._executor: ThreadPoolExecutor | None = None
         self._pending: list[tuple[_Entry, asyncio.Future[AuditRecord]]] = []
         self._flushing = False  # a group commit is scheduled or running (event loop only)
@@ -491,6 +506,13 @@ class AuditLog:
             loop.call_soon(self._flush, loop)
         return await waiter
 
+    def _writer(self) -> ThreadPoolExecutor:
+        """The one thread that writes for the event loop (group commits, timed
+        checkpoints), so that they never wait for each other's flush on the loop."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="trustchain-audit")
+        return self._executor
+
     def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
         batch, self._pending = self._pending, []
         if not batch:
@@ -500,9 +522,7 @@ class AuditLog:
             self._settle(loop, batch, None, AuditError(f"audit log {self.path} is closed"))
             return
         try:
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(1, thread_name_prefix="trustchain-audit")
-            running = loop.run_in_executor(self._executor, self._commit, [e for e, _ in batch])
+            running = loop.run_in_executor(self._writer(), self._commit, [e for e, _ in batch])
         except Exception as exc:  # closed: the executor refuses new work
             self._settle(loop, batch, None, exc)
             return
@@ -545,6 +565,53 @@ class AuditLog:
             raise AuditError("this audit log has no signer for checkpoints")
         return self._commit([], checkpoint=True)[-1]
 
+    @property
+    def unsigned(self) -> bool:
+        """Whether records follow the last checkpoint (or no checkpoint exists yet)."""
+        return self._unsigned
+
+    @property
+    def failure(self) -> str | None:
+        """Why the log accepts no more records (a write failed), else None."""
+        return self._failed
+
+    def problem(self) -> str | None:
+        """None if records are written and signed, else why not (the ``audit`` health
+        check)."""
+        if self._failed is not None:
+            return (f"a write failed ({self._failed}); no records are written until the "
+                    "node restarts")
+        if self.checkpoint_failure is not None:
+            return f"checkpoints cannot be signed: {self.checkpoint_failure}"
+        return None
+
+    def sign_tail(self) -> AuditRecord | None:
+        """A checkpoint over the records after the last one, if there are any (and a
+        signer); None if there was nothing to sign. Blocks for the flush."""
+        with self._lock:
+            if self._signer is None or not self._unsigned or self._fd < 0:
+                return None
+            return self._commit_locked([], checkpoint=True)[-1]
+
+    async def sign_tail_every(self, interval: float) -> None:
+        """Until cancelled: every ``interval`` seconds, sign the records written since the
+        last checkpoint (if any), in the writer thread, so no record stays unsigned for
+        longer than about ``interval`` while the node runs. A failure is logged, kept in
+        :attr:`checkpoint_failure` (``node.health`` reports it) and tried again."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(interval)
+            if not self._unsigned or self._signer is None or self._fd < 0:
+                continue
+            try:
+                await loop.run_in_executor(self._writer(), self.sign_tail)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if self.checkpoint_failure is None:
+                    log.error("audit log %s: timed checkpoint failed: %s", self.path, exc)
+                self.checkpoint_failure = f"{type(exc).__name__}: {exc}"
+
     def _commit(self, entries: list[_Entry], checkpoint: bool = False) -> list[AuditRecord]:
         """Chain, write and flush ``entries`` (plus a checkpoint when due) at once."""
         with self._lock:
@@ -570,7 +637,8 @@ class AuditLog:
         if checkpoint or due:
             try:
                 record, line = _seal(seq + 1, self._checkpoint_entry(seq, prev), prev)
-            except Exception:
+            except Exception as exc:
+                self.checkpoint_failure = f"{type(exc).__name__}: {exc}"
                 if checkpoint:
                     raise
                 # The operations matter more than the signature over them: log
@@ -578,6 +646,7 @@ class AuditLog:
                 log.exception("audit log %s: checkpoint after record %d failed",
                               self.path, seq)
             else:
+                self.checkpoint_failure = None
                 seq += 1
                 lines.append(line)
                 prev = record.hash
@@ -771,4 +840,5 @@ def _verify_lines(handle: BinaryIO, trusted: set[bytes] | None, *,
                 problems.append(f"checkpoint at {seq}: {problem}")
         last_seq, last_hash = seq, parsed.hash
     return AuditReport(ok=not problems, records=records, last_checkpoint_seq=last_checkpoint,
-                       problems=problems, unsigned_tail=since_checkpoint, warnings=warnings)
+                       problems=problems, unsigned_tail=since_checkpoint, warnings=warnings,
+                       last_seq=last_seq)

@@ -325,6 +325,19 @@ class Pkcs11KeyStore:
         return self._use(f"creating key {name!r}", lambda session: (
             self._find(session, name) or self._generate(session, name, algorithm)))
 
+    def label_of_id(self, key_id: bytes) -> str | None:
+        """The label of the one private key whose CKA_ID is ``key_id`` (a key an operator
+        made with the token's own tools); None if there is none."""
+        def find(session: pkcs11.Session) -> str | None:
+            found = list(session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY,
+                                              Attribute.ID: key_id}))
+            if len(found) > 1:
+                raise KeyStoreError(f"{len(found)} private keys have CKA_ID {key_id.hex()} in "
+                                    f"{self._where}; remove all but one")
+            return str(found[0][Attribute.LABEL]) if found else None
+
+        return self._use("finding a key by id", find)
+
     def names(self) -> list[str]:
         def labels(session: pkcs11.Session) -> list[str]:
             found = session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY})

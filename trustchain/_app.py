@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -25,14 +26,12 @@ from store import create_self_signed
 
 from . import __version__
 from ._compose import Services, build_services, data_directory
-from ._config import Config
+from ._config import ROTATION_CHECK_INTERVAL, Config, informational
 
 log = logging.getLogger("trustchain")
 
 CERT_WATCH_INTERVAL = 2.0
 """Seconds between checks of the TLS certificate file for a replacement."""
-ROTATION_CHECK_INTERVAL = 60.0
-"""Seconds between rotation passes (intermediate and node certificate)."""
 
 
 def server_limits(cfg: Config) -> stoq.ServerLimits:
@@ -110,6 +109,7 @@ class Node:
                 "rate_limit_per_minute": limits.rate_limit_per_minute,
             },
             "stats": server.stats() if server else {},
+            "informational": informational(self.cfg),
         }
 
     async def start(self) -> None:
@@ -202,6 +202,9 @@ class Node:
         for host, port in self.server.addresses:
             print(f"listening on [{host}]:{port} alpn {','.join(self.server.alpns)}", file=out)
         print(f"tls certificate sha256 {self.server.fingerprint}", file=out)
+        shown = ", ".join(f"{k} = {json.dumps(v)}" for k, v in informational(self.cfg).items())
+        print(f"informational settings (they describe the deployment, the node does not use "
+              f"them): {shown}", file=out)
         print(f"data directory {self.data_dir}", file=out, flush=True)
         self._announced = True
         if ready is not None:

@@ -235,8 +235,19 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     finally:
         keystore.close()
     report = verify_log(path, public_keys=trusted)
-    print(f"{report.records} records; last signed checkpoint at "
-          f"{report.last_checkpoint_seq}; {report.unsigned_tail} records after it")
+    last = ("none" if report.last_checkpoint_seq is None
+            else f"record {report.last_checkpoint_seq}")
+    print(f"{report.records} records; last signed checkpoint: {last}")
+    tail = report.unsigned_range()
+    if tail is not None:
+        first, end = tail
+        span = f"record {first}" if first == end else f"records {first}-{end}"
+        print(f"unsigned tail: {report.unsigned_tail} (no checkpoint covers {span} yet; a "
+              "running node signs them within audit.checkpoint_interval)")
+    elif report.unsigned_tail:
+        print(f"unsigned tail: {report.unsigned_tail} lines after the last checkpoint")
+    else:
+        print("unsigned tail: none (every record is covered by a signed checkpoint)")
     for warning in report.warnings:
         print(f"warning: {warning}")
     for problem in report.problems:

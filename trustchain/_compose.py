@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass
@@ -29,8 +30,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 import stoq
-from handlers import NodeService, Router
+from handlers import NodeService, Router, cancel_and_wait
 from handlers.ca import (
+    ROOT_KEY,
     CertificateAuthority,
     Cluster,
     Hierarchy,
@@ -86,6 +88,7 @@ from protocol.doq import ALPN_DOQ
 from protocol.ops.consensus import ProofParams
 from store import (
     Algorithm,
+    AuditError,
     AuditLog,
     AuthorityStore,
     BeaconStore,
@@ -93,6 +96,7 @@ from store import (
     DataDirectory,
     KeyStore,
     KeyStoreError,
+    Pkcs11KeyStore,
     Signer,
     StateDatabase,
     TlsCredential,
@@ -182,12 +186,34 @@ async def _key(keystore: KeyStore, name: str, algorithm: Algorithm, audit: Audit
     return signer
 
 
+def root_key_name(cfg: Config, keystore: KeyStore) -> str:
+    """The keystore name of the root key: ``root``, or the key ``ca.hsm.root_key_id``
+    names: its label, or else, written ``0x`` and hex digits, its PKCS#11 CKA_ID.
+
+    :raises ConfigError: the id names no key of the token.
+    """
+    wanted = cfg.ca.hsm.root_key_id
+    if not wanted:
+        return ROOT_KEY
+    if keystore.get(wanted) is not None:
+        return wanted
+    if re.fullmatch(r"0x([0-9a-fA-F]{2})+", wanted) and isinstance(keystore, Pkcs11KeyStore):
+        label = keystore.label_of_id(bytes.fromhex(wanted[2:]))
+        if label is not None:
+            return label
+    raise ConfigError(f"ca.hsm.root_key_id: {wanted!r} is neither the label nor the CKA_ID "
+                      f"(0x...) of a private key in the {keystore.kind} keystore; the root "
+                      "key must exist already (empty: the CA makes its own key `root`)")
+
+
 def ca_hierarchy(cfg: Config, data: DataDirectory, keystore: KeyStore,
                  authorities: AuthorityStore, audit: AuditLog) -> Hierarchy:
     """The CA hierarchy of ``data``, not loaded yet (``ensure`` loads or creates it)."""
     config = HierarchyConfig(ca_id=cfg.ca.ca_id, domains=tuple(cfg.dns.domains.trustchain_domains),
                              root_lifetime=cfg.ca.root_lifetime,
-                             intermediate_lifetime=cfg.ca.intermediate_lifetime)
+                             intermediate_lifetime=cfg.ca.intermediate_lifetime,
+                             root_key=root_key_name(cfg, keystore),
+                             root_key_given=bool(cfg.ca.hsm.root_key_id))
     return Hierarchy(keystore=keystore, authorities=authorities,
                      root_file=data.root_certificate(), admin=data.admin_credential(),
                      config=config, clock=time.time, audit=audit.append)
@@ -438,7 +464,15 @@ class _Foundation:
     signer: LeafSigner
     validator: ValidatorIdentity
     router: Router
-    checks: dict[str, Callable[[], bool]]
+    checks: dict[str, Callable[[], str | None]]
+
+
+def _record_stop(audit_log: AuditLog) -> None:
+    """``node.stopped`` in the audit log; a log that failed earlier does not stop the stop."""
+    try:
+        audit_log.append("node.stopped", {})
+    except AuditError as exc:
+        log.error("node.stopped not audited: %s", exc)
 
 
 async def _foundation(cfg: Config, data: DataDirectory, exits: contextlib.AsyncExitStack,
@@ -453,7 +487,10 @@ async def _foundation(cfg: Config, data: DataDirectory, exits: contextlib.AsyncE
     exits.callback(audit_log.close)  # signs its final checkpoint: before the keystore closes
     audit_log.append("node.started", {"mode": cfg.ca.mode, "config": cfg.source,
                                       "warnings": list(cfg.warnings)})
-    exits.callback(audit_log.append, "node.stopped", {})
+    exits.callback(_record_stop, audit_log)
+    signing = asyncio.get_running_loop().create_task(
+        audit_log.sign_tail_every(cfg.audit.checkpoint_interval))
+    exits.push_async_callback(cancel_and_wait, signing)  # stops before the final checkpoint
     audit = audit_log.append_async
     authorities = data.authorities()
     exits.callback(authorities.close)
@@ -469,7 +506,10 @@ async def _foundation(cfg: Config, data: DataDirectory, exits: contextlib.AsyncE
         signer = workers
     validator = await validator_identity(cfg, keystore, addresses, audit)
     router = Router()
-    checks: dict[str, Callable[[], bool]] = {"accepting": accepting}
+    checks: dict[str, Callable[[], str | None]] = {
+        "accepting": lambda: None if accepting() else "the server does not accept requests "
+                                                      "(starting or shutting down)",
+        "audit": audit_log.problem}
     NodeService(describe=describe, checks=checks).register(router)
     return _Foundation(development=development, lifetime=cfg.ca.cert_validity_days * 86400.0,
                        addresses=addresses, keystore=keystore, audit_log=audit_log,
@@ -559,7 +599,9 @@ def _publishing(cfg: Config, data: DataDirectory, base: _Foundation,
         zones.start()
         publishers.append(("dns", zones))
     published = Publishers(publishers)
-    base.checks["publishing"] = published.healthy
+    base.checks["publishing"] = published.problem
+    if zones is not None:
+        base.checks["dns"] = zones.problem
     return _Publishing(directory=directory, fingerprints=fingerprints, keyring=keyring,
                        zones=zones, rendered=rendered, published=published)
 
@@ -620,9 +662,22 @@ async def _cluster(cfg: Config, data: DataDirectory, exits: contextlib.AsyncExit
                  tls_keys=ServedTlsKeys(data.tls_credential()),
                  state_status=lambda: {**replica.status(), "links": dict(links.refused)},
                  ).register(base.router)
-    base.checks["consensus"] = lambda: (chain.started and chain.failure is None
-                                        and chain.diverged is None and machine.corrupt is None)
+    base.checks["consensus"] = lambda: consensus_problem(chain, machine)
     return _Cluster(machine=machine, chain=chain, replica=replica, decisions=decisions)
+
+
+def consensus_problem(chain: ConsensusChain, machine: CaStateMachine) -> str | None:
+    """None if this validator runs the chain and executes it, else why not (the
+    ``consensus`` health check)."""
+    if chain.failure is not None:
+        return f"consensus has stopped: {chain.failure}"
+    if not chain.started:
+        return "consensus is not running"
+    if chain.diverged is not None:
+        return f"this validator diverged from the chain: {chain.diverged}"
+    if machine.corrupt is not None:
+        return f"the replicated state is corrupt: {machine.corrupt}"
+    return None
 
 
 def _dns_service(cfg: Config, exits: contextlib.AsyncExitStack, base: _Foundation,
@@ -736,11 +791,15 @@ async def build_services(cfg: Config, data: DataDirectory, exits: contextlib.Asy
     ca.register(router)
     tls = data.tls_credential()
     rotator = Rotator(hierarchy=hierarchy, issue=ca.issue_node_certificate, tls=tls,
-                      names=list(cfg.node.names), addresses=base.addresses, counts=ca.counts,
+                      names=list(cfg.node.names), addresses=base.addresses,
+                      rotation_interval=cfg.ca.rotation_interval, counts=ca.counts,
                       installed=installed,
                       announce=keys.announce if keys is not None else None)
     rotator.load_current()
     rotator.register(router)
+    base.checks["ct"] = ct_log.problem
+    base.checks["fingerprints"] = ct_log.listener_problem
+    base.checks["rotation"] = rotator.problem
 
     await _start(cfg, exits, base, replicated, chain, proofs, keys, decisions)
     return Services(router=router, applications=tuple(applications), keystore=base.keystore,

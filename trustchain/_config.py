@@ -288,6 +288,12 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class AuditConfig:
+    checkpoint_interval: float = _duration(1.0)
+    """While records are unsigned, a signed checkpoint at most this often (and at stop)."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     """The whole configuration of one node."""
 
@@ -299,6 +305,7 @@ class Config:
     api: ApiConfig = field(default_factory=ApiConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     source: str = "<defaults>"
     """Where this configuration was loaded from (not a TOML key)."""
     warnings: tuple[str, ...] = ()
@@ -310,6 +317,26 @@ class Config:
                  (self.ct.bind_address, self.ct.port),
                  (self.dns.bind_address, self.dns.quic_port)]
         return list(dict.fromkeys(pairs))
+
+
+CONSENSUS_PROVIDERS = ("nkrypt_four_proof",)
+ROTATION_CHECK_INTERVAL = 60.0
+"""Seconds between two rotation checks of a running node (intermediate, TLS certificate)."""
+INFORMATIONAL = ("ca.hsm.cluster_id", "ca.hsm.backup_enabled", "dns.server_id", "api.server_id",
+                 "consensus.byzantine_tolerance")
+"""Keys that describe the deployment and change nothing the node does: shown by
+``node.info`` (``informational``) and at start, so no one mistakes them for settings."""
+
+
+def informational(cfg: Config) -> dict[str, Any]:
+    """The :data:`INFORMATIONAL` keys and their values in ``cfg``."""
+    values: dict[str, Any] = {}
+    for key in INFORMATIONAL:
+        value: Any = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        values[key] = value
+    return values
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -414,6 +441,7 @@ def _validate(cfg: Config) -> None:
         "ct.subscription_buffer": cfg.ct.subscription_buffer,
         "ct.merkle_update_interval": cfg.ct.merkle_update_interval,
         "ca.cert_validity_days": cfg.ca.cert_validity_days,
+        "audit.checkpoint_interval": cfg.audit.checkpoint_interval,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -425,8 +453,19 @@ def _validate(cfg: Config) -> None:
     if not 0 <= cfg.api.rate_limit_prefix_length <= 128:
         raise ConfigError("api.rate_limit_prefix_length: must be within 0..128")
     _validate_address_limits(cfg.network)
-    if not 0 <= cfg.consensus.byzantine_tolerance < 0.5:
-        raise ConfigError("consensus.byzantine_tolerance: must be within [0, 0.5)")
+    if not 0 <= cfg.consensus.byzantine_tolerance < 1 / 3:
+        raise ConfigError(
+            f"consensus.byzantine_tolerance: {cfg.consensus.byzantine_tolerance:g} is more than "
+            "the validators tolerate: Tendermint commits with more than two thirds of the "
+            "voting power, so it tolerates faulty power below one third (f < n/3); use a "
+            "value within [0, 0.333...)")
+    if cfg.consensus.provider not in CONSENSUS_PROVIDERS:
+        raise ConfigError(f"consensus.provider: {cfg.consensus.provider!r} is not a consensus "
+                          f"this node has; the one provider is {CONSENSUS_PROVIDERS[0]!r} "
+                          "(four proofs, Tendermint validators)")
+    if cfg.ca.rotation_interval < ROTATION_CHECK_INTERVAL:
+        raise ConfigError(f"ca.rotation_interval: at least {ROTATION_CHECK_INTERVAL:g}s (the "
+                          "node checks its certificates that often)")
     if cfg.consensus.minimum_work_difficulty < 0 or cfg.consensus.minimum_work_difficulty > 64:
         raise ConfigError("consensus.minimum_work_difficulty: must be within 0..64 bits")
     _validate_consensus(cfg.consensus)
@@ -589,6 +628,10 @@ def loads(text: str, source: str = "<string>") -> Config:
     warnings: list[str] = []
     cfg = _build(Config, table, "", warnings)
     _validate(cfg)
+    logging_table = table.get("logging", {})
+    if not cfg.logging.structured and logging_table.get("format") == "json":
+        raise ConfigError("logging.structured: false asks for plain text lines, and "
+                          "logging.format = \"json\" for JSON: remove one of them")
     net = cfg.network
     if 0 < net.connection_timeout <= net.keep_alive_interval:
         warnings.append(

@@ -34,9 +34,16 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
+    """``HH:MM:SS LEVEL logger: message``, then the ``extra`` fields as ``[key=value ...]``
+    unless ``fields`` is false (``logging.structured = false``: plain text)."""
+
+    def __init__(self, fields: bool = True) -> None:
+        super().__init__()
+        self.fields = fields
+
     def format(self, record: logging.LogRecord) -> str:
         extras = " ".join(f"{k}={v}" for k, v in record.__dict__.items()
-                          if k not in _STANDARD and not k.startswith("_"))
+                          if self.fields and k not in _STANDARD and not k.startswith("_"))
         line = f"{time.strftime('%H:%M:%S', time.localtime(record.created))} " \
                f"{record.levelname:<7} {record.name}: {record.getMessage()}"
         if extras:
@@ -54,7 +61,10 @@ def configure(cfg: LoggingConfig, stream: TextIO | None = None) -> None:
     else:
         handler = logging.StreamHandler(stream or (sys.stdout if cfg.output.type == "stdout"
                                                    else sys.stderr))
-    handler.setFormatter(JsonFormatter() if cfg.format == "json" else TextFormatter())
+    if not cfg.structured:
+        handler.setFormatter(TextFormatter(fields=False))
+    else:
+        handler.setFormatter(JsonFormatter() if cfg.format == "json" else TextFormatter())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -19,7 +19,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from store import AdminCredential, AuthorityRecord, AuthorityStore, DurableFile
+from store import AdminCredential, AuthorityRecord, AuthorityStore, DurableFile, KeyStoreError
 
 from . import _x509
 from ._policy import CheckedRequest
@@ -41,6 +41,11 @@ class HierarchyConfig:
     """Seconds an issuing intermediate is valid."""
     intermediate_renew_fraction: float = 2 / 3
     """Rotate an intermediate once this fraction of its lifetime has passed."""
+    root_key: str = ROOT_KEY
+    """The keystore name (PKCS#11 label) of the root key."""
+    root_key_given: bool = False
+    """The root key was named by the operator (``ca.hsm.root_key_id``): it must exist
+    already; the CA never makes it."""
 
 
 @dataclass
@@ -88,14 +93,14 @@ class Hierarchy:
         created = False
         record = self.authorities.active_authority("root")
         if record is None:
-            signer = self.keystore.get(ROOT_KEY) or self._new_key(ROOT_KEY)
+            signer = self._root_signer() or self._new_key(self.config.root_key)
             now = self.clock()
             root = _x509.build_root(signer.private_key(), signer.public_key(),
                                     ca_id=self.config.ca_id, domains=self.config.domains,
                                     not_before=now - 300, not_after=now + self.config.root_lifetime)
             der = root.public_bytes(serialization.Encoding.DER)
             self.authorities.add_authority(AuthorityRecord(
-                name=ROOT_KEY, role="root", der=der, not_before=now - 300,
+                name=self.config.root_key, role="root", der=der, not_before=now - 300,
                 not_after=now + self.config.root_lifetime, created_at=now, active=True),
                 make_active=True)
             self._audit("ca.root-created", {"fingerprint": hashlib.sha256(der).hexdigest(),
@@ -114,6 +119,21 @@ class Hierarchy:
         else:
             self._load_issuer(active)
         return created
+
+    def _root_signer(self) -> Any:
+        """The root key's signer; None if the keystore does not hold it.
+
+        :raises KeyStoreError: ``ca.hsm.root_key_id`` names a key the keystore lacks.
+        """
+        signer = self.keystore.get(self.config.root_key)
+        if signer is None and self.config.root_key_given:
+            raise KeyStoreError(f"ca.hsm.root_key_id: no private key {self.config.root_key!r} "
+                                f"in the {self.keystore.kind} keystore (the root key must "
+                                "exist already)")
+        if signer is not None and signer.algorithm != "ecdsa-p256-sha256":
+            raise KeyStoreError(f"the root key {self.config.root_key!r} is "
+                                f"{signer.algorithm}; the root must be ECDSA P-256")
+        return signer
 
     def _new_key(self, name: str) -> Any:
         signer = self.keystore.create(name, "ecdsa-p256-sha256")
@@ -142,7 +162,7 @@ class Hierarchy:
         number = max(numbers, default=0) + 1
         name = f"intermediate-{number}"
         signer = self.keystore.get(name) or self._new_key(name)
-        root_signer = self.keystore.get(ROOT_KEY)
+        root_signer = self._root_signer()
         if root_signer is None:
             raise RuntimeError("the root key is missing from the keystore")
         now = self.clock()
@@ -169,7 +189,7 @@ class Hierarchy:
         """Whether this keystore holds the root key (else a new intermediate needs the
         ceremony: :meth:`request_intermediate`, :meth:`sign_intermediate`,
         :meth:`install_intermediate`)."""
-        return self.keystore.get(ROOT_KEY) is not None
+        return self.keystore.get(self.config.root_key) is not None
 
     def _next_number(self) -> int:
         taken = [int(n.rsplit("-", 1)[1]) for n in self.keystore.names()
@@ -198,7 +218,7 @@ class Hierarchy:
         :raises ValueError: the request is malformed or its signature does not verify,
             or this keystore does not hold the root key.
         """
-        root_signer = self.keystore.get(ROOT_KEY)
+        root_signer = self._root_signer()
         if root_signer is None or self.root is None:
             raise ValueError("this CA's keystore does not hold the root key: sign where "
                              "the root is (made by `trustchain init`)")
@@ -254,7 +274,7 @@ class Hierarchy:
             raise ValueError("this CA already has another root")
         if record is None:
             self.authorities.add_authority(AuthorityRecord(
-                name=ROOT_KEY, role="root", der=root_der,
+                name=self.config.root_key, role="root", der=root_der,
                 not_before=root.not_valid_before_utc.timestamp(),
                 not_after=root.not_valid_after_utc.timestamp(), created_at=self.clock(),
                 active=True), make_active=True)

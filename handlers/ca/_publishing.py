@@ -107,3 +107,10 @@ class Publishers:
         """Whether every publisher handled its latest event."""
         return all(s.last_error is None for s in self.status.values())
 
+    def problem(self) -> str | None:
+        """None if every publisher handled its latest event, else which did not and why
+        (the ``publishing`` health check)."""
+        failing = [f"{name}: {s.last_error}" for name, s in self.status.items()
+                   if s.last_error is not None]
+        return "; ".join(failing) or None
+

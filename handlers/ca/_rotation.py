@@ -50,6 +50,9 @@ class Rotator:
     :param issue: ``async (csr_der) -> ca.issue result``: the CA's own issuance
         path (:meth:`CertificateAuthority.issue_node_certificate`), so node
         certificates are stored and audited like any other.
+    :param rotation_interval: ``ca.rotation_interval``: the node certificate is re-keyed
+        and renewed this long after its ``notBefore``, or at 2/3 of its lifetime if that
+        comes first (None: at 2/3).
     :param counts: the CA's counts of issued and refused requests (reported).
     :param installed: called after new TLS files are written (the transport reloads).
     :param announce: commits this validator's keys to the cluster (after a new
@@ -59,6 +62,7 @@ class Rotator:
     def __init__(self, *, hierarchy: Hierarchy,
                  issue: Callable[[bytes], Awaitable[dict[str, Any]]],
                  tls: TlsCredential, names: list[str], addresses: list[str],
+                 rotation_interval: float | None = None,
                  counts: IssuanceCounts | None = None,
                  installed: Callable[[], None] | None = None,
                  announce: Callable[[], Awaitable[None]] | None = None,
@@ -70,6 +74,7 @@ class Rotator:
         self.tls = tls
         self.names = names
         self.addresses = addresses
+        self.rotation_interval = rotation_interval
         self._installed = installed
         self.clock = clock
         self.server_certificate: dict[str, Any] | None = None
@@ -77,15 +82,22 @@ class Rotator:
         self.events: list[dict[str, Any]] = []
         self.ceremony_due = False
         """The intermediate is due for renewal and only the ceremony can renew it."""
+        self.failure: str | None = None
+        """Why the latest rotation pass failed; None once one succeeds."""
 
     def _server_renew_at(self) -> float | None:
         if self.server_certificate is None:
             return None
         start, end = self.server_certificate["not_before"], self.server_certificate["not_after"]
-        return float(start + (end - start) * RENEW_FRACTION)
+        lifetime = (end - start) * RENEW_FRACTION
+        if self.rotation_interval is not None:
+            lifetime = min(lifetime, self.rotation_interval)
+        return float(start + lifetime)
 
     def load_current(self) -> None:
-        """Adopt the TLS certificate on disk if the CA issued it (after a restart)."""
+        """Adopt the TLS certificate on disk if the CA issued it (after a restart) with
+        a subject: one with an empty subject (the profile before GnuTLS clients were
+        served) is replaced at the first check."""
         if not self.tls.exists():
             return
         chain = self.tls.read_chain()
@@ -94,7 +106,7 @@ class Rotator:
         cert = chain[0]
         issuers = {x509.load_der_x509_certificate(a.der).subject
                    for a in self.hierarchy.intermediates()}
-        if cert.issuer in issuers:
+        if cert.issuer in issuers and len(cert.subject) > 0:
             self.server_certificate = {
                 "serial": format(cert.serial_number, "x"),
                 "not_before": int(cert.not_valid_before_utc.timestamp()),
@@ -102,7 +114,24 @@ class Rotator:
             }
 
     async def check(self) -> list[dict[str, Any]]:
-        """One rotation pass; returns what it did."""
+        """One rotation pass; returns what it did. A failure is kept (``problem``) until a
+        pass succeeds."""
+        try:
+            done = await self._check()
+        except Exception as exc:
+            self.failure = f"{type(exc).__name__}: {exc}"
+            raise
+        self.failure = None
+        return done
+
+    def problem(self) -> str | None:
+        """None if the latest rotation pass succeeded, else why it failed (the
+        ``rotation`` health check)."""
+        if self.failure is None:
+            return None
+        return f"the latest rotation pass failed: {self.failure}"
+
+    async def _check(self) -> list[dict[str, Any]]:
         now = self.clock()
         self.last_check = now
         done: list[dict[str, Any]] = []

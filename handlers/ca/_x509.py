@@ -18,6 +18,8 @@ from protocol.ct_structs import SCT_LIST_OID, sct_list_extension_value
 from ._policy import CheckedRequest
 
 SERIAL_BITS = 128
+COMMON_NAME_MAX = 64
+"""ub-common-name, RFC 5280 appendix A.1."""
 
 
 def new_serial() -> int:
@@ -101,17 +103,27 @@ def build_intermediate(root_private_key: Any, root: x509.Certificate, public_key
     )
 
 
+def leaf_subject(issuer: x509.Certificate, request: CheckedRequest) -> x509.Name:
+    """``CN=`` the leaf's first DNS name of at most 64 characters (ub-common-name); a leaf
+    without one has ``O=`` its CA's organization (the ``ca_id`` of the issuer's subject).
+
+    Never empty: GnuTLS clients (Knot's kdig) refuse a certificate with an empty subject,
+    although RFC 5280 allows one. Never ``CN=`` an address: GnuTLS checks a CN against the
+    root's DNS name constraints when the certificate has no DNS name, and refuses it.
+    """
+    for name in request.dns_names:
+        if len(name) <= COMMON_NAME_MAX:
+            return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    return x509.Name(issuer.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME))
+
+
 def leaf_builder(issuer: x509.Certificate, request: CheckedRequest, *, serial: int,
                  not_before: float, not_after: float) -> x509.CertificateBuilder:
     """Everything of a leaf certificate but the signature."""
     san: list[x509.GeneralName] = [x509.DNSName(n) for n in request.dns_names]
     san += [x509.IPAddress(ip) for ip in request.ip_addresses]
-    if request.dns_names:
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, request.dns_names[0])])
-        san_critical = False
-    else:
-        subject = x509.Name([])  # RFC 5280 §4.2.1.6: then the SAN is critical
-        san_critical = True
+    subject = leaf_subject(issuer, request)
+    san_critical = not subject  # RFC 5280 §4.2.1.6: an empty subject needs a critical SAN
     issuer_ski = issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     usage = x509.KeyUsage(
         digital_signature=True, content_commitment=False, key_encipherment=False,

@@ -296,6 +296,13 @@ class CtLog:
         self.failed: str | None = None
         """Why a block's tiles could not be staged: the log in memory is ahead of the
         state, so it appends nothing more until a restart reloads it."""
+        self.install_failure: str | None = None
+        """Why the latest tiles could not be installed in place (None once some are)."""
+        self.head_failure: str | None = None
+        """Why the latest fresh tree head could not be saved (None once one is)."""
+        self.listener_failure: str | None = None
+        """Why the latest ``on_sequenced`` call failed (fingerprint watchers), else None."""
+        self.listener_failures = 0
 
     # --- opening ------------------------------------------------------------------------
 
@@ -542,8 +549,12 @@ class CtLog:
             for callback in self.on_sequenced:
                 try:
                     callback(shard, live)
-                except Exception:
+                except Exception as exc:
+                    self.listener_failures += 1
+                    self.listener_failure = f"{type(exc).__name__}: {exc}"
                     log.exception("CT on_sequenced callback failed")
+                else:
+                    self.listener_failure = None
             self._install(shard, write.bundle)
         self.batches += 1
 
@@ -558,9 +569,11 @@ class CtLog:
                 return
             error = job.exception()
             if error is not None:
+                self.install_failure = f"{type(error).__name__}: {error}"
                 log.error("CT tiles could not be installed (the staged bundle stays and is "
                           "re-installed at the next start)", extra={"error": str(error)})
                 return
+            self.install_failure = None
             shard.tiles.installed(bundle)
         job.add_done_callback(done)
 
@@ -602,11 +615,36 @@ class CtLog:
                 try:
                     self.state.save_own(heads=[fresh])
                 except Exception as exc:
+                    self.head_failure = f"{type(exc).__name__}: {exc}"
                     log.error("CT tree head not saved: %s", exc)
                     continue
+                self.head_failure = None
                 shard.checkpoint = fresh
                 shard.tiles.write_checkpoint(fresh.note.encode())
             self.feed.notify()
+
+    def problem(self) -> str | None:
+        """None if the log works, else why not (the ``ct`` health check)."""
+        if self.failed is not None:
+            return f"blocks' entries cannot be staged ({self.failed}); restart the node"
+        if self._task is None:
+            return "the log is stopped: it signs no fresh tree heads"
+        if self._task.done():
+            error = None if self._task.cancelled() else self._task.exception()
+            return f"the tree-head task ended: {error or 'cancelled'}"
+        if self.install_failure is not None:
+            return f"tiles could not be installed: {self.install_failure}"
+        if self.head_failure is not None:
+            return f"a fresh tree head could not be saved: {self.head_failure}"
+        return None
+
+    def listener_problem(self) -> str | None:
+        """None if the latest fingerprint notification of sequenced entries worked, else
+        why not and how many failed (the ``fingerprints`` health check)."""
+        if self.listener_failure is None:
+            return None
+        return (f"indexing sequenced entries for fp.watch failed ({self.listener_failures} "
+                f"failures so far): {self.listener_failure}")
 
     async def stop(self) -> None:
         """Stop re-signing; wait for tile installation."""

@@ -24,10 +24,11 @@ signatures. Every change drops the rendered answers it made stale
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,6 +136,9 @@ class TrustChainZones:
         """The DNSKEY set and the signing ZSK the zones were built with."""
         self._registrations: dict[str, Registration] = {}
         self._scheduled = False
+        self.failure: str | None = None
+        """Why the latest zone update or maintenance failed (signing, most likely); None
+        once one succeeds."""
         self.rebuilds = 0
         """Zones built whole (start, key changes, signature refresh)."""
         self.updates = 0
@@ -159,7 +163,7 @@ class TrustChainZones:
             try:
                 self.maintain(now)
             except Exception:
-                log.exception("DNS maintenance failed; retrying")
+                log.exception("DNS maintenance failed; retrying")  # kept by maintain()
             expiry = self._next_expiry()
             wait = interval if expiry is None or expiry <= now else min(interval,
                                                                         expiry - now + 0.05)
@@ -167,7 +171,27 @@ class TrustChainZones:
 
     def maintain(self, now: float | None = None) -> list[str]:
         """Expire certificates, roll keys and refresh signatures due at ``now``."""
-        now = self.clock() if now is None else now
+        with self._failures():
+            return self._maintain(self.clock() if now is None else now)
+
+    @contextlib.contextmanager
+    def _failures(self) -> Iterator[None]:
+        """Keep why an update failed (``problem``) until one succeeds."""
+        try:
+            yield
+        except Exception as exc:
+            self.failure = f"{type(exc).__name__}: {exc}"
+            raise
+        self.failure = None
+
+    def problem(self) -> str | None:
+        """None if the zones are up to date and signed, else why not (the ``dns`` health
+        check)."""
+        if self.failure is None:
+            return None
+        return f"the zones could not be updated or signed: {self.failure}"
+
+    def _maintain(self, now: float) -> list[str]:
         done = []
         expired = self._expire(now)
         if expired:
@@ -249,10 +273,11 @@ class TrustChainZones:
     def _flush(self) -> None:
         self._scheduled = False
         now = self.clock()
-        if self._key_state is not None and self._keys_now(now) != self._key_state:
-            self._rebuild(now)  # another validator's keys came or went
-        elif self._pending:
-            self._publish(now)
+        with self._failures():
+            if self._key_state is not None and self._keys_now(now) != self._key_state:
+                self._rebuild(now)  # another validator's keys came or went
+            elif self._pending:
+                self._publish(now)
 
     def flush(self) -> None:
         """Publish what is pending now rather than at the end of the event-loop turn."""

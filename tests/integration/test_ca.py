@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 import stoq
 from handlers.ca import revocation_statement
 from protocol import InvalidRequest, NotFound, Unauthorized
+from store import verify_log
 
 from ..helpers import CddlChecker, Requester, RunningNode, running_node
 
@@ -308,6 +309,14 @@ async def test_node_certificate_is_ca_issued(tmp_path: Path, cddl: CddlChecker) 
             status = await client.request("ca.rotation-status")
             assert status["server_certificate"]["serial"]
             assert [i["active"] for i in status["intermediates"]] == [True]
+    # its subject is not empty (GnuTLS clients refuse that): with no DNS name, O= the CA
+    leaf = x509.load_pem_x509_certificates((tmp_path / "tls" / "server.pem").read_bytes())[0]
+    assert leaf.subject.rfc4514_string() == "O=trustchain-ca-development"
+    assert format(leaf.serial_number, "x") == status["server_certificate"]["serial"]
+    path = tmp_path / "node.pem"
+    path.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    linted = pkilint(path)
+    assert linted.returncode == 0, linted.stdout + linted.stderr
 
 
 async def test_every_operation_is_audited(tmp_path: Path, cddl: CddlChecker,
@@ -321,6 +330,34 @@ async def test_every_operation_is_audited(tmp_path: Path, cddl: CddlChecker,
     for kind in ("node.started", "key.generated", "ca.root-created", "ca.intermediate-rotated",
                  "ca.issued", "ca.issue-rejected", "node.stopped"):
         assert f'"{kind}"' in log, kind
+
+
+async def test_the_audit_tail_is_signed_within_a_second_and_at_stop(tmp_path: Path) -> None:
+    """audit.checkpoint_interval (1 s by default): a running node signs the records of its
+    operations within about a second; a stopped one leaves no unsigned record."""
+    log = tmp_path / "audit" / "audit.log"
+    async with running_node(tmp_path, ENGINE) as node, await node.client() as client:
+        for _ in range(2):
+            for _ in range(5):  # five refused requests: five records
+                with pytest.raises(InvalidRequest):
+                    await client.request("ca.issue", {"csr": b"junk"})
+            written = time.monotonic()
+            before = verify_log(log)
+            assert before.unsigned_tail >= 5 and before.ok
+            while True:
+                report = verify_log(log)
+                if report.unsigned_tail == 0 or time.monotonic() - written > 5:
+                    break
+                await asyncio.sleep(0.05)
+            waited = time.monotonic() - written
+            assert report.unsigned_tail == 0 and report.ok, (waited, report)
+            assert waited < 2.0, waited  # the interval is 1 s
+            assert report.last_checkpoint_seq is not None
+            assert report.last_checkpoint_seq > (before.last_seq or 0)
+    stopped = verify_log(log)
+    assert stopped.ok and stopped.unsigned_tail == 0 and stopped.unsigned_range() is None
+    assert '"node.stopped"' in log.read_text()
+    assert log.read_text().splitlines()[-1].find('"kind":"checkpoint"') > 0
 
 
 def _node_of(running: RunningNode) -> Any:

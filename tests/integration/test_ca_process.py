@@ -14,6 +14,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric import ec
 
 import stoq
+from store import AuditLog
 
 from ..helpers import Requester, start_server_process
 from .test_ca import make_csr
@@ -109,7 +110,13 @@ def test_development_cli_flow_and_audit_tampering(tmp_path: Path) -> None:
 
     good = _cli("audit", "verify", "--data-dir", str(data), cwd=tmp_path)
     assert good.returncode == 0 and "OK" in good.stdout, good.stdout
+    assert "unsigned tail: none" in good.stdout, good.stdout  # signed at the stop
     log = data / "audit" / "audit.log"
+    with AuditLog(log) as unsigned:  # a record written without the audit key
+        seq = unsigned.append("test.unsigned", {}).seq
+    tail = _cli("audit", "verify", "--data-dir", str(data), cwd=tmp_path)
+    assert tail.returncode == 0 and f"last signed checkpoint: record {seq - 1}" in tail.stdout
+    assert f"unsigned tail: 1 (no checkpoint covers record {seq} yet" in tail.stdout, tail.stdout
     lines = log.read_text().splitlines(keepends=True)
     issued_line = next(i for i, line in enumerate(lines)
                        if '"ca.issued"' in line and "svc.trust" in line)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import hashlib
 import logging
 import shutil
@@ -269,6 +270,80 @@ async def test_wrong_certificate_name_fails_verification(tmp_path: Path) -> None
             await asyncio.wait_for(dns.asyncquery.quic(
                 dns.message.make_query("ns1.trust", "AAAA"), "::1", port=node.port,
                 verify=root(node), server_hostname="evil.trust", timeout=3), 15)
+
+
+# --- Knot's kdig: a GnuTLS client on its own QUIC stack -----------------------------
+
+KDIG = shutil.which("kdig")
+
+
+def kdig(node: RunningNode, cafile: str, hostname: str, name: str, rdtype: str
+         ) -> subprocess.CompletedProcess[str]:
+    """``kdig`` over DoQ with the certificate checked against ``cafile`` for
+    ``hostname``: ``+tls-ca`` and ``+tls-hostname`` before ``+quic`` (after it they
+    switch kdig to DNS over TLS on TCP). One try, bounded."""
+    assert KDIG is not None, "kdig (Debian package knot-dnsutils) is a test dependency"
+    return subprocess.run([KDIG, "@::1", "-p", str(node.port), f"+tls-ca={cafile}",
+                           f"+tls-hostname={hostname}", "+quic", "+dnssec", "+timeout=3",
+                           "+retry=0", name, rdtype],
+                          capture_output=True, text=True, timeout=30)
+
+
+def other_ca(directory: Path) -> str:
+    """A CA certificate that did not issue the node's certificate."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "Another CA")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    path = directory / "other-ca.pem"
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return str(path)
+
+
+@pytest.mark.parametrize(("names", "hostname", "subject"),
+                         [("[]", "::1", "O=trustchain-ca-development"),
+                          ('["ns1.trust"]', "ns1.trust", "CN=ns1.trust")],
+                         ids=["address-only", "dns-name"])
+async def test_kdig_gets_doq_answers_with_the_certificate_checked(
+        tmp_path: Path, names: str, hostname: str, subject: str) -> None:
+    """A node with no DNS name has a certificate for its addresses whose subject is
+    ``O=`` its CA's id: kdig (GnuTLS) refuses an empty subject (this failed before), and
+    a ``CN=::1`` breaks the root's DNS name constraints for it."""
+    async with dns_node(tmp_path, "qh3", names=names) as node:
+        cert = x509.load_pem_x509_certificate(
+            (node.node.data_dir / "tls" / "server.pem").read_bytes())
+        assert cert.subject.rfc4514_string() == subject
+        answered = await asyncio.to_thread(kdig, node, root(node), hostname, "trust.", "SOA")
+        assert answered.returncode == 0, answered.stdout + answered.stderr
+        assert "QUIC session" in answered.stdout and "status: NOERROR" in answered.stdout
+        assert "flags: qr aa" in answered.stdout.replace(";; Flags:", "flags:")
+        records = [line.split() for line in answered.stdout.splitlines()
+                   if line and not line.startswith(";")]
+        assert [r[3] for r in records] == ["SOA", "RRSIG"], answered.stdout
+        assert records[1][4] == "SOA"  # the signature covers the SOA
+        address = await asyncio.to_thread(kdig, node, root(node), hostname, "ns1.trust", "AAAA")
+        assert address.returncode == 0, address.stdout + address.stderr
+        records = [line.split() for line in address.stdout.splitlines()
+                   if line and not line.startswith(";")]
+        assert records[0][3:5] == ["AAAA", "::1"], address.stdout
+        assert records[1][3:5] == ["RRSIG", "AAAA"], address.stdout
+
+
+async def test_kdig_refuses_the_node_for_another_ca_or_name(tmp_path: Path) -> None:
+    async with dns_node(tmp_path, "qh3", names="[]") as node:
+        wrong_ca = await asyncio.to_thread(kdig, node, other_ca(tmp_path), "::1", "trust.",
+                                           "SOA")
+        assert wrong_ca.returncode != 0 and "NOERROR" not in wrong_ca.stdout, wrong_ca.stdout
+        wrong_name = await asyncio.to_thread(kdig, node, root(node), "evil.trust", "trust.",
+                                             "SOA")
+        assert wrong_name.returncode != 0 and "NOERROR" not in wrong_name.stdout
+        right = await asyncio.to_thread(kdig, node, root(node), "::1", "trust.", "SOA")
+        assert right.returncode == 0, right.stdout + right.stderr  # the same node, checked
 
 
 async def test_revocation_withdraws_the_records(tmp_path: Path, prover: Prover) -> None:

@@ -30,7 +30,10 @@ async def test_health_and_info(tmp_path: Path, engine: str, cddl: CddlChecker) -
         async with await node.client() as client:
             health = await client.request("node.health")
             assert health["status"] == "ok"
-            assert health["checks"] == {"accepting": True, "consensus": True, "publishing": True}
+            assert health["checks"] == {"accepting": True, "audit": True, "consensus": True,
+                                        "publishing": True, "dns": True, "ct": True,
+                                        "fingerprints": True, "rotation": True}
+            assert health["reasons"] == {}
             info = await client.request("node.info")
             assert info["engine"]["name"] == engine
             assert info["alpns"] == ["stoq/1", "doq"]  # DoQ on every socket (spec §15.1)
@@ -38,6 +41,11 @@ async def test_health_and_info(tmp_path: Path, engine: str, cddl: CddlChecker) -
             assert info["tls_fingerprint"] == node.pin
             assert info["peer"]["address"] == "::1"
             assert info["limits"]["max_streams_per_connection"] == 100
+            assert info["informational"] == {  # named as such: the node does not use them
+                "ca.hsm.cluster_id": "", "ca.hsm.backup_enabled": False,
+                "dns.server_id": "trustchain-dns-development",
+                "api.server_id": "trustchain-api-development",
+                "consensus.byzantine_tolerance": 0.33}
     assert cddl.checked >= 2
 
 
@@ -95,6 +103,7 @@ async def test_a_stopped_chain_degrades_health_and_refuses_issuance(
                 await client.request("consensus.faucet", {"key": faucet_key})
             health = await client.request("node.health")
             assert health["status"] == "degraded" and health["checks"]["consensus"] is False
+            assert health["reasons"]["consensus"].startswith("consensus has stopped: ")
             with pytest.raises(ConsensusRejected, match="consensus has stopped"):
                 await client.request("consensus.faucet", {"key": faucet_key})
 

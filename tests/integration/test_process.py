@@ -213,6 +213,12 @@ def test_pid_printed(tmp_path: Path) -> None:
     try:
         assert f"pid {server.proc.pid}" in server.lines[0]
         assert os.path.exists(tmp_path / "data" / "tls" / "server.pem")
+        # the keys that change nothing are named as such at start
+        (line,) = [ln for ln in server.lines if ln.startswith("informational settings")]
+        assert 'ca.hsm.cluster_id = ""' in line and "ca.hsm.backup_enabled = false" in line
+        assert 'dns.server_id = "trustchain-dns-development"' in line
+        assert 'api.server_id = "trustchain-api-development"' in line
+        assert "consensus.byzantine_tolerance = 0.33" in line
     finally:
         server.stop()
 

@@ -281,3 +281,59 @@ async def test_byzantine_fault_tolerance(tmp_path: Path) -> None:
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
         credited = await cluster.ask(honest[0], "consensus.faucet", {"key": key}, timeout=30)
         assert credited is not None and credited["amount"] > 0
+
+
+def test_root_key_id_selects_an_operator_made_root(tmp_path: Path,
+                                                   empty_softhsm_token: SoftHsmToken) -> None:
+    """ca.hsm.root_key_id: `init` makes the root certificate with a key the operator made
+    in the token (by CKA_ID or label), never a key of its own; a key that is not there
+    stops it with one line."""
+    import pkcs11
+    from pkcs11.util.ec import encode_named_curve_parameters
+
+    token_info = empty_softhsm_token
+    token = pkcs11.lib(token_info.module_path).get_token(token_label=token_info.token_label)
+    with token.open(rw=True, user_pin=token_info.pin) as session:  # the operator's own tool
+        session.generate_keypair(
+            pkcs11.KeyType.EC, id=bytes.fromhex("1234"), label="operator-root", store=True,
+            mechanism=pkcs11.Mechanism.EC_KEY_PAIR_GEN,
+            public_template={pkcs11.Attribute.EC_PARAMS:
+                             encode_named_curve_parameters("secp256r1"),
+                             pkcs11.Attribute.TOKEN: True},
+            private_template={pkcs11.Attribute.TOKEN: True, pkcs11.Attribute.SENSITIVE: True,
+                              pkcs11.Attribute.EXTRACTABLE: False, pkcs11.Attribute.SIGN: True})
+    env = {**os.environ, "TRUSTCHAIN_HSM_PIN": token_info.pin}
+    from ..helpers import config_text
+
+    def init(name: str, root_key_id: str) -> subprocess.CompletedProcess[str]:
+        config_file = tmp_path / f"{name}.toml"
+        config_file.write_text(config_text("qh3", f"""
+[ca]
+mode = "production"
+[ca.hsm]
+provider = "softhsm2"
+token_label = "{token_info.token_label}"
+root_key_id = "{root_key_id}"
+"""))
+        return _run("init", "--config", str(config_file), "--data-dir", str(tmp_path / name),
+                    cwd=tmp_path, env=env)
+
+    keystore = open_keystore(provider="softhsm2", data_dir=tmp_path,
+                             module_path=token_info.module_path,
+                             token_label=token_info.token_label, pin=token_info.pin)
+    try:
+        operator = keystore.get("operator-root")
+        assert operator is not None
+        for name, key_id in (("by-id", "0x1234"), ("by-label", "operator-root")):
+            done = init(name, key_id)
+            assert done.returncode == 0, done.stderr
+            root = x509.load_pem_x509_certificate((tmp_path / name / "root.pem").read_bytes())
+            assert root.public_key() == operator.public_key(), name
+        assert "root" not in keystore.names()  # the CA made no root key of its own
+        missing = init("missing", "0x9999")
+        assert missing.returncode == 2 and "Traceback" not in missing.stderr
+        assert missing.stderr.startswith("error: ca.hsm.root_key_id: '0x9999' is neither"), \
+            missing.stderr
+        assert len(missing.stderr.strip().splitlines()) == 1
+    finally:
+        keystore.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -559,3 +560,53 @@ def test_the_last_checkpoint_is_found_across_read_chunks(
     covered = raw.index(b'{"seq":%d,' % (last - 1))
     with open(path, "rb") as handle:
         assert audit._tail_start(handle.fileno(), len(raw)) == covered
+# --- the unsigned tail: signed at an interval ---------------------------------------------
+
+
+def test_sign_tail_signs_only_unsigned_records(path: Path, signer: KeySigner) -> None:
+    with AuditLog(path, signer=signer, checkpoint_every=0) as log:
+        assert log.sign_tail() is None  # an empty log: nothing to sign
+        log.append("ca.issued", {"n": 1})
+        log.append("ca.issued", {"n": 2})
+        assert log.unsigned
+        report = verify_log(path)
+        assert (report.unsigned_tail, report.last_seq, report.unsigned_range()) == (2, 2, (1, 2))
+        checkpoint = log.sign_tail()
+        assert checkpoint is not None and checkpoint.data["covers_seq"] == 2
+        assert not log.unsigned and log.sign_tail() is None  # nothing new: no second one
+        report = verify_log(path, public_keys=[signer.public_key()])
+        assert report.ok and report.unsigned_tail == 0 and report.unsigned_range() is None
+        log.append("ca.issued", {"n": 3})
+        assert verify_log(path).unsigned_range() == (4, 4)
+    with AuditLog(path) as unsigned_log:  # no signer: never a checkpoint
+        unsigned_log.append("ca.issued", {"n": 4})
+        assert unsigned_log.sign_tail() is None
+
+
+async def test_a_running_log_signs_its_tail_within_the_interval(path: Path,
+                                                                signer: KeySigner) -> None:
+    log = AuditLog(path, signer=signer, checkpoint_every=0)
+    task = asyncio.get_running_loop().create_task(log.sign_tail_every(0.2))
+    try:
+        for burst in range(3):
+            written = await asyncio.gather(*(log.append_async("ca.issued", {"b": burst, "i": i})
+                                             for i in range(5)))
+            appended = time.monotonic()
+            while log.unsigned and time.monotonic() - appended < 5:
+                await asyncio.sleep(0.01)
+            waited = time.monotonic() - appended
+            assert waited < 1.0, waited  # 0.2 s and one flush, with room for a busy machine
+            report = verify_log(path, public_keys=[signer.public_key()])
+            assert report.ok and report.unsigned_tail == 0
+            assert report.last_checkpoint_seq == written[-1].seq + 1
+        # idle: no records, no checkpoints
+        size = path.stat().st_size
+        await asyncio.sleep(0.7)
+        assert path.stat().st_size == size
+        assert [kind for _, kind in kinds(path)].count("checkpoint") == 3
+        assert log.checkpoint_failure is None
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        log.close()

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import io
+import logging
+import re
+import tomllib
+from pathlib import Path
+
 import pytest
 
 import config as shipped
 from trustchain import _config as config
+from trustchain import _logging
 
 
 def test_production_loads_as_written() -> None:
@@ -86,3 +93,107 @@ def test_durations(value: object, seconds: float) -> None:
 def test_bad_durations(value: object) -> None:
     with pytest.raises(config.ConfigError):
         config.parse_duration(value, "k")
+
+
+# --- no reference setting silently ignored ------------------------------------------------
+
+SPEC = (Path(__file__).resolve().parents[2] / "spec" / "config.md").read_text()
+
+
+def spec_statuses() -> dict[str, str]:
+    """Every key of spec/config.md §6 and its status, by dotted name."""
+    statuses: dict[str, str] = {}
+    section = ""
+    for line in SPEC.splitlines():
+        if m := re.match(r"### 6\.\d+ `\[(.+)\]`", line):
+            section = m.group(1)
+        elif section and (m := re.match(r"\| `([a-z0-9_]+)` \|[^|]*\|[^|]*\| ([^|]+) \|", line)):
+            statuses[f"{section}.{m.group(1)}"] = m.group(2).split(" (")[0]  # fixed (`true`)
+    return statuses
+
+
+def toml_keys(table: dict[str, object], prefix: str = "") -> list[str]:
+    keys: list[str] = []
+    for key, value in table.items():
+        if isinstance(value, dict):
+            keys += toml_keys(value, f"{prefix}{key}.")  # type: ignore[arg-type]
+        else:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+def test_every_production_setting_is_in_effect_informational_or_refused() -> None:
+    """Each key production.toml sets: in effect, informational (named as such by
+    node.info and at start), fixed (any other value refused), or documented as not in
+    effect yet with a warning (ct.storage: logged at start; cors_origins: at load)."""
+    path = shipped.path("production.toml")
+    keys = toml_keys(tomllib.loads(Path(path).read_text()))
+    statuses = spec_statuses()
+    assert set(keys) <= set(statuses), set(keys) - set(statuses)
+    by_status: dict[str, set[str]] = {}
+    for key in keys:
+        by_status.setdefault(statuses[key], set()).add(key)
+    assert set(by_status) <= {"in effect", "informational", "fixed", "reserved", "no effect"}
+    assert by_status["informational"] == {
+        "ca.hsm.cluster_id", "ca.hsm.backup_enabled", "dns.server_id", "api.server_id",
+        "consensus.byzantine_tolerance"}
+    assert by_status["fixed"] == {"consensus.provider", "api.enable_tls", "network.ipv6_only"}
+    assert by_status["reserved"] == {"ct.storage.backend", "ct.storage.bucket",
+                                     "ct.storage.region", "ct.storage.encryption"}
+    assert by_status["no effect"] == {"api.cors_origins"}
+    for key in ("ca.rotation_interval", "ca.hsm.root_key_id", "logging.structured",
+                "audit.checkpoint_interval"):
+        assert key in by_status["in effect"], key
+
+    cfg = config.load(path)
+    assert config.informational(cfg) == {
+        "ca.hsm.cluster_id": "cluster-12345678", "ca.hsm.backup_enabled": True,
+        "dns.server_id": "trustchain-dns-production",
+        "api.server_id": "trustchain-api-production", "consensus.byzantine_tolerance": 0.33}
+    assert set(config.INFORMATIONAL) == by_status["informational"]
+    assert cfg.ca.rotation_interval == 86400.0 and cfg.ca.hsm.root_key_id == "0x1234"
+    assert cfg.logging.structured and cfg.audit.checkpoint_interval == 1.0
+    assert any("cors_origins" in w for w in cfg.warnings)  # no effect: said at load
+
+
+@pytest.mark.parametrize(("change", "key", "message"), [
+    (("provider = \"nkrypt_four_proof\"", "provider = \"raft\""), "consensus.provider",
+     "not a consensus this node has"),
+    (("byzantine_tolerance = 0.33", "byzantine_tolerance = 0.34"),
+     "consensus.byzantine_tolerance", "f < n/3"),
+    (("byzantine_tolerance = 0.33", "byzantine_tolerance = 0.5"),
+     "consensus.byzantine_tolerance", "more than the validators tolerate"),
+    (("rotation_interval = \"24h\"", "rotation_interval = \"30s\""), "ca.rotation_interval",
+     "at least 60s"),
+    (("structured = true", "structured = false"), "logging.structured", "remove one"),
+    (("checkpoint_interval = \"1s\"", "checkpoint_interval = 0"),
+     "audit.checkpoint_interval", "greater than 0"),
+])
+def test_production_with_a_value_the_node_cannot_honour_is_refused(
+        change: tuple[str, str], key: str, message: str) -> None:
+    text = Path(shipped.path("production.toml")).read_text()
+    assert change[0] in text
+    with pytest.raises(config.ConfigError) as info:
+        config.loads(text.replace(change[0], change[1], 1))
+    assert str(info.value).startswith(key) and message in str(info.value), str(info.value)
+
+
+def test_structured_false_writes_plain_text() -> None:
+    cfg = config.loads("[logging]\nstructured = false\n")
+    assert cfg.logging.format == "json"  # the default, overridden by structured = false
+    stream = io.StringIO()
+    _logging.configure(cfg.logging, stream)
+    try:
+        logging.getLogger("trustchain.test").warning("plain %s", "words",
+                                                     extra={"serial": "ab12"})
+    finally:
+        _logging.configure(config.loads("").logging)
+    (line,) = stream.getvalue().splitlines()
+    assert re.fullmatch(r"\d\d:\d\d:\d\d WARNING trustchain.test: plain words", line), line
+    structured = io.StringIO()
+    _logging.configure(config.loads("[logging]\nformat = \"text\"\n").logging, structured)
+    try:
+        logging.getLogger("trustchain.test").warning("plain", extra={"serial": "ab12"})
+    finally:
+        _logging.configure(config.loads("").logging)
+    assert structured.getvalue().rstrip().endswith("[serial=ab12]")

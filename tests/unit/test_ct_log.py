@@ -857,3 +857,32 @@ def test_helpers_reject_what_they_should(ca: CaForTests) -> None:
     check_sct(sct, der, key.public_key())
     with pytest.raises(ct.SignatureError):
         check_sct(sct, ca.leaf("other.trust"), key.public_key())
+
+
+async def test_a_failing_fingerprint_listener_is_counted_for_health(
+        tmp_path: Path, ca: CaForTests) -> None:
+    """The fp.watch notification of sequenced entries (an ``on_sequenced`` listener) may
+    fail; the entries are logged anyway, and the log says so (the ``fingerprints``
+    health check) until a notification succeeds again."""
+    failing = True
+    heard: list[int] = []
+
+    def listener(shard: Any, batch: Any) -> None:
+        if failing:
+            raise RuntimeError("the watcher index is unavailable")
+        heard.append(len(batch.entries))
+
+    v = await LoneValidator.start(tmp_path, ca, on_sequenced=[listener])
+    try:
+        svc = v.service
+        assert v.log.listener_problem() is None
+        await svc.add_chain(ops.AddChainArgs(chain=[ca.leaf("a.trust"), ca.der]), CTX)
+        problem = v.log.listener_problem()
+        assert problem is not None and "1 failures so far" in problem
+        assert "the watcher index is unavailable" in problem
+        assert v.log.active.size == 1  # logged all the same
+        failing = False
+        await svc.add_chain(ops.AddChainArgs(chain=[ca.leaf("b.trust"), ca.der]), CTX)
+        assert v.log.listener_problem() is None and heard == [1]
+    finally:
+        await v.stop()

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from protocol import ct_merkle as merkle
 from protocol.ct_merkle import ProofError
 
-VECTORS = Path(__file__).resolve().parents[3] / "shared" / "vectors" / \
+VECTORS = Path(__file__).resolve().parents[1] / "vectors" / \
     "transparency-dev-merkle" / "testdata"
 
 # The RFC 6962 test tree behind the vectors, and its roots for sizes 1..8.

@@ -14,9 +14,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from protocol import ct_structs as ct
 from protocol.ct_merkle import leaf_hash
 
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "vectors"
-SCT_DIR = SHARED / "google-certificate-transparency-sct"
-SUNLIGHT = SHARED / "sunlight-navigli2025h2" / "tile"
+VECTORS = Path(__file__).resolve().parents[1] / "vectors"
+SCT_DIR = VECTORS / "google-certificate-transparency-sct"
+SUNLIGHT = VECTORS / "sunlight-navigli2025h2" / "tile"
 
 
 def _cert(name: str) -> x509.Certificate:

@@ -15,7 +15,7 @@ from protocol import ct_merkle as merkle
 from protocol import ct_structs as ct
 from store import Appended, Bundle, TileCorrupted, TileError, TileLog
 
-SUNLIGHT = Path(__file__).resolve().parents[3] / "shared" / "vectors" / \
+SUNLIGHT = Path(__file__).resolve().parents[1] / "vectors" / \
     "sunlight-navigli2025h2" / "tile"
 ROOT_1024 = bytes.fromhex("10c7c61bce6e21d75e397b79ff075018fdc841dd02382aa82e0f50e82b0f2c90")
 ROOT_778 = bytes.fromhex("f969c738c45997f2c6d7aebda1eb246dd2bd6dc3b89e4ad8d5c7d5ca49c2e765")

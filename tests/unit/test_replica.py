@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import ipaddress
 import random
 import sqlite3
 import time
@@ -543,6 +544,45 @@ async def test_decisions_breaking_a_rule_are_refused_alike(cluster: Cluster) -> 
     added = [r for r in file_rows(cluster.a.state) if r not in rows]
     assert [r[0] for r in added] == ["used_work"]
     assert [r for r in rows if r not in file_rows(cluster.a.state)] == []
+
+
+async def test_a_node_certificate_must_name_its_node_in_its_subject(cluster: Cluster) -> None:
+    """A node certificate for addresses only: the profile makes its subject ``O=`` the
+    CA's id (GnuTLS clients such as kdig refuse an empty subject); a precertificate
+    with the empty subject (and critical SAN) RFC 5280 would allow is refused by every
+    validator."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
+           .add_extension(x509.SubjectAlternativeName(
+               [x509.IPAddress(ipaddress.IPv6Address("2001:db8::5")),
+                x509.IPAddress(ipaddress.IPv6Address("::1"))]), critical=True)
+           .sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.DER))
+    at_ms = cluster.now_ms()
+    leaf = cluster.template(check_request(csr, cluster.a.machine.policy), at_ms)
+    good = x509.load_der_x509_certificate(
+        await LocalSigner().sign_leaf(leaf, [_x509.precertificate_poison()]))
+    assert good.subject == x509.Name(cluster.issuer.certificate.subject
+                                     .get_attributes_for_oid(x509.NameOID.ORGANIZATION_NAME))
+    assert good.subject.rfc4514_string().startswith("O=")
+    san = good.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    assert not san.critical
+    empty = x509.CertificateBuilder().subject_name(x509.Name([])) \
+        .issuer_name(good.issuer).public_key(good.public_key()) \
+        .serial_number(_x509.new_serial()) \
+        .not_valid_before(good.not_valid_before_utc).not_valid_after(good.not_valid_after_utc)
+    for extension in good.extensions:
+        empty = empty.add_extension(extension.value, critical=extension.critical
+                                    or extension.oid == san.oid)
+    unnamed = empty.sign(cluster.issuer.signer.private_key(), hashes.SHA256())
+    refused, accepted = await cluster.commit(
+        NodeCertificate(csr=csr, precertificate=unnamed.public_bytes(
+            serialization.Encoding.DER), at_ms=at_ms),
+        NodeCertificate(csr=csr, precertificate=good.public_bytes(serialization.Encoding.DER),
+                        at_ms=at_ms))
+    assert (refused.accepted, refused.code) == (False, "invalid_request")
+    assert "precertificate" in refused.message
+    assert accepted.accepted, accepted
+    assert_same_state(cluster)
 
 
 async def test_a_stale_or_future_decision_is_refused_alike(cluster: Cluster) -> None:

@@ -106,6 +106,66 @@ async def test_node_certificate_renewed_at_two_thirds(tmp_path: Path) -> None:
                               node.hierarchy.root_der, clock.now)
 
 
+async def test_a_node_certificate_without_subject_is_replaced_after_a_restart(
+        tmp_path: Path) -> None:
+    """A certificate of the profile before GnuTLS clients were served (empty subject) is
+    not adopted at start-up: the first check replaces it."""
+    clock = Clock(START)
+    async with open_validator(tmp_path, clock) as node:
+        await rotator(node, tmp_path, clock, []).check()
+        tls = credential_paths(tmp_path)
+        current, intermediate = tls.read_chain()
+        assert current.subject.rfc4514_string() == "CN=node.trust"
+        restarted = rotator(node, tmp_path, clock, [])
+        restarted.load_current()
+        assert restarted.server_certificate is not None  # adopted: nothing to do
+        assert await restarted.check() == []
+        # the same certificate, but with an empty subject, signed by the intermediate
+        old = (x509.CertificateBuilder().subject_name(x509.Name([]))
+               .issuer_name(current.issuer).public_key(current.public_key())
+               .serial_number(current.serial_number)
+               .not_valid_before(current.not_valid_before_utc)
+               .not_valid_after(current.not_valid_after_utc))
+        for extension in current.extensions:
+            old = old.add_extension(extension.value, critical=extension.critical)
+        assert node.hierarchy.issuer is not None
+        signed = old.sign(node.hierarchy.issuer.signer.private_key(), hashes.SHA256())
+        tls.install(tls.keyfile.read_bytes(), b"".join(
+            c.public_bytes(serialization.Encoding.PEM) for c in (signed, intermediate)))
+        restarted = rotator(node, tmp_path, clock, [])
+        restarted.load_current()
+        assert restarted.server_certificate is None
+        assert [d["what"] for d in await restarted.check()] == ["server_certificate"]
+        assert tls.read_chain()[0].subject.rfc4514_string() == "CN=node.trust"
+
+
+async def test_rotation_interval_renews_the_node_certificate_sooner(tmp_path: Path) -> None:
+    """ca.rotation_interval: a new key and certificate that long after notBefore, when it
+    comes before two thirds of the lifetime (here 1 h, against about 16 h)."""
+    clock = Clock(START)
+    async with open_validator(tmp_path, clock) as node:
+        rotation = Rotator(hierarchy=node.hierarchy, issue=node.ca.issue_node_certificate,
+                           tls=credential_paths(tmp_path), names=NAMES, addresses=ADDRESSES,
+                           rotation_interval=3600.0, counts=node.ca.counts,
+                           announce=node.keys.announce, clock=clock)
+        await rotation.check()
+        status = rotation.status()["server_certificate"]
+        assert status["renew_at"] == status["not_before"] + 3600
+        clock.now = status["renew_at"] - 1
+        assert await rotation.check() == []
+        clock.now = status["renew_at"] + 1
+        assert [d["what"] for d in await rotation.check()] == ["server_certificate"]
+        assert rotation.status()["server_certificate"]["serial"] != status["serial"]
+        # longer than two thirds of the lifetime: two thirds win
+        slow = Rotator(hierarchy=node.hierarchy, issue=node.ca.issue_node_certificate,
+                       tls=credential_paths(tmp_path), names=NAMES, addresses=ADDRESSES,
+                       rotation_interval=7 * 86400.0, clock=clock)
+        slow.load_current()
+        current = slow.status()["server_certificate"]
+        lifetime = current["not_after"] - current["not_before"]
+        assert current["renew_at"] == int(current["not_before"] + lifetime * 2 / 3)
+
+
 async def test_intermediate_rotates_with_overlap(tmp_path: Path, prover: stoq.Prover) -> None:
     clock = Clock(START)
     async with open_validator(tmp_path, clock, stake=[prover.key_id],
