@@ -38,6 +38,11 @@ STOQ_PROTOCOL_ERROR = 0x2
 STOQ_REQUEST_CANCELLED = 0x3
 STOQ_EXCESSIVE_LOAD = 0x4
 
+ENDED_STREAMS_KEPT = 1024
+"""Ended request streams a server connection remembers: a STREAM frame that QUIC
+retransmitted after the request was answered (its ACK was lost) reaches us as the
+whole request again on a stream the engine had forgotten, and must not run twice."""
+
 
 # --- events -----------------------------------------------------------------
 
@@ -160,15 +165,28 @@ class ServerConnection:
     def __init__(self, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
         self.max_frame_size = max_frame_size
         self._streams: dict[int, _Stream] = {}
+        self._ended: dict[int, None] = {}
+        """The latest request streams that ended here (answered, refused, reset), oldest
+        first: data arriving on one of them again is a retransmission, ignored."""
         self._out: list[Instruction] = []
 
     @property
     def open_streams(self) -> int:
         return len(self._streams)
 
+    def _forget(self, stream_id: int) -> None:
+        """``stream_id`` ended: drop its state and remember that it did."""
+        self._streams.pop(stream_id, None)
+        ended = self._ended
+        ended[stream_id] = None
+        if len(ended) > ENDED_STREAMS_KEPT:
+            del ended[next(iter(ended))]
+
     def receive_data(self, stream_id: int, data: bytes, end_stream: bool) -> list[StoqEvent]:
         """QUIC delivered ``data`` (and maybe the FIN) on ``stream_id``."""
         stream = self._streams.get(stream_id)
+        if stream is None and stream_id in self._ended:
+            return []
         if stream is None and end_stream and stream_id & 0x3 == 0 and len(data) > HEADER_SIZE \
                 and int.from_bytes(data[:HEADER_SIZE], "big") == len(data) - HEADER_SIZE \
                 and len(data) - HEADER_SIZE <= self.max_frame_size:
@@ -192,7 +210,7 @@ class ServerConnection:
         if state is StreamState.CLOSED:
             # The tail of a refused request, sent before our STOP_SENDING arrived.
             if end_stream:
-                del self._streams[stream_id]
+                self._forget(stream_id)
             return []
         if state is StreamState.HANDLING or state is StreamState.STREAMING:
             return []  # QUIC delivers nothing after the FIN
@@ -239,7 +257,7 @@ class ServerConnection:
             stream.frame = None
             self._streams[stream_id] = stream
         else:
-            self._streams.pop(stream_id, None)
+            self._forget(stream_id)
 
     def refuse(self, stream_id: int, error: TrustChainError) -> None:
         """Answer ``error`` on a stream instead of dispatching it (or to end it)."""
@@ -257,8 +275,11 @@ class ServerConnection:
         Whatever we had not finished on that stream is abandoned: our side is
         reset with STOQ_REQUEST_CANCELLED.
         """
-        stream = self._streams.pop(stream_id, None)
-        if stream is None or stream.state is StreamState.CLOSED:
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return []
+        self._forget(stream_id)
+        if stream.state is StreamState.CLOSED:
             return []
         self._out.append(ResetStream(stream_id, STOQ_REQUEST_CANCELLED))
         return [StreamCancelled(stream_id)]
@@ -310,7 +331,7 @@ class ServerConnection:
             raise LocalProtocolError(
                 f"cannot send {kind.value} on stream {stream_id} in state {stream.state.value}")
         if new is StreamState.CLOSED:
-            del self._streams[stream_id]
+            self._forget(stream_id)
         else:
             stream.state = new
 

@@ -24,6 +24,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from protocol import ALPN, DEFAULT_MAX_FRAME_SIZE, STOQ_NO_ERROR, Event, Peer
+from protocol.loglimit import LogLimiter
 
 from ._engine import CONNECTION_REFUSED, DEFAULT_ENGINE, Engine, load_engine
 from ._ratelimit import RateLimiter
@@ -31,6 +32,8 @@ from ._session import Dispatch, StoqSession
 from ._sockets import make_ipv6_socket
 
 log = logging.getLogger("stoq")
+peer_log = LogLimiter(log)
+"""Lines a client can trigger at will (refused connections), rate-limited."""
 
 DRAIN_QUIET_PERIOD = 0.2
 """Seconds without new requests after which a draining server closes connections."""
@@ -351,8 +354,8 @@ def _protocol_class(engine: Engine) -> type:
                     self._refusal = "IPv4 peers are not served"
             if self._refusal is not None:
                 self.server.refused_connections += 1
-                log.info("connection refused", extra={"reason": self._refusal,
-                                                      "peer": address})
+                peer_log.info("connection refused", extra={"reason": self._refusal,
+                                                           "peer": address})
                 self.server._connections.discard(self)
                 # A transport-level close (frame_type given): during the handshake
                 # an application close would reach the peer as APPLICATION_ERROR.

@@ -33,11 +33,14 @@ from protocol import (
     TrustChainError,
     Unavailable,
 )
+from protocol.loglimit import LogLimiter
 
 if TYPE_CHECKING:
     from ._ratelimit import RateLimiter
 
 log = logging.getLogger("stoq")
+peer_log = LogLimiter(log)
+"""Lines a client can trigger at will (refusals, failing handlers), rate-limited."""
 
 Reply = Ok | Error | Awaitable[Ok | Error] | AsyncIterator[Event | Error]
 """What a dispatcher returns: an answer now, one later, or a stream of events."""
@@ -95,9 +98,9 @@ class StoqSession:
             if type(event) is RequestReceived:
                 self._start(event.stream_id, event.request)
             elif type(event) is RequestRefused:
-                log.info("request refused", extra={"stream_id": event.stream_id,
-                                                   "code": event.error.code.value,
-                                                   "reason": event.error.message})
+                peer_log.info("request refused", extra={"stream_id": event.stream_id,
+                                                        "code": event.error.code.value,
+                                                        "reason": event.error.message})
         self._flush()
 
     def stream_reset(self, stream_id: int) -> None:
@@ -133,7 +136,7 @@ class StoqSession:
         except TrustChainError as exc:
             reply = Error(code=exc.code, message=exc.message, details=exc.details)
         except Exception:
-            log.exception("dispatcher failed", extra={"op": request.op})
+            peer_log.error("dispatcher failed", extra={"op": request.op}, exc_info=True)
             reply = _internal()
         kind = type(reply)
         if kind is Ok or kind is Error:
@@ -153,7 +156,7 @@ class StoqSession:
         except TrustChainError as exc:
             response = Error(code=exc.code, message=exc.message, details=exc.details)
         except Exception:
-            log.exception("handler failed", extra={"stream_id": stream_id})
+            peer_log.error("handler failed", extra={"stream_id": stream_id}, exc_info=True)
             response = _internal()
         self._tasks.pop(stream_id, None)
         if self._conn.is_open(stream_id):
@@ -187,7 +190,8 @@ class StoqSession:
             raise
         except Exception as exc:
             if not isinstance(exc, TrustChainError):
-                log.exception("stream handler failed", extra={"stream_id": stream_id})
+                peer_log.error("stream handler failed", extra={"stream_id": stream_id},
+                               exc_info=True)
             if self._conn.is_open(stream_id):
                 error = exc if isinstance(exc, TrustChainError) else Internal()
                 self._conn.send_response(stream_id, Error(code=error.code, message=error.message,

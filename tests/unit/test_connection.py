@@ -38,6 +38,7 @@ from protocol import (
     encode_frame,
     frame_payload,
 )
+from protocol._connection import ENDED_STREAMS_KEPT
 
 VECTORS = json.loads((Path(__file__).parents[2] / "spec/vectors/frames.json").read_text())
 PEER = Peer(address="::1", port=1, alpn="stoq/1")
@@ -304,3 +305,28 @@ def test_frame_payload_of_vectors_is_length_prefixed() -> None:
         frame = bytes.fromhex(vector["hex"])
         assert int.from_bytes(frame[:4], "big") == len(frame) - 4
         assert frame_payload(frame[4:]) == frame
+
+
+def test_a_request_retransmitted_after_its_answer_is_not_run_again() -> None:
+    # The client's ACK of our answer, or our ACK of its request, was lost: QUIC sends the
+    # request's STREAM frame again after the stream ended here (issue 16).
+    server = ServerConnection()
+    frame = encode_frame({"op": "node.health"})
+    (event,) = server.receive_data(0, frame, True)
+    assert isinstance(event, RequestReceived)
+    server.send_response(0, Ok(result={}))
+    server.data_to_send()
+    assert server.receive_data(0, frame, True) == []
+    assert server.receive_data(0, b"", True) == []
+    # a refused one is not refused twice either (one log line, one error frame)
+    (refused,) = server.receive_data(4, frame_payload(b"\xff"), True)
+    assert isinstance(refused, RequestRefused)
+    server.data_to_send()
+    assert server.receive_data(4, frame_payload(b"\xff"), True) == []
+    assert server.data_to_send() == [] and server.open_streams == 0
+    # only the latest ended streams are remembered
+    for i in range(2, 2 + ENDED_STREAMS_KEPT + 1):
+        server.receive_data(4 * i, frame, True)
+        server.send_response(4 * i, Ok(result={}))
+    (again,) = server.receive_data(0, frame, True)
+    assert isinstance(again, RequestReceived)
