@@ -130,11 +130,18 @@ class DoqSession:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._lost = False
+        self.expired = 0
+        """Always 0: DoQ counts its own stream timeouts (DoqStats)."""
         app.stats.connections += 1
 
     @property
     def in_flight(self) -> int:
         return len(self._tasks)
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held for queries that have not arrived whole."""
+        return self._conn.buffered
 
     # --- input from QUIC ------------------------------------------------------------
 
@@ -157,6 +164,7 @@ class DoqSession:
         self._tasks.clear()
         if self._timer is not None:
             self._timer.cancel()
+        self._conn.release()
 
     def end_streams(self, event: object) -> None:
         """DoQ has no streaming answers; queries in flight are answered as usual."""

@@ -28,7 +28,7 @@ from protocol.loglimit import LogLimiter
 
 from ._engine import CONNECTION_REFUSED, DEFAULT_ENGINE, Engine, load_engine
 from ._ratelimit import RateLimiter
-from ._session import Dispatch, StoqSession
+from ._session import DEFAULT_REQUEST_TIMEOUT, Dispatch, StoqSession
 from ._sockets import make_ipv6_socket
 
 log = logging.getLogger("stoq")
@@ -62,6 +62,9 @@ class ServerLimits:
     """Bits of the client's IPv6 address that identify it for rate limiting."""
     drain_timeout: float = 10.0
     """Seconds a graceful shutdown waits for in-flight requests."""
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT
+    """Seconds a request may take to arrive whole after its first byte; then it is
+    refused with ``timeout`` and its buffer released. ``network.request_timeout``."""
 
 
 class Session(Protocol):
@@ -69,6 +72,9 @@ class Session(Protocol):
 
     @property
     def in_flight(self) -> int: ...
+    @property
+    def buffered(self) -> int: ...
+    expired: int
     def stream_data(self, stream_id: int, data: bytes, end_stream: bool) -> None: ...
     def stream_reset(self, stream_id: int) -> None: ...
     def connection_lost(self) -> None: ...
@@ -109,6 +115,8 @@ class Server:
         self.fingerprint = ""
         self.addresses: list[tuple[str, int]] = []
         self.refused_connections = 0
+        self.expired_requests = 0
+        """Requests of closed connections refused because they did not arrive in time."""
 
     # --- set-up ---------------------------------------------------------------
 
@@ -124,7 +132,8 @@ class Server:
 
     def _stoq_session(self, streams: Any) -> StoqSession:
         return StoqSession(streams, self._dispatch, max_frame_size=self.limits.max_frame_size,
-                           rate_limiter=self._rate_limiter, draining=self._refusing_requests)
+                           rate_limiter=self._rate_limiter, draining=self._refusing_requests,
+                           request_timeout=self.limits.request_timeout)
 
     def _refusing_requests(self) -> bool:
         """Called for every new request: True while draining (and noted, so that
@@ -216,6 +225,10 @@ class Server:
             "in_flight": sum(p.session.in_flight for p in self._connections
                              if p.session is not None),
             "rate_limited_clients": len(self._rate_limiter) if self._rate_limiter else 0,
+            "buffered_request_bytes": sum(p.session.buffered for p in self._connections
+                                          if p.session is not None),
+            "expired_requests": self.expired_requests + sum(
+                p.session.expired for p in self._connections if p.session is not None),
         }
 
     # --- shutdown ---------------------------------------------------------------
@@ -344,6 +357,7 @@ def _protocol_class(engine: Engine) -> type:
             elif isinstance(event, ev.ConnectionTerminated):
                 self.server._connections.discard(self)
                 if self.session is not None:
+                    self.server.expired_requests += self.session.expired
                     self.session.connection_lost()
 
         def _negotiated(self, alpn: str | None) -> None:

@@ -47,6 +47,9 @@ Reply = Ok | Error | Awaitable[Ok | Error] | AsyncIterator[Event | Error]
 
 Dispatch = Callable[[Request, Peer], Reply]
 
+DEFAULT_REQUEST_TIMEOUT = 10.0
+"""Seconds a request may take to arrive whole (frame and FIN) after its first byte."""
+
 SEND_BUFFER_HIGH_WATER = 1 << 20
 """Bytes written to a streaming op's stream but not yet sent, above which the
 producer waits (the reader is slower than the events)."""
@@ -76,10 +79,15 @@ class StoqSession:
     """The ``stoq/1`` application on one connection."""
 
     def __init__(self, streams: StoqStreams, dispatch: Dispatch, *, max_frame_size: int,
-                 rate_limiter: RateLimiter | None, draining: Callable[[], bool]) -> None:
+                 rate_limiter: RateLimiter | None, draining: Callable[[], bool],
+                 request_timeout: float = DEFAULT_REQUEST_TIMEOUT) -> None:
         self._streams = streams
         self._dispatch = dispatch
         self._conn = ServerConnection(max_frame_size=max_frame_size)
+        self._request_timeout = request_timeout
+        self._timer: asyncio.TimerHandle | None = None
+        self.expired = 0
+        """Requests refused because they did not arrive whole in time."""
         self._rate_limiter = rate_limiter
         self._draining = draining
         self._tasks: dict[int, asyncio.Task[None]] = {}
@@ -91,10 +99,19 @@ class StoqSession:
         """Requests dispatched and not yet answered (streams included)."""
         return len(self._tasks)
 
+    @property
+    def buffered(self) -> int:
+        """Bytes held for requests that have not arrived whole."""
+        return self._conn.buffered
+
     # --- input from QUIC ------------------------------------------------------
 
     def stream_data(self, stream_id: int, data: bytes, end_stream: bool) -> None:
-        for event in self._conn.receive_data(stream_id, data, end_stream):
+        conn = self._conn
+        events = conn.receive_data(stream_id, data, end_stream, self._streams.now())
+        if self._timer is None and conn.open_streams:
+            self._arm_timer()
+        for event in events:
             if type(event) is RequestReceived:
                 self._start(event.stream_id, event.request)
             elif type(event) is RequestRefused:
@@ -115,6 +132,27 @@ class StoqSession:
         for task in self._tasks.values():
             task.cancel()
         self._tasks.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._conn.release()
+
+    # --- unfinished requests ----------------------------------------------------
+
+    def _arm_timer(self) -> None:
+        deadline = self._conn.next_deadline(self._request_timeout)
+        if deadline is not None:
+            self._timer = asyncio.get_running_loop().call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        expired = self._conn.expire(self._streams.now(), self._request_timeout)
+        if expired:
+            self.expired += len(expired)
+            peer_log.info("unfinished requests expired",
+                          extra={"streams": len(expired), "peer": self._streams.peer.address})
+            self._flush()
+        self._arm_timer()
 
     # --- dispatch -------------------------------------------------------------
 
