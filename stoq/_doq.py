@@ -143,6 +143,11 @@ class DoqSession:
         """Bytes held for queries that have not arrived whole."""
         return self._conn.buffered
 
+    @property
+    def unsent(self) -> int:
+        """DoQ has no streaming answers."""
+        return 0
+
     # --- input from QUIC ------------------------------------------------------------
 
     def stream_data(self, stream_id: int, data: bytes, end_stream: bool) -> None:

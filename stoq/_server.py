@@ -74,6 +74,8 @@ class Session(Protocol):
     def in_flight(self) -> int: ...
     @property
     def buffered(self) -> int: ...
+    @property
+    def unsent(self) -> int: ...
     expired: int
     def stream_data(self, stream_id: int, data: bytes, end_stream: bool) -> None: ...
     def stream_reset(self, stream_id: int) -> None: ...
@@ -227,6 +229,8 @@ class Server:
             "rate_limited_clients": len(self._rate_limiter) if self._rate_limiter else 0,
             "buffered_request_bytes": sum(p.session.buffered for p in self._connections
                                           if p.session is not None),
+            "unsent_response_bytes": sum(p.session.unsent for p in self._connections
+                                         if p.session is not None),
             "expired_requests": self.expired_requests + sum(
                 p.session.expired for p in self._connections if p.session is not None),
         }
@@ -328,6 +332,15 @@ def _protocol_class(engine: Engine) -> type:
         def stream_sent_offset(self, stream_id: int) -> int | None:
             stream = self._quic._streams.get(stream_id)
             return int(stream.sender.highest_offset) if stream is not None else None
+
+        def stream_send_credit(self, stream_id: int) -> int | None:
+            quic = self._quic
+            stream = quic._streams.get(stream_id)
+            if stream is None:
+                return None
+            return max(0, min(
+                int(stream.max_stream_data_remote) - int(stream.sender.highest_offset),
+                int(quic._remote_max_data) - int(quic._remote_max_data_used)))
 
         def transmit_soon(self) -> None:
             if not self._receiving:

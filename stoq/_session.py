@@ -53,6 +53,10 @@ DEFAULT_REQUEST_TIMEOUT = 10.0
 SEND_BUFFER_HIGH_WATER = 1 << 20
 """Bytes written to a streaming op's stream but not yet sent, above which the
 producer waits (the reader is slower than the events)."""
+BACK_PRESSURE_FIRST_WAIT = 0.005
+BACK_PRESSURE_LONGEST_WAIT = 0.02
+"""Seconds a waiting producer sleeps between looks at its stream: doubling from the
+first to the longest, so that a frozen client costs little CPU."""
 
 
 class StoqStreams(Protocol):
@@ -71,6 +75,8 @@ class StoqStreams(Protocol):
     def stream_finished(self) -> None: ...
     def stream_sent_offset(self, stream_id: int) -> int | None:
         """Bytes of ``stream_id`` handed to the network so far (None: stream gone)."""
+    def stream_send_credit(self, stream_id: int) -> int | None:
+        """Bytes the peer's flow control lets us send on ``stream_id`` now (None: gone)."""
     def transmit_soon(self) -> None: ...
     def now(self) -> float: ...
 
@@ -92,6 +98,8 @@ class StoqSession:
         self._draining = draining
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._streaming: set[int] = set()
+        self._unsent: dict[int, int] = {}
+        """Streaming op's stream -> bytes written to it so far."""
         self.requests = 0
 
     @property
@@ -212,15 +220,10 @@ class StoqSession:
                     self._flush()
                     return
                 written += self._conn.send_event(stream_id, item)  # type: ignore[arg-type]
+                self._unsent[stream_id] = written
                 self._flush()
-                # Back-pressure: a slow reader holds the producer, not our memory.
-                while True:
-                    sent = self._streams.stream_sent_offset(stream_id)
-                    if sent is None or not self._conn.is_open(stream_id):
-                        return
-                    if written - sent <= SEND_BUFFER_HIGH_WATER:
-                        break
-                    await asyncio.sleep(0.005)
+                if not await self._writable(stream_id, written):
+                    return
             if self._conn.is_open(stream_id):
                 self._conn.end_stream(stream_id)
                 self._flush()
@@ -238,12 +241,46 @@ class StoqSession:
         finally:
             self._tasks.pop(stream_id, None)
             self._streaming.discard(stream_id)
+            self._unsent.pop(stream_id, None)
             aclose = getattr(events, "aclose", None)
             if aclose is not None:
                 try:
                     await aclose()
                 except Exception:
                     log.exception("closing a stream handler failed")
+
+    async def _writable(self, stream_id: int, written: int) -> bool:
+        """Back-pressure: wait until the stream may take another event; False if it is gone.
+
+        A slow reader holds the producer, not our memory: it waits while more than
+        ``SEND_BUFFER_HIGH_WATER`` bytes are not sent yet, and while the client grants
+        no flow-control credit at all and anything is unsent (a frozen client gets no
+        further event produced for it).
+        """
+        streams = self._streams
+        delay = BACK_PRESSURE_FIRST_WAIT
+        while True:
+            sent = streams.stream_sent_offset(stream_id)
+            if sent is None or not self._conn.is_open(stream_id):
+                return False
+            unsent = written - sent
+            if unsent <= 0 or (unsent <= SEND_BUFFER_HIGH_WATER
+                               and streams.stream_send_credit(stream_id) != 0):
+                return True
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, BACK_PRESSURE_LONGEST_WAIT)
+
+    @property
+    def unsent(self) -> int:
+        """Bytes of streaming ops' events written but not yet sent (held for slow readers)."""
+        total = 0
+        for stream_id, written in list(self._unsent.items()):
+            sent = self._streams.stream_sent_offset(stream_id)
+            if sent is None or not self._conn.is_open(stream_id):
+                del self._unsent[stream_id]
+            else:
+                total += max(0, written - sent)
+        return total
 
     def end_streams(self, event: Event) -> None:
         """Send ``event`` and end every streaming op (at shutdown); unary ops go on."""
