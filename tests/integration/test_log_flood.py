@@ -1,7 +1,8 @@
 """A flood of bad input from the network writes a bounded number of log lines.
 
 A real ``trustchain serve`` logs at level info to a file; a client sends 5,000
-malformed STOQ frames, 300 ``consensus.gossip`` requests with a forged sender and
+malformed STOQ frames, twice 300 ``consensus.gossip`` requests with a forged sender (a
+stranger, then the node's own validator id with a forged link statement) and
 garbage messages, and 20 DoQ connections that break the protocol. Before issue 16
 that wrote a line per frame; now each kind of line gets a burst per interval and
 one summary line with the count of the others.
@@ -56,7 +57,7 @@ async def send_bad_frames(server: ServerProcess) -> list[str]:
     return codes
 
 
-async def send_forged_gossip(client: stoq.AsyncClient) -> list[str]:
+async def send_forged_gossip(client: stoq.AsyncClient, sender: str) -> list[str]:
     gate = asyncio.Semaphore(20)
     codes: list[str] = []
 
@@ -65,7 +66,7 @@ async def send_forged_gossip(client: stoq.AsyncClient) -> list[str]:
             try:
                 await client.request("consensus.gossip", {
                     "messages": [b"\xff garbage", bytes([i % 256]) * 64],
-                    "sender": "ab" * 20, "link": b"\x01" * 64})
+                    "sender": sender, "link": bytes([i % 256]) * 64})
                 codes.append("accepted")
             except TrustChainError as exc:
                 codes.append(exc.code.value)
@@ -108,8 +109,12 @@ path = "{log_file}"
         codes = await asyncio.wait_for(send_bad_frames(server), 120)
         assert codes == ["malformed"] * BAD_FRAMES
         async with await stoq.connect("::1", server.port, pin=server.pin) as client:
-            gossip = await asyncio.wait_for(send_forged_gossip(client), 60)
-            assert set(gossip) == {"unauthorized"}, set(gossip)
+            # From a stranger, and in the name of the node's own validator (a forged
+            # link statement: refused by the signature check, then from a cache).
+            me = (await client.request("consensus.identity"))["validator"]
+            for sender in ("ab" * 20, me):
+                gossip = await asyncio.wait_for(send_forged_gossip(client, sender), 60)
+                assert set(gossip) == {"unauthorized"}, set(gossip)
             assert await asyncio.wait_for(break_doq(server), 120) == DOQ_ERRORS
             # The node still answers, and counted no consensus misbehaviour: the forged
             # gossip was refused before its messages were looked at.
