@@ -18,6 +18,7 @@ from ._errors import (
     FrameTooLarge,
     LocalProtocolError,
     RemoteProtocolError,
+    Timeout,
     TrustChainError,
 )
 from ._frames import DEFAULT_MAX_FRAME_SIZE, HEADER_SIZE, FrameDecoder, frame_payload
@@ -37,6 +38,11 @@ STOQ_INTERNAL_ERROR = 0x1
 STOQ_PROTOCOL_ERROR = 0x2
 STOQ_REQUEST_CANCELLED = 0x3
 STOQ_EXCESSIVE_LOAD = 0x4
+
+ENDED_STREAMS_KEPT = 1024
+"""Ended request streams a server connection remembers: a STREAM frame that QUIC
+retransmitted after the request was answered (its ACK was lost) reaches us as the
+whole request again on a stream the engine had forgotten, and must not run twice."""
 
 
 # --- events -----------------------------------------------------------------
@@ -160,15 +166,68 @@ class ServerConnection:
     def __init__(self, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
         self.max_frame_size = max_frame_size
         self._streams: dict[int, _Stream] = {}
+        self._ended: dict[int, None] = {}
+        """The latest request streams that ended here (answered, refused, reset), oldest
+        first: data arriving on one of them again is a retransmission, ignored."""
+        self._receiving: dict[int, float] = {}
+        """Streams whose request has not arrived whole (frame and FIN) -> when they
+        started; oldest first, so the first is the next to expire."""
         self._out: list[Instruction] = []
 
     @property
     def open_streams(self) -> int:
         return len(self._streams)
 
-    def receive_data(self, stream_id: int, data: bytes, end_stream: bool) -> list[StoqEvent]:
-        """QUIC delivered ``data`` (and maybe the FIN) on ``stream_id``."""
+    @property
+    def buffered(self) -> int:
+        """Bytes of requests that have not arrived whole, held for their streams."""
+        total = 0
+        for stream_id in self._receiving:
+            stream = self._streams[stream_id]
+            total += len(stream.frame or b"")
+            if stream._decoder is not None:
+                total += stream._decoder.buffered
+        return total
+
+    def next_deadline(self, timeout: float) -> float | None:
+        """When the oldest unfinished request expires (:meth:`expire`); None: none is."""
+        for started in self._receiving.values():
+            return started + timeout
+        return None
+
+    def expire(self, now: float, timeout: float) -> list[int]:
+        """Refuse every request that has not arrived whole within ``timeout`` seconds of
+        its first byte: error ``timeout``, STOP_SENDING, its buffer released."""
+        expired = []
+        for stream_id, started in list(self._receiving.items()):
+            if now < started + timeout:
+                break
+            expired.append(stream_id)
+            self.refuse(stream_id, Timeout(
+                f"the request did not arrive whole (frame and FIN) within {timeout:g} s"))
+        return expired
+
+    def release(self) -> None:
+        """The connection is gone: drop every stream's state and buffer at once."""
+        self._streams.clear()
+        self._receiving.clear()
+        self._out.clear()
+
+    def _forget(self, stream_id: int) -> None:
+        """``stream_id`` ended: drop its state and remember that it did."""
+        self._streams.pop(stream_id, None)
+        self._receiving.pop(stream_id, None)
+        ended = self._ended
+        ended[stream_id] = None
+        if len(ended) > ENDED_STREAMS_KEPT:
+            del ended[next(iter(ended))]
+
+    def receive_data(self, stream_id: int, data: bytes, end_stream: bool,
+                     now: float = 0.0) -> list[StoqEvent]:
+        """QUIC delivered ``data`` (and maybe the FIN) on ``stream_id`` at time ``now``."""
         stream = self._streams.get(stream_id)
+        if stream is None and stream_id in self._ended:
+            return []
         if stream is None and end_stream and stream_id & 0x3 == 0 and len(data) > HEADER_SIZE \
                 and int.from_bytes(data[:HEADER_SIZE], "big") == len(data) - HEADER_SIZE \
                 and len(data) - HEADER_SIZE <= self.max_frame_size:
@@ -188,11 +247,12 @@ class ServerConnection:
                 return []
             stream = _Stream(StreamState.RECEIVING, self.max_frame_size)
             self._streams[stream_id] = stream
+            self._receiving[stream_id] = now
         state = stream.state
         if state is StreamState.CLOSED:
             # The tail of a refused request, sent before our STOP_SENDING arrived.
             if end_stream:
-                del self._streams[stream_id]
+                self._forget(stream_id)
             return []
         if state is StreamState.HANDLING or state is StreamState.STREAMING:
             return []  # QUIC delivers nothing after the FIN
@@ -219,6 +279,7 @@ class ServerConnection:
             return [self._refuse(stream_id, stream, exc, stop=not end_stream)]
         stream.frame = None
         stream.state = StreamState.HANDLING
+        del self._receiving[stream_id]
         return [RequestReceived(stream_id, request)]
 
     def _refuse(self, stream_id: int, stream: _Stream, exc: TrustChainError,
@@ -238,8 +299,9 @@ class ServerConnection:
             stream.decoder = FrameDecoder(0)
             stream.frame = None
             self._streams[stream_id] = stream
+            self._receiving.pop(stream_id, None)
         else:
-            self._streams.pop(stream_id, None)
+            self._forget(stream_id)
 
     def refuse(self, stream_id: int, error: TrustChainError) -> None:
         """Answer ``error`` on a stream instead of dispatching it (or to end it)."""
@@ -257,8 +319,11 @@ class ServerConnection:
         Whatever we had not finished on that stream is abandoned: our side is
         reset with STOQ_REQUEST_CANCELLED.
         """
-        stream = self._streams.pop(stream_id, None)
-        if stream is None or stream.state is StreamState.CLOSED:
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return []
+        self._forget(stream_id)
+        if stream.state is StreamState.CLOSED:
             return []
         self._out.append(ResetStream(stream_id, STOQ_REQUEST_CANCELLED))
         return [StreamCancelled(stream_id)]
@@ -310,7 +375,7 @@ class ServerConnection:
             raise LocalProtocolError(
                 f"cannot send {kind.value} on stream {stream_id} in state {stream.state.value}")
         if new is StreamState.CLOSED:
-            del self._streams[stream_id]
+            self._forget(stream_id)
         else:
             stream.state = new
 

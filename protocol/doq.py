@@ -483,6 +483,17 @@ class DoqConnection:
             return []
         return self._break(error_code, reason)
 
+    @property
+    def buffered(self) -> int:
+        """Bytes of unfinished queries held now."""
+        return self._buffered
+
+    def release(self) -> None:
+        """The connection is gone: drop every stream's state and buffer at once."""
+        self._streams.clear()
+        self._buffered = 0
+        self._out.clear()
+
     def is_answering(self, stream_id: int) -> bool:
         stream = self._streams.get(stream_id)
         return stream is not None and stream.answering

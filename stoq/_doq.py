@@ -41,10 +41,13 @@ from protocol.doq import (
     StopSending,
     error_response,
 )
+from protocol.loglimit import LogLimiter
 
 from ._ratelimit import RateLimiter
 
 log = logging.getLogger("stoq.doq")
+peer_log = LogLimiter(log)
+"""Lines a client can trigger at will (protocol errors, failing answers), rate-limited."""
 
 Answer = Callable[[QueryReceived, Peer], bytes | Awaitable[bytes]]
 """Answers one query: the DNS response (Message ID 0), now or later."""
@@ -127,11 +130,23 @@ class DoqSession:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._lost = False
+        self.expired = 0
+        """Always 0: DoQ counts its own stream timeouts (DoqStats)."""
         app.stats.connections += 1
 
     @property
     def in_flight(self) -> int:
         return len(self._tasks)
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held for queries that have not arrived whole."""
+        return self._conn.buffered
+
+    @property
+    def unsent(self) -> int:
+        """DoQ has no streaming answers."""
+        return 0
 
     # --- input from QUIC ------------------------------------------------------------
 
@@ -154,6 +169,7 @@ class DoqSession:
         self._tasks.clear()
         if self._timer is not None:
             self._timer.cancel()
+        self._conn.release()
 
     def end_streams(self, event: object) -> None:
         """DoQ has no streaming answers; queries in flight are answered as usual."""
@@ -175,7 +191,7 @@ class DoqSession:
                     stats.excessive_load += 1
                 else:
                     stats.protocol_errors += 1
-                log.info("DoQ connection closed", extra={
+                peer_log.info("DoQ connection closed", extra={
                     "code": event.error_code, "reason": event.reason,  # type: ignore[union-attr]
                     "peer": self._streams.peer.address})
                 for task in self._tasks.values():
@@ -196,7 +212,7 @@ class DoqSession:
         try:
             reply = app.answer(event, self._streams.peer)
         except Exception:
-            log.exception("DoQ answer failed")
+            peer_log.error("DoQ answer failed", exc_info=True)
             self._conn.abandon(event.stream_id, DOQ_INTERNAL_ERROR)
             return
         if not inspect.isawaitable(reply):
@@ -224,7 +240,7 @@ class DoqSession:
             return
         exc = task.exception()
         if exc is not None:
-            log.error("DoQ answer failed", exc_info=exc)
+            peer_log.error("DoQ answer failed", exc_info=exc)
             self._conn.abandon(stream_id, DOQ_INTERNAL_ERROR)
             self._flush()
             return

@@ -25,14 +25,17 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from protocol import ALPN, DEFAULT_MAX_FRAME_SIZE, STOQ_NO_ERROR, Event, Peer
+from protocol.loglimit import LogLimiter
 
 from ._addresses import AddressLimits
 from ._engine import CONNECTION_REFUSED, DEFAULT_ENGINE, Engine, load_engine
 from ._ratelimit import RateLimiter
-from ._session import Dispatch, StoqSession
+from ._session import DEFAULT_REQUEST_TIMEOUT, Dispatch, StoqSession
 from ._sockets import make_ipv6_socket
 
 log = logging.getLogger("stoq")
+peer_log = LogLimiter(log)
+"""Lines a client can trigger at will (refused connections), rate-limited."""
 
 DRAIN_QUIET_PERIOD = 0.2
 """Seconds without new requests after which a draining server closes connections."""
@@ -72,6 +75,9 @@ class ServerLimits:
     """Bits of the client's IPv6 address that identify it for rate limiting."""
     drain_timeout: float = 10.0
     """Seconds a graceful shutdown waits for in-flight requests."""
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT
+    """Seconds a request may take to arrive whole after its first byte; then it is
+    refused with ``timeout`` and its buffer released. ``network.request_timeout``."""
 
 
 class Session(Protocol):
@@ -79,6 +85,11 @@ class Session(Protocol):
 
     @property
     def in_flight(self) -> int: ...
+    @property
+    def buffered(self) -> int: ...
+    @property
+    def unsent(self) -> int: ...
+    expired: int
     def stream_data(self, stream_id: int, data: bytes, end_stream: bool) -> None: ...
     def stream_reset(self, stream_id: int) -> None: ...
     def connection_lost(self) -> None: ...
@@ -124,6 +135,8 @@ class Server:
         self.fingerprint = ""
         self.addresses: list[tuple[str, int]] = []
         self.refused_connections = 0
+        self.expired_requests = 0
+        """Requests of closed connections refused because they did not arrive in time."""
 
     # --- set-up ---------------------------------------------------------------
 
@@ -139,7 +152,8 @@ class Server:
 
     def _stoq_session(self, streams: Any) -> StoqSession:
         return StoqSession(streams, self._dispatch, max_frame_size=self.limits.max_frame_size,
-                           rate_limiter=self._rate_limiter, draining=self._refusing_requests)
+                           rate_limiter=self._rate_limiter, draining=self._refusing_requests,
+                           request_timeout=self.limits.request_timeout)
 
     def _refusing_requests(self) -> bool:
         """Called for every new request: True while draining (and noted, so that
@@ -237,6 +251,12 @@ class Server:
             "in_flight": sum(p.session.in_flight for p in self._connections
                              if p.session is not None),
             "rate_limited_clients": len(self._rate_limiter) if self._rate_limiter else 0,
+            "buffered_request_bytes": sum(p.session.buffered for p in self._connections
+                                          if p.session is not None),
+            "unsent_response_bytes": sum(p.session.unsent for p in self._connections
+                                         if p.session is not None),
+            "expired_requests": self.expired_requests + sum(
+                p.session.expired for p in self._connections if p.session is not None),
         }
 
     # --- shutdown ---------------------------------------------------------------
@@ -338,6 +358,15 @@ def _protocol_class(engine: Engine) -> type:
             stream = self._quic._streams.get(stream_id)
             return int(stream.sender.highest_offset) if stream is not None else None
 
+        def stream_send_credit(self, stream_id: int) -> int | None:
+            quic = self._quic
+            stream = quic._streams.get(stream_id)
+            if stream is None:
+                return None
+            return max(0, min(
+                int(stream.max_stream_data_remote) - int(stream.sender.highest_offset),
+                int(quic._remote_max_data) - int(quic._remote_max_data_used)))
+
         def transmit_soon(self) -> None:
             if not self._receiving:
                 self._transmit_soon()
@@ -369,6 +398,7 @@ def _protocol_class(engine: Engine) -> type:
                     self.server._address_limits.release(self._address_key)
                     self._address_key = None
                 if self.session is not None:
+                    self.server.expired_requests += self.session.expired
                     self.session.connection_lost()
 
         def _negotiated(self, alpn: str | None) -> None:
@@ -385,8 +415,8 @@ def _protocol_class(engine: Engine) -> type:
                         self._address_key = admitted
             if self._refusal is not None:
                 self.server.refused_connections += 1
-                log.info("connection refused", extra={"reason": self._refusal,
-                                                      "peer": address})
+                peer_log.info("connection refused", extra={"reason": self._refusal,
+                                                           "peer": address})
                 self.server._connections.discard(self)
                 # A transport-level close (frame_type given): during the handshake
                 # an application close would reach the peer as APPLICATION_ERROR.

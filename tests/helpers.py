@@ -245,10 +245,11 @@ class RawConnection:
         """While True, datagrams from the server are dropped (as if lost on the way)."""
 
     async def connect(self, host: str, port: int, alpn: str = "stoq/1",
-                      connection_id_length: int = 8) -> RawConnection:
+                      connection_id_length: int = 8, **settings: Any) -> RawConnection:
+        """Connect; ``settings`` are more QuicConfiguration fields (``max_stream_data``)."""
         engine = self.engine
         cfg = engine.configuration(is_client=True, alpn_protocols=[alpn], idle_timeout=30.0,
-                                   connection_id_length=connection_id_length)
+                                   connection_id_length=connection_id_length, **settings)
         cfg.verify_mode = 0
         cfg.server_name = "localhost"
         owner = self

@@ -49,6 +49,7 @@ def server_limits(cfg: Config) -> stoq.ServerLimits:
         rate_limit_per_minute=cfg.api.rate_limit_per_minute,
         rate_limit_prefix_length=cfg.api.rate_limit_prefix_length,
         drain_timeout=net.drain_timeout,
+        request_timeout=net.request_timeout,
     )
 
 

@@ -271,6 +271,7 @@ class NetworkConfig:
     max_frame_size: int = 1 << 20
     max_streams_per_connection: int = 100
     drain_timeout: float = _duration(10.0)
+    request_timeout: float = _duration(10.0)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -437,6 +438,7 @@ def _validate(cfg: Config) -> None:
         "network.max_streams_per_connection": cfg.network.max_streams_per_connection,
         "network.max_frame_size": cfg.network.max_frame_size,
         "network.connection_timeout": cfg.network.connection_timeout,
+        "network.request_timeout": cfg.network.request_timeout,
         "ct.max_entries_per_shard": cfg.ct.max_entries_per_shard,
         "ct.subscription_buffer": cfg.ct.subscription_buffer,
         "ct.merkle_update_interval": cfg.ct.merkle_update_interval,

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from protocol import ConsensusRejected, Timeout, decode_item, encode_deterministic
+from protocol.loglimit import LogLimiter
 from store import ChainStore, StoredBlock, StoredEvidence
 
 from .bft import (
@@ -57,6 +58,8 @@ from .bft._core import (
 )
 
 log = logging.getLogger("trustchain.consensus")
+peer_log = LogLimiter(log)
+"""Lines other validators can trigger (misbehaviour), rate-limited."""
 
 MAX_CLOCK_DRIFT_MS = 5_000
 """A proposed block may not be stamped further than this ahead of our clock."""
@@ -455,7 +458,8 @@ class ConsensusChain:
         entry = {"validator": validator, "reason": reason, "at": self.clock()}
         self.misbehaviour.append(entry)
         del self.misbehaviour[:-100]
-        log.warning("consensus misbehaviour", extra={"validator": validator, "reason": reason})
+        peer_log.warning("consensus misbehaviour",
+                         extra={"validator": validator, "reason": reason})
 
     # --- the loop -------------------------------------------------------------------------
 

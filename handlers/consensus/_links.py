@@ -70,6 +70,11 @@ class LinkVerifier:
         self.chain_id = chain_id
         self.validators = validators
         self._checked: dict[tuple[str, bytes], bool] = {}
+        self._refused: dict[tuple[str, bytes],
+                            tuple[ValidatorSet, tuple[bytes, ...], str]] = {}
+        """Statements refused, with the validator set and TLS keys they were checked
+        against: a peer repeating a forged statement costs a lookup, not a signature
+        check, until either changes."""
 
     def refusal(self, validator: str | None, signature: bytes | None,
                 own_keys: Callable[[], list[bytes]]) -> str | None:
@@ -83,11 +88,21 @@ class LinkVerifier:
         key = (validator, signature)
         if self._checked.get(key):
             return None
-        reasons = [link_refusal(self.validators(), self.chain_id, validator, own, signature)
-                   for own in own_keys()]
+        validators = self.validators()
+        keys = tuple(own_keys())
+        refused = self._refused.get(key)
+        if refused is not None and refused[0] is validators and refused[1] == keys:
+            return refused[2]
+        reasons = [link_refusal(validators, self.chain_id, validator, own, signature)
+                   for own in keys]
         if None in reasons:
             if len(self._checked) >= self.CACHE:
                 self._checked.clear()
             self._checked[key] = True
+            self._refused.pop(key, None)
             return None
-        return reasons[0] if reasons else "this node has no TLS key yet"
+        reason = next((r for r in reasons if r is not None), "this node has no TLS key yet")
+        if len(self._refused) >= self.CACHE:
+            self._refused.clear()
+        self._refused[key] = (validators, keys, reason)
+        return reason

@@ -33,10 +33,11 @@ import dns.asyncquery
 import dns.exception
 import dns.message
 import dns.name
-import dns.quic
 import dns.rcode
 import dns.rdatatype
 import dns.rrset
+
+from ._doq_client import DoqManager
 
 log = logging.getLogger("trustchain.dns")
 
@@ -278,8 +279,7 @@ class Forwarder:
         if connection is None:
             manager = self._managers.get(upstream)
             if manager is None:
-                quic: Any = dns.quic  # its managers are not in its typed exports
-                manager = quic.AsyncioQuicManager(
+                manager = DoqManager(
                     verify_mode=self.cafile or True,
                     server_name=upstream.server_name or upstream.address)
                 self._managers[upstream] = manager

@@ -38,6 +38,7 @@ from protocol import (
     encode_frame,
     frame_payload,
 )
+from protocol._connection import ENDED_STREAMS_KEPT
 
 VECTORS = json.loads((Path(__file__).parents[2] / "spec/vectors/frames.json").read_text())
 PEER = Peer(address="::1", port=1, alpn="stoq/1")
@@ -304,3 +305,55 @@ def test_frame_payload_of_vectors_is_length_prefixed() -> None:
         frame = bytes.fromhex(vector["hex"])
         assert int.from_bytes(frame[:4], "big") == len(frame) - 4
         assert frame_payload(frame[4:]) == frame
+
+
+def test_a_request_retransmitted_after_its_answer_is_not_run_again() -> None:
+    # The client's ACK of our answer, or our ACK of its request, was lost: QUIC sends the
+    # request's STREAM frame again after the stream ended here (issue 16).
+    server = ServerConnection()
+    frame = encode_frame({"op": "node.health"})
+    (event,) = server.receive_data(0, frame, True)
+    assert isinstance(event, RequestReceived)
+    server.send_response(0, Ok(result={}))
+    server.data_to_send()
+    assert server.receive_data(0, frame, True) == []
+    assert server.receive_data(0, b"", True) == []
+    # a refused one is not refused twice either (one log line, one error frame)
+    (refused,) = server.receive_data(4, frame_payload(b"\xff"), True)
+    assert isinstance(refused, RequestRefused)
+    server.data_to_send()
+    assert server.receive_data(4, frame_payload(b"\xff"), True) == []
+    assert server.data_to_send() == [] and server.open_streams == 0
+    # only the latest ended streams are remembered
+    for i in range(2, 2 + ENDED_STREAMS_KEPT + 1):
+        server.receive_data(4 * i, frame, True)
+        server.send_response(4 * i, Ok(result={}))
+    (again,) = server.receive_data(0, frame, True)
+    assert isinstance(again, RequestReceived)
+
+
+def test_an_unfinished_request_expires_and_its_buffer_is_released() -> None:
+    server = ServerConnection()
+    frame = encode_frame({"op": "node.echo", "args": {"data": b"x" * 5000}})
+    server.receive_data(0, frame[:3000], False, now=100.0)     # a partial frame
+    server.receive_data(4, frame, False, now=103.0)            # a whole frame, no FIN
+    server.receive_data(8, frame[:10], False, now=104.0)
+    assert server.buffered == (3000 - 4) + (len(frame) - 4) + (10 - 4)  # headers read
+    assert server.next_deadline(10.0) == 110.0
+    assert server.expire(109.9, 10.0) == []
+    assert server.expire(113.5, 10.0) == [0, 4]
+    out = server.data_to_send()
+    assert [decode_item(o.data[4:])["error"]["code"] for o in out  # type: ignore[union-attr]
+            if isinstance(o, SendData)] == ["timeout", "timeout"]
+    assert StopSending(0, STOQ_REQUEST_CANCELLED) in out
+    assert StopSending(4, STOQ_REQUEST_CANCELLED) in out
+    assert server.buffered == 6 and server.next_deadline(10.0) == 114.0
+    # the tail of an expired request is not a new one
+    assert server.receive_data(0, frame[3000:], True, now=115.0) == []
+    # a request that arrives whole in time is not touched
+    (done,) = server.receive_data(8, frame[10:], True, now=113.9)
+    assert isinstance(done, RequestReceived)
+    assert server.next_deadline(10.0) is None and server.buffered == 0
+    server.receive_data(12, frame[:100], False, now=120.0)
+    server.release()  # the connection closed
+    assert server.buffered == 0 and server.open_streams == 0

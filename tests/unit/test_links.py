@@ -77,3 +77,26 @@ def test_served_tls_keys_follow_the_certificate_file(tmp_path: Path) -> None:
 
 def _spki(credential: TlsCredential) -> bytes:
     return spki_sha256(credential.read_chain()[0].public_bytes(serialization.Encoding.DER))
+
+
+def test_a_refused_statement_is_refused_again_from_the_cache_until_something_changes() -> None:
+    (key, me), (_, other) = _validator(), _validator()
+    (newcomer_key, newcomer) = _validator()
+    current = [ValidatorSet((me, other))]
+    verifier = LinkVerifier(chain_id=CHAIN, validators=lambda: current[0])
+    tls = os.urandom(32)
+    forged = os.urandom(64)
+    first = verifier.refusal(me.id, forged, lambda: [tls])
+    assert "does not verify" in str(first)
+    assert verifier.refusal(me.id, forged, lambda: [tls]) == first
+    assert len(verifier._refused) == 1
+    # a validator that joins the set later: its statement was refused, now it passes
+    joined = newcomer_key.sign(link_statement(CHAIN, newcomer.id, tls))
+    assert "not a validator" in str(verifier.refusal(newcomer.id, joined, lambda: [tls]))
+    current[0] = ValidatorSet((me, other, newcomer))
+    assert verifier.refusal(newcomer.id, joined, lambda: [tls]) is None
+    # a statement over a TLS key this node only starts to serve later
+    new_tls = os.urandom(32)
+    later = key.sign(link_statement(CHAIN, me.id, new_tls))
+    assert "does not verify" in str(verifier.refusal(me.id, later, lambda: [tls]))
+    assert verifier.refusal(me.id, later, lambda: [new_tls, tls]) is None
