@@ -461,8 +461,13 @@ def test_non_canonical_vdf_encodings_are_refused() -> None:
 
 async def test_work_refusals(world: World) -> None:
     honest = await world.proofs()
-    # for another request: the nonce was found for another CSR
-    await refused(world, resign(honest, world.prover, b"other"), "work", csr=b"other")
+    # for another request: the nonce was found for another CSR (one whose work prefix the
+    # nonce does not satisfy by chance, 1 in 256)
+    other = next(c for c in (b"other-%d" % i for i in range(100))
+                 if leading_zero_bits(work_hash(work_prefix(
+                     "issue", issue_digest(c), key_id(world.prover.spki), honest["epoch"]),
+                     honest["work"]["nonce"])) < 8)
+    await refused(world, resign(honest, world.prover, other), "work", csr=other)
     # below the difficulty: a nonce whose hash has fewer zero bits
     prefix = work_prefix("issue", issue_digest(b"csr"), key_id(world.prover.spki),
                          honest["epoch"])
