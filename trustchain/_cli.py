@@ -15,7 +15,16 @@ import uvloop
 
 import stoq
 
-from . import __version__, _cli_ca, _cli_ceremony, _cli_cluster, _cli_ct, _cli_dns, _cli_proofs
+from . import (
+    __version__,
+    _cli_ca,
+    _cli_ceremony,
+    _cli_cluster,
+    _cli_ct,
+    _cli_dns,
+    _cli_proofs,
+    _cli_verify,
+)
 from . import _config as config
 from ._app import Node
 from ._cli_common import (
@@ -31,6 +40,7 @@ from ._cli_common import (
 from ._logging import configure as configure_logging
 
 ADD_COMMANDS: list[Callable[[Subcommands], dict[str, Command]]] = [
+    _cli_verify.add_commands,
     _cli_ct.add_commands,
     _cli_proofs.add_commands,
     _cli_dns.add_commands,
@@ -88,14 +98,6 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
                                  "superseded", "cessation_of_operation",
                                  "privilege_withdrawn"))
     add_trust_options(revoke)
-
-    verify = sub.add_parser("verify", help="check a certificate offline against the root")
-    verify.add_argument("certificate", help="PEM certificate (cert.pem)")
-    verify.add_argument("--cafile", help="root certificate (default DATA/root.pem)")
-    verify.add_argument("--chain", help="intermediates (default chain.pem beside the cert)")
-    verify.add_argument("--data-dir", default=None)
-    verify.add_argument("--log-key", action="append", metavar="PEM",
-                        help="CT log public key (default DATA/ct/*/log-key.pem; repeatable)")
 
     audit = sub.add_parser("audit", help="audit log tools")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)
@@ -155,7 +157,6 @@ CORE_COMMANDS: dict[str, Command] = {
     "issue": client_command(_cli_ca.cmd_issue),
     "validate": client_command(_cli_ca.cmd_validate),
     "revoke": client_command(_cli_ca.cmd_revoke),
-    "verify": offline_command(_cli_ca.cmd_verify),
     "audit": offline_command(_cli_ca.cmd_audit_verify),
 }
 
