@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -86,6 +87,11 @@ def test_development_cli_flow_and_audit_tampering(tmp_path: Path) -> None:
         # out of the box: a requester key, its plot and faucet stake are made on the way
         assert "development faucet" in issued.stderr and "k=18 plot" in issued.stderr
         assert list((tmp_path / "trustchain-proofs").glob("plot-k18-*.plot"))
+        # the private keys it made are the user's alone
+        assert stat.S_IMODE((tmp_path / "trustchain-proofs").stat().st_mode) == 0o700
+        assert stat.S_IMODE((tmp_path / "trustchain-proofs" / "requester.key").stat().st_mode
+                            ) == 0o600
+        assert stat.S_IMODE((tmp_path / "k.pem").stat().st_mode) == 0o600
         serial = issued.stdout.split()[1]
         cert = str(tmp_path / "out" / "cert.pem")
         ok = _cli("verify", cert, "--online", *target, cwd=tmp_path)
