@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable
 
 import uvloop
 
 import stoq
+from protocol import TrustChainError
+from store import StoreError
 
 from . import (
     __version__,
@@ -29,6 +32,7 @@ from . import _config as config
 from ._app import Node
 from ._cli_common import (
     Command,
+    CommandLineParser,
     Subcommands,
     add_trust_options,
     client_command,
@@ -53,7 +57,7 @@ after the core commands exist: proofs adds ``--proofs-dir`` to ``issue`` and ``r
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     """The parser of every command, and the command each sub-command name runs."""
-    parser = argparse.ArgumentParser(prog="trustchain", description=(
+    parser = CommandLineParser(prog="trustchain", description=(
         "TrustChain: a QUIC-native, IPv6-only certificate authority, CT log and DNS server."))
     parser.add_argument("--version", action="version", version=f"trustchain {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -129,11 +133,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     node = Node(cfg, data_dir=args.data_dir, listen=listen)
     try:
         uvloop.run(node.run())
-    except config.ConfigError as exc:
+    except (config.ConfigError, StoreError) as exc:  # the data directory in use, the keys...
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:
-        print(f"error: cannot listen: {exc}", file=sys.stderr)
+    except OSError as exc:  # a file names itself; a socket that cannot bind does not
+        print(f"error: {exc}" if exc.filename else f"error: cannot listen: {exc}",
+              file=sys.stderr)
         return 2
     return 0
 
@@ -162,9 +167,36 @@ CORE_COMMANDS: dict[str, Command] = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; every failure a user can cause ends in one ``error:`` line
+    and a non-zero status, never a traceback (``TRUSTCHAIN_TRACEBACK=1`` shows one for an
+    unexpected error)."""
     parser, commands = build_parser()
     args = parser.parse_args(argv)
-    return commands[args.command](args)
+    try:
+        return commands[args.command](args)
+    except BrokenPipeError:
+        # the reader went away (`trustchain ct watch | head`): stop quietly, and keep the
+        # interpreter's final flush of stdout from failing again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except (config.ConfigError, StoreError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except stoq.ConnectionFailed as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 3
+    except TrustChainError as exc:
+        print(f"error: {exc.code.value}: {exc.message}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        if os.environ.get("TRUSTCHAIN_TRACEBACK"):
+            raise
+        print(f"error: unexpected {type(exc).__name__}: {exc} (TRUSTCHAIN_TRACEBACK=1 shows "
+              "where)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from handlers.ca import revocation_statement
 from store import verify_log, write_atomic
 
 from . import _config as config
-from ._cli_common import ClientBody
+from ._cli_common import ClientBody, read_certificates, read_private_key
 from ._cli_proofs import guarded, proofs_dir, ready_prover
 from ._compose import data_directory, open_ca, open_ca_stores, open_configured_keystore
 
@@ -27,7 +27,7 @@ def load_or_create_key(path: Path, key_type: str) -> Any:
     """The private key in ``path``; a new one (mode 0600) if the file does not exist."""
     key: Any
     if path.exists():
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        key = read_private_key(path)
         if not isinstance(key, (ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey)):
             raise ValueError(f"{path}: only EC (P-256, P-384) and Ed25519 keys are supported")
         return key
@@ -127,11 +127,11 @@ def cmd_revoke(args: argparse.Namespace) -> ClientBody:
     request: dict[str, Any] = {"serial": serial, "reason": args.reason}
     if args.admin:
         directory = Path(args.admin)
-        key = serialization.load_pem_private_key((directory / "admin.key").read_bytes(), None)
-        cert = x509.load_pem_x509_certificate((directory / "admin.pem").read_bytes())
+        key = read_private_key(directory / "admin.key")
+        cert = read_certificates(directory / "admin.pem")[0]
         request["admin_certificate"] = cert.public_bytes(serialization.Encoding.DER)
     elif args.key:
-        key = serialization.load_pem_private_key(Path(args.key).read_bytes(), None)
+        key = read_private_key(args.key)
     else:
         raise ValueError("give --key KEYFILE (the certificate's key) or --admin DIR")
 

@@ -26,7 +26,9 @@ from ._cli_common import (
     Command,
     Subcommands,
     add_trust_options,
+    client_command,
     parse_endpoint,
+    read_certificates,
     run_client,
     trust_arguments,
 )
@@ -57,8 +59,7 @@ def add_commands(sub: Subcommands) -> dict[str, Command]:
     def command(args: argparse.Namespace) -> int:
         if args.ct_command == "watch":
             return _watch(args)
-        body = {"proof": _proof, "sth": _sth}[args.ct_command](args)
-        return run_client(args, body)
+        return client_command({"proof": _proof, "sth": _sth}[args.ct_command])(args)
 
     return {"ct": command}
 
@@ -96,18 +97,18 @@ def _watch(args: argparse.Namespace) -> int:
 
 
 def _issuer(cert_path: Path, chain: str | None) -> x509.Certificate | None:
-    certs = x509.load_pem_x509_certificates(cert_path.read_bytes())
+    certs = read_certificates(cert_path)
     chain_path = Path(chain) if chain else cert_path.parent / "chain.pem"
     if len(certs) > 1:
         return certs[1]
     if chain_path.is_file():
-        return x509.load_pem_x509_certificates(chain_path.read_bytes())[0]
+        return read_certificates(chain_path)[0]
     return None
 
 
 def _proof(args: argparse.Namespace) -> ClientBody:
     cert_path = Path(args.certificate)
-    cert = x509.load_pem_x509_certificates(cert_path.read_bytes())[0]
+    cert = read_certificates(cert_path)[0]
     issuer = _issuer(cert_path, args.chain)
 
     async def body(client: stoq.AsyncClient) -> int:

@@ -29,7 +29,7 @@ from cryptography.x509 import verification
 
 import stoq
 
-from ._cli_common import Command, Subcommands, offline_command, run_client
+from ._cli_common import Command, Subcommands, offline_command, read_certificates, run_client
 from ._cli_ct import check_embedded_scts, log_keys
 
 
@@ -109,11 +109,11 @@ def add_commands(sub: Subcommands) -> dict[str, Command]:
 def verify_certificate(cert_path: Path, root_path: Path, chain_path: Path | None,
                        at: datetime.datetime | None = None) -> list[str]:
     """Check ``cert_path`` chains to the root in ``root_path``; return what is wrong."""
-    certs = x509.load_pem_x509_certificates(cert_path.read_bytes())
+    certs = read_certificates(cert_path)
     leaf, intermediates = certs[0], certs[1:]
     if chain_path is not None:
-        intermediates += x509.load_pem_x509_certificates(chain_path.read_bytes())
-    roots = x509.load_pem_x509_certificates(root_path.read_bytes())
+        intermediates += read_certificates(chain_path)
+    roots = read_certificates(root_path)
     store = verification.Store(roots)
     builder = verification.PolicyBuilder().store(store).time(
         at or datetime.datetime.now(datetime.UTC))
@@ -152,7 +152,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     chain = Path(args.chain) if args.chain else None
     if chain is None and (cert_path.parent / "chain.pem").is_file():
         chain = cert_path.parent / "chain.pem"
-    leaf = x509.load_pem_x509_certificates(cert_path.read_bytes())[0]
+    leaf = read_certificates(cert_path)[0]
     print(f"serial {format(leaf.serial_number, 'x')}")
     print(f"valid {leaf.not_valid_before_utc:%Y-%m-%d %H:%M:%S} to "
           f"{leaf.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC")
@@ -163,7 +163,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             report.fail("chain", problem)
         return report.verdict(set())
     report.ok("chain", f"chains to {root}, within its validity period")
-    chain_certs = x509.load_pem_x509_certificates(chain.read_bytes()) if chain else []
+    chain_certs = read_certificates(chain) if chain else []
     issuer = next((c for c in chain_certs if c.subject == leaf.issuer), None)
     keys = log_keys(args.log_key or [], args.data_dir)
     accepted = {"SCT"} if args.allow_unchecked_sct else set()
