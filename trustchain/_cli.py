@@ -23,6 +23,7 @@ from . import (
     _cli_ca,
     _cli_ceremony,
     _cli_cluster,
+    _cli_consensus,
     _cli_ct,
     _cli_dns,
     _cli_proofs,
@@ -49,6 +50,7 @@ ADD_COMMANDS: list[Callable[[Subcommands], dict[str, Command]]] = [
     _cli_proofs.add_commands,
     _cli_dns.add_commands,
     _cli_cluster.add_commands,
+    _cli_consensus.add_commands,
     _cli_ceremony.add_commands,
 ]
 """The ``add_commands`` of each sub-command module, in the order of ``--help``. They run

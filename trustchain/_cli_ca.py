@@ -19,6 +19,7 @@ from store import verify_log, write_atomic
 
 from . import _config as config
 from ._cli_common import ClientBody, read_certificates, read_private_key
+from ._cli_consensus import write_commit
 from ._cli_proofs import guarded, proofs_dir, ready_prover
 from ._compose import data_directory, open_ca, open_ca_stores, open_configured_keystore
 
@@ -98,11 +99,13 @@ def cmd_issue(args: argparse.Namespace) -> ClientBody:
         out.mkdir(parents=True, exist_ok=True)
         write_atomic(out / "cert.pem", _pem(result["certificate"]))
         write_atomic(out / "chain.pem", b"".join(_pem(d) for d in result["chain"]))
+        commit = write_commit(out, result)
         print(f"serial {result['serial']}")
         print(f"names {' '.join(result['names'])}")
         print(f"valid {_when(result['not_before'])} to {_when(result['not_after'])}; "
               f"renew after {_when(result['renew_after'])}")
-        print(f"wrote {out / 'cert.pem'} and {out / 'chain.pem'}")
+        print(f"wrote {out / 'cert.pem'} and {out / 'chain.pem'}"
+              + (f", and the block's commit to {commit}" if commit else ""))
         return 0
     return guarded(body)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import hashlib
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ from cryptography.x509 import verification
 import stoq
 
 from ._cli_common import Command, Subcommands, offline_command, read_certificates, run_client
+from ._cli_consensus import COMMIT_FILE, block_holds, check_commit, read_json
 from ._cli_ct import check_embedded_scts, log_keys
 
 
@@ -44,7 +46,7 @@ class Report:
 
     def ok(self, check: str, line: str) -> None:
         self.passed.append(check)
-        print(f"OK {line}")
+        print(f"OK {check}: {line}")
 
     def fail(self, check: str, line: str) -> None:
         self.failed.append(check)
@@ -85,13 +87,24 @@ def add_commands(sub: Subcommands) -> dict[str, Command]:
                         help="CT log public key (default DATA/ct/*/log-key.pem; repeatable)")
     verify.add_argument("--allow-unchecked-sct", action="store_true",
                         help="exit 0 even when no CT log key was there to check the SCT")
+    verify.add_argument("--consensus", action="store_true",
+                        help="also check the commit of the block that committed the "
+                             "certificate: signatures of more than 2/3 of the power")
+    verify.add_argument("--commit", metavar="FILE",
+                        help=f"the commit (default {COMMIT_FILE} beside the cert, as "
+                             "`trustchain issue` writes it)")
+    verify.add_argument("--validators", metavar="FILE",
+                        help="the validator set of the commit's height, as `trustchain "
+                             "consensus validators --height H` prints it (default with "
+                             "--online: asked of the node)")
     mode = verify.add_mutually_exclusive_group()
     mode.add_argument("--online", action="store_true",
                       help="also ask a node (ca.validate) whether the certificate is "
                            "valid, revoked or expired; the log keys come from it when "
                            "none is given")
     mode.add_argument("--offline", action="store_true",
-                      help="do not ask a node: accept that revocation is not checked")
+                      help="do not ask a node: accept that revocation (and with "
+                           "--consensus, the block's content) is not checked")
     verify.add_argument("--server", default="[::1]:8443", metavar="[ADDR]:PORT",
                         help="the node --online asks (default [::1]:8443)")
     trust = verify.add_mutually_exclusive_group()
@@ -167,12 +180,24 @@ def cmd_verify(args: argparse.Namespace) -> int:
     issuer = next((c for c in chain_certs if c.subject == leaf.issuer), None)
     keys = log_keys(args.log_key or [], args.data_dir)
     accepted = {"SCT"} if args.allow_unchecked_sct else set()
+    der = leaf.public_bytes(serialization.Encoding.DER)
+    commit = _read_commit(args, cert_path, der) if args.consensus else None
+    validators = read_json(Path(args.validators), "validator set") if args.validators else None
+    if commit is not None and validators is None and not args.online:
+        print("error: --consensus needs the validator set: --validators FILE (from "
+              "`trustchain consensus validators --height "
+              f"{commit['block_height']}`) or --online", file=sys.stderr)
+        return 2
     if not args.online:
         _check_sct(report, leaf, issuer, keys)
         report.skip("revocation", "no node was asked (--online asks one with ca.validate)",
                     "--offline")
+        if commit is not None and validators is not None:
+            _check_commit(report, commit, validators, str(args.validators))
+            report.skip("block", "that the committed block holds this certificate needs "
+                                 "the block (--online asks consensus.blocks)", "--offline")
         if args.offline:
-            accepted.add("revocation")
+            accepted |= {"revocation", "block"}
         return report.verdict(accepted)
 
     server_args = copy.copy(args)
@@ -186,9 +211,52 @@ def cmd_verify(args: argparse.Namespace) -> int:
                              for log_id, (shard, key) in shards.by_log_id.items()}
         _check_sct(report, leaf, issuer, log_keys_used)
         await _check_status(report, client, leaf, args.server)
+        if commit is not None:
+            height = commit["block_height"]
+            source = str(args.validators)
+            deciding = validators
+            if deciding is None:
+                deciding = await client.request("consensus.validators", {"height": height})
+                source = f"{args.server} (consensus.validators)"
+            _check_commit(report, commit, deciding, source)
+            blocks = await client.request("consensus.blocks", {"start": height, "limit": 1})
+            found = blocks["blocks"][0]["block"] if blocks["blocks"] else b""
+            why = block_holds(found, bytes.fromhex(commit["block_hash"]), commit["index"], der)
+            if why is None:
+                report.ok("block", f"block {height} from {args.server} is the committed "
+                                   f"block, and its decision {commit['index']} carries this "
+                                   "certificate")
+            else:
+                report.fail("block", why)
         return report.verdict(accepted)
 
     return run_client(server_args, ask)
+
+
+def _read_commit(args: argparse.Namespace, cert_path: Path, der: bytes) -> dict[str, Any]:
+    """The commit file of this certificate.
+
+    :raises ValueError: it is malformed or another certificate's.
+    """
+    path = Path(args.commit) if args.commit else cert_path.parent / COMMIT_FILE
+    commit = read_json(path, "commit")
+    if commit.get("fingerprint") != hashlib.sha256(der).hexdigest():
+        raise ValueError(f"{path} is the commit of another certificate (fingerprint "
+                         f"{commit.get('fingerprint')})")
+    return commit
+
+
+def _check_commit(report: Report, commit: dict[str, Any], validators: dict[str, Any],
+                  source: str) -> None:
+    try:
+        checked = check_commit(commit, validators)
+    except ValueError as exc:
+        report.fail("consensus", f"the commit of block {commit.get('block_height')}: {exc}")
+        return
+    report.ok("consensus", f"block {checked.height} ({checked.block_hash.hex()[:16]}...), "
+                           f"round {checked.round}: signed by {checked.signers} validators "
+                           f"holding {checked.power} of {checked.total_power} power (more "
+                           f"than 2/3; validator set from {source})")
 
 
 async def _check_status(report: Report, client: stoq.AsyncClient, leaf: x509.Certificate,
