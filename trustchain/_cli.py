@@ -25,6 +25,7 @@ from . import (
     _cli_cluster,
     _cli_consensus,
     _cli_ct,
+    _cli_demo,
     _cli_dns,
     _cli_proofs,
     _cli_verify,
@@ -45,6 +46,7 @@ from ._cli_common import (
 from ._logging import configure as configure_logging
 
 ADD_COMMANDS: list[Callable[[Subcommands], dict[str, Command]]] = [
+    _cli_demo.add_commands,
     _cli_verify.add_commands,
     _cli_ct.add_commands,
     _cli_proofs.add_commands,

@@ -145,7 +145,7 @@ def _query_doq(args: argparse.Namespace) -> int:
             if rrset.rdtype == dns.rdatatype.SOA:
                 print(f";; authority: {rrset.to_text()}")
     flags = dns.flags.to_text(response.flags)
-    status = _validate_doq(response, ask)
+    status = validate_doq(response, ask)
     print(f";; rcode {dns.rcode.to_text(response.rcode())}, flags {flags}, dnssec {status}")
     ok = response.rcode() == dns.rcode.NOERROR and status != "bogus"
     return 0 if ok else 1
@@ -158,7 +158,7 @@ def _default_root(args: argparse.Namespace) -> str:
     return str(root)
 
 
-def _validate_doq(response: dns.message.Message,
+def validate_doq(response: dns.message.Message,
                   ask: Callable[[dns.name.Name, Any], dns.message.Message]) -> str:
     """``secure`` (every RRset signed by the zone's DNSKEY set, which its KSK signed),
     ``bogus``, or ``unsigned`` (no RRSIG at all: a forwarded answer)."""
