@@ -4,6 +4,7 @@ there, a data directory already in use, a reader that goes away (``| head``)."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -120,6 +121,19 @@ def test_a_data_directory_in_use_and_a_reader_that_goes_away(tmp_path: Path) -> 
             shell=True, executable="/bin/bash", capture_output=True, text=True, cwd=tmp_path,
             timeout=60)
         assert piped.stdout == "status 0\n" and "Traceback" not in piped.stderr, piped.stderr
+        # Ctrl-C: status 130, no traceback
+        watch = subprocess.Popen(
+            [sys.executable, "-m", "trustchain", "ct", "watch", "--from", "0", "--server",
+             f"[::1]:{server.port}", "--data-dir", str(data)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+        assert watch.stdout is not None
+        try:
+            assert watch.stdout.readline().startswith("0/0 ")  # it is following the log
+            watch.send_signal(signal.SIGINT)
+            _, err = watch.communicate(timeout=30)
+        finally:
+            watch.kill()
+        assert watch.returncode == 130 and err.strip() == "", err
     finally:
         server.stop()
     # the directory is free again once the node has stopped
