@@ -1,7 +1,8 @@
 """The ``trustchain`` command.
 
-Exit status: 0 success; 1 the server refused (its error code is printed);
-2 bad usage or configuration; 3 the server could not be reached.
+Exit status: 0 success; 1 the server refused (its error code is printed) or a
+check failed; 2 bad usage or configuration; 3 the server could not be reached;
+130 interrupted (Ctrl-C). Every error is one line on standard error.
 """
 
 from __future__ import annotations

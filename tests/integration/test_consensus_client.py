@@ -102,6 +102,12 @@ async def test_verify_consensus_checks_the_commit(tmp_path: Path, cddl: CddlChec
         assert f"OK block: block {height} from" in out_text, out_text
         assert out_text.splitlines()[-1] == (
             "OK checked: chain, SCT, revocation, consensus, block")
+        # --pin is how the node is authenticated when given: a wrong one is refused
+        code, out_text, err = await _cli("verify", str(cert), *root, "--online", "--server",
+                                         f"[::1]:{node.port}", "--pin", "0" * 64,
+                                         cwd=tmp_path)
+        assert code == 3 and len(err.strip().splitlines()) == 1, out_text + err
+        assert f"does not match the pinned {'0' * 64}" in err
 
         # tampered: another round, a flipped signature bit, another validator set
         document = commit_document(result)
