@@ -10,6 +10,20 @@ import os
 from pathlib import Path
 
 
+def private_directory(path: Path) -> None:
+    """Make ``path`` (and its missing parents) if it does not exist; the directory
+    itself with mode 0700, whatever the umask, as it holds a private key. An existing
+    directory is left as it is: it may be one the user chose for other files too."""
+    if path.is_dir():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        return  # made meanwhile by another process: as above, left as it is
+    os.chmod(path, 0o700)  # mkdir's mode is masked by the umask
+
+
 def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Replace ``path`` with ``data`` so that a crash leaves the old or the new file,
     never half of one; a new file gets ``mode`` (a private key: 0o600) from the start,

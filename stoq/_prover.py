@@ -73,7 +73,7 @@ from protocol.ops.consensus import (
 )
 
 from ._client import AsyncClient
-from ._files import write_atomic
+from ._files import private_directory, write_atomic
 
 Progress = Callable[[str, float], None]
 """``progress(message, fraction)``: what is being done and how far (0.0 to 1.0)."""
@@ -432,7 +432,9 @@ class Prover:
 
     @classmethod
     def open(cls, directory: Path, **kwargs: Any) -> Prover:
-        """The prover of ``directory``; makes its requester key the first time."""
+        """The prover of ``directory``; makes the directory (mode 0700) and its requester
+        key (mode 0600) the first time."""
+        private_directory(directory)
         return cls(directory, load_or_create_requester_key(directory / cls.KEY_FILE), **kwargs)
 
     # --- the node's view -------------------------------------------------------------

@@ -54,6 +54,10 @@ CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
     value BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS validator_sets (
+    from_height INTEGER PRIMARY KEY,
+    validators BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS signing (
     one INTEGER PRIMARY KEY CHECK (one = 1),
     state BLOB NOT NULL
@@ -139,6 +143,29 @@ class ChainStore(SqliteDatabase):
         digests, ids = list(decision_digests), list(evidence_ids)
         await asyncio.get_running_loop().run_in_executor(
             self._writer, self.add_block_now, block, digests, ids, signing_state, validators)
+
+    # --- validator sets by height ----------------------------------------------------
+
+    def record_validator_set_now(self, from_height: int, validators: bytes) -> None:
+        """``validators`` (the deterministic CBOR ``[[public_key, power], ...]``) decide
+        every height from ``from_height`` on, until a later record."""
+        self._transaction([("INSERT OR REPLACE INTO validator_sets (from_height, validators) "
+                            "VALUES (?, ?)", (from_height, validators))])
+
+    async def record_validator_set(self, from_height: int, validators: bytes) -> None:
+        await asyncio.get_running_loop().run_in_executor(
+            self._writer, self.record_validator_set_now, from_height, validators)
+
+    def validator_set_at(self, height: int) -> bytes | None:
+        """The recorded set that decides ``height``; None if none was recorded by then."""
+        row = self.read_one("SELECT validators FROM validator_sets WHERE from_height <= ? "
+                            "ORDER BY from_height DESC LIMIT 1", (height,))
+        return None if row is None else bytes(row[0])
+
+    def first_recorded_validator_set(self) -> int | None:
+        """The height from which validator sets are known (None: none recorded yet)."""
+        row = self.read_one("SELECT MIN(from_height) FROM validator_sets")
+        return None if row is None or row[0] is None else int(row[0])
 
     def meta(self, key: str) -> bytes | None:
         row = self.read_one("SELECT value FROM meta WHERE key = ?", (key,))

@@ -7,6 +7,7 @@
     ├── AuthorityError            the CA's own authorities (root, intermediates, admins)
     ├── BeaconError               the epoch beacons
     ├── ChainStoreError           the consensus chain (blocks, commits, signing state)
+    ├── DataDirectoryInUse        another process holds the data directory
     ├── FileStoreError            a small durable file (credentials, schedules)
     ├── KeyStoreError             a keystore (key directory or PKCS#11 token)
     ├── StateError                the replicated state (certificates, CT, stake...)
@@ -38,6 +39,10 @@ class BeaconError(StoreError):
 
 class ChainStoreError(StoreError):
     """The chain database cannot be opened or written."""
+
+
+class DataDirectoryInUse(StoreError):
+    """Another process (a running node?) holds the data directory's lock."""
 
 
 class FileStoreError(StoreError):

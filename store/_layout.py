@@ -4,6 +4,7 @@ Services never choose paths: the composition root asks :class:`DataDirectory`
 for each store, and each store object knows its own file. The layout::
 
     DATA/
+      lock                     held (flock) by the one process using the directory
       keys/                    software keys (development; production keys live in the HSM)
       root.pem                 the CA root certificate, for clients
       admin/admin.key, .pem    the administrator credential (an operator's, not the CA's)
@@ -19,7 +20,11 @@ for each store, and each store object knows its own file. The layout::
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +32,7 @@ from ._audit import AuditLog, CheckpointSigner
 from ._authorities import AuthorityStore
 from ._beacons import BeaconStore
 from ._blocks import ChainStore
-from ._errors import FileStoreError
+from ._errors import DataDirectoryInUse, FileStoreError
 from ._files import write_atomic
 from ._state import StateDatabase
 from ._tiles import TileLog
@@ -140,6 +145,39 @@ class DataDirectory:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise FileStoreError(f"cannot create the data directory {self.root}: {exc}") from exc
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the directory for this process alone while the block runs.
+
+        Two nodes (or a node and ``trustchain init``) on one directory would each
+        append to the same chain, log and audit trail: the second is refused before
+        it opens anything. The lock is an ``flock`` on ``DATA/lock``, released by the
+        kernel when the process ends however it ends; the file names the holder's pid.
+
+        :raises DataDirectoryInUse: another process holds it.
+        :raises FileStoreError: the directory or its lock file cannot be made.
+        """
+        self.create()
+        path = self.root / "lock"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise FileStoreError(f"cannot open the lock file {path}: {exc}") from exc
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 32).decode(errors="replace").strip()
+                raise DataDirectoryInUse(
+                    f"data directory {self.root} is in use by another process"
+                    + (f" (pid {holder})" if holder.isdigit() else "")
+                    + ": a running node? Stop it, or give another --data-dir") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            yield
+        finally:
+            os.close(fd)
 
     # --- the certificate authority --------------------------------------------------
 

@@ -1,26 +1,41 @@
 """The ``trustchain`` command.
 
-Exit status: 0 success; 1 the server refused (its error code is printed);
-2 bad usage or configuration; 3 the server could not be reached.
+Exit status: 0 success; 1 the server refused (its error code is printed) or a
+check failed; 2 bad usage or configuration; 3 the server could not be reached;
+130 interrupted (Ctrl-C). Every error is one line on standard error.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable
 
 import uvloop
 
 import stoq
-from store import AuditError, TileCorrupted
+from protocol import TrustChainError
+from store import StoreError, TileCorrupted
 
-from . import __version__, _cli_ca, _cli_ceremony, _cli_cluster, _cli_ct, _cli_dns, _cli_proofs
+from . import (
+    __version__,
+    _cli_ca,
+    _cli_ceremony,
+    _cli_cluster,
+    _cli_consensus,
+    _cli_ct,
+    _cli_demo,
+    _cli_dns,
+    _cli_proofs,
+    _cli_verify,
+)
 from . import _config as config
 from ._app import Node
 from ._cli_common import (
     Command,
+    CommandLineParser,
     Subcommands,
     add_trust_options,
     client_command,
@@ -32,10 +47,13 @@ from ._cli_common import (
 from ._logging import configure as configure_logging
 
 ADD_COMMANDS: list[Callable[[Subcommands], dict[str, Command]]] = [
+    _cli_demo.add_commands,
+    _cli_verify.add_commands,
     _cli_ct.add_commands,
     _cli_proofs.add_commands,
     _cli_dns.add_commands,
     _cli_cluster.add_commands,
+    _cli_consensus.add_commands,
     _cli_ceremony.add_commands,
 ]
 """The ``add_commands`` of each sub-command module, in the order of ``--help``. They run
@@ -44,7 +62,7 @@ after the core commands exist: proofs adds ``--proofs-dir`` to ``issue`` and ``r
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     """The parser of every command, and the command each sub-command name runs."""
-    parser = argparse.ArgumentParser(prog="trustchain", description=(
+    parser = CommandLineParser(prog="trustchain", description=(
         "TrustChain: a QUIC-native, IPv6-only certificate authority, CT log and DNS server."))
     parser.add_argument("--version", action="version", version=f"trustchain {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -93,14 +111,6 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
                                  "privilege_withdrawn"))
     add_trust_options(revoke)
 
-    verify = sub.add_parser("verify", help="check a certificate offline against the root")
-    verify.add_argument("certificate", help="PEM certificate (cert.pem)")
-    verify.add_argument("--cafile", help="root certificate (default DATA/root.pem)")
-    verify.add_argument("--chain", help="intermediates (default chain.pem beside the cert)")
-    verify.add_argument("--data-dir", default=None)
-    verify.add_argument("--log-key", action="append", metavar="PEM",
-                        help="CT log public key (default DATA/ct/*/log-key.pem; repeatable)")
-
     audit = sub.add_parser("audit", help="audit log tools")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)
     audit_verify = audit_sub.add_parser("verify", help="detect edited, removed or reordered "
@@ -132,20 +142,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 check_audit_log=args.check_audit_log)
     try:
         uvloop.run(node.run())
-    except config.ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except AuditError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except TileCorrupted as exc:
         data_dir = args.data_dir or cfg.node.data_dir
         print(f"error: the CT log is damaged, the node will not start: {exc}. "
               f"`trustchain ct check --data-dir {data_dir}` verifies every tile; "
               f"{_cli_ct.DAMAGED_ADVICE}", file=sys.stderr)
         return 2
-    except OSError as exc:
-        print(f"error: cannot listen: {exc}", file=sys.stderr)
+    except (config.ConfigError, StoreError) as exc:  # the data directory in use, the keys...
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a file names itself; a socket that cannot bind does not
+        print(f"error: {exc}" if exc.filename else f"error: cannot listen: {exc}",
+              file=sys.stderr)
         return 2
     return 0
 
@@ -169,15 +177,41 @@ CORE_COMMANDS: dict[str, Command] = {
     "issue": client_command(_cli_ca.cmd_issue),
     "validate": client_command(_cli_ca.cmd_validate),
     "revoke": client_command(_cli_ca.cmd_revoke),
-    "verify": offline_command(_cli_ca.cmd_verify),
     "audit": offline_command(_cli_ca.cmd_audit_verify),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; every failure a user can cause ends in one ``error:`` line
+    and a non-zero status, never a traceback (``TRUSTCHAIN_TRACEBACK=1`` shows one for an
+    unexpected error)."""
     parser, commands = build_parser()
     args = parser.parse_args(argv)
-    return commands[args.command](args)
+    try:
+        return commands[args.command](args)
+    except BrokenPipeError:
+        # the reader went away (`trustchain ct watch | head`): stop quietly, and keep the
+        # interpreter's final flush of stdout from failing again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except (config.ConfigError, StoreError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except stoq.ConnectionFailed as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 3
+    except TrustChainError as exc:
+        print(f"error: {exc.code.value}: {exc.message}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        if os.environ.get("TRUSTCHAIN_TRACEBACK"):
+            raise
+        print(f"error: unexpected {type(exc).__name__}: {exc} (TRUSTCHAIN_TRACEBACK=1 shows "
+              "where)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

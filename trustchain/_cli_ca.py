@@ -1,4 +1,4 @@
-"""CA commands of the ``trustchain`` CLI: init, issue, validate, revoke, verify, audit."""
+"""CA commands of the ``trustchain`` CLI: init, issue, validate, revoke, audit."""
 
 from __future__ import annotations
 
@@ -12,15 +12,14 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
-from cryptography.x509 import verification
 
 import stoq
 from handlers.ca import revocation_statement
 from store import verify_log, write_atomic
 
 from . import _config as config
-from ._cli_common import ClientBody
-from ._cli_ct import check_embedded_scts, log_keys
+from ._cli_common import ClientBody, read_certificates, read_private_key
+from ._cli_consensus import write_commit
 from ._cli_proofs import guarded, proofs_dir, ready_prover
 from ._compose import data_directory, open_ca, open_ca_stores, open_configured_keystore
 
@@ -29,7 +28,7 @@ def load_or_create_key(path: Path, key_type: str) -> Any:
     """The private key in ``path``; a new one (mode 0600) if the file does not exist."""
     key: Any
     if path.exists():
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        key = read_private_key(path)
         if not isinstance(key, (ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey)):
             raise ValueError(f"{path}: only EC (P-256, P-384) and Ed25519 keys are supported")
         return key
@@ -100,11 +99,13 @@ def cmd_issue(args: argparse.Namespace) -> ClientBody:
         out.mkdir(parents=True, exist_ok=True)
         write_atomic(out / "cert.pem", _pem(result["certificate"]))
         write_atomic(out / "chain.pem", b"".join(_pem(d) for d in result["chain"]))
+        commit = write_commit(out, result)
         print(f"serial {result['serial']}")
         print(f"names {' '.join(result['names'])}")
         print(f"valid {_when(result['not_before'])} to {_when(result['not_after'])}; "
               f"renew after {_when(result['renew_after'])}")
-        print(f"wrote {out / 'cert.pem'} and {out / 'chain.pem'}")
+        print(f"wrote {out / 'cert.pem'} and {out / 'chain.pem'}"
+              + (f", and the block's commit to {commit}" if commit else ""))
         return 0
     return guarded(body)
 
@@ -129,11 +130,11 @@ def cmd_revoke(args: argparse.Namespace) -> ClientBody:
     request: dict[str, Any] = {"serial": serial, "reason": args.reason}
     if args.admin:
         directory = Path(args.admin)
-        key = serialization.load_pem_private_key((directory / "admin.key").read_bytes(), None)
-        cert = x509.load_pem_x509_certificate((directory / "admin.pem").read_bytes())
+        key = read_private_key(directory / "admin.key")
+        cert = read_certificates(directory / "admin.pem")[0]
         request["admin_certificate"] = cert.public_bytes(serialization.Encoding.DER)
     elif args.key:
-        key = serialization.load_pem_private_key(Path(args.key).read_bytes(), None)
+        key = read_private_key(args.key)
     else:
         raise ValueError("give --key KEYFILE (the certificate's key) or --admin DIR")
 
@@ -171,54 +172,6 @@ def cmd_rotation_status(args: argparse.Namespace) -> ClientBody:
 
 
 # --- offline ----------------------------------------------------------------------------
-
-
-def verify_certificate(cert_path: Path, root_path: Path, chain_path: Path | None,
-                       at: datetime.datetime | None = None) -> list[str]:
-    """Check ``cert_path`` chains to the root in ``root_path``; return what is wrong."""
-    certs = x509.load_pem_x509_certificates(cert_path.read_bytes())
-    leaf, intermediates = certs[0], certs[1:]
-    if chain_path is not None:
-        intermediates += x509.load_pem_x509_certificates(chain_path.read_bytes())
-    roots = x509.load_pem_x509_certificates(root_path.read_bytes())
-    store = verification.Store(roots)
-    builder = verification.PolicyBuilder().store(store).time(
-        at or datetime.datetime.now(datetime.UTC))
-    verifier = builder.build_client_verifier()
-    try:
-        verifier.verify(leaf, [c for c in intermediates if c not in roots])
-    except verification.VerificationError as exc:
-        return [f"chain does not verify: {exc}"]
-    return []
-
-
-def cmd_verify(args: argparse.Namespace) -> int:
-    root = Path(args.cafile or Path(args.data_dir or "./trustchain-data") / "root.pem")
-    if not root.is_file():
-        print(f"error: no root certificate at {root}; pass --cafile", file=sys.stderr)
-        return 2
-    chain = Path(args.chain) if args.chain else None
-    if chain is None and (Path(args.certificate).parent / "chain.pem").is_file():
-        chain = Path(args.certificate).parent / "chain.pem"
-    problems = verify_certificate(Path(args.certificate), root, chain)
-    leaf = x509.load_pem_x509_certificates(Path(args.certificate).read_bytes())[0]
-    print(f"serial {format(leaf.serial_number, 'x')}")
-    print(f"valid {leaf.not_valid_before_utc:%Y-%m-%d %H:%M:%S} to "
-          f"{leaf.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC")
-    if not problems:  # CT: the embedded SCT, against the log's key (offline)
-        chain_certs = x509.load_pem_x509_certificates(chain.read_bytes()) if chain else []
-        issuer = next((c for c in chain_certs if c.subject == leaf.issuer), None)
-        sct_problems, sct_lines = check_embedded_scts(
-            leaf, issuer, log_keys(getattr(args, "log_key", None) or [], args.data_dir))
-        problems += sct_problems
-        for line in sct_lines:
-            print(line)
-    if problems:
-        for problem in problems:
-            print(f"FAIL {problem}")
-        return 1
-    print(f"OK chains to {root}")
-    return 0
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:

@@ -13,13 +13,15 @@ import logging
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any, NoReturn, TypeAlias
 
 import uvloop
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 import stoq
 from protocol import TrustChainError
-from store import AuditError, AuthorityError, KeyStoreError, credential_paths
+from store import StoreError, credential_paths
 
 from . import _config as config
 
@@ -29,8 +31,16 @@ ClientBody = Callable[[stoq.AsyncClient], Awaitable[int]]
 """What a client command does once it is connected; returns the exit status."""
 Command = Callable[[argparse.Namespace], int]
 """A parsed command line to its exit status."""
-Subcommands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+Subcommands: TypeAlias = "argparse._SubParsersAction[CommandLineParser]"
 """Where a module adds its sub-commands (``parser.add_subparsers()``)."""
+
+
+class CommandLineParser(argparse.ArgumentParser):
+    """``argparse``, with a usage error on one line: what is wrong and where to read more
+    (argparse prints the whole usage first, which buries the error)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def parse_endpoint(text: str, *, default_host: str = "::1") -> tuple[str, int]:
@@ -77,7 +87,7 @@ def trust_arguments(args: argparse.Namespace) -> dict[str, Any]:
     """``stoq.connect`` keywords from the trust options; without any, trust the local
     node's own files."""
     if args.cafile:
-        return {"cafile": args.cafile}
+        return {"cafile": readable_certificates(args.cafile)}
     if args.pin:
         return {"pin": args.pin}
     if args.insecure:
@@ -92,6 +102,45 @@ def trust_arguments(args: argparse.Namespace) -> dict[str, Any]:
         return {"pin": stoq.certificate_fingerprint(str(certfile))}
     raise ValueError("no trust anchor: pass --cafile FILE, --pin SHA256 or --insecure "
                      f"(looked for {root} and {certfile})")
+
+
+def read_certificates(path: str | Path) -> list[x509.Certificate]:
+    """The PEM certificates in ``path``.
+
+    :raises ValueError: it holds none (the message names the file).
+    :raises OSError: it cannot be read.
+    """
+    try:
+        return x509.load_pem_x509_certificates(Path(path).read_bytes())
+    except ValueError:
+        raise ValueError(f"{path}: not a PEM certificate file") from None
+
+
+def read_private_key(path: str | Path) -> Any:
+    """The unencrypted PEM private key in ``path``.
+
+    :raises ValueError: it holds none (the message names the file).
+    :raises OSError: it cannot be read.
+    """
+    try:
+        return serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+    except (ValueError, TypeError):  # TypeError: the key is encrypted
+        raise ValueError(f"{path}: not an unencrypted PEM private key") from None
+
+
+def readable_certificates(path: str) -> str:
+    """``path`` if it holds PEM certificates, so that a wrong ``--cafile`` is said to be
+    wrong rather than shown as a failed handshake.
+
+    :raises ValueError: it cannot be read or holds no certificate.
+    """
+    try:
+        read_certificates(path)
+    except OSError as exc:
+        raise ValueError(f"--cafile {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise ValueError(f"--cafile {exc}") from None
+    return path
 
 
 def print_json(value: Any) -> None:
@@ -153,8 +202,7 @@ def offline_command(run: Command) -> Command:
     def command(args: argparse.Namespace) -> int:
         try:
             return run(args)
-        except (config.ConfigError, ValueError, OSError, AuditError, AuthorityError,
-                KeyStoreError) as exc:
+        except (config.ConfigError, ValueError, OSError, StoreError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
     return command

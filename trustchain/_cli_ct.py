@@ -29,8 +29,10 @@ from ._cli_common import (
     Command,
     Subcommands,
     add_trust_options,
+    client_command,
     offline_command,
     parse_endpoint,
+    read_certificates,
     run_client,
     trust_arguments,
 )
@@ -70,8 +72,7 @@ def add_commands(sub: Subcommands) -> dict[str, Command]:
             return _watch(args)
         if args.ct_command == "check":
             return offline_command(_check)(args)
-        body = {"proof": _proof, "sth": _sth}[args.ct_command](args)
-        return run_client(args, body)
+        return client_command({"proof": _proof, "sth": _sth}[args.ct_command])(args)
 
     return {"ct": command}
 
@@ -109,18 +110,18 @@ def _watch(args: argparse.Namespace) -> int:
 
 
 def _issuer(cert_path: Path, chain: str | None) -> x509.Certificate | None:
-    certs = x509.load_pem_x509_certificates(cert_path.read_bytes())
+    certs = read_certificates(cert_path)
     chain_path = Path(chain) if chain else cert_path.parent / "chain.pem"
     if len(certs) > 1:
         return certs[1]
     if chain_path.is_file():
-        return x509.load_pem_x509_certificates(chain_path.read_bytes())[0]
+        return read_certificates(chain_path)[0]
     return None
 
 
 def _proof(args: argparse.Namespace) -> ClientBody:
     cert_path = Path(args.certificate)
-    cert = x509.load_pem_x509_certificates(cert_path.read_bytes())[0]
+    cert = read_certificates(cert_path)[0]
     issuer = _issuer(cert_path, args.chain)
 
     async def body(client: stoq.AsyncClient) -> int:
@@ -165,26 +166,29 @@ def log_keys(paths: list[str], data_dir: str | None) -> dict[bytes, tuple[str, A
 
 
 def check_embedded_scts(leaf: x509.Certificate, issuer: x509.Certificate | None,
-                        keys: dict[bytes, tuple[str, Any]]) -> tuple[list[str], list[str]]:
-    """Offline check of a certificate's embedded SCTs: (problems, report lines)."""
+                        keys: dict[bytes, tuple[str, Any]]
+                        ) -> tuple[list[str], list[str], str | None]:
+    """Offline check of a certificate's embedded SCTs: (problems, report lines, why the
+    SCT could not be checked or None). No key of the SCT's log is "not checked", never
+    "OK"."""
     try:
         scts = ct.embedded_scts(leaf)
     except ct.StructureError as exc:
-        return [f"the SCT list does not parse: {exc}"], []
-    if not keys:
-        return [], ["warning: no CT log key (DATA/ct/*/log-key.pem or --log-key); SCT not "
-                    "checked"]
+        return [f"the SCT list does not parse: {exc}"], [], None
     if not scts:
         return ["the certificate carries no SCT: it was not logged through the "
-                "precertificate flow"], []
+                "precertificate flow"], [], None
+    if not keys:
+        return [], [], "no CT log key (DATA/ct/*/log-key.pem, --log-key PEM or --online)"
     if issuer is None:
-        return ["checking the SCT needs the issuer (--chain)"], []
+        return ["checking the SCT needs the issuer (--chain)"], [], None
     problems: list[str] = []
     lines: list[str] = []
+    unknown: list[str] = []
     for sct in scts:
         known = keys.get(sct.log_id)
         if known is None:
-            lines.append(f"note: SCT from an unknown log {sct.log_id.hex()}")
+            unknown.append(sct.log_id.hex()[:16])
             continue
         try:
             ct.verify_embedded_sct(leaf, issuer, sct, known[1])
@@ -193,9 +197,12 @@ def check_embedded_scts(leaf: x509.Certificate, issuer: x509.Certificate | None,
             continue
         lines.append(f"OK SCT of log {sct.log_id.hex()[:16]}... ({known[0]}), entry "
                      f"{sct.leaf_index}, logged {_when(sct.timestamp)}")
-    if not problems and not any(line.startswith("OK") for line in lines):
-        problems.append("no SCT from a known log")
-    return problems, lines
+    if not problems and not lines:
+        return [], [], (f"the SCT is from a log whose key was not given ({', '.join(unknown)}"
+                        "...; --log-key PEM)")
+    lines += [f"note: an SCT of log {log_id}... not checked (no key for it)"
+              for log_id in unknown]
+    return problems, lines, None
 
 
 def _check(args: argparse.Namespace) -> int:

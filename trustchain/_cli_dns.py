@@ -32,6 +32,7 @@ import dns.rcode
 import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
+from dns.quic._common import UnexpectedEOF  # not exported by dns.quic (dnspython 2.9)
 
 import stoq
 
@@ -40,8 +41,9 @@ from ._cli_common import (
     Command,
     Subcommands,
     add_trust_options,
+    client_command,
     parse_endpoint,
-    run_client,
+    readable_certificates,
 )
 
 
@@ -64,8 +66,8 @@ def add_commands(sub: Subcommands) -> dict[str, Command]:
     def command(args: argparse.Namespace) -> int:
         if args.dns_command == "query" and args.doq:
             return _query_doq(args)
-        body = {"query": _query_stoq, "ds": _ds, "health": _health}[args.dns_command](args)
-        return run_client(args, body)
+        make = {"query": _query_stoq, "ds": _ds, "health": _health}[args.dns_command]
+        return client_command(make)(args)
 
     return {"dns": command}
 
@@ -113,7 +115,8 @@ def _query_doq(args: argparse.Namespace) -> int:
         if args.pin:
             raise ValueError("--doq verifies the certificate with --cafile; --pin is not "
                              "supported by the DoQ client")
-        verify: bool | str = False if args.insecure else (args.cafile or _default_root(args))
+        verify: bool | str = False if args.insecure else readable_certificates(
+            args.cafile or _default_root(args))
         rdtype = dns.rdatatype.from_text(args.type)
         name = dns.name.from_text(args.name)
     except (ValueError, dns.exception.DNSException) as exc:
@@ -128,9 +131,11 @@ def _query_doq(args: argparse.Namespace) -> int:
 
     try:
         response = ask(name, rdtype)
-    except (dns.exception.DNSException, OSError, EOFError) as exc:
-        print(f"error: cannot reach [{host}]:{port} over DoQ: {type(exc).__name__} {exc}",
-              file=sys.stderr)
+    except (dns.exception.DNSException, OSError, EOFError, UnexpectedEOF) as exc:
+        why = f"{type(exc).__name__} {exc}".strip()
+        if isinstance(exc, UnexpectedEOF):  # dnspython's word for a connection that never was
+            why = f"no DoQ connection within {args.timeout} s"
+        print(f"error: cannot reach [{host}]:{port} over DoQ: {why}", file=sys.stderr)
         return 3
     for rrset in response.answer:
         if rrset.rdtype != dns.rdatatype.RRSIG:
@@ -140,7 +145,7 @@ def _query_doq(args: argparse.Namespace) -> int:
             if rrset.rdtype == dns.rdatatype.SOA:
                 print(f";; authority: {rrset.to_text()}")
     flags = dns.flags.to_text(response.flags)
-    status = _validate_doq(response, ask)
+    status = validate_doq(response, ask)
     print(f";; rcode {dns.rcode.to_text(response.rcode())}, flags {flags}, dnssec {status}")
     ok = response.rcode() == dns.rcode.NOERROR and status != "bogus"
     return 0 if ok else 1
@@ -153,7 +158,7 @@ def _default_root(args: argparse.Namespace) -> str:
     return str(root)
 
 
-def _validate_doq(response: dns.message.Message,
+def validate_doq(response: dns.message.Message,
                   ask: Callable[[dns.name.Name, Any], dns.message.Message]) -> str:
     """``secure`` (every RRset signed by the zone's DNSKEY set, which its KSK signed),
     ``bogus``, or ``unsigned`` (no RRSIG at all: a forwarded answer)."""

@@ -249,7 +249,11 @@ def open_ca_stores(cfg: Config, data: DataDirectory) -> Iterator[CaStores]:
     """The CA's stores of ``data`` for a command that runs no node (``trustchain init``,
     ``cluster init``); closed in order: the audit log signs its final checkpoint before
     the keystore closes."""
-    data.create()
+    with data.lock():
+        yield from _open_ca_stores(cfg, data)
+
+
+def _open_ca_stores(cfg: Config, data: DataDirectory) -> Iterator[CaStores]:
     keystore = open_configured_keystore(cfg, data.root)
     try:
         authorities = data.authorities()
@@ -750,6 +754,7 @@ async def build_services(cfg: Config, data: DataDirectory, exits: contextlib.Asy
     :param check_audit_log: verify the whole audit chain at start, not only the records
         from the last signed checkpoint.
     """
+    exits.enter_context(data.lock())  # before anything is opened: one node per directory
     base = await _foundation(cfg, data, exits, node_addresses(cfg, listen), describe,
                              accepting, check_audit_log)
     replicated = await _replicated(cfg, data, exits, base)

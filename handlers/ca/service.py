@@ -97,6 +97,15 @@ class DecisionOutcome(Protocol):
     def block_height(self) -> int | None: ...
 
     @property
+    def index(self) -> int | None: ...
+
+    @property
+    def round(self) -> int | None: ...
+
+    @property
+    def chain_id(self) -> str | None: ...
+
+    @property
     def signatures(self) -> list[dict[str, Any]]: ...
 
 
@@ -317,6 +326,9 @@ class CertificateAuthority:
             "admission": "consensus",
             "block_hash": signed.block_hash,
             "block_height": signed.block_height,
+            "index": signed.index,
+            "round": signed.round,
+            "chain_id": signed.chain_id,
             "signatures": signed.signatures,
         }
 

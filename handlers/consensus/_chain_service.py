@@ -88,6 +88,22 @@ class ChainService:
                            for b in self.chain.blocks(args.start, args.limit)],
                 "latest": latest}
 
+    def validators(self, args: ops.ValidatorsArgs, ctx: RequestContext) -> dict[str, Any]:
+        """The set whose precommits commit a block at ``height``: what a client needs to
+        check a commit by itself (spec §18.14)."""
+        chain = self.chain
+        height = chain.core.height if args.height is None else args.height
+        validators = chain.validators_at(height)
+        if validators is None:
+            raise NotFound(f"no validator set recorded for height {height} (this node is "
+                           f"at height {chain.core.height})", field="height")
+        total = validators.total_power
+        return {"chain_id": chain.chain_id, "height": height, "total_power": total,
+                "quorum_power": total * 2 // 3 + 1,
+                "validators": [{"id": v.id, "public_key": v.public_key, "power": v.power,
+                                "address": v.address, "port": v.port}
+                               for v in validators.validators]}
+
     def status(self, args: ops.StatusArgs, ctx: RequestContext) -> dict[str, Any]:
         return {**self.chain.status(), **self.state_status()}
 
@@ -97,3 +113,4 @@ class ChainService:
         router.add(ops.BLOCKS, self.blocks)
         router.add(ops.STATUS, self.status)
         router.add(ops.CHECKPOINT, self.checkpoint)
+        router.add(ops.VALIDATORS, self.validators)

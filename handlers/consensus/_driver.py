@@ -100,7 +100,9 @@ class Committed:
         return self.block.id
 
     def signatures(self) -> list[dict[str, Any]]:
-        return [{"validator": v.validator, "signature": v.signature}
+        """The commit's precommits as a client checks them (spec §18.14): each signs
+        ``[ctx, chain_id, "precommit", height, round, block_hash, validator, extension]``."""
+        return [{"validator": v.validator, "signature": v.signature, "extension": v.extension}
                 for v in self.commit.precommits]
 
 
@@ -253,6 +255,16 @@ class ConsensusChain:
             app_hash=rules.state_hash, await_execution=True)
         self.peers = {v.id: _Peer(v.id, self.names.get(v.id, v.id[:8]))
                       for v in current.validators if v.id != me}
+        self._recorded_set = store.validator_set_at(self.core.height)
+        if store.first_recorded_validator_set() is None \
+                and _validator_set_to_wire(current) == _validator_set_to_wire(validators):
+            # nothing recorded yet (a new chain, or one from before the record): powers
+            # only ever drop to 0, so a set equal to the configured one decided every height
+            self._recorded_set = self._encoded_validators()
+            store.record_validator_set_now(1, self._recorded_set)
+        elif self._recorded_set != self._encoded_validators():
+            self._recorded_set = self._encoded_validators()
+            store.record_validator_set_now(self.core.height, self._recorded_set)
 
     # --- the application side of the core (synchronous, called by Tendermint) -------------
 
@@ -653,6 +665,10 @@ class ConsensusChain:
                     future.set_result(Committed(block, index, commit, outcome))
         before = {v.id for v in self.core.validators.validators if v.power == 0}
         await self._perform(self.core.executed(executed.app_hash, executed.isolate))
+        encoded = self._encoded_validators()
+        if encoded != self._recorded_set:  # evidence or a misissuance changed the powers
+            self._recorded_set = encoded
+            await self.store.record_validator_set(self.core.height, encoded)
         for offender in sorted(self.isolated - before):
             log.warning("validator isolated for misissuance",
                         extra={"validator": offender, "height": block.height})
@@ -761,6 +777,19 @@ class ConsensusChain:
             self._syncing = False
 
     # --- status ---------------------------------------------------------------------------
+
+    def _encoded_validators(self) -> bytes:
+        return encode_deterministic(_validator_set_to_wire(self.core.validators))
+
+    def validators_at(self, height: int) -> ValidatorSet | None:
+        """The validator set that decides ``height`` (its commit's signers and powers);
+        None for a height not reached or from before sets were recorded."""
+        if height > self.core.height:
+            return None
+        raw = self.store.validator_set_at(height)
+        if raw is None:
+            return None
+        return _validator_set_from_wire(decode_item(raw), self.genesis_validators)
 
     def blocks(self, start: int, limit: int) -> list[StoredBlock]:
         """Up to ``limit`` blocks from ``start``, no more than fit in one frame (at least one)."""

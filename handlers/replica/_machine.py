@@ -118,9 +118,13 @@ class Outcome:
     logged: Logged | None = None
     """Where the CT log holds the entry the decision added, if it added one."""
     block_hash: bytes | None = None
-    """The block that committed the decision, its height and its commit's precommit
-    signatures (filled in for the validator that submitted it)."""
+    """The block that committed the decision, its height, the decision's index in it,
+    the commit's round, its precommit signatures and the chain id they sign for: all
+    that the signatures cover (filled in for the validator that submitted it)."""
     block_height: int | None = None
+    index: int | None = None
+    round: int | None = None
+    chain_id: str | None = None
     signatures: list[dict[str, Any]] = field(default_factory=list)
 
 

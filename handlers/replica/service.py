@@ -85,6 +85,8 @@ class DecisionLog:
                                     "restarted; ask again for its result")
         return dataclasses.replace(outcome, block_hash=committed.block_hash,
                                    block_height=committed.block.height,
+                                   index=committed.index, round=committed.commit.round,
+                                   chain_id=self.chain.chain_id,
                                    signatures=committed.signatures())
 
 

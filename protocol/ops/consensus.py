@@ -132,6 +132,13 @@ class CheckCertificateArgs:
     certificate: bytes = arg(max_length=65536, doc="a DER certificate to check against the chain")
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ValidatorsArgs:
+    height: int | None = arg(None, minimum=1, maximum=(1 << 63) - 1,
+                             doc="the height whose deciding set to give; null: the height "
+                                 "being decided now")
+
+
 GOSSIP = register(OpSpec(name="consensus.gossip", args=GossipArgs,
                          summary="validators only: proposals, votes, evidence, decisions"))
 IDENTITY = register(OpSpec(name="consensus.identity", args=IdentityArgs,
@@ -142,6 +149,8 @@ STATUS = register(OpSpec(name="consensus.status", args=StatusArgs,
                          summary="height, round, validators, peers, evidence, isolation"))
 CHECKPOINT = register(OpSpec(name="consensus.checkpoint", args=CheckpointArgs,
                              summary="CT checkpoints committed with validator cosignatures"))
+VALIDATORS = register(OpSpec(name="consensus.validators", args=ValidatorsArgs,
+                             summary="the validator set (keys, powers) that decides a height"))
 CHECK_CERTIFICATE = register(OpSpec(
     name="consensus.check-certificate", args=CheckCertificateArgs,
     summary="was this certificate issued as a committed block fixed it?"))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -87,10 +88,37 @@ def test_development_cli_flow_and_audit_tampering(tmp_path: Path) -> None:
         # out of the box: a requester key, its plot and faucet stake are made on the way
         assert "development faucet" in issued.stderr and "k=18 plot" in issued.stderr
         assert list((tmp_path / "trustchain-proofs").glob("plot-k18-*.plot"))
+        # the private keys it made are the user's alone
+        assert stat.S_IMODE((tmp_path / "trustchain-proofs").stat().st_mode) == 0o700
+        assert stat.S_IMODE((tmp_path / "trustchain-proofs" / "requester.key").stat().st_mode
+                            ) == 0o600
+        assert stat.S_IMODE((tmp_path / "k.pem").stat().st_mode) == 0o600
         serial = issued.stdout.split()[1]
-        ok = _cli("verify", str(tmp_path / "out" / "cert.pem"), "--data-dir", str(data),
-                  cwd=tmp_path)
-        assert ok.returncode == 0, ok.stdout
+        cert = str(tmp_path / "out" / "cert.pem")
+        ok = _cli("verify", cert, "--online", *target, cwd=tmp_path)
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+        assert "OK SCT of log" in ok.stdout and "says valid (ca.validate)" in ok.stdout
+        assert ok.stdout.splitlines()[-1] == "OK checked: chain, SCT, revocation", ok.stdout
+        # offline, revocation is not checked: not OK unless the user accepts that by name
+        offline = _cli("verify", cert, "--data-dir", str(data), cwd=tmp_path)
+        assert offline.returncode == 1, offline.stdout
+        assert "UNCHECKED revocation" in offline.stdout
+        assert "NOT VERIFIED: not checked: revocation" in offline.stdout
+        accepted = _cli("verify", cert, "--data-dir", str(data), "--offline", cwd=tmp_path)
+        assert accepted.returncode == 0, accepted.stdout
+        assert accepted.stdout.splitlines()[-1] == (
+            "OK checked: chain, SCT; NOT checked, as allowed: revocation")
+        # without a CT log key the SCT is not checked: exit 1 unless accepted by name
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        root = ["--cafile", str(data / "root.pem")]
+        no_key = _cli("verify", cert, *root, "--offline", cwd=elsewhere)
+        assert no_key.returncode == 1 and "UNCHECKED SCT: no CT log key" in no_key.stdout
+        assert "--allow-unchecked-sct accepts SCT unchecked" in no_key.stdout, no_key.stdout
+        allowed = _cli("verify", cert, *root, "--offline", "--allow-unchecked-sct",
+                       cwd=elsewhere)
+        assert allowed.returncode == 0, allowed.stdout
+        assert "NOT checked, as allowed: SCT, revocation" in allowed.stdout
         bad_name = _cli("issue", "svc.example.com", "--key", str(tmp_path / "k.pem"), "--out",
                         str(tmp_path / "o2"), *target, cwd=tmp_path)
         assert bad_name.returncode == 1 and "invalid_request" in bad_name.stderr
@@ -105,6 +133,14 @@ def test_development_cli_flow_and_audit_tampering(tmp_path: Path) -> None:
         assert revoked.returncode == 0, revoked.stderr
         status = _cli("validate", serial, *target, cwd=tmp_path)
         assert "revoked" in status.stdout
+        # a revoked certificate is not OK, whatever its chain and SCT
+        after = _cli("verify", cert, "--online", *target, cwd=tmp_path)
+        assert after.returncode == 1 and "FAIL revocation:" in after.stdout, after.stdout
+        assert "says revoked at" in after.stdout and "NOT OK" in after.stdout
+        # a node that cannot be reached: one line, status 3
+        gone = _cli("verify", cert, "--online", "--server", "[::1]:1", "--data-dir",
+                    str(data), "--timeout", "2", cwd=tmp_path)
+        assert gone.returncode == 3 and gone.stderr.startswith("error: cannot reach")
     finally:
         server.stop()
 

@@ -43,6 +43,7 @@ from protocol import ct_merkle as merkle
 from store import SoftwareKeyStore
 from tests.cluster import ENV, Cluster, running_cluster
 from tests.helpers import CddlChecker, Requester
+from trustchain._cli_consensus import check_commit, commit_document
 
 FAST = {"block_interval": '"500ms"', "timeout_propose": '"500ms"',
         "timeout_prevote": '"300ms"', "timeout_precommit": '"300ms"'}
@@ -325,6 +326,19 @@ async def test_many_issuances_one_state_and_byzantine_shortcuts_refused(
             answer = await cluster.ask(i, "ca.validate", {"serial": last["serial"]})
             assert answer is not None and answer["status"] == "valid"
         await _same_state(cluster, honest)
+        # A client checks each commit against the set of its own height: the forger
+        # voted with power 1 before its isolation, and counts for nothing after it.
+        for result, forger_power in ((sample, 1), (last, 0)):
+            for i in honest:
+                deciding = await cluster.ask(i, "consensus.validators",
+                                             {"height": result["block_height"]})
+                assert deciding is not None
+                powers = {v["id"]: v["power"] for v in deciding["validators"]}
+                assert powers[cluster.id(forger)] == forger_power
+                document = commit_document(result)
+                assert document is not None
+                checked = check_commit(document, deciding)
+                assert checked.total_power == 4 + forger_power
 
 
 ISSUANCES = 1000

@@ -93,14 +93,15 @@ async def test_issued_certificates_carry_a_verifiable_sct(tmp_path: Path, cddl: 
         linted = pkilint(pre_path)
         assert linted.returncode == 0, linted.stdout + linted.stderr
         # Offline: `trustchain verify` checks the SCT against DATA/ct/0/log-key.pem.
-        ok = _cli("verify", str(cert_path), "--data-dir", str(data), cwd=tmp_path)
+        ok = _cli("verify", str(cert_path), "--data-dir", str(data), "--offline",
+                  cwd=tmp_path)
         assert ok.returncode == 0 and "OK SCT of log" in ok.stdout, ok.stdout + ok.stderr
         # ... and refuses a certificate whose SCT was made for another certificate.
         other = await requester.issue(make_csr(ec.generate_private_key(ec.SECP256R1()),
                                                ["other.trust"]))
         forged = _swap_sct(tmp_path, result, other)
         bad = _cli("verify", str(forged), "--chain", str(chain_path), "--data-dir", str(data),
-                   cwd=tmp_path)
+                   "--offline", cwd=tmp_path)
         assert bad.returncode == 1 and "FAIL SCT" in bad.stdout, bad.stdout
         # Online: `trustchain ct proof` proves inclusion against a verified tree head.
         target = ["--server", f"[::1]:{node.port}", "--pin", node.pin]

@@ -101,8 +101,18 @@ token_label = "{softhsm_token.token_label}"
         linted = pkilint(cert)
         assert linted.returncode == 0, linted.stdout
 
-        offline = _run("verify", str(cert), "--cafile", str(root), cwd=tmp_path, env=env)
-        assert offline.returncode == 0 and "OK" in offline.stdout, offline.stdout
+        # offline: the chain and the SCT against the log key the node published
+        log_key = data / "ct" / "0" / "log-key.pem"
+        offline = _run("verify", str(cert), "--cafile", str(root), "--log-key", str(log_key),
+                       "--offline", cwd=tmp_path, env=env)
+        assert offline.returncode == 0, offline.stdout + offline.stderr
+        assert "OK SCT of log" in offline.stdout, offline.stdout
+        # online: the same, the log keys and the status from the node
+        online = _run("verify", str(cert), "--cafile", str(root), "--online", "--server",
+                      f"[::1]:{server.port}", cwd=tmp_path, env=env)
+        assert online.returncode == 0, online.stdout + online.stderr
+        assert "OK SCT of log" in online.stdout and "says valid" in online.stdout
+        assert online.stdout.splitlines()[-1] == "OK checked: chain, SCT, revocation"
 
         status = _run("validate", serial, *target, cwd=tmp_path, env=env)
         assert status.returncode == 0 and f"serial {serial}: valid" in status.stdout
@@ -115,6 +125,9 @@ token_label = "{softhsm_token.token_label}"
         assert revoked.returncode == 0, revoked.stderr
         status = _run("validate", serial, *target, cwd=tmp_path, env=env)
         assert status.returncode == 1 and "revoked" in status.stdout
+        online = _run("verify", str(cert), "--cafile", str(root), "--online", "--server",
+                      f"[::1]:{server.port}", cwd=tmp_path, env=env)
+        assert online.returncode == 1 and "FAIL revocation" in online.stdout, online.stdout
 
         rotation = _run("rotation-status", *target, cwd=tmp_path, env=env)
         assert rotation.returncode == 0 and "* intermediate-1" in rotation.stdout

@@ -846,3 +846,40 @@ async def test_stake_is_replicated_state_and_survives_a_restart(tmp_path: Path) 
         assert "does not match its hash" in replica.machine.corrupt
     finally:
         await close(state, audit, replica)
+
+
+def test_the_requester_key_is_private(tmp_path: Path) -> None:
+    """A new proofs directory is 0700 and its requester key 0600, whatever the umask;
+    an existing directory the user chose is left as it is."""
+    import os
+    import stat
+    previous = os.umask(0o022)
+    try:
+        directory = tmp_path / "home" / "trustchain-proofs"
+        prover = stoq.Prover.open(directory)
+        again = stoq.Prover.open(directory)
+        shared = tmp_path / "shared"
+        shared.mkdir(mode=0o755)
+        stoq.Prover.open(shared)
+    finally:
+        os.umask(previous)
+    assert again.key_id == prover.key_id
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    assert stat.S_IMODE((directory / "requester.key").stat().st_mode) == 0o600
+    assert stat.S_IMODE((directory.parent).stat().st_mode) == 0o755
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o755
+    assert stat.S_IMODE((shared / "requester.key").stat().st_mode) == 0o600
+
+
+def test_the_proofs_directory_is_ignored_by_git() -> None:
+    """The project's .gitignore keeps the requester's key out of commits."""
+    import subprocess
+    root = Path(__file__).resolve().parents[2]
+    paths = ["trustchain-proofs/requester.key", "trustchain-data/keys/root.pem"]
+    ignored = subprocess.run(["git", "-C", str(root), "check-ignore", "--no-index", *paths],
+                             capture_output=True, text=True, check=False)
+    if "not a git repository" in ignored.stderr:
+        pytest.skip("not a git checkout")
+    assert ignored.stdout.split() == paths, ignored.stderr
+    rules = (root / ".gitignore").read_text().splitlines()
+    assert "trustchain-proofs/" in rules
