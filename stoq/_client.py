@@ -211,10 +211,11 @@ class AsyncClient:
                                        quic_error=protocol.close_code)
             waiter.wakeup = loop.create_future()
             try:
-                if deadline is None:
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
+                # cancellation that arrives as the answer does (Ctrl-C then never stops
+                # `trustchain ct watch`); the timeout context manager cannot.
+                async with asyncio.timeout_at(deadline):
                     await waiter.wakeup
-                else:
-                    await asyncio.wait_for(waiter.wakeup, max(0.0, deadline - loop.time()))
             except TimeoutError:
                 raise Timeout(f"no answer within {self.timeout if deadline else 0:.1f} s"
                               ) from None
@@ -301,7 +302,8 @@ class AsyncClient:
         if self._protocol.terminated is None:
             self._protocol.close()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._protocol.wait_closed(), 1.0)
+                async with asyncio.timeout(1.0):
+                    await self._protocol.wait_closed()
         self._transport.close()
 
     async def __aenter__(self) -> AsyncClient:
@@ -366,7 +368,8 @@ async def connect(host: str, port: int, *, cafile: str | None = None, pin: str |
         lambda: cls(quic, max_frame_size=max_frame_size, trace=trace), sock=sock)
     protocol.connect((str(address), port, 0, 0))
     try:
-        await asyncio.wait_for(asyncio.shield(protocol.handshake), timeout)
+        async with asyncio.timeout(timeout):
+            await asyncio.shield(protocol.handshake)
     except TimeoutError:
         transport.close()
         raise ConnectionFailed(f"no QUIC handshake with [{host}]:{port} within {timeout} s"

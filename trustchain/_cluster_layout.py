@@ -19,6 +19,7 @@ import datetime
 import hashlib
 import json
 import logging
+import random
 import re
 import shutil
 import socket
@@ -160,18 +161,36 @@ def running_nodes(directory: Path) -> list[str]:
     return [m.name for m in members if port_in_use(m.port, m.address)]
 
 
-def free_udp_ports(count: int, address: str = ADDRESS) -> list[int]:
-    """``count`` distinct UDP ports of ``address`` that are free right now."""
-    sockets: list[socket.socket] = []
+EPHEMERAL_RANGE_FILE = "/proc/sys/net/ipv4/ip_local_port_range"
+FIXED_PORTS_FROM = 20000
+"""The lowest port picked for a node (below the system's ephemeral range)."""
+
+
+def _ephemeral_start() -> int:
+    """The first port the kernel hands to sockets bound to port 0 (32768 if unknown)."""
     try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-            sockets.append(sock)
-            sock.bind((address, 0))
-        return [int(s.getsockname()[1]) for s in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
+        return int(Path(EPHEMERAL_RANGE_FILE).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_udp_ports(count: int, address: str = ADDRESS) -> list[int]:
+    """``count`` distinct UDP ports of ``address`` that are free right now, below the
+    kernel's ephemeral range: a node keeps its port across restarts, and a port the
+    kernel hands out to any client socket meanwhile (a status poll, a peer link) would
+    keep a restarted node from binding it."""
+    high = _ephemeral_start()
+    low = FIXED_PORTS_FROM if high - FIXED_PORTS_FROM > 10 * count else 1024
+    candidates = random.sample(range(low, high), min(high - low, 50 * count + 100))
+    ports: list[int] = []
+    for port in candidates:
+        if len(ports) == count:
+            break
+        if not port_in_use(port, address):
+            ports.append(port)
+    if len(ports) < count:
+        raise OSError(f"no {count} free UDP ports of [{address}] between {low} and {high}")
+    return ports
 
 
 def port_in_use(port: int, address: str = ADDRESS) -> bool:
