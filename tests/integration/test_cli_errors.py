@@ -121,11 +121,14 @@ def test_a_data_directory_in_use_and_a_reader_that_goes_away(tmp_path: Path) -> 
             shell=True, executable="/bin/bash", capture_output=True, text=True, cwd=tmp_path,
             timeout=60)
         assert piped.stdout == "status 0\n" and "Traceback" not in piped.stderr, piped.stderr
-        # Ctrl-C: status 130, no traceback
+        # Ctrl-C: status 130, no traceback. (SIGINT back to its default in the child: a
+        # test run started in the background of a non-interactive shell ignores SIGINT, and
+        # children inherit that.)
         watch = subprocess.Popen(
             [sys.executable, "-m", "trustchain", "ct", "watch", "--from", "0", "--server",
              f"[::1]:{server.port}", "--data-dir", str(data)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         assert watch.stdout is not None
         try:
             assert watch.stdout.readline().startswith("0/0 ")  # it is following the log
