@@ -35,7 +35,6 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import hashlib
-import itertools
 import json
 import logging
 import math
@@ -43,7 +42,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -746,20 +745,29 @@ def _last_line(fd: int, size: int) -> tuple[bytes | None, int]:
 def _tail_start(fd: int, size: int) -> int:
     """Offset of the record the last checkpoint covers (the line before it), or 0 when
     there is none within the last few MiB (then everything is checked)."""
-    buf = b""
+    lines = _lines_backwards(fd, size, _TAIL_LIMIT)
+    for _, line in lines:
+        if _is_checkpoint(line):
+            return next(lines, (0, b""))[0]
+    return 0
+
+
+def _lines_backwards(fd: int, size: int, limit: int) -> Iterator[tuple[int, bytes]]:
+    """``(offset, line)`` of the newline-terminated lines before ``size``, the last
+    first, reading at most about ``limit`` bytes back; each byte is read and split once."""
     pos = size
-    while pos > 0 and len(buf) < _TAIL_LIMIT:
+    rest = b""  # bytes [pos, end of what is not yet yielded): a line cut by the last read
+    while pos > 0 and size - pos < limit:
         step = min(_TAIL_CHUNK, pos)
         pos -= step
-        buf = os.pread(fd, step, pos) + buf
-        lines = buf.split(b"\n")[:-1]  # the file ends with a newline (see _recover)
-        first = 0 if pos == 0 else 1    # else lines[0] may be cut
-        starts = list(itertools.accumulate((len(line) + 1 for line in lines[:-1]),
-                                           initial=pos))
-        for k in range(len(lines) - 1, first, -1):
-            if _is_checkpoint(lines[k]):
-                return starts[k - 1]
-    return 0
+        rest = os.pread(fd, step, pos) + rest
+        parts = rest.split(b"\n")[:-1]  # rest ends with a newline: the last part is empty
+        first = 0 if pos == 0 else 1     # parts[0] may be cut unless the read reached 0
+        offset = pos + len(rest)
+        for line in reversed(parts[first:]):
+            offset -= len(line) + 1
+            yield offset, line
+        rest = rest[:len(parts[0]) + 1] if first else b""
 
 
 def _is_checkpoint(line: bytes) -> bool:
