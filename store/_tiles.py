@@ -548,7 +548,6 @@ class TileLog:
                                     f"{self.dir / path} is missing or not "
                                     f"{width * HASH_SIZE} bytes")
             self._edge[level] = [data[i:i + HASH_SIZE] for i in range(0, len(data), HASH_SIZE)]
-        self._next_size = size
 
     def _load_edge_data(self, size: int) -> None:
         width = size % WIDTH
