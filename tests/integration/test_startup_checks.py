@@ -4,15 +4,12 @@ node with one line naming the file and what to do (never a traceback), and
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
-from protocol import encode_deterministic
-
+from ..audit_records import rehash
 from ..helpers import start_server_process
 
 
@@ -70,19 +67,6 @@ def test_a_damaged_ct_tile_stops_the_node_with_one_line(tmp_path: Path) -> None:
     flip(data_tile, 5)
     assert ct_check(tmp_path).returncode == 0
     start_server_process(tmp_path, "qh3").stop()  # repaired: it starts again
-
-
-def rehash(obj: dict[str, Any]) -> None:
-    """Recompute an edited record's own hash (a forger's first step)."""
-    def decode(v: Any) -> Any:
-        if isinstance(v, dict):
-            if set(v) == {"hex"}:
-                return bytes.fromhex(v["hex"])
-            return {k: decode(x) for k, x in v.items()}
-        return [decode(x) for x in v] if isinstance(v, list) else v
-    obj["hash"] = hashlib.sha256(encode_deterministic({
-        "seq": obj["seq"], "time": obj["time"], "kind": obj["kind"], "data": decode(obj["data"]),
-        "prev": bytes.fromhex(obj["prev"])})).hexdigest()
 
 
 def edit_record(log: Path, index: int) -> bytes:

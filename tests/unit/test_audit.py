@@ -27,6 +27,8 @@ from store._audit import (
     verify_log,
 )
 
+from ..audit_records import rehash
+
 
 class KeySigner:
     """The shape of a keystore signer, over an in-memory key."""
@@ -82,19 +84,6 @@ def lines(path: Path) -> list[dict[str, Any]]:
 
 def write_lines(path: Path, objs: list[dict[str, Any]]) -> None:
     path.write_text("".join(json.dumps(o, separators=(",", ":")) + "\n" for o in objs))
-
-
-def rehash(obj: dict[str, Any]) -> None:
-    """Recompute a record's hash after an edit, as a careful forger would."""
-    def decode(v: Any) -> Any:
-        if isinstance(v, dict):
-            if set(v) == {"hex"}:
-                return bytes.fromhex(v["hex"])
-            return {k: decode(x) for k, x in v.items()}
-        return [decode(x) for x in v] if isinstance(v, list) else v
-    obj["hash"] = hashlib.sha256(encode_deterministic({
-        "seq": obj["seq"], "time": obj["time"], "kind": obj["kind"], "data": decode(obj["data"]),
-        "prev": bytes.fromhex(obj["prev"])})).hexdigest()
 
 
 # --- appending and the format --------------------------------------------------------
