@@ -82,6 +82,7 @@ from protocol.ct_structs import (
 from protocol.ops import ct as ops
 from store import (
     Appended,
+    FilesystemObjects,
     MultisetHash,
     Row,
     SoftwareKeyStore,
@@ -189,7 +190,7 @@ class LogNode:
     def __init__(self, directory: Path) -> None:
         self.keystore = SoftwareKeyStore(directory / "keys")
         self.state = StateDatabase(directory / "state" / "state.sqlite3")
-        self.log = CtLog(tiles=TileDirectory(directory / "ct"), state=self.state,
+        self.log = CtLog(tiles=TileDirectory.in_directory(directory / "ct"), state=self.state,
                          keystore=self.keystore, origin=ORIGIN)
         self.log.open()
         self.rows = MultisetHash.of(self.state.rows())
@@ -295,7 +296,7 @@ async def _sequencer(node: LogNode, tmp: Path, count: int, load: float,
     for leaf in leaves:
         signer.sign(leaf)
     sign_rate = len(leaves) / (time.perf_counter() - started)
-    tiles = TileDirectory(tmp / "seq-tiles").shard(0)
+    tiles = TileDirectory.in_directory(tmp / "seq-tiles").shard(0)
     issuer = b"issuer" * 100
     tail = b"\x00\x20" + hashlib.sha256(issuer).digest()
     started = time.perf_counter()
@@ -505,8 +506,9 @@ def bulk_load(data_dir: Path, count: int, chunk: int = 65_536,
     log's key (``ct-log-0``) in the development keystore of ``data_dir``."""
     keystore = SoftwareKeyStore(data_dir / "keys")
     state = StateDatabase(data_dir / "state" / "state.sqlite3")
-    log = CtLog(tiles=TileDirectory(data_dir / "ct"), state=state, keystore=keystore,
-                origin=ORIGIN)
+    bulk = TileDirectory(FilesystemObjects(data_dir / "ct", durable=False),
+                         staging=data_dir / "ct")
+    log = CtLog(tiles=bulk, state=state, keystore=keystore, origin=ORIGIN)
     log.open()
     shard = log.active
     tiles = shard.tiles
@@ -525,7 +527,7 @@ def bulk_load(data_dir: Path, count: int, chunk: int = 65_536,
         bundle = tiles.append(appended)
         if done == 0:
             tiles.stage_issuer(bundle, chain_fp, issuer)
-        tiles.install(bundle, sync=False)
+        tiles.install(bundle)
         tiles.installed(bundle)
         tiles.publish(bundle)
         leaves: list[Row] = sorted(("ct_leaves", a.leaf_hash, 0, i)
@@ -587,8 +589,8 @@ def bench_proofs_in_process(data_dir: Path, samples: int) -> ProofFigures:
     keystore = SoftwareKeyStore(data_dir / "keys")
     state = StateDatabase(data_dir / "state" / "state.sqlite3")
     try:
-        log = CtLog(tiles=TileDirectory(data_dir / "ct"), state=state, keystore=keystore,
-                    origin=ORIGIN)
+        log = CtLog(tiles=TileDirectory.in_directory(data_dir / "ct"), state=state,
+                    keystore=keystore, origin=ORIGIN)
         log.open()
         service = CtService(log, ChainValidator([], clock=time.time))
         shard = log.shard(0)

@@ -20,6 +20,12 @@ from ._errors import (
 from ._files import fsync_directory, write_atomic
 from ._keystore import open_keystore
 from ._layout import AdminCredential, DataDirectory, DurableFile, JsonFile, TileDirectory
+from ._objects import (
+    FilesystemObjects,
+    ObjectStore,
+    ObjectStoreError,
+    ObjectStoreUnavailable,
+)
 from ._pkcs11 import Pkcs11KeyStore
 from ._signer import (
     Algorithm,
@@ -69,11 +75,15 @@ __all__ = [
     "DataDirectoryInUse",
     "DurableFile",
     "FileStoreError",
+    "FilesystemObjects",
     "FingerprintRecord",
     "JsonFile",
     "KeyStore",
     "KeyStoreError",
     "MultisetHash",
+    "ObjectStore",
+    "ObjectStoreError",
+    "ObjectStoreUnavailable",
     "Pkcs11KeyStore",
     "Row",
     "Signer",

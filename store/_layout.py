@@ -34,6 +34,7 @@ from ._beacons import BeaconStore
 from ._blocks import ChainStore
 from ._errors import DataDirectoryInUse, FileStoreError
 from ._files import write_atomic
+from ._objects import FilesystemObjects, ObjectStore
 from ._state import StateDatabase
 from ._tiles import TileLog
 from ._tls import TlsCredential, credential_paths
@@ -117,15 +118,33 @@ class AdminCredential:
 
 
 class TileDirectory:
-    """The CT log's tiles: shard *n* in its own directory (static-ct-api layout)."""
+    """The CT log's tiles: shard *n* under the prefix ``n/`` (static-ct-api layout) of a
+    local directory, or of a remote object store (``ct.storage.backend = "s3"``).
 
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
+    :param objects: where the tiles go.
+    :param staging: the local directory under which each shard stages its bundles
+        before their checkpoint is committed (``<staging>/<n>/staging``); None for a
+        remote store, which takes the tiles before the commit instead.
+    """
+
+    def __init__(self, objects: ObjectStore, *, staging: Path | None) -> None:
+        self.objects = objects
+        self.staging = staging
+
+    @classmethod
+    def in_directory(cls, directory: Path) -> TileDirectory:
+        """Tiles and staged bundles as files under ``directory``."""
+        return cls(FilesystemObjects(directory), staging=directory)
+
+    @property
+    def location(self) -> str:
+        return self.objects.location
 
     def shard(self, number: int) -> TileLog:
         """The tiles of shard ``number`` (created empty if missing)."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        return TileLog(self.directory / str(number))
+        name = str(number)
+        staging = None if self.staging is None else self.staging / name / "staging"
+        return TileLog(self.objects.sub(name), name=name, staging=staging)
 
 
 class DataDirectory:
@@ -133,11 +152,15 @@ class DataDirectory:
 
     :param ct_directory: where the CT log lives instead of ``DATA/ct``
         (``ct.storage_path``), if set.
+    :param ct_objects: the remote object store of the CT tiles (``ct.storage``),
+        if they are not on local disk.
     """
 
-    def __init__(self, root: Path, *, ct_directory: Path | None = None) -> None:
+    def __init__(self, root: Path, *, ct_directory: Path | None = None,
+                 ct_objects: ObjectStore | None = None) -> None:
         self.root = root
         self._ct = ct_directory or root / "ct"
+        self._ct_objects = ct_objects
 
     def create(self) -> None:
         """Make the directory itself if it is missing."""
@@ -218,7 +241,9 @@ class DataDirectory:
     # --- certificate transparency ---------------------------------------------------
 
     def ct_tiles(self) -> TileDirectory:
-        return TileDirectory(self._ct)
+        if self._ct_objects is not None:
+            return TileDirectory(self._ct_objects, staging=None)
+        return TileDirectory.in_directory(self._ct)
 
     # --- consensus ------------------------------------------------------------------
 

@@ -1,13 +1,14 @@
-"""One CT log shard as static-ct-api tiles on disk (c2sp.org/static-ct-api, tlog-tiles).
+"""One CT log shard as static-ct-api tiles (c2sp.org/static-ct-api, tlog-tiles), in an
+object store: a local directory or an S3 bucket.
 
-Layout under the shard directory::
+Layout under the shard's prefix::
 
     tile/<L>/<N>[.p/<W>]      hash tiles: 256 (or W) hashes of 32 bytes
     tile/data/<N>[.p/<W>]     data tiles: the TileLeaf of each entry
     tile/names/<N>[.p/<W>]    TrustChain's own: CBOR [[sha256, [names...]], ...] per entry
     checkpoint                the latest signed checkpoint (note text)
     staging/<size>-<root>     bundles: every file a batch changes, written before
-                              the checkpoint is committed
+                              the checkpoint is committed (local directory only)
 
 Only the right edge of the tree (at most 255 hashes per level and 255 data
 entries) is kept in memory; every proof is computed from tiles, read on
@@ -22,14 +23,22 @@ bundle removed). :meth:`recover` re-installs the bundles of committed
 checkpoints after a crash and discards the others, so tiles are only ever
 written for a committed tree, and a writer that lost the compare-and-swap
 never touches them.
+
+Remote stores (S3) have no staging: :meth:`write_bundle` writes the tiles to
+the store itself before the checkpoint is committed, and :meth:`install` writes
+only the checkpoint. That is safe because every tile's content is a function of
+the log's entries alone: a block whose state was not committed is executed
+again with the same entries after a restart and writes the same tiles, and no
+checkpoint object ever names a tree whose tiles are not all in the store.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,7 +61,21 @@ from protocol.ct_structs import (
 )
 
 from ._errors import TileCorrupted, TileError
-from ._files import fsync_directory, write_atomic
+from ._files import fsync_directory
+from ._objects import FilesystemObjects, ObjectStore, ObjectStoreError, ObjectStoreUnavailable
+
+
+@contextlib.contextmanager
+def _translated(what: str) -> Iterator[None]:
+    """Object store errors as :class:`TileError` saying ``what`` failed; an unreachable
+    store stays :class:`ObjectStoreUnavailable`, for the caller to retry."""
+    try:
+        yield
+    except ObjectStoreUnavailable:
+        raise
+    except ObjectStoreError as exc:
+        raise TileError(f"{what}: {exc}") from exc
+
 
 WIDTH = 256
 HASH_SIZE = 32
@@ -129,11 +152,19 @@ def _write_file(path: Path, data: bytes, *, sync: bool) -> None:
 
 
 class TileLog:
-    """The Merkle tree and entries of one shard, stored as tiles in ``directory``."""
+    """The Merkle tree and entries of one shard, stored as tiles in ``objects``.
 
-    def __init__(self, directory: str | Path, *, cache_tiles: int = 1024,
-                 cache_data_tiles: int = 64) -> None:
-        self.dir = Path(directory)
+    :param name: the shard's name in messages (its number).
+    :param staging: the local directory for bundles staged before their checkpoint
+        is committed; None for a remote store, which takes the tiles themselves
+        before the commit (see the module's docstring).
+    """
+
+    def __init__(self, objects: ObjectStore, *, name: str, staging: Path | None,
+                 cache_tiles: int = 1024, cache_data_tiles: int = 64) -> None:
+        self.objects = objects
+        self.name = name
+        self.staging = staging
         self.size = 0
         """Committed size: readers see entries below it."""
         self.root = EMPTY_ROOT
@@ -151,6 +182,16 @@ class TileLog:
         self._cache_data_tiles = cache_data_tiles
         self._lock = threading.Lock()  # the caches, for readers on other threads
 
+    @classmethod
+    def in_directory(cls, directory: str | Path) -> TileLog:
+        """The shard whose tiles (and staged bundles) are files under ``directory``."""
+        path = Path(directory)
+        return cls(FilesystemObjects(path), name=path.name, staging=path / "staging")
+
+    def _where(self, path: str) -> str:
+        """Where the object ``path`` is, for messages."""
+        return f"{self.objects.location}/{path}"
+
     @property
     def appended(self) -> int:
         """Entries appended so far, committed or not."""
@@ -163,11 +204,9 @@ class TileLog:
         if pending is not None:
             return pending
         try:
-            return (self.dir / path).read_bytes()
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise TileError(f"cannot read {self.dir / path}: {exc}") from exc
+            return self.objects.get(path)
+        except ObjectStoreError as exc:
+            raise TileError(f"cannot read {self._where(path)}: {exc}") from exc
 
     def _full_tile_levels(self, level: int, index: int) -> list[list[bytes]]:
         key = (level, index)
@@ -178,15 +217,15 @@ class TileLog:
                 return levels
         data = self._read(tile_path(level, index))
         if data is None or len(data) != WIDTH * HASH_SIZE:
-            raise TileCorrupted(f"shard {self.dir.name}: hash tile "
-                                f"{self.dir / tile_path(level, index)} is missing or not "
+            raise TileCorrupted(f"shard {self.name}: hash tile "
+                                f"{self._where(tile_path(level, index))} is missing or not "
                                 "8192 bytes")
         levels = perfect_levels([data[i:i + HASH_SIZE] for i in range(0, len(data), HASH_SIZE)])
         # Authenticate the tile by its hash one level up (itself authenticated the same
         # way, up to the in-memory right edge that the committed root was checked against).
         if level < MAX_LEVEL and self.block(TILE_BITS * (level + 1), index) != levels[-1][0]:
-            raise TileCorrupted(f"shard {self.dir.name}: hash tile "
-                                f"{self.dir / tile_path(level, index)} does not match its "
+            raise TileCorrupted(f"shard {self.name}: hash tile "
+                                f"{self._where(tile_path(level, index))} does not match its "
                                 "hash in the tile above (altered)")
         with self._lock:
             self._cache[key] = levels
@@ -258,13 +297,13 @@ class TileLog:
         names_raw = self._read(names_path)
         if data is None or names_raw is None:
             missing = data_path if data is None else names_path
-            raise TileCorrupted(f"shard {self.dir.name}: data tile {self.dir / missing} "
+            raise TileCorrupted(f"shard {self.name}: data tile {self._where(missing)} "
                                 "is missing")
         try:
             items = split_data_tile(data)
             names = cbor2.loads(names_raw)
         except Exception as exc:
-            raise TileCorrupted(f"shard {self.dir.name}: data tile {self.dir / data_path} "
+            raise TileCorrupted(f"shard {self.name}: data tile {self._where(data_path)} "
                                 f"does not parse: {exc}") from exc
         hashes = self._full_tile_levels(0, tile)[0]
         self._check(tile * WIDTH, items, names, hashes, data_path)
@@ -278,13 +317,13 @@ class TileLog:
                hashes: Sequence[bytes], path: str) -> None:
         """The data tile at ``path`` against its (already authenticated) leaf hashes."""
         if len(items) != len(hashes) or len(names) != len(hashes):
-            raise TileCorrupted(f"shard {self.dir.name}: data tile {self.dir / path} holds "
+            raise TileCorrupted(f"shard {self.name}: data tile {self._where(path)} holds "
                                 f"{len(items)} entries and {len(names)} name records, its "
                                 f"hash tile {len(hashes)}")
         for i, item in enumerate(items):
             if leaf_hash(b"\x00\x00" + timestamped_entry_of_tile_leaf(item)) != hashes[i]:
-                raise TileCorrupted(f"shard {self.dir.name}: entry {start + i} does not match "
-                                    f"its leaf hash (the data tile {self.dir / path} was "
+                raise TileCorrupted(f"shard {self.name}: entry {start + i} does not match "
+                                    f"its leaf hash (the data tile {self._where(path)} was "
                                     "altered)")
 
     def entries(self, start: int, end: int) -> list[tuple[bytes, Any]]:
@@ -361,13 +400,22 @@ class TileLog:
                 self._push(level + 1, levels[-1][0], files)
 
     def write_bundle(self, bundle: Bundle, checkpoint_note: bytes) -> None:
-        """Make ``bundle`` durable in ``staging/`` (blocking: call from a worker thread)."""
+        """Make ``bundle`` durable before its checkpoint is committed: staged locally
+        (one file, fsync), or for a remote store its tiles written to the store.
+        Blocking: call from a worker thread.
+
+        :raises ObjectStoreUnavailable: the remote store cannot be reached (retry).
+        """
+        if self.staging is None:
+            with _translated("cannot write the tiles"):
+                self.objects.put_many(bundle.files)
+            bundle.files["checkpoint"] = checkpoint_note
+            return
         bundle.files["checkpoint"] = checkpoint_note
-        staging = self.dir / "staging"
         try:
-            staging.mkdir(parents=True, exist_ok=True)
-            _write_file(staging / bundle.name, bundle.encode(), sync=True)
-            fsync_directory(staging)
+            self.staging.mkdir(parents=True, exist_ok=True)
+            _write_file(self.staging / bundle.name, bundle.encode(), sync=True)
+            fsync_directory(self.staging)
         except OSError as exc:
             raise TileError(f"cannot write the tile bundle: {exc}") from exc
 
@@ -376,34 +424,30 @@ class TileLog:
         self.size = bundle.size
         self.root = bundle.root
 
-    def install(self, bundle: Bundle, *, sync: bool = True) -> None:
-        """Write the bundle's files in place (fsync'd), then drop the bundle and the
-        partial tiles that full tiles replace. Blocking: call from a worker thread.
+    def install(self, bundle: Bundle) -> None:
+        """Write the bundle's files in place (durably; for a remote store, which has the
+        tiles already, only the checkpoint), then drop the bundle and the partial
+        tiles that full tiles replace. Blocking: call from a worker thread.
 
-        ``sync=False`` (the bulk loader, which syncs the file system once at the end)
-        skips the fsyncs.
+        :raises ObjectStoreUnavailable: the remote store cannot be reached (retry).
         """
-        try:
-            directories: set[Path] = set()
-            for path, data in bundle.files.items():
-                target = self.dir / path
-                _write_file(target, data, sync=sync)
-                directories.add(target.parent)
-            for directory in directories if sync else ():
-                fsync_directory(directory)
+        with _translated("cannot install tiles"):
+            if self.staging is None:
+                self.objects.put("checkpoint", bundle.files["checkpoint"])
+            else:
+                self.objects.put_many(bundle.files)
             for path in bundle.files:
                 if path.startswith("tile/") and ".p/" not in path:
-                    partials = self.dir / f"{path}.p"
-                    if partials.is_dir():
-                        for stale in partials.iterdir():
-                            stale.unlink(missing_ok=True)
-                        partials.rmdir()
-            (self.dir / "staging" / bundle.name).unlink(missing_ok=True)
-        except OSError as exc:
-            raise TileError(f"cannot install tiles: {exc}") from exc
+                    for stale in self.objects.list(f"{path}.p/"):
+                        self.objects.delete(stale)
+        if self.staging is not None:
+            try:
+                (self.staging / bundle.name).unlink(missing_ok=True)
+            except OSError as exc:
+                raise TileError(f"cannot remove the installed bundle: {exc}") from exc
 
     def installed(self, bundle: Bundle) -> None:
-        """After :meth:`install`: read the bundle's tiles from disk from now on.
+        """After :meth:`install`: read the bundle's tiles from the store from now on.
         (Call on the thread that appends.)"""
         for path, data in bundle.files.items():
             if self._pending.get(path) is data:
@@ -418,31 +462,28 @@ class TileLog:
     def issuers(self) -> dict[bytes, bytes]:
         """SHA-256 -> DER of every issuer certificate stored with the shard."""
         found: dict[bytes, bytes] = {}
-        directory = self.dir / "issuer"
-        try:
-            if directory.is_dir():
-                for path in directory.iterdir():
-                    if not path.name.startswith("."):
-                        found[bytes.fromhex(path.name)] = path.read_bytes()
-        except (OSError, ValueError) as exc:
-            raise TileError(f"cannot read the issuers in {directory}: {exc}") from exc
+        with _translated(f"cannot read the issuers in {self._where('issuer')}"):
+            for key in self.objects.list("issuer/"):
+                der = self.objects.get(key)
+                try:
+                    fingerprint = bytes.fromhex(key.rsplit("/", 1)[-1])
+                except ValueError:
+                    continue  # not ours
+                if der is not None:
+                    found[fingerprint] = der
         return found
 
     def write_checkpoint(self, note: bytes) -> None:
-        """Replace the ``checkpoint`` file (static-ct-api) with ``note``, durably."""
-        try:
-            write_atomic(self.dir / "checkpoint", note)
-        except OSError as exc:
-            raise TileError(f"cannot write {self.dir / 'checkpoint'}: {exc}") from exc
+        """Replace the ``checkpoint`` object (static-ct-api) with ``note``, durably.
+        Blocking: call from a worker thread when the store is remote."""
+        with _translated(f"cannot write {self._where('checkpoint')}"):
+            self.objects.put("checkpoint", note)
 
     def write_public_key(self, pem: bytes) -> None:
         """``log-key.pem``: the shard's public key, for readers of the tiles alone."""
-        path = self.dir / "log-key.pem"
-        try:
-            if not path.exists() or path.read_bytes() != pem:
-                write_atomic(path, pem)
-        except OSError as exc:
-            raise TileError(f"cannot write {path}: {exc}") from exc
+        with _translated(f"cannot write {self._where('log-key.pem')}"):
+            if self.objects.get("log-key.pem") != pem:
+                self.objects.put("log-key.pem", pem)
 
     # --- recovery -------------------------------------------------------------------------
 
@@ -460,7 +501,8 @@ class TileLog:
         """
         chain, stale = self._committed_chain(size, root)
         for bundle in stale:  # not on the committed chain: never committed
-            (self.dir / "staging" / bundle.name).unlink(missing_ok=True)
+            if self.staging is not None:
+                (self.staging / bundle.name).unlink(missing_ok=True)
         self._pending.clear()
         for bundle in reversed(chain):
             self.install(bundle)
@@ -490,9 +532,9 @@ class TileLog:
         """The staged bundles leading to (``size``, ``root``), newest first, and the
         staged bundles off that chain. A bundle cut short by a crash (never committed)
         is deleted unless ``discard_cut`` is false."""
-        staging = self.dir / "staging"
+        staging = self.staging
         bundles: dict[tuple[int, bytes], Bundle] = {}
-        if staging.is_dir():
+        if staging is not None and staging.is_dir():
             for path in sorted(staging.iterdir()):
                 if path.name.startswith("."):
                     if discard_cut:
@@ -521,9 +563,9 @@ class TileLog:
         self.size = self._next_size = size
         computed = self.root_at(size) if size else EMPTY_ROOT
         if computed != root:
-            raise TileCorrupted(f"shard {self.dir.name}: the hash tiles give root "
+            raise TileCorrupted(f"shard {self.name}: the hash tiles give root "
                                 f"{computed.hex()} for size {size}, the committed checkpoint "
-                                f"{root.hex()} (a hash tile under {self.dir / 'tile'} was "
+                                f"{root.hex()} (a hash tile under {self._where('tile')} was "
                                 "altered)")
         self.root = self._next_root = root
         self._load_edge_data(size)
@@ -544,8 +586,8 @@ class TileLog:
             path = tile_path(level, index, width)
             data = self._read(path)
             if data is None or len(data) != width * HASH_SIZE:
-                raise TileCorrupted(f"shard {self.dir.name}: partial hash tile "
-                                    f"{self.dir / path} is missing or not "
+                raise TileCorrupted(f"shard {self.name}: partial hash tile "
+                                    f"{self._where(path)} is missing or not "
                                     f"{width * HASH_SIZE} bytes")
             self._edge[level] = [data[i:i + HASH_SIZE] for i in range(0, len(data), HASH_SIZE)]
 
@@ -560,14 +602,14 @@ class TileLog:
             names = self._read(names_path)
             if data is None or names is None:
                 missing = data_path if data is None else names_path
-                raise TileCorrupted(f"shard {self.dir.name}: partial data tile "
-                                    f"{self.dir / missing} is missing")
+                raise TileCorrupted(f"shard {self.name}: partial data tile "
+                                    f"{self._where(missing)} is missing")
             try:
                 self._edge_data = split_data_tile(data)
                 self._edge_names = cbor2.loads(names)
             except Exception as exc:
-                raise TileCorrupted(f"shard {self.dir.name}: partial data tile "
-                                    f"{self.dir / data_path} does not parse: {exc}") from exc
+                raise TileCorrupted(f"shard {self.name}: partial data tile "
+                                    f"{self._where(data_path)} does not parse: {exc}") from exc
             self._check(index * WIDTH, self._edge_data, self._edge_names, self._edge[0],
                         data_path)
 
@@ -588,13 +630,13 @@ class TileLog:
             for tile in range(len(level_hashes) // WIDTH):
                 expected = b"".join(level_hashes[tile * WIDTH:(tile + 1) * WIDTH])
                 if self._read(tile_path(level, tile)) != expected:
-                    raise TileCorrupted(f"shard {self.dir.name}: hash tile "
-                                        f"{self.dir / tile_path(level, tile)} does not match "
+                    raise TileCorrupted(f"shard {self.name}: hash tile "
+                                        f"{self._where(tile_path(level, tile))} does not match "
                                         "the entries")
             level_hashes = [root_from_hashes(level_hashes[i:i + WIDTH])
                             for i in range(0, len(level_hashes) - WIDTH + 1, WIDTH)]
             if not level_hashes:
                 break
         if root_from_hashes(leaf_hashes) != self.root:
-            raise TileCorrupted(f"shard {self.dir.name}: the entries do not give the root")
+            raise TileCorrupted(f"shard {self.name}: the entries do not give the root")
 

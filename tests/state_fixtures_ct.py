@@ -90,7 +90,7 @@ class CtNode:
         self.directory = directory
         self.keystore = SoftwareKeyStore(directory / "keys")
         self.state = StateDatabase(directory / "state" / "state.sqlite3")
-        self.tiles = TileDirectory(directory / "ct")
+        self.tiles = TileDirectory.in_directory(directory / "ct")
         self.log = CtLog(tiles=self.tiles, state=self.state, keystore=self.keystore,
                          origin=ORIGIN, **log_options)
         self.chains = ChainValidator(roots, clock=now)

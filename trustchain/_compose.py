@@ -539,10 +539,6 @@ async def _replicated(cfg: Config, data: DataDirectory, exits: contextlib.AsyncE
                       base: _Foundation) -> _Replicated:
     state = data.state()
     exits.callback(state.close)
-    if cfg.ct.storage.backend != "filesystem":
-        log.warning("ct.storage.backend %r is not implemented in this version; the tiles "
-                    "go to the filesystem at %s", cfg.ct.storage.backend,
-                    data.ct_tiles().directory)
     watchers = FingerprintWatchers()
     ct_log = CtLog(tiles=data.ct_tiles(), state=state, keystore=base.keystore,
                    origin=cfg.ct.log_id, max_entries_per_shard=cfg.ct.max_entries_per_shard,

@@ -89,10 +89,34 @@ class CaConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class CtStorageConfig:
+    """Where the CT tiles and checkpoints live (static-ct-api layout)."""
+
     backend: Literal["filesystem", "s3"] = "filesystem"
     bucket: str = ""
     region: str = ""
-    encryption: str = ""
+    """The bucket's region; empty: ``us-east-1`` (any name for an ``endpoint``)."""
+    endpoint: str = ""
+    """URL of an S3-compatible store; empty: AWS S3 itself."""
+    encryption: Literal["", "AES256", "aws:kms"] = ""
+    """Server-side encryption requested with every object (SSE-S3 or SSE-KMS)."""
+    prefix: str = ""
+    """Key prefix in the bucket: shard N is under ``<prefix>/N/``."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class AuditStorageConfig:
+    """Where the signed audit segments are kept beyond the local log."""
+
+    backend: Literal["filesystem", "s3"] = "filesystem"
+    """``filesystem``: the local hash-chained log only; ``s3``: every signed
+    checkpoint's segment also goes to a bucket under S3 Object Lock."""
+    bucket: str = ""
+    region: str = ""
+    endpoint: str = ""
+    retention: float = _duration(365 * 86400.0)
+    """How long each segment is locked against deletion and change."""
+    mode: Literal["compliance", "governance"] = "compliance"
+    prefix: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -292,6 +316,7 @@ class LoggingConfig:
 class AuditConfig:
     checkpoint_interval: float = _duration(1.0)
     """While records are unsigned, a signed checkpoint at most this often (and at stop)."""
+    storage: AuditStorageConfig = field(default_factory=AuditStorageConfig)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -343,6 +368,21 @@ def informational(cfg: Config) -> dict[str, Any]:
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 _NOT_KEYS = {"source", "warnings"}
+
+
+def _validate_object_storage(key: str, backend: str, bucket: str, endpoint: str,
+                             prefix: str) -> None:
+    """One ``[*.storage]`` table: a bucket for ``s3``, a URL endpoint, a clean prefix."""
+    if backend != "s3":
+        return
+    if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", bucket):
+        raise ConfigError(f"{key}.bucket: {bucket!r} is not an S3 bucket name (3-63 "
+                          "lower-case letters, digits, dots and hyphens)")
+    if endpoint and not re.fullmatch(r"https?://\S+", endpoint):
+        raise ConfigError(f"{key}.endpoint: {endpoint!r} is not an http:// or https:// URL")
+    if prefix.startswith("/") or prefix.endswith("/") or "//" in prefix:
+        raise ConfigError(f"{key}.prefix: {prefix!r} must not start or end with / or "
+                          "hold an empty segment")
 
 
 def parse_duration(value: Any, key: str) -> float:
@@ -455,6 +495,14 @@ def _validate(cfg: Config) -> None:
     if not 0 <= cfg.api.rate_limit_prefix_length <= 128:
         raise ConfigError("api.rate_limit_prefix_length: must be within 0..128")
     _validate_address_limits(cfg.network)
+    _validate_object_storage("ct.storage", cfg.ct.storage.backend, cfg.ct.storage.bucket,
+                             cfg.ct.storage.endpoint, cfg.ct.storage.prefix)
+    _validate_object_storage("audit.storage", cfg.audit.storage.backend,
+                             cfg.audit.storage.bucket, cfg.audit.storage.endpoint,
+                             cfg.audit.storage.prefix)
+    if cfg.audit.storage.backend == "s3" and cfg.audit.storage.retention < 86400:
+        raise ConfigError("audit.storage.retention: at least 1d (Object Lock retention is "
+                          "kept in whole days)")
     if not 0 <= cfg.consensus.byzantine_tolerance < 1 / 3:
         raise ConfigError(
             f"consensus.byzantine_tolerance: {cfg.consensus.byzantine_tolerance:g} is more than "

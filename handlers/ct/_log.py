@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import functools
 import hashlib
 import logging
 import struct
@@ -53,6 +54,7 @@ from store import (
     CtLogRecord,
     KeyStore,
     MultisetHash,
+    ObjectStoreUnavailable,
     Row,
     StateChanges,
     StateDatabase,
@@ -68,6 +70,9 @@ from ._submitted import CheckedChain
 log = logging.getLogger("trustchain.ct")
 
 SIGNED_CACHE = 4096
+RETRY_FIRST = 0.1
+RETRY_MAX = 2.0
+"""Back-off (seconds) between attempts to write tiles to an unreachable object store."""
 """SCT signatures kept in memory until the state holds them (one SCT per entry)."""
 
 
@@ -291,6 +296,7 @@ class CtLog:
         self._installer = concurrent.futures.ThreadPoolExecutor(1,
                                                                 thread_name_prefix="ct-install")
         self._installing: set[asyncio.Future[None]] = set()
+        self._checkpoint_writes: set[int] = set()
         self._task: asyncio.Task[None] | None = None
         self._signed: dict[tuple[bytes, int], bytes] = {}
         self.failed: str | None = None
@@ -300,6 +306,9 @@ class CtLog:
         """Why the latest tiles could not be installed in place (None once some are)."""
         self.head_failure: str | None = None
         """Why the latest fresh tree head could not be saved (None once one is)."""
+        self.unreachable: str | None = None
+        """Why the tiles' object store cannot be reached now: sequencing waits for it
+        (None while it can)."""
         self.listener_failure: str | None = None
         """Why the latest ``on_sequenced`` call failed (fingerprint watchers), else None."""
         self.listener_failures = 0
@@ -512,13 +521,34 @@ class CtLog:
         return fingerprint in issued or self.state.fingerprint(fingerprint) is not None
 
     async def stage(self, batch: CtBatch) -> None:
-        """Make the batch's tiles durable in the shards' staging areas (fsync), before the
-        state that refers to them is committed."""
+        """Make the batch's tiles durable before the state that refers to them is
+        committed: staged locally (fsync), or written to the remote object store.
+
+        While that store cannot be reached, sequencing waits (retrying with back-off up
+        to :data:`RETRY_MAX` seconds) and :meth:`problem` says why; nothing appended is
+        dropped, and it resumes by itself when the store is back.
+        """
         loop = asyncio.get_running_loop()
         try:
             for write in batch.writes:
-                await loop.run_in_executor(self._installer, write.shard.tiles.write_bundle,
-                                           write.bundle, write.head.note.encode())
+                delay = RETRY_FIRST
+                while True:
+                    try:
+                        await loop.run_in_executor(self._installer,
+                                                   write.shard.tiles.write_bundle,
+                                                   write.bundle, write.head.note.encode())
+                    except ObjectStoreUnavailable as exc:
+                        if self.unreachable is None:
+                            log.error("CT tiles cannot be written; sequencing waits for the "
+                                      "object store", extra={"error": str(exc)})
+                        self.unreachable = str(exc)
+                        await asyncio.sleep(delay)
+                        delay = min(delay * 2, RETRY_MAX)
+                        continue
+                    if self.unreachable is not None:
+                        log.warning("CT tiles written again; sequencing resumes")
+                        self.unreachable = None
+                    break
         except BaseException as exc:
             self.abandon(f"{type(exc).__name__}: {exc}")
             raise
@@ -534,9 +564,7 @@ class CtLog:
         them, and the tiles are written in place (off the critical path)."""
         self.shards.extend(batch.new_shards)
         for shard in batch.new_shards:
-            shard.tiles.write_checkpoint(shard.checkpoint.note.encode())
-            shard.tiles.write_public_key(shard.signer.public_key().public_bytes(
-                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+            self._background(self._write_shard_files, shard)
         for write in batch.writes:
             shard = write.shard
             shard.tiles.publish(write.bundle)
@@ -559,12 +587,31 @@ class CtLog:
         self.batches += 1
 
     def _install(self, shard: Shard, bundle: Bundle) -> None:
+        def done() -> None:
+            shard.tiles.installed(bundle)
+        self._background(shard.tiles.install, bundle, done=done)
+
+    @staticmethod
+    def _write_shard_files(shard: Shard) -> None:
+        """A shard's checkpoint and public key objects (blocking)."""
+        shard.tiles.write_checkpoint(shard.checkpoint.note.encode())
+        shard.tiles.write_public_key(shard.signer.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+
+    def _background(self, write: Callable[..., None], *args: Any,
+                    done: Callable[[], None] | None = None,
+                    always: Callable[[], None] | None = None) -> None:
+        """Run a blocking tile write on the installer thread (in order, off the event
+        loop); a failure is logged and shown by :meth:`problem` until one succeeds
+        (a staged bundle stays and is re-installed at the next start)."""
         loop = asyncio.get_running_loop()
-        job = loop.run_in_executor(self._installer, shard.tiles.install, bundle)
+        job = loop.run_in_executor(self._installer, write, *args)
         self._installing.add(job)
 
-        def done(job: asyncio.Future[None]) -> None:
+        def finished(job: asyncio.Future[None]) -> None:
             self._installing.discard(job)
+            if always is not None:
+                always()
             if job.cancelled():
                 return
             error = job.exception()
@@ -574,8 +621,9 @@ class CtLog:
                           "re-installed at the next start)", extra={"error": str(error)})
                 return
             self.install_failure = None
-            shard.tiles.installed(bundle)
-        job.add_done_callback(done)
+            if done is not None:
+                done()
+        job.add_done_callback(finished)
 
     # --- SCTs and tree heads ---------------------------------------------------------------
 
@@ -611,6 +659,8 @@ class CtLog:
                 head = shard.checkpoint
                 if shard.frozen or now - head.timestamp < self.sth_interval * 1000:
                     continue
+                if shard.number in self._checkpoint_writes:
+                    continue  # the previous one is still being written (a slow store)
                 fresh = self._sign_head(shard.record, shard.signer, head.size, head.root, now)
                 try:
                     self.state.save_own(heads=[fresh])
@@ -620,13 +670,18 @@ class CtLog:
                     continue
                 self.head_failure = None
                 shard.checkpoint = fresh
-                shard.tiles.write_checkpoint(fresh.note.encode())
+                self._checkpoint_writes.add(shard.number)
+                self._background(shard.tiles.write_checkpoint, fresh.note.encode(),
+                                 always=functools.partial(self._checkpoint_writes.discard,
+                                                          shard.number))
             self.feed.notify()
 
     def problem(self) -> str | None:
         """None if the log works, else why not (the ``ct`` health check)."""
         if self.failed is not None:
             return f"blocks' entries cannot be staged ({self.failed}); restart the node"
+        if self.unreachable is not None:
+            return f"sequencing waits for the tiles' object store: {self.unreachable}"
         if self._task is None:
             return "the log is stopped: it signs no fresh tree heads"
         if self._task.done():

@@ -703,6 +703,11 @@ class CaStateMachine:
             run.changes.upsert(row)
             run.rows.add(row)
 
+    def paused(self) -> str | None:
+        """Why executing blocks waits now (the CT tiles' object store cannot be reached),
+        else None: new decisions are refused meanwhile rather than queued."""
+        return self.ct.unreachable
+
     def isolated(self) -> frozenset[str]:
         """The validators the executed blocks proved faulty."""
         return frozenset(self.state.isolated())

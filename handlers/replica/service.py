@@ -24,7 +24,13 @@ from typing import Any
 
 from cryptography import x509
 
-from protocol import ConsensusRejected, InvalidRequest, TrustChainError, error_from_wire
+from protocol import (
+    ConsensusRejected,
+    InvalidRequest,
+    TrustChainError,
+    Unavailable,
+    error_from_wire,
+)
 from protocol.decisions import Decision, Misissued, ValidatorKeys
 from protocol.ops import consensus as ops
 from store import CertificateRecord
@@ -41,6 +47,9 @@ from ._machine import (
 )
 
 log = logging.getLogger("trustchain.replica")
+
+PAUSED_RETRY_AFTER = 5.0
+"""Seconds a client is asked to wait while this validator's storage is unreachable."""
 
 
 def raise_refused(outcome: Outcome) -> None:
@@ -76,7 +85,12 @@ class DecisionLog:
         :param checked: this validator checked it already (it made it).
         :raises ConsensusRejected: a validator's check refused it, or the chain stopped.
         :raises Timeout: not committed within the timeout (it may still be later).
+        :raises Unavailable: this validator cannot execute blocks now (its storage).
         """
+        paused = self.machine.paused()
+        if paused is not None:
+            raise Unavailable(f"this validator cannot log new entries now ({paused}); "
+                              "try again shortly", retry_after=PAUSED_RETRY_AFTER)
         committed = await self.chain.submit(seal(decision.body(), self.entry, self.sign),
                                             checked=checked, timeout=self.timeout)
         outcome = committed.outcome

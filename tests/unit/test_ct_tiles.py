@@ -44,7 +44,7 @@ def commit(log: TileLog, entries: list[Appended]) -> Bundle:
 
 def test_sunlight_tiles_reproduced_byte_for_byte(tmp_path: Path) -> None:
     entries = sunlight_entries()
-    log = TileLog(tmp_path)
+    log = TileLog.in_directory(tmp_path)
     first = commit(log, entries[:778])
     assert first.root == ROOT_778 == log.root_at(778)
     for name in ("000", "001", "002", "003.p/10"):
@@ -63,7 +63,7 @@ def test_sunlight_tiles_reproduced_byte_for_byte(tmp_path: Path) -> None:
         [(SUNLIGHT / "0" / f"{n:03d}").read_bytes()[i:i + 32] for i in range(0, 8192, 32)])
         for n in range(4))
     # A fresh instance recovers the same tree from the files alone.
-    again = TileLog(tmp_path)
+    again = TileLog.in_directory(tmp_path)
     again.recover(1024, ROOT_1024)
     assert again.root_at(778) == ROOT_778
     assert [item for item, _ in again.entries(770, 780)] == \
@@ -87,7 +87,7 @@ def synthetic(start: int, count: int) -> list[Appended]:
 @pytest.fixture(scope="module")
 def big(tmp_path_factory: pytest.TempPathFactory) -> tuple[TileLog, list[bytes]]:
     """70,000 entries in uneven batches: full level-0 and level-1 tiles, partials above."""
-    log = TileLog(tmp_path_factory.mktemp("big"))
+    log = TileLog.in_directory(tmp_path_factory.mktemp("big"))
     hashes: list[bytes] = []
     pos = 0
     for batch in (1, 255, 256, 4000, 700, 60323, 4465):
@@ -101,7 +101,7 @@ def big(tmp_path_factory: pytest.TempPathFactory) -> tuple[TileLog, list[bytes]]
 
 def test_big_tree_layout(big: tuple[TileLog, list[bytes]]) -> None:
     log, hashes = big
-    d = log.dir
+    d = Path(log.objects.location)
     assert len(list((d / "tile/0").glob("[0-9]*[0-9]"))) == 273   # full level-0 tiles
     assert (d / "tile/0/273.p/112").is_file()
     assert (d / "tile/1/000").is_file() and (d / "tile/1/001.p/17").is_file()
@@ -137,7 +137,7 @@ def test_proofs_match_a_reference_tree(big: tuple[TileLog, list[bytes]]) -> None
 
 
 def test_uncommitted_bundle_is_discarded_and_committed_one_installed(tmp_path: Path) -> None:
-    log = TileLog(tmp_path)
+    log = TileLog.in_directory(tmp_path)
     a = commit(log, synthetic(0, 300))
     # Batch b is staged and committed but the process dies before installing it.
     b = log.append(synthetic(300, 100))
@@ -146,7 +146,7 @@ def test_uncommitted_bundle_is_discarded_and_committed_one_installed(tmp_path: P
     c = log.append(synthetic(400, 50))
     log.write_bundle(c, b"cp c\n")
     assert not (tmp_path / "tile/0/001.p/144").exists()
-    fresh = TileLog(tmp_path)
+    fresh = TileLog.in_directory(tmp_path)
     assert fresh.recover(b.size, b.root) == 1
     assert fresh.size == 400 and fresh.root == b.root
     assert (tmp_path / "checkpoint").read_bytes() == b"cp b\n"
@@ -159,38 +159,38 @@ def test_uncommitted_bundle_is_discarded_and_committed_one_installed(tmp_path: P
 
 
 def test_tampering_is_detected(tmp_path: Path) -> None:
-    log = TileLog(tmp_path)
+    log = TileLog.in_directory(tmp_path)
     bundle = commit(log, synthetic(0, 600))
     # An older full data tile: the root still checks out; reading it finds the damage.
     data_tile = tmp_path / "tile/data/000"
     original = data_tile.read_bytes()
     data_tile.write_bytes(original.replace(b"\x00\x00\x00\x05", b"\x00\x00\x00\x06", 1))
     assert data_tile.read_bytes() != original
-    fresh = TileLog(tmp_path)
+    fresh = TileLog.in_directory(tmp_path)
     fresh.recover(bundle.size, bundle.root)
     with pytest.raises(TileCorrupted, match=r"the data tile .*tile/data/000 was altered"):
         fresh.entries(0, 40)
     with pytest.raises(TileCorrupted, match="tile/data/000"):
-        TileLog(tmp_path).check(bundle.size, bundle.root)
+        TileLog.in_directory(tmp_path).check(bundle.size, bundle.root)
     data_tile.write_bytes(original)
-    TileLog(tmp_path).check(bundle.size, bundle.root)
+    TileLog.in_directory(tmp_path).check(bundle.size, bundle.root)
     # The last full data tile (written last) is checked at start.
     last = tmp_path / "tile/data/001"
     original = last.read_bytes()
     last.write_bytes(original.replace(b"\x00\x00\x01\x01", b"\x00\x00\x01\x02", 1))
     with pytest.raises(TileCorrupted, match=r"the data tile .*tile/data/001 was altered"):
-        TileLog(tmp_path).recover(bundle.size, bundle.root)
+        TileLog.in_directory(tmp_path).recover(bundle.size, bundle.root)
     last.write_bytes(original)
     hash_tile = tmp_path / "tile/0/000"
     raw = bytearray(hash_tile.read_bytes())
     raw[100] ^= 1
     hash_tile.write_bytes(bytes(raw))
-    fresh = TileLog(tmp_path)
+    fresh = TileLog.in_directory(tmp_path)
     fresh.recover(bundle.size, bundle.root)
     with pytest.raises(TileCorrupted, match=r"hash tile .*tile/0/000 does not match its hash"):
         fresh.inclusion_proof(5, 600)
     with pytest.raises(TileCorrupted, match="tile/0/000"):
-        TileLog(tmp_path).check(bundle.size, bundle.root)
+        TileLog.in_directory(tmp_path).check(bundle.size, bundle.root)
     raw[100] ^= 1
     hash_tile.write_bytes(bytes(raw))
     # Damage to the right edge's hash tile is blamed on it, not on its data tile.
@@ -199,7 +199,7 @@ def test_tampering_is_detected(tmp_path: Path) -> None:
     raw[0] ^= 1
     partial.write_bytes(bytes(raw))
     with pytest.raises(TileCorrupted, match=r"hash tiles give root .* \(a hash tile under"):
-        TileLog(tmp_path).recover(bundle.size, bundle.root)
+        TileLog.in_directory(tmp_path).recover(bundle.size, bundle.root)
     raw[0] ^= 1
     partial.write_bytes(bytes(raw))
     edge_data = tmp_path / "tile/data/002.p/88"
@@ -207,21 +207,21 @@ def test_tampering_is_detected(tmp_path: Path) -> None:
     raw[5] ^= 1  # inside the first entry's timestamp
     edge_data.write_bytes(bytes(raw))
     with pytest.raises(TileCorrupted, match=r"the data tile .*tile/data/002.p/88 was altered"):
-        TileLog(tmp_path).recover(bundle.size, bundle.root)
+        TileLog.in_directory(tmp_path).recover(bundle.size, bundle.root)
     raw[5] ^= 1
     edge_data.write_bytes(bytes(raw))
-    TileLog(tmp_path).recover(bundle.size, bundle.root)
+    TileLog.in_directory(tmp_path).recover(bundle.size, bundle.root)
     shutil.rmtree(tmp_path / "tile/0/002.p")
     with pytest.raises(TileCorrupted, match=r"partial hash tile .*tile/0/002.p/88 is missing"):
-        TileLog(tmp_path).recover(bundle.size, bundle.root)
+        TileLog.in_directory(tmp_path).recover(bundle.size, bundle.root)
 
 
 def test_check_reads_the_committed_staged_bundle_and_writes_nothing(tmp_path: Path) -> None:
-    log = TileLog(tmp_path)
+    log = TileLog.in_directory(tmp_path)
     commit(log, synthetic(0, 300))
     b = log.append(synthetic(300, 100))
     log.write_bundle(b, b"cp b\n")  # committed, not installed (a crash)
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
-    TileLog(tmp_path).check(b.size, b.root)
+    TileLog.in_directory(tmp_path).check(b.size, b.root)
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
-    assert TileLog(tmp_path).recover(b.size, b.root) == 1
+    assert TileLog.in_directory(tmp_path).recover(b.size, b.root) == 1

@@ -95,8 +95,8 @@ class Replica:
                  audit: AuditLog, clock: Clock) -> None:
         self.clock = clock
         self.ca = cluster_ca(clock())
-        self.ct = CtLog(tiles=TileDirectory(directory / "ct"), state=state, keystore=keystore,
-                        origin="unit.trust/ct", clock=clock)
+        self.ct = CtLog(tiles=TileDirectory.in_directory(directory / "ct"), state=state,
+                        keystore=keystore, origin="unit.trust/ct", clock=clock)
         self.ct.open()
         self.machine = CaStateMachine(
             state=state, ct=self.ct, chains=ChainValidator([self.ca.root_der], clock=clock),
