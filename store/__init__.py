@@ -20,7 +20,14 @@ from ._errors import (
 from ._files import fsync_directory, write_atomic
 from ._keystore import open_keystore
 from ._layout import AdminCredential, DataDirectory, DurableFile, JsonFile, TileDirectory
+from ._objects import (
+    FilesystemObjects,
+    ObjectStore,
+    ObjectStoreError,
+    ObjectStoreUnavailable,
+)
 from ._pkcs11 import Pkcs11KeyStore
+from ._s3 import AwsCredentials, LockedBucket, S3Location, S3Objects, aws_credentials
 from ._signer import (
     Algorithm,
     KeyStore,
@@ -56,6 +63,7 @@ __all__ = [
     "AuthorityError",
     "AuthorityRecord",
     "AuthorityStore",
+    "AwsCredentials",
     "BeaconError",
     "BeaconRecord",
     "BeaconStore",
@@ -69,13 +77,20 @@ __all__ = [
     "DataDirectoryInUse",
     "DurableFile",
     "FileStoreError",
+    "FilesystemObjects",
     "FingerprintRecord",
     "JsonFile",
     "KeyStore",
     "KeyStoreError",
+    "LockedBucket",
     "MultisetHash",
+    "ObjectStore",
+    "ObjectStoreError",
+    "ObjectStoreUnavailable",
     "Pkcs11KeyStore",
     "Row",
+    "S3Location",
+    "S3Objects",
     "Signer",
     "SoftwareKeyStore",
     "StateChanges",
@@ -90,6 +105,7 @@ __all__ = [
     "TileLog",
     "TlsCredential",
     "TreeHead",
+    "aws_credentials",
     "certificate_row",
     "create_self_signed",
     "credential_paths",
