@@ -27,6 +27,7 @@ from ._objects import (
     ObjectStoreUnavailable,
 )
 from ._pkcs11 import Pkcs11KeyStore
+from ._s3 import AwsCredentials, LockedBucket, S3Location, S3Objects, aws_credentials
 from ._signer import (
     Algorithm,
     KeyStore,
@@ -62,6 +63,7 @@ __all__ = [
     "AuthorityError",
     "AuthorityRecord",
     "AuthorityStore",
+    "AwsCredentials",
     "BeaconError",
     "BeaconRecord",
     "BeaconStore",
@@ -80,12 +82,15 @@ __all__ = [
     "JsonFile",
     "KeyStore",
     "KeyStoreError",
+    "LockedBucket",
     "MultisetHash",
     "ObjectStore",
     "ObjectStoreError",
     "ObjectStoreUnavailable",
     "Pkcs11KeyStore",
     "Row",
+    "S3Location",
+    "S3Objects",
     "Signer",
     "SoftwareKeyStore",
     "StateChanges",
@@ -100,6 +105,7 @@ __all__ = [
     "TileLog",
     "TlsCredential",
     "TreeHead",
+    "aws_credentials",
     "certificate_row",
     "create_self_signed",
     "credential_paths",

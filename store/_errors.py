@@ -10,6 +10,8 @@
     ├── DataDirectoryInUse        another process holds the data directory
     ├── FileStoreError            a small durable file (credentials, schedules)
     ├── KeyStoreError             a keystore (key directory or PKCS#11 token)
+    ├── ObjectStoreError          an object store (a directory or an S3 bucket)
+    │   └── ObjectStoreUnavailable  cannot reach it now: pause and retry
     ├── StateError                the replicated state (certificates, CT, stake...)
     └── TileError                 the CT tiles on disk
         └── TileCorrupted         tiles contradict each other or the committed state

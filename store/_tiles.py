@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import os
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -61,7 +60,7 @@ from protocol.ct_structs import (
 )
 
 from ._errors import TileCorrupted, TileError
-from ._files import fsync_directory
+from ._files import fsync_directory, write_file
 from ._objects import FilesystemObjects, ObjectStore, ObjectStoreError, ObjectStoreUnavailable
 
 
@@ -134,21 +133,6 @@ class Appended:
     tile_leaf: bytes
     fingerprint: bytes
     names: tuple[str, ...]
-
-
-def _write_file(path: Path, data: bytes, *, sync: bool) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.{threading.get_ident()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        if sync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
 
 
 class TileLog:
@@ -414,7 +398,7 @@ class TileLog:
         bundle.files["checkpoint"] = checkpoint_note
         try:
             self.staging.mkdir(parents=True, exist_ok=True)
-            _write_file(self.staging / bundle.name, bundle.encode(), sync=True)
+            write_file(self.staging / bundle.name, bundle.encode())
             fsync_directory(self.staging)
         except OSError as exc:
             raise TileError(f"cannot write the tile bundle: {exc}") from exc

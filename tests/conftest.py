@@ -14,6 +14,7 @@ import uvloop
 import stoq
 
 from .helpers import CddlChecker
+from .s3_server import CephS3
 from .softhsm import SoftHsmToken, make_token
 
 ENGINES = [e for e in stoq.ENGINES
@@ -76,3 +77,14 @@ def prover(plotted: Path) -> stoq.Prover:
     """The session's requester (key and plot) with fresh in-memory state: it proves
     space and time for each node's epoch beacon once, then only solves work."""
     return stoq.Prover.open(plotted)
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[CephS3]:
+    """A real S3 server (Ceph's RADOS Gateway on [::1]) for this session, started by the
+    first test that asks for it (about 1-2 s) and stopped at the end."""
+    server = CephS3().start()
+    try:
+        yield server
+    finally:
+        server.stop()

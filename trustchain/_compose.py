@@ -97,6 +97,8 @@ from store import (
     KeyStore,
     KeyStoreError,
     Pkcs11KeyStore,
+    S3Location,
+    S3Objects,
     Signer,
     StateDatabase,
     TlsCredential,
@@ -171,9 +173,24 @@ def keystore_settings(cfg: Config, data_dir: Path) -> KeystoreSettings:
 
 
 def data_directory(cfg: Config, data_dir: Path) -> DataDirectory:
-    """The node's data directory, with the CT tiles where ``ct.storage_path`` puts them."""
+    """The node's data directory, with the CT tiles where ``ct.storage_path`` or
+    ``ct.storage`` puts them.
+
+    :raises ObjectStoreError: ``ct.storage`` is S3 and no AWS credentials are set.
+    """
     configured = cfg.ct.storage_path
-    return DataDirectory(data_dir, ct_directory=Path(configured) if configured else None)
+    return DataDirectory(data_dir, ct_directory=Path(configured) if configured else None,
+                         ct_objects=ct_objects(cfg))
+
+
+def ct_objects(cfg: Config) -> S3Objects | None:
+    """The S3 bucket of the CT tiles (``ct.storage.backend = "s3"``), else None."""
+    storage = cfg.ct.storage
+    if storage.backend != "s3":
+        return None
+    return S3Objects(S3Location(bucket=storage.bucket, region=storage.region or "us-east-1",
+                                endpoint=storage.endpoint or None, prefix=storage.prefix,
+                                encryption=storage.encryption or None))
 
 
 async def _key(keystore: KeyStore, name: str, algorithm: Algorithm, audit: Audit) -> Signer:
@@ -539,8 +556,10 @@ async def _replicated(cfg: Config, data: DataDirectory, exits: contextlib.AsyncE
                       base: _Foundation) -> _Replicated:
     state = data.state()
     exits.callback(state.close)
+    tiles = data.ct_tiles()
+    await asyncio.get_running_loop().run_in_executor(None, tiles.objects.check)
     watchers = FingerprintWatchers()
-    ct_log = CtLog(tiles=data.ct_tiles(), state=state, keystore=base.keystore,
+    ct_log = CtLog(tiles=tiles, state=state, keystore=base.keystore,
                    origin=cfg.ct.log_id, max_entries_per_shard=cfg.ct.max_entries_per_shard,
                    sth_interval=cfg.ct.merkle_update_interval,
                    feed_capacity=cfg.ct.subscription_buffer,
