@@ -254,8 +254,8 @@ rgw thread pool size = 64
         process = self._processes[name]
         if process.poll() is not None:
             del self._processes[name]
-            raise S3ServerError(f"{name} exited with {process.returncode}: "
-                                f"{_tail(self._log(name))} {_tail(self.dir / f'{name}.out')}")
+            log = self._log(name) if self._log(name).exists() else self.dir / f"{name}.out"
+            raise S3ServerError(f"{name} exited with {process.returncode}: {_tail(log, 3)}")
 
     def _ceph_tool(self, *argv: str, conf: bool = True) -> str:
         """Run a Ceph command-line tool; one clear error with its output on failure."""
