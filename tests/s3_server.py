@@ -8,6 +8,7 @@ radosgw ``auth client required = none`` and ``ms mon client mode`` it waits 300 
 cephx. ``tcp_nodelay=1`` on the beast frontend: without it every GET of a small object
 (below about 64 KiB) takes 44 ms (Nagle against the client's delayed ACK), with
 obstore and botocore alike. Stop order matters: radosgw, then the OSD, then the monitor.
+The daemons get SIGKILL if the process that started them dies.
 
 Standalone: ``python -m tests.s3_server`` starts one, prints the ``AWS_*`` lines and the
 endpoint, and runs until Ctrl-C.
@@ -15,6 +16,7 @@ endpoint, and runs until Ctrl-C.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import random
 import secrets
@@ -67,6 +69,13 @@ def free_tcp_ports(count: int, address: str = ADDRESS) -> list[int]:
     if len(ports) < count:
         raise OSError(f"no {count} free TCP ports of [{address}]")
     return ports
+
+
+def _die_with_parent() -> None:
+    """In the forked child: SIGKILL when the process that started it dies (a killed
+    test run leaves no daemons; the state is throwaway anyway)."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
 
 
 def _tail(path: Path, lines: int = 5) -> str:
@@ -248,7 +257,8 @@ rgw thread pool size = 64
         with open(self.dir / f"{name}.out", "ab") as out:
             self._processes[name] = subprocess.Popen(
                 [*argv, "-c", str(self._conf)], stdout=out, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True)
+                stdin=subprocess.DEVNULL, start_new_session=True,
+                preexec_fn=_die_with_parent)
 
     def _check_alive(self, name: str) -> None:
         process = self._processes[name]
