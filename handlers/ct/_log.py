@@ -538,20 +538,26 @@ class CtLog:
                                                    write.shard.tiles.write_bundle,
                                                    write.bundle, write.head.note.encode())
                     except ObjectStoreUnavailable as exc:
-                        if self.unreachable is None:
-                            log.error("CT tiles cannot be written; sequencing waits for the "
-                                      "object store", extra={"error": str(exc)})
-                        self.unreachable = str(exc)
+                        self._unreachable(exc)
                         await asyncio.sleep(delay)
                         delay = min(delay * 2, RETRY_MAX)
                         continue
-                    if self.unreachable is not None:
-                        log.warning("CT tiles written again; sequencing resumes")
-                        self.unreachable = None
+                    self._reachable()
                     break
         except BaseException as exc:
             self.abandon(f"{type(exc).__name__}: {exc}")
             raise
+
+    def _unreachable(self, error: ObjectStoreUnavailable) -> None:
+        if self.unreachable is None:
+            log.error("CT tiles cannot be written; sequencing waits for the object store",
+                      extra={"error": str(error)})
+        self.unreachable = str(error)
+
+    def _reachable(self) -> None:
+        if self.unreachable is not None:
+            log.warning("CT tiles written again; sequencing resumes")
+            self.unreachable = None
 
     def abandon(self, reason: str) -> None:
         """A block appended in memory will not be committed: append nothing more."""
@@ -615,12 +621,16 @@ class CtLog:
             if job.cancelled():
                 return
             error = job.exception()
+            if isinstance(error, ObjectStoreUnavailable):
+                self._unreachable(error)
+                return
             if error is not None:
                 self.install_failure = f"{type(error).__name__}: {error}"
                 log.error("CT tiles could not be installed (the staged bundle stays and is "
                           "re-installed at the next start)", extra={"error": str(error)})
                 return
             self.install_failure = None
+            self._reachable()
             if done is not None:
                 done()
         job.add_done_callback(finished)
