@@ -27,7 +27,14 @@ from ._objects import (
     ObjectStoreUnavailable,
 )
 from ._pkcs11 import Pkcs11KeyStore
-from ._s3 import AwsCredentials, LockedBucket, S3Location, S3Objects, aws_credentials
+from ._s3 import (
+    AwsCredentials,
+    LockedBucket,
+    ObjectVersion,
+    S3Location,
+    S3Objects,
+    aws_credentials,
+)
 from ._signer import (
     Algorithm,
     KeyStore,
@@ -87,6 +94,7 @@ __all__ = [
     "ObjectStore",
     "ObjectStoreError",
     "ObjectStoreUnavailable",
+    "ObjectVersion",
     "Pkcs11KeyStore",
     "Row",
     "S3Location",
