@@ -1,6 +1,7 @@
 """Everything durable or secret: files, keys, databases, tiles, the audit log."""
 
 from ._audit import AuditLog, AuditRecord, AuditReport, verify_log
+from ._audit_archive import ArchiveReport, SegmentUploader, verify_archive
 from ._authorities import AuthorityRecord, AuthorityStore
 from ._beacons import BeaconRecord, BeaconStore
 from ._blocks import ChainStore, StoredBlock, StoredEvidence
@@ -63,6 +64,7 @@ __all__ = [
     "AdminCredential",
     "Algorithm",
     "Appended",
+    "ArchiveReport",
     "AuditError",
     "AuditLog",
     "AuditRecord",
@@ -99,6 +101,7 @@ __all__ = [
     "Row",
     "S3Location",
     "S3Objects",
+    "SegmentUploader",
     "Signer",
     "SoftwareKeyStore",
     "StateChanges",
@@ -122,6 +125,7 @@ __all__ = [
     "registration_row",
     "spki_sha256",
     "state_hash",
+    "verify_archive",
     "verify_log",
     "verify_signature",
     "write_atomic",

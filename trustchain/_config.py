@@ -289,9 +289,26 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class AuditStorageConfig:
+    """Where the signed audit segments are kept beyond the local log."""
+
+    backend: Literal["filesystem", "s3"] = "filesystem"
+    """``filesystem``: the local hash-chained log only; ``s3``: every signed
+    checkpoint's segment also goes to a bucket under S3 Object Lock."""
+    bucket: str = ""
+    region: str = ""
+    endpoint: str = ""
+    retention: float = _duration(365 * 86400.0)
+    """How long each segment is locked against deletion and change."""
+    mode: Literal["compliance", "governance"] = "compliance"
+    prefix: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
 class AuditConfig:
     checkpoint_interval: float = _duration(1.0)
     """While records are unsigned, a signed checkpoint at most this often (and at stop)."""
+    storage: AuditStorageConfig = field(default_factory=AuditStorageConfig)
 
 
 @dataclass(frozen=True, kw_only=True)
