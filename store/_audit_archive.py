@@ -184,9 +184,10 @@ class SegmentUploader:
 
     def _run(self) -> None:
         try:
+            self._uploaded = self._read_marker()
+            self._count_closed(self._uploaded.offset)
             self._uploaded = self._retrying(self._resume)
             self._scanned = self._uploaded.offset
-            self._count_closed(self._uploaded.offset)
             while True:
                 with self._cond:
                     while self._limit <= self._scanned and not self._stopping:
@@ -236,13 +237,13 @@ class SegmentUploader:
         self.bucket.put_locked(segment_key(segment.first, segment.last), segment.data,
                                retain_until)
         self._advance(segment)
-        with self._cond:
-            self._waiting = max(0, self._waiting - 1)
 
     def _advance(self, segment: _Segment) -> None:
         """Record that ``segment`` is in the bucket (in memory and in the marker)."""
         self._uploaded = _Position(segment.last, self._uploaded.offset + len(segment.data))
         self._scanned = max(self._scanned, self._uploaded.offset)
+        with self._cond:
+            self._waiting = max(0, self._waiting - 1)
         marker = {"bucket": self.bucket.location, "seq": self._uploaded.seq,
                   "offset": self._uploaded.offset}
         write_atomic(self._marker, json.dumps(marker).encode() + b"\n", mode=0o640)
@@ -250,7 +251,6 @@ class SegmentUploader:
     def _resume(self) -> _Position:
         """Where uploading continues: the marker's position, moved past the segments
         the bucket already has (an upload whose marker a crash lost)."""
-        self._uploaded = self._read_marker()
         while True:
             start = f"{SEGMENTS}{self._uploaded.seq + 1:020d}-"
             keys = self.bucket.list(start)

@@ -264,10 +264,13 @@ def test_a_restart_uploads_what_was_left(tmp_path: Path, gateway: CephS3,
         _write(log, 8, checkpoints=2)
     # closed (with a grace for uploads) while the gateway was down: two segments left
     assert uploader.uploaded_seq == 5
-    gateway.start_gateway()
     again = _uploader(locked, path)
-    with AuditLog(path, signer=signer, checkpoint_every=0, segments=again):
+    with AuditLog(path, signer=signer, checkpoint_every=0, segments=again) as log:
+        # restarted while the bucket is still unreachable: health counts the backlog
+        _wait(lambda: "2 segments waiting" in (log.problem() or ""), "the count")
+        gateway.start_gateway()
         _wait(lambda: again.uploaded_seq == 15 and again.waiting == 0, "the backlog")
+        assert log.problem() is None
     # a lost marker (an upload whose marker write a crash lost): nothing is uploaded twice
     path.with_suffix(".uploaded").unlink()
     third = _uploader(locked, path)
