@@ -37,6 +37,8 @@ from store import (
     verify_archive,
 )
 from store._audit_archive import segment_range
+from trustchain._compose import audit_bucket
+from trustchain._config import loads
 
 from ..audit_records import rehash
 from ..helpers import config_text, start_server_process
@@ -399,3 +401,28 @@ def test_a_node_refuses_a_bucket_without_object_lock(
                    cwd=tmp_path, env=env)
     assert missing.returncode == 2 and missing.stderr.startswith("error: no AWS credentials")
     assert len(missing.stderr.strip().splitlines()) == 1, missing.stderr
+
+
+def test_the_configured_bucket_and_governance_mode(tmp_path: Path, s3_server: CephS3,
+                                                   signer: KeySigner,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """``[audit.storage]`` as the node builds it: credentials from the AWS environment,
+    the prefix and the mode from the file; governance mode locks in GOVERNANCE."""
+    for name, value in s3_server.environment().items():
+        monkeypatch.setenv(name, value)
+    bucket = s3_server.create_bucket(object_lock=True)
+    cfg = loads(_storage(s3_server, bucket) + 'mode = "governance"\n')
+    assert audit_bucket(loads("")) is None  # the filesystem backend: no bucket
+    archive = audit_bucket(cfg)
+    assert archive is not None and archive.location == f"s3://{bucket}/node"
+    archive.check_lock()
+    path = tmp_path / "audit.log"
+    uploader = _uploader(archive, path, cfg.audit.storage.retention)
+    with AuditLog(path, signer=signer, checkpoint_every=0, segments=uploader) as log:
+        _write(log, 3)
+        _wait(lambda: uploader.uploaded_seq == 4, "upload")
+    (key,) = archive.list("segments/")
+    assert key == "segments/00000000000000000001-00000000000000000004.jsonl"
+    mode, until = archive.retention(key)
+    assert mode == "GOVERNANCE"
+    assert abs(until - (datetime.now(UTC) + timedelta(days=1))) < timedelta(minutes=2)
