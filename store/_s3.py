@@ -25,13 +25,10 @@ import obstore
 import obstore.exceptions
 from obstore.store import S3Store
 
-from ._objects import ObjectStoreError, ObjectStoreUnavailable, check_key, join_prefix
+from ._objects import CONCURRENCY, ObjectStoreError, ObjectStoreUnavailable, check_key, join_prefix
 
 Encryption = Literal["AES256", "aws:kms"]
 """``AES256`` asks for SSE-S3, ``aws:kms`` for SSE-KMS (request headers only)."""
-
-CONCURRENCY = 16
-"""Requests put_many keeps in flight."""
 
 CONNECT_TIMEOUT = timedelta(seconds=5)
 REQUEST_TIMEOUT = timedelta(seconds=30)

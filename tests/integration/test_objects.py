@@ -255,3 +255,19 @@ def test_locked_bucket_gateway_down_is_unavailable(s3_server: CephS3) -> None:
         s3_server.start_gateway()
     audit.put_locked("s", b"x", datetime.now(UTC) + timedelta(days=1))
     assert audit.get("s") == b"x"
+
+
+def test_governance_mode_can_be_bypassed(s3_server: CephS3) -> None:
+    """The configured mode is the one stored: GOVERNANCE yields to a bypass, which the
+    COMPLIANCE test above shows refused."""
+    bucket = s3_server.create_bucket(object_lock=True)
+    audit = LockedBucket(S3Location(bucket, s3_server.region, s3_server.endpoint),
+                         mode="GOVERNANCE", credentials=credentials(s3_server))
+    version = audit.put_locked("s", b"x", datetime.now(UTC) + timedelta(days=1))
+    assert audit.retention("s")[0] == "GOVERNANCE"
+    client = s3_server.client()
+    with pytest.raises(botocore.exceptions.ClientError, match="AccessDenied"):
+        client.delete_object(Bucket=bucket, Key="s", VersionId=version)
+    client.delete_object(Bucket=bucket, Key="s", VersionId=version,
+                         BypassGovernanceRetention=True)
+    assert audit.get("s") is None

@@ -3,10 +3,12 @@ restart (what the fault tests rely on), and an Object Lock bucket."""
 
 from __future__ import annotations
 
+import socket
+
 import botocore.exceptions
 import pytest
 
-from tests.s3_server import CephS3
+from tests.s3_server import CephS3, S3ServerError
 
 
 def test_put_get_round_trip(s3_server: CephS3) -> None:
@@ -48,3 +50,17 @@ def test_wrong_secret_is_refused(s3_server: CephS3) -> None:
     client = s3_server.client(secret_key="not-the-secret")
     with pytest.raises(botocore.exceptions.ClientError, match="SignatureDoesNotMatch"):
         client.get_object(Bucket=bucket, Key="x")
+
+
+def test_start_failure_is_one_line_with_the_log_tail() -> None:
+    """radosgw cannot bind its port: start() fails with one line quoting its log, and
+    stops the monitor and the OSD it had started."""
+    server = CephS3()
+    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as taken:
+        taken.bind(("::1", server.rgw_port))
+        taken.listen()
+        with pytest.raises(S3ServerError, match=r"^rgw exited with \d+: .*failed") as error:
+            server.start()
+    assert "\n" not in str(error.value)
+    assert f"[::1]:{server.rgw_port}" in str(error.value)
+    assert not server.dir.exists()
