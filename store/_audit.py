@@ -366,6 +366,10 @@ class AuditLog:
     Opening also verifies the chain from the record the last signed checkpoint
     covers to the end (``check_all``: from the first record), and refuses a log
     that was edited there: appending to it would bury the edit under new records.
+
+    ``segments``: an uploader told of every write that ends with a checkpoint, which
+    copies the closed segments to an Object Lock bucket off the critical path
+    (:mod:`store._audit_archive`); its trouble shows in :meth:`problem`.
     """
 
     def __init__(self, path: Path, *, signer: CheckpointSigner | None = None,
