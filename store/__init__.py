@@ -1,6 +1,7 @@
 """Everything durable or secret: files, keys, databases, tiles, the audit log."""
 
 from ._audit import AuditLog, AuditRecord, AuditReport, verify_log
+from ._audit_archive import ArchiveReport, SegmentUploader, verify_archive
 from ._authorities import AuthorityRecord, AuthorityStore
 from ._beacons import BeaconRecord, BeaconStore
 from ._blocks import ChainStore, StoredBlock, StoredEvidence
@@ -27,7 +28,14 @@ from ._objects import (
     ObjectStoreUnavailable,
 )
 from ._pkcs11 import Pkcs11KeyStore
-from ._s3 import AwsCredentials, LockedBucket, S3Location, S3Objects, aws_credentials
+from ._s3 import (
+    AwsCredentials,
+    LockedBucket,
+    ObjectVersion,
+    S3Location,
+    S3Objects,
+    aws_credentials,
+)
 from ._signer import (
     Algorithm,
     KeyStore,
@@ -56,6 +64,7 @@ __all__ = [
     "AdminCredential",
     "Algorithm",
     "Appended",
+    "ArchiveReport",
     "AuditError",
     "AuditLog",
     "AuditRecord",
@@ -87,10 +96,12 @@ __all__ = [
     "ObjectStore",
     "ObjectStoreError",
     "ObjectStoreUnavailable",
+    "ObjectVersion",
     "Pkcs11KeyStore",
     "Row",
     "S3Location",
     "S3Objects",
+    "SegmentUploader",
     "Signer",
     "SoftwareKeyStore",
     "StateChanges",
@@ -114,6 +125,7 @@ __all__ = [
     "registration_row",
     "spki_sha256",
     "state_hash",
+    "verify_archive",
     "verify_log",
     "verify_signature",
     "write_atomic",

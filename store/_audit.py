@@ -42,11 +42,11 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, NamedTuple, NoReturn, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn, Protocol
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
@@ -57,6 +57,9 @@ from protocol import MAX_DEPTH, LocalProtocolError, encode_deterministic
 from ._errors import AuditError
 from ._files import fsync_directory
 from ._signer import verify_signature
+
+if TYPE_CHECKING:
+    from ._audit_archive import SegmentUploader
 
 log = logging.getLogger("trustchain.audit")
 
@@ -363,11 +366,16 @@ class AuditLog:
     Opening also verifies the chain from the record the last signed checkpoint
     covers to the end (``check_all``: from the first record), and refuses a log
     that was edited there: appending to it would bury the edit under new records.
+
+    ``segments``: an uploader told of every write that ends with a checkpoint, which
+    copies the closed segments to an Object Lock bucket off the critical path
+    (:mod:`store._audit_archive`); its trouble shows in :meth:`problem`.
     """
 
     def __init__(self, path: Path, *, signer: CheckpointSigner | None = None,
                  checkpoint_every: int = 1000, check_all: bool = False,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 segments: SegmentUploader | None = None) -> None:
         if checkpoint_every < 0:
             raise AuditError("checkpoint_every must be 0 (off) or more")
         self.path = Path(path)
@@ -396,6 +404,10 @@ class AuditLog:
             os.close(self._fd)
             raise
         self._head = (seq, digest)
+        self._size = os.fstat(self._fd).st_size
+        self._segments = segments
+        if segments is not None:
+            segments.start(self._size)
 
     def _open(self) -> int:
         parent = self.path.parent
@@ -582,7 +594,7 @@ class AuditLog:
                     "node restarts")
         if self.checkpoint_failure is not None:
             return f"checkpoints cannot be signed: {self.checkpoint_failure}"
-        return None
+        return self._segments.problem() if self._segments is not None else None
 
     def sign_tail(self) -> AuditRecord | None:
         """A checkpoint over the records after the last one, if there are any (and a
@@ -652,9 +664,13 @@ class AuditLog:
                 last_kind = CHECKPOINT_KIND
                 if checkpoint:  # an automatic one is not the caller's record
                     records.append(record)
-        self._write(b"".join(lines))
+        payload = b"".join(lines)
+        self._write(payload)
+        self._size += len(payload)
         self._head = (seq, prev)
         self._unsigned = last_kind != CHECKPOINT_KIND
+        if not self._unsigned and self._segments is not None:
+            self._segments.closed(self._size)
         return records
 
     def _checkpoint_entry(self, covers_seq: int, covers_hash: bytes) -> _Entry:
@@ -709,6 +725,8 @@ class AuditLog:
             os.close(fd)
         if self._executor is not None:
             self._executor.shutdown(wait=True)
+        if self._segments is not None:
+            self._segments.stop()
 
     def __enter__(self) -> AuditLog:
         return self
@@ -798,10 +816,11 @@ def verify_log(path: Path, *, public_keys: list[Any] | None = None) -> AuditRepo
         raise AuditError(f"no audit log at {path}") from None
 
 
-def _verify_lines(handle: BinaryIO, trusted: set[bytes] | None, *,
+def _verify_lines(handle: Iterable[bytes], trusted: set[bytes] | None, *,
                   resume: bool = False) -> AuditReport:
-    """The report on the lines from ``handle``'s position; ``resume``: that is not the
-    start of the log (the first line's predecessor is unknown)."""
+    """The report on the lines from ``handle`` (a file from its position, or any lines
+    with their newlines); ``resume``: that is not the start of the log (the first
+    line's predecessor is unknown)."""
     problems: list[str] = []
     warnings: list[str] = []
     records = 0

@@ -11,6 +11,7 @@ for each store, and each store object knows its own file. The layout::
       tls/server.key, .pem     the node's own QUIC/TLS credential
       ca/authorities.sqlite3   this CA node's root, intermediates, administrators
       audit/audit.log          the hash-chained audit log
+      audit/audit.uploaded     how far its segments are in the Object Lock bucket (S3)
       state/state.sqlite3      the replicated state: certificates, CT, stake, ...
       ct/<n>/                  each CT shard's tiles
       consensus/beacons.sqlite3 the epoch beacons
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ._audit import AuditLog, CheckpointSigner
+from ._audit_archive import SegmentBucket, SegmentUploader
 from ._authorities import AuthorityStore
 from ._beacons import BeaconStore
 from ._blocks import ChainStore
@@ -217,11 +219,21 @@ class DataDirectory:
         return self.root / "state" / "state.sqlite3"
 
     def audit_log(self, signer: CheckpointSigner | None, *,
-                  checkpoint_every: int = 1000, check_all: bool = False) -> AuditLog:
+                  checkpoint_every: int = 1000, check_all: bool = False,
+                  archive: SegmentBucket | None = None, retention: float = 0.0) -> AuditLog:
         """The audit log, its chain checked from the last signed checkpoint (``check_all``:
-        from the first record) before anything is appended."""
-        return AuditLog(self.root / "audit" / "audit.log", signer=signer,
-                        checkpoint_every=checkpoint_every, check_all=check_all)
+        from the first record) before anything is appended; with ``archive``, every
+        signed segment is also uploaded there, locked for ``retention`` seconds."""
+        segments = None if archive is None else SegmentUploader(
+            archive, log_path=self.audit_path, marker=self.audit_upload_marker,
+            retention=retention)
+        return AuditLog(self.audit_path, signer=signer, checkpoint_every=checkpoint_every,
+                        check_all=check_all, segments=segments)
+
+    @property
+    def audit_upload_marker(self) -> Path:
+        """Where the audit log's last uploaded segment ends (a cache of the bucket's)."""
+        return self.root / "audit" / "audit.uploaded"
 
     @property
     def audit_path(self) -> Path:

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import obstore
 import obstore.exceptions
@@ -257,6 +257,18 @@ def _botocore_error(exc: Exception, what: str) -> ObjectStoreError:
     return ObjectStoreUnavailable(f"{what}: cannot reach S3 ({exc})")
 
 
+class ObjectVersion(NamedTuple):
+    """One version of an object, or a delete marker, in a bucket (``version_id``
+    ``null`` in a bucket without versioning)."""
+
+    key: str
+    """Relative to the bucket's prefix."""
+    version_id: str
+    last_modified: datetime
+    latest: bool
+    delete_marker: bool
+
+
 class LockedBucket:
     """A bucket with S3 Object Lock: objects written with a retention that no one (in
     COMPLIANCE mode) can delete or overwrite before it ends. For the audit log's
@@ -343,6 +355,46 @@ class LockedBucket:
             return bytes(answer["Body"].read())
         except botocore.exceptions.ClientError as exc:
             if exc.response.get("Error", {}).get("Code") == "NoSuchKey":
+                return None
+            raise _botocore_error(exc, what) from exc
+        except botocore.exceptions.BotoCoreError as exc:
+            raise _botocore_error(exc, what) from exc
+
+    def versions(self, prefix: str = "") -> list[ObjectVersion]:
+        """Every version and delete marker of the keys that start with ``prefix``
+        (relative to this bucket's prefix), by key, newest first within a key: what
+        Object Lock kept, even where a later write or a delete hides it."""
+        full = f"{self._prefix}/{prefix}" if self._prefix else prefix
+        strip = len(self._prefix) + 1 if self._prefix else 0
+        found: list[ObjectVersion] = []
+        marker: dict[str, str] = {}
+        while True:
+            page = self._call(f"list versions {self.location}/{prefix}",
+                              "list_object_versions", Prefix=full, **marker)
+            for kind, deleted in (("Versions", False), ("DeleteMarkers", True)):
+                found.extend(ObjectVersion(item["Key"][strip:], str(item["VersionId"]),
+                                           item["LastModified"], bool(item["IsLatest"]),
+                                           deleted)
+                             for item in page.get(kind, ()))
+            if not page.get("IsTruncated"):
+                found.sort(key=lambda v: (v.key, -v.last_modified.timestamp()))
+                return found
+            marker = {"KeyMarker": page["NextKeyMarker"]}
+            if page.get("NextVersionIdMarker"):
+                marker["VersionIdMarker"] = page["NextVersionIdMarker"]
+
+    def get_version(self, key: str, version_id: str) -> bytes | None:
+        """The bytes of one version of ``key`` (from :meth:`versions`); None if it is
+        gone."""
+        import botocore.exceptions
+
+        what = f"get s3://{self._where.bucket}/{self._key(key)} version {version_id}"
+        try:
+            answer = self._client.get_object(Bucket=self._where.bucket, Key=self._key(key),
+                                             VersionId=version_id)
+            return bytes(answer["Body"].read())
+        except botocore.exceptions.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "NoSuchVersion"):
                 return None
             raise _botocore_error(exc, what) from exc
         except botocore.exceptions.BotoCoreError as exc:

@@ -117,6 +117,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
                                                        "records")
     audit_verify.add_argument("--config")
     audit_verify.add_argument("--data-dir")
+    audit_verify.add_argument("--from-s3", action="store_true",
+                              help="check the whole chain from the [audit.storage] bucket "
+                                   "alone (credentials from the AWS environment), and "
+                                   "compare the local log with it")
     commands = dict(CORE_COMMANDS)
     for add_commands in ADD_COMMANDS:
         commands.update(add_commands(sub))

@@ -15,13 +15,19 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 import stoq
 from handlers.ca import revocation_statement
-from store import verify_log, write_atomic
+from store import AuditReport, ObjectStoreError, verify_archive, verify_log, write_atomic
 
 from . import _config as config
 from ._cli_common import ClientBody, read_certificates, read_private_key
 from ._cli_consensus import write_commit
 from ._cli_proofs import guarded, proofs_dir, ready_prover
-from ._compose import data_directory, open_ca, open_ca_stores, open_configured_keystore
+from ._compose import (
+    data_directory,
+    locked_bucket,
+    open_ca,
+    open_ca_stores,
+    open_configured_keystore,
+)
 
 
 def load_or_create_key(path: Path, key_type: str) -> Any:
@@ -178,19 +184,56 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     cfg = config.load(args.config)
     data_dir = Path(args.data_dir or cfg.node.data_dir)
     path = data_directory(cfg, data_dir).audit_path
+    if args.from_s3:
+        return _audit_verify_s3(cfg, data_dir, path)
     if not path.is_file():
         print(f"error: no audit log at {path}", file=sys.stderr)
         return 2
-    keystore = open_configured_keystore(cfg, data_dir)  # only to read the audit key
-    try:
-        signer = keystore.get("audit")
-        trusted = [signer.public_key()] if signer is not None else None
-    finally:
-        keystore.close()
-    report = verify_log(path, public_keys=trusted)
+    report = verify_log(path, public_keys=_audit_keys(cfg, data_dir))
     last = ("none" if report.last_checkpoint_seq is None
             else f"record {report.last_checkpoint_seq}")
     print(f"{report.records} records; last signed checkpoint: {last}")
+    return _print_audit_report(report)
+
+
+def _audit_keys(cfg: config.Config, data_dir: Path) -> list[Any] | None:
+    """The audit key's public key from the node's keystore (None without one: then
+    each checkpoint is checked against the key it names)."""
+    if not data_dir.is_dir():
+        return None
+    keystore = open_configured_keystore(cfg, data_dir)  # only to read the audit key
+    try:
+        signer = keystore.get("audit")
+        return [signer.public_key()] if signer is not None else None
+    finally:
+        keystore.close()
+
+
+def _audit_verify_s3(cfg: config.Config, data_dir: Path, local: Path) -> int:
+    """``audit verify --from-s3``: the whole chain from the bucket's segments alone,
+    then the local log compared with it."""
+    storage = cfg.audit.storage
+    if not storage.bucket:
+        print(f"error: {cfg.source} sets no audit.storage.bucket to verify",
+              file=sys.stderr)
+        return 2
+    try:
+        bucket = locked_bucket(storage)
+        report = verify_archive(bucket, public_keys=_audit_keys(cfg, data_dir),
+                                local=local)
+    except ObjectStoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    last = ("none" if report.last_checkpoint_seq is None
+            else f"record {report.last_checkpoint_seq}")
+    print(f"{bucket.location}: {report.records} records in {report.segments} segments; "
+          f"last signed checkpoint: {last}")
+    for line in report.local:
+        print(line)
+    return _print_audit_report(report)
+
+
+def _print_audit_report(report: AuditReport) -> int:
     tail = report.unsigned_range()
     if tail is not None:
         first, end = tail

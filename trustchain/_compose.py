@@ -96,6 +96,7 @@ from store import (
     DataDirectory,
     KeyStore,
     KeyStoreError,
+    LockedBucket,
     Pkcs11KeyStore,
     S3Location,
     S3Objects,
@@ -105,7 +106,7 @@ from store import (
     open_keystore,
 )
 
-from ._config import Config, ConfigError, parse_upstream
+from ._config import AuditStorageConfig, Config, ConfigError, parse_upstream
 from ._peers import ServedTlsKeys, StoqPeerLinks
 
 log = logging.getLogger("trustchain")
@@ -191,6 +192,26 @@ def ct_objects(cfg: Config) -> S3Objects | None:
     return S3Objects(S3Location(bucket=storage.bucket, region=storage.region or "us-east-1",
                                 endpoint=storage.endpoint or None, prefix=storage.prefix,
                                 encryption=storage.encryption or None))
+
+
+def audit_bucket(cfg: Config) -> LockedBucket | None:
+    """The Object Lock bucket of ``[audit.storage]``; None with the filesystem backend.
+    Credentials come from the standard AWS environment (never from the configuration).
+
+    :raises ObjectStoreError: no AWS credentials.
+    """
+    if cfg.audit.storage.backend != "s3":
+        return None
+    return locked_bucket(cfg.audit.storage)
+
+
+def locked_bucket(storage: AuditStorageConfig) -> LockedBucket:
+    """The bucket ``storage`` names (``trustchain audit verify --from-s3`` reads it
+    whatever the backend)."""
+    where = S3Location(storage.bucket, storage.region or "us-east-1", storage.endpoint or None,
+                       storage.prefix)
+    return LockedBucket(where, mode="GOVERNANCE" if storage.mode == "governance"
+                        else "COMPLIANCE")
 
 
 async def _key(keystore: KeyStore, name: str, algorithm: Algorithm, audit: Audit) -> Signer:
@@ -503,8 +524,12 @@ async def _foundation(cfg: Config, data: DataDirectory, exits: contextlib.AsyncE
     data.create()
     keystore = open_configured_keystore(cfg, data.root)
     exits.callback(keystore.close)
+    archive = audit_bucket(cfg)
+    if archive is not None:  # a bucket without Object Lock is not immutable storage
+        await asyncio.to_thread(archive.check_lock)
     audit_log = data.audit_log(signer=keystore.get_or_create(AUDIT_KEY),
-                               check_all=check_audit_log)
+                               check_all=check_audit_log, archive=archive,
+                               retention=cfg.audit.storage.retention)
     exits.callback(audit_log.close)  # signs its final checkpoint: before the keystore closes
     audit_log.append("node.started", {"mode": cfg.ca.mode, "config": cfg.source,
                                       "warnings": list(cfg.warnings)})
