@@ -25,6 +25,10 @@ block's state (``StateDatabase.apply``, fsync), then publishes the entries
    rate, half of what those two together sustain (open loop, blocks back to
    back, each taking what arrived meanwhile): submission-to-SCT p50/p99 beside
    one entry alone on an idle log.
+   The same again with the tiles in S3 (a throwaway one-host Ceph RADOS
+   Gateway on ``[::1]``, ``tests.s3_server``; ``--no-s3`` skips it), at the
+   filesystem run's steady rate: entries/s and submission-to-SCT p50/p99 beside
+   the filesystem's.
 2. **add-chain over QUIC**: a ``trustchain serve`` child (a validator alone:
    every chain a ``log`` decision committed in a block) that accepts a
    benchmark root (``ct.extra_roots``); a load-generator child sends real
@@ -82,9 +86,12 @@ from protocol.ct_structs import (
 from protocol.ops import ct as ops
 from store import (
     Appended,
+    AwsCredentials,
     FilesystemObjects,
     MultisetHash,
     Row,
+    S3Location,
+    S3Objects,
     SoftwareKeyStore,
     StateChanges,
     StateDatabase,
@@ -187,11 +194,11 @@ class LogNode:
     into the block's state transaction), stage (tiles durable), ``StateDatabase.apply``
     (the block's one transaction), published."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, tiles: TileDirectory | None = None) -> None:
         self.keystore = SoftwareKeyStore(directory / "keys")
         self.state = StateDatabase(directory / "state" / "state.sqlite3")
-        self.log = CtLog(tiles=TileDirectory.in_directory(directory / "ct"), state=self.state,
-                         keystore=self.keystore, origin=ORIGIN)
+        self.log = CtLog(tiles=tiles or TileDirectory.in_directory(directory / "ct"),
+                         state=self.state, keystore=self.keystore, origin=ORIGIN)
         self.log.open()
         self.rows = MultisetHash.of(self.state.rows())
         self.height = self.state.height()
@@ -254,18 +261,23 @@ class SequencerFigures:
 
 
 async def bench_sequencer(tmp: Path, count: int, load: float, steady_seconds: float,
-                          idle_count: int) -> SequencerFigures:
+                          idle_count: int, *, tiles: TileDirectory | None = None,
+                          steady_rate: int | None = None, name: str = "seq"
+                          ) -> SequencerFigures:
     """``load``: the steady test's offered rate, as a fraction of the capacity measured
-    first (blocks and SCTs together)."""
-    node = LogNode(tmp / "seq")
+    first (blocks and SCTs together), unless ``steady_rate`` gives it. ``tiles``: where
+    the log's tiles go (default: files under ``tmp``)."""
+    node = LogNode(tmp / name, tiles)
     try:
-        return await _sequencer(node, tmp, count, load, steady_seconds, idle_count)
+        return await _sequencer(node, tmp, count, load, steady_seconds, idle_count,
+                                steady_rate)
     finally:
         await node.close()
 
 
 async def _sequencer(node: LogNode, tmp: Path, count: int, load: float,
-                     steady_seconds: float, idle_count: int) -> SequencerFigures:
+                     steady_seconds: float, idle_count: int,
+                     steady_rate: int | None) -> SequencerFigures:
     log = node.log
     loop = asyncio.get_running_loop()
     entries = [Entry(chain=synthetic_chain(i), precert=False) for i in range(count)]
@@ -296,7 +308,8 @@ async def _sequencer(node: LogNode, tmp: Path, count: int, load: float,
     for leaf in leaves:
         signer.sign(leaf)
     sign_rate = len(leaves) / (time.perf_counter() - started)
-    tiles = TileDirectory.in_directory(tmp / "seq-tiles").shard(0)
+    tiles = TileDirectory.in_directory(Path(tempfile.mkdtemp(dir=tmp, prefix="tiles-"))
+                                       ).shard(0)
     issuer = b"issuer" * 100
     tail = b"\x00\x20" + hashlib.sha256(issuer).digest()
     started = time.perf_counter()
@@ -323,7 +336,7 @@ async def _sequencer(node: LogNode, tmp: Path, count: int, load: float,
     # half of what the block path and the SCTs together can do: a steady load, not a
     # backlog (whose latency would only say how long the queue got)
     capacity = 1 / (elapsed / sequenced + sct_elapsed / sequenced)
-    steady_rate = max(100, round(capacity * load / 100) * 100)
+    steady_rate = steady_rate or max(100, round(capacity * load / 100) * 100)
     steady = await _steady(node, count + idle_count, steady_rate, steady_seconds)
     idle.sort()
     return SequencerFigures(
@@ -715,6 +728,9 @@ def main(argv: list[str] | None = None) -> int:
                              "(default 10,000,000; 250,000 with --quick)")
     parser.add_argument("--quick", action="store_true",
                         help="shorter runs, fewer samples, 250,000 entries")
+    parser.add_argument("--no-s3", action="store_true",
+                        help="skip the sequencer with its tiles in S3 (which needs Debian's "
+                             "radosgw, ceph-mon and ceph-osd)")
     sub = parser.add_subparsers(dest="child")
     child_add = sub.add_parser("add-chain")
     child_add.add_argument("spec")
@@ -749,7 +765,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench-ct-"))
     started = time.monotonic()
     try:
-        _run(children, tmp, entries, args.quick)
+        _run(children, tmp, entries, args.quick, not args.no_s3)
     finally:
         children.stop_all()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -757,12 +773,33 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _run(children: Children, tmp: Path, entries: int, quick: bool) -> None:
+def sequencer_on_s3(tmp: Path, count: int, steady_seconds: float, idle_count: int,
+                    steady_rate: int) -> SequencerFigures:
+    """The sequencer test with the log's tiles in a bucket of a throwaway Ceph RADOS
+    Gateway (``tests.s3_server``), at the filesystem run's steady rate."""
+    from tests.s3_server import CephS3
+
+    with CephS3() as ceph:
+        bucket = ceph.create_bucket("bench-ct")
+        objects = S3Objects(S3Location(bucket, ceph.region, ceph.endpoint, "bench"),
+                            credentials=AwsCredentials(ceph.access_key, ceph.secret_key,
+                                                       None, "bench"))
+        return uvloop.run(bench_sequencer(tmp, count, 0.5, steady_seconds, idle_count,
+                                          tiles=TileDirectory(objects, staging=None),
+                                          steady_rate=steady_rate, name="seq-s3"))
+
+
+def _run(children: Children, tmp: Path, entries: int, quick: bool, s3_tiles: bool) -> None:
     seconds = 2.0 if quick else 6.0
     make_ca(tmp)
     progress("1/5 sequencer (in process)")
     seq = uvloop.run(bench_sequencer(tmp, 20_000 if quick else 50_000, 0.5,
                                      1.5 if quick else 3.0, 20 if quick else 100))
+    s3 = None
+    if s3_tiles:
+        progress("1/5 the same sequencer with the tiles in S3 (a one-host Ceph on [::1])")
+        s3 = sequencer_on_s3(tmp, 20_000 if quick else 50_000, 1.5 if quick else 3.0,
+                             20 if quick else 100, int(seq.steady_offered))
     progress("2/5 add-chain over QUIC")
     node, port, pin, empty_start = start_node(children, tmp, "node-add", tmp / "data-add")
     add = run_child(children, tmp, "add-chain", ["add-chain", json.dumps(asdict(AddChainSpec(
@@ -798,15 +835,16 @@ def _run(children: Children, tmp: Path, entries: int, quick: bool) -> None:
         expect="same", connections=1, in_flight=1, duration=seconds, warmup=0.5,
         server_pid=echo.pid), tmp / "echo-load.log")
     children.stop(echo)
-    print(report(seq, add, entries, bulk_rate, (empty_start, big_start), proofs, quic, subs,
-                 bulk.megabytes_per_s), flush=True)
+    print(report(seq, s3, add, entries, bulk_rate, (empty_start, big_start), proofs, quic,
+                 subs, bulk.megabytes_per_s), flush=True)
 
 
 def _pp(pair: tuple[float, float] | list[float]) -> str:
     return f"p50 {ms(pair[0])}, p99 {ms(pair[1])}"
 
 
-def report(seq: SequencerFigures, add: dict[str, Any], entries: int, bulk_rate: float,
+def report(seq: SequencerFigures, s3: SequencerFigures | None, add: dict[str, Any],
+           entries: int, bulk_rate: float,
            starts: tuple[float, float], proofs: ProofFigures, quic: dict[str, Any],
            subs: dict[tuple[int, bool], Any], bare_mb: float) -> str:
     chains, health = add["add"], add["health"]
@@ -826,6 +864,20 @@ def report(seq: SequencerFigures, add: dict[str, Any], entries: int, bulk_rate: 
          _pp((seq.p50, seq.p99)),
          f"one entry alone, idle log: {_pp((seq.idle_p50, seq.idle_p99))}",
          ratio(seq.p50, seq.idle_p50)],
+        *([] if s3 is None else [
+            ["sequencer with the tiles in S3 (Ceph RADOS Gateway on [::1]; written "
+             "before each block's state is committed)",
+             f"{s3.rate:,.0f} entries/s ({s3.entries:,} entries, {s3.blocks} blocks)",
+             f"tiles on local disk (first row): {seq.rate:,.0f}/s",
+             ratio(s3.rate, seq.rate)],
+            [f"submission to SCT, tiles in S3, at {s3.steady_offered:,.0f} entries/s "
+             f"offered ({s3.steady_achieved:,.0f}/s achieved)", _pp((s3.p50, s3.p99)),
+             f"tiles on local disk, same rate: {_pp((seq.p50, seq.p99))}",
+             ratio(s3.p99, seq.p99)],
+            ["one entry alone on an idle log, tiles in S3",
+             _pp((s3.idle_p50, s3.idle_p99)),
+             f"tiles on local disk: {_pp((seq.idle_p50, seq.idle_p99))}",
+             ratio(s3.idle_p50, seq.idle_p50)]]),
         [f"ct.add-chain over QUIC, {IN_FLIGHT} in flight (real chains, verified; each a "
          f"decision committed in a block)",
          f"{chains['rate']:,.0f}/s, {_pp((chains['p50'], chains['p99']))}"

@@ -706,7 +706,9 @@ class CaStateMachine:
     def paused(self) -> str | None:
         """Why executing blocks waits now (the CT tiles' object store cannot be reached),
         else None: new decisions are refused meanwhile rather than queued."""
-        return self.ct.unreachable
+        if self.ct.unreachable is None:
+            return None
+        return f"its CT tiles' object store cannot be reached: {self.ct.unreachable}"
 
     def isolated(self) -> frozenset[str]:
         """The validators the executed blocks proved faulty."""

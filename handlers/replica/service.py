@@ -89,7 +89,7 @@ class DecisionLog:
         """
         paused = self.machine.paused()
         if paused is not None:
-            raise Unavailable(f"this validator cannot log new entries now ({paused}); "
+            raise Unavailable(f"this validator cannot take new operations now: {paused}; "
                               "try again shortly", retry_after=PAUSED_RETRY_AFTER)
         committed = await self.chain.submit(seal(decision.body(), self.entry, self.sign),
                                             checked=checked, timeout=self.timeout)

@@ -125,7 +125,7 @@ def toml_keys(table: dict[str, object], prefix: str = "") -> list[str]:
 def test_every_production_setting_is_in_effect_informational_or_refused() -> None:
     """Each key production.toml sets: in effect, informational (named as such by
     node.info and at start), fixed (any other value refused), or documented as not in
-    effect yet with a warning (ct.storage: logged at start; cors_origins: at load)."""
+    effect yet with a warning (cors_origins: at load)."""
     path = shipped.path("production.toml")
     keys = toml_keys(tomllib.loads(Path(path).read_text()))
     statuses = spec_statuses()
@@ -133,16 +133,15 @@ def test_every_production_setting_is_in_effect_informational_or_refused() -> Non
     by_status: dict[str, set[str]] = {}
     for key in keys:
         by_status.setdefault(statuses[key], set()).add(key)
-    assert set(by_status) <= {"in effect", "informational", "fixed", "reserved", "no effect"}
+    assert set(by_status) <= {"in effect", "informational", "fixed", "no effect"}
     assert by_status["informational"] == {
         "ca.hsm.cluster_id", "ca.hsm.backup_enabled", "dns.server_id", "api.server_id",
         "consensus.byzantine_tolerance"}
     assert by_status["fixed"] == {"consensus.provider", "api.enable_tls", "network.ipv6_only"}
-    assert by_status["reserved"] == {"ct.storage.backend", "ct.storage.bucket",
-                                     "ct.storage.region", "ct.storage.encryption"}
     assert by_status["no effect"] == {"api.cors_origins"}
     for key in ("ca.rotation_interval", "ca.hsm.root_key_id", "logging.structured",
-                "audit.checkpoint_interval"):
+                "audit.checkpoint_interval", "ct.storage.backend", "ct.storage.bucket",
+                "ct.storage.region", "ct.storage.encryption"):
         assert key in by_status["in effect"], key
 
     cfg = config.load(path)
@@ -153,6 +152,9 @@ def test_every_production_setting_is_in_effect_informational_or_refused() -> Non
     assert set(config.INFORMATIONAL) == by_status["informational"]
     assert cfg.ca.rotation_interval == 86400.0 and cfg.ca.hsm.root_key_id == "0x1234"
     assert cfg.logging.structured and cfg.audit.checkpoint_interval == 1.0
+    assert (cfg.ct.storage.backend, cfg.ct.storage.bucket, cfg.ct.storage.region,
+            cfg.ct.storage.encryption) == ("s3", "trustchain-ct-logs-prod", "us-west-2",
+                                           "aws:kms")
     assert any("cors_origins" in w for w in cfg.warnings)  # no effect: said at load
 
 
@@ -197,3 +199,30 @@ def test_structured_false_writes_plain_text() -> None:
     finally:
         _logging.configure(config.loads("").logging)
     assert structured.getvalue().rstrip().endswith("[serial=ab12]")
+
+
+@pytest.mark.parametrize(("table", "extra", "message"), [
+    ("ct.storage", 'backend = "s3"', "ct.storage.bucket: '' is not an S3 bucket name"),
+    ("ct.storage", 'backend = "s3"\nbucket = "Bad_Bucket"', "is not an S3 bucket name"),
+    ("ct.storage", 'backend = "s3"\nbucket = "tiles"\nendpoint = "[::1]:7480"',
+     "ct.storage.endpoint: '[::1]:7480' is not an http:// or https:// URL"),
+    ("ct.storage", 'backend = "s3"\nbucket = "tiles"\nprefix = "/a/"',
+     "ct.storage.prefix: '/a/' must not start or end with /"),
+    ("ct.storage", 'encryption = "des"', "ct.storage.encryption: 'des' is not one of"),
+    ("audit.storage", 'backend = "s3"\nbucket = "audit"\nretention = "12h"',
+     "audit.storage.retention: at least 1d"),
+    ("audit.storage", 'mode = "legal-hold"', "audit.storage.mode: 'legal-hold' is not one of"),
+])
+def test_object_storage_settings_are_checked(table: str, extra: str, message: str) -> None:
+    with pytest.raises(config.ConfigError) as info:
+        config.loads(f"[{table}]\n{extra}\n")
+    assert str(info.value).startswith(table) and message in str(info.value), str(info.value)
+
+
+def test_object_storage_settings_load() -> None:
+    cfg = config.loads('[ct.storage]\nbackend = "s3"\nbucket = "tiles"\nprefix = "v1/ct"\n'
+                       'endpoint = "http://[::1]:7480"\nencryption = "AES256"\n'
+                       '[audit.storage]\nbackend = "s3"\nbucket = "audit"\n'
+                       'retention = "30d"\nmode = "governance"\n')
+    assert cfg.ct.storage.prefix == "v1/ct" and cfg.ct.storage.encryption == "AES256"
+    assert cfg.audit.storage.retention == 30 * 86400 and cfg.audit.storage.mode == "governance"
