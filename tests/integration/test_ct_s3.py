@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -180,6 +182,19 @@ async def test_tiles_in_s3_survive_sigkill_and_verify_from_the_bucket_alone(
         await client.close()
     finally:
         restarted.stop()
+    # trustchain ct check verifies every tile in the bucket, and names a missing one.
+    check = ct_check(tmp_path)
+    assert check.returncode == 0 and "OK shard 0" in check.stdout, check
+    aws_env.client().delete_object(Bucket=bucket, Key="validator-a/0/tile/data/000")
+    check = ct_check(tmp_path)
+    assert check.returncode == 1, check
+    assert "FAIL shard 0" in check.stdout and "validator-a/0/tile/data/000" in check.stdout
+
+
+def ct_check(tmp: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "trustchain", "ct", "check", "--config",
+                           str(tmp / "config.toml"), "--data-dir", str(tmp / "data")],
+                          capture_output=True, text=True, timeout=60)
 
 
 async def test_unreachable_s3_pauses_sequencing_and_it_resumes_by_itself(
