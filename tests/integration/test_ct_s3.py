@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 import stoq
 from protocol import ErrorCode, TrustChainError
@@ -24,8 +25,9 @@ from protocol import ct_merkle as merkle
 from protocol import ct_structs as ct
 
 from ..ca_fixtures import make_ca
-from ..helpers import ServerProcess, start_server_process
+from ..helpers import Requester, ServerProcess, start_server_process
 from ..s3_server import CephS3
+from .test_ca import make_csr
 
 ORIGIN = "trustchain-ct-development/0"
 
@@ -280,3 +282,83 @@ async def wait_for_health(client: stoq.AsyncClient, wanted: Any, seconds: float
         if time.monotonic() > deadline:
             raise AssertionError(f"node.health did not change within {seconds} s: {health}")
         await asyncio.sleep(0.2)
+
+
+async def test_a_node_with_both_storages_on_s3_issues_survives_sigkill_and_verifies(
+        tmp_path: Path, aws_env: CephS3, prover: stoq.Prover) -> None:
+    """The issue's "done when": certificates issued by a node whose CT tiles and audit
+    segments are both in S3; SIGKILL and restart; every certificate still valid with
+    its SCT and inclusion proof, nothing of the tiles on disk, the audit segments locked
+    and verified from the bucket alone, an edited local audit copy detected."""
+    tiles_bucket = aws_env.create_bucket()
+    audit_bucket = aws_env.create_bucket(object_lock=True)
+    extra = (f'[ct.storage]\nbackend = "s3"\nbucket = "{tiles_bucket}"\n'
+             f'region = "{aws_env.region}"\nendpoint = "{aws_env.endpoint}"\n'
+             f'[audit.storage]\nbackend = "s3"\nbucket = "{audit_bucket}"\n'
+             f'region = "{aws_env.region}"\nendpoint = "{aws_env.endpoint}"\n'
+             'retention = "1d"\nprefix = "audit"\n')
+    server = start_server_process(tmp_path, "qh3", extra)
+    issued: dict[str, str] = {}  # serial -> fingerprint, every answer received
+    try:
+        client = await stoq.connect("::1", server.port, pin=server.pin, timeout=10)
+        requester = Requester(client, prover)
+        keys = [ec.generate_private_key(ec.SECP256R1()) for _ in range(8)]
+        stop = time.monotonic() + 2.0
+
+        async def worker(w: int) -> None:
+            counter = 0
+            while time.monotonic() < stop + 10:
+                counter += 1
+                try:
+                    result = await requester.issue(make_csr(keys[w], [f"s3w{w}-{counter}.trust"]))
+                except Exception:
+                    return
+                issued[result["serial"]] = result["fingerprint"]
+
+        workers = [asyncio.ensure_future(worker(w)) for w in range(8)]
+        await asyncio.sleep(2.0)
+        os.kill(server.proc.pid, signal.SIGKILL)
+        await asyncio.wait(workers, timeout=20)
+        await client.close()
+    finally:
+        server.stop()
+    assert len(issued) >= 5, len(issued)
+    assert not [p for p in (tmp_path / "data").rglob("*")
+                if p.is_file() and ("tile" in p.parts or p.name == "checkpoint")]
+
+    restarted = start_server_process(tmp_path, "qh3", extra)
+    try:
+        client = await stoq.connect("::1", restarted.port, pin=restarted.pin, timeout=10)
+        for serial, fingerprint in issued.items():
+            status = await client.request("ca.validate", {"serial": serial})
+            assert status["status"] == "valid", (serial, status)
+            verified = await client.request("fp.verify", {"fingerprint": fingerprint})
+            assert verified["valid"] and verified["sct_valid"] and verified["included"], \
+                verified
+        await client.close()
+    finally:
+        restarted.stop()
+    assert restarted.proc.returncode == 0  # a clean stop: the audit tail is signed
+
+    client_s3 = aws_env.client()
+    versions = client_s3.list_object_versions(Bucket=audit_bucket, Prefix="audit/segments/")
+    segments = versions.get("Versions", [])
+    assert segments, versions
+    first = segments[0]
+    with pytest.raises(client_s3.exceptions.ClientError) as refused:
+        client_s3.delete_object(Bucket=audit_bucket, Key=first["Key"],
+                                VersionId=first["VersionId"])
+    assert refused.value.response["Error"]["Code"] == "AccessDenied"
+    good = audit_verify_from_s3(tmp_path)
+    assert good.returncode == 0 and good.stdout.rstrip().endswith("OK"), good
+    log = tmp_path / "data" / "audit" / "audit.log"
+    text = log.read_text()
+    log.write_text(text.replace('"kind":"ca.issued"', '"kind":"ca.issuex"', 1))
+    bad = audit_verify_from_s3(tmp_path)
+    assert bad.returncode == 1 and bad.stdout.rstrip().endswith("TAMPERED"), bad
+
+
+def audit_verify_from_s3(tmp: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "trustchain", "audit", "verify", "--from-s3",
+                           "--config", str(tmp / "config.toml"), "--data-dir",
+                           str(tmp / "data")], capture_output=True, text=True, timeout=120)
