@@ -690,6 +690,10 @@ def loads(text: str, source: str = "<string>") -> Config:
             "keep an idle connection open")
     if cfg.api.cors_origins:
         warnings.append("api.cors_origins has no effect: TrustChain has no HTTP layer")
+    if cfg.ct.storage.backend == "s3" and cfg.ct.storage_path:
+        warnings.append(f"ct.storage_path ({cfg.ct.storage_path}) is not used: with "
+                        f"ct.storage.backend = \"s3\" nothing of the CT log is kept on "
+                        "local disk")
     result: Config = dataclasses.replace(cfg, source=source, warnings=tuple(warnings))
     return result
 

@@ -156,6 +156,8 @@ def test_every_production_setting_is_in_effect_informational_or_refused() -> Non
             cfg.ct.storage.encryption) == ("s3", "trustchain-ct-logs-prod", "us-west-2",
                                            "aws:kms")
     assert any("cors_origins" in w for w in cfg.warnings)  # no effect: said at load
+    assert any(w.startswith("ct.storage_path (/var/lib/trustchain/ct) is not used")
+               for w in cfg.warnings)  # the tiles are in the bucket: said at load
 
 
 @pytest.mark.parametrize(("change", "key", "message"), [
