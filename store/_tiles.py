@@ -291,11 +291,16 @@ class TileLog:
                                 f"does not parse: {exc}") from exc
         hashes = self._full_tile_levels(0, tile)[0]
         self._check(tile * WIDTH, items, names, hashes, data_path)
+        self._cache_data_tile(tile, items, names)
+        return items, names
+
+    def _cache_data_tile(self, tile: int, items: list[bytes], names: list[Any]) -> None:
+        """Keep a full data tile's entries (read and checked, or just appended: a
+        remote store is not asked again for what this log wrote)."""
         with self._lock:
             self._data_cache[tile] = (items, names)
             if len(self._data_cache) > self._cache_data_tiles:
                 self._data_cache.popitem(last=False)
-        return items, names
 
     def _check(self, start: int, items: Sequence[bytes], names: Sequence[Any],
                hashes: Sequence[bytes], path: str) -> None:
@@ -349,6 +354,7 @@ class TileLog:
                 tile = (self._next_size >> TILE_BITS) - 1
                 files[tile_path("data", tile)] = b"".join(self._edge_data)
                 files[tile_path("names", tile)] = cbor2.dumps(self._edge_names)
+                self._cache_data_tile(tile, self._edge_data, self._edge_names)
                 self._edge_data = []
                 self._edge_names = []
         size = self._next_size
