@@ -174,9 +174,10 @@ class Zone:
     origin: dns.name.Name
     serial: int
     rrsets: dict[tuple[dns.name.Name, int], dns.rrset.RRset]
-    descendants: dict[dns.name.Name, int]
-    """name -> how many owner names with data are below it, for the names that have any
-    (so a name that is here but not in ``types`` is an empty non-terminal)."""
+    descendants: dict[tuple[bytes, ...], int]
+    """name (its lower-cased labels: cheaper to hash than a ``Name``) -> how many owner
+    names with data are below it, for the names that have any (so a name that is here
+    but not in ``types`` is an empty non-terminal)."""
     types: dict[dns.name.Name, list[int]]
     negative_soa: dns.rrset.RRset
     ksk: ZoneKey
@@ -253,7 +254,7 @@ class Zone:
         """A name with data, or an empty non-terminal (a name with descendants)."""
         if name in self.types:
             return True
-        return name in self.descendants
+        return tuple(label.lower() for label in name.labels) in self.descendants
 
     def compact_nsec(self, qname: dns.name.Name, kinds: Iterable[int]) -> dns.rrset.RRset:
         """The NSEC of a compact answer at ``qname`` (RFC 9824 §3): the next name is
@@ -358,17 +359,17 @@ class Zone:
         return touched
 
 
-def _count_below(descendants: dict[dns.name.Name, int], owner: dns.name.Name,
+def _count_below(descendants: dict[tuple[bytes, ...], int], owner: dns.name.Name,
                  origin: dns.name.Name, step: int) -> None:
     """Add ``step`` to the count of every ancestor of ``owner`` up to ``origin``."""
-    name = owner
-    while name != origin:
-        name = name.parent()
-        count = descendants.get(name, 0) + step
+    labels = tuple(label.lower() for label in owner.labels)
+    for start in range(1, len(labels) - len(origin.labels) + 1):
+        ancestor = labels[start:]
+        count = descendants.get(ancestor, 0) + step
         if count:
-            descendants[name] = count
+            descendants[ancestor] = count
         else:
-            del descendants[name]
+            del descendants[ancestor]
 
 
 def denies_name(authority: Iterable[dns.rrset.RRset], qname: dns.name.Name) -> bool:
@@ -439,7 +440,7 @@ def build_zone(origin: dns.name.Name, records: Records, *, serial: int, keyring:
             ttl, rdatas = sets[rdtype]
             rrsets[(name, rdtype)] = dns.rrset.from_rdata_list(name, ttl, rdatas)
     assert keyring.ksk is not None
-    descendants: dict[dns.name.Name, int] = {}
+    descendants: dict[tuple[bytes, ...], int] = {}
     for name in types:
         if name != origin:
             _count_below(descendants, name, origin, 1)
