@@ -29,13 +29,15 @@ from protocol.doq import PADDING_BLOCK, QueryReceived, error_response
 
 from ._rendered import AnswerKey, RenderedAnswers
 from ._resolver import Forwarder, Resolution
+from ._zone import NXNAME
 from ._zones import TrustChainZones
 
 log = logging.getLogger("trustchain.dns")
 
 IN = dns.rdataclass.IN
 META_REFUSED = {dns.rdatatype.AXFR, dns.rdatatype.IXFR}
-META_FORMERR = {dns.rdatatype.OPT, dns.rdatatype.TSIG, dns.rdatatype.TKEY}
+META_FORMERR = {dns.rdatatype.OPT, dns.rdatatype.TSIG, dns.rdatatype.TKEY, NXNAME}
+"""Meta types no query may ask for (NXNAME: RFC 9824 §3.5)."""
 META_NOTIMP = {dns.rdatatype.MAILA, dns.rdatatype.MAILB}
 
 

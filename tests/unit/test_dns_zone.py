@@ -375,6 +375,8 @@ def test_precomputed_answer_keeps_the_question_as_asked(env: Env) -> None:
     (lambda: dns.message.make_query("example.org", "AAAA"), dns.rcode.REFUSED),  # no upstreams
     (lambda: _signed(dns.message.make_query("www.trust", "AAAA")), dns.rcode.NOTAUTH),
     (lambda: dns.message.make_query("www.trust", "TKEY"), dns.rcode.FORMERR),
+    # NXNAME only marks a compact denial's NSEC: never asked for (RFC 9824 §3.5)
+    (lambda: dns.message.make_query("www.trust", "TYPE128"), dns.rcode.FORMERR),
     (lambda: dns.message.make_query("www.trust", "MAILA"), dns.rcode.NOTIMP),
 ])
 def test_refusals(env: Env, make: Any, rcode: int) -> None:
