@@ -272,8 +272,8 @@ class Zone:
         answer is NOERROR with the NXNAME NSEC (RFC 9824 §3.1: an NXDOMAIN whose NSEC
         matches the name would be bogus to a validator that does not know NXNAME).
         """
-        if self.soa_serial != self.serial:
-            self.soa()
+        if qname == self.origin and self.soa_serial != self.serial:
+            self.soa()  # the apex's RRsets include the SOA
         types = self.types.get(qname)
         if types is not None:
             if qtype == ANY:
@@ -297,6 +297,8 @@ class Zone:
                 rcode: int) -> Lookup:
         """NODATA (or NXDOMAIN without DO): the SOA and, with DO, the compact NSEC at
         ``qname``; a query for NSEC itself gets that NSEC as its answer."""
+        if self.soa_serial != self.serial:
+            self.soa()
         if not dnssec:
             return Lookup(rcode, [], [self.negative_soa], [])
         nsec = self.compact_nsec(qname, kinds)
