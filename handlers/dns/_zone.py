@@ -60,8 +60,9 @@ NXNAME = 128
 DNSKEY_TTL = 3600
 INCEPTION_SKEW = 3600
 """RRSIGs start this many seconds before they are made (validators with slow clocks)."""
-SIGNATURE_CACHE_LIMIT = 100_000
-"""RRSIGs kept per zone at most; the least recently used go first."""
+SIGNATURE_CACHE_LIMIT = 20_000
+"""RRSIGs kept per zone at most (with the RRsets they sign, about 1.7 kB each: a flood
+of queries for random names fills it with denials), the least recently used first out."""
 
 _SOA: Any = dns.rdtypes.ANY.SOA.SOA  # rdata classes are untyped
 _NSEC: Any = dns.rdtypes.ANY.NSEC.NSEC
