@@ -351,3 +351,25 @@ def test_a_failed_signature_is_servfail_never_unsigned(env: Env,
     env.zones.maintain()
     assert env.zones.problem() is None
     model.check()
+
+
+def test_the_signature_cache_is_bounded_and_signs_again_what_it_dropped(env: Env) -> None:
+    """Least recently used first out: a flood of denials of random names keeps at most
+    ``limit`` RRSIGs; an RRset whose RRSIG went is signed again when next asked for."""
+    service = env.zones
+    origin = dns.name.from_text("trust.")
+    zone = build_zone(origin, {}, serial=1, keyring=service.keyring, now=env.clock.now,
+                      settings=service.settings.zone, cache=SignatureCache(limit=4),
+                      clock=env.clock)
+    keys = {origin: zone.rrsets[(origin, DNSKEY)]}
+    dnskey_sig = zone.rrsig(zone.rrsets[(origin, DNSKEY)])
+    for i in range(10):
+        found = zone.lookup(dns.name.from_text(f"r{i}.trust."), AAAA, True)
+        for rrset, sig in zip(found.authority[::2], found.authority[1::2], strict=True):
+            dns.dnssec.validate(rrset, sig, keys, now=env.clock.now)
+        assert len(zone.signatures.entries) <= 4
+    signed = zone.signatures.signed
+    again = zone.rrsig(zone.rrsets[(origin, DNSKEY)])  # dropped long ago: signed again
+    assert zone.signatures.signed == signed + 1 and again is not dnskey_sig
+    dns.dnssec.validate(zone.rrsets[(origin, DNSKEY)], again, keys, now=env.clock.now)
+    assert zone.rrsig(zone.rrsets[(origin, DNSKEY)]) is again  # and kept
