@@ -146,9 +146,27 @@ def _query_doq(args: argparse.Namespace) -> int:
                 print(f";; authority: {rrset.to_text()}")
     flags = dns.flags.to_text(response.flags)
     status = validate_doq(response, ask)
-    print(f";; rcode {dns.rcode.to_text(response.rcode())}, flags {flags}, dnssec {status}")
-    ok = response.rcode() == dns.rcode.NOERROR and status != "bogus"
+    rcode = response.rcode()
+    if status == "secure" and compact_nxdomain(response, name):
+        rcode = dns.rcode.NXDOMAIN  # RFC 9824 §4: a validated compact denial of the name
+    print(f";; rcode {dns.rcode.to_text(rcode)}, flags {flags}, dnssec {status}")
+    ok = rcode == dns.rcode.NOERROR and status != "bogus"
     return 0 if ok else 1
+
+
+NXNAME = 128
+
+
+def compact_nxdomain(response: dns.message.Message, name: dns.name.Name) -> bool:
+    """Whether ``response`` is a compact denial (RFC 9824) that ``name`` exists: NOERROR
+    with an NSEC at ``name`` whose type bitmap lists NXNAME."""
+    for rrset in response.authority:
+        if rrset.rdtype == dns.rdatatype.NSEC and rrset.name == name:
+            for window, bitmap in rrset[0].windows:
+                if window == 0 and len(bitmap) > NXNAME // 8 and \
+                        bitmap[NXNAME // 8] & (0x80 >> NXNAME % 8):
+                    return True
+    return False
 
 
 def _default_root(args: argparse.Namespace) -> str:

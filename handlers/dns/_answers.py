@@ -3,13 +3,16 @@
 :meth:`DnsAnswers.answer_doq` answers one DoQ query (RFC 9250). An
 authoritative answer is built once with dnspython and then served from
 :class:`RenderedAnswers` (the question spliced in); other names come from
-the forwarder's cache or the upstreams. Responses to queries with EDNS are
+the forwarder's cache or the upstreams. An authoritative answer with the DO
+bit signs its RRsets when first asked for (:meth:`Zone.rrsig`); if the key
+store cannot sign, the answer is SERVFAIL and not kept. Responses to queries with EDNS are
 padded to a multiple of 468 octets (RFC 8467). A records are never served
 (the zones hold none; the forwarder drops them).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable
 
 import dns.exception
@@ -26,11 +29,15 @@ from protocol.doq import PADDING_BLOCK, QueryReceived, error_response
 
 from ._rendered import AnswerKey, RenderedAnswers
 from ._resolver import Forwarder, Resolution
+from ._zone import NXNAME
 from ._zones import TrustChainZones
+
+log = logging.getLogger("trustchain.dns")
 
 IN = dns.rdataclass.IN
 META_REFUSED = {dns.rdatatype.AXFR, dns.rdatatype.IXFR}
-META_FORMERR = {dns.rdatatype.OPT, dns.rdatatype.TSIG, dns.rdatatype.TKEY}
+META_FORMERR = {dns.rdatatype.OPT, dns.rdatatype.TSIG, dns.rdatatype.TKEY, NXNAME}
+"""Meta types no query may ask for (NXNAME: RFC 9824 §3.5)."""
 META_NOTIMP = {dns.rdatatype.MAILA, dns.rdatatype.MAILB}
 
 
@@ -53,7 +60,12 @@ class DnsAnswers:
         """An answer available without waiting: from a zone, a refusal, or the cache."""
         zone = self.zones.zone_for(qname)
         if zone is not None:
-            found = zone.lookup(qname, qtype, dnssec)
+            try:
+                found = zone.lookup(qname, qtype, dnssec)  # signs what is not signed yet
+            except Exception as exc:  # the key store could not sign: never an unsigned answer
+                log.warning("DNS answer not signed", extra={"error": str(exc)})
+                self.zones.signing_failed(exc)
+                return Resolution(dns.rcode.SERVFAIL, [], source="none")
             return Resolution(found.rcode, found.answer, found.authority, found.additional,
                               authoritative=True, source="zone")
         if self.forwarder is None or not self.forwarder.upstreams or not recursion:
@@ -111,8 +123,11 @@ class DnsAnswers:
         if resolution is not None:
             wire = self.render(request, resolution)
             if key is not None and resolution.source == "zone":
-                self._rendered.keep_zone_answer(key, question.name, wire,
-                                                positive=bool(resolution.answer))
+                # an NSEC answer is a compact denial's: its bitmap changes with the names
+                # below it, so it goes with every change of the zone, like the negative ones
+                self._rendered.keep_zone_answer(
+                    key, question.name, wire,
+                    positive=bool(resolution.answer) and qtype != dns.rdatatype.NSEC)
             elif key is not None and resolution.source == "cache":
                 self._remember_forwarded(key, wire)
             return wire

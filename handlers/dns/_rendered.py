@@ -3,8 +3,9 @@
 An authoritative answer is rendered once with dnspython and then served from
 here with the question spliced in; a zone change drops exactly the answers it
 touched (those about the changed names, and every negative answer, which
-carries the SOA). A forwarded answer is kept for the rest of the second it
-was rendered in (its TTLs are still right then).
+carries the SOA; answers to NSEC queries count as negative: a compact NSEC's
+bitmap depends on the names below its owner). A forwarded answer is kept for
+the rest of the second it was rendered in (its TTLs are still right then).
 """
 
 from __future__ import annotations

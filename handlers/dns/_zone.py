@@ -1,33 +1,39 @@
-"""One signed TrustChain zone: its records, the NSEC chain, the RRSIGs, and lookups.
+"""One TrustChain zone: its records, lookups, and the RRSIGs made when first asked for.
 
 :func:`build_zone` turns the zone's records into a :class:`Zone` that answers
-every lookup from memory (at start, after a key roll, to refresh signatures).
-Signatures are kept across builds in a :class:`SignatureCache`: an RRset whose
-content, signing key and remaining validity are unchanged keeps its RRSIG.
+every lookup from memory (at start, after a key change). Between builds,
+:meth:`Zone.apply` updates a zone in place with the new data of a few owner
+names (an issuance, a revocation, a registration): their RRsets are
+replaced and the serial changes, nothing is signed. Besides building the new
+RRsets its cost is a count per ancestor (:attr:`Zone.descendants`) of an
+added or removed name, and the result equals what :func:`build_zone` makes of the same records
+(tests/unit/test_dns_incremental.py checks it).
 
-Between builds, :meth:`Zone.apply` updates a zone in place with the new data
-of a few owner names (an issuance, a revocation, a registration): only their
-RRsets, the NSEC records of added or removed names and of their canonical
-predecessors, and the SOA are replaced and signed. Besides those signatures
-its cost is a binary search in :attr:`Zone.names` (and a list insertion) per
-added or removed name, and the result equals what :func:`build_zone` makes of
-the same records (tests/unit/test_dns_incremental.py checks it).
+Signing is lazy: an answer to a query with the DO bit signs each RRset it
+carries the first time it is asked for, with this validator's key, and keeps
+the RRSIG in a bounded :class:`SignatureCache` (least recently used first
+out) beside the RRset it signed; a changed RRset, another key, or a signature
+within ``signature_refresh`` of its expiration is signed again on use. Every
+validator of a cluster executes every issuance, so what the zone does at an
+issuance is paid once per validator; what it does at a query, only by the
+validator asked.
 
-The zone has no delegations, no wildcards and no CNAMEs, so a lookup is one
-of: an answer (with its RRSIGs when the DO bit is set); NODATA (the SOA and
-the NSEC of the name, or for an empty non-terminal the NSEC that covers it);
-or NXDOMAIN (the SOA, the NSEC that covers the name and the one that covers
-the wildcard at its closest encloser, RFC 4035 §3.1.3).
+Denial of existence is compact (RFC 9824), so there is no NSEC chain: a
+negative answer carries one NSEC at the query name whose next name is
+``\\000.QNAME``, its type bitmap the types at the name (NODATA), nothing but
+RRSIG and NSEC (an empty non-terminal), or RRSIG, NSEC and NXNAME (a name that
+does not exist), signed on the fly like any RRset. The zone has no
+delegations, no wildcards and no CNAMEs.
 """
 
 from __future__ import annotations
 
-import bisect
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import dns.dnssec
 import dns.name
 import dns.rcode
 import dns.rdata
@@ -48,16 +54,21 @@ NSEC = dns.rdatatype.NSEC
 RRSIG = dns.rdatatype.RRSIG
 DNSKEY = dns.rdatatype.DNSKEY
 ANY = dns.rdatatype.ANY
+NXNAME = 128
+"""The meta-type that marks a compact denial's NSEC as "this name does not exist" (RFC 9824 §2)."""
 
 DNSKEY_TTL = 3600
 INCEPTION_SKEW = 3600
 """RRSIGs start this many seconds before they are made (validators with slow clocks)."""
+SIGNATURE_CACHE_LIMIT = 20_000
+"""RRSIGs kept per zone at most (with the RRsets they sign, about 1.7 kB each: a flood
+of queries for random names fills it with denials), the least recently used first out."""
 
 _SOA: Any = dns.rdtypes.ANY.SOA.SOA  # rdata classes are untyped
 _NSEC: Any = dns.rdtypes.ANY.NSEC.NSEC
 
 Records = dict[dns.name.Name, dict[int, tuple[int, list[dns.rdata.Rdata]]]]
-"""owner -> rdtype -> (ttl, rdatas): what a zone holds besides SOA, DNSKEY and NSEC."""
+"""owner -> rdtype -> (ttl, rdatas): what a zone holds besides SOA and DNSKEY."""
 Changes = Mapping[dns.name.Name, Mapping[int, tuple[int, Sequence[dns.rdata.Rdata]]]]
 """owner -> its new data (rdtype -> (ttl, rdatas)), for :meth:`Zone.apply`; an owner
 whose mapping is empty has no data any more."""
@@ -88,12 +99,63 @@ class ZoneSettings:
 
 @dataclass
 class SignatureCache:
-    """RRSIGs kept across rebuilds: (owner, rdtype) -> (content, key tag, RRSIG RRset)."""
+    """RRSIGs made on first use: (owner, rdtype, TTL) -> (the RRset signed, key tag, RRSIG
+    RRset), least recently used first; kept across rebuilds of the zone. (The TTL is part
+    of the key: the SOA of negative answers has a shorter one than the SOA RRset.)"""
 
-    entries: dict[tuple[dns.name.Name, int], tuple[Any, int, dns.rrset.RRset]] = field(
-        default_factory=dict)
+    limit: int = SIGNATURE_CACHE_LIMIT
+    entries: OrderedDict[tuple[dns.name.Name, int, int],
+                         tuple[dns.rrset.RRset, int, dns.rrset.RRset]
+                         ] = field(default_factory=OrderedDict)
     signed: int = 0
     """Signatures made so far (for tests and statistics)."""
+    hits: int = 0
+    """Signatures served from the cache."""
+    earliest: int | None = None
+    """The earliest expiration of any signature handed out since :meth:`refresh` (an
+    evicted one may still sit in a rendered answer)."""
+
+    def get(self, rrset: dns.rrset.RRset, key: ZoneKey, now: float,
+            settings: ZoneSettings) -> dns.rrset.RRset | None:
+        """The cached RRSIG of exactly ``rrset`` by ``key``, if not due for refresh."""
+        where = (rrset.name, rrset.rdtype, rrset.ttl)
+        entry = self.entries.get(where)
+        if entry is None:
+            return None
+        signed, tag, sig = entry
+        if signed is not rrset and signed != rrset:
+            return None
+        if tag != key.tag or sig[0].expiration - now <= settings.signature_refresh:
+            return None
+        self.entries.move_to_end(where)
+        self.hits += 1
+        return sig
+
+    def put(self, rrset: dns.rrset.RRset, tag: int, sig: dns.rrset.RRset) -> None:
+        where = (rrset.name, rrset.rdtype, rrset.ttl)
+        self.entries[where] = (rrset, tag, sig)
+        self.entries.move_to_end(where)
+        while len(self.entries) > self.limit:
+            self.entries.popitem(last=False)
+        expiration = int(sig[0].expiration)
+        if self.earliest is None or expiration < self.earliest:
+            self.earliest = expiration
+        self.signed += 1
+
+    def discard(self, rrset: dns.rrset.RRset | None) -> None:
+        """Forget the signature of ``rrset`` (replaced or removed)."""
+        if rrset is not None:
+            self.entries.pop((rrset.name, rrset.rdtype, rrset.ttl), None)
+
+    def refresh(self, now: float, settings: ZoneSettings) -> None:
+        """Forget the signatures due for refresh at ``now`` (the caller drops every rendered
+        answer, which may carry them); :attr:`earliest` is then that of those left."""
+        due = [k for k, (_, _, sig) in self.entries.items()
+               if sig[0].expiration - now <= settings.signature_refresh]
+        for key in due:
+            del self.entries[key]
+        self.earliest = min((int(sig[0].expiration) for _, _, sig in self.entries.values()),
+                            default=None)
 
 
 @dataclass
@@ -108,24 +170,77 @@ class Lookup:
 
 @dataclass
 class Zone:
-    """A signed zone, ready to answer."""
+    """A zone, ready to answer; it signs what its answers carry when first asked for."""
 
     origin: dns.name.Name
     serial: int
     rrsets: dict[tuple[dns.name.Name, int], dns.rrset.RRset]
-    sigs: dict[tuple[dns.name.Name, int], dns.rrset.RRset]
-    names: list[dns.name.Name]
-    """Owner names with data, in canonical order (RFC 4034 §6.1)."""
+    descendants: dict[tuple[bytes, ...], int]
+    """name (its lower-cased labels: cheaper to hash than a ``Name``) -> how many owner
+    names with data are below it, for the names that have any (so a name that is here
+    but not in ``types`` is an empty non-terminal)."""
     types: dict[dns.name.Name, list[int]]
-    signature_expiry: int
-    """The earliest expiration of any RRSIG in the zone."""
     negative_soa: dns.rrset.RRset
+    ksk: ZoneKey
+    """Signs the DNSKEY RRset."""
+    zsk: ZoneKey
+    """Signs every other RRset (the ZSK signing when the zone was built: a key change
+    builds the zone again)."""
+    settings: ZoneSettings
+    signatures: SignatureCache
+    clock: Callable[[], float] = time.time
+    soa_serial: int = -1
+    """The serial the SOA RRsets (``rrsets``' and :attr:`negative_soa`) carry: made again
+    from :attr:`serial` when first needed after a change (:meth:`soa`)."""
 
     def contains(self, name: dns.name.Name) -> bool:
         return name.is_subdomain(self.origin)
 
     def rrset(self, name: dns.name.Name, rdtype: int) -> dns.rrset.RRset | None:
+        if rdtype == SOA:
+            self.soa()
         return self.rrsets.get((name, rdtype))
+
+    def soa(self) -> dns.rrset.RRset:
+        """The SOA RRset, with :attr:`negative_soa` brought up to :attr:`serial` first: an
+        issuance changes the serial only, the RRsets (whose rdata dnspython hashes as it
+        builds them) are made when an answer needs them."""
+        if self.soa_serial != self.serial:
+            soa = _soa_rdata(self.origin, self.serial, self.settings)
+            self.rrsets[(self.origin, SOA)] = dns.rrset.from_rdata(
+                self.origin, self.settings.record_ttl, soa)
+            self.negative_soa = _negative_soa(self.origin, soa, self.settings)
+            self.soa_serial = self.serial
+        return self.rrsets[(self.origin, SOA)]
+
+    @property
+    def signature_expiry(self) -> int:
+        """The earliest expiration of the RRSIGs this zone handed out since they were last
+        refreshed (with none yet, that of one made now)."""
+        earliest = self.signatures.earliest
+        if earliest is None:
+            return int(self.clock() + self.settings.signature_validity)
+        return earliest
+
+    def rrsig(self, rrset: dns.rrset.RRset) -> dns.rrset.RRset:
+        """The RRSIG RRset of ``rrset``: from the cache, or signed now (and cached).
+
+        :raises Exception: whatever the key store raises when it cannot sign.
+        """
+        key = self.ksk if rrset.rdtype == DNSKEY else self.zsk
+        now = self.clock()
+        settings = self.settings
+        sig = self.signatures.get(rrset, key, now, settings)
+        if sig is not None:
+            return sig
+        signature = rrsig(rrset.name, rrset.rdtype, rrset.ttl,
+                          [rd.to_digestable(self.origin) for rd in rrset], signer=key.signer,
+                          algorithm=key.dnskey.algorithm, key_tag=key.tag, zone=self.origin,
+                          inception=int(now - INCEPTION_SKEW),
+                          expiration=int(now + settings.signature_validity))
+        sig = dns.rrset.from_rdata(rrset.name, rrset.ttl, signature)
+        self.signatures.put(rrset, key.tag, sig)
+        return sig
 
     def _with_sigs(self, rrsets: Iterable[dns.rrset.RRset], dnssec: bool
                    ) -> list[dns.rrset.RRset]:
@@ -133,26 +248,33 @@ class Zone:
         for rrset in rrsets:
             out.append(rrset)
             if dnssec:
-                sig = self.sigs.get((rrset.name, rrset.rdtype))
-                if sig is not None:
-                    out.append(sig)
+                out.append(self.rrsig(rrset))
         return out
-
-    def _covering(self, name: dns.name.Name) -> dns.rrset.RRset:
-        """The NSEC RRset whose owner is the last name before ``name`` (canonical order)."""
-        index = bisect.bisect_left(self.names, name) - 1
-        return self.rrsets[(self.names[index], NSEC)]
 
     def _exists(self, name: dns.name.Name) -> bool:
         """A name with data, or an empty non-terminal (a name with descendants)."""
         if name in self.types:
             return True
-        index = bisect.bisect_right(self.names, name)
-        return index < len(self.names) and self.names[index].is_subdomain(name)
+        return tuple(label.lower() for label in name.labels) in self.descendants
+
+    def compact_nsec(self, qname: dns.name.Name, kinds: Iterable[int]) -> dns.rrset.RRset:
+        """The NSEC of a compact answer at ``qname`` (RFC 9824 §3): the next name is
+        ``\\000.QNAME``, the immediate successor of ``qname`` in canonical order, so the
+        record covers no other name; ``kinds`` and RRSIG, NSEC in the type bitmap."""
+        rdtypes: Any = sorted({*kinds, NSEC, RRSIG})
+        bitmap = dns.rdtypes.ANY.NSEC.Bitmap.from_rdtypes(rdtypes)
+        return dns.rrset.from_rdata(qname, self.settings.negative_ttl,
+                                    _NSEC(IN, NSEC, _successor(qname), bitmap))
 
     def lookup(self, qname: dns.name.Name, qtype: int, dnssec: bool) -> Lookup:
-        """Answer ``qname``/``qtype`` (``qname`` must be in the zone)."""
-        soa = self.rrsets[(self.origin, SOA)]
+        """Answer ``qname``/``qtype`` (``qname`` must be in the zone).
+
+        Without the DO bit a name that does not exist is NXDOMAIN; with it, the compact
+        answer is NOERROR with the NXNAME NSEC (RFC 9824 §3.1: an NXDOMAIN whose NSEC
+        matches the name would be bogus to a validator that does not know NXNAME).
+        """
+        if qname == self.origin and self.soa_serial != self.serial:
+            self.soa()  # the apex's RRsets include the SOA
         types = self.types.get(qname)
         if types is not None:
             if qtype == ANY:
@@ -166,177 +288,117 @@ class Zone:
                                               for rd in rrset) if a is not None]
                 return Lookup(dns.rcode.NOERROR, self._with_sigs([rrset], dnssec), [],
                               self._with_sigs(additional, dnssec))
-            proof = [self.rrsets[(qname, NSEC)]] if dnssec else []
-            return Lookup(dns.rcode.NOERROR, [], self._negative(soa, proof, dnssec), [])
+            return self._denial(qname, qtype, types, dnssec, dns.rcode.NOERROR)
         if self._exists(qname):  # an empty non-terminal: NODATA
-            proof = [self._covering(qname)] if dnssec else []
-            return Lookup(dns.rcode.NOERROR, [], self._negative(soa, proof, dnssec), [])
-        proof = []
-        if dnssec:
-            encloser = qname.parent()
-            while not self._exists(encloser):
-                encloser = encloser.parent()
-            proof = [self._covering(qname)]
-            wildcard = self._covering(dns.name.Name((b"*", *encloser.labels)))
-            if wildcard.name != proof[0].name:
-                proof.append(wildcard)
-        return Lookup(dns.rcode.NXDOMAIN, [], self._negative(soa, proof, dnssec), [])
+            return self._denial(qname, qtype, (), dnssec, dns.rcode.NOERROR)
+        return self._denial(qname, qtype, (NXNAME,), dnssec,
+                            dns.rcode.NOERROR if dnssec else dns.rcode.NXDOMAIN)
 
-    def _negative(self, soa: dns.rrset.RRset, proof: list[dns.rrset.RRset],
-                  dnssec: bool) -> list[dns.rrset.RRset]:
-        out = [self.negative_soa]
-        if dnssec:
-            out.append(self.sigs[(self.origin, SOA)])
-            out += self._with_sigs(proof, True)
-        return out
+    def _denial(self, qname: dns.name.Name, qtype: int, kinds: Iterable[int], dnssec: bool,
+                rcode: int) -> Lookup:
+        """NODATA (or NXDOMAIN without DO): the SOA and, with DO, the compact NSEC at
+        ``qname``; a query for NSEC itself gets that NSEC as its answer."""
+        if self.soa_serial != self.serial:
+            self.soa()
+        if not dnssec:
+            return Lookup(rcode, [], [self.negative_soa], [])
+        nsec = self.compact_nsec(qname, kinds)
+        if qtype == NSEC:
+            return Lookup(rcode, self._with_sigs([nsec], True), [], [])
+        return Lookup(rcode, [], self._with_sigs([self.negative_soa, nsec], True), [])
 
     # --- updates -------------------------------------------------------------------------
 
-    def apply(self, changes: Changes, *, serial: int, keyring: KeyRing, now: float,
-              settings: ZoneSettings, cache: SignatureCache) -> set[dns.name.Name]:
-        """Give the owners in ``changes`` their new data and sign what changed, in place.
+    def apply(self, changes: Changes, *, serial: int) -> set[dns.name.Name]:
+        """Give the owners in ``changes`` their new data, in place; nothing is signed.
 
         ``changes`` maps an owner to all of its data (rdtype -> (ttl, rdatas)); types
-        it does not name are removed, and an owner left without data leaves the zone
-        and the NSEC chain. Owners outside the zone, and the types the zone makes
-        itself (SOA, DNSKEY, NSEC, RRSIG; NS at the apex), are ignored. Replaced are
-        the RRsets that differ, the NSEC of every owner whose types changed, of every
-        added or removed owner and of its canonical predecessor, and the SOA, which
-        takes ``serial``; those are signed with ``keyring``'s signing ZSK at ``now``
-        (the DNSKEY set is left as it is: a key change needs :func:`build_zone`).
+        it does not name are removed, and an owner left without data leaves the zone.
+        Owners outside the zone, and the types the zone makes itself (SOA, DNSKEY,
+        NSEC, RRSIG; NS at the apex), are ignored. The zone takes ``serial`` when
+        anything changed (its SOA RRsets are made when next needed: :meth:`soa`). The
+        cached signatures of replaced RRsets are dropped (they would not be served
+        anyway: the cache compares the RRset).
 
         :returns: the owner names whose RRsets changed, the apex included (its SOA);
             empty when the data was already as given (the zone, serial included, is
             then unchanged).
         """
-        zsk = keyring.signing_zsk(now)
         touched: set[dns.name.Name] = set()
-        moved: list[dns.name.Name] = []  # owners added to or removed from the NSEC chain
-        expiry = self.signature_expiry
-        saved: dict[tuple[dns.name.Name, int], tuple[Any, Any]] = {}
-        saved_types: dict[dns.name.Name, list[int] | None] = {}
-
-        def keep(key: tuple[dns.name.Name, int]) -> None:
-            if key not in saved:
-                saved[key] = (self.rrsets.get(key), self.sigs.get(key))
-
-        def put(rrset: dns.rrset.RRset) -> None:
-            nonlocal expiry
-            key = (rrset.name, rrset.rdtype)
-            sig = _sign(rrset, zsk, self.origin, now, settings, cache)
-            keep(key)
-            self.rrsets[key] = rrset
-            self.sigs[key] = sig
-            expiry = min(expiry, int(sig[0].expiration))
-
-        def drop(owner: dns.name.Name, rdtype: int) -> None:
-            keep((owner, rdtype))
-            self.rrsets.pop((owner, rdtype), None)
-            self.sigs.pop((owner, rdtype), None)
-            cache.entries.pop((owner, rdtype), None)
-
-        try:
-            for owner, sets in changes.items():
-                if not owner.is_subdomain(self.origin):
-                    continue
-                own = _APEX_OWN_TYPES if owner == self.origin else _OWN_TYPES
-                old_types = self.types.get(owner, [])
-                wanted = {t: v for t, v in sets.items() if t not in own and v[1]}
-                changed = False
-                for rdtype in old_types:
-                    if rdtype not in own and rdtype not in wanted:
-                        drop(owner, rdtype)
-                        changed = True
-                for rdtype, (ttl, rdatas) in wanted.items():
-                    rrset = dns.rrset.from_rdata_list(owner, ttl, rdatas)
-                    old = self.rrsets.get((owner, rdtype))
-                    if old is None or old.ttl != rrset.ttl or old != rrset:
-                        put(rrset)
-                        changed = True
-                if not changed:
-                    continue
-                touched.add(owner)
-                saved_types.setdefault(owner, self.types.get(owner))
-                kinds = {t for t in old_types if t != NSEC and (owner, t) in self.rrsets}
-                kinds.update(wanted)
-                if not kinds:  # no data left: the name leaves the zone
-                    drop(owner, NSEC)
-                    del self.types[owner]
-                    del self.names[bisect.bisect_left(self.names, owner)]
-                    moved.append(owner)
-                    continue
-                if owner not in self.types:
-                    bisect.insort(self.names, owner)
-                    moved.append(owner)
-                self.types[owner] = sorted({*kinds, NSEC})
-            if not touched:
-                return touched
-            names = self.names
-            nsec_owners = {owner for owner in touched if owner in self.types}
-            for owner in moved:  # the predecessor's NSEC now points to (or past) it
-                nsec_owners.add(names[bisect.bisect_left(names, owner) - 1])
-            for owner in nsec_owners:
-                following = names[(bisect.bisect_left(names, owner) + 1) % len(names)]
-                nsec = _nsec_rrset(owner, following, self.types[owner], settings)
-                old = self.rrsets.get((owner, NSEC))
-                if old is None or old != nsec or old.ttl != nsec.ttl:
-                    put(nsec)
-                    touched.add(owner)
-            soa = _soa_rdata(self.origin, serial, settings)
-            put(dns.rrset.from_rdata_list(self.origin, settings.record_ttl, [soa]))
-        except BaseException:  # a signature failed (a key store error): undo it all
-            self._undo(saved, saved_types, moved)
-            raise
-        self.negative_soa = _negative_soa(self.origin, soa, settings)
+        for owner, sets in changes.items():
+            if not owner.is_subdomain(self.origin):
+                continue
+            own = _APEX_OWN_TYPES if owner == self.origin else _OWN_TYPES
+            old_types = self.types.get(owner, [])
+            wanted = {t: v for t, v in sets.items() if t not in own and v[1]}
+            changed = False
+            for rdtype in old_types:
+                if rdtype not in own and rdtype not in wanted:
+                    self.signatures.discard(self.rrsets.pop((owner, rdtype), None))
+                    changed = True
+            for rdtype, (ttl, rdatas) in wanted.items():
+                rrset = dns.rrset.from_rdata_list(owner, ttl, rdatas)
+                old = self.rrsets.get((owner, rdtype))
+                if old is None or old.ttl != rrset.ttl or old != rrset:
+                    self.rrsets[(owner, rdtype)] = rrset
+                    self.signatures.discard(old)
+                    changed = True
+            if not changed:
+                continue
+            touched.add(owner)
+            kinds = {t for t in old_types if (owner, t) in self.rrsets}
+            kinds.update(wanted)
+            if not kinds:  # no data left: the name leaves the zone
+                del self.types[owner]
+                _count_below(self.descendants, owner, self.origin, -1)
+                continue
+            if owner not in self.types:
+                _count_below(self.descendants, owner, self.origin, 1)
+            self.types[owner] = sorted(kinds)
+        if not touched:
+            return touched
         self.serial = serial
-        self.signature_expiry = expiry
         touched.add(self.origin)
         return touched
 
-    def _undo(self, saved: dict[tuple[dns.name.Name, int], tuple[Any, Any]],
-              saved_types: dict[dns.name.Name, list[int] | None],
-              moved: list[dns.name.Name]) -> None:
-        """Put back what :meth:`apply` changed before it failed."""
-        for key, (rrset, sig) in saved.items():
-            for table, value in ((self.rrsets, rrset), (self.sigs, sig)):
-                if value is None:
-                    table.pop(key, None)
-                else:
-                    table[key] = value
-        for owner, kinds in saved_types.items():
-            if kinds is None:
-                self.types.pop(owner, None)
-            else:
-                self.types[owner] = kinds
-        for owner in moved:
-            index = bisect.bisect_left(self.names, owner)
-            if index < len(self.names) and self.names[index] == owner:
-                del self.names[index]
-            else:
-                self.names.insert(index, owner)
+
+def _count_below(descendants: dict[tuple[bytes, ...], int], owner: dns.name.Name,
+                 origin: dns.name.Name, step: int) -> None:
+    """Add ``step`` to the count of every ancestor of ``owner`` up to ``origin``."""
+    labels = tuple(label.lower() for label in owner.labels)
+    for start in range(1, len(labels) - len(origin.labels) + 1):
+        ancestor = labels[start:]
+        count = descendants.get(ancestor, 0) + step
+        if count:
+            descendants[ancestor] = count
+        else:
+            del descendants[ancestor]
 
 
-def _content(ttl: int, rdatas: Iterable[dns.rdata.Rdata], origin: dns.name.Name) -> Any:
-    return ttl, tuple(sorted(rd.to_digestable(origin) for rd in rdatas))
+def denies_name(authority: Iterable[dns.rrset.RRset], qname: dns.name.Name) -> bool:
+    """Whether ``authority`` holds a compact denial that ``qname`` does not exist: an NSEC
+    at ``qname`` with NXNAME in its type bitmap (RFC 9824 §4)."""
+    for rrset in authority:
+        if rrset.rdtype == NSEC and rrset.name == qname:
+            for window, bitmap in rrset[0].windows:
+                if window == 0 and len(bitmap) > NXNAME // 8 and \
+                        bitmap[NXNAME // 8] & (0x80 >> NXNAME % 8):
+                    return True
+    return False
 
 
-def _sign(rrset: dns.rrset.RRset, key: ZoneKey, origin: dns.name.Name, now: float,
-          settings: ZoneSettings, cache: SignatureCache) -> dns.rrset.RRset:
-    content = _content(rrset.ttl, rrset, origin)
-    entry = cache.entries.get((rrset.name, rrset.rdtype))
-    if entry is not None:
-        old_content, tag, sig = entry
-        if (old_content == content and tag == key.tag
-                and sig[0].expiration - now > settings.signature_refresh):
-            return sig
-    signature = rrsig(rrset.name, rrset.rdtype, rrset.ttl, content[1], signer=key.signer,
-                      algorithm=key.dnskey.algorithm, key_tag=key.tag, zone=origin,
-                      inception=int(now - INCEPTION_SKEW),
-                      expiration=int(now + settings.signature_validity))
-    sig = dns.rrset.from_rdata(rrset.name, rrset.ttl, signature)
-    cache.entries[(rrset.name, rrset.rdtype)] = (content, key.tag, sig)
-    cache.signed += 1
-    return sig
+def _successor(name: dns.name.Name) -> dns.name.Name:
+    """The immediate successor of ``name`` in canonical order (RFC 4471 §3.1.2): the name
+    with a ``\\000`` label in front or, when that is too long, the name whose first label
+    has its last octet (lower-cased) increased: no name lies between them here, since a
+    name of the maximum length has no descendants."""
+    try:
+        return dns.name.Name((b"\x00", *name.labels))
+    except dns.name.NameTooLong:
+        first = name.labels[0].lower()
+        if not first or first[-1] == 0xFF:
+            raise
+        return dns.name.Name((first[:-1] + bytes([first[-1] + 1]), *name.labels[1:]))
 
 
 def _soa_rdata(origin: dns.name.Name, serial: int, settings: ZoneSettings) -> Any:
@@ -350,22 +412,15 @@ def _negative_soa(origin: dns.name.Name, soa: Any, settings: ZoneSettings) -> dn
     return dns.rrset.from_rdata(origin, min(settings.record_ttl, settings.negative_ttl), soa)
 
 
-def _nsec_rrset(owner: dns.name.Name, following: dns.name.Name, types: Iterable[int],
-                settings: ZoneSettings) -> dns.rrset.RRset:
-    kinds = sorted({*types, NSEC, RRSIG})
-    bitmap = dns.rdtypes.ANY.NSEC.Bitmap.from_rdtypes(kinds)  # type: ignore[arg-type]
-    return dns.rrset.from_rdata(owner, settings.negative_ttl,
-                                _NSEC(IN, NSEC, following, bitmap))
-
-
 def build_zone(origin: dns.name.Name, records: Records, *, serial: int, keyring: KeyRing,
                now: float, settings: ZoneSettings, cache: SignatureCache,
-               cosigners: Sequence[Any] = ()) -> Zone:
-    """Sign ``records`` as the zone ``origin`` with ``keyring``'s keys at ``now``.
+               cosigners: Sequence[Any] = (), clock: Callable[[], float] = time.time) -> Zone:
+    """The zone ``origin`` of ``records``, to be signed with ``keyring``'s keys at ``now``.
 
-    SOA, NS (``ns1.ORIGIN``) and DNSKEY are added at the apex, and the NSEC
-    chain over every owner name. Records outside the zone are ignored.
-    ``cosigners`` are the other signers' DNSKEYs, published beside ours.
+    SOA, NS (``ns1.ORIGIN``) and DNSKEY are added at the apex; records outside
+    the zone are ignored. ``cosigners`` are the other signers' DNSKEYs, published
+    beside ours. Only the DNSKEY RRset is signed here (so that a key that cannot
+    sign shows at once); the rest is signed when first asked for, at ``clock()``.
     """
     ns_name = dns.name.Name((b"ns1", *origin.labels))
     soa = _soa_rdata(origin, serial, settings)
@@ -377,26 +432,25 @@ def build_zone(origin: dns.name.Name, records: Records, *, serial: int, keyring:
         dns.rdata.from_text(IN, NS, ns_name.to_text())]))
     published = keyring.published(now)
     apex[DNSKEY] = (DNSKEY_TTL, [k.dnskey for k in published] + list(cosigners))
-    names = sorted(data)
-    for index, name in enumerate(names):
-        nsec = _nsec_rrset(name, names[(index + 1) % len(names)], data[name], settings)
-        data[name][NSEC] = (nsec.ttl, list(nsec))
-    zsk = keyring.signing_zsk(now)
-    assert keyring.ksk is not None
     rrsets: dict[tuple[dns.name.Name, int], dns.rrset.RRset] = {}
-    sigs: dict[tuple[dns.name.Name, int], dns.rrset.RRset] = {}
     types: dict[dns.name.Name, list[int]] = {}
-    for name in names:
-        types[name] = sorted(data[name])
-        for rdtype, (ttl, rdatas) in sorted(data[name].items()):
-            rrset = dns.rrset.from_rdata_list(name, ttl, rdatas)
-            rrsets[(name, rdtype)] = rrset
-            key = keyring.ksk if rdtype == DNSKEY else zsk
-            sigs[(name, rdtype)] = _sign(rrset, key, origin, now, settings, cache)
-    live = set(rrsets)
-    for stale in [k for k in cache.entries if k[0].is_subdomain(origin) and k not in live]:
-        del cache.entries[stale]
-    expiry = min(int(s[0].expiration) for s in sigs.values())
-    negative_soa = _negative_soa(origin, soa, settings)
-    return Zone(origin=origin, serial=serial, rrsets=rrsets, sigs=sigs, names=names,
-                types=types, signature_expiry=expiry, negative_soa=negative_soa)
+    for name, sets in data.items():
+        kinds = [t for t in sorted(sets) if t not in (NSEC, RRSIG) and sets[t][1]]
+        if not kinds:
+            continue
+        types[name] = kinds
+        for rdtype in kinds:
+            ttl, rdatas = sets[rdtype]
+            rrsets[(name, rdtype)] = dns.rrset.from_rdata_list(name, ttl, rdatas)
+    assert keyring.ksk is not None
+    descendants: dict[tuple[bytes, ...], int] = {}
+    for name in types:
+        if name != origin:
+            _count_below(descendants, name, origin, 1)
+    zone = Zone(origin=origin, serial=serial, rrsets=rrsets, descendants=descendants,
+                types=types,
+                negative_soa=_negative_soa(origin, soa, settings), ksk=keyring.ksk,
+                zsk=keyring.signing_zsk(now), settings=settings, signatures=cache,
+                clock=clock, soa_serial=serial)
+    zone.rrsig(rrsets[(origin, DNSKEY)])
+    return zone

@@ -15,10 +15,11 @@ certificates that carry it and the one published; an issuance, revocation,
 expiry or registration marks its names, and at the end of the event-loop turn
 (so that a burst of issuances is applied together) only the owner names of
 the marked names are recomputed and given to :meth:`Zone.apply`, which
-re-signs only what changed. The zones are built whole (:func:`build_zone`) at
-start, when the DNSKEY set or the signing key changes, and to refresh the
-signatures. Every change drops the rendered answers it made stale
-(:class:`RenderedAnswers`).
+replaces what changed and signs nothing: the zones sign an RRset when an
+answer first needs its RRSIG (:class:`SignatureCache`). The zones are built
+whole (:func:`build_zone`) at start and when the DNSKEY set or the signing key
+changes; the maintenance pass drops the signatures due for refresh. Every
+change drops the rendered answers it made stale (:class:`RenderedAnswers`).
 """
 
 from __future__ import annotations
@@ -122,7 +123,8 @@ class TrustChainZones:
         self.origins = [absolute(d) for d in settings.domains]
         self._ns_names = {dns.name.Name((b"ns1", *o.labels)) for o in self.origins}
         self.zones: dict[dns.name.Name, Zone] = {}
-        self._signatures = SignatureCache()
+        self._signatures = {origin: SignatureCache() for origin in self.origins}
+        """The RRSIGs of each zone, kept across its rebuilds."""
         self._valid: dict[str, CertificateRecord] = {}
         self._holders: dict[str, dict[str, CertificateRecord]] = {}
         """name -> serial -> the valid certificates carrying it (in ``_valid``'s order)."""
@@ -137,17 +139,17 @@ class TrustChainZones:
         self._registrations: dict[str, Registration] = {}
         self._scheduled = False
         self.failure: str | None = None
-        """Why the latest zone update or maintenance failed (signing, most likely); None
-        once one succeeds."""
+        """Why the latest zone update, maintenance or signature failed (a key store error,
+        most likely); None once an update or maintenance succeeds."""
         self.rebuilds = 0
-        """Zones built whole (start, key changes, signature refresh)."""
+        """Zones built whole (start, key changes)."""
         self.updates = 0
         """Incremental updates (batches of issuances, revocations, registrations)."""
 
     # --- lifetime ------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Load the keys, the valid certificates and the registrations; sign the zones."""
+        """Load the keys, the valid certificates and the registrations; build the zones."""
         now = self.clock()
         self.keyring.load(now)
         for record in self.state.valid_certificates(now):
@@ -199,14 +201,17 @@ class TrustChainZones:
         rolled = self.keyring.roll(now)
         if rolled:
             done.append("keys")
-        stale = any(z.signature_expiry - now <= self.settings.zone.signature_refresh
-                    for z in self.zones.values())
-        if stale:
-            done.append("signatures")
-        if rolled or stale or self._keys_now(now) != self._key_state:  # (or a build failed)
+        if rolled or self._keys_now(now) != self._key_state:  # (or a build failed)
             self._rebuild(now)
         elif self._pending:
             self._publish(now)
+        stale = [z for z in self.zones.values()
+                 if z.signature_expiry - now <= self.settings.zone.signature_refresh]
+        if stale:  # signed again when next asked for; rendered answers may carry them
+            for zone in stale:
+                zone.signatures.refresh(now, self.settings.zone)
+            self._rendered.clear()
+            done.append("signatures")
         return done
 
     # --- certificates ------------------------------------------------------------------
@@ -368,7 +373,7 @@ class TrustChainZones:
                 for wire in sorted(set(self.cosigners()) - own)]
 
     def _rebuild(self, now: float) -> None:
-        """Build and sign every zone whole."""
+        """Build every zone whole (its DNSKEY set signed; the rest is signed on use)."""
         self._expire(now)
         records = self._records()
         cosigners = self._cosigner_keys(now)
@@ -378,7 +383,8 @@ class TrustChainZones:
             serial = next_serial(previous.serial if previous is not None else None, now)
             self.zones[origin] = build_zone(origin, subset, serial=serial, keyring=self.keyring,
                                             now=now, settings=self.settings.zone,
-                                            cache=self._signatures, cosigners=cosigners)
+                                            cache=self._signatures[origin],
+                                            cosigners=cosigners, clock=self.clock)
         self._key_state = self._keys_now(now)
         self._rendered.clear()
         self.rebuilds += 1
@@ -389,27 +395,23 @@ class TrustChainZones:
         if not self._pending or self._key_state is None:  # (not started: start() builds)
             return
         if self._keys_now(now) != self._key_state:
-            self._rebuild(now)  # the DNSKEY set or the signing key changed: sign it all
+            self._rebuild(now)  # the DNSKEY set or the signing key changed: build it all
             return
-        names = set(self._pending)
         changes = {owner: self._owner_records(owner) for owner in self._settle()}
         changed: set[dns.name.Name] = set()
-        try:
-            for origin in self.origins:
-                subset = {o: sets for o, sets in changes.items() if o.is_subdomain(origin)}
-                if subset:
-                    zone = self.zones[origin]
-                    changed |= zone.apply(subset, serial=next_serial(zone.serial, now),
-                                          keyring=self.keyring, now=now,
-                                          settings=self.settings.zone, cache=self._signatures)
-        except BaseException:
-            # the zone that failed is as it was: publish these names again next time
-            self._pending |= names
-            raise
-        finally:
-            if changed:
-                self._rendered.invalidate(changed)
+        for origin in self.origins:
+            subset = {o: sets for o, sets in changes.items() if o.is_subdomain(origin)}
+            if subset:
+                zone = self.zones[origin]
+                changed |= zone.apply(subset, serial=next_serial(zone.serial, now))
+        if changed:
+            self._rendered.invalidate(changed)
         self.updates += 1
+
+    def signing_failed(self, exc: Exception) -> None:
+        """An answer could not be signed (it was SERVFAIL): the ``dns`` health check says
+        why until the next update or maintenance succeeds."""
+        self.failure = f"{type(exc).__name__}: {exc}"
 
     def ds_records(self, origin: dns.name.Name) -> list[str]:
         """The DS records of ``origin`` for its parent: SHA-256 of every validator's KSK

@@ -31,7 +31,7 @@ from .._router import RequestContext, Router
 from ..ca import is_address
 from ._answers import DnsAnswers
 from ._resolver import Forwarder, Resolution
-from ._zone import Zone
+from ._zone import Zone, denies_name
 from ._zones import TLSA_PREFIX, TrustChainZones, absolute, newest_first
 
 DNSKEY = dns.rdatatype.DNSKEY
@@ -87,15 +87,19 @@ class DnsService:
             raise InvalidRequest(f"{args.type} cannot be resolved here", field="type")
         resolution = await self.answers.lookup(qname, qtype, args.dnssec)
         zone = self.zones.zone_for(qname)
+        dnssec = self._dnssec_status(zone, resolution, args.dnssec)
+        rcode = resolution.rcode  # a validated compact denial is NXDOMAIN (RFC 9824 §4)
+        if dnssec == "secure" and denies_name(resolution.authority, qname):
+            rcode = dns.rcode.NXDOMAIN
         result: dict[str, Any] = {
             "name": qname.to_text(),
             "type": dns.rdatatype.to_text(qtype),
-            "rcode": dns.rcode.to_text(dns.rcode.Rcode.make(resolution.rcode)),
+            "rcode": dns.rcode.to_text(dns.rcode.Rcode.make(rcode)),
             "authoritative": resolution.authoritative,
             "source": resolution.source,
             "answer": _records_out(resolution.answer),
             "authority": _records_out(resolution.authority),
-            "dnssec": self._dnssec_status(zone, resolution, args.dnssec),
+            "dnssec": dnssec,
             "tlsa": None,
         }
         if zone is not None and self.enable_cert_validation:
@@ -114,7 +118,7 @@ class DnsService:
         dnskeys = zone.rrsets[(zone.origin, DNSKEY)]
         keys: dict[dns.name.Name, Any] = {zone.origin: dnskeys}
         try:
-            check_ksk(zone.origin, dnskeys, zone.sigs[(zone.origin, DNSKEY)],
+            check_ksk(zone.origin, dnskeys, zone.rrsig(dnskeys),
                       self.zones.ds_records(zone.origin), self.clock())
             sections = resolution.answer + resolution.authority
             sigs = {(r.name, r.covers): r for r in sections if r.rdtype == RRSIG}

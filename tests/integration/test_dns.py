@@ -8,6 +8,7 @@ import contextlib
 import datetime
 import hashlib
 import logging
+import re
 import shutil
 import socket
 import subprocess
@@ -40,6 +41,7 @@ from protocol.doq import DOQ_EXCESSIVE_LOAD, DOQ_PROTOCOL_ERROR, EDNS_TCP_KEEPAL
 from protocol.ops import dns as dns_ops
 from stoq import Prover, build_csr
 
+from ..compact_denial import NXNAME, compact_nsec, effective_rcode
 from ..helpers import CddlChecker, RawConnection, Requester, RunningNode, running_node
 
 STREAM_LIMIT_ERROR = 0x4
@@ -210,8 +212,18 @@ async def test_doq_answers_trustchain_names_with_dnssec_and_tlsa(
         nodata = await doq(node, "www.trust", "A")
         assert nodata.rcode() == dns.rcode.NOERROR and not nodata.answer
         assert validate(nodata, dnskeys, "trust.") == 2  # SOA and NSEC
+        www = dns.name.from_text("www.trust.")
+        assert compact_nsec(nodata, www) == {dns.rdatatype.AAAA, dns.rdatatype.RRSIG,
+                                             dns.rdatatype.NSEC}
+        # RFC 9824: NOERROR and one NSEC at the name, NXNAME in its bitmap
         nx = await doq(node, "missing.trust", "AAAA")
-        assert nx.rcode() == dns.rcode.NXDOMAIN and validate(nx, dnskeys, "trust.") >= 2
+        assert nx.rcode() == dns.rcode.NOERROR and validate(nx, dnskeys, "trust.") == 2
+        assert NXNAME in compact_nsec(nx, dns.name.from_text("missing.trust."))
+        assert effective_rcode(nx) == dns.rcode.NXDOMAIN
+        plain = await dns.asyncquery.quic(dns.message.make_query("missing.trust", "AAAA"),
+                                          "::1", port=node.port, verify=root(node),
+                                          server_hostname="ns1.trust", timeout=10)
+        assert plain.rcode() == dns.rcode.NXDOMAIN  # without DO: nothing to restore
         async with await node.client() as client:
             resolved = await client.request("dns.resolve", {"name": "www.trust"})
             assert resolved["dnssec"] == "secure" and resolved["authoritative"]
@@ -344,6 +356,13 @@ async def test_kdig_refuses_the_node_for_another_ca_or_name(tmp_path: Path) -> N
         assert wrong_name.returncode != 0 and "NOERROR" not in wrong_name.stdout
         right = await asyncio.to_thread(kdig, node, root(node), "::1", "trust.", "SOA")
         assert right.returncode == 0, right.stdout + right.stderr  # the same node, checked
+        # kdig reads the compact denial: NOERROR, the NSEC with NXNAME (type 128)
+        denied = await asyncio.to_thread(kdig, node, root(node), "::1", "missing.trust.",
+                                         "AAAA")
+        assert denied.returncode == 0, denied.stdout + denied.stderr
+        assert "status: NOERROR" in denied.stdout, denied.stdout
+        assert re.search(r"missing\.trust\.\s+\d+\s+IN\s+NSEC\s+\\000\.missing\.trust\."
+                         r"\s+RRSIG NSEC (NXNAME|TYPE128)", denied.stdout), denied.stdout
 
 
 async def test_revocation_withdraws_the_records(tmp_path: Path, prover: Prover) -> None:
@@ -358,8 +377,9 @@ async def test_revocation_withdraws_the_records(tmp_path: Path, prover: Prover) 
             await Requester(client, prover).revoke({"serial": result["serial"],
                                                     "reason": "superseded", "time": at,
                                                     "signature": signature})
-        assert (await doq(node, "gone.trust")).rcode() == dns.rcode.NXDOMAIN
-        assert (await doq(node, "_443._quic.gone.trust", "TLSA")).rcode() == dns.rcode.NXDOMAIN
+        assert effective_rcode(await doq(node, "gone.trust")) == dns.rcode.NXDOMAIN
+        assert effective_rcode(await doq(node, "_443._quic.gone.trust", "TLSA")
+                               ) == dns.rcode.NXDOMAIN
 
 
 async def test_register_op_publishes_holder_addresses(tmp_path: Path, prover: Prover,

@@ -238,6 +238,11 @@ token_label = "{softhsm_token.token_label}"
                      "ns1.trust", *target, cwd=tmp_path, env=env)
         assert query.returncode == 0, query.stderr
         assert "2001:db8::1" in query.stdout and "dnssec secure" in query.stdout
+        # a compact denial (NOERROR on the wire, NSEC with NXNAME), validated: NXDOMAIN
+        missing = _run("dns", "query", "missing.hypermesh", "AAAA", "--doq", "--server-name",
+                       "ns1.trust", *target, cwd=tmp_path, env=env)
+        assert missing.returncode == 1, missing.stdout + missing.stderr
+        assert ";; rcode NXDOMAIN" in missing.stdout and "dnssec secure" in missing.stdout
         stoq_query = _run("dns", "query", "www.hypermesh", *target, cwd=tmp_path, env=env)
         assert stoq_query.returncode == 0, stoq_query.stderr
         assert "dnssec secure" in stoq_query.stdout

@@ -3,9 +3,10 @@
 After random issuances, renewals, revocations, registrations and expiries, in
 several zones and in batches coalesced on one event-loop turn, every zone of
 the service must hold what :func:`build_zone` makes of the same certificates:
-the same names, RRsets and NSEC chain, every RRSIG valid; and every answer the
-DoQ path serves (possibly from its wire cache) must be the one a fresh lookup
-renders."""
+the same names and RRsets, every RRSIG (made when asked for) valid; and every
+answer the DoQ path serves (possibly from its wire cache) must be the one a
+fresh lookup renders. An issuance signs nothing; the first answer that needs
+an RRSIG signs it, later ones take it from the signature cache."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from typing import Any
 import dns.dnssec
 import dns.message
 import dns.name
+import dns.rcode
 import dns.rdataclass
 import dns.rdatatype
 import dns.rdtypes.ANY.TLSA
@@ -31,7 +33,7 @@ from handlers.dns._zones import newest_first
 from protocol.doq import QueryReceived, parse_query
 from store import CertificateRecord
 
-from ..state_fixtures import DAY, make_record
+from ..state_fixtures import DAY
 from .test_dns_zone import PEER, Env, register
 
 IN = dns.rdataclass.IN
@@ -130,8 +132,9 @@ class Model:
                       for name, sets in records.items() if name.is_subdomain(origin)}
             expected = build_zone(origin, subset, serial=zone.serial, keyring=service.keyring,
                                   now=now, settings=service.settings.zone,
-                                  cache=SignatureCache())
-            assert zone.names == expected.names
+                                  cache=SignatureCache(), clock=self.env.clock)
+            zone.soa()  # made from the serial when first needed
+            assert zone.descendants == expected.descendants
             assert zone.types == expected.types
             assert zone.rrsets.keys() == expected.rrsets.keys()
             for key, rrset in expected.rrsets.items():
@@ -139,12 +142,11 @@ class Model:
                 assert got == rrset and got.ttl == rrset.ttl, key
             assert zone.negative_soa == expected.negative_soa
             assert zone.negative_soa.ttl == expected.negative_soa.ttl
-            assert zone.sigs.keys() == expected.sigs.keys()
             keys = {origin: zone.rrsets[(origin, DNSKEY)]}
-            for key, rrset in zone.rrsets.items():
-                dns.dnssec.validate(rrset, zone.sigs[key], keys, now=now)
-            assert now < zone.signature_expiry <= min(int(s[0].expiration)
-                                                      for s in zone.sigs.values())
+            for rrset in zone.rrsets.values():
+                dns.dnssec.validate(rrset, zone.rrsig(rrset), keys, now=now)
+            assert now < zone.signature_expiry <= min(
+                int(sig[0].expiration) for _, _, sig in zone.signatures.entries.values())
 
     def check_answers(self, rng: random.Random) -> None:
         """What the DoQ path serves (from the wire cache when it can) is what a fresh
@@ -244,7 +246,11 @@ def test_incremental_zones_equal_full_builds(env: Env, seed: int) -> None:
     assert env.zones.rebuilds == rebuilds and env.zones.updates > 0
 
 
-def test_one_issuance_signs_only_what_changes(env: Env) -> None:
+def _signature(response: dns.message.Message) -> Any:
+    return next(r for r in response.answer if r.rdtype == dns.rdatatype.RRSIG)[0]
+
+
+def test_an_issuance_signs_nothing_and_answers_sign_once(env: Env) -> None:
     rng = random.Random(7)
     model = Model(env)
     for i in range(40):
@@ -252,67 +258,118 @@ def test_one_issuance_signs_only_what_changes(env: Env) -> None:
                     issued_at=env.clock.now)
     trust = env.zones.zones[dns.name.from_text("trust.")]
     hypermesh = env.zones.zones[dns.name.from_text("hypermesh.")]
+    cache = trust.signatures
     serials = trust.serial, hypermesh.serial
-    signed, rebuilds = env.zones._signatures.signed, env.zones.rebuilds
+    signed, rebuilds = cache.signed, env.zones.rebuilds
     env.clock.now += 1
     model.issue(rng, ["new.trust", "2001:db8::9"], issued_at=env.clock.now)
-    # AAAA and TLSA of the name, the NSEC of both owners and of the predecessor, the SOA
-    assert env.zones._signatures.signed - signed == 6
+    assert cache.signed == signed  # the records changed, nothing was signed
     assert env.zones.rebuilds == rebuilds
     assert env.zones.zones[dns.name.from_text("trust.")] is trust  # updated in place
     assert trust.serial != serials[0] and hypermesh.serial == serials[1]
+    # the first DO query signs the AAAA set; the same query again is the rendered
+    # answer; another form of it (no RD) renders again with the cached RRSIG
+    first = env.ask("new.trust", "AAAA")
+    assert cache.signed == signed + 1 and env.validate(first) == 1
+    hits = cache.hits
+    again = env.ask("new.trust", "AAAA")
+    assert cache.signed == signed + 1 and cache.hits == hits
+    assert _signature(again) == _signature(first)
+    other = env.ask("new.trust", "AAAA", flags=0)
+    assert cache.signed == signed + 1 and cache.hits == hits + 1
+    assert _signature(other) == _signature(first)
+    tlsa = env.ask("_443._quic.new.trust", "TLSA")
+    assert cache.signed == signed + 2 and env.validate(tlsa) == 1
     model.check()
-    # a renewal with a new key and no address: the AAAA set goes, the TLSA changes
+    # a renewal with a new key and no address: the AAAA set goes, the TLSA changes;
+    # nothing is signed until asked for, then the new TLSA set gets a fresh RRSIG
     env.clock.now += 1
-    signed = env.zones._signatures.signed
+    signed = cache.signed
     model.issue(rng, ["new.trust"], issued_at=env.clock.now)
-    assert env.zones._signatures.signed - signed == 3  # TLSA, NSEC of new.trust, SOA
+    assert cache.signed == signed
     assert (dns.name.from_text("new.trust."), AAAA) not in trust.rrsets
+    renewed = env.ask("_443._quic.new.trust", "TLSA")
+    assert cache.signed == signed + 1 and env.validate(renewed) == 1
+    assert _signature(renewed).signature != _signature(tlsa).signature
+    assert [r for r in renewed.answer if r.rdtype == TLSA] != \
+        [r for r in tlsa.answer if r.rdtype == TLSA]
+    gone = env.ask("new.trust", "AAAA")  # NODATA now: SOA and the compact NSEC
+    assert not gone.answer and env.validate(gone) == 2
     model.check()
-    # an older certificate for a published name changes nothing: no signature, same serial
+    # an older certificate for a published name changes nothing: same serial
     env.clock.now += 1
-    signed, serial = env.zones._signatures.signed, trust.serial
+    serial = trust.serial
     model.issue(rng, ["host3.trust"], issued_at=env.clock.now - 100)
-    assert env.zones._signatures.signed == signed and trust.serial == serial
+    assert trust.serial == serial
     model.check()
 
 
-@pytest.mark.parametrize("fail_after", [0, 1, 3, 5])
-def test_a_failed_signature_leaves_the_zone_as_it_was(env: Env, fail_after: int,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    rng = random.Random(fail_after)
+def test_many_issuances_cost_no_signature(env: Env) -> None:
+    """Issuances and revocations in bursts, as blocks bring them: no RRSIG is made."""
+    rng = random.Random(11)
     model = Model(env)
-    for i in range(10):
+    signed = {origin: zone.signatures.signed for origin, zone in env.zones.zones.items()}
+
+    async def block(start: int) -> None:
+        for i in range(start, start + 20):
+            model.issue(rng, [f"b{i}.trust", f"b{i}.hypermesh", ADDRESSES[i % 6]],
+                        issued_at=env.clock.now)
+        await asyncio.sleep(0)
+
+    for start in range(0, 100, 20):
+        asyncio.run(block(start))
+        model.revoke(rng)
+    assert {o: z.signatures.signed for o, z in env.zones.zones.items()} == signed
+    model.check()  # signs every RRset now, and checks it
+
+
+def test_a_failed_signature_is_servfail_never_unsigned(env: Env,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The key store failing to sign makes the DO answers that need a new RRSIG SERVFAIL
+    (not kept as rendered answers), shows in the health check, and does not stop
+    publication; once it signs again, the same queries validate."""
+    rng = random.Random(3)
+    model = Model(env)
+    for i in range(5):
         model.issue(rng, [f"h{i}.trust", ADDRESSES[i % 6]], issued_at=env.clock.now)
-    revoked = next(iter(model.valid.values()))
-    zone = env.zones.zones[dns.name.from_text("trust.")]
-    before = (list(zone.names), dict(zone.types), dict(zone.rrsets), dict(zone.sigs),
-              zone.serial, zone.negative_soa, zone.signature_expiry)
-    real_sign = _zone._sign
-    calls = 0
+    real_rrsig = _zone.rrsig
 
-    def failing_sign(*args: Any, **kwargs: Any) -> Any:
-        nonlocal calls
-        calls += 1
-        if calls > fail_after:
-            raise RuntimeError("the key store is not answering")
-        return real_sign(*args, **kwargs)
+    def failing_rrsig(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("the key store is not answering")
 
-    monkeypatch.setattr(_zone, "_sign", failing_sign)
+    monkeypatch.setattr(_zone, "rrsig", failing_rrsig)
     env.clock.now += 1
-
-    # an issuance and a revocation, published together
-    record, _ = make_record(["~.trust", "2001:db8::9"], issued_at=env.clock.now)
-    env.zones._add(record)
-    env.zones._remove(revoked.serial)
-    model.valid[record.serial] = record
-    model.valid.pop(revoked.serial)
-    with pytest.raises(RuntimeError):
-        env.zones._publish(env.clock.now)
-    assert calls == fail_after + 1
-    assert (zone.names, zone.types, zone.rrsets, zone.sigs, zone.serial, zone.negative_soa,
-            zone.signature_expiry) == before
-    assert env.zones.zones[dns.name.from_text("trust.")] is zone
-    monkeypatch.setattr(_zone, "_sign", real_sign)
-    env.zones.maintain()  # the next maintenance publishes what failed
+    model.issue(rng, ["~.trust", "2001:db8::9"], issued_at=env.clock.now)  # published
+    failed = env.ask("~.trust", "AAAA")
+    assert failed.rcode() == dns.rcode.SERVFAIL and not failed.answer
+    assert env.zones.problem() is not None and "not answering" in env.zones.problem()
+    plain = env.ask("~.trust", "AAAA", dnssec=False)  # no signature needed
+    assert [rd.to_text() for r in plain.answer for rd in r] == ["2001:db8::9"]
+    monkeypatch.setattr(_zone, "rrsig", real_rrsig)
+    signed = env.ask("~.trust", "AAAA")  # the SERVFAIL was not kept
+    assert signed.rcode() == dns.rcode.NOERROR and env.validate(signed) == 1
+    env.zones.maintain()
+    assert env.zones.problem() is None
     model.check()
+
+
+def test_the_signature_cache_is_bounded_and_signs_again_what_it_dropped(env: Env) -> None:
+    """Least recently used first out: a flood of denials of random names keeps at most
+    ``limit`` RRSIGs; an RRset whose RRSIG went is signed again when next asked for."""
+    service = env.zones
+    origin = dns.name.from_text("trust.")
+    zone = build_zone(origin, {}, serial=1, keyring=service.keyring, now=env.clock.now,
+                      settings=service.settings.zone, cache=SignatureCache(limit=4),
+                      clock=env.clock)
+    keys = {origin: zone.rrsets[(origin, DNSKEY)]}
+    dnskey_sig = zone.rrsig(zone.rrsets[(origin, DNSKEY)])
+    for i in range(10):
+        found = zone.lookup(dns.name.from_text(f"r{i}.trust."), AAAA, True)
+        for rrset, sig in zip(found.authority[::2], found.authority[1::2], strict=True):
+            dns.dnssec.validate(rrset, sig, keys, now=env.clock.now)
+        assert len(zone.signatures.entries) <= 4
+    signed = zone.signatures.signed
+    again = zone.rrsig(zone.rrsets[(origin, DNSKEY)])  # dropped long ago: signed again
+    assert zone.signatures.signed == signed + 1 and again is not dnskey_sig
+    dns.dnssec.validate(zone.rrsets[(origin, DNSKEY)], again, keys, now=env.clock.now)
+    assert zone.rrsig(zone.rrsets[(origin, DNSKEY)]) is again  # and kept

@@ -41,6 +41,7 @@ from protocol.doq import PADDING_BLOCK, QueryReceived, parse_query
 from protocol.ops import dns as ops
 from store import CertificateRecord, DataDirectory, SoftwareKeyStore, open_keystore
 
+from ..compact_denial import NXNAME, compact_nsec, effective_rcode
 from ..softhsm import SoftHsmToken
 from ..state_fixtures import (
     DAY,
@@ -191,36 +192,46 @@ def test_certificate_records_are_published_signed_and_validate(env: Env) -> None
     assert env.validate(env.ask("trust", "SOA")) == 1
 
 
-def test_denials_carry_soa_and_nsec_proofs(env: Env) -> None:
+def test_denials_are_compact_and_validate(env: Env) -> None:
+    """RFC 9824: one NSEC at the query name, next name ``\\000.QNAME``, its bitmap the
+    types at the name (NODATA), RRSIG and NSEC only (empty non-terminal), or RRSIG, NSEC
+    and NXNAME (no such name, answered NOERROR with DO, NXDOMAIN without)."""
     env.issue(["www.trust", "2001:db8::7"])
     nodata = env.ask("www.trust", "A")  # IPv6 only: never an A record
     assert nodata.rcode() == dns.rcode.NOERROR and not nodata.answer
-    types = {r.rdtype for r in nodata.authority}
-    assert {dns.rdatatype.SOA, dns.rdatatype.NSEC} <= types
     soa = next(r for r in nodata.authority if r.rdtype == dns.rdatatype.SOA)
     assert soa.ttl == 60  # min(SOA TTL, minimum), RFC 2308
-    assert env.validate(nodata) == 2
-    nsec = next(r for r in nodata.authority if r.rdtype == dns.rdatatype.NSEC)
-    assert dns.rdatatype.A not in [t for w in nsec[0].windows for t in _types(w)]
+    assert env.validate(nodata) == 2  # SOA and NSEC, each under the zone's DNSKEY
+    www = dns.name.from_text("www.trust.")
+    assert compact_nsec(nodata, www) == {dns.rdatatype.AAAA, dns.rdatatype.RRSIG,
+                                         dns.rdatatype.NSEC}
+    assert effective_rcode(nodata) == dns.rcode.NOERROR
     nx = env.ask("nothing.trust", "AAAA")
-    assert nx.rcode() == dns.rcode.NXDOMAIN
-    assert env.validate(nx) >= 2
-    covered = dns.name.from_text("nothing.trust.")
-    assert any(r.name < covered < r[0].next or r[0].next == dns.name.from_text("trust.")
-               for r in nx.authority if r.rdtype == dns.rdatatype.NSEC)
+    assert nx.rcode() == dns.rcode.NOERROR and not nx.answer
+    assert env.validate(nx) == 2
+    assert compact_nsec(nx, dns.name.from_text("nothing.trust.")) == {
+        dns.rdatatype.RRSIG, dns.rdatatype.NSEC, NXNAME}
+    assert effective_rcode(nx) == dns.rcode.NXDOMAIN
     ent = env.ask("_quic.www.trust", "TXT")  # an empty non-terminal: NODATA
     assert ent.rcode() == dns.rcode.NOERROR and not ent.answer
     assert env.validate(ent) == 2
+    assert compact_nsec(ent, dns.name.from_text("_quic.www.trust.")) == {
+        dns.rdatatype.RRSIG, dns.rdatatype.NSEC}
     unknown = env.ask("www.trust", "TYPE65280")
     assert unknown.rcode() == dns.rcode.NOERROR and not unknown.answer
+    assert env.validate(unknown) == 2
+    asked = env.ask("www.trust", "NSEC")  # the NSEC at a name is its answer
+    assert [r.rdtype for r in asked.answer] == [dns.rdatatype.NSEC, dns.rdatatype.RRSIG]
+    assert env.validate(asked) == 1
     no_dnssec = env.ask("nothing.trust", dnssec=False)
+    assert no_dnssec.rcode() == dns.rcode.NXDOMAIN
     assert [r.rdtype for r in no_dnssec.authority] == [dns.rdatatype.SOA]
-
-
-def _types(window: tuple[int, bytes]) -> list[int]:
-    number, bitmap = window
-    return [number * 256 + i * 8 + j for i, byte in enumerate(bitmap) for j in range(8)
-            if byte & (0x80 >> j)]
+    # the longest names have no room for a \000 label: the next name is the first
+    # label's last octet plus one, which covers no other name either
+    longest = ".".join(["a" * 63, "b" * 63, "c" * 63, "d" * 55]) + ".trust"  # 255 octets
+    far = env.ask(longest, "AAAA")
+    nsec = next(r for r in far.authority if r.rdtype == dns.rdatatype.NSEC)
+    assert nsec[0].next.labels[0] == b"a" * 62 + b"b" and env.validate(far) == 2
 
 
 def test_revocation_expiry_and_renewal(env: Env) -> None:
@@ -239,8 +250,8 @@ def test_revocation_expiry_and_renewal(env: Env) -> None:
     env.clock.now = first.not_after + 1
     assert env.zones.maintain() == ["expired 1"]
     gone = env.ask("www.trust")
-    assert gone.rcode() == dns.rcode.NXDOMAIN and env.validate(gone) >= 2
-    assert env.ask("_443._quic.www.trust", "TLSA").rcode() == dns.rcode.NXDOMAIN
+    assert effective_rcode(gone) == dns.rcode.NXDOMAIN and env.validate(gone) == 2
+    assert effective_rcode(env.ask("_443._quic.www.trust", "TLSA")) == dns.rcode.NXDOMAIN
 
 
 def test_restart_publishes_the_stored_certificates(env: Env) -> None:
@@ -261,20 +272,27 @@ def test_restart_publishes_the_stored_certificates(env: Env) -> None:
                   dns.rdatatype.TLSA) == [tlsa_of(record)]
     assert rdatas(env.ask("api.trust"), dns.rdatatype.AAAA) == ["2001:db8::1"]
     for gone in ("old.trust", "pending.trust", "gone.trust"):
-        assert env.ask(f"_443._quic.{gone}", "TLSA").rcode() == dns.rcode.NXDOMAIN, gone
+        assert effective_rcode(env.ask(f"_443._quic.{gone}", "TLSA")) == dns.rcode.NXDOMAIN, gone
 
 
 def test_signatures_are_refreshed_before_they_expire(env: Env) -> None:
     env.issue(["www.trust", "2001:db8::7"], lifetime=30 * DAY)
     zone = env.zones.zones[dns.name.from_text("trust.")]
-    first_expiry, first_serial = zone.signature_expiry, zone.serial
-    assert first_expiry == int(START + 7 * DAY)
+
+    def expiration() -> int:
+        answer = env.ask("www.trust")
+        return int(next(r for r in answer.answer if r.rdtype == dns.rdatatype.RRSIG)[0]
+                   .expiration)
+
+    first = expiration()
+    assert first == int(START + 7 * DAY) == zone.signature_expiry
     env.clock.now += 3 * DAY
     assert env.zones.maintain() == []  # 4 days left: more than the 3-day refresh
+    assert expiration() == first  # the rendered answer, still good
     env.clock.now += DAY + 1
-    assert env.zones.maintain() == ["signatures"]
-    zone = env.zones.zones[dns.name.from_text("trust.")]
-    assert zone.signature_expiry > first_expiry and zone.serial > first_serial
+    assert env.zones.maintain() == ["signatures"]  # dropped, rendered answers too
+    assert expiration() == int(env.clock.now + 7 * DAY) > first
+    assert zone.signature_expiry == int(env.clock.now + 7 * DAY)
     env.validate(env.ask("www.trust"))
 
 
@@ -357,6 +375,8 @@ def test_precomputed_answer_keeps_the_question_as_asked(env: Env) -> None:
     (lambda: dns.message.make_query("example.org", "AAAA"), dns.rcode.REFUSED),  # no upstreams
     (lambda: _signed(dns.message.make_query("www.trust", "AAAA")), dns.rcode.NOTAUTH),
     (lambda: dns.message.make_query("www.trust", "TKEY"), dns.rcode.FORMERR),
+    # NXNAME only marks a compact denial's NSEC: never asked for (RFC 9824 §3.5)
+    (lambda: dns.message.make_query("www.trust", "TYPE128"), dns.rcode.FORMERR),
     (lambda: dns.message.make_query("www.trust", "MAILA"), dns.rcode.NOTIMP),
 ])
 def test_refusals(env: Env, make: Any, rcode: int) -> None:
@@ -503,7 +523,9 @@ def test_resolve_op_reports_validation_and_tlsa_binding(env: Env) -> None:
                                                             type="TLSA"), ctx))
     assert drift["tlsa"]["status"] == "mismatch" and drift["tlsa"]["serial"] == newer.serial
     missing = asyncio.run(env.service.resolve(ops.ResolveArgs(name="none.trust"), ctx))
+    # a compact denial (NOERROR, NSEC with NXNAME) validated: restored to NXDOMAIN
     assert missing["rcode"] == "NXDOMAIN" and missing["dnssec"] == "secure"
+    assert any(r["type"] == "NSEC" and "NXNAME" in r["data"] for r in missing["authority"])
     assert missing["tlsa"]["status"] == "no_certificate"
     for bad in (ops.ResolveArgs(name="www.trust", type="BOGUS"),
                 ops.ResolveArgs(name="www.trust", type="AXFR"),
