@@ -324,13 +324,17 @@ def _protocol_class(engine: Engine) -> type:
             server._connections.add(self)
 
         def datagram_received(self, data: bytes, addr: Any) -> None:
-            # The base class transmits after processing the datagram's events;
-            # sessions answering inside that processing need no extra transmit.
+            # Answers are written while the datagram's events are processed; they
+            # go out in one transmit after every datagram the loop read in this
+            # round (call_soon runs after the round's reads), so that answers to
+            # several datagrams share packets.
             self._receiving = True
             try:
-                super().datagram_received(data, addr)
+                self._quic.receive_datagram(data, addr, now=self._loop.time())
+                self._process_events()
             finally:
                 self._receiving = False
+            self._transmit_soon()
 
         # What sessions use of their connection (_session.StoqStreams, _doq.DoqStreams).
         def send_stream_data(self, stream_id: int, data: bytes, end_stream: bool) -> None:
