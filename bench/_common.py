@@ -57,9 +57,12 @@ SIZED_ECHO_ALPN = "echo-health-size"
 :data:`HEALTH_SIZED_ANSWER` instead: the transport's cost of an answer as big
 as STOQ's, without STOQ's work."""
 HEALTH_SIZED_ANSWER = protocol.encode_frame({"ok": {
-    "status": "ok", "checks": {"accepting": True}, "reasons": {}, "time": 1764000000.123,
-    "uptime": 12.345}})
-"""A frame shaped and sized like the STOQ answer to ``node.health`` (77 bytes)."""
+    "status": "ok", "checks": dict.fromkeys(("accepting", "audit", "publishing", "dns",
+                                             "consensus", "ct", "fingerprints", "rotation"),
+                                            True),
+    "reasons": {}, "time": 1796000000.12, "uptime": 12.345}})
+"""A frame shaped and sized like the STOQ answer to ``node.health`` of a node with the
+default services (140 bytes: its eight health checks)."""
 STREAMS_PER_CONNECTION = 100
 """Concurrent streams the echo server grants, as ``network.max_streams_per_connection``."""
 
