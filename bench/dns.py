@@ -14,7 +14,9 @@ and prints a Markdown table:
 - the same authoritative query at a fixed 5,000 queries/s (half the
   10,000/s target; open loop) for its latency;
 - beside them, in the same run: the bare QUIC echo server answering the
-  same bytes, and NSD answering the same kind of query over plain UDP.
+  same bytes, the same echo server answering 468 octets (as big as the padded
+  DoQ answer: what the answer's size costs QUIC), and NSD answering the same
+  kind of query over plain UDP.
 
 Every run is bounded in time; every process is stopped at the end.
 """
