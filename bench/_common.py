@@ -57,9 +57,19 @@ SIZED_ECHO_ALPN = "echo-health-size"
 :data:`HEALTH_SIZED_ANSWER` instead: the transport's cost of an answer as big
 as STOQ's, without STOQ's work."""
 HEALTH_SIZED_ANSWER = protocol.encode_frame({"ok": {
-    "status": "ok", "checks": {"accepting": True}, "reasons": {}, "time": 1764000000.123,
-    "uptime": 12.345}})
-"""A frame shaped and sized like the STOQ answer to ``node.health`` (77 bytes)."""
+    "status": "ok", "checks": dict.fromkeys(("accepting", "audit", "publishing", "dns",
+                                             "consensus", "ct", "fingerprints", "rotation"),
+                                            True),
+    "reasons": {}, "time": 1796000000.12, "uptime": 12.345}})
+"""A frame shaped and sized like the STOQ answer to ``node.health`` of a node with the
+default services (140 bytes: its eight health checks)."""
+DOQ_SIZED_ECHO_ALPN = "echo-doq-size"
+"""On connections with this ALPN the echo server answers every stream with
+:data:`DOQ_SIZED_ANSWER`: what a DoQ answer padded to 468 octets costs the transport."""
+DOQ_SIZED_ANSWER = (468).to_bytes(2, "big") + (b"\x00\x00\x84\x00" + bytes(464))
+"""A DoQ message as big as an authoritative answer padded to one 468-octet block
+(RFC 8467), with its 2-octet length: a header-only response and zeros."""
+SIZED_ANSWERS = {SIZED_ECHO_ALPN: HEALTH_SIZED_ANSWER, DOQ_SIZED_ECHO_ALPN: DOQ_SIZED_ANSWER}
 STREAMS_PER_CONNECTION = 100
 """Concurrent streams the echo server grants, as ``network.max_streams_per_connection``."""
 
@@ -296,16 +306,16 @@ def make_certificate(directory: Path) -> tuple[Path, Path]:
 # --- the bare QUIC echo server --------------------------------------------------------
 
 def echo_answer(connection: Any, request: bytes) -> bytes:
-    """The echo server's answer: the request itself, or with ALPN :data:`SIZED_ECHO_ALPN`
-    :data:`HEALTH_SIZED_ANSWER`."""
-    return HEALTH_SIZED_ANSWER if connection.alpn == SIZED_ECHO_ALPN else request
+    """The echo server's answer: the request itself, or on a sized ALPN its fixed answer
+    (:data:`SIZED_ANSWERS`)."""
+    return SIZED_ANSWERS.get(connection.alpn, request)
 
 
 async def serve_echo(engine_name: str, port: int, certfile: str, keyfile: str) -> None:
     """Run the echo server on ``[::1]:port`` until SIGTERM or SIGINT."""
     engine = stoq.load_engine(engine_name)
     configuration = engine.configuration(is_client=False,
-                                         alpn_protocols=[ECHO_ALPN, SIZED_ECHO_ALPN],
+                                         alpn_protocols=[ECHO_ALPN, *SIZED_ANSWERS],
                                          idle_timeout=30.0, max_data=MAX_DATA,
                                          max_stream_data=MAX_STREAM_DATA)
     configuration.load_cert_chain(certfile, keyfile)
@@ -328,7 +338,7 @@ async def serve_echo(engine_name: str, port: int, certfile: str, keyfile: str) -
         loop.add_signal_handler(sig, stop.set)
     host, bound_port = sock.getsockname()[:2]
     print(f"echo server, QUIC engine {engine.name} {engine.version}, pid {os.getpid()}")
-    print(f"listening on [{host}]:{bound_port} alpn {ECHO_ALPN},{SIZED_ECHO_ALPN}")
+    print(f"listening on [{host}]:{bound_port} alpn {','.join([ECHO_ALPN, *SIZED_ANSWERS])}")
     print(f"tls certificate sha256 {stoq.certificate_fingerprint(certfile)}", flush=True)
     try:
         await stop.wait()

@@ -14,7 +14,9 @@ and prints a Markdown table:
 - the same authoritative query at a fixed 5,000 queries/s (half the
   10,000/s target; open loop) for its latency;
 - beside them, in the same run: the bare QUIC echo server answering the
-  same bytes, and NSD answering the same kind of query over plain UDP.
+  same bytes, the same echo server answering 468 octets (as big as the padded
+  DoQ answer: what the answer's size costs QUIC), and NSD answering the same
+  kind of query over plain UDP.
 
 Every run is bounded in time; every process is stopped at the end.
 """
@@ -42,6 +44,7 @@ import uvloop
 import stoq
 
 from ._common import (
+    DOQ_SIZED_ECHO_ALPN,
     ECHO_ALPN,
     FINGERPRINT,
     HOST,
@@ -102,6 +105,8 @@ def query_wire(kind: str, number: int) -> bytes:
 
 
 EXPECTED_RCODE = {"auth": 0, "hit": 0, "miss": 3}
+ECHOES = {"echo": ECHO_ALPN, "echo-sized": DOQ_SIZED_ECHO_ALPN}
+"""The echo server's ALPN for each echo transport."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -109,7 +114,8 @@ class DnsLoad:
     """One DNS load run, passed to the load-generator process as JSON."""
 
     transport: str
-    """``doq`` (TrustChain), ``echo`` (bare QUIC echo) or ``udp`` (NSD)."""
+    """``doq`` (TrustChain), ``echo`` (bare QUIC echo of the query), ``echo-sized`` (bare
+    QUIC echo answering 468 octets, as big as the padded DoQ answer) or ``udp`` (NSD)."""
     queries: str
     port: int
     engine: str = "qh3"
@@ -149,7 +155,7 @@ class DoqRun(_Run):
         if len(data) < 14 or int.from_bytes(data[:2], "big") != len(data) - 2:
             self.error(f"answer is not one whole DoQ message ({len(data)} bytes)")
             return
-        if self.load.transport == "echo":
+        if self.load.transport in ECHOES:
             return
         rcode = data[5] & 0xF
         if rcode != EXPECTED_RCODE[self.load.queries]:
@@ -162,7 +168,7 @@ def _framed(message: bytes) -> bytes:
 
 def _spec(load: DnsLoad) -> LoadSpec:
     return LoadSpec(engine=load.engine, port=load.port,
-                    alpn=ECHO_ALPN if load.transport == "echo" else "doq", pin=load.pin,
+                    alpn=ECHOES.get(load.transport, "doq"), pin=load.pin,
                     request="health", expect="same" if load.transport == "echo" else "ok",
                     connections=load.connections, in_flight=load.in_flight,
                     duration=load.duration, warmup=load.warmup, server_pid=load.server_pid)
@@ -416,6 +422,10 @@ def _fmt(result: LoadResult | None, *, latency: bool = True) -> str:
     return text
 
 
+def _ratio(ours: LoadResult | None, base: LoadResult | None) -> str:
+    return f"{ours.rate / base.rate:.2f}" if ours and base and base.rate else ""
+
+
 def _cpu(result: LoadResult | None) -> str:
     if result is None or result.server_cpu is None or not result.rate:
         return "?"
@@ -437,7 +447,8 @@ def run(engine: str, tmp: Path, duration: float, warmup: float) -> str:
             base = dict(queries=row.queries, engine=engine, connections=row.connections,
                         duration=duration, warmup=warmup, rate=row.rate)
             results: dict[str, LoadResult | None] = {}
-            targets = [("doq", node)] + ([("echo", echo)] if row.echo else []) + \
+            targets = [("doq", node)] + ([("echo", echo), ("echo-sized", echo)]
+                                         if row.echo else []) + \
                 ([("udp", nsd)] if row.udp else [])
             for transport, server in targets:
                 load = DnsLoad(transport=transport, port=server.port, pin=server.pin,
@@ -449,13 +460,14 @@ def run(engine: str, tmp: Path, duration: float, warmup: float) -> str:
                     progress(f"{row.label} ({transport}): {exc}")
                     results[transport] = None
                 progress(f"{engine}: {row.label}, {transport}: {_fmt(results[transport])}")
-            doq, bare, udp = results.get("doq"), results.get("echo"), results.get("udp")
-            ratio = f"{doq.rate / bare.rate:.2f}" if doq and bare and bare.rate else ""
+            doq, udp = results.get("doq"), results.get("udp")
+            bare, sized = results.get("echo"), results.get("echo-sized")
             table.append([row.label, _fmt(doq), _cpu(doq),
-                          _fmt(bare, latency=False) if row.echo else "",
-                          ratio, _fmt(udp) if row.udp else ""])
+                          _fmt(bare, latency=False) if row.echo else "", _ratio(doq, bare),
+                          _fmt(sized, latency=False) if row.echo else "",
+                          _ratio(doq, sized), _fmt(udp) if row.udp else ""])
         header = ["test", f"DoQ ({engine})", "server CPU / query", "bare QUIC echo", "ratio",
-                  "NSD over UDP"]
+                  "echo answering 468 B", "ratio", "NSD over UDP"]
         return markdown_table(header, table)
     finally:
         children.stop_all()

@@ -62,9 +62,9 @@ class Test:
 
 HEALTH_1 = Test("health-1", "node.health, 1 conn x 64 in flight", "health", 1, 64)
 HEALTH_8 = Test("health-8", "node.health, 8 conns x 64 in flight", "health", 8, 64)
-SIZED_1 = Test("sized-1", "same, 1 conn; echo answers 68 B like STOQ", "health", 1, 64,
+SIZED_1 = Test("sized-1", "same, 1 conn; echo answers 140 B like STOQ", "health", 1, 64,
                on_stoq=False, echo_alpn=SIZED_ECHO_ALPN, stoq_row=HEALTH_1.key)
-SIZED_8 = Test("sized-8", "same, 8 conns; echo answers 68 B like STOQ", "health", 8, 64,
+SIZED_8 = Test("sized-8", "same, 8 conns; echo answers 140 B like STOQ", "health", 8, 64,
                on_stoq=False, echo_alpn=SIZED_ECHO_ALPN, stoq_row=HEALTH_8.key)
 LIBRARY_1 = Test("library-1", "node.health, 1 conn x 64, stoq.AsyncClient (echo: lean client)",
                  "health", 1, 64, client="library", on_echo=False, echo_row=HEALTH_1.key)

@@ -15,7 +15,6 @@ goes through it; ordinary frames use cbor2's faster encoder.
 
 from __future__ import annotations
 
-import io
 import itertools
 import math
 import struct
@@ -122,12 +121,9 @@ def decode_item(data: bytes) -> Any:
     :raises MalformedFrame: not one well-formed item of the allowed data model.
     """
     _scan(data)
-    fp = io.BytesIO(data)
     try:
-        decoder = cbor2.CBORDecoder(
-            fp, tag_hook=_refuse_tag, allow_duplicate_keys=False, max_depth=MAX_DEPTH
-        )
-        item = decoder.decode()
+        item = cbor2.loads(data, tag_hook=_refuse_tag, allow_duplicate_keys=False,
+                           max_depth=MAX_DEPTH)
     except MalformedFrame:
         raise
     except (cbor2.CBORDecodeError, ValueError, TypeError, OverflowError, RecursionError) as exc:

@@ -9,6 +9,7 @@ and gets events back. What the connection wants written comes out of
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -166,7 +167,7 @@ class ServerConnection:
     def __init__(self, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
         self.max_frame_size = max_frame_size
         self._streams: dict[int, _Stream] = {}
-        self._ended: dict[int, None] = {}
+        self._ended: OrderedDict[int, None] = OrderedDict()
         """The latest request streams that ended here (answered, refused, reset), oldest
         first: data arriving on one of them again is a retransmission, ignored."""
         self._receiving: dict[int, float] = {}
@@ -177,6 +178,11 @@ class ServerConnection:
     @property
     def open_streams(self) -> int:
         return len(self._streams)
+
+    @property
+    def unfinished(self) -> int:
+        """Requests that have not arrived whole (frame and FIN): what may expire."""
+        return len(self._receiving)
 
     @property
     def buffered(self) -> int:
@@ -220,7 +226,9 @@ class ServerConnection:
         ended = self._ended
         ended[stream_id] = None
         if len(ended) > ENDED_STREAMS_KEPT:
-            del ended[next(iter(ended))]
+            # OrderedDict: a plain dict's first key is found by skipping the deleted
+            # entries before it, which grow with every request until the next resize.
+            ended.popitem(last=False)
 
     def receive_data(self, stream_id: int, data: bytes, end_stream: bool,
                      now: float = 0.0) -> list[StoqEvent]:

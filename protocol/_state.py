@@ -12,6 +12,10 @@ import enum
 
 
 class StreamState(enum.Enum):
+    __hash__ = object.__hash__
+    """Members are singletons: hashing by identity keeps the transition lookups (done for
+    every request) in C; ``enum.Enum`` hashes by name in Python."""
+
     RECEIVING = "receiving"
     """Server: reading the request frame."""
     RECEIVED = "received"
@@ -29,6 +33,8 @@ class StreamState(enum.Enum):
 class Send(enum.Enum):
     """What a server writes on a request stream."""
 
+    __hash__ = object.__hash__
+
     OK = "ok"
     ERROR = "error"
     EVENT = "event"
@@ -37,6 +43,8 @@ class Send(enum.Enum):
 
 class Receive(enum.Enum):
     """What a client reads on a request stream."""
+
+    __hash__ = object.__hash__
 
     OK = "ok"
     ERROR = "error"

@@ -31,6 +31,7 @@ record) to answer from a precomputed response; anything it cannot read is
 from __future__ import annotations
 
 import struct
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from ._connection import ResetStream, SendData, StopSending
@@ -353,7 +354,7 @@ class DoqConnection:
         self.stream_timeout = stream_timeout
         self.max_buffered = max_buffered
         self._streams: dict[int, _Stream] = {}
-        self._ended: dict[int, None] = {}
+        self._ended: OrderedDict[int, None] = OrderedDict()
         """The latest streams this side ended (answered, abandoned, reset), oldest first:
         QUIC reports a duplicate of a query's last frame, retransmitted after the answer,
         as an empty FIN on its stream, which must not read as a new, empty query."""
@@ -377,6 +378,13 @@ class DoqConnection:
         if stream is None:
             if (not data and not end_stream) or stream_id in self._ended:
                 return []
+            size = len(data)
+            if end_stream and size >= 2 and size == 2 + ((data[0] << 8) | data[1]) \
+                    and self._buffered + size <= self.max_buffered:
+                # The common case: a whole query and its FIN in one piece, answered
+                # before anything else is buffered.
+                self._streams[stream_id] = _Stream(started=now, answering=True)
+                return self._received(stream_id, data[2:])
             stream = self._streams[stream_id] = _Stream(started=now)
         elif stream.answering:
             return []  # QUIC delivers nothing after a FIN; a reordered empty frame
@@ -403,6 +411,10 @@ class DoqConnection:
         self._buffered -= len(buffer)
         stream.buffer = bytearray()
         stream.answering = True
+        return self._received(stream_id, message)
+
+    def _received(self, stream_id: int, message: bytes) -> list[DoqEvent]:
+        """The whole query ``message`` and its FIN arrived on ``stream_id``."""
         if len(message) >= 2 and (message[0] or message[1]):
             return self._break(DOQ_PROTOCOL_ERROR, "a query's Message ID is not 0")
         self.queries += 1
@@ -426,7 +438,7 @@ class DoqConnection:
 
     def get_timer(self) -> float | None:
         """When :meth:`handle_timer` must next be called, or None."""
-        if self.closed is not None:
+        if self.closed is not None or not self._streams:
             return None
         deadlines = [s.complete_at + self.fin_timeout if s.complete_at is not None
                      else s.started + self.stream_timeout
@@ -507,7 +519,7 @@ class DoqConnection:
         ended = self._ended
         ended[stream_id] = None
         if len(ended) > ENDED_STREAMS_KEPT:
-            del ended[next(iter(ended))]
+            ended.popitem(last=False)  # O(1); a plain dict's first key is not
 
     def _break(self, error_code: int, reason: str) -> list[DoqEvent]:
         event = ConnectionBroken(error_code, reason)

@@ -215,7 +215,7 @@ class DoqSession:
             peer_log.error("DoQ answer failed", exc_info=True)
             self._conn.abandon(event.stream_id, DOQ_INTERNAL_ERROR)
             return
-        if not inspect.isawaitable(reply):
+        if type(reply) is bytes or not inspect.isawaitable(reply):
             self._conn.send_answer(event.stream_id, reply)
             return
         if app.stats.pending >= app.limits.max_pending:

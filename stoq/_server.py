@@ -126,6 +126,8 @@ class Server:
             prefix_length=self.limits.connection_prefix_length,
             handshakes_per_second=self.limits.max_handshakes_per_second)
         self._applications: dict[str, SessionFactory] = {ALPN: self._stoq_session}
+        self._coalescing = {ALPN}
+        """ALPNs whose connections send once per round of received datagrams."""
         self._endpoints: list[tuple[asyncio.DatagramTransport, Any]] = []
         self._connections: set[Any] = set()
         self._configuration: Any = None
@@ -141,7 +143,15 @@ class Server:
     # --- set-up ---------------------------------------------------------------
 
     def add_application(self, alpn: str, factory: SessionFactory) -> None:
-        """Serve ``alpn`` on the same sockets; ``factory`` builds its per-connection session."""
+        """Serve ``alpn`` on the same sockets; ``factory`` builds its per-connection session.
+
+        Its connections transmit after each datagram. Only ``stoq/1`` coalesces the
+        answers to a round of datagrams into shared packets: packets filled to the brim
+        split the last answer across two, and dnspython's asyncio DoQ client (2.9) then
+        loses a query now and again (its reader misses the wake-up for the second half,
+        see bench/README.md), so ``doq`` keeps an answer whole within its datagram's
+        packets as far as QUIC allows.
+        """
         if self._endpoints:
             raise RuntimeError("register applications before start()")
         self._applications[alpn] = factory
@@ -320,17 +330,26 @@ def _protocol_class(engine: Engine) -> type:
             engine.limit_streams(quic, bidi=server.limits.max_streams_per_connection, uni=0)
             engine.tune(quic)
             self._receiving = False
+            self._coalescing = False
+            """Set for the ALPNs in ``server._coalescing`` once the session starts."""
             self._address_key: tuple[int, int] | None = None
             server._connections.add(self)
 
         def datagram_received(self, data: bytes, addr: Any) -> None:
-            # The base class transmits after processing the datagram's events;
-            # sessions answering inside that processing need no extra transmit.
+            # Answers are written while the datagram's events are processed. On a
+            # coalescing connection they go out in one transmit after every datagram
+            # the loop read in this round (call_soon runs after the round's reads), so
+            # that answers to several datagrams share packets; else after this one.
             self._receiving = True
             try:
-                super().datagram_received(data, addr)
+                self._quic.receive_datagram(data, addr, now=self._loop.time())
+                self._process_events()
             finally:
                 self._receiving = False
+            if self._coalescing:
+                self._transmit_soon()
+            else:
+                self.transmit()
 
         # What sessions use of their connection (_session.StoqStreams, _doq.DoqStreams).
         def send_stream_data(self, stream_id: int, data: bytes, end_stream: bool) -> None:
@@ -434,6 +453,7 @@ def _protocol_class(engine: Engine) -> type:
             self.peer = Peer(address=self.peer.address, port=self.peer.port, alpn=self.peer.alpn,
                              certificate=engine.peer_certificate_der(self._quic))
             self.session = factory(self)
+            self._coalescing = self.peer.alpn in self.server._coalescing
 
     _PROTOCOL_CLASSES[engine.name] = ServerProtocol
     return ServerProtocol

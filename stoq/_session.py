@@ -117,7 +117,7 @@ class StoqSession:
     def stream_data(self, stream_id: int, data: bytes, end_stream: bool) -> None:
         conn = self._conn
         events = conn.receive_data(stream_id, data, end_stream, self._streams.now())
-        if self._timer is None and conn.open_streams:
+        if self._timer is None and conn.unfinished:
             self._arm_timer()
         for event in events:
             if type(event) is RequestReceived:

@@ -233,6 +233,22 @@ def test_buffered_bytes_are_bounded() -> None:
            "more than 1000 bytes")
 
 
+def test_a_query_in_one_piece_is_held_to_the_same_rules_as_one_in_pieces() -> None:
+    # A whole query and its FIN in one piece skips the stream buffer: it must still
+    # count against max_buffered while other queries are unfinished, and give the
+    # same event as the same bytes delivered in two pieces.
+    wire = framed(query())
+    conn = DoqConnection(max_buffered=len(wire) + 2)
+    assert conn.receive_data(0, wire[:5], False, 0.0) == []
+    broken(conn.receive_data(4, wire, True, 0.0), DOQ_EXCESSIVE_LOAD, "unfinished queries")
+    whole, pieces = DoqConnection(), DoqConnection()
+    assert pieces.receive_data(0, wire[:5], False, 0.0) == []
+    assert whole.receive_data(0, wire, True, 0.0) == pieces.receive_data(0, wire[5:], True, 0.0)
+    assert whole.is_answering(0) and whole.get_timer() is None and whole.buffered == 0
+    broken(DoqConnection().receive_data(0, framed(query(msg_id=7)), True, 0.0),
+           DOQ_PROTOCOL_ERROR, "Message ID")
+
+
 def test_answered_streams_free_their_buffer() -> None:
     conn = DoqConnection(max_buffered=600)
     for i in range(20):
