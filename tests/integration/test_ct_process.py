@@ -4,12 +4,8 @@ tree head handed out before the kill."""
 
 from __future__ import annotations
 
-import asyncio
-import os
-import signal
 import time
 from pathlib import Path
-from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 
@@ -18,6 +14,7 @@ from protocol import ct_merkle as merkle
 from protocol import ct_structs as ct
 
 from ..ca_fixtures import make_ca
+from ..ct_load import add_chains_until_killed
 from ..helpers import start_server_process
 
 
@@ -28,37 +25,8 @@ async def test_sigkill_loses_no_acknowledged_entry(tmp_path: Path) -> None:
     extra = f'[ct]\nextra_roots = ["{root}"]\n'
     leaves = [ca.leaf(f"k{i}.trust") for i in range(3500)]
     server = start_server_process(tmp_path, "qh3", extra)
-    acknowledged: list[tuple[bytes, dict[str, Any]]] = []
-    heads: list[dict[str, Any]] = []
     try:
-        client = await stoq.connect("::1", server.port, pin=server.pin, timeout=5)
-        key = (await stoq.ShardKeys.fetch(client)).keys[0]
-        queue = iter(leaves)
-
-        async def submitter() -> None:
-            for der in queue:
-                try:
-                    sct = await client.request("ct.add-chain", {"chain": [der, ca.der]})
-                except Exception:
-                    return
-                acknowledged.append((der, sct))
-
-        async def watcher() -> None:
-            while True:
-                try:
-                    sth = await client.request("ct.get-sth")
-                except Exception:
-                    return
-                stoq.verify_sth(sth, key)
-                heads.append(sth)
-                await asyncio.sleep(0.05)
-
-        tasks = [asyncio.ensure_future(submitter()) for _ in range(32)]
-        tasks.append(asyncio.ensure_future(watcher()))
-        await asyncio.sleep(1.5)
-        os.kill(server.proc.pid, signal.SIGKILL)  # mid-batch, no warning
-        await asyncio.wait(tasks, timeout=20)
-        await client.close()
+        acknowledged, heads = await add_chains_until_killed(server, leaves, ca.der, 1.5)
     finally:
         server.stop()
     assert len(acknowledged) > 200, len(acknowledged)
