@@ -34,6 +34,7 @@ checkpoint object ever names a tree whose tiles are not all in the store.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import threading
@@ -158,6 +159,9 @@ class TileLog:
         self._edge_data: list[bytes] = []
         self._edge_names: list[list[Any]] = []
         self._pending: dict[str, bytes] = {}
+        self._fetched: dict[str, bytes | None] = {}
+        """Tiles read ahead from a remote store for the computation under way
+        (:meth:`reading`)."""
         self._cache: collections.OrderedDict[tuple[int, int], list[list[bytes]]] = \
             collections.OrderedDict()
         self._data_cache: collections.OrderedDict[int, tuple[list[bytes], list[Any]]] = \
@@ -187,6 +191,8 @@ class TileLog:
         pending = self._pending.get(path)
         if pending is not None:
             return pending
+        if path in self._fetched:
+            return self._fetched[path]
         try:
             return self.objects.get(path)
         except ObjectStoreError as exc:
@@ -335,6 +341,96 @@ class TileLog:
             out += zip(items, names, strict=True)
             pos = stop
         return out
+
+    # --- reading ahead from a remote store --------------------------------------------------
+    #
+    # Reads are synchronous and run on the event loop, which is right for local files
+    # (the page cache) but not for a bucket. So a caller first asks which tiles a
+    # computation will read (the proof's shape depends on its sizes, not on the hashes),
+    # fetches the ones not in memory on a worker thread, then computes on the loop with
+    # those bytes at hand; they are authenticated as they are used, as any read is.
+
+    @property
+    def remote(self) -> bool:
+        """Whether the tiles are in a remote store (worth reading ahead off the loop)."""
+        return self.staging is None
+
+    def _tiles_of_block(self, height: int, index: int, out: set[tuple[int, int]]) -> None:
+        """The full hash tiles :meth:`block` reads for ``(height, index)`` (the tile and
+        the tiles above it that authenticate it, up to the in-memory edge)."""
+        level, sub = divmod(height, TILE_BITS)
+        tile = (index << sub) // WIDTH
+        if level > MAX_LEVEL or tile == self._next_size >> (TILE_BITS * (level + 1)):
+            return
+        out.add((level, tile))
+        if level < MAX_LEVEL:
+            self._tiles_of_block(TILE_BITS * (level + 1), tile, out)
+
+    def _hash_tile_paths(self, tiles: set[tuple[int, int]]) -> list[str]:
+        with self._lock:
+            return [tile_path(level, tile) for level, tile in sorted(tiles)
+                    if (level, tile) not in self._cache]
+
+    def paths_for_proof(self, kind: str, first: int, second: int) -> list[str]:
+        """The uncached tiles an ``"inclusion"`` proof of leaf ``first`` in the tree of
+        ``second`` leaves, or a ``"consistency"`` proof from ``first`` to ``second``,
+        will read."""
+        tiles: set[tuple[int, int]] = set()
+
+        def block(height: int, index: int) -> bytes:
+            self._tiles_of_block(height, index, tiles)
+            return bytes(HASH_SIZE)
+
+        def mth(start: int, end: int) -> bytes:
+            return subtree_hash(start, end, block)
+
+        if kind == "inclusion":
+            inclusion_proof(first, second, mth)
+        else:
+            consistency_proof(first, second, mth)
+        return self._hash_tile_paths(tiles)
+
+    def paths_for_entries(self, start: int, end: int) -> list[str]:
+        """The uncached tiles :meth:`entries` of ``[start, end)`` will read."""
+        tiles: set[tuple[int, int]] = set()
+        paths: list[str] = []
+        edge = self._next_size >> TILE_BITS
+        for tile in range(start // WIDTH, (end - 1) // WIDTH + 1 if end > start else 0):
+            with self._lock:
+                cached = tile in self._data_cache
+            if tile == edge or cached:
+                continue
+            paths += [tile_path("data", tile), tile_path("names", tile)]
+            tiles.add((0, tile))  # its leaf hashes, authenticated by the tiles above
+            self._tiles_of_block(TILE_BITS, tile, tiles)
+        return paths + self._hash_tile_paths(tiles)
+
+    async def fetch(self, paths: Sequence[str]) -> dict[str, bytes | None]:
+        """The objects ``paths`` names that are not being written, read on a worker
+        thread; nothing for a local directory (its reads are cheap where they are).
+
+        :raises TileError: the store cannot be read.
+        """
+        wanted = [p for p in paths if p not in self._pending]
+        if not self.remote or not wanted:
+            return {}
+        loop = asyncio.get_running_loop()
+
+        def read() -> dict[str, bytes | None]:
+            with _translated("cannot read tiles"):
+                return {path: self.objects.get(path) for path in wanted}
+
+        return await loop.run_in_executor(None, read)
+
+    @contextlib.contextmanager
+    def reading(self, fetched: dict[str, bytes | None]) -> Iterator[None]:
+        """Compute with ``fetched`` (from :meth:`fetch`) at hand. Use it without awaiting
+        inside, so that no other computation sees these bytes."""
+        self._fetched = fetched
+        try:
+            yield
+        finally:
+            self._fetched = {}
 
     # --- appending ----------------------------------------------------------------------
 

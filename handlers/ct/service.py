@@ -4,18 +4,28 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import Any, Protocol
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Protocol, TypeVar
 
 from protocol import Event, InvalidRequest, NotFound, Unavailable, error_from_wire
 from protocol.ct_structs import TileLeaf, extra_data, tile_leaf_header
 from protocol.decisions import Decision, LogChain
 from protocol.ops import ct as ops
-from store import TileCorrupted
+from store import ObjectStoreUnavailable, TileCorrupted
 
 from .._router import RequestContext, Router
 from ._log import CtLog, LiveBatch, Logged, Shard, Submitted, chain_entry_hash
 from ._submitted import ChainValidator
+
+
+class _ShardArgs(Protocol):
+    """Arguments of an op that reads one shard's tiles."""
+
+    @property
+    def shard(self) -> int | None: ...
+
+
+A = TypeVar("A", bound=_ShardArgs)
 
 EVENT_ENTRIES = 256
 """Most entries in one ``entries`` event."""
@@ -323,14 +333,62 @@ class CtService:
             out.append(entry)
         return out
 
+    # --- tiles in a bucket: read what a proof needs off the event loop first -------------
+
+    def _read_ahead(self, handler: Callable[[A, RequestContext], dict[str, Any]],
+                    plan: Callable[[Shard, A], list[str]]
+                    ) -> Callable[[A, RequestContext], Awaitable[dict[str, Any]]]:
+        """``handler`` served so that, when the tiles are in a remote store, the tiles
+        it will read (``plan``) are fetched on a worker thread before it runs on the
+        loop with them at hand. Local tiles are read where they are, as before."""
+        async def serve(args: A, ctx: RequestContext) -> dict[str, Any]:
+            shard = self.log.shard(args.shard)
+            if not shard.tiles.remote:
+                return handler(args, ctx)
+            try:
+                fetched = await shard.tiles.fetch(plan(shard, args))
+            except ObjectStoreUnavailable as exc:
+                raise Unavailable(f"the CT tiles' object store cannot be reached ({exc})",
+                                  retry_after=5) from None
+            with shard.tiles.reading(fetched):
+                return handler(args, ctx)
+        return serve
+
+    @staticmethod
+    def _consistency_tiles(shard: Shard, args: ops.GetSthConsistencyArgs) -> list[str]:
+        if not 0 < args.first < args.second <= shard.size:
+            return []  # the handler refuses it, or the proof is empty
+        return shard.tiles.paths_for_proof("consistency", args.first, args.second)
+
+    def _inclusion_tiles(self, shard: Shard, args: ops.GetProofByHashArgs) -> list[str]:
+        found = self.log.state.leaf_index(args.hash) if len(args.hash) == 32 else None
+        if found is None or found[0] != shard.number or \
+                not found[1] < args.tree_size <= shard.size:
+            return []
+        return shard.tiles.paths_for_proof("inclusion", found[1], args.tree_size)
+
+    def _entries_tiles(self, shard: Shard, args: ops.GetEntriesArgs) -> list[str]:
+        end = min(args.end + 1, shard.size, args.start + self.max_get_entries)
+        return shard.tiles.paths_for_entries(args.start, end) if args.start < end else []
+
+    @staticmethod
+    def _entry_and_proof_tiles(shard: Shard, args: ops.GetEntryAndProofArgs) -> list[str]:
+        if not args.leaf_index < args.tree_size <= shard.size:
+            return []
+        return (shard.tiles.paths_for_entries(args.leaf_index, args.leaf_index + 1)
+                + shard.tiles.paths_for_proof("inclusion", args.leaf_index, args.tree_size))
+
     def register(self, router: Router) -> None:
         router.add(ops.ADD_CHAIN, self.add_chain)
         router.add(ops.ADD_PRE_CHAIN, self.add_pre_chain)
         router.add(ops.GET_ROOTS, self.get_roots)
         router.add(ops.GET_STH, self.get_sth)
-        router.add(ops.GET_STH_CONSISTENCY, self.get_sth_consistency)
-        router.add(ops.GET_PROOF_BY_HASH, self.get_proof_by_hash)
-        router.add(ops.GET_ENTRIES, self.get_entries)
-        router.add(ops.GET_ENTRY_AND_PROOF, self.get_entry_and_proof)
+        router.add(ops.GET_STH_CONSISTENCY,
+                   self._read_ahead(self.get_sth_consistency, self._consistency_tiles))
+        router.add(ops.GET_PROOF_BY_HASH,
+                   self._read_ahead(self.get_proof_by_hash, self._inclusion_tiles))
+        router.add(ops.GET_ENTRIES, self._read_ahead(self.get_entries, self._entries_tiles))
+        router.add(ops.GET_ENTRY_AND_PROOF,
+                   self._read_ahead(self.get_entry_and_proof, self._entry_and_proof_tiles))
         router.add(ops.SHARDS, self.shards)
         router.add(ops.SUBSCRIBE, self.subscribe)

@@ -3,7 +3,9 @@ from tiles for any size, crash recovery from staged bundles, tampering detected.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import random
 import shutil
 from pathlib import Path
 
@@ -13,7 +15,7 @@ from hypothesis import strategies as st
 
 from protocol import ct_merkle as merkle
 from protocol import ct_structs as ct
-from store import Appended, Bundle, TileCorrupted, TileError, TileLog
+from store import Appended, Bundle, FilesystemObjects, TileCorrupted, TileError, TileLog
 
 SUNLIGHT = Path(__file__).resolve().parents[1] / "vectors" / \
     "sunlight-navigli2025h2" / "tile"
@@ -225,3 +227,56 @@ def test_check_reads_the_committed_staged_bundle_and_writes_nothing(tmp_path: Pa
     TileLog.in_directory(tmp_path).check(b.size, b.root)
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
     assert TileLog.in_directory(tmp_path).recover(b.size, b.root) == 1
+
+
+class CountingObjects(FilesystemObjects):
+    """A directory store that counts its reads: a stand-in for a bucket's round trips."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self.gets = 0
+
+    def get(self, key: str) -> bytes | None:
+        self.gets += 1
+        return super().get(key)
+
+
+def test_remote_reads_are_planned_and_fetched_ahead(
+        big: tuple[TileLog, list[bytes]]) -> None:
+    """With the tiles in a remote store, what a proof or a range of entries will read is
+    known beforehand and fetched off the loop (``fetch``); computing it then reads
+    nothing more from the store, and the answers are the same."""
+    local, hashes = big
+    objects = CountingObjects(Path(local.objects.location))
+    rng = random.Random(5)
+    for _ in range(30):
+        size = rng.randint(2, local.size)
+        index, first = rng.randrange(size), rng.randint(1, size - 1)
+        start = rng.randrange(local.size)
+        end = min(local.size, start + rng.randint(1, 600))
+        for kind in ("inclusion", "consistency", "entries"):
+            remote = TileLog(objects, name="0", staging=None)  # fresh: nothing cached
+            remote.recover(local.size, local.root)
+            assert remote.remote and not local.remote
+            if kind == "entries":
+                paths = remote.paths_for_entries(start, end)
+                expected: object = [item for item, _ in local.entries(start, end)]
+            else:
+                paths = remote.paths_for_proof(kind, index if kind == "inclusion" else first,
+                                               size)
+                expected = (local.inclusion_proof(index, size) if kind == "inclusion"
+                            else local.consistency_proof(first, size))
+            fetched = asyncio.run(remote.fetch(paths))
+            assert set(fetched) == set(paths)
+            objects.gets = 0
+            with remote.reading(fetched):
+                got: object = ([item for item, _ in remote.entries(start, end)]
+                               if kind == "entries" else
+                               remote.inclusion_proof(index, size) if kind == "inclusion"
+                               else remote.consistency_proof(first, size))
+            assert got == expected
+            assert objects.gets == 0, (kind, paths, objects.gets)
+    # a local store is read where it is: nothing to fetch ahead
+    assert asyncio.run(local.fetch(["tile/0/000"])) == {}
+    merkle.verify_inclusion(7, local.size, hashes[7], local.inclusion_proof(7, local.size),
+                            local.root)
