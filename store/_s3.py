@@ -304,12 +304,19 @@ class LockedBucket:
         check_key(key, self.location)
         return f"{self._prefix}/{key}" if self._prefix else key
 
-    def _call(self, what: str, operation: str, **params: Any) -> Any:
+    def _call(self, what: str, operation: str, absent: tuple[str, ...] = (), /,
+              **params: Any) -> Any:
+        """The client's ``operation`` on this bucket; None if S3 answers with one of the
+        ``absent`` error codes (no such key, version, configuration)."""
         import botocore.exceptions
 
         try:
             return getattr(self._client, operation)(Bucket=self._where.bucket, **params)
-        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+        except botocore.exceptions.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in absent:
+                return None
+            raise _botocore_error(exc, what) from exc
+        except botocore.exceptions.BotoCoreError as exc:
             raise _botocore_error(exc, what) from exc
 
     def check_lock(self) -> None:
@@ -318,19 +325,12 @@ class LockedBucket:
         :raises ObjectStoreError: one line naming the bucket and what is wrong.
         """
         what = f"Object Lock of {self.location}"
-        import botocore.exceptions
-
-        try:
-            answer = self._client.get_object_lock_configuration(Bucket=self._where.bucket)
-        except botocore.exceptions.ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code", "")
-            if code == "ObjectLockConfigurationNotFoundError":
-                raise ObjectStoreError(
-                    f"{what}: the bucket does not have Object Lock enabled (create it "
-                    f"with Object Lock; it cannot be turned on later on this server)") from exc
-            raise _botocore_error(exc, what) from exc
-        except botocore.exceptions.BotoCoreError as exc:
-            raise _botocore_error(exc, what) from exc
+        answer = self._call(what, "get_object_lock_configuration",
+                            ("ObjectLockConfigurationNotFoundError",))
+        if answer is None:
+            raise ObjectStoreError(
+                f"{what}: the bucket does not have Object Lock enabled (create it "
+                f"with Object Lock; it cannot be turned on later on this server)")
         enabled = answer.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled")
         if enabled != "Enabled":
             raise ObjectStoreError(f"{what}: the bucket does not have Object Lock enabled")
@@ -347,16 +347,17 @@ class LockedBucket:
 
     def get(self, key: str) -> bytes | None:
         """The current version's bytes, or None if there is none."""
+        return self._get(key, f"get s3://{self._where.bucket}/{self._key(key)}")
+
+    def _get(self, key: str, what: str, **version: str) -> bytes | None:
         import botocore.exceptions
 
-        what = f"get s3://{self._where.bucket}/{self._key(key)}"
+        answer = self._call(what, "get_object", ("NoSuchKey", "NoSuchVersion"),
+                            Key=self._key(key), **version)
+        if answer is None:
+            return None
         try:
-            answer = self._client.get_object(Bucket=self._where.bucket, Key=self._key(key))
             return bytes(answer["Body"].read())
-        except botocore.exceptions.ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") == "NoSuchKey":
-                return None
-            raise _botocore_error(exc, what) from exc
         except botocore.exceptions.BotoCoreError as exc:
             raise _botocore_error(exc, what) from exc
 
@@ -386,19 +387,8 @@ class LockedBucket:
     def get_version(self, key: str, version_id: str) -> bytes | None:
         """The bytes of one version of ``key`` (from :meth:`versions`); None if it is
         gone."""
-        import botocore.exceptions
-
-        what = f"get s3://{self._where.bucket}/{self._key(key)} version {version_id}"
-        try:
-            answer = self._client.get_object(Bucket=self._where.bucket, Key=self._key(key),
-                                             VersionId=version_id)
-            return bytes(answer["Body"].read())
-        except botocore.exceptions.ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "NoSuchVersion"):
-                return None
-            raise _botocore_error(exc, what) from exc
-        except botocore.exceptions.BotoCoreError as exc:
-            raise _botocore_error(exc, what) from exc
+        return self._get(key, f"get s3://{self._where.bucket}/{self._key(key)} version "
+                              f"{version_id}", VersionId=version_id)
 
     def list(self, prefix: str = "") -> list[str]:
         """The keys (relative to this bucket's prefix) that start with ``prefix``, sorted."""
