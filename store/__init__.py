@@ -13,6 +13,8 @@ from ._errors import (
     DataDirectoryInUse,
     FileStoreError,
     KeyStoreError,
+    ObjectStoreError,
+    ObjectStoreUnavailable,
     StateError,
     StoreError,
     TileCorrupted,
@@ -21,12 +23,7 @@ from ._errors import (
 from ._files import fsync_directory, write_atomic
 from ._keystore import open_keystore
 from ._layout import AdminCredential, DataDirectory, DurableFile, JsonFile, TileDirectory
-from ._objects import (
-    FilesystemObjects,
-    ObjectStore,
-    ObjectStoreError,
-    ObjectStoreUnavailable,
-)
+from ._objects import FilesystemObjects, ObjectStore
 from ._pkcs11 import Pkcs11KeyStore
 from ._s3 import (
     AwsCredentials,

@@ -38,9 +38,8 @@ from ._audit import (
     _spki,
     _verify_lines,
 )
-from ._errors import AuditError
+from ._errors import AuditError, ObjectStoreError
 from ._files import write_atomic
-from ._objects import ObjectStoreError
 from ._s3 import ObjectVersion
 
 log = logging.getLogger("trustchain.audit")

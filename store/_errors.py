@@ -55,6 +55,15 @@ class KeyStoreError(StoreError):
     """Any keystore failure; the message says what and where, never the PIN."""
 
 
+class ObjectStoreError(StoreError):
+    """An object could not be read or written; the message names the store and key."""
+
+
+class ObjectStoreUnavailable(ObjectStoreError):
+    """The store cannot be reached right now (refused, timeout, 5xx, throttled): the
+    caller pauses and retries."""
+
+
 class StateError(StoreError):
     """The replicated state cannot be read or written, or a block does not follow it."""
 

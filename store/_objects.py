@@ -15,17 +15,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
 
-from ._errors import StoreError
+from ._errors import ObjectStoreError
 from ._files import fsync_directory, write_file
-
-
-class ObjectStoreError(StoreError):
-    """An object could not be read or written; the message names the store and key."""
-
-
-class ObjectStoreUnavailable(ObjectStoreError):
-    """The store cannot be reached right now (refused, timeout, 5xx, throttled): the
-    caller pauses and retries."""
 
 
 class ObjectStore(Protocol):

@@ -25,7 +25,8 @@ import obstore
 import obstore.exceptions
 from obstore.store import S3Store
 
-from ._objects import ObjectStoreError, ObjectStoreUnavailable, check_key, join_prefix
+from ._errors import ObjectStoreError, ObjectStoreUnavailable
+from ._objects import check_key, join_prefix
 
 CONCURRENCY = 16
 """Requests put_many keeps in flight."""

@@ -60,9 +60,9 @@ from protocol.ct_structs import (
     timestamped_entry_of_tile_leaf,
 )
 
-from ._errors import TileCorrupted, TileError
+from ._errors import ObjectStoreError, ObjectStoreUnavailable, TileCorrupted, TileError
 from ._files import fsync_directory, write_file
-from ._objects import FilesystemObjects, ObjectStore, ObjectStoreError, ObjectStoreUnavailable
+from ._objects import FilesystemObjects, ObjectStore
 
 
 @contextlib.contextmanager

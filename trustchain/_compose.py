@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -189,9 +189,16 @@ def ct_objects(cfg: Config) -> S3Objects | None:
     storage = cfg.ct.storage
     if storage.backend != "s3":
         return None
-    return S3Objects(S3Location(bucket=storage.bucket, region=storage.region or "us-east-1",
-                                endpoint=storage.endpoint or None, prefix=storage.prefix,
-                                encryption=storage.encryption or None))
+    return S3Objects(_s3_location(storage.bucket, storage.region, storage.endpoint,
+                                  storage.prefix, storage.encryption))
+
+
+def _s3_location(bucket: str, region: str, endpoint: str, prefix: str,
+                 encryption: Literal["", "AES256", "aws:kms"] = "") -> S3Location:
+    """Where a ``[*.storage]`` table points; an empty region is AWS's default one."""
+    return S3Location(bucket=bucket, region=region or "us-east-1",
+                      endpoint=endpoint or None, prefix=prefix,
+                      encryption=encryption or None)
 
 
 def audit_bucket(cfg: Config) -> LockedBucket | None:
@@ -208,8 +215,7 @@ def audit_bucket(cfg: Config) -> LockedBucket | None:
 def locked_bucket(storage: AuditStorageConfig) -> LockedBucket:
     """The bucket ``storage`` names (``trustchain audit verify --from-s3`` reads it
     whatever the backend)."""
-    where = S3Location(storage.bucket, storage.region or "us-east-1", storage.endpoint or None,
-                       storage.prefix)
+    where = _s3_location(storage.bucket, storage.region, storage.endpoint, storage.prefix)
     return LockedBucket(where, mode="GOVERNANCE" if storage.mode == "governance"
                         else "COMPLIANCE")
 
@@ -582,7 +588,7 @@ async def _replicated(cfg: Config, data: DataDirectory, exits: contextlib.AsyncE
     state = data.state()
     exits.callback(state.close)
     tiles = data.ct_tiles()
-    await asyncio.get_running_loop().run_in_executor(None, tiles.objects.check)
+    await asyncio.to_thread(tiles.objects.check)
     watchers = FingerprintWatchers()
     ct_log = CtLog(tiles=tiles, state=state, keystore=base.keystore,
                    origin=cfg.ct.log_id, max_entries_per_shard=cfg.ct.max_entries_per_shard,

@@ -1,6 +1,7 @@
 """The Certificate Transparency log: chains, block-driven appends, tiles, proofs, subscriptions."""
 
 from ._log import (
+    UNREACHABLE_RETRY_AFTER,
     CtBatch,
     CtLog,
     Entry,
@@ -16,6 +17,7 @@ from ._submitted import ChainValidator, CheckedChain, leaf_names
 from .service import CtService
 
 __all__ = [
+    "UNREACHABLE_RETRY_AFTER",
     "ChainValidator",
     "CheckedChain",
     "CtBatch",

@@ -73,6 +73,8 @@ SIGNED_CACHE = 4096
 RETRY_FIRST = 0.1
 RETRY_MAX = 2.0
 """Back-off (seconds) between attempts to write tiles to an unreachable object store."""
+UNREACHABLE_RETRY_AFTER = 5.0
+"""Seconds a client is asked to wait while the tiles' object store cannot be reached."""
 """SCT signatures kept in memory until the state holds them (one SCT per entry)."""
 
 

@@ -14,7 +14,15 @@ from protocol.ops import ct as ops
 from store import ObjectStoreUnavailable, TileCorrupted
 
 from .._router import RequestContext, Router
-from ._log import CtLog, LiveBatch, Logged, Shard, Submitted, chain_entry_hash
+from ._log import (
+    UNREACHABLE_RETRY_AFTER,
+    CtLog,
+    LiveBatch,
+    Logged,
+    Shard,
+    Submitted,
+    chain_entry_hash,
+)
 from ._submitted import ChainValidator
 
 
@@ -349,7 +357,7 @@ class CtService:
                 fetched = await shard.tiles.fetch(plan(shard, args))
             except ObjectStoreUnavailable as exc:
                 raise Unavailable(f"the CT tiles' object store cannot be reached ({exc})",
-                                  retry_after=5) from None
+                                  retry_after=UNREACHABLE_RETRY_AFTER) from None
             with shard.tiles.reading(fetched):
                 return handler(args, ctx)
         return serve

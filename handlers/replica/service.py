@@ -39,6 +39,7 @@ from .._router import RequestContext, Router
 from .._tasks import cancel_and_wait
 from ..ca._profile import ProfileError, check_certificate
 from ..consensus import ConsensusChain, seal
+from ..ct import UNREACHABLE_RETRY_AFTER
 from ._machine import (
     PRECERTIFICATE_NOT_EVIDENCE,
     CaStateMachine,
@@ -48,8 +49,6 @@ from ._machine import (
 
 log = logging.getLogger("trustchain.replica")
 
-PAUSED_RETRY_AFTER = 5.0
-"""Seconds a client is asked to wait while this validator's storage is unreachable."""
 
 
 def raise_refused(outcome: Outcome) -> None:
@@ -90,7 +89,7 @@ class DecisionLog:
         paused = self.machine.paused()
         if paused is not None:
             raise Unavailable(f"this validator cannot take new operations now: {paused}; "
-                              "try again shortly", retry_after=PAUSED_RETRY_AFTER)
+                              "try again shortly", retry_after=UNREACHABLE_RETRY_AFTER)
         committed = await self.chain.submit(seal(decision.body(), self.entry, self.sign),
                                             checked=checked, timeout=self.timeout)
         outcome = committed.outcome
