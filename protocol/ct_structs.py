@@ -19,6 +19,7 @@ length prefixes of 1, 2 or 3 bytes as each field declares.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import struct
 from dataclasses import dataclass
@@ -524,7 +525,10 @@ def log_id_of(public_key: Any) -> bytes:
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)).digest()
 
 
+@functools.lru_cache(maxsize=64)
 def issuer_key_hash(issuer: x509.Certificate) -> bytes:
+    """SHA-256 of the issuer's DER SubjectPublicKeyInfo (a precertificate entry's
+    ``issuer_key_hash``); kept per issuer, which every precertificate repeats."""
     return hashlib.sha256(issuer.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)).digest()
 

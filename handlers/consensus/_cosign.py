@@ -54,10 +54,16 @@ def checkpoint_body(note: str) -> str:
     return note[:note.index("\n\n") + 1]
 
 
+_CHECKPOINT_KIND = b"\x6acheckpoint"
+"""The CBOR text string ``"checkpoint"``: every checkpoint body holds it as its kind."""
+
+
 def checkpoint_decisions(block: Block) -> list[tuple[int, dict[str, Any]]]:
     """``(index, body)`` of every checkpoint decision in ``block``."""
     found = []
     for index, decision in enumerate(block.decisions):
+        if _CHECKPOINT_KIND not in decision:  # the body's bytes sit verbatim in the decision
+            continue
         try:
             body = decode_item(decode_item(decision)["body"])
         except Exception:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import hashlib
 import logging
 import time
@@ -57,7 +58,6 @@ from protocol.decisions import (
     SignedCertificate,
     StakeCredit,
     ValidatorKeys,
-    parse,
 )
 from protocol.ops import dns as dns_ops
 from protocol.ops.consensus import key_id, parse_proofs, work_hash, work_prefix
@@ -83,11 +83,11 @@ from ..ca import (
 from ..ca._policy import CheckedRequest, check_ownership, is_address
 from ..ca._profile import ProfileError, check_certificate, check_precertificate
 from ..consensus import Executed, SealError
-from ..consensus._sealed import unseal
 from ..consensus.bft import Block
 from ..ct import ChainValidator, CheckedChain, CtLog, Logged
 from ..ct._log import Entry
 from ._directory import Announced, Intermediate, ValidatorDirectory, parse_announced
+from ._read import MalformedDecision, read_sealed
 
 log = logging.getLogger("trustchain.replica")
 
@@ -276,15 +276,16 @@ class CaStateMachine:
                                         rows_hash=rows, state_hash=b""))
         outcomes: list[Outcome] = []
         for index, raw in enumerate(block.decisions):
-            sealed = None
+            entry = None
             try:
-                sealed = unseal(raw)
-                decision = parse(sealed.body)
-                outcome = self._apply(run, index, decision, sealed.entry)
+                entry, decision = read_sealed(raw)
+                outcome = self._apply(run, index, decision, entry)
             except (SealError, DecisionError) as exc:  # checked before commit: not expected
                 outcome = refused("invalid_request", f"the decision is malformed: {exc}")
-            if not outcome.accepted and sealed is not None:
-                self.refusals[sealed.entry] = self.refusals.get(sealed.entry, 0) + 1
+                if isinstance(exc, MalformedDecision):
+                    entry = exc.entry
+            if not outcome.accepted and entry is not None:
+                self.refusals[entry] = self.refusals.get(entry, 0) + 1
             outcomes.append(outcome)
         self._forget_old_work(run)
         batch = self.ct.append(run.entries, run.time_ms, run.changes, run.rows)
@@ -531,8 +532,7 @@ class CaStateMachine:
             if shard != record.ct_shard:
                 continue
             try:
-                entry = verify_embedded_sct(cert, issuer, sct,
-                                            serialization.load_der_public_key(spki))
+                entry = verify_embedded_sct(cert, issuer, sct, _log_key(spki))
             except SignatureError:
                 return "an embedded SCT does not verify"
             if entry.extensions and record.ct_index is not None and sct.leaf_index != \
@@ -795,6 +795,12 @@ class CaStateMachine:
         for kind, data in run.audit:
             await self._audit(kind, data)
 
+
+
+@functools.lru_cache(maxsize=64)
+def _log_key(spki: bytes) -> Any:
+    """A validator log's public key, parsed once (every SCT check of its log needs it)."""
+    return serialization.load_der_public_key(spki)
 
 
 def check_fresh(at_ms: int, now_ms: int) -> str | None:

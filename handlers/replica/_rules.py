@@ -55,6 +55,7 @@ from ..consensus._sealed import open_sealed
 from ..consensus.bft import Block, Commit, ValidatorSet
 from ..ct import ChainValidator
 from ._machine import MAX_DECISION_AGE_MS, CaStateMachine
+from ._read import remember
 
 Verify = Callable[[Operation, bytes, Any], Awaitable[Any]]
 """``async (operation, request_digest, proofs)``: raises ``ProofInvalid``."""
@@ -109,7 +110,9 @@ class CaRules:
         except SealError as exc:
             return str(exc)
         try:
-            reason = await self._check(parse(sealed.body), sealed.entry)
+            parsed = parse(sealed.body)
+            remember(decision, sealed.entry, parsed)
+            reason = await self._check(parsed, sealed.entry)
         except DecisionError as exc:
             reason = str(exc)
         except ProofInvalid as exc:

@@ -25,6 +25,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 import stoq
 from handlers.ca import (
@@ -54,6 +55,7 @@ from handlers.replica import (
     StakeCredit,
     ValidatorKeys,
 )
+from handlers.replica._read import MalformedDecision, read_sealed, remember
 from protocol.decisions import Decision, parse
 from protocol.ops import dns as dns_ops
 from protocol.ops.consensus import Operation
@@ -798,3 +800,19 @@ async def test_a_malformed_decision_is_refused_and_counted(cluster: Cluster) -> 
     assert "malformed" in outcome.message
     assert_same_state(cluster)
     assert all(r.machine.refusals == {cluster.entry: 1} for r in cluster.replicas)
+
+
+def test_a_decision_checked_before_the_vote_is_not_read_again_when_executed() -> None:
+    key = Ed25519PrivateKey.generate()
+    body = {"kind": "certificate", "serial": "0a", "certificate": b"x", "at_ms": 1}
+    raw = seal(body, "v1", key.sign)
+    checked = parse(unseal(raw).body)
+    remember(raw, "v1", checked)
+    entry, decision = read_sealed(raw)
+    assert entry == "v1" and decision is checked  # the checked reading itself
+    entry, again = read_sealed(raw)  # taken once: a second reading parses afresh
+    assert entry == "v1" and again == checked and again is not checked
+    bad = seal({"kind": "issue", "at_ms": 1}, "v2", key.sign)
+    with pytest.raises(MalformedDecision) as caught:
+        read_sealed(bad)
+    assert caught.value.entry == "v2"
