@@ -28,12 +28,21 @@ from protocol import ConsensusRejected, Timeout, decode_item, encode_determinist
 from protocol.loglimit import LogLimiter
 from store import ChainStore, StoredBlock, StoredEvidence
 
+from ._compact import (
+    COMPACT_KIND,
+    WANT_KIND,
+    compact_proposal,
+    parse_want,
+    rebuild_proposal,
+    want_proposal,
+)
 from .bft import (
     BadMessage,
     Block,
     Commit,
     CommitMessage,
     DuplicateVoteEvidence,
+    Message,
     Proposal,
     SigningState,
     ValidatorSet,
@@ -69,6 +78,10 @@ SYNC_BATCH = 64
 ENVELOPE_ROOM = 4096
 """Bytes kept free in a frame for the request envelope and CBOR headers (at most a
 quarter of a small frame)."""
+
+
+MAX_KEPT_PROPOSALS = 16
+"""Our latest proposals, kept whole for a peer that could not rebuild one (``want-proposal``)."""
 
 
 def decision_digest(decision: bytes) -> bytes:
@@ -213,6 +226,9 @@ class ConsensusChain:
         self._audit = audit
         self.genesis_validators = validators
         self.mempool: OrderedDict[bytes, bytes] = OrderedDict()
+        self._proposed: OrderedDict[tuple[int, int], bytes] = OrderedDict()
+        self.proposals = {"rebuilt": 0, "wanted": 0, "served": 0}
+        """Compact proposals rebuilt from the mempool, asked for whole, sent whole."""
         self._verdicts: dict[bytes, str | None] = {}
         self._checking: dict[bytes, asyncio.Future[str | None]] = {}
         self._waiters: dict[bytes, list[asyncio.Future[Committed]]] = {}
@@ -428,11 +444,23 @@ class ConsensusChain:
             except Exception:
                 self._misbehaved(sender, "sent a message that is not CBOR")
                 continue
-            if isinstance(item, dict) and item.get("kind") == "decisions":
+            kind = item.get("kind") if isinstance(item, dict) else None
+            if kind == "decisions":
                 usable += await self._receive_decisions(item.get("items"), sender)
                 continue
             try:
-                message = decode_message(payload)
+                if kind == WANT_KIND:
+                    usable += self._serve_proposal(parse_want(item), sender)
+                    continue
+                if kind == COMPACT_KIND:
+                    rebuilt = rebuild_proposal(item, self.mempool.get)
+                    if not isinstance(rebuilt, Proposal):
+                        self._want(rebuilt, sender)
+                        continue
+                    self.proposals["rebuilt"] += 1
+                    message: Message = rebuilt
+                else:
+                    message = decode_message(payload)
             except BadMessage as exc:
                 self._misbehaved(sender, f"sent a malformed consensus message: {exc}")
                 continue
@@ -441,6 +469,23 @@ class ConsensusChain:
             self._inputs.put_nowait(("message", message, sender))
             usable += 1
         return usable
+
+    def _want(self, proposal: tuple[int, int], sender: str | None) -> None:
+        """Ask ``sender`` for the whole proposal it sent compact: a decision is missing."""
+        peer = self.peers.get(sender) if sender is not None else None
+        if peer is not None:
+            self.proposals["wanted"] += 1
+            self._enqueue(peer, want_proposal(*proposal))
+
+    def _serve_proposal(self, proposal: tuple[int, int], sender: str | None) -> int:
+        """Send ``sender`` the whole proposal it asked for, if it is one of ours still kept."""
+        whole = self._proposed.get(proposal)
+        peer = self.peers.get(sender) if sender is not None else None
+        if whole is None or peer is None:
+            return 0
+        self.proposals["served"] += 1
+        self._enqueue(peer, whole)
+        return 1
 
     async def _receive_decisions(self, items: Any, sender: str | None) -> int:
         if not isinstance(items, list) or not all(isinstance(d, bytes) for d in items):
@@ -591,7 +636,7 @@ class ConsensusChain:
             elif isinstance(effect, Broadcast):
                 if self.peers:
                     await self._flush_state()
-                    payload = encode_message(effect.message)
+                    payload = self._outgoing(effect.message)
                     isolated = self.isolated
                     for peer in self.peers.values():
                         if peer.id not in isolated:
@@ -600,7 +645,7 @@ class ConsensusChain:
                 target = self.peers.get(effect.validator)
                 if target is not None:
                     await self._flush_state()
-                    self._enqueue(target, encode_message(effect.message))
+                    self._enqueue(target, self._outgoing(effect.message))
             elif isinstance(effect, ScheduleTimeout):
                 self._schedule(effect.step, effect.height, effect.round, effect.delay)
             elif isinstance(effect, Diverged):
@@ -617,6 +662,20 @@ class ConsensusChain:
                 self._start_sync(effect.validator, effect.from_height)
         if self.peers:
             await self._flush_state()
+
+    def _outgoing(self, message: Message) -> bytes:
+        """``message`` as peers get it: a proposal names its decisions by digest (each
+        peer had them from the decision gossip); the whole one is kept for a peer that
+        asks (``want-proposal``)."""
+        if not isinstance(message, Proposal) or not message.block.decisions:
+            return encode_message(message)
+        key = (message.height, message.round)
+        if key not in self._proposed:
+            self._proposed[key] = encode_message(message)
+            while len(self._proposed) > MAX_KEPT_PROPOSALS:
+                self._proposed.popitem(last=False)
+        return compact_proposal(message, [decision_digest(d)
+                                          for d in message.block.decisions])
 
     def _schedule(self, step: Step, height: int, round: int, delay: float) -> None:
         loop = asyncio.get_running_loop()
@@ -827,6 +886,7 @@ class ConsensusChain:
                          for e in self.store.evidence()],
             "isolated": sorted(isolated),
             "mempool": len(self.mempool),
+            "proposals": dict(self.proposals),
             "misbehaviour": len(self.misbehaviour),
             "diverged": self.diverged,
         }

@@ -1,8 +1,11 @@
 """Every consensus message, as the core and the driver put it on the wire, matches
 the CDDL of spec/stoq.cddl (bft-proposal, bft-vote, bft-evidence, bft-decided,
-bft-commit, decision-batch), and decodes back to itself."""
+bft-commit, decision-batch, compact-proposal, want-proposal), and decodes back to
+itself."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import cbor2
 import pycddl
@@ -10,7 +13,15 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from handlers.consensus._compact import (
+    compact_proposal,
+    parse_want,
+    rebuild_proposal,
+    want_proposal,
+)
+from handlers.consensus._driver import decision_digest
 from handlers.consensus.bft import (
+    BadMessage,
     Block,
     Commit,
     CommitMessage,
@@ -82,3 +93,52 @@ def test_the_cddl_refuses_a_malformed_vote(keys: list[Ed25519PrivateKey]) -> Non
             "validator": "00" * 20, "signature": bytes(64)}
     with pytest.raises(Exception):  # noqa: B017 (pycddl raises its own error type)
         _schema("bft-vote").validate_cbor(cbor2.dumps(item))
+
+
+def test_a_compact_proposal_matches_the_cddl_and_rebuilds_the_signed_proposal(
+        keys: list[Ed25519PrivateKey]) -> None:
+    validators = _validators(keys)
+    proposer = validators.validators[0].id
+    decisions = (b"first" * 200, b"second" * 200, b"third" * 200)
+    block = Block(height=3, previous=bytes(32), time_ms=1_795_000_000_000, proposer=proposer,
+                  decisions=decisions)
+    proposal = Proposal(3, 1, block, -1, proposer).signed(CHAIN, keys[0].sign)
+    digests = [decision_digest(d) for d in decisions]
+    wire = compact_proposal(proposal, digests)
+    _schema("compact-proposal").validate_cbor(wire)
+    whole = encode_message(proposal)
+    assert len(wire) < len(whole) - sum(map(len, decisions)) + 3 * 40 + 64  # digests
+    mempool = {decision_digest(d): d for d in decisions}
+    rebuilt = rebuild_proposal(cbor2.loads(wire), mempool.get)
+    assert rebuilt == proposal and isinstance(rebuilt, Proposal)
+    assert rebuilt.verify(CHAIN, validators)  # the signature covers the rebuilt block
+    del mempool[digests[1]]
+    assert rebuild_proposal(cbor2.loads(wire), mempool.get) == (3, 1)  # ask for it whole
+    want = want_proposal(3, 1)
+    _schema("want-proposal").validate_cbor(want)
+    assert parse_want(cbor2.loads(want)) == (3, 1)
+    # A digest list that does not match the block rebuilds a block the signature refuses.
+    swapped = cbor2.loads(wire)
+    swapped["digests"] = [digests[1], digests[0], digests[2]]
+    mempool[digests[1]] = decisions[1]
+    wrong = rebuild_proposal(swapped, mempool.get)
+    assert isinstance(wrong, Proposal) and not wrong.verify(CHAIN, validators)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda m: m.update(digests=[b"short"]), "digests of 32 bytes"),
+    (lambda m: m["proposal"]["block"].update(decisions=[b"x"]), "must be empty"),
+    (lambda m: m["proposal"].update(height=True), "height and round"),
+    (lambda m: m.pop("proposal"), "proposal map"),
+])
+def test_a_malformed_compact_proposal_is_refused(keys: list[Ed25519PrivateKey], change: Any,
+                                                 message: str) -> None:
+    proposer = _validators(keys).validators[0].id
+    block = Block(height=1, previous=bytes(32), time_ms=1, proposer=proposer, decisions=(b"d",))
+    item = cbor2.loads(compact_proposal(Proposal(1, 0, block, -1, proposer).signed(
+        CHAIN, keys[0].sign), [decision_digest(b"d")]))
+    change(item)
+    with pytest.raises(BadMessage, match=message):
+        rebuild_proposal(item, {decision_digest(b"d"): b"d"}.get)
+    with pytest.raises(BadMessage, match="height and round"):
+        parse_want({"kind": "want-proposal", "height": 0, "round": 0})

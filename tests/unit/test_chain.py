@@ -4,9 +4,11 @@ a frame, the chain survives a restart, and a resubmitted decision is not committ
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 from pathlib import Path
 
+import cbor2
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
@@ -91,3 +93,83 @@ async def test_a_validator_alone_makes_no_empty_blocks(tmp_path: Path) -> None:
     finally:
         await chain.stop()
         chain.store.close()
+
+
+class InProcessLinks:
+    """Two validators in one process: a send is the other's ``receive``. Decision batches
+    to the validators in ``starved`` are lost, so proposals reach them compact with
+    decisions they never saw."""
+
+    def __init__(self, me: str, chains: dict[str, ConsensusChain], starved: set[str]) -> None:
+        self.me, self.chains, self.starved = me, chains, starved
+
+    async def send(self, validator: str, messages: list[bytes]) -> None:
+        if validator in self.starved:
+            messages = [m for m in messages if cbor2.loads(m).get("kind") != "decisions"]
+        await self.chains[validator].receive(messages, sender=self.me)
+
+    async def fetch_blocks(self, validator: str, start: int,
+                           limit: int) -> list[tuple[bytes, bytes]]:
+        return [(b.block, b.commit) for b in self.chains[validator].blocks(start, limit)]
+
+    def drop(self, validator: str) -> None:
+        raise AssertionError("nobody misbehaves here")
+
+
+PAIR_KEYS = [Ed25519PrivateKey.from_private_bytes(bytes([i + 7]) * 32) for i in range(2)]
+PAIR = ValidatorSet(tuple(Validator(k.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw))
+                          for k in PAIR_KEYS))
+PAIR_IDS = [Validator(k.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)).id
+            for k in PAIR_KEYS]
+
+
+async def _pair(tmp_path: Path, starved: set[str] | None = None) -> list[ConsensusChain]:
+    chains: dict[str, ConsensusChain] = {}
+    for key, me in zip(PAIR_KEYS, PAIR_IDS, strict=True):
+        (tmp_path / me[:8]).mkdir()
+        chains[me] = ConsensusChain(
+            chain_id="unit", validators=PAIR,
+            store=ChainStore(tmp_path / me[:8] / "chain.sqlite3"),
+            transport=InProcessLinks(me, chains, starved or set()), rules=OpenRules(), me=me,
+            sign=key.sign, timeouts=Timeouts(propose=0.3, prevote=0.2, precommit=0.2,
+                                             delta=0.1),
+            block_interval=60.0, gossip_interval=0.2)
+    for chain in chains.values():
+        await chain.start()
+    return [chains[i] for i in PAIR_IDS]
+
+
+async def test_proposals_travel_compact_and_are_rebuilt_from_the_mempool(
+        tmp_path: Path) -> None:
+    chains = await _pair(tmp_path)
+    try:
+        decisions = [os.urandom(500) for _ in range(6)]
+        committed = await asyncio.gather(*(chains[0].submit(d, timeout=20)
+                                           for d in decisions))
+    finally:
+        for chain in chains:
+            await chain.stop()
+    assert {c.block.decisions[c.index] for c in committed} == set(decisions)
+    counts = [chain.status()["proposals"] for chain in chains]
+    assert sum(c["rebuilt"] for c in counts) >= 1
+    assert sum(c["wanted"] for c in counts) == 0
+
+
+async def test_a_validator_that_missed_a_decision_asks_for_the_whole_proposal(
+        tmp_path: Path) -> None:
+    chains = await _pair(tmp_path, starved={PAIR_IDS[1]})
+    try:
+        decision = os.urandom(500)
+        committed = await chains[0].submit(decision, timeout=20)
+        for _ in range(100):  # the starved validator decides the same block
+            if chains[1].last_block is not None and chains[1].last_block.height >= \
+                    committed.block.height:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        for chain in chains:
+            await chain.stop()
+    assert committed.block.decisions[committed.index] == decision
+    assert chains[1].store.decision(hashlib.sha256(decision).digest()) is not None
+    assert chains[1].status()["proposals"]["wanted"] >= 1
+    assert chains[0].status()["proposals"]["served"] >= 1
