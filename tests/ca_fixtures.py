@@ -194,8 +194,8 @@ async def open_replica(directory: Path, *, root_der: bytes, clock: Callable[[], 
                        node_names: Mapping[str, frozenset[str]] | None = None,
                        genesis: Mapping[str, int] | None = None,
                        extra_roots: Sequence[bytes] = (),
-                       stores: tuple[DataDirectory, KeyStore, AuditLog] | None = None
-                       ) -> ReplicaForTests:
+                       stores: tuple[DataDirectory, KeyStore, AuditLog] | None = None,
+                       me: str | None = None) -> ReplicaForTests:
     """A :class:`CaStateMachine` as ``trustchain._compose`` builds one, opened (its state
     checked against its hash, ``genesis`` applied to an empty state).
 
@@ -203,6 +203,7 @@ async def open_replica(directory: Path, *, root_der: bytes, clock: Callable[[], 
     :param extra_roots: further roots the CT log accepts chains to.
     :param stores: the node's own data directory, keystore and audit log, if it has them
         already (else they are opened in ``directory``).
+    :param me: the validator this replica belongs to (it trusts its own signatures).
     """
     data, keystore, audit = stores if stores is not None else open_stores(directory, clock)
     state = data.state()
@@ -216,7 +217,7 @@ async def open_replica(directory: Path, *, root_der: bytes, clock: Callable[[], 
             node_names=node_names or {}, publishers=publishers or Publishers(),
             audit=audit.append_async, epoch_length=PARAMS.epoch_length, lifetime=LIFETIME,
             backdate=BACKDATE, minimum_stake=PARAMS.minimum_stake, development=True,
-            clock=clock)
+            me=me, clock=clock)
         await machine.open(genesis)
     except BaseException:  # a state that does not open: close what this opened
         await ct.stop()

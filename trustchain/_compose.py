@@ -676,7 +676,7 @@ async def _cluster(cfg: Config, data: DataDirectory, exits: contextlib.AsyncExit
         node_names=validator.node_names, publishers=publishing.published, audit=base.audit,
         epoch_length=params.epoch_length, lifetime=base.lifetime, backdate=cfg.ca.backdate,
         minimum_stake=params.minimum_stake, development=base.development,
-        directory=publishing.directory)
+        directory=publishing.directory, me=validator.own_id)
     await machine.open(dict(cfg.consensus.genesis))
     if machine.corrupt is not None:
         log.critical("%s; this validator will not vote (rebuild its state from the blocks)",

@@ -68,8 +68,10 @@ def _verify_issued(cert: x509.Certificate, issuer: x509.Certificate) -> None:
 
 def check_precertificate(precertificate: bytes, *, request: CheckedRequest,
                          issuer: x509.Certificate, at_ms: int, lifetime: float,
-                         backdate: float) -> x509.Certificate:
+                         backdate: float, verify: bool = True) -> x509.Certificate:
     """The precertificate, if it is exactly what ``request`` decided at ``at_ms`` allows.
+
+    :param verify: check the issuer's signature (False: the caller made it itself).
 
     :raises ProfileError: it is not (the message says what differs).
     """
@@ -87,14 +89,17 @@ def check_precertificate(precertificate: bytes, *, request: CheckedRequest,
     if cert.tbs_certificate_bytes != expected:
         raise ProfileError("the precertificate is not the one the request and the profile "
                            "make (names, key, validity or extensions differ)")
-    _verify_issued(cert, issuer)
+    if verify:
+        _verify_issued(cert, issuer)
     return cert
 
 
 def check_certificate(certificate: bytes, *, precertificate: bytes,
-                      issuer: x509.Certificate) -> x509.Certificate:
+                      issuer: x509.Certificate, verify: bool = True) -> x509.Certificate:
     """The final certificate, if it is the committed precertificate with an SCT list
     instead of the poison, signed by the issuer.
+
+    :param verify: check the issuer's signature (False: the caller made it itself).
 
     :raises ProfileError: it is not.
     """
@@ -112,5 +117,6 @@ def check_certificate(certificate: bytes, *, precertificate: bytes,
     if cert.tbs_precertificate_bytes != committed:
         raise ProfileError("the certificate is not the committed precertificate (with its "
                            "SCTs): serial, names, key, validity or extensions differ")
-    _verify_issued(cert, issuer)
+    if verify:
+        _verify_issued(cert, issuer)
     return cert

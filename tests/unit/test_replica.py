@@ -267,12 +267,12 @@ class Cluster:
         """Close replica ``index`` and open it again from its files (a restart)."""
         old = self.replicas[index]
         await old.close()
-        self.replicas[index] = await self._open(old.data.root)
+        self.replicas[index] = await self._open(old.data.root, old.machine.me)
         return self.replicas[index]
 
-    async def _open(self, directory: Path) -> ReplicaForTests:
+    async def _open(self, directory: Path, me: str | None = None) -> ReplicaForTests:
         return await open_replica(directory, root_der=self.hierarchy.root_der, clock=self.clock,
-                                  extra_roots=[self.foreign.root_der])
+                                  extra_roots=[self.foreign.root_der], me=me)
 
 
 @pytest.fixture
@@ -285,9 +285,10 @@ async def cluster(tmp_path: Path, prover: stoq.Prover) -> AsyncIterator[Cluster]
     stranger_data, stranger_keys, stranger_audit = open_stores(tmp_path / "stranger", clock)
     stranger = open_hierarchy(stranger_data, stranger_keys, stranger_audit, clock)
     assert stranger.issuer is not None
+    # A is the entry's own replica: it does not verify its own signatures again
     replicas = [await open_replica(tmp_path / "a", root_der=hierarchy.root_der, clock=clock,
                                    extra_roots=[foreign.root_der],
-                                   stores=(data, keystore, audit)),
+                                   stores=(data, keystore, audit), me=validator.id),
                 await open_replica(tmp_path / "b", root_der=hierarchy.root_der, clock=clock,
                                    extra_roots=[foreign.root_der])]
     cluster = Cluster(directory=tmp_path, clock=clock, prover=prover, hierarchy=hierarchy,
@@ -816,3 +817,31 @@ def test_a_decision_checked_before_the_vote_is_not_read_again_when_executed() ->
     with pytest.raises(MalformedDecision) as caught:
         read_sealed(bad)
     assert caught.value.entry == "v2"
+
+
+def _bad_signature(der: bytes) -> bytes:
+    """``der`` with the last byte of its signature changed: same TBS, no valid signature."""
+    return der[:-1] + bytes([der[-1] ^ 0x01])
+
+
+async def test_a_validator_trusts_only_the_signatures_it_made_and_sealed_itself(
+        cluster: Cluster) -> None:
+    request = await cluster.request("own.trust")
+    (outcome,) = await cluster.commit(request.decision)
+    honest = await cluster.certificate(request, outcome)
+    broken = SignedCertificate(serial=request.serial, at_ms=cluster.now_ms(),
+                               certificate=_bad_signature(honest.certificate))
+    # Sealed by another validator: A verifies its own signature like everyone.
+    other = Ed25519PrivateKey.generate()
+    executed = await cluster.run(cluster.block(seal(broken.body(), "another-validator",
+                                                    other.sign)))
+    assert not executed.outcomes[0].accepted
+    assert "not signed by the issuing intermediate" in executed.outcomes[0].message
+    assert_same_state(cluster)
+    # Sealed by A itself: A does not verify what it signed (B does), so a broken
+    # signature of its own would leave its state apart: the next block's state hash
+    # shows it.
+    block = cluster.block(broken)
+    own, other_replica = [await r.machine.execute(block) for r in cluster.replicas]
+    assert own.outcomes[0].accepted and not other_replica.outcomes[0].accepted
+    assert cluster.a.machine.state_hash != cluster.b.machine.state_hash
