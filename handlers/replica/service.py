@@ -46,6 +46,7 @@ from ._machine import (
     Outcome,
     is_precertificate,
 )
+from ._read import remember
 
 log = logging.getLogger("trustchain.replica")
 
@@ -90,8 +91,9 @@ class DecisionLog:
         if paused is not None:
             raise Unavailable(f"this validator cannot take new operations now: {paused}; "
                               "try again shortly", retry_after=UNREACHABLE_RETRY_AFTER)
-        committed = await self.chain.submit(seal(decision.body(), self.entry, self.sign),
-                                            checked=checked, timeout=self.timeout)
+        sealed = seal(decision.body(), self.entry, self.sign)
+        remember(sealed, self.entry, decision)  # executing it will not read it again
+        committed = await self.chain.submit(sealed, checked=checked, timeout=self.timeout)
         outcome = committed.outcome
         if not isinstance(outcome, Outcome):  # committed before a restart: no outcome kept
             raise ConsensusRejected("the decision was committed before this validator "
