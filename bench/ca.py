@@ -1,4 +1,4 @@
-"""Certificate issuance under load: ``python -m bench.ca [--quick] [--keystore K]``.
+"""Certificate issuance under load: ``python -m bench.ca [--quick] [--keystore K] [--part P]``.
 
 For each keystore (``software``: a development node with software keys;
 ``softhsm2``: a production node whose CA keys are in a SoftHSM2 token made for
@@ -22,6 +22,13 @@ synthetic proof set for the server's epoch (:func:`bench._node.synthetic_proofs`
 the size of a real one, fresh work). Loopback ``[::1]``
 only; every run is bounded in time and count; every server is stopped at the
 end, also on error or Ctrl-C.
+
+``--part leaf`` (or ``all``, after the rest) times, in this process, what one
+leaf certificate costs to make: the expected TBS a validator rebuilds to check a
+precertificate, and ``sign_leaf``, each the way it was made before
+(``CertificateBuilder``, a throwaway signature for the TBS) beside our DER
+(``handlers/ca/_leaf_der.py``), per issuer key (software P-256 and Ed25519;
+SoftHSM2 ones too when it is installed).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -834,6 +842,181 @@ def summary(all_figures: list[Figures]) -> str:
 
 # --- main ---------------------------------------------------------------------------------
 
+# --- part leaf: a leaf's TBS and signature, builder against our DER (in this process) ------
+
+LEAF_ROUNDS = 7
+LEAF_CALLS = 300
+"""Interleaved rounds (the median is reported) and leaves a round, per row."""
+
+
+@dataclass(frozen=True)
+class LeafIssuer:
+    """An issuing intermediate whose key is in a keystore, for the leaf part."""
+
+    label: str
+    certificate: Any
+    key: Any
+    """The key's ``private_key()``: software, or a token's object that signs in it."""
+
+
+def leaf_issuers(tmp: Path) -> list[LeafIssuer]:
+    """Software P-256 and Ed25519 issuers; SoftHSM2 ones too when it is installed."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from handlers.ca import _x509
+    from store import SoftwareKeyStore, open_keystore
+    root_key = ec.generate_private_key(ec.SECP256R1())
+    now = time.time()
+    root = _x509.build_root(root_key, root_key.public_key(), ca_id="bench", domains=(DOMAIN,),
+                            not_before=now - 300, not_after=now + 10 * 365 * 86400)
+
+    def issuer(label: str, signer: Any) -> LeafIssuer:
+        cert = _x509.build_intermediate(root_key, root, signer.public_key(), ca_id="bench",
+                                        number=1, domains=(DOMAIN,), not_before=now - 300,
+                                        not_after=now + 5 * 365 * 86400)
+        return LeafIssuer(label=label, certificate=cert, key=signer.private_key())
+
+    software = SoftwareKeyStore(tmp / "leaf-keys")
+    found = [issuer("software P-256", software.get_or_create("p256", "ecdsa-p256-sha256")),
+             issuer("software Ed25519", software.get_or_create("ed25519", "ed25519"))]
+    try:
+        env, label = make_softhsm_token(tmp / "leaf-softhsm2")
+    except RuntimeError as exc:
+        progress(f"SoftHSM2 rows skipped: {exc}")
+        return found
+    os.environ.update(env)  # before this process first loads the module
+    token = open_keystore(provider="softhsm2", data_dir=tmp, token_label=label,
+                          pin=env["TRUSTCHAIN_HSM_PIN"])
+    found += [issuer("SoftHSM2 P-256", token.get_or_create("p256", "ecdsa-p256-sha256")),
+              issuer("SoftHSM2 Ed25519", token.get_or_create("ed25519", "ed25519"))]
+    return found
+
+
+def leaf_inputs(first: int, count: int) -> list[dict[str, Any]]:
+    """``count`` leaves as ``ca.issue`` makes them: a P-256 key, a name and an address, a
+    serial and a precertificate poison each, and a validity of its own (leaf ``first + i``
+    starts ``first + i`` seconds ago, so no leaf reuses another's encoded validity)."""
+    import hashlib
+    import ipaddress
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from handlers.ca import CheckedRequest, _x509
+    inputs = []
+    start = int(time.time())
+    for i in range(first, first + count):
+        key = ec.generate_private_key(ec.SECP256R1()).public_key()
+        spki = key.public_bytes(serialization.Encoding.DER,
+                                serialization.PublicFormat.SubjectPublicKeyInfo)
+        request = CheckedRequest(public_key=key, spki_der=spki,
+                                 spki_sha256=hashlib.sha256(spki).hexdigest(),
+                                 dns_names=(name_of(i),),
+                                 ip_addresses=(ipaddress.IPv6Address(f"2001:db8::{i + 1:x}"),))
+        inputs.append({"request": request, "serial": _x509.new_serial(),
+                       "not_before": start - i, "not_after": start - i + 86400,
+                       "extensions": [_x509.precertificate_poison()]})
+    return inputs
+
+
+def builder_tbs(issuer: Any, leaf: dict[str, Any], throwaway: Any) -> bytes:
+    """The baseline: how the TBS was made before (the builder and a throwaway signature)."""
+    from handlers.ca import _x509
+    builder = _x509.leaf_builder(issuer, leaf["request"], serial=leaf["serial"],
+                                 not_before=leaf["not_before"], not_after=leaf["not_after"])
+    for extension in leaf["extensions"]:
+        builder = builder.add_extension(extension.value, critical=extension.critical)
+    tbs: bytes = _x509.sign(builder, throwaway).tbs_certificate_bytes
+    return tbs
+
+
+def builder_leaf(issuer: Any, leaf: dict[str, Any], key: Any) -> bytes:
+    """The baseline: how a leaf was signed before (``CertificateBuilder.sign``)."""
+    from cryptography.hazmat.primitives import serialization
+
+    from handlers.ca import _x509
+    builder = _x509.leaf_builder(issuer, leaf["request"], serial=leaf["serial"],
+                                 not_before=leaf["not_before"], not_after=leaf["not_after"])
+    for extension in leaf["extensions"]:
+        builder = builder.add_extension(extension.value, critical=extension.critical)
+    der: bytes = _x509.sign(builder, key).public_bytes(serialization.Encoding.DER)
+    return der
+
+
+def _leaf_cpu(work: Any, leaves: list[dict[str, Any]]) -> float:
+    """CPU seconds per leaf of ``work(leaf)`` over ``leaves``."""
+    started = time.process_time()
+    for leaf in leaves:
+        work(leaf)
+    return (time.process_time() - started) / len(leaves)
+
+
+def leaf_part(tmp: Path, rounds: int, calls: int) -> None:
+    """Print the leaf table: per issuer key, the expected TBS and ``sign_leaf``, each
+    beside the builder's way, medians of interleaved rounds."""
+    import statistics
+
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+    from handlers.ca import _x509
+    from handlers.ca._profile import expected_tbs
+    print(f"### A leaf's TBS and signature: builder (baseline) against our DER, CPU time a "
+          f"leaf, median of {rounds} interleaved rounds of {calls}\n")
+    print("| issuer key | step | builder (baseline) | ours | ratio |")
+    print("|---|---|---|---|---|")
+    leaf_numbers = itertools.count(0, calls)
+    for issuer in leaf_issuers(tmp):
+        cert = issuer.certificate
+        throwaway = (ed25519.Ed25519PrivateKey.generate()
+                     if isinstance(issuer.key, ed25519.Ed25519PrivateKey)
+                     else ec.generate_private_key(ec.SECP256R1()))
+        rows: list[tuple[str, Any, Any]] = [
+            ("sign_leaf (the issuer, twice an issuance)",
+             lambda leaf, c=cert, k=issuer.key: builder_leaf(c, leaf, k),
+             lambda leaf, c=cert, k=issuer.key: _x509.sign_leaf(
+                 c, leaf["request"], serial=leaf["serial"], not_before=leaf["not_before"],
+                 not_after=leaf["not_after"], extensions=leaf["extensions"], private_key=k))]
+        if issuer.label.startswith("software"):  # the TBS does not depend on where the key is
+            rows.insert(0, (
+                "expected TBS (every validator's precertificate check)",
+                lambda leaf, c=cert, t=throwaway: builder_tbs(c, leaf, t),
+                lambda leaf, c=cert: expected_tbs(
+                    leaf["request"], c, serial=leaf["serial"], not_before=leaf["not_before"],
+                    not_after=leaf["not_after"], extensions=leaf["extensions"])))
+        for step, base, ours in rows:
+            for leaf in leaf_inputs(next(leaf_numbers), 1):  # warm caches; the same bytes
+                if step.startswith("expected"):
+                    assert base(leaf) == ours(leaf), "the two TBSs differ"
+                else:
+                    base(leaf), ours(leaf)
+            base_times, our_times = [], []
+            for _ in range(rounds):  # fresh leaves for each: no cached validity is reused
+                base_times.append(_leaf_cpu(base, leaf_inputs(next(leaf_numbers), calls)))
+                our_times.append(_leaf_cpu(ours, leaf_inputs(next(leaf_numbers), calls)))
+            base_cpu, our_cpu = statistics.median(base_times), statistics.median(our_times)
+            print(f"| {issuer.label} | {step} | {base_cpu * 1e6:,.0f} µs | "
+                  f"{our_cpu * 1e6:,.0f} µs | {our_cpu / base_cpu:.2f} |", flush=True)
+    print()
+
+
+def leaf_sizes(quick: bool) -> tuple[int, int]:
+    """(rounds, leaves a round) of the leaf part."""
+    return (5, 100) if quick else (LEAF_ROUNDS, LEAF_CALLS)
+
+
+def leaf_main(*, quick: bool) -> int:
+    """``--part leaf`` alone: no server."""
+    started = time.monotonic()
+    print("## A leaf certificate's TBS and signature (no server)\n")
+    import cryptography
+    print("\n".join([*machine_lines([])[:2], f"- cryptography {cryptography.__version__}"])
+          + "\n", flush=True)
+    with tempfile.TemporaryDirectory(prefix="trustchain-bench-leaf-") as tmp_name:
+        leaf_part(Path(tmp_name), *leaf_sizes(quick))
+    print(f"total time {time.monotonic() - started:.0f} s", flush=True)
+    return 0
+
+
 def _terminate(signum: int, frame: FrameType | None) -> NoReturn:
     raise KeyboardInterrupt
 
@@ -861,7 +1044,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--signing-workers", type=int, default=0, metavar="N",
                         help="the server's ca.signing_workers: N processes sign the "
                              "certificates (default 0: on the event loop)")
+    parser.add_argument("--part", choices=("issue", "leaf", "all"), default="issue",
+                        help="issue: ca.issue on a server (default); leaf: a leaf's TBS and "
+                             "signature in this process, builder against our DER; all: both")
     args = parser.parse_args(args_list)
+    if args.part == "leaf":
+        return leaf_main(quick=args.quick)
     if not 0 <= args.signing_workers <= 64:
         parser.error("--signing-workers: between 0 and 64")
     keystores = list(KEYSTORES) if args.keystore == "both" else [args.keystore]
@@ -914,6 +1102,9 @@ def main(argv: list[str] | None = None) -> int:
     if len(all_figures) > 1:
         print("### summary\n")
         print(summary(all_figures) + "\n")
+    if args.part == "all":
+        with tempfile.TemporaryDirectory(prefix="trustchain-bench-leaf-") as tmp_name:
+            leaf_part(Path(tmp_name), *leaf_sizes(args.quick))
     print(f"total time {time.monotonic() - started:.0f} s", flush=True)
     return 0
 

@@ -5,7 +5,8 @@ in the decision: it fixes the serial number (128 random bits, top bit set),
 the validity (from the decision's time, back-dated, capped by the issuing
 intermediate) and everything else from the CSR and the profile of
 :func:`_x509.leaf_builder`. Every other validator rebuilds the expected TBS
-from the same inputs and compares bytes (:func:`check_precertificate`), so an
+from the same inputs (written directly, :func:`_x509.leaf_tbs`: no signature)
+and compares bytes (:func:`check_precertificate`), so an
 issuer can sign nothing the rules did not allow; the final certificate must
 then be the same TBS with the SCT list in place of the poison
 (:func:`check_certificate`).
@@ -13,12 +14,8 @@ then be the same TBS with the SCT list in place of the poison
 
 from __future__ import annotations
 
-import functools
-from typing import Any
-
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from protocol.ct_structs import SCT_LIST_OID, StructureError, precert_tbs
 
@@ -39,24 +36,13 @@ def validity(at_ms: int, *, lifetime: float, backdate: float,
             min(start + int(lifetime), int(issuer.not_valid_after_utc.timestamp())))
 
 
-@functools.cache
-def _dummy_key(kind: str) -> Any:
-    """A throwaway key of the issuer's kind: signing with it yields the same TBS bytes."""
-    if kind == "ed25519":
-        return ed25519.Ed25519PrivateKey.generate()
-    return ec.generate_private_key(ec.SECP256R1())
-
-
 def expected_tbs(request: CheckedRequest, issuer: x509.Certificate, *, serial: int,
                  not_before: int, not_after: int,
                  extensions: list[x509.Extension[x509.ExtensionType]]) -> bytes:
     """The TBSCertificate the profile makes of these inputs (the signature aside)."""
-    kind = "ed25519" if isinstance(issuer.public_key(), ed25519.Ed25519PublicKey) else "ecdsa"
-    builder = _x509.leaf_builder(issuer, request, serial=serial, not_before=not_before,
-                                 not_after=not_after)
-    for extension in extensions:
-        builder = builder.add_extension(extension.value, critical=extension.critical)
-    return _x509.sign(builder, _dummy_key(kind)).tbs_certificate_bytes
+    return _x509.leaf_tbs(issuer, request, serial=serial, not_before=not_before,
+                          not_after=not_after, extensions=extensions,
+                          algorithm=_x509.issuer_signature_algorithm(issuer))
 
 
 def _verify_issued(cert: x509.Certificate, issuer: x509.Certificate) -> None:
