@@ -70,6 +70,8 @@ def check_precertificate(precertificate: bytes, *, request: CheckedRequest,
         raise ProfileError("the serial number is not 128 bits with the top bit set")
     not_before, not_after = validity(at_ms, lifetime=lifetime, backdate=backdate,
                                      issuer=issuer)
+    if not_after < not_before:
+        raise ProfileError("the intermediate had expired when the issuance was decided")
     expected = expected_tbs(request, issuer, serial=serial, not_before=not_before,
                             not_after=not_after, extensions=[_x509.precertificate_poison()])
     if cert.tbs_certificate_bytes != expected:

@@ -28,7 +28,7 @@ from cryptography.x509.oid import ExtensionOID
 
 from handlers.ca import _leaf_der, _x509
 from handlers.ca._policy import CheckedRequest
-from handlers.ca._profile import expected_tbs
+from handlers.ca._profile import ProfileError, check_precertificate, expected_tbs
 from store import KeyStore, open_keystore
 
 from ..softhsm import SoftHsmToken
@@ -367,3 +367,22 @@ def test_signed_with_a_hash_the_builder_uses() -> None:
     request = request_of(SUBJECT_KEYS[1], ["p384.trust"])
     der = check_signed(hierarchy, request, 5, NOW, NOW + 60, [])
     assert x509.load_der_x509_certificate(der).signature_hash_algorithm == hashes.SHA256()
+
+
+def test_a_precertificate_from_an_intermediate_expired_at_its_decision_is_refused() -> None:
+    """An old intermediate that expired before the decision (beyond the back-dating) is a
+    ProfileError, as any other mismatch, so the caller tries the next intermediate."""
+    root_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(
+        ec.SECP256R1())
+    root = _x509.build_root(root_key, root_key.public_key(), ca_id="leafder", domains=DOMAINS,
+                            not_before=NOW - 7200, not_after=HIERARCHY_END)
+    expired = _x509.build_intermediate(root_key, root, key.public_key(), ca_id="leafder",
+                                       number=1, domains=DOMAINS, not_before=NOW - 7200,
+                                       not_after=NOW - 3600)
+    request = request_of(ec.generate_private_key(ec.SECP256R1()), ["old.trust"])
+    precert = _x509.sign_leaf(expired, request, serial=(1 << 127) | 5, not_before=NOW - 7000,
+                              not_after=NOW - 3600, extensions=[_x509.precertificate_poison()],
+                              private_key=key)
+    with pytest.raises(ProfileError, match="had expired"):
+        check_precertificate(precert, request=request, issuer=expired, at_ms=NOW * 1000,
+                             lifetime=86400, backdate=300)
