@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -274,13 +275,18 @@ async def test_byzantine_fault_tolerance(tmp_path: Path) -> None:
             "timeout_prevote": '"400ms"', "timeout_precommit": '"400ms"'}
     with running_cluster(tmp_path / "c7", 7, byzantine=byzantine, **fast) as cluster:
         offenders = {cluster.id(i) for i in byzantine}
+
+        def committed_offenders(status: dict[str, Any]) -> set[str]:
+            return {e["offender"] for e in status["evidence"]
+                    if e["committed_height"] is not None}
+
+        # The core isolates at the decision; the store marks the evidence committed
+        # when it has written the block a moment later: wait for both.
         statuses = await cluster.wait_until(
-            honest, lambda s: offenders <= set(s["isolated"]), 180,
+            honest, lambda s: offenders <= set(s["isolated"]) & committed_offenders(s), 180,
             "both byzantine validators isolated by every honest one")
         for status in statuses.values():
-            committed = {e["offender"] for e in status["evidence"]
-                         if e["committed_height"] is not None}
-            assert offenders <= committed  # isolated because evidence was committed
+            assert offenders <= committed_offenders(status)  # isolated: evidence committed
             assert {e["offender"] for e in status["evidence"]} <= offenders  # no one else
             powers = {v["id"]: v["power"] for v in status["validators"]}
             assert all(powers[o] == 0 for o in offenders)
