@@ -5,7 +5,9 @@ turn's decisions (spec/stoq.md §18.5)."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import cbor2
@@ -24,11 +26,13 @@ from handlers.consensus import (
     unseal,
 )
 from handlers.consensus._sealed import BATCH_LABEL, batch_message
-from handlers.consensus.bft import Validator, ValidatorSet
+from handlers.consensus.bft import Block, Validator, ValidatorSet
 from protocol import decode_item, encode_deterministic
 from protocol.ct_merkle import leaf_hash, root_from_hashes
+from protocol.decisions import StakeCredit
 
 from ..helpers import CDDL
+from ..state_fixtures_ct import PARAMS, LoneValidator, cluster_ca, now
 
 
 def _key(seed: bytes) -> tuple[Ed25519PrivateKey, Validator]:
@@ -305,3 +309,36 @@ async def test_a_signing_failure_reaches_every_waiter() -> None:
     assert all(isinstance(r, OSError) for r in results)
     available = True  # and the sealer seals again once the key is back
     assert open_sealed(await sealer.seal(_body(1)), VALIDATORS).body == _body(1)
+
+
+# --- a validator's chain: batch seals committed, forged ones counted against the sender ---
+
+
+async def test_a_lone_validator_commits_a_batch_and_counts_a_forged_seal_against_its_sender(
+        tmp_path: Path) -> None:
+    v = await LoneValidator.start(tmp_path, cluster_ca())
+    try:
+        at_ms = int(now() * 1000)
+        credits = [StakeCredit(key_id=hashlib.sha256(bytes([i])).hexdigest(),
+                               amount=PARAMS.minimum_stake,
+                               reason="faucet", at_ms=at_ms) for i in range(3)]
+        outcomes = await asyncio.gather(*(v.decisions.commit(c) for c in credits))
+        assert all(o.accepted for o in outcomes), outcomes
+        assert (v.decisions.sealer.batches, v.decisions.sealer.sealed) == (1, 3)
+        assert len({o.block_height for o in outcomes}) == 1
+        stored = v.chain.store.block(outcomes[0].block_height)
+        assert stored is not None
+        committed = Block.from_wire(decode_item(stored.block)).decisions
+        assert [decode_item(d)["batch"]["size"] for d in committed] == [3, 3, 3]
+
+        # a peer gossips a decision of this batch with another body: refused, and
+        # counted against that peer, not against the validator whose root it borrowed
+        forged = _edit(committed[0], _other_body)
+        gossip = encode_deterministic({"kind": "decisions", "items": [forged]})
+        peer = "0f" * 20
+        assert await v.chain.receive([gossip], sender=peer) == 0
+        assert v.machine.refusals == {peer: 1}
+        assert await v.chain.receive([gossip], sender=peer) == 0  # a verdict is kept
+        assert v.machine.refusals == {peer: 1}
+    finally:
+        await v.stop()
