@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from protocol import decode_item, encode_deterministic
+from protocol import decode_item, encode_deterministic, encode_head
 from protocol.ct_merkle import (
     ProofError,
     inclusion_proof,
@@ -44,8 +44,8 @@ MAX_BATCH_SIZE = 4096
 """The largest batch a verifier accepts (a path of at most 12 hashes); the sealer
 makes batches of at most :data:`handlers.consensus._sealer.BATCH_LIMIT`."""
 
-_PLAIN_KEYS = frozenset({"body", "entry", "signature"})
-_BATCH_KEYS = _PLAIN_KEYS | {"batch"}
+Batch = tuple[int, int, list[bytes]]
+"""A batch seal's ``index``, ``size`` and ``path``."""
 
 
 class SealError(ValueError):
@@ -66,7 +66,26 @@ class SealedDecision:
 def seal(body: dict[str, Any], entry: str, sign: Callable[[bytes], bytes]) -> bytes:
     """``body`` sealed alone (the plain form) by the entry validator ``entry``."""
     raw = encode_deterministic(body)
-    return encode_deterministic({"body": raw, "entry": entry, "signature": sign(raw)})
+    return encode_sealed(raw, entry, sign(raw))
+
+
+def encode_sealed(raw_body: bytes, entry: str, signature: bytes,
+                  batch: Batch | None = None) -> bytes:
+    """The deterministic CBOR of a sealed decision (what :func:`encode_deterministic`
+    gives for the map, its keys in their deterministic order: body, batch, entry,
+    signature; in a batch: path, size, index), without walking a generic map."""
+    entry_octets = entry.encode()
+    parts = [b"\xa4" if batch else b"\xa3", b"\x64body", encode_head(2, len(raw_body)),
+             raw_body]
+    if batch is not None:
+        index, size, path = batch
+        parts += [b"\x65batch\xa3\x64path", encode_head(4, len(path))]
+        for node in path:
+            parts += [encode_head(2, len(node)), node]
+        parts += [b"\x64size", encode_head(0, size), b"\x65index", encode_head(0, index)]
+    parts += [b"\x65entry", encode_head(3, len(entry_octets)), entry_octets,
+              b"\x69signature", encode_head(2, len(signature)), signature]
+    return b"".join(parts)
 
 
 def batch_message(size: int, root: bytes) -> bytes:
@@ -82,7 +101,7 @@ def seal_batch(raw_bodies: Sequence[bytes], entry: str,
     size = len(raw_bodies)
     if size == 1:
         raw = raw_bodies[0]
-        return [encode_deterministic({"body": raw, "entry": entry, "signature": sign(raw)})]
+        return [encode_sealed(raw, entry, sign(raw))]
     if not 1 < size <= MAX_BATCH_SIZE:
         raise ValueError(f"a batch holds 1 to {MAX_BATCH_SIZE} bodies, not {size}")
     leaves = [leaf_hash(raw) for raw in raw_bodies]
@@ -100,10 +119,8 @@ def seal_batch(raw_bodies: Sequence[bytes], entry: str,
         return found
 
     signature = sign(batch_message(size, mth(0, size)))
-    return [encode_deterministic({
-        "body": raw, "entry": entry, "signature": signature,
-        "batch": {"index": index, "size": size, "path": inclusion_proof(index, size, mth)},
-    }) for index, raw in enumerate(raw_bodies)]
+    return [encode_sealed(raw, entry, signature, (index, size, inclusion_proof(index, size, mth)))
+            for index, raw in enumerate(raw_bodies)]
 
 
 def unseal(decision: bytes) -> SealedDecision:
@@ -159,33 +176,28 @@ class SealOpener:
         not (the message says which check failed)."""
         item = _decoded(decision)
         sealed = _unsealed(item)
-        keys = item.keys()
-        if keys != _PLAIN_KEYS and keys != _BATCH_KEYS:
-            raise SealError("a sealed decision has exactly body, entry, signature "
-                            "(and batch)")
-        signature = item["signature"]
+        signature = item.get("signature")
         if not isinstance(signature, bytes) or len(signature) != 64:
             raise SealError("the seal's signature is not 64 octets")
+        batch = _batch(item.get("batch")) if "batch" in item else None
+        if encode_sealed(sealed.raw_body, sealed.entry, signature, batch) != decision:
+            # other keys, or another encoding of these: one decision has one digest
+            raise SealError("a sealed decision is the deterministic CBOR of exactly body, "
+                            "entry, signature (and batch)")
         validator = validators.by_id.get(sealed.entry)
         if validator is None or validator.power == 0:
             raise SealError(f"{sealed.entry!r} is not an active validator")
-        if encode_deterministic(item) != decision:
-            raise SealError("the sealed decision is not in deterministic CBOR")
-        if "batch" not in item:
+        if batch is None:
             self.verifications += 1
             if not validator.verify(signature, sealed.raw_body):
                 raise SealError("the entry validator's signature does not verify")
             return sealed
-        self._check_batch(validator, sealed.raw_body, item["batch"], signature)
+        self._check_batch(validator, sealed.raw_body, batch, signature)
         return sealed
 
-    def _check_batch(self, validator: Validator, raw_body: bytes, batch: Any,
+    def _check_batch(self, validator: Validator, raw_body: bytes, batch: Batch,
                      signature: bytes) -> None:
-        if not isinstance(batch, dict) or batch.keys() != {"index", "size", "path"}:
-            raise SealError("the seal's batch is not {index, size, path}")
-        index, size, path = batch["index"], batch["size"], batch["path"]
-        if not (type(index) is int and type(size) is int and isinstance(path, list)):
-            raise SealError("the seal's batch is not {index, size, path}")
+        index, size, path = batch
         if not 2 <= size <= MAX_BATCH_SIZE:
             raise SealError(f"the seal's batch size {size} is not 2 to {MAX_BATCH_SIZE}")
         try:
@@ -205,6 +217,17 @@ class SealOpener:
         self._verified[key] = None
         if len(self._verified) > self.capacity:
             self._verified.popitem(last=False)
+
+
+def _batch(batch: Any) -> Batch:
+    """A seal's ``batch`` map as (index, size, path), or :class:`SealError`."""
+    if not isinstance(batch, dict) or batch.keys() != {"index", "size", "path"}:
+        raise SealError("the seal's batch is not {index, size, path}")
+    index, size, path = batch["index"], batch["size"], batch["path"]
+    if not (type(index) is int and type(size) is int and isinstance(path, list)
+            and all(type(node) is bytes for node in path)):
+        raise SealError("the seal's batch is not {index, size, path}")
+    return index, size, path
 
 
 def open_sealed(decision: bytes, validators: ValidatorSet) -> SealedDecision:

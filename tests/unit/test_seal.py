@@ -79,6 +79,7 @@ def test_a_batch_opens_with_one_verification(n: int) -> None:
     for i, decision in enumerate(batch):
         sealed = opener.open(decision, VALIDATORS)
         assert sealed.body == _body(i) and sealed.entry == ME.id
+        assert encode_deterministic(decode_item(decision)) == decision
         _cddl_check(decision)
     assert (opener.verifications, opener.reused) == (1, n - 1)
     # what is signed: the label, the size and the RFC 9162 root of the bodies
@@ -91,6 +92,7 @@ def test_a_batch_opens_with_one_verification(n: int) -> None:
 def test_a_batch_of_one_is_the_plain_form() -> None:
     [decision] = _batch(1)
     assert decision == seal(_body(0), ME.id, KEY.sign)
+    assert encode_deterministic(decode_item(decision)) == decision
     assert set(decode_item(decision)) == {"body", "entry", "signature"}
     _cddl_check(decision)
     opener = SealOpener()
