@@ -75,7 +75,7 @@ def encode_sealed(raw_body: bytes, entry: str, signature: bytes,
     gives for the map, its keys in their deterministic order: body, batch, entry,
     signature; in a batch: path, size, index), without walking a generic map."""
     entry_octets = entry.encode()
-    parts = [b"\xa4" if batch else b"\xa3", b"\x64body", encode_head(2, len(raw_body)),
+    parts = [b"\xa3" if batch is None else b"\xa4", b"\x64body", encode_head(2, len(raw_body)),
              raw_body]
     if batch is not None:
         index, size, path = batch
@@ -224,8 +224,8 @@ def _batch(batch: Any) -> Batch:
     if not isinstance(batch, dict) or batch.keys() != {"index", "size", "path"}:
         raise SealError("the seal's batch is not {index, size, path}")
     index, size, path = batch["index"], batch["size"], batch["path"]
-    if not (type(index) is int and type(size) is int and isinstance(path, list)
-            and all(type(node) is bytes for node in path)):
+    if not (type(index) is int and type(size) is int and index >= 0 and size >= 0
+            and isinstance(path, list) and all(type(node) is bytes for node in path)):
         raise SealError("the seal's batch is not {index, size, path}")
     return index, size, path
 

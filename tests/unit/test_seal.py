@@ -150,6 +150,8 @@ TAMPERED: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
     "size one": (_set("size", 1), "size 1 is not 2 to 4096"),
     "signature": (_flip_signature, "signature of the batch root does not verify"),
     "index not a number": (_set("index", "10"), "not {index, size, path}"),
+    "index negative": (_set("index", -1), "not {index, size, path}"),
+    "size negative": (_set("size", -64), "not {index, size, path}"),
 }
 
 
