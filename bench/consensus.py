@@ -1,4 +1,4 @@
-"""Consensus: ``python -m bench.consensus [--quick] [--validators 1,4,7]``.
+"""Consensus: ``python -m bench.consensus [--quick] [--validators 1,4,7] [--part seal]``.
 
 For each cluster size N, a real cluster of N ``trustchain serve`` processes on
 ``[::1]`` (``trustchain cluster init --validators N --base-port 0``, one
@@ -21,6 +21,10 @@ talks to node-1 only:
    each equivocation to the first honest node's evidence, and until the
    evidence is committed in a block.
 
+``--part seal`` instead measures sealing alone, in this process: 1,000 decisions
+sealed and opened one signature each (the baseline) against one signature a
+batch of 64 (spec/stoq.md §18.5), CPU µs a decision for the entry and a verifier.
+
 Loopback only; every run bounded in time and count; every process stopped at
 the end (also on error or Ctrl-C); the clusters' data in a temporary directory.
 Markdown on stdout, progress on stderr.
@@ -34,6 +38,7 @@ import contextlib
 import json
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -46,9 +51,13 @@ from typing import Any, NoReturn
 
 import cbor2
 import uvloop
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 import protocol
 import stoq
+from handlers.consensus import Sealer, SealOpener, seal, seal_batch
+from handlers.consensus.bft import Validator, ValidatorSet
 
 from ._common import (
     HOST,
@@ -1246,10 +1255,16 @@ def main(argv: list[str] | None = None) -> int:
                              "publishes every certificate's AAAA and TLSA records")
     parser.add_argument("--engine", choices=stoq.ENGINES, default=stoq.DEFAULT_ENGINE,
                         help="QUIC engine of the load generator")
+    parser.add_argument("--part", choices=("clusters", "seal"), default="clusters",
+                        help="clusters: the cluster figures (default); seal: only the seal "
+                             "micro-benchmark (batch against plain seals, in this process)")
     parser.add_argument("--workdir", type=Path,
                         help="keep the clusters, their logs and the load generators' output "
                              "in this new directory (default: a temporary directory, deleted)")
     args = parser.parse_args(args_list)
+    if args.part == "seal":
+        print(seal_report(), flush=True)
+        return 0
     if args.workdir is not None and args.workdir.exists():
         parser.error(f"--workdir {args.workdir} exists already")
     quick = args.quick
@@ -1347,6 +1362,102 @@ def settings_lines(settings: Settings, sizes: list[int]) -> str:
         f"issuances/s through consensus at 4 validators",
         "",
     ])
+
+
+
+# --- seals (micro-benchmark, in this process): python -m bench.consensus --part seal ---------
+
+SEAL_DECISIONS = 1000
+SEAL_BATCH = 64
+SEAL_RUNS = 5
+SEAL_BODY_BYTES = 1500
+"""About an ``issue`` decision's body: a CSR, a precertificate and the four proofs."""
+
+
+@dataclass(frozen=True)
+class SealFigures:
+    label: str
+    seal_us: float
+    """CPU µs a decision for the entry (median of :data:`SEAL_RUNS`)."""
+    open_us: float
+    """CPU µs a decision for a verifier, every seal checked (median)."""
+    signatures: int
+    octets: float
+    """Mean size of a sealed decision."""
+
+
+def _seal_bodies(count: int) -> list[dict[str, Any]]:
+    return [{"kind": "stake", "key_id": f"{i:064x}", "amount": i, "reason": "faucet",
+             "at_ms": 1_700_000_000_000 + i, "padding": bytes([i % 256]) * SEAL_BODY_BYTES}
+            for i in range(count)]
+
+
+def _measure_seals(label: str, make: Any) -> SealFigures:
+    """CPU time to seal every body with ``make(bodies, entry, sign)``, then to open each."""
+    key = Ed25519PrivateKey.generate()
+    me = Validator(key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw))
+    validators = ValidatorSet((me,))
+    bodies = _seal_bodies(SEAL_DECISIONS)
+    seal_times, open_times = [], []
+    sealed: list[bytes] = []
+    signatures = 0
+    for _ in range(SEAL_RUNS):
+        count = [0]
+
+        def sign(message: bytes, count: list[int] = count) -> bytes:
+            count[0] += 1
+            return key.sign(message)
+        started = time.process_time()
+        sealed = make(bodies, me.id, sign)
+        seal_times.append(time.process_time() - started)
+        signatures = count[0]
+        opener = SealOpener()
+        started = time.process_time()
+        for decision in sealed:
+            opener.open(decision, validators)
+        open_times.append(time.process_time() - started)
+    return SealFigures(label=label, seal_us=statistics.median(seal_times) / SEAL_DECISIONS * 1e6,
+                       open_us=statistics.median(open_times) / SEAL_DECISIONS * 1e6,
+                       signatures=signatures,
+                       octets=sum(map(len, sealed)) / len(sealed))
+
+
+def _one_by_one(bodies: list[dict[str, Any]], entry: str, sign: Any) -> list[bytes]:
+    return [seal(body, entry, sign) for body in bodies]
+
+
+def _in_batches(bodies: list[dict[str, Any]], entry: str, sign: Any) -> list[bytes]:
+    raw = [protocol.encode_deterministic(body) for body in bodies]
+    return [decision for start in range(0, len(raw), SEAL_BATCH)
+            for decision in seal_batch(raw[start:start + SEAL_BATCH], entry, sign)]
+
+
+def _through_the_sealer(bodies: list[dict[str, Any]], entry: str, sign: Any) -> list[bytes]:
+
+    async def run() -> list[bytes]:
+        sealer = Sealer(entry=entry, sign=sign, limit=SEAL_BATCH)
+        return list(await asyncio.gather(*(sealer.seal(body) for body in bodies)))
+    return asyncio.run(run())
+
+
+def seal_report() -> str:
+    """Sealing and opening :data:`SEAL_DECISIONS` decisions: one signature each (the
+    baseline, measured in the same run) against one a batch of :data:`SEAL_BATCH`."""
+    progress(f"sealing and opening {SEAL_DECISIONS} decisions, {SEAL_RUNS} runs each")
+    baseline = _measure_seals("one by one (plain seals)", _one_by_one)
+    rows = [baseline,
+            _measure_seals(f"seal_batch, batches of {SEAL_BATCH}", _in_batches),
+            _measure_seals(f"Sealer (async), {SEAL_BATCH} a loop turn", _through_the_sealer)]
+    table = markdown_table(
+        ["sealing", "signatures", "entry CPU µs/decision", "ratio", "verifier CPU µs/decision",
+         "ratio", "octets/decision"],
+        [[r.label, f"{r.signatures:,}", f"{r.seal_us:.1f}", _ratio(r.seal_us, baseline.seal_us),
+          f"{r.open_us:.1f}", _ratio(r.open_us, baseline.open_us), f"{r.octets:.0f}"]
+         for r in rows])
+    return (f"### Seals: {SEAL_DECISIONS:,} decisions of a {SEAL_BODY_BYTES:,}-octet body "
+            f"(median of {SEAL_RUNS} runs, CPU time of this process)\n\n{table}\n\n"
+            "The verifier opens every decision with one SealOpener (each batch signature "
+            "verified once, then the path only); the entry's figure includes encoding.\n")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ it to QUIC, and ``handlers/`` build on its messages. See ``spec/stoq.md``.
 """
 
 from . import ops
-from ._cbor import MAX_DEPTH, decode_item, encode_deterministic, encode_item
+from ._cbor import MAX_DEPTH, decode_item, encode_deterministic, encode_head, encode_item
 from ._connection import (
     STOQ_EXCESSIVE_LOAD,
     STOQ_INTERNAL_ERROR,
@@ -121,6 +121,7 @@ __all__ = [
     "decode_item",
     "encode_deterministic",
     "encode_frame",
+    "encode_head",
     "encode_item",
     "error_from_wire",
     "frame_payload",

@@ -151,6 +151,12 @@ def _head(major: int, value: int) -> bytes:
     return bytes([major << 5 | 27]) + value.to_bytes(8, "big")
 
 
+def encode_head(major: int, value: int) -> bytes:
+    """The shortest head of a CBOR item of major type ``major`` and argument ``value``
+    (for encoders of one fixed shape that must match :func:`encode_deterministic`)."""
+    return _head(major, value)
+
+
 def _encode_float(value: float) -> bytes:
     # Preferred serialization: the shortest of half, single and double that
     # keeps the value exactly (RFC 8949 §4.2.1, with NaN as 0xf97e00).

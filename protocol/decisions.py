@@ -1,13 +1,14 @@
 """The decisions a block carries, as typed values: what the validators agree to do.
 
 On the wire a decision is sealed by the validator that made it (its *entry*):
-``{"body": bstr, "entry": validator-id, "signature": Ed25519 over the body}``,
-``body`` the deterministic CBOR of a map whose ``kind`` says which of the
-classes below it is (spec/stoq.md §18.5). :func:`parse` turns a body into one
-of them, refusing anything malformed with :class:`DecisionError`; ``body()``
-is the inverse. The checks that need keys, proofs or the state are not here:
-:mod:`._rules` checks a decision before a validator votes for it, and
-:mod:`._machine` executes it.
+``{"body": bstr, "entry": validator-id, "signature": Ed25519 over the body}``, or
+the same with a ``batch`` inclusion path when one signature covers many
+(:mod:`handlers.consensus._sealed`), ``body`` the deterministic CBOR of a map
+whose ``kind`` says which of the classes below it is (spec/stoq.md §18.5).
+:func:`parse` turns a body into one of them, refusing anything malformed with
+:class:`DecisionError`; ``body()`` is the inverse. The checks that need keys,
+proofs or the state are not here: :mod:`._rules` checks a decision before a
+validator votes for it, and :mod:`._machine` executes it.
 """
 
 from __future__ import annotations

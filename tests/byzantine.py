@@ -15,6 +15,13 @@ other shortcut a byzantine validator has: every 2 s (at most 10 times) it
 seals an ``issue`` decision without proofs for ``forged.trust`` and puts it in
 its own mempool unchecked, so that it gossips it and proposes blocks holding
 it. Each attempt is printed as ``{"forged": "proof-free", "digest"}``.
+
+With ``--forge bad-seal`` it tries batch seals that must not open, every 2 s (at
+most 10 times), alternately: ``forged-path``, a body of its own with the path of
+a batch it sealed without that body; and ``foreign-root``, a body of its own with
+the entry, signature (and batch, if any) of another validator's committed
+decision. Each is gossiped as its own; printed as ``{"forged": "bad-seal",
+"variant", "digest"}``.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -31,10 +39,11 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ec
 
 import stoq
-from handlers.consensus import ConsensusChain, seal
+from handlers.consensus import ConsensusChain, seal, seal_batch
 from handlers.consensus._driver import decision_digest
-from handlers.consensus.bft import Proposal, Vote, encode_message
+from handlers.consensus.bft import Block, Proposal, Vote, encode_message
 from handlers.consensus.bft._core import Broadcast, Effect
+from protocol import decode_item, encode_deterministic
 
 
 def _conflicting(chain: ConsensusChain, message: Proposal | Vote) -> Proposal | Vote:
@@ -97,15 +106,61 @@ async def _forge(chain: ConsensusChain) -> None:
                   file=sys.stderr, flush=True)
 
 
-def install_forger() -> None:
-    """Make every :class:`ConsensusChain` of this process propose proof-free issuances."""
+def _foreign_decision(chain: ConsensusChain) -> dict[str, Any] | None:
+    """A committed decision another validator sealed (the latest one), decoded."""
+    latest = chain.store.latest()
+    height = 0 if latest is None else latest.height
+    for h in range(height, max(0, height - 2000), -1):
+        stored = chain.store.block(h)
+        if stored is None:
+            continue
+        for raw in Block.from_wire(decode_item(stored.block)).decisions:
+            item = decode_item(raw)
+            if item["entry"] != chain.me:
+                return dict(item)
+    return None
+
+
+async def _forge_seals(chain: ConsensusChain) -> None:
+    assert chain.me is not None and chain.sign is not None
+    for attempt in range(FORGE_ATTEMPTS):
+        await asyncio.sleep(2.0)
+        now = int(time.time() * 1000)
+        bodies = [encode_deterministic({"kind": "stake", "key_id": f"forged-{attempt}-{i}",
+                                        "amount": 1, "reason": "faucet", "at_ms": now})
+                  for i in range(3)]
+        foreign = _foreign_decision(chain) if attempt % 2 else None
+        if foreign is None:
+            variant = "forged-path"
+            item = decode_item(seal_batch(bodies[:2], chain.me, chain.sign)[0])
+            item["body"] = bodies[2]
+        else:
+            variant = "foreign-root"
+            item = {**foreign, "body": bodies[2]}
+            item.setdefault("batch", {"index": 0, "size": 2,
+                                      "path": [hashlib.sha256(bodies[0]).digest()]})
+        decision = encode_deterministic(item)
+        print(json.dumps({"forged": "bad-seal", "variant": variant,
+                          "digest": decision_digest(decision).hex()}), file=sys.stderr,
+              flush=True)
+        try:
+            await chain.submit(decision, checked=True, timeout=2.0)
+        except Exception as exc:
+            print(json.dumps({"forged": "not committed", "why": str(exc)[:200]}),
+                  file=sys.stderr, flush=True)
+
+
+def install_forger(forge: str) -> None:
+    """Make every :class:`ConsensusChain` of this process forge decisions: proof-free
+    issuances (``proof-free``) or seals (``bad-seal``)."""
     honest_start = ConsensusChain.start
     tasks: list[asyncio.Task[None]] = []
+    forger = _forge_seals if forge == "bad-seal" else _forge
 
     async def start(self: ConsensusChain) -> None:
         await honest_start(self)
         if self.me is not None:
-            tasks.append(asyncio.get_running_loop().create_task(_forge(self)))
+            tasks.append(asyncio.get_running_loop().create_task(forger(self)))
 
     ConsensusChain.start = start  # type: ignore[method-assign]
 
@@ -113,11 +168,12 @@ def install_forger() -> None:
 def main(argv: list[str] | None = None) -> Any:
     parser = argparse.ArgumentParser(prog="python -m tests.byzantine")
     parser.add_argument("--config", required=True)
-    parser.add_argument("--forge", choices=["proof-free"], default=None,
-                        help="forge proof-free decisions instead of equivocating")
+    parser.add_argument("--forge", choices=["proof-free", "bad-seal"], default=None,
+                        help="forge decisions (proof-free issuances, or seals that must "
+                             "not open) instead of equivocating")
     args = parser.parse_args(argv)
     if args.forge:
-        install_forger()
+        install_forger(args.forge)
     else:
         install()
     from trustchain._cli import main as trustchain_main

@@ -36,7 +36,7 @@ from handlers.ca import (
     NamingPolicy,
     Publishers,
 )
-from handlers.consensus import BeaconChain, ConsensusChain, ProofVerifier
+from handlers.consensus import BeaconChain, ConsensusChain, ProofVerifier, Sealer, SealOpener
 from handlers.consensus.bft import Validator, ValidatorSet
 from handlers.consensus.bft._core import Timeouts
 from handlers.ct import ChainValidator, CtLog
@@ -316,7 +316,7 @@ async def open_validator(directory: Path, clock: Callable[[], float], *,
                     chains=machine.chains, root=x509.load_der_x509_certificate(
                         hierarchy.root_der), node_names=node_names, lifetime=LIFETIME,
                     backdate=BACKDATE, development=True, minimum_stake=PARAMS.minimum_stake,
-                    cosign=signer.sign, clock=clock)
+                    seals=SealOpener(), cosign=signer.sign, clock=clock)
     links = StoqPeerLinks(chain_id="test", me=me.id, sign=signer.sign,
                           validators=ValidatorSet((me,)), endpoints={me.id: ("::1", 0)},
                           engine=stoq.ENGINES[0])
@@ -324,8 +324,9 @@ async def open_validator(directory: Path, clock: Callable[[], float], *,
                            transport=links, rules=rules, me=me.id, sign=signer.sign,
                            timeouts=Timeouts(), block_interval=0.05, gossip_interval=0.05,
                            audit=audit.append_async, clock=clock)
-    decisions = DecisionLog(chain=chain, machine=machine, entry=me.id, sign=signer.sign,
-                            timeout=30.0, clock=clock)
+    decisions = DecisionLog(chain=chain, machine=machine,
+                            sealer=Sealer(entry=me.id, sign=signer.sign), timeout=30.0,
+                            clock=clock)
     keys = KeysAnnouncer(log_=decisions, local=local_keys(hierarchy, replica.ct, None, clock),
                          active=lambda: hierarchy.issuer.der if hierarchy.issuer else b"")
     directory_ = machine.directory

@@ -77,22 +77,25 @@ class Cluster:
     def log(self, index: int) -> Path:
         return self.directory / f"node-{index + 1}" / "test.log"
 
-    def start(self, index: int, *, byzantine: bool = False, forger: bool = False) -> None:
-        """Start node ``index``: honest, equivocating (``byzantine``), or proposing
-        proof-free issuances (``forger``); see tests/byzantine.py."""
+    def start(self, index: int, *, byzantine: bool = False, forger: bool = False,
+              forge: str = "proof-free") -> None:
+        """Start node ``index``: honest, equivocating (``byzantine``), or forging
+        decisions (``forger``: proof-free issuances, or ``forge="bad-seal"``: forged
+        batch seals); see tests/byzantine.py."""
         args = ["--config", str(self.config(index))]
         if byzantine or forger:
             command = [sys.executable, "-m", "tests.byzantine", *args]
-            command += ["--forge", "proof-free"] if forger else []
+            command += ["--forge", forge] if forger else []
         else:
             command = [sys.executable, "-m", "trustchain", "serve", *args]
         with self.log(index).open("ab") as out:
             self.procs[index] = subprocess.Popen(command, stdout=out, stderr=out, env=ENV,
                                                  cwd=self.directory)
 
-    def start_all(self, byzantine: tuple[int, ...] = (), forgers: tuple[int, ...] = ()) -> None:
+    def start_all(self, byzantine: tuple[int, ...] = (), forgers: tuple[int, ...] = (),
+                  forge: str = "proof-free") -> None:
         for i in range(self.size):
-            self.start(i, byzantine=i in byzantine, forger=i in forgers)
+            self.start(i, byzantine=i in byzantine, forger=i in forgers, forge=forge)
 
     def kill(self, index: int) -> None:
         proc = self.procs.pop(index)
@@ -154,11 +157,11 @@ class Cluster:
 
 @contextlib.contextmanager
 def running_cluster(directory: Path, size: int, *, byzantine: tuple[int, ...] = (),
-                    forgers: tuple[int, ...] = (), checker: Any = None,
-                    ceremony: bool = False, **consensus: str) -> Any:
+                    forgers: tuple[int, ...] = (), forge: str = "proof-free",
+                    checker: Any = None, ceremony: bool = False, **consensus: str) -> Any:
     cluster = Cluster(directory, size, checker=checker, ceremony=ceremony, **consensus)
     try:
-        cluster.start_all(byzantine, forgers)
+        cluster.start_all(byzantine, forgers, forge)
         yield cluster
     finally:
         cluster.stop()

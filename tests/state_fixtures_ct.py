@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 import stoq
 from handlers.ca import NamingPolicy, Publishers, _x509
-from handlers.consensus import BeaconChain, ConsensusChain, ProofVerifier
+from handlers.consensus import BeaconChain, ConsensusChain, ProofVerifier, Sealer, SealOpener
 from handlers.consensus.bft import Validator, ValidatorSet
 from handlers.consensus.bft._core import Timeouts
 from handlers.ct import ChainValidator, CtBatch, CtLog, CtService, Entry
@@ -179,7 +179,8 @@ class LoneValidator:
         rules = CaRules(machine=self.machine, policy=POLICY, verify_proofs=self.verifier.verify,
                         chains=self.node.chains, root=ca.root, node_names={},
                         lifetime=LIFETIME, backdate=BACKDATE, development=True,
-                        minimum_stake=PARAMS.minimum_stake, cosign=KEY.sign, clock=now)
+                        minimum_stake=PARAMS.minimum_stake, seals=SealOpener(),
+                        cosign=KEY.sign, clock=now)
         self.links = StoqPeerLinks(chain_id="ct-unit", me=ME.id, sign=KEY.sign,
                                    validators=ValidatorSet((ME,)), endpoints={},
                                    engine=stoq.ENGINES[0])
@@ -188,8 +189,9 @@ class LoneValidator:
             store=ChainStore(directory / "consensus" / "chain.sqlite3"), transport=self.links,
             rules=rules, me=ME.id, sign=KEY.sign, timeouts=Timeouts(), block_interval=0.05,
             gossip_interval=0.05, clock=now)
-        self.decisions = DecisionLog(chain=self.chain, machine=self.machine, entry=ME.id,
-                                     sign=KEY.sign, timeout=20.0, clock=now)
+        self.decisions = DecisionLog(chain=self.chain, machine=self.machine,
+                                     sealer=Sealer(entry=ME.id, sign=KEY.sign), timeout=20.0,
+                                     clock=now)
         self.service = CtService(self.node.log, self.node.chains, decisions=self.decisions,
                                  clock=now)
 

@@ -57,6 +57,8 @@ from handlers.consensus import (
     Faucet,
     LinkVerifier,
     ProofVerifier,
+    Sealer,
+    SealOpener,
 )
 from handlers.consensus.bft import Block, Validator, ValidatorSet, validator_id
 from handlers.consensus.bft._core import Timeouts
@@ -687,6 +689,7 @@ async def _cluster(cfg: Config, data: DataDirectory, exits: contextlib.AsyncExit
                     node_names=validator.node_names, lifetime=base.lifetime,
                     backdate=cfg.ca.backdate, development=base.development,
                     minimum_stake=params.minimum_stake,
+                    seals=SealOpener(),
                     cosign=validator.signer.sign if validator.me else None,
                     on_block=_beacon_updates(replicated.beacons))
     voting = validator if machine.corrupt is None else dataclasses.replace(validator, me=None)
@@ -701,8 +704,8 @@ async def _cluster(cfg: Config, data: DataDirectory, exits: contextlib.AsyncExit
     exits.push_async_callback(chain.stop)
     decisions: DecisionLog | None = None
     if voting.me is not None:
-        decisions = DecisionLog(chain=chain, machine=machine, entry=voting.me,
-                                sign=validator.signer.sign,
+        decisions = DecisionLog(chain=chain, machine=machine,
+                                sealer=Sealer(entry=voting.me, sign=validator.signer.sign),
                                 timeout=cfg.consensus.finality_timeout)
     replica = ReplicaService(machine=machine, decisions=decisions)
     replica.register(base.router)
@@ -776,7 +779,7 @@ async def _start(cfg: Config, exits: contextlib.AsyncExitStack, base: _Foundatio
         shards = ct_log.shards
         submitter = CheckpointSubmitter(
             chain=chain, checkpoints=lambda: [(s.origin, s.checkpoint) for s in shards],
-            entry=decisions.entry, sign=decisions.sign,
+            sealer=decisions.sealer,
             interval=max(1.0, cfg.ct.merkle_update_interval))
         submitter.start()
         exits.push_async_callback(submitter.stop)
@@ -812,7 +815,7 @@ async def build_services(cfg: Config, data: DataDirectory, exits: contextlib.Asy
     # what submits decisions: stake, CT, DNS, the CA
     faucet: Faucet = _NoFaucet()
     if decisions is not None:
-        faucet = ChainFaucet(chain=chain, entry=decisions.entry, sign=decisions.sign,
+        faucet = ChainFaucet(chain=chain, sealer=decisions.sealer,
                              timeout=cfg.consensus.finality_timeout)
     proofs = ConsensusService(stake=replicated.state, beacons=replicated.beacons,
                               verifier=replicated.verifier, params=replicated.params,

@@ -18,7 +18,16 @@ from ._driver import (
     Rules,
 )
 from ._links import LinkVerifier, link_refusal, link_statement, spki_sha256
-from ._sealed import SealedDecision, SealError, open_sealed, seal, unseal
+from ._sealed import (
+    SealedDecision,
+    SealError,
+    SealOpener,
+    open_sealed,
+    seal,
+    seal_batch,
+    unseal,
+)
+from ._sealer import Sealer
 from ._stake import ChainFaucet, Faucet
 from ._verifier import ProofVerifier, VerifierStats
 from .service import ConsensusService
@@ -40,12 +49,15 @@ __all__ = [
     "ProofVerifier",
     "Rules",
     "SealError",
+    "SealOpener",
     "SealedDecision",
+    "Sealer",
     "VerifierStats",
     "link_refusal",
     "link_statement",
     "open_sealed",
     "seal",
+    "seal_batch",
     "spki_sha256",
     "unseal",
 ]

@@ -16,7 +16,7 @@ from store import TreeHead
 
 from .._tasks import cancel_and_wait
 from ._driver import ConsensusChain
-from ._sealed import seal
+from ._sealer import Sealer
 
 log = logging.getLogger("trustchain.consensus")
 
@@ -27,15 +27,14 @@ Checkpoints = Callable[[], Iterable[tuple[str, TreeHead]]]
 class CheckpointSubmitter:
     """Submits each CT shard's new checkpoints to the chain.
 
-    :param entry: this validator's id; ``sign`` signs with its key (the decisions' seal).
+    :param sealer: seals with this validator's key (the decisions' seal).
     """
 
-    def __init__(self, *, chain: ConsensusChain, checkpoints: Checkpoints, entry: str,
-                 sign: Callable[[bytes], bytes], interval: float) -> None:
+    def __init__(self, *, chain: ConsensusChain, checkpoints: Checkpoints, sealer: Sealer,
+                 interval: float) -> None:
         self.chain = chain
         self.checkpoints = checkpoints
-        self.entry = entry
-        self.sign = sign
+        self.sealer = sealer
         self.interval = interval
         self._submitted: dict[str, int] = {}
         self._task: asyncio.Task[None] | None = None
@@ -61,7 +60,8 @@ class CheckpointSubmitter:
                 "root": checkpoint.root, "note": checkpoint.note,
                 "at_ms": int(self.chain.clock() * 1000)}
         try:
-            await self.chain.submit(seal(body, self.entry, self.sign), checked=False, timeout=60)
+            await self.chain.submit(await self.sealer.seal(body), checked=False,
+                                    timeout=60)
         except asyncio.CancelledError:
             raise
         except Exception as exc:

@@ -147,9 +147,11 @@ class Rules(Protocol):
     def isolated(self) -> frozenset[str]:
         """The validators the executed blocks proved faulty (kept in the state)."""
 
-    async def check(self, decision: bytes, validators: ValidatorSet) -> str | None:
+    async def check(self, decision: bytes, validators: ValidatorSet,
+                    sender: str | None = None) -> str | None:
         """None if ``decision`` may be committed, else why not (``validators``: the
-        current set). Called once per decision."""
+        current set; ``sender``: the validator whose gossip brought it, None if it came
+        in a block or from this node). Called once per decision."""
 
     async def execute(self, block: Block, commit: Commit) -> Executed:
         """Apply a committed block; durable, before anyone is told of it."""
@@ -169,7 +171,8 @@ class OpenRules:
     def isolated(self) -> frozenset[str]:
         return frozenset()
 
-    async def check(self, decision: bytes, validators: ValidatorSet) -> str | None:
+    async def check(self, decision: bytes, validators: ValidatorSet,
+                    sender: str | None = None) -> str | None:
         return None
 
     async def execute(self, block: Block, commit: Commit) -> Executed:
@@ -341,8 +344,9 @@ class ConsensusChain:
 
     # --- submitting decisions --------------------------------------------------------------
 
-    async def _check(self, decision: bytes) -> str | None:
-        """The application's verdict on ``decision``, asked once per digest."""
+    async def _check(self, decision: bytes, sender: str | None = None) -> str | None:
+        """The application's verdict on ``decision``, asked once per digest
+        (``sender``: the validator whose gossip brought it)."""
         digest = decision_digest(decision)
         if digest in self._verdicts:
             return self._verdicts[digest]
@@ -352,7 +356,7 @@ class ConsensusChain:
         future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
         self._checking[digest] = future
         try:
-            verdict = await self.rules.check(decision, self.core.validators)
+            verdict = await self.rules.check(decision, self.core.validators, sender)
         except Exception as exc:  # a checker failure refuses the decision, never the node
             verdict = f"the check failed: {exc}"
         finally:
@@ -492,7 +496,7 @@ class ConsensusChain:
             self._misbehaved(sender, "sent a malformed decision batch")
             return 0
         fresh = [d for d in items if decision_digest(d) not in self.mempool]
-        verdicts = await asyncio.gather(*(self._check(d) for d in fresh))
+        verdicts = await asyncio.gather(*(self._check(d, sender) for d in fresh))
         accepted = 0
         for decision, verdict in zip(fresh, verdicts, strict=True):
             if verdict is None:

@@ -1,20 +1,51 @@
 """Sealed decisions: an application record signed by the validator that made it.
 
-A decision travels as deterministic CBOR ``{"body": bstr, "entry":
-validator-id, "signature": Ed25519 over body}``. Consensus treats the body
-as opaque; the seal says which validator answers for it, so a decision can
-be refused (or its maker held to account) by whoever checks it.
+A decision travels as deterministic CBOR in one of two forms (spec/stoq.md §18.5):
+
+- plain: ``{"body": bstr, "entry": validator-id, "signature": Ed25519 over body}``;
+- batch: the same three keys and ``"batch": {"index", "size", "path"}``: the entry
+  sealed ``size`` bodies at once, and ``signature`` is over
+  :data:`BATCH_LABEL` || ``size`` (8 octets, big-endian) || the RFC 9162 Merkle
+  Tree Hash of the bodies, of which this one is leaf ``index`` and ``path`` its
+  inclusion proof. One signature serves the whole batch; each decision still
+  travels alone and proves itself.
+
+Consensus treats the body as opaque; the seal says which validator answers for
+it, so a decision can be refused (or its maker held to account) by whoever
+checks it. :class:`SealOpener` checks either form and verifies each batch
+signature once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from protocol import decode_item, encode_deterministic
+from protocol import decode_item, encode_deterministic, encode_head
+from protocol.ct_merkle import (
+    ProofError,
+    inclusion_proof,
+    largest_power_of_two_below,
+    leaf_hash,
+    node_hash,
+    root_from_inclusion_proof,
+)
 
-from .bft import ValidatorSet
+from .bft import Validator, ValidatorSet
+
+BATCH_LABEL = b"trustchain seal batch v1\0"
+"""The start of what a batch seal signs. A plain seal signs a body, which is a CBOR
+map (its first octet 0xa0-0xbf); this label's first octet (0x74) is a CBOR text
+string's, so no message is both."""
+
+MAX_BATCH_SIZE = 4096
+"""The largest batch a verifier accepts (a path of at most 12 hashes); the sealer
+makes batches of at most :data:`handlers.consensus._sealer.BATCH_LIMIT`."""
+
+Batch = tuple[int, int, list[bytes]]
+"""A batch seal's ``index``, ``size`` and ``path``."""
 
 
 class SealError(ValueError):
@@ -33,9 +64,63 @@ class SealedDecision:
 
 
 def seal(body: dict[str, Any], entry: str, sign: Callable[[bytes], bytes]) -> bytes:
-    """``body`` sealed by the entry validator ``entry``."""
+    """``body`` sealed alone (the plain form) by the entry validator ``entry``."""
     raw = encode_deterministic(body)
-    return encode_deterministic({"body": raw, "entry": entry, "signature": sign(raw)})
+    return encode_sealed(raw, entry, sign(raw))
+
+
+def encode_sealed(raw_body: bytes, entry: str, signature: bytes,
+                  batch: Batch | None = None) -> bytes:
+    """The deterministic CBOR of a sealed decision (what :func:`encode_deterministic`
+    gives for the map, its keys in their deterministic order: body, batch, entry,
+    signature; in a batch: path, size, index), without walking a generic map."""
+    entry_octets = entry.encode()
+    parts = [b"\xa3" if batch is None else b"\xa4", b"\x64body", encode_head(2, len(raw_body)),
+             raw_body]
+    if batch is not None:
+        index, size, path = batch
+        parts += [b"\x65batch\xa3\x64path", encode_head(4, len(path))]
+        for node in path:
+            parts += [encode_head(2, len(node)), node]
+        parts += [b"\x64size", encode_head(0, size), b"\x65index", encode_head(0, index)]
+    parts += [b"\x65entry", encode_head(3, len(entry_octets)), entry_octets,
+              b"\x69signature", encode_head(2, len(signature)), signature]
+    return b"".join(parts)
+
+
+def batch_message(size: int, root: bytes) -> bytes:
+    """What the entry signs for a batch of ``size`` bodies whose Merkle Tree Hash is
+    ``root``."""
+    return BATCH_LABEL + size.to_bytes(8, "big") + root
+
+
+def seal_batch(raw_bodies: Sequence[bytes], entry: str,
+               sign: Callable[[bytes], bytes]) -> list[bytes]:
+    """Each of ``raw_bodies`` (deterministic CBOR maps, all different) sealed by
+    ``entry`` with one signature; a single body gets the plain form."""
+    size = len(raw_bodies)
+    if size == 1:
+        raw = raw_bodies[0]
+        return [encode_sealed(raw, entry, sign(raw))]
+    if not 1 < size <= MAX_BATCH_SIZE:
+        raise ValueError(f"a batch holds 1 to {MAX_BATCH_SIZE} bodies, not {size}")
+    leaves = [leaf_hash(raw) for raw in raw_bodies]
+    nodes: dict[tuple[int, int], bytes] = {}
+
+    def mth(start: int, end: int) -> bytes:  # every node once: 2 * size - 1 hashes
+        found = nodes.get((start, end))
+        if found is None:
+            if end - start == 1:
+                found = leaves[start]
+            else:
+                k = largest_power_of_two_below(end - start)
+                found = node_hash(mth(start, start + k), mth(start + k, end))
+            nodes[(start, end)] = found
+        return found
+
+    signature = sign(batch_message(size, mth(0, size)))
+    return [encode_sealed(raw, entry, signature, (index, size, inclusion_proof(index, size, mth)))
+            for index, raw in enumerate(raw_bodies)]
 
 
 def unseal(decision: bytes) -> SealedDecision:
@@ -44,30 +129,108 @@ def unseal(decision: bytes) -> SealedDecision:
 
     :raises SealError: not a sealed decision.
     """
+    return _unsealed(_decoded(decision))
+
+
+def _decoded(decision: bytes) -> dict[Any, Any]:
     try:
         item = decode_item(decision)
-        raw, entry = item["body"], item["entry"]
+    except Exception:
+        raise SealError("not a sealed decision") from None
+    if not isinstance(item, dict):
+        raise SealError("not a sealed decision")
+    return item
+
+
+def _unsealed(item: dict[Any, Any]) -> SealedDecision:
+    raw, entry = item.get("body"), item.get("entry")
+    if not (isinstance(raw, bytes) and isinstance(entry, str)):
+        raise SealError("not a sealed decision")
+    try:
         body = decode_item(raw)
     except Exception:
         raise SealError("not a sealed decision") from None
-    if not (isinstance(raw, bytes) and isinstance(entry, str) and isinstance(body, dict)):
+    if not isinstance(body, dict):
         raise SealError("not a sealed decision")
     return SealedDecision(body=body, entry=entry, raw_body=raw)
 
 
+class SealOpener:
+    """Opens sealed decisions, verifying each batch signature once.
+
+    Verified batch signatures are kept, most recently used last, up to
+    ``capacity``: a hit is exactly a (key, message, signature) that verified
+    before, so eviction only costs a verification again.
+    """
+
+    def __init__(self, capacity: int = 4096) -> None:
+        self.capacity = capacity
+        self._verified: OrderedDict[tuple[bytes, bytes, bytes], None] = OrderedDict()
+        self.verifications = 0
+        """Signatures verified (a batch's first decision, or a plain seal)."""
+        self.reused = 0
+        """Batch decisions whose signature was verified before."""
+
+    def open(self, decision: bytes, validators: ValidatorSet) -> SealedDecision:
+        """The decision's body if an active validator sealed it; :class:`SealError` if
+        not (the message says which check failed)."""
+        item = _decoded(decision)
+        sealed = _unsealed(item)
+        signature = item.get("signature")
+        if not isinstance(signature, bytes) or len(signature) != 64:
+            raise SealError("the seal's signature is not 64 octets")
+        batch = _batch(item.get("batch")) if "batch" in item else None
+        if encode_sealed(sealed.raw_body, sealed.entry, signature, batch) != decision:
+            # other keys, or another encoding of these: one decision has one digest
+            raise SealError("a sealed decision is the deterministic CBOR of exactly body, "
+                            "entry, signature (and batch)")
+        validator = validators.by_id.get(sealed.entry)
+        if validator is None or validator.power == 0:
+            raise SealError(f"{sealed.entry!r} is not an active validator")
+        if batch is None:
+            self.verifications += 1
+            if not validator.verify(signature, sealed.raw_body):
+                raise SealError("the entry validator's signature does not verify")
+            return sealed
+        self._check_batch(validator, sealed.raw_body, batch, signature)
+        return sealed
+
+    def _check_batch(self, validator: Validator, raw_body: bytes, batch: Batch,
+                     signature: bytes) -> None:
+        index, size, path = batch
+        if not 2 <= size <= MAX_BATCH_SIZE:
+            raise SealError(f"the seal's batch size {size} is not 2 to {MAX_BATCH_SIZE}")
+        try:
+            root = root_from_inclusion_proof(index, size, leaf_hash(raw_body), path)
+        except ProofError as exc:
+            raise SealError(f"the seal's batch path does not hold: {exc}") from None
+        message = batch_message(size, root)
+        key = (validator.public_key, message, signature)
+        if key in self._verified:
+            self._verified.move_to_end(key)
+            self.reused += 1
+            return
+        self.verifications += 1
+        if not validator.verify(signature, message):
+            raise SealError("the entry validator's signature of the batch root does not "
+                            "verify")
+        self._verified[key] = None
+        if len(self._verified) > self.capacity:
+            self._verified.popitem(last=False)
+
+
+def _batch(batch: Any) -> Batch:
+    """A seal's ``batch`` map as (index, size, path), or :class:`SealError`."""
+    if not isinstance(batch, dict) or batch.keys() != {"index", "size", "path"}:
+        raise SealError("the seal's batch is not {index, size, path}")
+    index, size, path = batch["index"], batch["size"], batch["path"]
+    if not (type(index) is int and type(size) is int and index >= 0 and size >= 0
+            and isinstance(path, list) and all(type(node) is bytes for node in path)):
+        raise SealError("the seal's batch is not {index, size, path}")
+    return index, size, path
+
+
 def open_sealed(decision: bytes, validators: ValidatorSet) -> SealedDecision:
-    """The decision's body if an active validator sealed it; :class:`SealError` if not."""
-    try:
-        item = decode_item(decision)
-        signature = item["signature"]
-    except Exception:
-        raise SealError("not a sealed decision") from None
-    sealed = unseal(decision)
-    if not isinstance(signature, bytes):
-        raise SealError("not a sealed decision")
-    validator = validators.by_id.get(sealed.entry)
-    if validator is None or validator.power == 0:
-        raise SealError(f"{sealed.entry!r} is not an active validator")
-    if not validator.verify(signature, sealed.raw_body):
-        raise SealError("the entry validator's signature does not verify")
-    return sealed
+    """The decision's body if an active validator sealed it; :class:`SealError` if not
+    (one decision on its own: nothing is remembered)."""
+    return SealOpener(capacity=0).open(decision, validators)

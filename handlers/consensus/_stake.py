@@ -7,13 +7,12 @@ until it is committed and executed.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Protocol
 
 from protocol import ConsensusRejected
 
 from ._driver import ConsensusChain
-from ._sealed import seal
+from ._sealer import Sealer
 
 
 class Faucet(Protocol):
@@ -27,21 +26,19 @@ class Faucet(Protocol):
 class ChainFaucet:
     """A credit is a ``stake`` decision; every validator applies it once committed.
 
-    :param sign: signs with this validator's key (the decision's seal).
+    :param sealer: seals with this validator's key.
     :param timeout: seconds to wait for the commit.
     """
 
-    def __init__(self, *, chain: ConsensusChain, entry: str, sign: Callable[[bytes], bytes],
-                 timeout: float) -> None:
+    def __init__(self, *, chain: ConsensusChain, sealer: Sealer, timeout: float) -> None:
         self.chain = chain
-        self.entry = entry
-        self.sign = sign
+        self.sealer = sealer
         self.timeout = timeout
 
     async def credit(self, key_id: str, amount: int) -> None:
         body = {"kind": "stake", "key_id": key_id, "amount": amount, "reason": "faucet",
                 "at_ms": int(self.chain.clock() * 1000)}
-        committed = await self.chain.submit(seal(body, self.entry, self.sign), checked=False,
+        committed = await self.chain.submit(await self.sealer.seal(body), checked=False,
                                             timeout=self.timeout)
         outcome = committed.outcome
         if outcome is not None and not getattr(outcome, "accepted", True):

@@ -17,7 +17,8 @@
   CT checkpoints in the block.
 
 A refused decision is counted against the validator that sealed it
-(``consensus.status``).
+(``consensus.status``); one whose seal does not open, against the validator that
+gossiped it.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ from protocol.ops.consensus import Operation
 from ..ca import NamingPolicy, check_request
 from ..consensus import Executed, SealError
 from ..consensus._cosign import checkpoint_body, precommit_extension
-from ..consensus._sealed import open_sealed
+from ..consensus._sealed import SealOpener
 from ..consensus.bft import Block, Commit, ValidatorSet
 from ..ct import ChainValidator
 from ._machine import MAX_DECISION_AGE_MS, CaStateMachine
@@ -67,6 +68,7 @@ class CaRules:
     :param verify_proofs: the node's four-proof verifier.
     :param root: the cluster's root certificate (announced intermediates chain to it).
     :param node_names: validator id -> the names its own TLS certificate may carry.
+    :param seals: opens the decisions' seals (it remembers verified batch signatures).
     :param cosign: signs this validator's checkpoint cosignatures (None: an observer).
     :param on_block: called after each block is executed (the cluster's epoch beacons).
     """
@@ -74,7 +76,7 @@ class CaRules:
     def __init__(self, *, machine: CaStateMachine, policy: NamingPolicy,
                  verify_proofs: Verify, chains: ChainValidator, root: x509.Certificate,
                  node_names: Mapping[str, frozenset[str]], lifetime: float, backdate: float,
-                 development: bool, minimum_stake: int,
+                 development: bool, minimum_stake: int, seals: SealOpener,
                  cosign: Callable[[bytes], bytes] | None = None,
                  on_block: Callable[[Block], Awaitable[None]] | None = None,
                  clock: Callable[[], float] = time.time) -> None:
@@ -88,6 +90,7 @@ class CaRules:
         self.backdate = backdate
         self.development = development
         self.minimum_stake = minimum_stake
+        self.seals = seals
         self.cosign = cosign
         self.on_block = on_block
         self.clock = clock
@@ -102,12 +105,16 @@ class CaRules:
 
     # --- before the vote --------------------------------------------------------------
 
-    async def check(self, decision: bytes, validators: ValidatorSet) -> str | None:
+    async def check(self, decision: bytes, validators: ValidatorSet,
+                    sender: str | None = None) -> str | None:
         """None if ``decision`` may be committed, else why not (counted against the
-        validator that sealed it)."""
+        validator that sealed it; a seal that does not open, against ``sender``, the
+        validator that gossiped it: a validator gossips only its own decisions)."""
         try:
-            sealed = open_sealed(decision, validators)
+            sealed = self.seals.open(decision, validators)
         except SealError as exc:
+            if sender is not None:
+                self.machine.refusals[sender] = self.machine.refusals.get(sender, 0) + 1
             return str(exc)
         try:
             parsed = parse(sealed.body)

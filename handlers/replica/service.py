@@ -38,7 +38,7 @@ from store import CertificateRecord
 from .._router import RequestContext, Router
 from .._tasks import cancel_and_wait
 from ..ca._profile import ProfileError, check_certificate
-from ..consensus import ConsensusChain, seal
+from ..consensus import ConsensusChain, Sealer
 from ..ct import UNREACHABLE_RETRY_AFTER
 from ._machine import (
     PRECERTIFICATE_NOT_EVIDENCE,
@@ -62,19 +62,22 @@ def raise_refused(outcome: Outcome) -> None:
 class DecisionLog:
     """Seals this validator's decisions and waits for their outcome.
 
-    :param entry: this validator's id; ``sign`` signs with its key.
+    :param sealer: seals with this validator's key (its id is ``sealer.entry``).
     :param timeout: seconds a decision may take to be committed and executed.
     """
 
-    def __init__(self, *, chain: ConsensusChain, machine: CaStateMachine, entry: str,
-                 sign: Callable[[bytes], bytes], timeout: float,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, *, chain: ConsensusChain, machine: CaStateMachine, sealer: Sealer,
+                 timeout: float, clock: Callable[[], float] = time.time) -> None:
         self.chain = chain
         self.machine = machine
-        self.entry = entry
-        self.sign = sign
+        self.sealer = sealer
         self.timeout = timeout
         self.clock = clock
+
+    @property
+    def entry(self) -> str:
+        """This validator's id (the entry of its decisions)."""
+        return self.sealer.entry
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -91,8 +94,8 @@ class DecisionLog:
         if paused is not None:
             raise Unavailable(f"this validator cannot take new operations now: {paused}; "
                               "try again shortly", retry_after=UNREACHABLE_RETRY_AFTER)
-        sealed = seal(decision.body(), self.entry, self.sign)
-        remember(sealed, self.entry, decision)  # executing it will not read it again
+        sealed = await self.sealer.seal(decision.body())
+        remember(sealed, self.sealer.entry, decision)  # executing it will not read it again
         committed = await self.chain.submit(sealed, checked=checked, timeout=self.timeout)
         outcome = committed.outcome
         if not isinstance(outcome, Outcome):  # committed before a restart: no outcome kept

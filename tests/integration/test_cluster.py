@@ -371,6 +371,43 @@ async def _issue_many(cluster: Cluster, prover: stoq.Prover, nodes: list[int],
             await client.close()
 
 
+async def test_forged_batch_seals_refused_and_counted_against_their_sender(
+        tmp_path: Path, prover: stoq.Prover, cddl: CddlChecker) -> None:
+    """Four validators, node-4 forging seals (tests/byzantine.py --forge bad-seal): a
+    body with a path that does not lead to the root it signed, and a body under another
+    validator's entry and signature. Every honest validator refuses both and counts
+    them against the forger, never against the validator whose seal was borrowed;
+    meanwhile concurrent issuances are sealed in batches and committed."""
+    forger = 3
+    with running_cluster(tmp_path / "c4", 4, forgers=(forger,), forge="bad-seal",
+                         checker=cddl, **FAST, **CHEAP_WORK) as cluster:
+        honest = [0, 1, 2]
+        await cluster.wait_until(honest, _keys_announced(4), 90, "every validator's keys")
+        results = await _issue_many(cluster, prover, honest, 48)
+        statuses = await cluster.wait_until(
+            honest, lambda s: s["refused"].get(cluster.id(forger), 0) >= 4, 60,
+            "the forged seals refused")
+        for status in statuses.values():
+            assert set(status["refused"]) == {cluster.id(forger)}, status["refused"]
+        forged = cluster.log(forger).read_text()
+        assert '"variant": "forged-path"' in forged and '"variant": "foreign-root"' in forged
+        for i in honest:
+            log = cluster.log(i).read_text()
+            assert "batch root does not verify" in log, f"node-{i + 1} refused nothing"
+        # honest decisions were sealed in batches, and committed
+        height = max(r["block_height"] for r in results)
+        await _executed(cluster, honest, height)
+        kinds: dict[str, int] = {}
+        for entry in await cluster.blocks(0, 1, 256):
+            for raw in Block.from_wire(decode_item(entry["block"])).decisions:
+                item = decode_item(raw)
+                form = "batch" if "batch" in item else "plain"
+                kinds[form] = kinds.get(form, 0) + 1
+        assert kinds.get("batch", 0) > 0, kinds
+        print(f"decisions committed by form: {kinds}")
+        await _same_state(cluster, honest)
+
+
 def _sign_outside_consensus(data_dir: Path, model: x509.Certificate,
                             issuer: x509.Certificate) -> bytes:
     """A copy of ``model`` with a fresh serial, signed directly with the issuer's key."""

@@ -40,7 +40,7 @@ from handlers.ca import (
     revocation_statement,
     validity,
 )
-from handlers.consensus import Executed, seal, unseal
+from handlers.consensus import Executed, seal, seal_batch, unseal
 from handlers.consensus.bft import GENESIS_ID, Block, Validator
 from handlers.replica import (
     Issue,
@@ -56,6 +56,7 @@ from handlers.replica import (
     ValidatorKeys,
 )
 from handlers.replica._read import MalformedDecision, read_sealed, remember
+from protocol import encode_deterministic
 from protocol.decisions import Decision, parse
 from protocol.ops import dns as dns_ops
 from protocol.ops.consensus import Operation
@@ -151,11 +152,12 @@ class Cluster:
         return int(self.clock() * 1000)
 
     def block(self, *decisions: Decision | bytes) -> Block:
-        """The next block, sealed by A, stamped with the clock (1 ms after the last)."""
+        """The next block, its new decisions sealed by A in one batch, stamped with the
+        clock (1 ms after the last)."""
         previous = self.blocks[-1] if self.blocks else None
-        sealed = tuple(d if isinstance(d, bytes) else seal(d.body(), self.entry,
-                                                           self.signer.sign)
-                       for d in decisions)
+        new = [encode_deterministic(d.body()) for d in decisions if not isinstance(d, bytes)]
+        batch = iter(seal_batch(new, self.entry, self.signer.sign) if new else [])
+        sealed = tuple(d if isinstance(d, bytes) else next(batch) for d in decisions)
         return Block(height=len(self.blocks) + 1,
                      previous=previous.id if previous else GENESIS_ID,
                      time_ms=max(self.now_ms(), previous.time_ms + 1 if previous else 0),
