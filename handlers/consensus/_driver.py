@@ -80,6 +80,17 @@ ENVELOPE_ROOM = 4096
 quarter of a small frame)."""
 
 
+_DECIDED_HEAD = b"\xa3\x64kind\x67decided"
+"""A map of three pairs and its first, ``kind``: deterministic CBOR orders the keys
+``kind``, ``block``, ``commit`` (by their encodings' bytes)."""
+
+
+def decided_message(block: bytes, commit: bytes) -> bytes:
+    """The ``bft-decided`` message of a stored block and its commit, both already in
+    deterministic CBOR: spliced in place, never decoded and encoded again."""
+    return _DECIDED_HEAD + b"\x65block" + block + b"\x66commit" + commit
+
+
 MAX_KEPT_PROPOSALS = 16
 """Our latest proposals, kept whole for a peer that could not rebuild one (``want-proposal``)."""
 
@@ -799,9 +810,7 @@ class ConsensusChain:
         stored = self.store.block(height)
         if peer is None or stored is None:
             return
-        message = CommitMessage(Block.from_wire(decode_item(stored.block)),
-                                Commit.from_wire(decode_item(stored.commit)))
-        self._enqueue(peer, encode_message(message))
+        self._enqueue(peer, decided_message(stored.block, stored.commit))
 
     def _start_sync(self, validator: str, start: int) -> None:
         if self._syncing or validator not in self.peers:

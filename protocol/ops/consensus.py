@@ -20,6 +20,7 @@ A proof set on the wire (the ``proofs`` argument of ``ca.issue`` and
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -218,7 +219,7 @@ class SpaceProof:
 
     def digest(self) -> bytes:
         """SHA-256 of the deterministic encoding of :meth:`to_wire`: what the binding signs."""
-        return _sha256(encode_deterministic(self.to_wire()))
+        return _credential_digest(self)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -235,7 +236,14 @@ class TimeProof:
         return {"iterations": self.iterations, "output": self.output, "proof": self.proof}
 
     def digest(self) -> bytes:
-        return _sha256(encode_deterministic(self.to_wire()))
+        return _credential_digest(self)
+
+
+@functools.lru_cache(maxsize=1024)
+def _credential_digest(proof: SpaceProof | TimeProof) -> bytes:
+    """The digest of an epoch credential, which its requester sends with every request of
+    the epoch: computed once per credential while it is in use."""
+    return _sha256(encode_deterministic(proof.to_wire()))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -389,10 +397,13 @@ def vdf_challenge(beacon: bytes, epoch: int, spki: bytes) -> bytes:
                                          "key": key_id(spki)}))
 
 
+@functools.lru_cache(maxsize=4096)
 def work_prefix(op: Operation, request: bytes, key: bytes, epoch: int) -> bytes:
     """What the work nonce is appended to: the hash is SHA-256(prefix || nonce).
 
-    ``key`` is the requester's key id (:func:`key_id`).
+    ``key`` is the requester's key id (:func:`key_id`). Kept for the latest requests:
+    a validator computes it when it checks the proofs and again when it executes
+    the decision (the proof of work it marks used).
     """
     return encode_deterministic({"ctx": _CTX_WORK, "op": op, "request": request, "key": key,
                                  "epoch": epoch})

@@ -19,7 +19,7 @@ from handlers.consensus._compact import (
     rebuild_proposal,
     want_proposal,
 )
-from handlers.consensus._driver import decision_digest
+from handlers.consensus._driver import decided_message, decision_digest
 from handlers.consensus.bft import (
     BadMessage,
     Block,
@@ -142,3 +142,19 @@ def test_a_malformed_compact_proposal_is_refused(keys: list[Ed25519PrivateKey], 
         rebuild_proposal(item, {decision_digest(b"d"): b"d"}.get)
     with pytest.raises(BadMessage, match="height and round"):
         parse_want({"kind": "want-proposal", "height": 0, "round": 0})
+
+
+def test_a_stored_block_is_sent_as_the_decided_message_it_encodes(
+        keys: list[Ed25519PrivateKey]) -> None:
+    validators = _validators(keys)
+    by_id = {Validator(k.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)).id: k
+             for k in keys}
+    ids = [v.id for v in validators.validators]
+    block = Block(height=7, previous=bytes(32), time_ms=1_795_000_000_000, proposer=ids[0],
+                  decisions=(b"a" * 300, b"b"))
+    votes = tuple(Vote(VoteType.PRECOMMIT, 7, 0, block.id, i).signed(CHAIN, by_id[i].sign)
+                  for i in ids[:3])
+    commit = Commit(7, 0, block.id, votes)
+    spliced = decided_message(block.encoded, encode_deterministic(commit.to_wire()))
+    assert spliced == encode_message(CommitMessage(block, commit))
+    _schema("bft-decided").validate_cbor(spliced)
