@@ -91,6 +91,8 @@ def decided_message(block: bytes, commit: bytes) -> bytes:
     return _DECIDED_HEAD + b"\x65block" + block + b"\x66commit" + commit
 
 
+MAX_BEHIND_NOTED = 256
+
 MAX_KEPT_PROPOSALS = 16
 """Our latest proposals, kept whole for a peer that could not rebuild one (``want-proposal``)."""
 
@@ -241,6 +243,8 @@ class ConsensusChain:
         self.genesis_validators = validators
         self.mempool: OrderedDict[bytes, bytes] = OrderedDict()
         self._proposed: OrderedDict[tuple[int, int], bytes] = OrderedDict()
+        self._behind: dict[tuple[str, int], bool] = {}
+        """(peer, height) reported behind once: served when reported again."""
         self.proposals = {"rebuilt": 0, "wanted": 0, "served": 0}
         """Compact proposals rebuilt from the mempool, asked for whole, sent whole."""
         self._verdicts: dict[bytes, str | None] = {}
@@ -672,7 +676,7 @@ class ConsensusChain:
             elif isinstance(effect, Misbehaviour):
                 self._misbehaved(effect.validator, effect.reason)
             elif isinstance(effect, PeerBehind):
-                self._serve_behind(effect.validator, effect.height)
+                self._peer_behind(effect.validator, effect.height)
             elif isinstance(effect, NeedBlocks):
                 self._start_sync(effect.validator, effect.from_height)
         if self.peers:
@@ -804,6 +808,21 @@ class ConsensusChain:
                 peer.connected = True
                 peer.sent += len(batch)
                 backoff = 0.05
+
+    def _peer_behind(self, validator: str, height: int) -> None:
+        """Send a peer that is behind the block it lacks, if it still lacks it a gossip
+        interval later. Under load a validator is often a moment behind the quorum (it
+        is still executing, or a precommit is on its way) and decides by itself; sending
+        every such peer the whole block at every height (up to n - 1 copies of each)
+        cost more than the blocks' decisions themselves. The core reports the same
+        peer and height again only after its next gossip tick."""
+        key = (validator, height)
+        if key not in self._behind:
+            self._behind[key] = True
+            while len(self._behind) > MAX_BEHIND_NOTED:
+                del self._behind[next(iter(self._behind))]
+            return
+        self._serve_behind(validator, height)
 
     def _serve_behind(self, validator: str, height: int) -> None:
         peer = self.peers.get(validator)

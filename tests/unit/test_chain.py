@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import cbor2
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -95,21 +97,30 @@ async def test_a_validator_alone_makes_no_empty_blocks(tmp_path: Path) -> None:
         chain.store.close()
 
 
-class InProcessLinks:
-    """Two validators in one process: a send is the other's ``receive``. Decision batches
-    to the validators in ``starved`` are lost, so proposals reach them compact with
-    decisions they never saw."""
+Lose = Callable[[str, str, dict[str, Any]], bool]
+"""``(sender, receiver, message)``: True to lose the message on the way."""
 
-    def __init__(self, me: str, chains: dict[str, ConsensusChain], starved: set[str]) -> None:
-        self.me, self.chains, self.starved = me, chains, starved
+
+class InProcessLinks:
+    """Two validators in one process: a send is the other's ``receive``, but for the
+    messages ``lose`` drops; ``fetch`` False: blocks cannot be fetched (a validator that
+    is behind then catches up only from the commits its peers send it)."""
+
+    def __init__(self, me: str, chains: dict[str, ConsensusChain], lose: Lose,
+                 fetch: bool = True) -> None:
+        self.me, self.chains, self.lose, self.fetch = me, chains, lose, fetch
+        self.delivered: list[tuple[str, str]] = []
+        """(receiver, kind) of every message delivered."""
 
     async def send(self, validator: str, messages: list[bytes]) -> None:
-        if validator in self.starved:
-            messages = [m for m in messages if cbor2.loads(m).get("kind") != "decisions"]
-        await self.chains[validator].receive(messages, sender=self.me)
+        kept = [m for m in messages if not self.lose(self.me, validator, cbor2.loads(m))]
+        self.delivered += [(validator, cbor2.loads(m)["kind"]) for m in kept]
+        await self.chains[validator].receive(kept, sender=self.me)
 
     async def fetch_blocks(self, validator: str, start: int,
                            limit: int) -> list[tuple[bytes, bytes]]:
+        if not self.fetch:
+            raise ConnectionError("blocks cannot be fetched in this test")
         return [(b.block, b.commit) for b in self.chains[validator].blocks(start, limit)]
 
     def drop(self, validator: str) -> None:
@@ -123,14 +134,19 @@ PAIR_IDS = [Validator(k.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw
             for k in PAIR_KEYS]
 
 
-async def _pair(tmp_path: Path, starved: set[str] | None = None) -> list[ConsensusChain]:
+def _nothing_lost(sender: str, receiver: str, message: dict[str, Any]) -> bool:
+    return False
+
+
+async def _pair(tmp_path: Path, lose: Lose = _nothing_lost,
+                fetch: bool = True) -> list[ConsensusChain]:
     chains: dict[str, ConsensusChain] = {}
     for key, me in zip(PAIR_KEYS, PAIR_IDS, strict=True):
         (tmp_path / me[:8]).mkdir()
         chains[me] = ConsensusChain(
             chain_id="unit", validators=PAIR,
             store=ChainStore(tmp_path / me[:8] / "chain.sqlite3"),
-            transport=InProcessLinks(me, chains, starved or set()), rules=OpenRules(), me=me,
+            transport=InProcessLinks(me, chains, lose, fetch), rules=OpenRules(), me=me,
             sign=key.sign, timeouts=Timeouts(propose=0.3, prevote=0.2, precommit=0.2,
                                              delta=0.1),
             block_interval=60.0, gossip_interval=0.2)
@@ -157,7 +173,10 @@ async def test_proposals_travel_compact_and_are_rebuilt_from_the_mempool(
 
 async def test_a_validator_that_missed_a_decision_asks_for_the_whole_proposal(
         tmp_path: Path) -> None:
-    chains = await _pair(tmp_path, starved={PAIR_IDS[1]})
+    def starve(sender: str, receiver: str, message: dict[str, Any]) -> bool:
+        return receiver == PAIR_IDS[1] and message["kind"] == "decisions"
+
+    chains = await _pair(tmp_path, starve)
     try:
         decision = os.urandom(500)
         committed = await chains[0].submit(decision, timeout=20)
@@ -173,3 +192,44 @@ async def test_a_validator_that_missed_a_decision_asks_for_the_whole_proposal(
     assert chains[1].store.decision(hashlib.sha256(decision).digest()) is not None
     assert chains[1].status()["proposals"]["wanted"] >= 1
     assert chains[0].status()["proposals"]["served"] >= 1
+
+
+async def test_a_validator_still_behind_a_gossip_interval_later_gets_the_decided_block(
+        tmp_path: Path) -> None:
+    """B never gets A's precommits, so only A can decide; B, behind, keeps sending its
+    votes of that height. A does not answer the first with the whole block (a peer a
+    moment behind decides by itself), but it does when B is still behind after a
+    gossip tick; B cannot fetch blocks here, so that commit is how it decides."""
+    a, b = PAIR_IDS
+
+    def lose(sender: str, receiver: str, message: dict[str, Any]) -> bool:
+        return (sender, receiver) == (a, b) and message["kind"] == "vote" \
+            and message["type"] == 2
+
+    chains = await _pair(tmp_path, lose, fetch=False)
+    try:
+        committed = await chains[0].submit(os.urandom(200), timeout=20)
+        for _ in range(200):
+            if chains[1].last_block is not None:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        for chain in chains:
+            await chain.stop()
+    assert chains[1].last_block is not None
+    assert chains[1].last_block.id == committed.block.id
+    links = chains[0].transport
+    assert isinstance(links, InProcessLinks)
+    assert 1 <= links.delivered.count((b, "decided")) <= 2
+    # the grace itself: the first report of a peer behind sends nothing, the next does
+    peer = chains[0].peers[b]
+    peer.outbox.clear()
+    chains[0]._peer_behind(b, committed.block.height + 100)  # noted (no such block yet)
+    chains[0]._peer_behind(b, committed.block.height + 100)  # nothing stored to send
+    assert peer.outbox == []
+    fresh = (b, committed.block.height)
+    chains[0]._behind.pop(fresh, None)
+    chains[0]._peer_behind(*fresh)
+    assert peer.outbox == []
+    chains[0]._peer_behind(*fresh)
+    assert [cbor2.loads(m)["kind"] for m in peer.outbox] == ["decided"]
