@@ -746,17 +746,21 @@ def jobs_for(size: int, settings: Settings) -> list[Job]:
     if size in settings.issue_sizes and settings.requesters:
         # an issuance is two commits (the decision, then the signed certificate): the
         # loop needs longer than its latency to fill before the window opens
-        window = settings.issue_window
+        pool, window, settle = issue_timing(settings)
         jobs.append(Job(name="issue-load", kind="issue", mode="closed",
-                        in_flight=DEEP_IN_FLIGHT,
-                        pool=settings.issue_pool if window is None else max(
-                            settings.issue_pool,
-                            int((window + LONG_ISSUE_WARMUP) * LONG_ISSUE_RATE)),
-                        requesters=settings.requesters,
-                        duration=max(duration, DURATION) if window is None else window,
-                        warmup=max(warmup, ISSUE_WARMUP) if window is None
-                        else LONG_ISSUE_WARMUP))
+                        in_flight=DEEP_IN_FLIGHT, pool=pool, requesters=settings.requesters,
+                        duration=window, warmup=settle))
     return jobs
+
+
+def issue_timing(settings: Settings) -> tuple[int, float, float]:
+    """The ca.issue load's proof sets, window and warm-up (seconds)."""
+    window = settings.issue_window
+    if window is None:
+        return (settings.issue_pool, max(settings.duration, DURATION),
+                max(settings.warmup, ISSUE_WARMUP))
+    return (max(settings.issue_pool, int((window + LONG_ISSUE_WARMUP) * LONG_ISSUE_RATE)),
+            window, LONG_ISSUE_WARMUP)
 
 
 def run_size(children: Children, tmp: Path, size: int, settings: Settings) -> SizeFigures:
@@ -1345,13 +1349,13 @@ def load_average() -> str:
 
 
 def settings_lines(settings: Settings, sizes: list[int]) -> str:
+    pool, window, settle = issue_timing(settings)
     issue = (f"ca.issue at N = {', '.join(map(str, settings.issue_sizes))}: "
              f"{len(settings.requesters)} requesters (P-256 keys, k={PLOT_SIZE} plots, the "
              f"development VDF of 10,000 iterations), funded through consensus.faucet first; "
-             f"{settings.issue_pool:,} proof sets (new P-256 CSR and name each, fresh work, "
+             f"{pool:,} proof sets (new P-256 CSR and name each, fresh work, "
              f"binding) built before the clock starts; "
-             f"{max(settings.warmup, ISSUE_WARMUP):g} s warm-up then a "
-             f"{max(settings.duration, DURATION):g} s window (an issuance is two commits)"
+             f"{settle:g} s warm-up then a {window:g} s window (an issuance is two commits)"
              if settings.issue_sizes else "no ca.issue run (needs N = 1 or 4)")
     return "\n".join([
         f"- clusters of {', '.join(map(str, sizes))} validators, each made by `trustchain "
