@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import random
+from typing import Any
 
 import cbor2
 import pytest
@@ -11,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from protocol import MalformedFrame, decode_item, encode_deterministic
+from protocol._cbor import _encode, _text_keyed
 from protocol._errors import LocalProtocolError
 
 # RFC 8949 Appendix A examples whose preferred encoding is the deterministic one.
@@ -123,3 +126,49 @@ def test_shared_reference_bomb_is_cheap_to_refuse() -> None:
     payload = bytes.fromhex("d81c82" + "d81d00d81d00" * 40)
     with pytest.raises(MalformedFrame, match="tags"):
         decode_item(payload)
+
+
+_EDGE_INTS = [0, 1, 23, 24, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**64 - 1,
+              -1, -24, -25, -256, -257, -65536, -65537, -(2**32), -(2**32) - 1, -(2**64)]
+_EDGE_LENGTHS = [0, 1, 23, 24, 255, 256, 65535, 65536]
+
+
+def _random_value(rng: random.Random, depth: int) -> Any:
+    pick = rng.randrange(9 if depth < 4 else 6)
+    if pick == 0:
+        return max(-(2**64), min(2**64 - 1, rng.choice(_EDGE_INTS) + rng.choice([1, -1])))
+    if pick == 1:
+        return rng.randbytes(rng.choice(_EDGE_LENGTHS[:6]))
+    if pick == 2:
+        length = rng.choice([0, 1, 5, 23, 24, 30, 300])
+        return "".join(rng.choice("az_é漢🔑") for _ in range(length))
+    if pick == 3:
+        return rng.choice([True, False, None])
+    if pick in (4, 5):
+        return rng.choice(_EDGE_INTS)
+    if pick == 6:
+        return [_random_value(rng, depth + 1) for _ in range(rng.choice([0, 1, 3, 24]))]
+    if pick == 7:
+        return tuple(_random_value(rng, depth + 1) for _ in range(rng.randrange(4)))
+    keys = {"".join(rng.choice("abcé") for _ in range(rng.choice([0, 1, 2, 3, 22, 23, 24, 25])))
+            for _ in range(rng.randrange(12))}
+    return {k: _random_value(rng, depth + 1) for k in keys}
+
+
+def test_text_keyed_items_encode_as_the_reference_encoder_does() -> None:
+    """The fast path (cbor2's canonical mode for text-keyed maps) gives the bytes of the
+    RFC 8949 §4.2.1 encoder byte for byte: edge integers, string lengths around every head
+    size, keys of lengths around 23/24, non-ASCII keys, nesting."""
+    rng = random.Random(8949)
+    fast = 0
+    for _ in range(3000):
+        value = _random_value(rng, 0)
+        assert encode_deterministic(value) == _encode(value)
+        fast += _text_keyed(value, 0)
+    assert fast > 2500  # the comparison covers the fast path, not only the fallback
+    assert encode_deterministic({"a": 1.5}) == _encode({"a": 1.5})  # floats: the fallback
+    assert not _text_keyed({1: "x", "a": 2}, 0) and not _text_keyed(2**64, 0)
+    with pytest.raises(LocalProtocolError):
+        encode_deterministic({"a": 2**64})
+    with pytest.raises(LocalProtocolError):
+        encode_deterministic({"a": bytearray(b"x")})
