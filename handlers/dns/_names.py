@@ -24,13 +24,15 @@ label (what certificate names are)."""
 
 @dns.immutable.immutable
 class OwnerName(dns.name.Name):
-    """A :class:`dns.name.Name` that computes its (case-insensitive) hash once."""
+    """A :class:`dns.name.Name` that computes its (case-insensitive) hash and its
+    lower-cased labels (:func:`folded`) once."""
 
-    __slots__ = ("_hash",)
+    __slots__ = ("_hash", "folded")
 
     def __init__(self, labels: Iterable[bytes | str]) -> None:
         super().__init__(labels)
         self._hash = super().__hash__()
+        self.folded = tuple(label.lower() for label in self.labels)
 
     def __hash__(self) -> int:
         return self._hash
@@ -57,6 +59,8 @@ def prefixed(labels: tuple[bytes, ...], name: dns.name.Name) -> OwnerName:
 
 def folded(name: dns.name.Name) -> tuple[bytes, ...]:
     """The labels of ``name``, lower-cased: what its hash and comparisons are made of."""
+    if isinstance(name, OwnerName):
+        return name.folded
     return tuple(label.lower() for label in name.labels)
 
 

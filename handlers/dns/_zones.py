@@ -18,9 +18,9 @@ the marked names are recomputed and given to :meth:`Zone.apply`, which
 replaces what changed and signs nothing: the zones sign an RRset when an
 answer first needs its RRSIG (:class:`SignatureCache`). What a publication
 needs of a name (its owner names, the zones they are in) is worked out once
-per name, and the AAAA and TLSA rdatas once per address and per key
-(:class:`Owner`, :class:`RdataCache`): every validator publishes every
-certificate, so this is paid once per issuance per validator. The zones are built
+per name (:class:`Owner`), the names and addresses of a certificate once, the
+AAAA and TLSA rdatas once per address and per key (:class:`RdataCache`):
+every validator publishes every certificate. The zones are built
 whole (:func:`build_zone`) at start and when the DNSKEY set or the signing key
 changes; the maintenance pass drops the signatures due for refresh. Every
 change drops the rendered answers it made stale (:class:`RenderedAnswers`).
@@ -42,14 +42,13 @@ import dns.name
 import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
-import dns.rdtypes.ANY.TLSA
-import dns.rdtypes.IN.AAAA
 
 from store import CertificateRecord, StateDatabase
 
 from ..ca import CertificateIssued, CertificateRevoked, is_address
 from ._keys import FLAGS_KSK, KeyRing
 from ._names import absolute, folded, prefixed, spelled, within
+from ._rdatas import RdataCache
 from ._rendered import RenderedAnswers
 from ._zone import Records, SignatureCache, Zone, ZoneSettings, build_zone, next_serial
 
@@ -61,10 +60,8 @@ TLSA = dns.rdatatype.TLSA
 DNSKEY = dns.rdatatype.DNSKEY
 TLSA_PREFIX = (b"_443", b"_quic")
 """TLSA records live at ``_443._quic.NAME``: port 443, transport QUIC (RFC 6698 §3)."""
-_AAAA: Any = dns.rdtypes.IN.AAAA.AAAA  # rdata classes are untyped
-_TLSA: Any = dns.rdtypes.ANY.TLSA.TLSA
 CACHE_LIMIT = 65_536
-"""Owner names and rdatas kept at most, of each kind (a cache is emptied when full)."""
+"""Names whose owners are kept at most (the cache is emptied when full)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -103,52 +100,12 @@ class Owner:
     """For ``_443._quic.HOST``: HOST, whose certificate's key its TLSA record holds."""
 
 
-def _kept(cache: dict[Any, Any], key: Any, value: Any) -> Any:
-    """Keep ``value`` in ``cache`` (emptied first when full); returns ``value``."""
-    if len(cache) >= CACHE_LIMIT:
-        cache.clear()
-    cache[key] = value
-    return value
-
-
-class RdataCache:
-    """AAAA rdatas by address and TLSA rdatas by key, made once: rdatas are immutable
-    values, so an RRset made again of the same ones is recognised by identity
-    (:meth:`Zone.apply`) and nothing is parsed or encoded again."""
-
-    def __init__(self) -> None:
-        self._aaaa: dict[str, tuple[bytes, Any]] = {}
-        """address (as written) -> (canonical wire form, rdata)."""
-        self._tlsa: dict[str, Any] = {}
-        """SHA-256 of a SubjectPublicKeyInfo (hex) -> its ``3 1 1`` rdata."""
-
-    def aaaa(self, addresses: list[str]) -> list[Any]:
-        """The AAAA rdatas of ``addresses``, one per address however written, in
-        canonical order.
-
-        :raises dns.exception.SyntaxError: an address is not an IPv6 address.
-        """
-        found: dict[bytes, Any] = {}
-        for address in addresses:
-            made = self._aaaa.get(address)
-            if made is None:
-                rdata = _AAAA(IN, AAAA, address)
-                made = _kept(self._aaaa, address, (_digestable(rdata), rdata))
-            found.setdefault(made[0], made[1])
-        return [found[wire] for wire in sorted(found)]
-
-    def tlsa(self, spki_sha256: str) -> Any:
-        """The TLSA ``3 1 1`` rdata of the key whose SPKI hashes to ``spki_sha256``."""
-        made = self._tlsa.get(spki_sha256)
-        if made is None:
-            made = _kept(self._tlsa, spki_sha256,
-                         _TLSA(IN, TLSA, 3, 1, 1, bytes.fromhex(spki_sha256)))
-        return made
-
-
-def _published_names(record: CertificateRecord) -> list[str]:
-    """The names of ``record`` that own records: no addresses, no wildcards."""
-    return [n for n in record.names if not n.startswith("*.") and not is_address(n)]
+def _split_names(record: CertificateRecord) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The names of ``record`` that own records (no addresses, no wildcards), and its
+    IPv6 addresses."""
+    addresses = tuple(n for n in record.names if is_address(n))
+    return (tuple(n for n in record.names if not n.startswith("*.") and n not in addresses),
+            addresses)
 
 
 def newest_first(record: CertificateRecord) -> tuple[float, int, int]:
@@ -194,6 +151,8 @@ class TrustChainZones:
         self._signatures = {origin: SignatureCache() for origin in self.origins}
         """The RRSIGs of each zone, kept across its rebuilds."""
         self._valid: dict[str, CertificateRecord] = {}
+        self._names: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
+        """serial -> the names and the addresses of the valid certificate (``_split_names``)."""
         self._holders: dict[str, dict[str, CertificateRecord]] = {}
         """name -> serial -> the valid certificates carrying it (in ``_valid``'s order)."""
         self._current: dict[str, CertificateRecord] = {}
@@ -300,7 +259,8 @@ class TrustChainZones:
         if record.serial not in self._valid:
             heapq.heappush(self._expiries, (record.not_after, record.serial))
         self._valid[record.serial] = record
-        for name in _published_names(record):
+        names, _ = self._names[record.serial] = _split_names(record)
+        for name in names:
             self._holders.setdefault(name, {})[record.serial] = record
             self._pending.add(name)
 
@@ -308,7 +268,8 @@ class TrustChainZones:
         record = self._valid.pop(serial, None)
         if record is None:
             return False
-        for name in _published_names(record):
+        names, _ = self._names.pop(serial)
+        for name in names:
             holders = self._holders.get(name)
             if holders is not None:
                 holders.pop(serial, None)
@@ -392,9 +353,11 @@ class TrustChainZones:
             owner = absolute(name)
             text = spelled(owner, name)
             tlsa = prefixed(TLSA_PREFIX, owner)
-            found = _kept(self._owners, name, (
+            if len(self._owners) >= CACHE_LIMIT:
+                self._owners.clear()
+            found = self._owners[name] = (
                 self._owner(owner, text),
-                self._owner(tlsa, spelled(tlsa, "_443._quic." + text), tlsa_host=text)))
+                self._owner(tlsa, spelled(tlsa, "_443._quic." + text), tlsa_host=text))
         return found
 
     def _settle(self) -> list[Owner]:
@@ -417,7 +380,7 @@ class TrustChainZones:
         record = self._current.get(owner.text)
         addresses: list[str] = []
         if record is not None:
-            addresses = [a for a in record.names if is_address(a)]
+            addresses = list(self._names[record.serial][1])
             registered = self._registrations.get(owner.text)
             if registered is not None and registered.spki_sha256 == record.spki_sha256:
                 addresses += registered.addresses
