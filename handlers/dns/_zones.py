@@ -338,6 +338,7 @@ class TrustChainZones:
         return best
 
     def _owner(self, name: dns.name.Name, text: str, tlsa_host: str | None = None) -> Owner:
+        """``name`` (spelled ``text``) as an :class:`Owner` (``tlsa_host`` when known)."""
         if tlsa_host is None and name.labels[:len(TLSA_PREFIX)] == TLSA_PREFIX:
             tlsa_host = dns.name.Name(name.labels[len(TLSA_PREFIX):]).to_text(
                 omit_final_dot=True)
