@@ -77,7 +77,7 @@ class RdataCache:
         """The AAAA rdatas of ``addresses``, one per address however written, in
         canonical order.
 
-        :raises ValueError: an address is not an IPv6 address.
+        :raises dns.exception.SyntaxError: an address is not an IPv6 address.
         """
         found: dict[bytes, HashedAAAA] = {}
         for address in addresses:
