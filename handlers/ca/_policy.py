@@ -22,6 +22,8 @@ from protocol import InvalidRequest, Unauthorized
 
 def is_address(name: str) -> bool:
     """Whether a certificate name is an IPv6 address (it owns no DNS records)."""
+    if ":" not in name:  # every IPv6 address has one; spares a DNS name the parser's error
+        return False
     try:
         ipaddress.IPv6Address(name)
     except ValueError:

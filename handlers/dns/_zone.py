@@ -44,6 +44,7 @@ import dns.rdtypes.ANY.SOA
 import dns.rrset
 
 from ._keys import KeyRing, ZoneKey
+from ._names import folded, within
 from ._rrsig import rrsig
 
 IN = dns.rdataclass.IN
@@ -192,6 +193,11 @@ class Zone:
     soa_serial: int = -1
     """The serial the SOA RRsets (``rrsets``' and :attr:`negative_soa`) carry: made again
     from :attr:`serial` when first needed after a change (:meth:`soa`)."""
+    origin_labels: tuple[bytes, ...] = field(init=False)
+    """:attr:`origin`'s labels, lower-cased (which names are in the zone)."""
+
+    def __post_init__(self) -> None:
+        self.origin_labels = folded(self.origin)
 
     def contains(self, name: dns.name.Name) -> bool:
         return name.is_subdomain(self.origin)
@@ -255,7 +261,7 @@ class Zone:
         """A name with data, or an empty non-terminal (a name with descendants)."""
         if name in self.types:
             return True
-        return tuple(label.lower() for label in name.labels) in self.descendants
+        return folded(name) in self.descendants
 
     def compact_nsec(self, qname: dns.name.Name, kinds: Iterable[int]) -> dns.rrset.RRset:
         """The NSEC of a compact answer at ``qname`` (RFC 9824 §3): the next name is
@@ -318,43 +324,49 @@ class Zone:
         NSEC, RRSIG; NS at the apex), are ignored. The zone takes ``serial`` when
         anything changed (its SOA RRsets are made when next needed: :meth:`soa`). The
         cached signatures of replaced RRsets are dropped (they would not be served
-        anyway: the cache compares the RRset).
+        anyway: the cache compares the RRset). An RRset given the very rdata objects it
+        holds, in the same order, is recognised as unchanged without being made again.
 
         :returns: the owner names whose RRsets changed, the apex included (its SOA);
             empty when the data was already as given (the zone, serial included, is
             then unchanged).
         """
         touched: set[dns.name.Name] = set()
+        rrsets, types, signatures = self.rrsets, self.types, self.signatures
+        apex = len(self.origin_labels)
         for owner, sets in changes.items():
-            if not owner.is_subdomain(self.origin):
+            labels = folded(owner)
+            if not within(labels, self.origin_labels):
                 continue
-            own = _APEX_OWN_TYPES if owner == self.origin else _OWN_TYPES
-            old_types = self.types.get(owner, [])
+            own = _APEX_OWN_TYPES if len(labels) == apex else _OWN_TYPES
+            old_types = types.get(owner, [])
             wanted = {t: v for t, v in sets.items() if t not in own and v[1]}
             changed = False
             for rdtype in old_types:
                 if rdtype not in own and rdtype not in wanted:
-                    self.signatures.discard(self.rrsets.pop((owner, rdtype), None))
+                    signatures.discard(rrsets.pop((owner, rdtype), None))
                     changed = True
             for rdtype, (ttl, rdatas) in wanted.items():
+                old = rrsets.get((owner, rdtype))
+                if old is not None and old.ttl == ttl and _holds(old, rdatas):
+                    continue
                 rrset = dns.rrset.from_rdata_list(owner, ttl, rdatas)
-                old = self.rrsets.get((owner, rdtype))
                 if old is None or old.ttl != rrset.ttl or old != rrset:
-                    self.rrsets[(owner, rdtype)] = rrset
-                    self.signatures.discard(old)
+                    rrsets[(owner, rdtype)] = rrset
+                    signatures.discard(old)
                     changed = True
             if not changed:
                 continue
             touched.add(owner)
-            kinds = {t for t in old_types if (owner, t) in self.rrsets}
+            kinds = {t for t in old_types if (owner, t) in rrsets}
             kinds.update(wanted)
             if not kinds:  # no data left: the name leaves the zone
-                del self.types[owner]
-                _count_below(self.descendants, owner, self.origin, -1)
+                del types[owner]
+                _count_below(self.descendants, labels, apex, -1)
                 continue
-            if owner not in self.types:
-                _count_below(self.descendants, owner, self.origin, 1)
-            self.types[owner] = sorted(kinds)
+            if owner not in types:
+                _count_below(self.descendants, labels, apex, 1)
+            types[owner] = sorted(kinds)
         if not touched:
             return touched
         self.serial = serial
@@ -362,11 +374,18 @@ class Zone:
         return touched
 
 
-def _count_below(descendants: dict[tuple[bytes, ...], int], owner: dns.name.Name,
-                 origin: dns.name.Name, step: int) -> None:
-    """Add ``step`` to the count of every ancestor of ``owner`` up to ``origin``."""
-    labels = tuple(label.lower() for label in owner.labels)
-    for start in range(1, len(labels) - len(origin.labels) + 1):
+def _holds(rrset: dns.rrset.RRset, rdatas: Sequence[dns.rdata.Rdata]) -> bool:
+    """Whether ``rrset`` holds exactly the objects ``rdatas``, in their order (so it equals
+    the RRset of ``rdatas``, without hashing every rdata as comparing sets would)."""
+    return len(rrset) == len(rdatas) and all(
+        held is given for held, given in zip(rrset, rdatas, strict=True))
+
+
+def _count_below(descendants: dict[tuple[bytes, ...], int], labels: tuple[bytes, ...],
+                 apex: int, step: int) -> None:
+    """Add ``step`` to the count of every ancestor of the name of (lower-cased) ``labels``
+    down to the origin, which has ``apex`` labels."""
+    for start in range(1, len(labels) - apex + 1):
         ancestor = labels[start:]
         count = descendants.get(ancestor, 0) + step
         if count:
@@ -446,7 +465,7 @@ def build_zone(origin: dns.name.Name, records: Records, *, serial: int, keyring:
     descendants: dict[tuple[bytes, ...], int] = {}
     for name in types:
         if name != origin:
-            _count_below(descendants, name, origin, 1)
+            _count_below(descendants, folded(name), len(origin.labels), 1)
     zone = Zone(origin=origin, serial=serial, rrsets=rrsets, descendants=descendants,
                 types=types,
                 negative_soa=_negative_soa(origin, soa, settings), ksk=keyring.ksk,

@@ -16,7 +16,11 @@ expiry or registration marks its names, and at the end of the event-loop turn
 (so that a burst of issuances is applied together) only the owner names of
 the marked names are recomputed and given to :meth:`Zone.apply`, which
 replaces what changed and signs nothing: the zones sign an RRset when an
-answer first needs its RRSIG (:class:`SignatureCache`). The zones are built
+answer first needs its RRSIG (:class:`SignatureCache`). What a publication
+needs of a name (its owner names, the zones they are in) is worked out once
+per name (:class:`Owner`), the names and addresses of a certificate once, the
+AAAA and TLSA rdatas once per address and per key (:class:`RdataCache`):
+every validator publishes every certificate. The zones are built
 whole (:func:`build_zone`) at start and when the DNSKEY set or the signing key
 changes; the maintenance pass drops the signatures due for refresh. Every
 change drops the rendered answers it made stale (:class:`RenderedAnswers`).
@@ -38,13 +42,13 @@ import dns.name
 import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
-import dns.rdtypes.ANY.TLSA
-import dns.rdtypes.IN.AAAA
 
 from store import CertificateRecord, StateDatabase
 
 from ..ca import CertificateIssued, CertificateRevoked, is_address
 from ._keys import FLAGS_KSK, KeyRing
+from ._names import absolute, folded, prefixed, spelled, within
+from ._rdatas import RdataCache
 from ._rendered import RenderedAnswers
 from ._zone import Records, SignatureCache, Zone, ZoneSettings, build_zone, next_serial
 
@@ -56,8 +60,8 @@ TLSA = dns.rdatatype.TLSA
 DNSKEY = dns.rdatatype.DNSKEY
 TLSA_PREFIX = (b"_443", b"_quic")
 """TLSA records live at ``_443._quic.NAME``: port 443, transport QUIC (RFC 6698 §3)."""
-_AAAA: Any = dns.rdtypes.IN.AAAA.AAAA  # rdata classes are untyped
-_TLSA: Any = dns.rdtypes.ANY.TLSA.TLSA
+CACHE_LIMIT = 65_536
+"""Names whose owners are kept at most (the cache is emptied when full)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,13 +84,28 @@ class Registration:
     time: int
 
 
-def absolute(name: str) -> dns.name.Name:
-    return dns.name.from_text(name.rstrip(".") + ".")
+@dataclass(frozen=True, slots=True)
+class Owner:
+    """An owner name of the zones and what its records are made from, worked out once per
+    certificate name (each has two: NAME and ``_443._quic.NAME``)."""
+
+    name: dns.name.Name
+    text: str
+    """The name as certificates and registrations spell it (no final dot)."""
+    origins: tuple[dns.name.Name, ...]
+    """The zones it is in."""
+    nameserver: bool
+    """``ns1.ORIGIN``: the nameserver's addresses are published there too."""
+    tlsa_host: str | None
+    """For ``_443._quic.HOST``: HOST, whose certificate's key its TLSA record holds."""
 
 
-def _published_names(record: CertificateRecord) -> list[str]:
-    """The names of ``record`` that own records: no addresses, no wildcards."""
-    return [n for n in record.names if not n.startswith("*.") and not is_address(n)]
+def _split_names(record: CertificateRecord) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The names of ``record`` that own records (no addresses, no wildcards), and its
+    IPv6 addresses."""
+    addresses = tuple(n for n in record.names if is_address(n))
+    return (tuple(n for n in record.names if not n.startswith("*.") and n not in addresses),
+            addresses)
 
 
 def newest_first(record: CertificateRecord) -> tuple[float, int, int]:
@@ -121,11 +140,19 @@ class TrustChainZones:
         self.clock = clock
         self._rendered = rendered
         self.origins = [absolute(d) for d in settings.domains]
-        self._ns_names = {dns.name.Name((b"ns1", *o.labels)) for o in self.origins}
+        self._origin_labels = [(o, folded(o)) for o in self.origins]
+        self._ns_names: set[dns.name.Name] = {prefixed((b"ns1",), o) for o in self.origins}
+        self._ns_owners = [self._owner(n, n.to_text(omit_final_dot=True))
+                           for n in self._ns_names]
+        self._owners: dict[str, tuple[Owner, Owner]] = {}
+        """name -> its owners (NAME, ``_443._quic.NAME``), at most :data:`CACHE_LIMIT`."""
+        self._rdatas = RdataCache()
         self.zones: dict[dns.name.Name, Zone] = {}
         self._signatures = {origin: SignatureCache() for origin in self.origins}
         """The RRSIGs of each zone, kept across its rebuilds."""
         self._valid: dict[str, CertificateRecord] = {}
+        self._names: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
+        """serial -> the names and the addresses of the valid certificate (``_split_names``)."""
         self._holders: dict[str, dict[str, CertificateRecord]] = {}
         """name -> serial -> the valid certificates carrying it (in ``_valid``'s order)."""
         self._current: dict[str, CertificateRecord] = {}
@@ -232,7 +259,8 @@ class TrustChainZones:
         if record.serial not in self._valid:
             heapq.heappush(self._expiries, (record.not_after, record.serial))
         self._valid[record.serial] = record
-        for name in _published_names(record):
+        names, _ = self._names[record.serial] = _split_names(record)
+        for name in names:
             self._holders.setdefault(name, {})[record.serial] = record
             self._pending.add(name)
 
@@ -240,7 +268,8 @@ class TrustChainZones:
         record = self._valid.pop(serial, None)
         if record is None:
             return False
-        for name in _published_names(record):
+        names, _ = self._names.pop(serial)
+        for name in names:
             holders = self._holders.get(name)
             if holders is not None:
                 holders.pop(serial, None)
@@ -282,7 +311,7 @@ class TrustChainZones:
             if self._key_state is not None and self._keys_now(now) != self._key_state:
                 self._rebuild(now)  # another validator's keys came or went
             elif self._pending:
-                self._publish(now)
+                self._publish(now, keys_checked=True)
 
     def flush(self) -> None:
         """Publish what is pending now rather than at the end of the event-loop turn."""
@@ -308,58 +337,77 @@ class TrustChainZones:
                 best = zone
         return best
 
-    def _settle(self) -> list[dns.name.Name]:
+    def _owner(self, name: dns.name.Name, text: str, tlsa_host: str | None = None) -> Owner:
+        """``name`` (spelled ``text``) as an :class:`Owner` (``tlsa_host`` when known)."""
+        if tlsa_host is None and name.labels[:len(TLSA_PREFIX)] == TLSA_PREFIX:
+            tlsa_host = dns.name.Name(name.labels[len(TLSA_PREFIX):]).to_text(
+                omit_final_dot=True)
+        labels = folded(name)
+        return Owner(name=name, text=text,
+                     origins=tuple(o for o, key in self._origin_labels if within(labels, key)),
+                     nameserver=name in self._ns_names, tlsa_host=tlsa_host)
+
+    def _owners_of(self, name: str) -> tuple[Owner, Owner]:
+        """The owners of ``name``'s records: NAME and ``_443._quic.NAME``."""
+        found: tuple[Owner, Owner] | None = self._owners.get(name)
+        if found is None:
+            owner = absolute(name)
+            text = spelled(owner, name)
+            tlsa = prefixed(TLSA_PREFIX, owner)
+            if len(self._owners) >= CACHE_LIMIT:
+                self._owners.clear()
+            found = self._owners[name] = (
+                self._owner(owner, text),
+                self._owner(tlsa, spelled(tlsa, "_443._quic." + text), tlsa_host=text))
+        return found
+
+    def _settle(self) -> list[Owner]:
         """Publish the newest holder of every pending name; the owners to recompute."""
-        owners: list[dns.name.Name] = []
+        owners: list[Owner] = []
         for name in self._pending:
             holders = self._holders.get(name)
             if holders:
                 self._current[name] = max(holders.values(), key=newest_first)
             else:
                 self._current.pop(name, None)
-            owner = absolute(name)
-            owners += (owner, dns.name.Name((*TLSA_PREFIX, *owner.labels)))
+            owners += self._owners_of(name)
         self._pending.clear()
         return owners
 
-    def _owner_records(self, owner: dns.name.Name) -> dict[int, tuple[int, list[Any]]]:
+    def _owner_records(self, owner: Owner) -> dict[int, tuple[int, list[Any]]]:
         """All the records of ``owner`` (AAAA, TLSA), from the published certificates."""
         ttl = int(self.settings.zone.record_ttl)
         sets: dict[int, tuple[int, list[Any]]] = {}
-        name = owner.to_text(omit_final_dot=True)
-        record = self._current.get(name)
+        record = self._current.get(owner.text)
         addresses: list[str] = []
         if record is not None:
-            addresses = [a for a in record.names if is_address(a)]
-            registered = self._registrations.get(name)
+            addresses = list(self._names[record.serial][1])
+            registered = self._registrations.get(owner.text)
             if registered is not None and registered.spki_sha256 == record.spki_sha256:
-                addresses += [a for a in registered.addresses if a not in addresses]
-        rdatas = [_AAAA(IN, AAAA, a) for a in addresses]
-        if owner in self._ns_names:
-            have = [str(rd.to_text()) for rd in rdatas]
-            wanted = have + [a for a in self.settings.nameserver_addresses if a not in have]
-            rdatas = [_AAAA(IN, AAAA, a) for a in wanted]
-        if rdatas:
-            sets[AAAA] = (ttl, sorted(rdatas, key=_digestable))
-        if owner.labels[:len(TLSA_PREFIX)] == TLSA_PREFIX:
-            host = dns.name.Name(owner.labels[len(TLSA_PREFIX):])
-            held = self._current.get(host.to_text(omit_final_dot=True))
+                addresses += registered.addresses
+        if owner.nameserver:
+            addresses += self.settings.nameserver_addresses
+        if addresses:
+            sets[AAAA] = (ttl, self._rdatas.aaaa(addresses))
+        if owner.tlsa_host is not None:
+            held = self._current.get(owner.tlsa_host)
             if held is not None:
-                sets[TLSA] = (ttl, [_TLSA(IN, TLSA, 3, 1, 1, bytes.fromhex(held.spki_sha256))])
+                sets[TLSA] = (ttl, [self._rdatas.tlsa(held.spki_sha256)])
         return sets
 
-    def _records(self) -> Records:
-        """Every record of the zones, from the published certificates."""
+    def _records(self) -> dict[dns.name.Name, Records]:
+        """Every record of each zone, from the published certificates."""
         self._settle()
-        owners = set(self._ns_names)
+        owners: dict[dns.name.Name, Owner] = {o.name: o for o in self._ns_owners}
         for name in self._current:
-            owner = absolute(name)
-            owners.update((owner, dns.name.Name((*TLSA_PREFIX, *owner.labels))))
-        records: Records = {}
-        for owner in owners:
+            for owner in self._owners_of(name):
+                owners.setdefault(owner.name, owner)
+        records: dict[dns.name.Name, Records] = {origin: {} for origin in self.origins}
+        for owner in owners.values():
             sets = self._owner_records(owner)
             if sets:
-                records[owner] = sets
+                for origin in owner.origins:
+                    records[origin][owner.name] = sets
         return records
 
     def _keys_now(self, now: float) -> tuple[tuple[str, ...], str, tuple[bytes, ...]]:
@@ -378,29 +426,34 @@ class TrustChainZones:
         records = self._records()
         cosigners = self._cosigner_keys(now)
         for origin in self.origins:
-            subset = {name: sets for name, sets in records.items() if name.is_subdomain(origin)}
             previous = self.zones.get(origin)
             serial = next_serial(previous.serial if previous is not None else None, now)
-            self.zones[origin] = build_zone(origin, subset, serial=serial, keyring=self.keyring,
-                                            now=now, settings=self.settings.zone,
+            self.zones[origin] = build_zone(origin, records[origin], serial=serial,
+                                            keyring=self.keyring, now=now,
+                                            settings=self.settings.zone,
                                             cache=self._signatures[origin],
                                             cosigners=cosigners, clock=self.clock)
         self._key_state = self._keys_now(now)
         self._rendered.clear()
         self.rebuilds += 1
 
-    def _publish(self, now: float) -> None:
-        """Bring the zones up to date with the pending names (and expiries) at ``now``."""
+    def _publish(self, now: float, *, keys_checked: bool = False) -> None:
+        """Bring the zones up to date with the pending names (and expiries) at ``now``
+        (``keys_checked``: the caller found the DNSKEY set and signing key unchanged)."""
         self._expire(now)
         if not self._pending or self._key_state is None:  # (not started: start() builds)
             return
-        if self._keys_now(now) != self._key_state:
+        if not keys_checked and self._keys_now(now) != self._key_state:
             self._rebuild(now)  # the DNSKEY set or the signing key changed: build it all
             return
-        changes = {owner: self._owner_records(owner) for owner in self._settle()}
+        changes: dict[dns.name.Name, dict[dns.name.Name, dict[int, tuple[int, list[Any]]]]] = {}
+        for owner in self._settle():
+            sets = self._owner_records(owner)
+            for origin in owner.origins:
+                changes.setdefault(origin, {})[owner.name] = sets
         changed: set[dns.name.Name] = set()
         for origin in self.origins:
-            subset = {o: sets for o, sets in changes.items() if o.is_subdomain(origin)}
+            subset = changes.get(origin)
             if subset:
                 zone = self.zones[origin]
                 changed |= zone.apply(subset, serial=next_serial(zone.serial, now))

@@ -30,9 +30,10 @@ from store import verify_signature
 from .._router import RequestContext, Router
 from ..ca import is_address
 from ._answers import DnsAnswers
+from ._names import absolute
 from ._resolver import Forwarder, Resolution
 from ._zone import Zone, denies_name
-from ._zones import TLSA_PREFIX, TrustChainZones, absolute, newest_first
+from ._zones import TLSA_PREFIX, TrustChainZones, newest_first
 
 DNSKEY = dns.rdatatype.DNSKEY
 RRSIG = dns.rdatatype.RRSIG

@@ -34,7 +34,7 @@ from protocol.doq import QueryReceived, parse_query
 from store import CertificateRecord
 
 from ..state_fixtures import DAY
-from .test_dns_zone import PEER, Env, register
+from .test_dns_zone import PEER, Env, rdatas, register
 
 IN = dns.rdataclass.IN
 AAAA = dns.rdatatype.AAAA
@@ -373,3 +373,81 @@ def test_the_signature_cache_is_bounded_and_signs_again_what_it_dropped(env: Env
     assert zone.signatures.signed == signed + 1 and again is not dnskey_sig
     dns.dnssec.validate(zone.rrsets[(origin, DNSKEY)], again, keys, now=env.clock.now)
     assert zone.rrsig(zone.rrsets[(origin, DNSKEY)]) is again  # and kept
+
+
+def test_a_changed_rrset_is_never_answered_with_its_old_rrsig(env: Env) -> None:
+    """An RRset made again of the same (cached) rdatas is the same RRset: its RRSIG is
+    served from the cache and the serial stays. One whose data changed (a renewal's new
+    address or key, a registration) is signed again when asked for, whatever the cache
+    held for the owner, and validates; so does one back to its earlier data."""
+    model = Model(env)
+    rng = random.Random(5)
+    trust = env.zones.zones[dns.name.from_text("trust.")]
+    cache = trust.signatures
+    model.issue(rng, ["www.trust", "2001:db8::7"], issued_at=env.clock.now)
+    key = model.keys[next(iter(model.valid))]
+    first = env.ask("www.trust", "AAAA")
+    tlsa = env.ask("_443._quic.www.trust", "TLSA")
+    assert env.validate(first) == 1 and env.validate(tlsa) == 1
+    # a renewal with the same key and address: nothing changed, nothing signed again
+    env.clock.now += 1
+    serial, signed = trust.serial, cache.signed
+    model.issue(rng, ["www.trust", "2001:db8::7"], key=key, issued_at=env.clock.now)
+    assert trust.serial == serial
+    same = env.ask("www.trust", "AAAA", flags=0)  # not the rendered answer: the cache's
+    assert cache.signed == signed and _signature(same) == _signature(first)
+    # the same key at a new address: the AAAA set is new and signed again, the TLSA is not
+    env.clock.now += 1
+    model.issue(rng, ["www.trust", "2001:db8::8"], key=key, issued_at=env.clock.now)
+    assert trust.serial != serial
+    moved = env.ask("www.trust", "AAAA")
+    assert rdatas(moved, AAAA) == ["2001:db8::8"] and env.validate(moved) == 1
+    assert cache.signed == signed + 1 and _signature(moved) != _signature(first)
+    again = env.ask("_443._quic.www.trust", "TLSA", flags=0)
+    assert cache.signed == signed + 1 and _signature(again) == _signature(tlsa)
+    # a registration adds an address to the certificate's: signed again
+    holder = next(r for r in model.valid.values() if "2001:db8::8" in r.names)
+    register(env, holder, key, "www.trust", ["2001:db8::100"])
+    model.registrations["www.trust"] = (holder.spki_sha256, ["2001:db8::100"])
+    registered = env.ask("www.trust", "AAAA")
+    assert rdatas(registered, AAAA) == ["2001:db8::100", "2001:db8::8"]
+    assert env.validate(registered) == 1 and cache.signed == signed + 2
+    # revoking both renewals brings the first certificate back (the same key: registered
+    # addresses too): a valid RRSIG of that data
+    env.clock.now += 1
+    for record in [r for r in model.valid.values() if r.issued_at > env.clock.now - 3]:
+        model.valid.pop(record.serial)
+        env.revoke(record)
+    back = env.ask("www.trust", "AAAA")
+    assert rdatas(back, AAAA) == ["2001:db8::100", "2001:db8::7"]
+    assert env.validate(back) == 1 and cache.signed == signed + 3
+    model.check()
+
+
+def test_zone_apply_keeps_an_rrset_given_again(env: Env) -> None:
+    """``Zone.apply`` with the very rdatas an RRset holds, or with equal new ones, changes
+    nothing (same RRset object, same serial, the RRSIG kept); other data replaces it and
+    drops its RRSIG."""
+    service = env.zones
+    origin = dns.name.from_text("trust.")
+    owner = dns.name.from_text("www.trust.")
+    held = [_AAAA(IN, AAAA, "2001:db8::1"), _AAAA(IN, AAAA, "2001:db8::2")]
+    zone = build_zone(origin, {owner: {AAAA: (300, held)}}, serial=1,
+                      keyring=service.keyring, now=env.clock.now,
+                      settings=service.settings.zone, cache=SignatureCache(), clock=env.clock)
+    rrset = zone.rrsets[(owner, AAAA)]
+    sig = zone.rrsig(rrset)
+    assert zone.apply({owner: {AAAA: (300, held)}}, serial=2) == set()
+    equal = [_AAAA(IN, AAAA, "2001:db8::2"), _AAAA(IN, AAAA, "2001:DB8::1")]
+    assert zone.apply({owner: {AAAA: (300, equal)}}, serial=2) == set()
+    assert zone.rrsets[(owner, AAAA)] is rrset and zone.serial == 1
+    assert zone.rrsig(rrset) is sig
+    assert zone.apply({owner: {AAAA: (60, held)}}, serial=2) == {owner, origin}  # the TTL
+    assert zone.apply({owner: {AAAA: (60, held[:1])}}, serial=3) == {owner, origin}
+    changed = zone.rrsets[(owner, AAAA)]
+    assert [rd.to_text() for rd in changed] == ["2001:db8::1"] and zone.serial == 3
+    signed = zone.signatures.signed
+    new_sig = zone.rrsig(changed)
+    assert zone.signatures.signed == signed + 1 and new_sig != sig
+    dns.dnssec.validate(changed, new_sig, {origin: zone.rrsets[(origin, DNSKEY)]},
+                        now=env.clock.now)
