@@ -92,6 +92,7 @@ def decided_message(block: bytes, commit: bytes) -> bytes:
 
 
 MAX_BEHIND_NOTED = 256
+"""(peer, height) pairs remembered as reported behind once (the oldest forgotten first)."""
 
 MAX_KEPT_PROPOSALS = 16
 """Our latest proposals, kept whole for a peer that could not rebuild one (``want-proposal``)."""
@@ -242,8 +243,8 @@ class ConsensusChain:
         self._audit = audit
         self.genesis_validators = validators
         self.mempool: OrderedDict[bytes, bytes] = OrderedDict()
-        self._proposed: OrderedDict[tuple[int, int], bytes] = OrderedDict()
-        self._behind: dict[tuple[str, int], bool] = {}
+        self._proposed: OrderedDict[tuple[int, int], Proposal] = OrderedDict()
+        self._behind: dict[tuple[str, int], None] = {}
         """(peer, height) reported behind once: served when reported again."""
         self.proposals = {"rebuilt": 0, "wanted": 0, "served": 0}
         """Compact proposals rebuilt from the mempool, asked for whole, sent whole."""
@@ -503,7 +504,7 @@ class ConsensusChain:
         if whole is None or peer is None:
             return 0
         self.proposals["served"] += 1
-        self._enqueue(peer, whole)
+        self._enqueue(peer, encode_message(whole))  # encoded only when a peer asks
         return 1
 
     async def _receive_decisions(self, items: Any, sender: str | None) -> int:
@@ -690,7 +691,7 @@ class ConsensusChain:
             return encode_message(message)
         key = (message.height, message.round)
         if key not in self._proposed:
-            self._proposed[key] = encode_message(message)
+            self._proposed[key] = message
             while len(self._proposed) > MAX_KEPT_PROPOSALS:
                 self._proposed.popitem(last=False)
         return compact_proposal(message, [decision_digest(d)
@@ -818,7 +819,7 @@ class ConsensusChain:
         peer and height again only after its next gossip tick."""
         key = (validator, height)
         if key not in self._behind:
-            self._behind[key] = True
+            self._behind[key] = None
             while len(self._behind) > MAX_BEHIND_NOTED:
                 del self._behind[next(iter(self._behind))]
             return

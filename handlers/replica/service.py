@@ -95,7 +95,7 @@ class DecisionLog:
             raise Unavailable(f"this validator cannot take new operations now: {paused}; "
                               "try again shortly", retry_after=UNREACHABLE_RETRY_AFTER)
         sealed = await self.sealer.seal(decision.body())
-        remember(sealed, self.sealer.entry, decision)  # executing it will not read it again
+        remember(sealed, self.entry, decision)  # executing it will not read it again
         committed = await self.chain.submit(sealed, checked=checked, timeout=self.timeout)
         outcome = committed.outcome
         if not isinstance(outcome, Outcome):  # committed before a restart: no outcome kept
