@@ -425,7 +425,7 @@ def parse_sct_list(data: bytes) -> list[bytes]:
 
 def sct_list_extension_value(scts: list[bytes]) -> bytes:
     """The extnValue contents of the SCT list extension: a DER OCTET STRING of the list."""
-    return _der_tlv(0x04, encode_sct_list(scts))
+    return der_tlv(0x04, encode_sct_list(scts))
 
 
 def embedded_scts(cert: x509.Certificate) -> list[SignedCertificateTimestamp]:
@@ -436,7 +436,7 @@ def embedded_scts(cert: x509.Certificate) -> list[SignedCertificateTimestamp]:
         return []
     value = ext.value
     raw = value.value if isinstance(value, x509.UnrecognizedExtension) else value.public_bytes()
-    tag, content, rest = _der_read(raw, 0)
+    tag, content, rest = der_read(raw, 0)
     if tag != 0x04 or rest != len(raw):
         raise StructureError("the SCT list extension is not one OCTET STRING")
     return [SignedCertificateTimestamp.parse(s) for s in parse_sct_list(content)]
@@ -594,7 +594,8 @@ def verify_embedded_sct(cert: x509.Certificate, issuer: x509.Certificate,
 # --- DER: the precertificate's TBS without the poison ---------------------------------------
 
 
-def _der_tlv(tag: int, content: bytes) -> bytes:
+def der_tlv(tag: int, content: bytes) -> bytes:
+    """One DER element: ``tag`` (one octet), the definite length, ``content``."""
     n = len(content)
     if n < 0x80:
         head = bytes([n])
@@ -604,7 +605,7 @@ def _der_tlv(tag: int, content: bytes) -> bytes:
     return bytes([tag]) + head + content
 
 
-def _der_read(data: bytes, pos: int) -> tuple[int, bytes, int]:
+def der_read(data: bytes, pos: int) -> tuple[int, bytes, int]:
     """(tag, content, next position) of the DER item at ``pos``."""
     if pos + 2 > len(data):
         raise StructureError("DER: truncated")
@@ -627,7 +628,7 @@ def _der_read(data: bytes, pos: int) -> tuple[int, bytes, int]:
     return tag, data[pos:end], end
 
 
-_POISON_OID_DER = _der_tlv(0x06, bytes.fromhex("2b06010401d679020403"))
+_POISON_OID_DER = der_tlv(0x06, bytes.fromhex("2b06010401d679020403"))
 
 
 def precert_tbs(precertificate_der: bytes) -> bytes:
@@ -636,17 +637,17 @@ def precert_tbs(precertificate_der: bytes) -> bytes:
 
     :raises StructureError: not a certificate, or no critical poison extension.
     """
-    tag, cert, end = _der_read(precertificate_der, 0)
+    tag, cert, end = der_read(precertificate_der, 0)
     if tag != 0x30 or end != len(precertificate_der):
         raise StructureError("precertificate: not one DER SEQUENCE")
-    tag, tbs, _ = _der_read(cert, 0)
+    tag, tbs, _ = der_read(cert, 0)
     if tag != 0x30:
         raise StructureError("precertificate: no TBSCertificate")
     items = []
     pos = 0
     while pos < len(tbs):
         start = pos
-        tag, content, pos = _der_read(tbs, pos)
+        tag, content, pos = der_read(tbs, pos)
         items.append((tag, content, tbs[start:pos]))
     found = False
     out = []
@@ -654,18 +655,18 @@ def precert_tbs(precertificate_der: bytes) -> bytes:
         if tag != 0xA3:
             out.append(raw)
             continue
-        seq_tag, exts, _ = _der_read(content, 0)
+        seq_tag, exts, _ = der_read(content, 0)
         kept = []
         epos = 0
         while epos < len(exts):
             start = epos
-            _, ext, epos = _der_read(exts, epos)
+            _, ext, epos = der_read(exts, epos)
             if ext.startswith(_POISON_OID_DER):
                 found = True
                 continue
             kept.append(exts[start:epos])
         if kept:
-            out.append(_der_tlv(0xA3, _der_tlv(seq_tag, b"".join(kept))))
+            out.append(der_tlv(0xA3, der_tlv(seq_tag, b"".join(kept))))
     if not found:
         raise StructureError("precertificate: no poison extension")
-    return _der_tlv(0x30, b"".join(out))
+    return der_tlv(0x30, b"".join(out))

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import datetime
 import functools
+from typing import Any
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+from protocol.ct_structs import der_read, der_tlv
 
 SEQUENCE = 0x30
 OCTET_STRING = 0x04
@@ -37,14 +40,8 @@ _CRITICAL = bytes.fromhex("0101ff")
 _ECDSA = ec.ECDSA(hashes.SHA256())
 
 
-def tlv(tag: int, content: bytes) -> bytes:
-    """One DER element: the tag, the definite length, the content."""
-    size = len(content)
-    if size < 0x80:
-        return bytes((tag, size)) + content
-    octets = size.to_bytes((size.bit_length() + 7) // 8, "big")
-    return bytes((tag, 0x80 | len(octets))) + octets + content
-
+tlv = der_tlv
+"""One DER element: the tag, the definite length, the content."""
 
 def sequence(*parts: bytes) -> bytes:
     return tlv(SEQUENCE, b"".join(parts))
@@ -107,26 +104,15 @@ def common_name(value: str) -> bytes:
     return sequence(tlv(_SET, attribute))
 
 
-def _element(data: bytes, offset: int) -> tuple[int, int, int]:
-    """``(tag, content start, content end)`` of the element at ``offset``."""
-    tag, first = data[offset], data[offset + 1]
-    start = offset + 2
-    if first < 0x80:
-        return tag, start, start + first
-    count = first & 0x7F
-    size = int.from_bytes(data[start:start + count], "big")
-    return tag, start + count, start + count + size
-
-
 def spki_key_bits(spki: bytes) -> bytes:
     """The subjectPublicKey bits of a SubjectPublicKeyInfo (what a subject key
     identifier hashes, RFC 5280 §4.2.1.2 method 1)."""
-    _, start, _ = _element(spki, 0)
-    _, _, algorithm_end = _element(spki, start)
-    tag, bits_start, bits_end = _element(spki, algorithm_end)
-    if tag != _BIT_STRING or spki[bits_start] != 0:
+    _, info, _ = der_read(spki, 0)
+    _, _, algorithm_end = der_read(info, 0)
+    tag, bits, _ = der_read(info, algorithm_end)
+    if tag != _BIT_STRING or not bits or bits[0] != 0:
         raise ValueError("the SubjectPublicKeyInfo does not end in a BIT STRING of octets")
-    return spki[bits_start + 1:bits_end]
+    return bits[1:]
 
 
 def tbs_certificate(*, serial: int, algorithm: bytes, issuer: bytes, validity: bytes,
@@ -152,17 +138,14 @@ def signature_algorithm(private_key: object) -> bytes:
                     "ECDSA or Ed25519 keys only")
 
 
-def signed_certificate(tbs: bytes, algorithm: bytes, private_key: object) -> bytes:
+def signed_certificate(tbs: bytes, algorithm: bytes, private_key: Any) -> bytes:
     """``Certificate ::= SEQUENCE { tbs, signatureAlgorithm, signatureValue }``, signed by
     ``private_key`` (its own ``sign()``: a software key or a token's, alike).
 
     ``algorithm`` is :func:`signature_algorithm` of the key, the one inside ``tbs``.
     """
-    if isinstance(private_key, ed25519.Ed25519PrivateKey):
+    if signature_algorithm(private_key) == ED25519:  # (a TypeError for another kind)
         signature = private_key.sign(tbs)
-    elif isinstance(private_key, ec.EllipticCurvePrivateKey):
-        signature = private_key.sign(tbs, _ECDSA)
     else:
-        raise TypeError(f"cannot sign a certificate with a {type(private_key).__name__}: "
-                        "ECDSA or Ed25519 keys only")
+        signature = private_key.sign(tbs, _ECDSA)
     return sequence(tbs, algorithm, bit_string(signature))
