@@ -919,14 +919,20 @@ def leaf_inputs(first: int, count: int) -> list[dict[str, Any]]:
     return inputs
 
 
-def builder_tbs(issuer: Any, leaf: dict[str, Any], throwaway: Any) -> bytes:
-    """The baseline: how the TBS was made before (the builder and a throwaway signature)."""
+def _builder(issuer: Any, leaf: dict[str, Any]) -> Any:
+    """The leaf's ``CertificateBuilder``, its extensions added: how leaves were made before."""
     from handlers.ca import _x509
     builder = _x509.leaf_builder(issuer, leaf["request"], serial=leaf["serial"],
                                  not_before=leaf["not_before"], not_after=leaf["not_after"])
     for extension in leaf["extensions"]:
         builder = builder.add_extension(extension.value, critical=extension.critical)
-    tbs: bytes = _x509.sign(builder, throwaway).tbs_certificate_bytes
+    return builder
+
+
+def builder_tbs(issuer: Any, leaf: dict[str, Any], throwaway: Any) -> bytes:
+    """The baseline: how the TBS was made before (the builder and a throwaway signature)."""
+    from handlers.ca import _x509
+    tbs: bytes = _x509.sign(_builder(issuer, leaf), throwaway).tbs_certificate_bytes
     return tbs
 
 
@@ -935,11 +941,8 @@ def builder_leaf(issuer: Any, leaf: dict[str, Any], key: Any) -> bytes:
     from cryptography.hazmat.primitives import serialization
 
     from handlers.ca import _x509
-    builder = _x509.leaf_builder(issuer, leaf["request"], serial=leaf["serial"],
-                                 not_before=leaf["not_before"], not_after=leaf["not_after"])
-    for extension in leaf["extensions"]:
-        builder = builder.add_extension(extension.value, critical=extension.critical)
-    der: bytes = _x509.sign(builder, key).public_bytes(serialization.Encoding.DER)
+    der: bytes = _x509.sign(_builder(issuer, leaf), key).public_bytes(
+        serialization.Encoding.DER)
     return der
 
 
