@@ -35,84 +35,179 @@ def _refuse_tag(decoder: Any, tag: Any) -> Any:
     raise MalformedFrame(f"CBOR tag {tag.tag} is not allowed")
 
 
+def _item_sizes() -> tuple[int, ...]:
+    """For each initial byte, the whole size of an item that it alone delimits (an
+    integer, a float, false/true/null, a string shorter than 24 octets, an empty
+    array or map); 0 for every other initial byte."""
+    sizes = [0] * 256
+    for initial in range(256):
+        major, info = initial >> 5, initial & 0x1F
+        if major <= 1 and info < 28:
+            sizes[initial] = 1 + (0 if info < 24 else 1 << (info - 24))
+        elif major in (2, 3) and info < 24:
+            sizes[initial] = 1 + info
+        elif initial in (0x80, 0xA0, 0xF4, 0xF5, 0xF6):
+            sizes[initial] = 1
+        elif initial in (0xF9, 0xFA, 0xFB):
+            sizes[initial] = 1 + (1 << (initial - 0xF8))
+    return tuple(sizes)
+
+
+_ITEM_SIZE = _item_sizes()
+
+_KEY_SIZE = tuple(size if initial >> 5 in (0, 1, 3) else 0
+                  for initial, size in enumerate(_ITEM_SIZE))
+""":data:`_ITEM_SIZE` of the items that may be map keys (integers, short text strings);
+0 for every other initial byte."""
+
+
 def _scan(data: bytes) -> None:
     """Check the item's structure without building it.
 
     Exactly one well-formed item; no tags; no simple values but false, true
-    and null; map keys only integers or text; depth within MAX_DEPTH. This
-    runs before cbor2 sees the bytes, because cbor2 acts on some tags while
-    decoding (28/29 shared references build self-referencing or exponentially
-    large values from a few bytes). What passes decodes to the plain data
-    model only: int (64-bit), bytes, str, list, dict, bool, None, float.
+    and null; map keys only integers or text; depth within MAX_DEPTH (no item,
+    nor the break of an indefinite-length array or map, enclosed by more than
+    MAX_DEPTH arrays and maps); the chunks of an
+    indefinite-length string definite strings of its own type. This runs before
+    cbor2 sees the bytes, because cbor2 acts on some tags while decoding (28/29
+    shared references build self-referencing or exponentially large values from
+    a few bytes). What passes decodes to the plain data model only: int
+    (64-bit), bytes, str, list, dict, bool, None, float.
+
+    It runs on every frame and every decision, so it is written for speed: one
+    table look-up moves past an item whose initial byte gives its size, a map's
+    key and value are one step, and an item that runs past the end is noticed
+    when the next read fails (or at the end), not by a check of its own.
     """
+    item_size = _ITEM_SIZE
+    key_size = _KEY_SIZE
     end = len(data)
     pos = 0
-    # Open containers: [items left (-1: indefinite), is_map, items seen].
-    stack: list[list[int]] = []
-    while True:
-        if pos >= end:
-            raise MalformedFrame("truncated CBOR item")
-        initial = data[pos]
-        pos += 1
-        major = initial >> 5
-        info = initial & 0x1F
-        if stack:
-            top = stack[-1]
-            if top[1] and not top[2] & 1 and major not in (0, 1, 3) and initial != 0xFF:
-                raise MalformedFrame("map keys must be integers or text strings")
-        if initial == 0xFF:  # break
-            if not stack or stack[-1][0] != -1:
-                raise MalformedFrame("unexpected CBOR break")
-            closed = stack.pop()
-            if closed[1] and closed[2] & 1:
-                raise MalformedFrame("indefinite map with a key but no value")
-        else:
-            if info < 24:
-                arg = info
-            elif info <= 27:
-                size = 1 << (info - 24)
-                if pos + size > end:
-                    raise MalformedFrame("truncated CBOR item")
-                arg = int.from_bytes(data[pos:pos + size], "big")
+    # The innermost open container: entries still to come (items of an array, key and
+    # value pairs of a map; an indefinite container counts down from 0 and never
+    # reaches it) and whether it is a map. Outside any container: one item.
+    left = 1
+    in_map = False
+    enclosing: list[tuple[int, bool]] = []
+    try:
+        while True:
+            initial = data[pos]
+            if in_map and initial != 0xFF:  # a key, then its value
+                size = key_size[initial]
+                pos = pos + size if size else _after_key(data, pos)
+                initial = data[pos]
+                if initial == 0xFF:
+                    raise MalformedFrame("unexpected CBOR break" if left > 0 else
+                                         "indefinite map with a key but no value")
+            size = item_size[initial]
+            if size:
                 pos += size
-            elif info == 31 and 2 <= major <= 5:
-                arg = -1
-            else:
-                raise MalformedFrame(f"reserved CBOR additional information {info}")
-            if major == 6:
-                raise MalformedFrame("CBOR tags are not allowed")
-            if major == 7:
-                if (info < 24 and not 20 <= arg <= 22) or info == 24:
-                    raise MalformedFrame("CBOR simple values other than false, true and "
-                                         "null are not allowed")
-            elif major == 2 or major == 3:
-                if arg == -1:  # indefinite string: definite chunks until a break
-                    stack.append([-1, 0, 0])
-                    continue
-                if arg > end - pos:
-                    raise MalformedFrame("truncated CBOR string")
-                pos += arg
-            elif major >= 4:
-                count = arg if arg == -1 or major == 4 else arg * 2
-                if count != 0:
-                    if len(stack) >= MAX_DEPTH:
+            elif 0x40 <= initial < 0x80:  # a string of 24 octets or more, or indefinite
+                pos = _after_string(data, pos)
+            elif 0x80 <= initial < 0xC0:  # a non-empty array or map
+                info = initial & 0x1F
+                if info < 24:
+                    count = info
+                    pos += 1
+                elif info == 24:
+                    count = data[pos + 1]
+                    pos += 2
+                elif info < 28:
+                    width = 1 << (info - 24)
+                    if pos + 1 + width > end:
+                        raise MalformedFrame("truncated CBOR item")
+                    count = int.from_bytes(data[pos + 1:pos + 1 + width], "big")
+                    pos += 1 + width
+                elif info == 31:
+                    count = 0
+                    pos += 1
+                else:
+                    raise _refusal(data, pos)
+                if count or info == 31:
+                    if len(enclosing) >= MAX_DEPTH:
                         raise MalformedFrame(f"CBOR nesting deeper than {MAX_DEPTH}")
-                    stack.append([count, major == 5, 0])
+                    enclosing.append((left, in_map))
+                    left = count
+                    in_map = initial >= 0xA0
                     continue
-        # An item (or an indefinite container) is complete: count it in its parent.
-        while stack:
-            top = stack[-1]
-            top[2] += 1
-            if top[0] == -1:
-                break
-            top[0] -= 1
-            if top[0]:
-                break
-            stack.pop()
-        if not stack:
-            break
-    if pos != end:
-        raise MalformedFrame(f"{end - pos} bytes after the CBOR item")
+            elif initial == 0xFF:  # break: the end of an indefinite array or map
+                if left > 0:
+                    raise MalformedFrame("unexpected CBOR break")
+                pos += 1
+                left, in_map = enclosing.pop()
+            else:
+                raise _refusal(data, pos)
+            # An entry is complete: count it, and close the containers it filled.
+            left -= 1
+            while not left:
+                if not enclosing:
+                    if pos != end:
+                        if pos > end:
+                            raise MalformedFrame("truncated CBOR item")
+                        raise MalformedFrame(f"{end - pos} bytes after the CBOR item")
+                    return
+                left, in_map = enclosing.pop()
+                left -= 1
+    except IndexError:
+        raise MalformedFrame("truncated CBOR item") from None
+
+
+def _after_key(data: bytes, pos: int) -> int:
+    """The position after the map key at ``pos`` that :data:`_KEY_SIZE` does not
+    cover: a text string of 24 octets or more, or indefinite."""
+    if data[pos] >> 5 != 3:
+        if data[pos] >> 5 > 1:
+            raise MalformedFrame("map keys must be integers or text strings")
+        raise _refusal(data, pos)
+    return _after_string(data, pos)
+
+
+def _after_string(data: bytes, pos: int) -> int:
+    """The position after the string at ``pos`` whose length is not in its initial
+    byte (24 octets or more, or indefinite)."""
+    info = data[pos] & 0x1F
+    if info == 24:
+        return pos + 2 + data[pos + 1]
+    if info < 28:
+        width = 1 << (info - 24)
+        return pos + 1 + width + int.from_bytes(data[pos + 1:pos + 1 + width], "big")
+    if info == 31:
+        return _skip_chunks(data, pos)
+    raise _refusal(data, pos)
+
+
+def _skip_chunks(data: bytes, pos: int) -> int:
+    """The position after the indefinite-length string at ``pos``: definite strings
+    of its major type up to a break."""
+    major = data[pos] & 0xE0
+    pos += 1
+    while True:
+        initial = data[pos]
+        if initial == 0xFF:
+            return pos + 1
+        info = initial & 0x1F
+        if initial & 0xE0 != major or info > 27:
+            raise MalformedFrame("an indefinite-length string holds only definite strings "
+                                 "of its own type")
+        if info < 24:
+            pos += 1 + info
+        else:
+            width = 1 << (info - 24)
+            pos += 1 + width + int.from_bytes(data[pos + 1:pos + 1 + width], "big")
+
+
+def _refusal(data: bytes, pos: int) -> MalformedFrame:
+    """Why the item at ``pos`` is refused: a tag, a simple value other than false,
+    true and null, or a reserved additional information."""
+    initial = data[pos]
+    major, info = initial >> 5, initial & 0x1F
+    if info >= 28:
+        return MalformedFrame(f"reserved CBOR additional information {info}")
+    if info >= 24 and pos + 1 + (1 << (info - 24)) > len(data):
+        return MalformedFrame("truncated CBOR item")
+    if major == 6:
+        return MalformedFrame("CBOR tags are not allowed")
+    return MalformedFrame("CBOR simple values other than false, true and null are not allowed")
 
 
 def decode_item(data: bytes) -> Any:

@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from protocol import MalformedFrame, decode_item, encode_deterministic
-from protocol._cbor import _encode, _text_keyed
+from protocol._cbor import MAX_DEPTH, _encode, _scan, _text_keyed
 from protocol._errors import LocalProtocolError
 
 # RFC 8949 Appendix A examples whose preferred encoding is the deterministic one.
@@ -172,3 +172,212 @@ def test_text_keyed_items_encode_as_the_reference_encoder_does() -> None:
         encode_deterministic({"a": 2**64})
     with pytest.raises(LocalProtocolError):
         encode_deterministic({"a": bytearray(b"x")})
+
+
+# --- the scanner against a plainly written reference ----------------------------------
+
+
+class _Refused(Exception):
+    pass
+
+
+def _reference_accepts(data: bytes) -> bool:
+    """The rules of ``_scan``'s docstring, written as plainly as possible: one item,
+    well formed; no tags; of the simple values only false, true, null (and floats);
+    map keys integers or text; no item (nor the break of an indefinite array or map)
+    enclosed by more than MAX_DEPTH arrays and maps; indefinite strings made of
+    definite strings of their own type."""
+
+    def head(pos: int) -> tuple[int, int, int, int]:
+        """(major type, additional information, argument, position after the head)."""
+        if pos >= len(data):
+            raise _Refused
+        major, info = data[pos] >> 5, data[pos] & 0x1F
+        if info < 24:
+            return major, info, info, pos + 1
+        if info <= 27:
+            width = 2 ** (info - 24)
+            if pos + 1 + width > len(data):
+                raise _Refused
+            return major, info, int.from_bytes(data[pos + 1:pos + 1 + width], "big"), \
+                pos + 1 + width
+        if info == 31:
+            return major, info, -1, pos + 1
+        raise _Refused  # 28, 29, 30: reserved
+
+    def string_end(pos: int, length: int) -> int:
+        if pos + length > len(data):
+            raise _Refused
+        return pos + length
+
+    def is_break(pos: int) -> bool:
+        return pos < len(data) and data[pos] == 0xFF
+
+    def item(pos: int, depth: int, key: bool) -> int:
+        if depth > MAX_DEPTH:
+            raise _Refused
+        major, info, arg, pos = head(pos)
+        if key and major not in (0, 1, 3):
+            raise _Refused
+        if major in (0, 1):
+            if info == 31:
+                raise _Refused
+            return pos
+        if major in (2, 3):
+            if info != 31:
+                return string_end(pos, arg)
+            while not is_break(pos):
+                chunk_major, chunk_info, length, pos = head(pos)
+                if chunk_major != major or chunk_info == 31:
+                    raise _Refused
+                pos = string_end(pos, length)
+            return pos + 1
+        if major == 4:
+            if info != 31:
+                for _ in range(arg):
+                    pos = item(pos, depth + 1, False)
+                return pos
+            while not is_break(pos):
+                pos = item(pos, depth + 1, False)
+            if depth + 1 > MAX_DEPTH:
+                raise _Refused
+            return pos + 1
+        if major == 5:
+            if info != 31:
+                for _ in range(arg):
+                    pos = item(item(pos, depth + 1, True), depth + 1, False)
+                return pos
+            while not is_break(pos):
+                pos = item(item(pos, depth + 1, True), depth + 1, False)
+            if depth + 1 > MAX_DEPTH:
+                raise _Refused
+            return pos + 1
+        if major == 6:
+            raise _Refused
+        if info in (20, 21, 22, 25, 26, 27):  # false, true, null; half, single, double
+            return pos
+        raise _Refused
+
+    try:
+        return item(0, 0, False) == len(data)
+    except _Refused:
+        return False
+
+
+def _raw_item(rng: random.Random, depth: int) -> bytes:
+    """Random CBOR, often ill-formed or outside the data model: any initial byte,
+    non-shortest heads, indefinite strings, arrays and maps (with chunks of the wrong
+    type, keys of any type, missing or extra items and breaks), deep nesting."""
+    pick = rng.randrange(16 if depth < MAX_DEPTH + 3 else 3)
+    if pick == 0:
+        return bytes([rng.randrange(256)])
+    if pick == 1:
+        return bytes([rng.choice([0x18, 0x19, 0x1A, 0x1B, 0x38, 0x3B, 0x58, 0x59, 0x78, 0x98,
+                                  0xB8, 0xD8, 0xF8, 0xF9, 0xFA, 0xFB])]) \
+            + rng.randbytes(rng.randrange(10))
+    if pick == 2:
+        return rng.choice([b"\xf4", b"\xf5", b"\xf6", b"\x00", b"\x61a", b"\x40", b"\xf7",
+                           b"\xc1\x00", b"\xff", b"\x1c", b"\xfc"])
+    if pick in (3, 4):
+        chunks = [b"\x41a", b"\x40", b"\x61a", b"\x60", b"\x01", b"\x5f\xff", b"\x7f\xff",
+                  b"\x58\x01b", b"\x78\x01b", b"\x80"]
+        return (b"\x5f" if pick == 3 else b"\x7f") \
+            + b"".join(rng.choice(chunks) for _ in range(rng.randrange(3))) \
+            + rng.choice([b"\xff", b"\xff", b""])
+    if pick in (5, 6, 7):
+        n = rng.randrange(4)
+        head = rng.choice([bytes([0x80 + n]), bytes([0x98, n]), bytes([0x9A, 0, 0, 0, n])])
+        return head + b"".join(_raw_item(rng, depth + 1)
+                               for _ in range(max(0, n + rng.choice([0, 0, 0, 1, -1]))))
+    if pick in (8, 9):
+        n = rng.randrange(4)
+        pairs = b"".join(_raw_key(rng) + _raw_item(rng, depth + 1) for _ in range(n))
+        return bytes([0xA0 + n]) + pairs + rng.choice([b"", b"", b"", b"\x00"])
+    if pick == 10:
+        items = b"".join(_raw_item(rng, depth + 1) for _ in range(rng.randrange(4)))
+        return b"\x9f" + items + rng.choice([b"\xff", b"\xff", b""])
+    if pick == 11:
+        pairs = b"".join(_raw_key(rng) + _raw_item(rng, depth + 1) for _ in range(rng.randrange(3)))
+        return b"\xbf" + pairs + rng.choice([b"\xff", b"\xff", b"\x00\xff", b""])
+    if pick in (12, 13):  # nested around the limit, closed properly
+        nesting = rng.randrange(MAX_DEPTH - 1, MAX_DEPTH + 2) - depth
+        opening, closing = rng.choice([(b"\x81", b""), (b"\x9f", b"\xff"), (b"\xa1\x00", b""),
+                                       (b"\xbf\x00", b"\xff")])
+        inner = rng.choice([b"\x00", b"\x80", b"\x9f\xff", b"\xa0", b"\x5f\xff"])
+        return opening * nesting + inner + closing * nesting
+    return encode_deterministic(_random_value(rng, 3))
+
+
+def _raw_key(rng: random.Random) -> bytes:
+    """A map key: mostly an integer or a text string (short, long, non-shortest or
+    indefinite), sometimes one that is not allowed (bytes, float, null, array, tag)."""
+    return rng.choice([b"\x00", b"\x37", b"\x18\x18", b"\x3b" + bytes(8), b"\x61k",
+                       b"\x78\x18" + b"k" * 24, b"\x79\x00\x01k", b"\x7f\x61k\xff",
+                       b"\x7f\xff", b"\x41k", b"\x40", b"\xf9\x00\x00", b"\xf6", b"\x80",
+                       b"\xa0", b"\xc1\x00", b"\x1c", b"\xff"])
+
+
+def _mutated(rng: random.Random, data: bytes) -> bytes:
+    """``data`` with an octet changed, a bit flipped, an octet inserted, or cut short."""
+    out = bytearray(data)
+    for _ in range(rng.randrange(1, 3)):
+        at = rng.randrange(len(out) + 1)
+        action = rng.randrange(4)
+        if action == 0 and at < len(out):
+            out[at] = rng.randrange(256)
+        elif action == 1 and at < len(out):
+            out[at] ^= 1 << rng.randrange(8)
+        elif action == 2:
+            out.insert(at, rng.randrange(256))
+        else:
+            del out[at:]
+    return bytes(out)
+
+
+def test_the_scanner_accepts_exactly_what_the_reference_accepts() -> None:
+    """Differential: deterministic and non-shortest encodings of random values, random
+    raw items (ill-formed, tagged, simple values, any map key, deep), and mutations of
+    both: the scanner and the reference agree on every one."""
+    rng = random.Random(20261207)
+    accepted = refused = 0
+    for _ in range(4000):
+        kind = rng.randrange(5)
+        if kind == 0:
+            data = encode_deterministic(_random_value(rng, 0))
+        elif kind == 1:
+            data = cbor2.dumps(_random_value(rng, 1))
+        elif kind == 2:
+            data = _raw_item(rng, 0)
+        else:
+            data = _mutated(rng, _raw_item(rng, 0) if kind == 3
+                            else encode_deterministic(_random_value(rng, 1)))
+        try:
+            _scan(data)
+            scanned = True
+        except MalformedFrame:
+            scanned = False
+        assert scanned == _reference_accepts(data), data.hex()
+        accepted += scanned
+        refused += not scanned
+    assert accepted > 1000 and refused > 1000  # both sides of every rule get exercised
+
+
+@pytest.mark.parametrize(("hex_", "message"), [
+    ("5f01ff", "indefinite-length string holds only definite strings"),
+    ("5f5f4100ffff", "indefinite-length string holds only definite strings"),
+    ("7f4161ff", "indefinite-length string holds only definite strings"),
+    ("a1c100f6", "map keys must be integers or text strings"),
+    ("a14100f6", "map keys must be integers or text strings"),
+    ("a15818" + "00" * 24 + "f6", "map keys must be integers or text strings"),
+    ("bf6161ff", "indefinite map with a key but no value"),
+    ("a16161ff", "unexpected CBOR break"),
+    ("9f" * (MAX_DEPTH + 1) + "ff" * (MAX_DEPTH + 1), f"nesting deeper than {MAX_DEPTH}"),
+    ("8201c100", "tags are not allowed"),
+    ("f8ff", "simple values"),
+    ("1c", "reserved CBOR additional information 28"),
+    ("7a00010000" + "61" * 5, "truncated CBOR item"),
+    ("82010203", "1 bytes after the CBOR item"),
+])
+def test_the_scanner_says_why(hex_: str, message: str) -> None:
+    with pytest.raises(MalformedFrame, match=message):
+        _scan(bytes.fromhex(hex_))
