@@ -103,7 +103,13 @@ def _scan(data: bytes) -> None:
             if size:
                 pos += size
             elif 0x40 <= initial < 0x80:  # a string of 24 octets or more, or indefinite
-                pos = _after_string(data, pos)
+                info = initial & 0x1F
+                if info == 24:
+                    pos += 2 + data[pos + 1]
+                elif info == 25:
+                    pos += 3 + (data[pos + 1] << 8 | data[pos + 2])
+                else:
+                    pos = _after_string(data, pos)
             elif 0x80 <= initial < 0xC0:  # a non-empty array or map
                 info = initial & 0x1F
                 if info < 24:
