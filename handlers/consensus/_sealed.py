@@ -129,7 +129,90 @@ def unseal(decision: bytes) -> SealedDecision:
 
     :raises SealError: not a sealed decision.
     """
-    return _unsealed(_decoded(decision))
+    fields = _fields(decision)
+    if fields is None:
+        return _unsealed(_decoded(decision))
+    raw, entry, _, _ = fields
+    return SealedDecision(body=_body(raw), entry=entry, raw_body=raw)
+
+
+_SHORTEST = (24, 0x100, 0x10000, 0x100000000)
+"""The least argument of a head with additional information 24, 25, 26, 27 in
+preferred serialization (a smaller one has a shorter head)."""
+
+
+def _head(data: bytes, pos: int, major: int) -> tuple[int, int]:
+    """The argument of the shortest head of major type ``major`` at ``pos``, and the
+    position after it; ValueError or IndexError if there is no such head."""
+    info = data[pos] - (major << 5)
+    if 0 <= info < 24:
+        return info, pos + 1
+    if not 24 <= info <= 27:
+        raise ValueError
+    end = pos + 1 + (1 << (info - 24))
+    value = int.from_bytes(data[pos + 1:end], "big")
+    if end > len(data) or value < _SHORTEST[info - 24]:
+        raise ValueError
+    return value, end
+
+
+def _fields(decision: bytes) -> tuple[bytes, str, bytes, Batch | None] | None:
+    """The body, entry, signature (64 octets) and batch of ``decision`` if it is exactly
+    :func:`encode_sealed` of them, else None.
+
+    A sealed decision has one encoding, so it is read in place, each key and head
+    where that encoding puts it, instead of being decoded as a map and then encoded
+    again to compare. Whatever this accepts, the generic path (decode, check the
+    types, encode again) accepts with the same fields, and the other way round.
+    """
+    try:
+        first = decision[0]
+        if first not in (0xA3, 0xA4) or decision[1:6] != b"\x64body":
+            return None
+        length, pos = _head(decision, 6, 2)
+        raw = decision[pos:pos + length]
+        pos += length
+        batch: Batch | None = None
+        if first == 0xA4:
+            if decision[pos:pos + 12] != b"\x65batch\xa3\x64path":
+                return None
+            count, pos = _head(decision, pos + 12, 4)
+            path = []
+            for _ in range(count):
+                if decision[pos:pos + 2] == b"\x58\x20":  # a SHA-256 hash, as every node is
+                    path.append(decision[pos + 2:pos + 34])
+                    pos += 34
+                else:
+                    length, pos = _head(decision, pos, 2)
+                    path.append(decision[pos:pos + length])
+                    pos += length
+            if decision[pos:pos + 5] != b"\x64size":
+                return None
+            size, pos = _head(decision, pos + 5, 0)
+            if decision[pos:pos + 6] != b"\x65index":
+                return None
+            index, pos = _head(decision, pos + 6, 0)
+            batch = (index, size, path)
+        if decision[pos:pos + 6] != b"\x65entry":
+            return None
+        length, pos = _head(decision, pos + 6, 3)
+        entry = decision[pos:pos + length].decode()
+        pos += length
+        if decision[pos:pos + 12] != b"\x69signature\x58\x40" or pos + 76 != len(decision):
+            return None
+        return raw, entry, decision[pos + 12:], batch
+    except (IndexError, ValueError):  # UnicodeDecodeError is a ValueError
+        return None
+
+
+def _body(raw: bytes) -> dict[Any, Any]:
+    try:
+        body = decode_item(raw)
+    except Exception:
+        raise SealError("not a sealed decision") from None
+    if not isinstance(body, dict):
+        raise SealError("not a sealed decision")
+    return body
 
 
 def _decoded(decision: bytes) -> dict[Any, Any]:
@@ -146,13 +229,7 @@ def _unsealed(item: dict[Any, Any]) -> SealedDecision:
     raw, entry = item.get("body"), item.get("entry")
     if not (isinstance(raw, bytes) and isinstance(entry, str)):
         raise SealError("not a sealed decision")
-    try:
-        body = decode_item(raw)
-    except Exception:
-        raise SealError("not a sealed decision") from None
-    if not isinstance(body, dict):
-        raise SealError("not a sealed decision")
-    return SealedDecision(body=body, entry=entry, raw_body=raw)
+    return SealedDecision(body=_body(raw), entry=entry, raw_body=raw)
 
 
 class SealOpener:
@@ -174,16 +251,12 @@ class SealOpener:
     def open(self, decision: bytes, validators: ValidatorSet) -> SealedDecision:
         """The decision's body if an active validator sealed it; :class:`SealError` if
         not (the message says which check failed)."""
-        item = _decoded(decision)
-        sealed = _unsealed(item)
-        signature = item.get("signature")
-        if not isinstance(signature, bytes) or len(signature) != 64:
-            raise SealError("the seal's signature is not 64 octets")
-        batch = _batch(item.get("batch")) if "batch" in item else None
-        if encode_sealed(sealed.raw_body, sealed.entry, signature, batch) != decision:
-            # other keys, or another encoding of these: one decision has one digest
-            raise SealError("a sealed decision is the deterministic CBOR of exactly body, "
-                            "entry, signature (and batch)")
+        fields = _fields(decision)
+        if fields is None:
+            sealed, signature, batch = _checked(decision)
+        else:
+            raw, entry, signature, batch = fields
+            sealed = SealedDecision(body=_body(raw), entry=entry, raw_body=raw)
         validator = validators.by_id.get(sealed.entry)
         if validator is None or validator.power == 0:
             raise SealError(f"{sealed.entry!r} is not an active validator")
@@ -217,6 +290,23 @@ class SealOpener:
         self._verified[key] = None
         if len(self._verified) > self.capacity:
             self._verified.popitem(last=False)
+
+
+def _checked(decision: bytes) -> tuple[SealedDecision, bytes, Batch | None]:
+    """The generic reading of a decision that :func:`_fields` refuses: decoded as a
+    map, checked, and encoded again to compare. It refuses every such decision, with
+    the check that fails."""
+    item = _decoded(decision)
+    sealed = _unsealed(item)
+    signature = item.get("signature")
+    if not isinstance(signature, bytes) or len(signature) != 64:
+        raise SealError("the seal's signature is not 64 octets")
+    batch = _batch(item.get("batch")) if "batch" in item else None
+    if encode_sealed(sealed.raw_body, sealed.entry, signature, batch) != decision:
+        # other keys, or another encoding of these: one decision has one digest
+        raise SealError("a sealed decision is the deterministic CBOR of exactly body, "
+                        "entry, signature (and batch)")
+    return sealed, signature, batch
 
 
 def _batch(batch: Any) -> Batch:

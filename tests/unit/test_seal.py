@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import random
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,9 +26,9 @@ from handlers.consensus import (
     seal_batch,
     unseal,
 )
-from handlers.consensus._sealed import BATCH_LABEL, batch_message
+from handlers.consensus._sealed import BATCH_LABEL, Batch, _fields, batch_message, encode_sealed
 from handlers.consensus.bft import Block, Validator, ValidatorSet
-from protocol import decode_item, encode_deterministic
+from protocol import MalformedFrame, decode_item, encode_deterministic
 from protocol.ct_merkle import leaf_hash, root_from_hashes
 from protocol.decisions import StakeCredit
 
@@ -263,6 +264,131 @@ def test_only_the_deterministic_encoding_with_its_own_keys_opens() -> None:
         open_sealed(b"\xa0", VALIDATORS)
     with pytest.raises(SealError, match="not a sealed decision"):
         open_sealed(b"not cbor at all", VALIDATORS)
+
+
+def _generic_fields(decision: bytes) -> tuple[bytes, str, bytes, Batch | None] | None:
+    """What a sealed decision holds, read the generic way: decoded as a map, the
+    types checked, and encoded again to compare (the opener's reading before it
+    read decisions in place)."""
+    try:
+        item = decode_item(decision)
+    except MalformedFrame:
+        return None
+    if not isinstance(item, dict):
+        return None
+    raw, entry, signature = item.get("body"), item.get("entry"), item.get("signature")
+    if not (isinstance(raw, bytes) and isinstance(entry, str) and isinstance(signature, bytes)
+            and len(signature) == 64):
+        return None
+    batch = None
+    if "batch" in item:
+        found = item["batch"]
+        if not (isinstance(found, dict) and found.keys() == {"index", "size", "path"}):
+            return None
+        index, size, path = found["index"], found["size"], found["path"]
+        if not (type(index) is int and type(size) is int and index >= 0 and size >= 0
+                and isinstance(path, list) and all(type(node) is bytes for node in path)):
+            return None
+        batch = (index, size, path)
+    if encode_sealed(raw, entry, signature, batch) != decision:
+        return None
+    return raw, entry, signature, batch
+
+
+def _variants(decision: bytes) -> list[bytes]:
+    """Other encodings of a decision's map, and maps a little different from it."""
+    item = decode_item(decision)
+    batch = item.get("batch")
+    variants = [
+        cbor2.dumps(item),  # insertion order: not the deterministic order
+        cbor2.dumps(dict(reversed(item.items()))),
+        encode_deterministic({**item, "note": 1}),
+        encode_deterministic({k: v for k, v in item.items() if k != "entry"}),
+        encode_deterministic({**item, "signature": item["signature"][:63]}),
+        encode_deterministic({**item, "signature": item["signature"] + b"x"}),
+        encode_deterministic({**item, "entry": item["entry"].encode()}),
+        encode_deterministic({**item, "body": item["body"].decode("latin-1")}),
+        encode_deterministic({**item, "entry": "\u00e9" + item["entry"]}),
+        decision.replace(item["entry"].encode(), b"\xff" + item["entry"].encode()[1:]),
+        *(bytes([head]) + decision[1:] for head in (0xA2, 0xA3, 0xA4, 0xA5, 0xBF)),
+        decision[:-66] + b"\x59\x00\x40" + decision[-64:],  # a signature head not shortest
+        decision[:6] + b"\x5a" + len(item["body"]).to_bytes(4, "big")
+        + decision[6 + len(encode_deterministic(item["body"])) - len(item["body"]):],
+    ]
+    if batch is not None:
+        variants += [
+            encode_deterministic({**item, "batch": {**batch, "index": -1}}),
+            encode_deterministic({**item, "batch": {**batch, "size": 1.0}}),
+            encode_deterministic({**item, "batch": {**batch, "extra": 0}}),
+            encode_deterministic({**item, "batch": {**batch, "path": batch["path"] + [b"x"]}}),
+            encode_deterministic({**item, "batch": {**batch, "path": [b"x" * 24]}}),
+            encode_deterministic({**item, "batch": {**batch, "path": [bytes(31), bytes(32)]}}),
+            encode_deterministic({**item, "batch": {**batch, "path": [bytes(33), bytes(32)]}}),
+            encode_deterministic({**item, "batch": {**batch, "path": ["x" * 32]}}),
+            encode_deterministic({**item, "batch": {**batch, "path": []}}),
+            encode_deterministic({**item, "batch": [batch["index"], batch["size"]]}),
+            encode_deterministic({k: v for k, v in item.items() if k != "batch"}),
+        ]
+    else:
+        variants.append(encode_deterministic(
+            {**item, "batch": {"index": 0, "size": 2, "path": [bytes(32)]}}))
+    return variants
+
+
+def _mutations(rng: random.Random, decision: bytes, count: int) -> list[bytes]:
+    """``decision`` with octets changed, inserted or removed, or cut short: mostly in
+    its keys and heads (outside the body and the signature, where any octet does)."""
+    item = decode_item(decision)
+    body_at = decision.index(item["body"])
+    body_end = body_at + len(item["body"])
+    mutated = []
+    for _ in range(count):
+        out = bytearray(decision)
+        for _ in range(rng.randrange(1, 3)):
+            if rng.random() < 0.8:
+                at = rng.choice([rng.randrange(body_at),
+                                 rng.randrange(body_end, len(decision) - 64)])
+            else:
+                at = rng.randrange(len(decision))
+            if at >= len(out):
+                break
+            action = rng.randrange(5)
+            if action == 0:
+                out[at] = rng.randrange(256)
+            elif action == 1:
+                out[at] ^= 1 << rng.randrange(8)
+            elif action == 2:
+                out.insert(at, rng.randrange(256))
+            elif action == 3:
+                del out[at]
+            else:
+                del out[at:]
+        mutated.append(bytes(out))
+    return mutated
+
+
+def test_a_decision_read_in_place_holds_what_the_generic_reading_finds() -> None:
+    """Differential: the opener reads a decision in place (no decoding of the map, no
+    encoding again to compare); on sealed decisions of both forms (batch sizes and
+    indexes whose heads take 0, 1 and 2 octets), other encodings and near misses of
+    them, and mutations, that reading accepts exactly what the generic reading
+    accepts, with the same fields."""
+    rng = random.Random(1875)
+    decisions = [seal(_body(1), ME.id, KEY.sign), OLD_FORM]
+    decisions += [_batch(5)[i] for i in (0, 4)]
+    large = seal_batch([encode_deterministic({**_body(i), "pad": bytes(i % 300)})
+                        for i in range(300)], OTHER.id, OTHER_KEY.sign)
+    decisions += [large[i] for i in (0, 23, 24, 255, 299)]
+    accepted = refused = 0
+    for decision in decisions:
+        assert _fields(decision) == _generic_fields(decision) is not None
+        for candidate in _variants(decision) + _mutations(rng, decision, 250):
+            expected = _generic_fields(candidate)
+            assert _fields(candidate) == expected, candidate.hex()
+            accepted += expected is not None
+            refused += expected is None
+    assert accepted > 200 and refused > 1500
+    assert open_sealed(large[299], VALIDATORS).body["pad"] == bytes(299)
 
 
 # --- the sealer ------------------------------------------------------------------------
