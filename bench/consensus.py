@@ -1,4 +1,4 @@
-"""Consensus: ``python -m bench.consensus [--quick] [--validators 1,4,7] [--part seal]``.
+"""Consensus: ``python -m bench.consensus [--quick] [--validators 1,4,7] [--part seal|cbor]``.
 
 For each cluster size N, a real cluster of N ``trustchain serve`` processes on
 ``[::1]`` (``trustchain cluster init --validators N --base-port 0``, one
@@ -24,6 +24,8 @@ talks to node-1 only:
 ``--part seal`` instead measures sealing alone, in this process: 1,000 decisions
 sealed and opened one signature each (the baseline) against one signature a
 batch of 64 (spec/stoq.md §18.5), CPU µs a decision for the entry and a verifier.
+``--part cbor`` measures decoding and opening sealed ``issue`` and ``certificate``
+decisions against the code of a baseline commit, in this process (:mod:`bench._opening`).
 
 Loopback only; every run bounded in time and count; every process stopped at
 the end (also on error or Ctrl-C); the clusters' data in a temporary directory.
@@ -72,6 +74,7 @@ from ._common import (
     markdown_table,
     percentile,
 )
+from ._opening import BASELINE_COMMIT, open_report
 from ._streams import close_clients, open_client
 from .ca import IssueRun, IssueSpec, name_of
 
@@ -1272,9 +1275,11 @@ def main(argv: list[str] | None = None) -> int:
                              "publishes every certificate's AAAA and TLSA records")
     parser.add_argument("--engine", choices=stoq.ENGINES, default=stoq.DEFAULT_ENGINE,
                         help="QUIC engine of the load generator")
-    parser.add_argument("--part", choices=("clusters", "seal"), default="clusters",
+    parser.add_argument("--part", choices=("clusters", "seal", "cbor"), default="clusters",
                         help="clusters: the cluster figures (default); seal: only the seal "
-                             "micro-benchmark (batch against plain seals, in this process)")
+                             "micro-benchmark (batch against plain seals, in this process); "
+                             "cbor: only decoding and opening sealed decisions, against the "
+                             f"code at {BASELINE_COMMIT} (in this process)")
     parser.add_argument("--issue-window", type=float, metavar="SECONDS",
                         help="measure ca.issue over this window after a 6 s warm-up "
                              "(default: the 4 s window, 3 s warm-up); at 1-3 s of latency "
@@ -1286,6 +1291,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(args_list)
     if args.part == "seal":
         print(seal_report(), flush=True)
+        return 0
+    if args.part == "cbor":
+        print(open_report(), flush=True)
         return 0
     if args.workdir is not None and args.workdir.exists():
         parser.error(f"--workdir {args.workdir} exists already")
