@@ -67,12 +67,12 @@ def _scan(data: bytes) -> None:
     Exactly one well-formed item; no tags; no simple values but false, true
     and null; map keys only integers or text; depth within MAX_DEPTH (no item,
     nor the break of an indefinite-length array or map, enclosed by more than
-    MAX_DEPTH arrays and maps); the chunks of an
-    indefinite-length string definite strings of its own type. This runs before
-    cbor2 sees the bytes, because cbor2 acts on some tags while decoding (28/29
-    shared references build self-referencing or exponentially large values from
-    a few bytes). What passes decodes to the plain data model only: int
-    (64-bit), bytes, str, list, dict, bool, None, float.
+    MAX_DEPTH arrays and maps); the chunks of an indefinite-length string
+    definite strings of its own type. This runs before cbor2 sees the bytes,
+    because cbor2 acts on some tags while decoding (28/29 shared references
+    build self-referencing or exponentially large values from a few bytes).
+    What passes decodes to the plain data model only: int (64-bit), bytes,
+    str, list, dict, bool, None, float.
 
     It runs on every frame and every decision, so it is written for speed: one
     table look-up moves past an item whose initial byte gives its size, a map's
