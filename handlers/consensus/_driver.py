@@ -444,6 +444,8 @@ class ConsensusChain:
                          Commit.from_wire(decode_item(stored.commit)))
 
     def _gossip_decisions(self, decisions: list[bytes]) -> None:
+        if not self.peers:
+            return  # a single validator: nobody to tell
         payload = encode_deterministic({"kind": "decisions", "items": decisions})
         for peer in self.peers.values():
             self._enqueue(peer, payload)
