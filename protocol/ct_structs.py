@@ -520,9 +520,24 @@ def verify_checkpoint(note: str, origin: str, public_key: Any) -> Checkpoint:
 
 
 def log_id_of(public_key: Any) -> bytes:
-    """The RFC 6962 ``LogID``: SHA-256 of the log's DER SubjectPublicKeyInfo."""
-    return hashlib.sha256(public_key.public_bytes(
+    """The RFC 6962 ``LogID``: SHA-256 of the log's DER SubjectPublicKeyInfo.
+
+    Kept per key object (the same few log keys check every SCT; keys are not hashable).
+    """
+    kept = _log_ids.get(id(public_key))
+    if kept is not None and kept[0] is public_key:
+        return kept[1]
+    log_id = hashlib.sha256(public_key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)).digest()
+    if len(_log_ids) >= _LOG_IDS_KEPT:
+        _log_ids.clear()
+    _log_ids[id(public_key)] = (public_key, log_id)  # holds the key: its id is not reused
+    return log_id
+
+
+_LOG_IDS_KEPT = 64
+_log_ids: dict[int, tuple[Any, bytes]] = {}
+_ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
 
 
 @functools.lru_cache(maxsize=64)
@@ -541,7 +556,7 @@ def _verify(public_key: Any, digitally: bytes, data: bytes, what: str) -> None:
     if not isinstance(public_key, ec.EllipticCurvePublicKey):
         raise SignatureError(f"{what}: the log key is not an ECDSA key")
     try:
-        public_key.verify(der, data, ec.ECDSA(hashes.SHA256()))
+        public_key.verify(der, data, _ECDSA_SHA256)
     except (InvalidSignature, ValueError):
         raise SignatureError(f"{what}: the signature does not verify") from None
 
@@ -631,9 +646,12 @@ def der_read(data: bytes, pos: int) -> tuple[int, bytes, int]:
 _POISON_OID_DER = der_tlv(0x06, bytes.fromhex("2b06010401d679020403"))
 
 
+@functools.lru_cache(maxsize=1024)
 def precert_tbs(precertificate_der: bytes) -> bytes:
     """The TBSCertificate of a precertificate with its poison extension removed,
     re-encoded in DER: the ``tbs_certificate`` of a precert entry (RFC 6962 §3.2).
+    Kept for recent ones: every validator needs it when the precertificate is logged
+    and again when its certificate is checked against it.
 
     :raises StructureError: not a certificate, or no critical poison extension.
     """

@@ -34,6 +34,7 @@ from ._s3 import (
     aws_credentials,
 )
 from ._signer import (
+    ECDSA_WITH_SHA256,
     Algorithm,
     KeyStore,
     Signer,
@@ -58,6 +59,7 @@ from ._tiles import Appended, Bundle, TileLog
 from ._tls import TlsCredential, create_self_signed, credential_paths
 
 __all__ = [
+    "ECDSA_WITH_SHA256",
     "AdminCredential",
     "Algorithm",
     "Appended",

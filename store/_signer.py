@@ -106,6 +106,11 @@ def spki_sha256(public_key: PublicKey) -> bytes:
     return hashlib.sha256(der).digest()
 
 
+ECDSA_WITH_SHA256 = ec.ECDSA(hashes.SHA256())
+"""ECDSA with SHA-256 (built once: every P-256 signature made or checked uses it)."""
+ECDSA_WITH_SHA384 = ec.ECDSA(hashes.SHA384())
+
+
 def verify_signature(public_key: Any, signature: bytes, data: bytes) -> bool:
     """Whether ``signature`` is valid for ``data``: Ed25519, or DER ECDSA with SHA-256
     (P-256, as :meth:`Signer.sign` makes it) or SHA-384 (P-384). False for any
@@ -114,8 +119,8 @@ def verify_signature(public_key: Any, signature: bytes, data: bytes) -> bool:
         if isinstance(public_key, ed25519.Ed25519PublicKey):
             public_key.verify(signature, data)
         elif isinstance(public_key, ec.EllipticCurvePublicKey):
-            digest = hashes.SHA384() if public_key.curve.key_size == 384 else hashes.SHA256()
-            public_key.verify(signature, data, ec.ECDSA(digest))
+            public_key.verify(signature, data, ECDSA_WITH_SHA384 if public_key.curve.key_size == 384
+                              else ECDSA_WITH_SHA256)
         else:
             return False
     except (InvalidSignature, ValueError):

@@ -14,12 +14,13 @@ import threading
 from pathlib import Path
 from typing import Literal
 
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from ._errors import KeyStoreError
 from ._files import write_atomic
 from ._signer import (
+    ECDSA_WITH_SHA256,
     Algorithm,
     PrivateKey,
     PublicKey,
@@ -30,7 +31,6 @@ from ._signer import (
 
 log = logging.getLogger("trustchain.keys")
 
-_ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
 
 
 class SoftwareSigner:
@@ -51,7 +51,7 @@ class SoftwareSigner:
     def sign(self, data: bytes) -> bytes:
         if isinstance(self._key, ed25519.Ed25519PrivateKey):
             return self._key.sign(data)
-        return self._key.sign(data, _ECDSA_SHA256)
+        return self._key.sign(data, ECDSA_WITH_SHA256)
 
     def private_key(self) -> PrivateKey:
         return self._key

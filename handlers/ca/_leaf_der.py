@@ -14,10 +14,10 @@ import datetime
 import functools
 from typing import Any
 
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from protocol.ct_structs import der_read, der_tlv
+from store import ECDSA_WITH_SHA256
 
 SEQUENCE = 0x30
 OCTET_STRING = 0x04
@@ -37,7 +37,6 @@ _VERSION_3 = bytes.fromhex("a003020102")
 """``version [0] EXPLICIT Version`` = v3."""
 _CRITICAL = bytes.fromhex("0101ff")
 """``critical BOOLEAN`` TRUE; FALSE is the DEFAULT, so DER leaves it out."""
-_ECDSA = ec.ECDSA(hashes.SHA256())
 
 
 tlv = der_tlv
@@ -147,5 +146,5 @@ def signed_certificate(tbs: bytes, algorithm: bytes, private_key: Any) -> bytes:
     if signature_algorithm(private_key) == ED25519:  # (a TypeError for another kind)
         signature = private_key.sign(tbs)
     else:
-        signature = private_key.sign(tbs, _ECDSA)
+        signature = private_key.sign(tbs, ECDSA_WITH_SHA256)
     return sequence(tbs, algorithm, bit_string(signature))

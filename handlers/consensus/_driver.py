@@ -20,7 +20,7 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -360,10 +360,13 @@ class ConsensusChain:
 
     # --- submitting decisions --------------------------------------------------------------
 
-    async def _check(self, decision: bytes, sender: str | None = None) -> str | None:
+    async def _check(self, decision: bytes, sender: str | None = None,
+                     digest: bytes | None = None) -> str | None:
         """The application's verdict on ``decision``, asked once per digest
-        (``sender``: the validator whose gossip brought it)."""
-        digest = decision_digest(decision)
+        (``sender``: the validator whose gossip brought it; ``digest``: the decision's,
+        if the caller has it)."""
+        if digest is None:
+            digest = decision_digest(decision)
         if digest in self._verdicts:
             return self._verdicts[digest]
         pending = self._checking.get(digest)
@@ -386,11 +389,10 @@ class ConsensusChain:
         future.set_result(verdict)
         return verdict
 
-    def _accept(self, decision: bytes) -> bool:
+    def _accept(self, decision: bytes, digest: bytes) -> bool:
         if len(decision) + 16 > self.max_block_bytes:
             raise ConsensusRejected(f"the decision is {len(decision)} bytes; a block holds at "
                                     f"most {self.max_block_bytes} (half the frame limit)")
-        digest = decision_digest(decision)
         if digest in self.mempool or self.store.decision(digest) is not None:
             return False
         if len(self.mempool) >= MAX_MEMPOOL:
@@ -413,7 +415,7 @@ class ConsensusChain:
         if checked:
             self._verdicts[digest] = None
         else:
-            verdict = await self._check(decision)
+            verdict = await self._check(decision, digest=digest)
             if verdict is not None:
                 raise ConsensusRejected(f"the decision was refused: {verdict}")
         future: asyncio.Future[Committed] = asyncio.get_running_loop().create_future()
@@ -422,7 +424,7 @@ class ConsensusChain:
             where = self.store.decision(digest)
             if where is not None:  # already committed (a resubmission)
                 return await self._committed_at(*where)
-            if self._accept(decision):
+            if self._accept(decision, digest):
                 self._gossip_decisions([decision])
                 self._inputs.put_nowait(("content",))
             return await asyncio.wait_for(asyncio.shield(future), timeout)
@@ -442,6 +444,8 @@ class ConsensusChain:
                          Commit.from_wire(decode_item(stored.commit)))
 
     def _gossip_decisions(self, decisions: list[bytes]) -> None:
+        if not self.peers:
+            return  # a single validator: nobody to tell
         payload = encode_deterministic({"kind": "decisions", "items": decisions})
         for peer in self.peers.values():
             self._enqueue(peer, payload)
@@ -479,13 +483,14 @@ class ConsensusChain:
                         continue
                     self.proposals["rebuilt"] += 1
                     message: Message = rebuilt
+                    await self._precheck(rebuilt.block, item["digests"])
                 else:
                     message = decode_message(payload)
+                    if isinstance(message, Proposal | CommitMessage):
+                        await self._precheck(message.block)
             except BadMessage as exc:
                 self._misbehaved(sender, f"sent a malformed consensus message: {exc}")
                 continue
-            if isinstance(message, Proposal | CommitMessage):
-                await self._precheck(message.block)
             self._inputs.put_nowait(("message", message, sender))
             usable += 1
         return usable
@@ -511,21 +516,29 @@ class ConsensusChain:
         if not isinstance(items, list) or not all(isinstance(d, bytes) for d in items):
             self._misbehaved(sender, "sent a malformed decision batch")
             return 0
-        fresh = [d for d in items if decision_digest(d) not in self.mempool]
-        verdicts = await asyncio.gather(*(self._check(d, sender) for d in fresh))
+        digests = [decision_digest(d) for d in items]
+        fresh = [(d, digest) for d, digest in zip(items, digests, strict=True)
+                 if digest not in self.mempool]
+        verdicts = await asyncio.gather(*(self._check(d, sender, digest)
+                                          for d, digest in fresh))
         accepted = 0
-        for decision, verdict in zip(fresh, verdicts, strict=True):
+        for (decision, digest), verdict in zip(fresh, verdicts, strict=True):
             if verdict is None:
                 with contextlib.suppress(ConsensusRejected):
-                    accepted += self._accept(decision)
+                    accepted += self._accept(decision, digest)
         if accepted:
             self._inputs.put_nowait(("content",))
         return accepted
 
-    async def _precheck(self, block: Block) -> None:
-        unknown = [d for d in block.decisions if decision_digest(d) not in self._verdicts]
+    async def _precheck(self, block: Block, digests: Iterable[bytes] | None = None) -> None:
+        """Check the block's decisions not checked yet (``digests``: theirs, if known:
+        a proposal rebuilt from the mempool came with them)."""
+        if digests is None:
+            digests = (decision_digest(d) for d in block.decisions)
+        unknown = [(d, digest) for d, digest in zip(block.decisions, digests, strict=True)
+                   if digest not in self._verdicts]
         if unknown:
-            await asyncio.gather(*(self._check(d) for d in unknown))
+            await asyncio.gather(*(self._check(d, digest=digest) for d, digest in unknown))
 
     def misbehaved(self, validator: str | None, reason: str) -> None:
         """Record misbehaviour (``consensus.status`` counts it; the log says what)."""

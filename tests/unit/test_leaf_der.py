@@ -386,3 +386,33 @@ def test_a_precertificate_from_an_intermediate_expired_at_its_decision_is_refuse
     with pytest.raises(ProfileError, match="had expired"):
         check_precertificate(precert, request=request, issuer=expired, at_ms=NOW * 1000,
                              lifetime=86400, backdate=300)
+
+
+def test_issued_by_accepts_what_the_issuer_signed_and_nothing_else(software: Hierarchy
+                                                                   ) -> None:
+    """``_x509.issued_by`` (a validator's check of a leaf's signature, with the issuer's
+    key kept) agrees with ``verify_directly_issued_by`` and also holds the leaf to the
+    signature algorithm of a TrustChain leaf."""
+    request = request_of(SUBJECT_KEYS[0], ["signed.trust"])
+    der = check_signed(software, request, (1 << 127) | 7, NOW, NOW + 60, [])
+    leaf = x509.load_der_x509_certificate(der)
+    assert _x509.issued_by(leaf, software.issuer)
+    other = make_hierarchy(ec.generate_private_key(ec.SECP256R1())
+                           if isinstance(software.key, ec.EllipticCurvePrivateKey)
+                           else ed25519.Ed25519PrivateKey.generate())
+    forged = x509.load_der_x509_certificate(check_signed(
+        other, request, (1 << 127) | 7, NOW, NOW + 60, []))
+    assert not _x509.issued_by(forged, software.issuer)
+    with pytest.raises(Exception):  # noqa: B017 (cryptography's own error types)
+        forged.verify_directly_issued_by(software.issuer)
+    # one flipped bit of the signature
+    tampered = bytearray(der)
+    tampered[-3] ^= 1
+    assert not _x509.issued_by(x509.load_der_x509_certificate(bytes(tampered)),
+                               software.issuer)
+    if isinstance(software.key, ec.EllipticCurvePrivateKey):
+        # the issuer's own key, but over SHA-384: a signature a TrustChain leaf never has
+        sha384 = builder(software.issuer, request, (1 << 127) | 7, NOW, NOW + 60, []).sign(
+            software.key, hashes.SHA384())
+        sha384.verify_directly_issued_by(software.issuer)
+        assert not _x509.issued_by(sha384, software.issuer)
