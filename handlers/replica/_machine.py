@@ -30,7 +30,7 @@ import functools
 import hashlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,7 +91,8 @@ from ._read import MalformedDecision, read_sealed
 
 log = logging.getLogger("trustchain.replica")
 
-Audit = Callable[[str, dict[str, Any]], Awaitable[Any]]
+AuditRecords = Callable[[Sequence[tuple[str, dict[str, Any]]]], Awaitable[Any]]
+"""``async (records)``: ``(kind, data)`` audit records, written together."""
 
 MAX_DECISION_AGE_MS = 600_000
 """A decision sealed more than this before its block's time is stale and refused."""
@@ -178,7 +179,8 @@ class CaStateMachine:
     :param chains: checks chains submitted to the CT log (at the block's time).
     :param node_names: validator id -> the names its own TLS certificate may carry.
     :param publishers: told of certificates issued and revoked, once committed.
-    :param audit: ``async (kind, data)``; records what this validator executed.
+    :param audit: ``async (records)`` (``AuditLog.append_all_async``); records what this
+        validator executed, a block's records at once (one write, one flush).
     :param epoch_length: seconds per proof epoch (used work of old epochs is dropped).
     :param directory: every validator's announced keys, kept up to date here (others read
         it: the CA, ``fp.verify``).
@@ -190,7 +192,7 @@ class CaStateMachine:
 
     def __init__(self, *, state: StateDatabase, ct: CtLog, chains: ChainValidator,
                  policy: NamingPolicy, root_der: bytes, node_names: Mapping[str, frozenset[str]],
-                 publishers: Publishers, audit: Audit, epoch_length: int, lifetime: float,
+                 publishers: Publishers, audit: AuditRecords, epoch_length: int, lifetime: float,
                  backdate: float, minimum_stake: int, development: bool,
                  directory: ValidatorDirectory | None = None, me: str | None = None,
                  clock: Callable[[], float] = time.time) -> None:
@@ -251,9 +253,9 @@ class CaStateMachine:
                 rows.add(row)
             self.state.write_genesis(stake, rows, state_hash(0, rows))
             self.rows, self.state_hash = rows, state_hash(0, rows)
-            for _, key, amount in stake:
-                await self._audit("consensus.stake-changed", {
-                    "key": key, "before": 0, "after": amount, "reason": "genesis"})
+            await self._audit([("consensus.stake-changed", {
+                "key": key, "before": 0, "after": amount, "reason": "genesis"})
+                for _, key, amount in stake])
         elif genesis and any(self.state.balance(k) != v for k, v in genesis.items()):
             log.warning("consensus.genesis differs from the stake the state holds; the state "
                         "is the authority once blocks exist (the configured genesis is "
@@ -799,8 +801,8 @@ class CaStateMachine:
             self.publishers.revoked(CertificateRevoked(record=run.certificates[serial]))
         for name in run.registrations:
             self.publishers.registration_changed(name)
-        for kind, data in run.audit:
-            await self._audit(kind, data)
+        if run.audit:
+            await self._audit(run.audit)
 
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import ipaddress
+import json
+import os
 import random
 import sqlite3
 import time
@@ -69,6 +71,7 @@ from store import (
     StateError,
     TileCorrupted,
     state_hash,
+    verify_log,
 )
 from trustchain._compose import local_keys
 
@@ -847,3 +850,32 @@ async def test_a_validator_trusts_only_the_signatures_it_made_and_sealed_itself(
     own, other_replica = [await r.machine.execute(block) for r in cluster.replicas]
     assert own.outcomes[0].accepted and not other_replica.outcomes[0].accepted
     assert cluster.a.machine.state_hash != cluster.b.machine.state_hash
+
+
+# --- the cost of executing a block -------------------------------------------------------
+
+
+async def test_a_block_of_issuances_is_audited_in_one_flush(
+        cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    flushed: list[int] = []
+    real = os.fdatasync
+
+    def counting(fd: int) -> None:
+        flushed.append(fd)
+        real(fd)
+    requests = [await cluster.request(f"n{i}.trust") for i in range(12)]
+    outcomes = await cluster.commit(*(r.decision for r in requests))
+    assert all(o.accepted for o in outcomes), outcomes
+    signed = [await cluster.certificate(r, o) for r, o in zip(requests, outcomes, strict=True)]
+    monkeypatch.setattr(os, "fdatasync", counting)
+    done = await cluster.commit(*signed)
+    monkeypatch.undo()
+    assert all(o.accepted for o in done), done
+    for replica in cluster.replicas:
+        assert flushed.count(replica.audit._fd) == 1
+        replica.audit.close()  # signs the tail
+        records = [json.loads(line) for line in replica.audit.path.read_text().splitlines()]
+        issued = [r["data"]["serial"] for r in records if r["kind"] == "ca.issued"]
+        assert issued == [r.serial for r in requests]
+        report = verify_log(replica.audit.path)
+        assert report.ok and report.unsigned_tail == 0, report.problems
