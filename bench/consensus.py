@@ -1,4 +1,4 @@
-"""Consensus: ``python -m bench.consensus [--quick] [--validators 1,4,7] [--part seal|cbor]``.
+"""Consensus: ``python -m bench.consensus [--quick] [--validators 1,4,7] [--part P]``.
 
 For each cluster size N, a real cluster of N ``trustchain serve`` processes on
 ``[::1]`` (``trustchain cluster init --validators N --base-port 0``, one
@@ -20,6 +20,10 @@ talks to node-1 only:
    tests.byzantine`` (it equivocates on every proposal and vote): time from
    each equivocation to the first honest node's evidence, and until the
    evidence is committed in a block.
+
+``--part execute`` instead measures executing committed blocks of issuances and
+their certificates through a real state machine, in this process
+(:mod:`bench.execute`; ``--blocks``, ``--per-block``).
 
 ``--part seal`` instead measures sealing alone, in this process: 1,000 decisions
 sealed and opened one signature each (the baseline) against one signature a
@@ -77,6 +81,7 @@ from ._common import (
 from ._opening import BASELINE_COMMIT, open_report
 from ._streams import close_clients, open_client
 from .ca import IssueRun, IssueSpec, name_of
+from .execute import BLOCKS, PER_BLOCK, execute_report
 
 VALIDATORS = (1, 4, 7)
 ISSUE_SIZES = (1, 4)
@@ -1275,11 +1280,18 @@ def main(argv: list[str] | None = None) -> int:
                              "publishes every certificate's AAAA and TLSA records")
     parser.add_argument("--engine", choices=stoq.ENGINES, default=stoq.DEFAULT_ENGINE,
                         help="QUIC engine of the load generator")
-    parser.add_argument("--part", choices=("clusters", "seal", "cbor"), default="clusters",
+    parser.add_argument("--part", choices=("clusters", "seal", "cbor", "execute"),
+                        default="clusters",
                         help="clusters: the cluster figures (default); seal: only the seal "
                              "micro-benchmark (batch against plain seals, in this process); "
                              "cbor: only decoding and opening sealed decisions, against the "
-                             f"code at {BASELINE_COMMIT} (in this process)")
+                             f"code at {BASELINE_COMMIT} (in this process); "
+                             "execute: only executing committed blocks of issuances "
+                             "(bench.execute, in this process)")
+    parser.add_argument("--blocks", type=int, default=BLOCKS,
+                        help=f"--part execute: blocks timed (default {BLOCKS})")
+    parser.add_argument("--per-block", type=int, default=PER_BLOCK,
+                        help=f"--part execute: issuances a block (default {PER_BLOCK})")
     parser.add_argument("--issue-window", type=float, metavar="SECONDS",
                         help="measure ca.issue over this window after a 6 s warm-up "
                              "(default: the 4 s window, 3 s warm-up); at 1-3 s of latency "
@@ -1294,6 +1306,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.part == "cbor":
         print(open_report(), flush=True)
+        return 0
+    if args.part == "execute":
+        if args.blocks < 1 or args.per_block < 1:
+            parser.error("--blocks and --per-block must be 1 or more")
+        print(execute_report(args.blocks, args.per_block), flush=True)
         return 0
     if args.workdir is not None and args.workdir.exists():
         parser.error(f"--workdir {args.workdir} exists already")

@@ -53,6 +53,7 @@ from ._state import (
     TreeHead,
     certificate_row,
     registration_row,
+    stored_record,
 )
 from ._statehash import MultisetHash, state_hash
 from ._tiles import Appended, Bundle, TileLog
@@ -124,6 +125,7 @@ __all__ = [
     "registration_row",
     "spki_sha256",
     "state_hash",
+    "stored_record",
     "verify_archive",
     "verify_log",
     "verify_signature",

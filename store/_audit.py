@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -42,12 +43,13 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn, Protocol
 
+import cbor2
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
@@ -75,6 +77,9 @@ _KIND = re.compile(r"[a-z][a-z0-9._-]{0,63}")
 _INT_MIN = -(2**64)
 _INT_MAX = 2**64 - 1
 _FIELDS = frozenset(("seq", "time", "kind", "data", "prev", "hash"))
+_JSON = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+"""``json.dumps(..., separators=(",", ":"), allow_nan=False)`` without making an encoder
+for every record."""
 _TAIL_CHUNK = 64 * 1024
 _TAIL_LIMIT = 8 << 20
 """Bytes read back from the end to find the last checkpoint at start."""
@@ -162,47 +167,88 @@ class _Malformed(Exception):
 
 # --- encoding ---------------------------------------------------------------------
 
-def _normalize(value: Any, depth: int, where: str) -> tuple[Any, Any]:
+DataPath = tuple[str | int, ...]
+"""Where a value sits in a record's data: map keys and list indexes, outermost first."""
+
+
+def _where(path: DataPath) -> str:
+    """``path`` as an error message names it: ``data.names[2]``."""
+    return "data" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path)
+
+
+@functools.lru_cache(maxsize=1024)
+def _cbor_order(keys: tuple[str, ...]) -> tuple[str, ...]:
+    """Text keys in deterministic CBOR order (RFC 8949 §4.2.1: by their encoding, which
+    for text is shorter UTF-8 first, then bytewise)."""
+    return tuple(sorted(keys, key=lambda k: (len(k.encode()), k.encode())))
+
+
+def _normalize(value: Any, depth: int, path: DataPath, floats: list[float]) -> tuple[Any, Any]:
     """A private copy of ``value`` (for the record and the hash) and its JSON form.
 
     Copying means a caller who mutates its dict afterwards cannot make the
-    returned record disagree with the file.
+    returned record disagree with the file. The copy's maps are in deterministic
+    CBOR key order, so that ``cbor2.dumps`` encodes it as it is (its canonical mode
+    costs five times as much, sorting by encoding every key); the JSON form keeps
+    the caller's order. Floats found are added to ``floats`` (their deterministic
+    encoding is not ``cbor2.dumps``'s).
     """
-    if value is None or value is True or value is False:
+    kind = type(value)
+    if kind is str or value is None or kind is bool:
         return value, value
+    if kind is int:
+        if not _INT_MIN <= value <= _INT_MAX:
+            raise AuditError(f"{_where(path)}: integer outside the 64-bit range CBOR allows")
+        return value, value
+    if kind is dict or kind is list or kind is tuple:
+        return _normalize_container(value, depth, path, floats)
     if isinstance(value, str):
         text = str.__str__(value)  # enum members become their plain value
         return text, text
     if isinstance(value, int):
-        number = int(value)
-        if not _INT_MIN <= number <= _INT_MAX:
-            raise AuditError(f"{where}: integer outside the 64-bit range CBOR allows")
-        return number, number
+        return _normalize(int(value), depth, path, floats)
     if isinstance(value, float):
         real = float(value)
         if not math.isfinite(real):
-            raise AuditError(f"{where}: {real} has no JSON form; log it as text")
+            raise AuditError(f"{_where(path)}: {real} has no JSON form; log it as text")
+        floats.append(real)
         return real, real
     if isinstance(value, bytes | bytearray | memoryview):
         raw = bytes(value)
         return raw, {"hex": raw.hex()}
+    if isinstance(value, list | tuple | dict):
+        return _normalize_container(value, depth, path, floats)
+    raise AuditError(f"{_where(path)}: a {type(value).__name__} has no deterministic CBOR "
+                     "encoding")
+
+
+def _normalize_container(value: Any, depth: int, path: DataPath,
+                         floats: list[float]) -> tuple[Any, Any]:
     if depth >= MAX_DEPTH:
-        raise AuditError(f"{where}: nested deeper than {MAX_DEPTH} levels")
-    if isinstance(value, list | tuple):
-        pairs = [_normalize(item, depth + 1, f"{where}[{i}]") for i, item in enumerate(value)]
+        raise AuditError(f"{_where(path)}: nested deeper than {MAX_DEPTH} levels")
+    if not isinstance(value, dict):
+        pairs = [_normalize(item, depth + 1, (*path, i), floats)
+                 for i, item in enumerate(value)]
         return [p[0] for p in pairs], [p[1] for p in pairs]
-    if isinstance(value, dict):
-        if len(value) == 1 and "hex" in value:
-            raise AuditError(f"{where}: a map whose only key is 'hex' is reserved for bytes")
-        plain: dict[str, Any] = {}
-        shown: dict[str, Any] = {}
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise AuditError(f"{where}: map key {key!r} is not text (JSON keys are text)")
-            name = str.__str__(key)
-            plain[name], shown[name] = _normalize(item, depth + 1, f"{where}.{name}")
-        return plain, shown
-    raise AuditError(f"{where}: a {type(value).__name__} has no deterministic CBOR encoding")
+    if len(value) == 1 and "hex" in value:
+        raise AuditError(f"{_where(path)}: a map whose only key is 'hex' is reserved for bytes")
+    plain: dict[str, Any] = {}
+    shown: dict[str, Any] = {}
+    for key, item in value.items():
+        if not isinstance(key, str):
+            raise AuditError(f"{_where(path)}: map key {key!r} is not text (JSON keys are "
+                             "text)")
+        name = key if type(key) is str else str.__str__(key)
+        plain[name], shown[name] = _normalize(item, depth + 1, (*path, name), floats)
+    return {k: plain[k] for k in _cbor_order(tuple(plain))}, shown
+
+
+def _encode_data(plain: dict[str, Any], floats: list[float]) -> bytes:
+    """``encode_deterministic(plain)`` of a :func:`_normalize` copy: ``cbor2.dumps`` of
+    it as it is when it holds no float."""
+    if floats:
+        return encode_deterministic(plain)
+    return cbor2.dumps(plain)
 
 
 def _from_json(value: Any, where: str) -> Any:
@@ -486,12 +532,13 @@ class AuditLog:
             raise AuditError("the kind 'checkpoint' is reserved for signed checkpoints")
         if not isinstance(data, dict):
             raise AuditError(f"audit data must be a dict, not {type(data).__name__}")
-        plain, shown = _normalize(data, 0, "data")
+        floats: list[float] = []
+        plain, shown = _normalize(data, 0, (), floats)
         try:
-            data_cbor = encode_deterministic(plain)
-        except LocalProtocolError as exc:
+            data_cbor = _encode_data(plain, floats)
+        except (LocalProtocolError, ValueError, cbor2.CBOREncodeError) as exc:
             raise AuditError(f"audit data: {exc}") from exc
-        data_json = json.dumps(shown, separators=(",", ":"), allow_nan=False)
+        data_json = _JSON.encode(shown)
         return _Entry(str.__str__(kind), round(self._clock() * 1_000_000), plain, data_cbor,
                       data_json)
 
@@ -516,6 +563,24 @@ class AuditLog:
             self._flushing = True
             loop.call_soon(self._flush, loop)
         return await waiter
+
+    async def append_all_async(self, records: Sequence[tuple[str, dict[str, Any]]]
+                               ) -> list[AuditRecord]:
+        """:meth:`append_async` of ``(kind, data)`` records at once, in their order: one
+        write and one flush (shared with any other records waiting), one hand-off to
+        the writer thread, rather than one each. All are checked before any is queued:
+        one that :meth:`append` would refuse refuses them all.
+        """
+        entries = [self._prepare(kind, data) for kind, data in records]
+        if not entries:
+            return []
+        loop = asyncio.get_running_loop()
+        waiters: list[asyncio.Future[AuditRecord]] = [loop.create_future() for _ in entries]
+        self._pending.extend(zip(entries, waiters, strict=True))
+        if not self._flushing:
+            self._flushing = True
+            loop.call_soon(self._flush, loop)
+        return [await waiter for waiter in waiters]
 
     def _writer(self) -> ThreadPoolExecutor:
         """The one thread that writes for the event loop (group commits, timed

@@ -302,6 +302,13 @@ def certificate_row(record: CertificateRecord) -> Row:
             record.position)
 
 
+def stored_record(record: CertificateRecord) -> CertificateRecord:
+    """``record`` exactly as :meth:`StateDatabase.certificate` reads it back once written
+    (times in whole seconds or milliseconds, as the columns keep them): what a cache of
+    the stored records may hold in the file's place."""
+    return _record(certificate_row(record)[1:], record.names)
+
+
 def _record(row: Sequence[Any], names: tuple[str, ...]) -> CertificateRecord:
     (serial, issuer, validator, spki, not_before, not_after, issued_ms, kind, precert, der,
      fingerprint, revoked_ms, reason, shard, index, height, position) = row

@@ -15,13 +15,19 @@ costs about 2^(2 sqrt(k)), 2^128 here.
 Rows are canonical CBOR arrays of integers, text, bytes and null (no floats),
 whose first item names their table, so a row of one table never equals a row
 of another.
+
+A row is often removed soon after it was added (a pending certificate when its
+signed certificate arrives one block later, a CT shard's size and root every
+block): the digests of the rows added last are kept (:data:`RECENT_ROWS`), so
+such a row is hashed once. The sum is reduced modulo 2^4096 when it is read,
+not at every row.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, TypeGuard
 
 import cbor2
 
@@ -29,6 +35,13 @@ BITS = 4096
 _MASK = (1 << BITS) - 1
 _BYTES = BITS // 8
 CONTEXT = b"trustchain-state-v1"
+RECENT_ROWS = 4096
+"""How many digests of the rows added last are kept (some MB at most)."""
+_PLAIN = frozenset((str, bytes, int, type(None)))
+"""The column types whose equality in Python is their equality in CBOR (not so for
+``True == 1`` or ``1.0 == 1``): only rows of these are kept."""
+_recent: dict[tuple[Any, ...], int] = {}
+"""row -> its digest, for the rows added last (oldest first)."""
 
 
 def row_digest(row: tuple[Any, ...] | list[Any]) -> int:
@@ -37,13 +50,40 @@ def row_digest(row: tuple[Any, ...] | list[Any]) -> int:
                                             ).digest(_BYTES), "big")
 
 
+def _keepable(row: tuple[Any, ...] | list[Any]) -> TypeGuard[tuple[Any, ...]]:
+    return type(row) is tuple and all(type(v) in _PLAIN for v in row)
+
+
+def _added_digest(row: tuple[Any, ...] | list[Any]) -> int:
+    """:func:`row_digest` of a row being added, kept for its removal."""
+    if not _keepable(row):
+        return row_digest(row)
+    digest = _recent.get(row)
+    if digest is None:
+        digest = _recent[row] = row_digest(row)
+        if len(_recent) > RECENT_ROWS:
+            _recent.pop(next(iter(_recent)), None)
+    return digest
+
+
+def _removed_digest(row: tuple[Any, ...] | list[Any]) -> int:
+    """:func:`row_digest` of a row being removed: kept if it was added lately."""
+    digest = _recent.get(row) if _keepable(row) else None
+    return row_digest(row) if digest is None else digest
+
+
 class MultisetHash:
     """The running AdHash of a multiset of rows."""
 
-    __slots__ = ("value",)
+    __slots__ = ("_sum",)
 
     def __init__(self, value: int = 0) -> None:
-        self.value = value & _MASK
+        self._sum = value & _MASK
+
+    @property
+    def value(self) -> int:
+        """The sum of the rows' digests modulo 2^4096."""
+        return self._sum & _MASK
 
     @classmethod
     def of(cls, rows: Iterable[tuple[Any, ...] | list[Any]]) -> MultisetHash:
@@ -63,10 +103,10 @@ class MultisetHash:
         return self.value.to_bytes(_BYTES, "big")
 
     def add(self, row: tuple[Any, ...] | list[Any]) -> None:
-        self.value = (self.value + row_digest(row)) & _MASK
+        self._sum += _added_digest(row)
 
     def remove(self, row: tuple[Any, ...] | list[Any]) -> None:
-        self.value = (self.value - row_digest(row)) & _MASK
+        self._sum -= _removed_digest(row)
 
     def copy(self) -> MultisetHash:
         return MultisetHash(self.value)

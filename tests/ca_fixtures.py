@@ -215,7 +215,7 @@ async def open_replica(directory: Path, *, root_der: bytes, clock: Callable[[], 
             state=state, ct=ct, chains=ChainValidator([root_der, *extra_roots], clock=clock),
             policy=NamingPolicy(domains=DOMAINS), root_der=root_der,
             node_names=node_names or {}, publishers=publishers or Publishers(),
-            audit=audit.append_async, epoch_length=PARAMS.epoch_length, lifetime=LIFETIME,
+            audit=audit.append_all_async, epoch_length=PARAMS.epoch_length, lifetime=LIFETIME,
             backdate=BACKDATE, minimum_stake=PARAMS.minimum_stake, development=True,
             me=me, clock=clock)
         await machine.open(genesis)

@@ -183,8 +183,8 @@ class SoleValidator:
             publishers=publishers, audit=self._audit, epoch_length=3600, lifetime=DAY,
             backdate=300, minimum_stake=0, development=True, clock=clock)
 
-    async def _audit(self, kind: str, data: dict[str, Any]) -> None:
-        self.audited.append((kind, data))
+    async def _audit(self, records: Sequence[tuple[str, dict[str, Any]]]) -> None:
+        self.audited.extend(records)
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)

@@ -174,7 +174,7 @@ class LoneValidator:
         self.machine = CaStateMachine(
             state=self.node.state, ct=self.node.log, chains=self.node.chains, policy=POLICY,
             root_der=ca.root_der, node_names={}, publishers=Publishers(),
-            audit=self.audit.append_async, epoch_length=EPOCH_LENGTH, lifetime=LIFETIME,
+            audit=self.audit.append_all_async, epoch_length=EPOCH_LENGTH, lifetime=LIFETIME,
             backdate=BACKDATE, minimum_stake=PARAMS.minimum_stake, development=True)
         rules = CaRules(machine=self.machine, policy=POLICY, verify_proofs=self.verifier.verify,
                         chains=self.node.chains, root=ca.root, node_names={},

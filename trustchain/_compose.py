@@ -675,7 +675,8 @@ async def _cluster(cfg: Config, data: DataDirectory, exits: contextlib.AsyncExit
     machine = CaStateMachine(
         state=replicated.state, ct=replicated.ct_log, chains=replicated.chains,
         policy=base.policy, root_der=base.hierarchy.root_der,
-        node_names=validator.node_names, publishers=publishing.published, audit=base.audit,
+        node_names=validator.node_names, publishers=publishing.published,
+        audit=base.audit_log.append_all_async,
         epoch_length=params.epoch_length, lifetime=base.lifetime, backdate=cfg.ca.backdate,
         minimum_stake=params.minimum_stake, development=base.development,
         directory=publishing.directory, me=validator.own_id)

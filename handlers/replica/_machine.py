@@ -30,7 +30,8 @@ import functools
 import hashlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,6 +70,7 @@ from store import (
     certificate_row,
     registration_row,
     state_hash,
+    stored_record,
     verify_signature,
 )
 
@@ -91,7 +93,8 @@ from ._read import MalformedDecision, read_sealed
 
 log = logging.getLogger("trustchain.replica")
 
-Audit = Callable[[str, dict[str, Any]], Awaitable[Any]]
+AuditRecords = Callable[[Sequence[tuple[str, dict[str, Any]]]], Awaitable[Any]]
+"""``async (records)``: ``(kind, data)`` audit records, written together."""
 
 MAX_DECISION_AGE_MS = 600_000
 """A decision sealed more than this before its block's time is stale and refused."""
@@ -104,6 +107,10 @@ PRECERTIFICATE_NOT_EVIDENCE = (
     "precertificate before any block commits it (a refused or lost decision leaves one)")
 STATEMENT_WINDOW = 300
 """Seconds a signed statement's time may differ from its block's time."""
+RECORDS_KEPT = 4096
+"""Certificate records (or "no such serial") of the state kept in memory, the most
+recently used: an issuance's signed certificate, a renewal or a revocation usually
+follows within a few blocks, and finds its record without reading the file."""
 
 
 @dataclass(frozen=True)
@@ -178,7 +185,8 @@ class CaStateMachine:
     :param chains: checks chains submitted to the CT log (at the block's time).
     :param node_names: validator id -> the names its own TLS certificate may carry.
     :param publishers: told of certificates issued and revoked, once committed.
-    :param audit: ``async (kind, data)``; records what this validator executed.
+    :param audit: ``async (records)`` (``AuditLog.append_all_async``); records what this
+        validator executed, a block's records at once (one write, one flush).
     :param epoch_length: seconds per proof epoch (used work of old epochs is dropped).
     :param directory: every validator's announced keys, kept up to date here (others read
         it: the CA, ``fp.verify``).
@@ -190,7 +198,7 @@ class CaStateMachine:
 
     def __init__(self, *, state: StateDatabase, ct: CtLog, chains: ChainValidator,
                  policy: NamingPolicy, root_der: bytes, node_names: Mapping[str, frozenset[str]],
-                 publishers: Publishers, audit: Audit, epoch_length: int, lifetime: float,
+                 publishers: Publishers, audit: AuditRecords, epoch_length: int, lifetime: float,
                  backdate: float, minimum_stake: int, development: bool,
                  directory: ValidatorDirectory | None = None, me: str | None = None,
                  clock: Callable[[], float] = time.time) -> None:
@@ -221,6 +229,9 @@ class CaStateMachine:
         self.refusals: dict[str, int] = {}
         """validator id -> decisions it sealed that execution refused."""
         self.executed = 0
+        self._kept: OrderedDict[str, CertificateRecord | None] = OrderedDict()
+        """serial -> its record as the state after :attr:`height` holds it (None: none);
+        at most :data:`RECORDS_KEPT`. Changed only after a block's changes are durable."""
 
     # --- opening ----------------------------------------------------------------------
 
@@ -230,6 +241,7 @@ class CaStateMachine:
         :param genesis: key id -> stake before the first block (the configuration's; it
             must be the same on every validator). Applied once, to an empty state.
         """
+        self._kept.clear()  # the file is the authority: it may have changed meanwhile
         stored = self.state.meta("rows_hash")
         rows = MultisetHash.of(self.state.rows())
         self.height = self.state.height()
@@ -251,9 +263,9 @@ class CaStateMachine:
                 rows.add(row)
             self.state.write_genesis(stake, rows, state_hash(0, rows))
             self.rows, self.state_hash = rows, state_hash(0, rows)
-            for _, key, amount in stake:
-                await self._audit("consensus.stake-changed", {
-                    "key": key, "before": 0, "after": amount, "reason": "genesis"})
+            await self._audit([("consensus.stake-changed", {
+                "key": key, "before": 0, "after": amount, "reason": "genesis"})
+                for _, key, amount in stake])
         elif genesis and any(self.state.balance(k) != v for k, v in genesis.items()):
             log.warning("consensus.genesis differs from the stake the state holds; the state "
                         "is the authority once blocks exist (the configured genesis is "
@@ -312,6 +324,8 @@ class CaStateMachine:
             self.ct.abandon(f"the state of block {block.height} was not committed: {exc}")
             raise
         self.rows, self.height, self.state_hash = run.rows, block.height, run.changes.state_hash
+        for serial, record in run.certificates.items():
+            self._keep(serial, stored_record(record))
         self.ct.published(batch)
         await self._committed(run)
         self.executed += len(block.decisions)
@@ -346,12 +360,30 @@ class CaStateMachine:
     def _record(self, run: _Run, serial: str) -> CertificateRecord | None:
         if serial in run.certificates:
             return run.certificates[serial]
-        return self.state.certificate(serial)
+        return self._stored(serial)
 
     def _put(self, run: _Run, record: CertificateRecord) -> None:
         if record.serial not in run.before:
-            run.before[record.serial] = self.state.certificate(record.serial)
+            run.before[record.serial] = self._stored(record.serial)
         run.certificates[record.serial] = record
+
+    def _stored(self, serial: str) -> CertificateRecord | None:
+        """The state's record of ``serial`` before this block (None: no such serial):
+        kept in memory, else read once and kept."""
+        kept = self._kept
+        if serial in kept:
+            kept.move_to_end(serial)
+            return kept[serial]
+        record = self.state.certificate(serial)
+        self._keep(serial, record)
+        return record
+
+    def _keep(self, serial: str, record: CertificateRecord | None) -> None:
+        kept = self._kept
+        kept[serial] = record
+        kept.move_to_end(serial)
+        if len(kept) > RECORDS_KEPT:
+            kept.popitem(last=False)
 
     def _fresh(self, run: _Run, at_ms: int) -> Outcome | None:
         if at_ms > run.time_ms + MAX_CLOCK_AHEAD_MS:
@@ -799,8 +831,8 @@ class CaStateMachine:
             self.publishers.revoked(CertificateRevoked(record=run.certificates[serial]))
         for name in run.registrations:
             self.publishers.registration_changed(name)
-        for kind, data in run.audit:
-            await self._audit(kind, data)
+        if run.audit:
+            await self._audit(run.audit)
 
 
 

@@ -14,6 +14,7 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import json
 import shutil
 import subprocess
 import sys
@@ -40,7 +41,7 @@ import stoq
 from handlers.consensus.bft import Block, Commit, Validator, ValidatorSet
 from protocol import Unauthorized, decode_item, revocation_statement
 from protocol import ct_merkle as merkle
-from store import SoftwareKeyStore
+from store import DataDirectory, SoftwareKeyStore, verify_log
 from tests.cluster import ENV, Cluster, running_cluster
 from tests.helpers import CddlChecker, Requester
 from trustchain._cli_consensus import check_commit, commit_document
@@ -105,6 +106,15 @@ async def test_one_ca_any_validator_answers_and_losing_one_loses_nothing(
         await _checkpoint_cosigned(cluster, status["chain_id"])
 
         cluster.kill(0)  # SIGKILL the entry node: nothing it issued is lost
+        # nor its audit of it: a block's records are written and flushed together
+        # before the answer
+        audit_log = DataDirectory(tmp_path / "c4" / "node-1" / "data").audit_path
+        report = verify_log(audit_log)
+        assert report.ok, report.problems
+        issued = [json.loads(line)["data"] for line in audit_log.read_text().splitlines()
+                  if '"kind":"ca.issued"' in line]
+        assert [(d["serial"], d["block_height"]) for d in issued
+                if d["serial"] == result["serial"]] == [(result["serial"], height)]
         live = [1, 2, 3]
         for i in live:
             await _answers_for(cluster, i, result, anchors, "valid")

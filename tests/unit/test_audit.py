@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -457,6 +459,76 @@ async def test_sync_and_async_appends_mix(path: Path) -> None:
     assert len({r.seq for r in records} | {mixed.seq}) == 6
     log.close()
     assert verify_log(path).ok
+
+
+async def test_a_block_of_records_is_one_write_and_one_flush(
+        path: Path, signer: KeySigner, flushes: list[int]) -> None:
+    log = AuditLog(path, signer=signer, checkpoint_every=10)
+    log.append("node.started", {})
+    flushes.clear()
+    records = await log.append_all_async(
+        [("ca.issued", {"serial": f"{i:04x}", "names": [f"n{i}.trust"], "i": i})
+         for i in range(50)])
+    assert len(flushes) == 1
+    assert [r.seq for r in records] == list(range(2, 52))
+    assert all(r.prev == p.hash for p, r in itertools.pairwise(records))
+    # one write: passing 10, 20, ... 50 gets one checkpoint, after its last record
+    stored = lines(path)
+    assert [r["kind"] for r in stored[1:]] == ["ca.issued"] * 50 + ["checkpoint"]
+    assert [r["data"]["i"] for r in stored[1:51]] == list(range(50))
+    assert await log.append_all_async([]) == []
+    log.close()
+    report = verify_log(path, public_keys=[signer.public_key()])
+    assert report.ok and report.records == 52 and report.unsigned_tail == 0, report.problems
+
+
+async def test_a_bad_record_in_a_block_refuses_the_block(path: Path) -> None:
+    log = AuditLog(path)
+    with pytest.raises(AuditError):
+        await log.append_all_async([("ca.issued", {"i": 1}), ("ca.issued", {"bad": {1}})])
+    assert log.head == (0, GENESIS)
+    (record,) = await log.append_all_async([("ca.issued", {"i": 2})])
+    assert record.seq == 1
+    log.close()
+    assert verify_log(path).ok
+
+
+class Reason(enum.StrEnum):
+    KEY_COMPROMISE = "key_compromise"
+
+
+class Level(enum.IntEnum):
+    HIGH = 3
+
+
+@pytest.mark.parametrize("data", [
+    {"zz": 1, "a": 2, "bb": 3, "é": 4, "ü" * 12: 5, "x" * 24: 6, "y" * 23: 7},
+    {"nested": {"b": [b"\x00", {"ä": None, "a": True}], "aa": -(2**64)}, "k": 2**64 - 1},
+    {"float": 0.5, "inner": {"f": [1.0, 1e300], "z": "x"}},
+    {"reason": Reason.KEY_COMPROMISE, "level": Level.HIGH, "t": (1, "two")},
+])
+def test_data_is_hashed_as_its_deterministic_cbor_and_shown_in_the_callers_order(
+        path: Path, data: dict[str, Any]) -> None:
+    with AuditLog(path, clock=lambda: 12.5) as log:
+        record = log.append("ca.issued", data)
+    expected = hashlib.sha256(encode_deterministic({
+        "seq": 1, "time": 12_500_000, "kind": "ca.issued",
+        "data": _plain(data), "prev": bytes(32)})).digest()
+    assert record.hash == expected
+    (stored,) = lines(path)
+    assert list(stored["data"]) == list(data)
+    assert verify_log(path).ok
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with enum members as their values and tuples as lists."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, enum.Enum):
+        return value.value
+    return value
 
 
 async def test_a_bad_async_append_fails_alone(path: Path) -> None:

@@ -101,7 +101,7 @@ class Replica:
         self.machine = CaStateMachine(
             state=state, ct=self.ct, chains=ChainValidator([self.ca.root_der], clock=clock),
             policy=POLICY, root_der=self.ca.root_der, node_names={}, publishers=Publishers(),
-            audit=audit.append_async, epoch_length=EPOCH_LENGTH, lifetime=LIFETIME,
+            audit=audit.append_all_async, epoch_length=EPOCH_LENGTH, lifetime=LIFETIME,
             backdate=BACKDATE, minimum_stake=PARAMS.minimum_stake, development=True,
             clock=clock)
         self.previous = bytes(32)

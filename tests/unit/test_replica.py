@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import ipaddress
+import json
+import os
 import random
 import sqlite3
 import time
@@ -69,6 +71,7 @@ from store import (
     StateError,
     TileCorrupted,
     state_hash,
+    verify_log,
 )
 from trustchain._compose import local_keys
 
@@ -847,3 +850,94 @@ async def test_a_validator_trusts_only_the_signatures_it_made_and_sealed_itself(
     own, other_replica = [await r.machine.execute(block) for r in cluster.replicas]
     assert own.outcomes[0].accepted and not other_replica.outcomes[0].accepted
     assert cluster.a.machine.state_hash != cluster.b.machine.state_hash
+
+
+# --- the cost of executing a block -------------------------------------------------------
+
+
+def certificate_reads(state: StateDatabase) -> list[str]:
+    """The point reads of the certificates table ``state`` makes from now on (the SQL
+    its reader connection runs, as SQLite traces it)."""
+    reads: list[str] = []
+
+    def trace(sql: str) -> None:
+        if "FROM certificates WHERE serial=" in sql:
+            reads.append(sql)
+    state._reader.set_trace_callback(trace)
+    return reads
+
+
+async def test_an_issuance_reads_its_record_at_most_once(cluster: Cluster) -> None:
+    """The serial is checked once (new); its signed certificate, a block later, finds
+    the pending record in memory."""
+    reads = [certificate_reads(replica.state) for replica in cluster.replicas]
+    request = await cluster.request("once.trust")
+    (outcome,) = await cluster.commit(request.decision)
+    assert outcome.accepted, outcome
+    assert [len(r) for r in reads] == [1, 1]
+    (done,) = await cluster.commit(await cluster.certificate(request, outcome))
+    assert done.accepted, done
+    assert [len(r) for r in reads] == [1, 1]
+    revoke = await cluster.revoke(request.serial, request.key)
+    (revoked,) = await cluster.commit(revoke)
+    assert revoked.accepted and [len(r) for r in reads] == [1, 1]
+    assert_same_state(cluster)
+    for replica in cluster.replicas:
+        stored = replica.state.certificate(request.serial)
+        assert stored is not None and stored.revoked_at is not None
+        # what the machine keeps is what the file holds, field for field
+        assert replica.machine._stored(request.serial) == stored
+
+
+async def test_a_block_whose_state_is_not_written_leaves_the_kept_records_as_the_file(
+        cluster: Cluster, tmp_path: Path) -> None:
+    """The signature and the revocation of a block that fails to commit are not kept:
+    what the machine keeps in memory never runs ahead of the file."""
+    signed_first, _ = await cluster.issued("kept.trust")
+    request = await cluster.request("pending.trust")
+    (outcome,) = await cluster.commit(request.decision)
+    block = cluster.block(await cluster.certificate(request, outcome),
+                          await cluster.revoke(signed_first.serial, signed_first.key))
+    b = cluster.b
+    before = {s: b.state.certificate(s) for s in (signed_first.serial, request.serial)}
+    assert all(b.machine._stored(s) == r for s, r in before.items())
+    locker = sqlite3.connect(b.state.path, isolation_level=None)
+    b.state._db.execute("PRAGMA busy_timeout=50")
+    locker.execute("BEGIN EXCLUSIVE")  # the block's transaction cannot start
+    try:
+        with pytest.raises(StateError):
+            await b.machine.execute(block)
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    assert b.machine.height == len(cluster.blocks)
+    for serial, record in before.items():
+        assert b.state.certificate(serial) == record
+        assert b.machine._stored(serial) == record
+    assert record is not None and record.pending
+
+
+async def test_a_block_of_issuances_is_audited_in_one_flush(
+        cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    flushed: list[int] = []
+    real = os.fdatasync
+
+    def counting(fd: int) -> None:
+        flushed.append(fd)
+        real(fd)
+    requests = [await cluster.request(f"n{i}.trust") for i in range(12)]
+    outcomes = await cluster.commit(*(r.decision for r in requests))
+    assert all(o.accepted for o in outcomes), outcomes
+    signed = [await cluster.certificate(r, o) for r, o in zip(requests, outcomes, strict=True)]
+    monkeypatch.setattr(os, "fdatasync", counting)
+    done = await cluster.commit(*signed)
+    monkeypatch.undo()
+    assert all(o.accepted for o in done), done
+    for replica in cluster.replicas:
+        assert flushed.count(replica.audit._fd) == 1
+        replica.audit.close()  # signs the tail
+        records = [json.loads(line) for line in replica.audit.path.read_text().splitlines()]
+        issued = [r["data"]["serial"] for r in records if r["kind"] == "ca.issued"]
+        assert issued == [r.serial for r in requests]
+        report = verify_log(replica.audit.path)
+        assert report.ok and report.unsigned_tail == 0, report.problems
