@@ -359,15 +359,18 @@ class Zone:
                     if rdtype in own:
                         kinds.append(rdtype)
                     elif rdtype not in sets or not sets[rdtype][1]:
-                        signatures.forget(owner, rdtype, rrsets.remove((owner, rdtype)))
+                        read_ttl = rrsets.remove((owner, rdtype))
+                        if read_ttl is not None:
+                            signatures.forget(owner, rdtype, read_ttl)
                         changed = True
             for rdtype, (ttl, rdatas) in sets.items():
                 if rdtype in own or not rdatas:
                     continue
                 kinds.append(rdtype)
-                replaced, old_ttl = rrsets.replace((owner, rdtype), ttl, rdatas)
+                replaced, read_ttl = rrsets.replace((owner, rdtype), ttl, rdatas)
                 if replaced:
-                    signatures.forget(owner, rdtype, old_ttl)
+                    if read_ttl is not None:
+                        signatures.forget(owner, rdtype, read_ttl)
                     changed = True
             if not changed:
                 if old_types is not None:
