@@ -13,7 +13,6 @@ makes of the same text.
 
 from __future__ import annotations
 
-import operator
 import re
 import sys
 from collections.abc import Iterable
@@ -60,32 +59,41 @@ class OwnerName(dns.name.Name):
         return OwnerName, (self.labels,)  # (dnspython's state would leave out the hash)
 
 
-_POWERS = tuple(9 ** k for k in range(255, -1, -1))
-"""9 to the powers 255 down to 0."""
+_BASE_9 = [bytes(48 + octet // 9 ** place % 9 for octet in range(256)) for place in (2, 1, 0)]
+"""Octet -> the ASCII digit of its 81s, 9s and 1s in base 9 (``bytes.translate`` tables)."""
 
 
 def _hash_of(folded: tuple[bytes, ...]) -> int:
-    """``hash()`` of the name whose lower-cased labels are ``folded``. What
-    ``dns.name.Name.__hash__`` returns, h = 9 h + octet over every octet, is the sum of
-    each octet times its power of 9 (computed here in C: dnspython's loop is Python); as
-    for any ``__hash__``, Python takes it as is when it fits a ``Py_ssize_t`` and hashes
-    it as an integer when not."""
+    """``hash()`` of the name whose lower-cased labels are ``folded``.
+
+    What ``dns.name.Name.__hash__`` returns, h = 9 h + octet over every octet, is the
+    number whose base-9 "digits" are the octets; each octet is three base-9 digits
+    (81s, 9s, 1s), so h is the sum of three base-9 numerals that ``int(text, 9)`` reads
+    in C (dnspython's loop is Python, on ever longer integers). As for any
+    ``__hash__``, Python takes the result as is when it fits a ``Py_ssize_t`` and hashes
+    it as an integer when not.
+    """
     octets = b"".join(folded)
-    digest = sum(map(operator.mul, octets, _POWERS[len(_POWERS) - len(octets):]))
+    if not octets:
+        return 0  # the root
+    digest = (int(octets.translate(_BASE_9[0]) + b"00", 9)
+              + int(octets.translate(_BASE_9[1]) + b"0", 9)
+              + int(octets.translate(_BASE_9[2]), 9))
     return digest if digest <= sys.maxsize else hash(digest)
 
 
 _set = object.__setattr__  # (an immutable name's attributes are set once, as it is made)
 
 
-def _checked(labels: tuple[bytes, ...], lowered: tuple[bytes, ...]) -> OwnerName:
-    """The name of ``labels`` (lower-cased: ``lowered``), which are known to be what
-    ``Name.__init__`` checks (bytes, 1 to 63 octets each but the last, empty; 255 octets
-    in all at most), made without checking them again."""
+def _checked(labels: tuple[bytes, ...], lowered: tuple[bytes, ...],
+             above: tuple[tuple[bytes, ...], ...]) -> OwnerName:
+    """The name of ``labels`` (lower-cased: ``lowered``; the names above it: ``above``),
+    which are known to be what ``Name.__init__`` checks (bytes, 1 to 63 octets each but
+    the last, empty; 255 octets in all at most), made without checking them again."""
     name = object.__new__(OwnerName)
     _set(name, "labels", labels)
     _set(name, "folded", lowered)
-    _set(name, "above", _above(lowered))
+    _set(name, "above", above)
     _set(name, "_hash", _hash_of(lowered))
     return name
 
@@ -102,7 +110,8 @@ def absolute(name: str) -> OwnerName:
     """
     if len(name) <= 253 and _PLAIN.fullmatch(name):  # (its wire form: 2 octets more)
         encoded = name.encode()
-        return _checked((*encoded.split(b"."), b""), (*encoded.lower().split(b"."), b""))
+        lowered = (*encoded.lower().split(b"."), b"")
+        return _checked((*encoded.split(b"."), b""), lowered, _above(lowered))
     return OwnerName(dns.name.from_text(name.rstrip(".") + ".").labels)
 
 
@@ -114,7 +123,10 @@ def prefixed(labels: tuple[bytes, ...], name: dns.name.Name) -> OwnerName:
     joined = (*labels, *name.labels)
     if labels and name.labels and not name.labels[-1] and min(map(len, labels)) > 0 and \
             max(map(len, labels)) < 64 and sum(map(len, joined)) + len(joined) <= 255:
-        return _checked(joined, (*[label.lower() for label in labels], *folded(name)))
+        base = folded(name)
+        lowered = (*[label.lower() for label in labels], *base)
+        return _checked(joined, lowered, (*[lowered[start:] for start in range(1, len(labels))],
+                                          base, *above(name)))
     return OwnerName(joined)
 
 
