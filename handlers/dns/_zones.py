@@ -18,9 +18,11 @@ the marked names are recomputed and given to :meth:`Zone.apply`, which
 replaces what changed and signs nothing: the zones sign an RRset when an
 answer first needs its RRSIG (:class:`SignatureCache`). What a publication
 needs of a name (its owner names, the zones they are in) is worked out once
-per name (:class:`Owner`), the names and addresses of a certificate once, the
-AAAA and TLSA rdatas once per address and per key (:class:`RdataCache`):
-every validator publishes every certificate. The zones are built
+per name (:class:`Owner`), the names and addresses of a certificate once; the
+AAAA and TLSA data go to the zone as wire forms (:class:`WireRdatas`), made
+into rdatas (once per address and per key, :class:`RdataCache`) and RRsets
+only when an answer reads them: every validator publishes every certificate,
+only the one asked answers. The zones are built
 whole (:func:`build_zone`) at start and when the DNSKEY set or the signing key
 changes; the maintenance pass drops the signatures due for refresh. Every
 change drops the rendered answers it made stale (:class:`RenderedAnswers`).
