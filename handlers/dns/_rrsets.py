@@ -54,7 +54,7 @@ class ZoneRRsets(MutableMapping[RRsetKey, dns.rrset.RRset]):
             return self._make(entry)
         return entry.rrset
 
-    def get(self, key: RRsetKey, default: Any = None) -> Any:  # (no building on a miss)
+    def get(self, key: RRsetKey, default: Any = None) -> Any:  # (dict's, for speed)
         entry = self._entries.get(key)
         if entry is None:
             return default

@@ -149,11 +149,10 @@ class SignatureCache:
             self.earliest = expiration
         self.signed += 1
 
-    def forget(self, name: dns.name.Name, rdtype: int, ttl: int | None) -> None:
+    def forget(self, name: dns.name.Name, rdtype: int, ttl: int) -> None:
         """Forget the signature of the RRset ``name``/``rdtype`` with ``ttl`` (replaced or
-        removed; None: there was none)."""
-        if ttl is not None:
-            self.entries.pop((name, rdtype, ttl), None)
+        removed)."""
+        self.entries.pop((name, rdtype, ttl), None)
 
     def refresh(self, now: float, settings: ZoneSettings) -> None:
         """Forget the signatures due for refresh at ``now`` (the caller drops every rendered
