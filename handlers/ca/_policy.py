@@ -10,6 +10,7 @@ import functools
 import hashlib
 import ipaddress
 import re
+import socket
 from dataclasses import dataclass
 from typing import Literal
 
@@ -19,11 +20,19 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from protocol import InvalidRequest, Unauthorized
 
+_HEX_AND_COLONS = re.compile(r"[0-9A-Fa-f:]+")
+
 
 def is_address(name: str) -> bool:
     """Whether a certificate name is an IPv6 address (it owns no DNS records)."""
     if ":" not in name:  # every IPv6 address has one; spares a DNS name the parser's error
         return False
+    if _HEX_AND_COLONS.fullmatch(name):  # (what str(IPv6Address) writes, but ::ffff:a.b.c.d)
+        try:
+            socket.inet_pton(socket.AF_INET6, name)  # the C parser: about 20 times faster
+            return True
+        except OSError:
+            pass  # ipaddress has the last word
     try:
         ipaddress.IPv6Address(name)
     except ValueError:

@@ -99,6 +99,8 @@ class KeyRing:
         self.zsks: list[ZoneKey] = []
         self._states: list[tuple[str, str]] = []
         """The keys and their states when :meth:`roll` last looked."""
+        self._names_at: tuple[float, float, tuple[tuple[str, ...], str]] | None = None
+        """:meth:`names_at`'s last answer and the times between which it holds."""
 
     @property
     def dnssec_algorithm(self) -> Algorithm:
@@ -129,6 +131,7 @@ class KeyRing:
             changed = True
         if changed:
             self._save()
+        self._names_at = None
         self._states = [(k.name, k.state(now)) for k in self.published(now)]
 
     def _new_zsk(self, now: float, *, activate_at: float) -> ZoneKey:
@@ -166,6 +169,7 @@ class KeyRing:
             changed = True
         if changed:
             self._save()
+            self._names_at = None
         states = [(k.name, k.state(now)) for k in self.published(now)]
         changed = changed or states != self._states
         self._states = states
@@ -175,6 +179,21 @@ class KeyRing:
         """The keys in the DNSKEY set at ``now``: the KSK, then the ZSKs."""
         assert self.ksk is not None
         return [self.ksk] + [k for k in self.zsks if k.remove_at is None or now < k.remove_at]
+
+    def names_at(self, now: float) -> tuple[tuple[str, ...], str]:
+        """The names of the keys :meth:`published` at ``now`` and of the :meth:`signing_zsk`:
+        worked out again only when ``now`` leaves the span of the schedule it was worked out
+        in (or the keys changed), since every zone update compares them."""
+        cached = self._names_at
+        if cached is not None and cached[0] <= now < cached[1]:
+            return cached[2]
+        times = sorted({t for k in self.zsks for t in (k.activate_at, k.retire_at, k.remove_at)
+                        if t is not None})
+        since = max((t for t in times if t <= now), default=float("-inf"))
+        until = min((t for t in times if t > now), default=float("inf"))
+        names = (tuple(k.name for k in self.published(now)), self.signing_zsk(now).name)
+        self._names_at = (since, until, names)
+        return names
 
     def signing_zsk(self, now: float) -> ZoneKey:
         """The ZSK that signs at ``now`` (the newest active one)."""

@@ -1,5 +1,10 @@
-"""The AAAA and TLSA rdatas the zones publish: made once per address and per key, and
-hashed once.
+"""The AAAA and TLSA rdatas the zones publish: known by their wire forms until an answer
+needs them, then made once per address and per key, and hashed once.
+
+Every validator publishes every certificate, but only the validator asked makes the
+RRsets of an answer: a publication compares and keeps the rdatas' wire forms
+(:class:`WireRdatas`, made without dnspython: ``inet_pton``, ``bytes.fromhex``), and
+the zone makes the rdatas from them when it first answers with them.
 
 dnspython hashes an rdata by encoding it (an AAAA parses its address text again each
 time), and an RRset hashes each rdata twice as it is built; every validator builds the
@@ -11,9 +16,12 @@ encode and render as dnspython's own.
 
 from __future__ import annotations
 
+import socket
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import dns.immutable
+import dns.ipv6
 import dns.rdataclass
 import dns.rdatatype
 import dns.rdtypes.ANY.TLSA
@@ -54,6 +62,44 @@ class HashedTLSA(dns.rdtypes.ANY.TLSA.TLSA):
 
     def __hash__(self) -> int:
         return self._hash
+
+
+TLSA_3_1_1 = b"\x03\x01\x01"
+"""The first octets of a TLSA ``3 1 1`` rdata: DANE-EE, SubjectPublicKeyInfo, SHA-256."""
+
+
+class WireRdatas:
+    """The rdatas of one RRset as their canonical wire forms (sorted, no duplicates), and
+    how to make them: two RRsets of one owner and type are equal exactly when these forms
+    are, so a zone compares these and makes the RRset only when it is read
+    (:class:`handlers.dns._rrsets.ZoneRRsets`).
+
+    :param wires: the wire forms, sorted, without duplicates.
+    :param make: makes the rdatas, in the order of ``wires``.
+    """
+
+    __slots__ = ("make", "wires")
+
+    def __init__(self, wires: tuple[bytes, ...], make: Callable[[], Sequence[Any]]) -> None:
+        self.wires = wires
+        self.make = make
+
+    def __len__(self) -> int:
+        return len(self.wires)
+
+    def __repr__(self) -> str:
+        return f"WireRdatas({self.wires!r})"
+
+
+def ipv6_wire(address: str) -> bytes:
+    """The 16 octets of an IPv6 address (an AAAA rdata's wire form).
+
+    :raises dns.exception.SyntaxError: ``address`` is not an IPv6 address.
+    """
+    try:
+        return socket.inet_pton(socket.AF_INET6, address)
+    except OSError:
+        return dns.ipv6.inet_aton(address)  # raises what dnspython raises, or agrees
 
 
 def _kept(cache: dict[Any, Any], key: Any, value: Any) -> Any:
@@ -98,3 +144,22 @@ class RdataCache:
             made = _kept(self._tlsa, spki_sha256,
                          HashedTLSA(IN, TLSA, 3, 1, 1, bytes.fromhex(spki_sha256)))
         return made
+
+    def aaaa_set(self, addresses: list[str]) -> WireRdatas:
+        """The AAAA rdatas of ``addresses`` (:meth:`aaaa`), made when first needed.
+
+        :raises dns.exception.SyntaxError: an address is not an IPv6 address.
+        """
+        wires = tuple(sorted({ipv6_wire(address) for address in addresses}))
+        return WireRdatas(wires, lambda: self.aaaa(addresses))
+
+    def tlsa_set(self, spki_sha256: str) -> WireRdatas:
+        """The TLSA ``3 1 1`` rdata of ``spki_sha256`` (:meth:`tlsa`), made when first needed.
+
+        :raises ValueError: ``spki_sha256`` is not the hex of 32 octets.
+        """
+        digest = bytes.fromhex(spki_sha256)
+        if len(digest) != 32:  # (what dnspython checks for matching type 1)
+            raise ValueError("certificate association data length inconsistent with "
+                             "matching type")
+        return WireRdatas((TLSA_3_1_1 + digest,), lambda: [self.tlsa(spki_sha256)])

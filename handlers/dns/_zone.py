@@ -4,10 +4,12 @@
 every lookup from memory (at start, after a key change). Between builds,
 :meth:`Zone.apply` updates a zone in place with the new data of a few owner
 names (an issuance, a revocation, a registration): their RRsets are
-replaced and the serial changes, nothing is signed. Besides building the new
-RRsets its cost is a count per ancestor (:attr:`Zone.descendants`) of an
-added or removed name, and the result equals what :func:`build_zone` makes of the same records
-(tests/unit/test_dns_incremental.py checks it).
+replaced and the serial changes, nothing is signed and no RRset is made: the
+zone keeps the new data as wire forms (:class:`ZoneRRsets`) and makes an RRset
+when an answer first reads it. Besides that its cost is a count per ancestor
+(:attr:`Zone.descendants`) of an added or removed name, and the result equals
+what :func:`build_zone` makes of the same records (tests/unit/test_dns_incremental.py
+checks it).
 
 Signing is lazy: an answer to a query with the DO bit signs each RRset it
 carries the first time it is asked for, with this validator's key, and keeps
@@ -44,7 +46,9 @@ import dns.rdtypes.ANY.SOA
 import dns.rrset
 
 from ._keys import KeyRing, ZoneKey
-from ._names import folded, within
+from ._names import above, folded
+from ._rdatas import WireRdatas
+from ._rrsets import ZoneRRsets
 from ._rrsig import rrsig
 
 IN = dns.rdataclass.IN
@@ -68,9 +72,11 @@ of queries for random names fills it with denials), the least recently used firs
 _SOA: Any = dns.rdtypes.ANY.SOA.SOA  # rdata classes are untyped
 _NSEC: Any = dns.rdtypes.ANY.NSEC.NSEC
 
-Records = dict[dns.name.Name, dict[int, tuple[int, list[dns.rdata.Rdata]]]]
+Rdatas = Sequence[dns.rdata.Rdata] | WireRdatas
+"""The rdatas of an RRset: made, or their wire forms (made when the RRset is read)."""
+Records = dict[dns.name.Name, dict[int, tuple[int, Rdatas]]]
 """owner -> rdtype -> (ttl, rdatas): what a zone holds besides SOA and DNSKEY."""
-Changes = Mapping[dns.name.Name, Mapping[int, tuple[int, Sequence[dns.rdata.Rdata]]]]
+Changes = Mapping[dns.name.Name, Mapping[int, tuple[int, Rdatas]]]
 """owner -> its new data (rdtype -> (ttl, rdatas)), for :meth:`Zone.apply`; an owner
 whose mapping is empty has no data any more."""
 
@@ -143,10 +149,10 @@ class SignatureCache:
             self.earliest = expiration
         self.signed += 1
 
-    def discard(self, rrset: dns.rrset.RRset | None) -> None:
-        """Forget the signature of ``rrset`` (replaced or removed)."""
-        if rrset is not None:
-            self.entries.pop((rrset.name, rrset.rdtype, rrset.ttl), None)
+    def forget(self, name: dns.name.Name, rdtype: int, ttl: int) -> None:
+        """Forget the signature of the RRset ``name``/``rdtype`` with ``ttl`` (replaced or
+        removed)."""
+        self.entries.pop((name, rdtype, ttl), None)
 
     def refresh(self, now: float, settings: ZoneSettings) -> None:
         """Forget the signatures due for refresh at ``now`` (the caller drops every rendered
@@ -175,7 +181,7 @@ class Zone:
 
     origin: dns.name.Name
     serial: int
-    rrsets: dict[tuple[dns.name.Name, int], dns.rrset.RRset]
+    rrsets: ZoneRRsets
     descendants: dict[tuple[bytes, ...], int]
     """name (its lower-cased labels: cheaper to hash than a ``Name``) -> how many owner
     names with data are below it, for the names that have any (so a name that is here
@@ -205,7 +211,8 @@ class Zone:
     def rrset(self, name: dns.name.Name, rdtype: int) -> dns.rrset.RRset | None:
         if rdtype == SOA:
             self.soa()
-        return self.rrsets.get((name, rdtype))
+        found: dns.rrset.RRset | None = self.rrsets.get((name, rdtype))
+        return found
 
     def soa(self) -> dns.rrset.RRset:
         """The SOA RRset, with :attr:`negative_soa` brought up to :attr:`serial` first: an
@@ -324,8 +331,10 @@ class Zone:
         NSEC, RRSIG; NS at the apex), are ignored. The zone takes ``serial`` when
         anything changed (its SOA RRsets are made when next needed: :meth:`soa`). The
         cached signatures of replaced RRsets are dropped (they would not be served
-        anyway: the cache compares the RRset). An RRset given the very rdata objects it
-        holds, in the same order, is recognised as unchanged without being made again.
+        anyway: the cache compares the RRset). Rdatas given as :class:`WireRdatas` are
+        compared and kept as wire forms, the RRset made when first read; an RRset given
+        the very rdata objects it holds, in the same order, is recognised as unchanged
+        without being made again.
 
         :returns: the owner names whose RRsets changed, the apex included (its SOA);
             empty when the data was already as given (the zone, serial included, is
@@ -333,40 +342,47 @@ class Zone:
         """
         touched: set[dns.name.Name] = set()
         rrsets, types, signatures = self.rrsets, self.types, self.signatures
-        apex = len(self.origin_labels)
+        origin_labels = self.origin_labels
+        apex = len(origin_labels)
         for owner, sets in changes.items():
             labels = folded(owner)
-            if not within(labels, self.origin_labels):
+            depth = len(labels)
+            if depth < apex or labels[depth - apex:] != origin_labels:  # (not within)
                 continue
-            own = _APEX_OWN_TYPES if len(labels) == apex else _OWN_TYPES
-            old_types = types.get(owner, [])
-            wanted = {t: v for t, v in sets.items() if t not in own and v[1]}
+            own = _APEX_OWN_TYPES if depth == apex else _OWN_TYPES
+            old_types = types.pop(owner, None)  # (put back below if it keeps any data)
+            kinds: list[int] = []  # the types it has after the change
             changed = False
-            for rdtype in old_types:
-                if rdtype not in own and rdtype not in wanted:
-                    signatures.discard(rrsets.pop((owner, rdtype), None))
-                    changed = True
-            for rdtype, (ttl, rdatas) in wanted.items():
-                old = rrsets.get((owner, rdtype))
-                if old is not None and old.ttl == ttl and _holds(old, rdatas):
+            if old_types is not None:
+                for rdtype in old_types:
+                    if rdtype in own:
+                        kinds.append(rdtype)
+                    elif rdtype not in sets or not sets[rdtype][1]:
+                        read_ttl = rrsets.remove((owner, rdtype))
+                        if read_ttl is not None:
+                            signatures.forget(owner, rdtype, read_ttl)
+                        changed = True
+            for rdtype, (ttl, rdatas) in sets.items():
+                if rdtype in own or not rdatas:
                     continue
-                rrset = dns.rrset.from_rdata_list(owner, ttl, rdatas)
-                if old is None or old.ttl != rrset.ttl or old != rrset:
-                    rrsets[(owner, rdtype)] = rrset
-                    signatures.discard(old)
+                kinds.append(rdtype)
+                replaced, read_ttl = rrsets.replace((owner, rdtype), ttl, rdatas)
+                if replaced:
+                    if read_ttl is not None:
+                        signatures.forget(owner, rdtype, read_ttl)
                     changed = True
             if not changed:
+                if old_types is not None:
+                    types[owner] = old_types
                 continue
             touched.add(owner)
-            kinds = {t for t in old_types if (owner, t) in rrsets}
-            kinds.update(wanted)
             if not kinds:  # no data left: the name leaves the zone
-                del types[owner]
-                _count_below(self.descendants, labels, apex, -1)
+                _count_below(self.descendants, above(owner)[:depth - apex], -1)
                 continue
-            if owner not in types:
-                _count_below(self.descendants, labels, apex, 1)
-            types[owner] = sorted(kinds)
+            if old_types is None:
+                _count_below(self.descendants, above(owner)[:depth - apex], 1)
+            kinds.sort()
+            types[owner] = kinds
         if not touched:
             return touched
         self.serial = serial
@@ -374,20 +390,13 @@ class Zone:
         return touched
 
 
-def _holds(rrset: dns.rrset.RRset, rdatas: Sequence[dns.rdata.Rdata]) -> bool:
-    """Whether ``rrset`` holds exactly the objects ``rdatas``, in their order (so it equals
-    the RRset of ``rdatas``, without hashing every rdata as comparing sets would)."""
-    return len(rrset) == len(rdatas) and all(
-        held is given for held, given in zip(rrset, rdatas, strict=True))
-
-
-def _count_below(descendants: dict[tuple[bytes, ...], int], labels: tuple[bytes, ...],
-                 apex: int, step: int) -> None:
-    """Add ``step`` to the count of every ancestor of the name of (lower-cased) ``labels``
-    down to the origin, which has ``apex`` labels."""
-    for start in range(1, len(labels) - apex + 1):
-        ancestor = labels[start:]
-        count = descendants.get(ancestor, 0) + step
+def _count_below(descendants: dict[tuple[bytes, ...], int],
+                 ancestors: tuple[tuple[bytes, ...], ...], step: int) -> None:
+    """Add ``step`` to the count of each of ``ancestors`` (lower-cased labels: a name's,
+    from its parent down to the origin, :func:`above`)."""
+    get = descendants.get
+    for ancestor in ancestors:
+        count = get(ancestor, 0) + step
         if count:
             descendants[ancestor] = count
         else:
@@ -451,7 +460,7 @@ def build_zone(origin: dns.name.Name, records: Records, *, serial: int, keyring:
         dns.rdata.from_text(IN, NS, ns_name.to_text())]))
     published = keyring.published(now)
     apex[DNSKEY] = (DNSKEY_TTL, [k.dnskey for k in published] + list(cosigners))
-    rrsets: dict[tuple[dns.name.Name, int], dns.rrset.RRset] = {}
+    rrsets = ZoneRRsets()
     types: dict[dns.name.Name, list[int]] = {}
     for name, sets in data.items():
         kinds = [t for t in sorted(sets) if t not in (NSEC, RRSIG) and sets[t][1]]
@@ -460,12 +469,12 @@ def build_zone(origin: dns.name.Name, records: Records, *, serial: int, keyring:
         types[name] = kinds
         for rdtype in kinds:
             ttl, rdatas = sets[rdtype]
-            rrsets[(name, rdtype)] = dns.rrset.from_rdata_list(name, ttl, rdatas)
+            rrsets.replace((name, rdtype), ttl, rdatas)
     assert keyring.ksk is not None
     descendants: dict[tuple[bytes, ...], int] = {}
     for name in types:
         if name != origin:
-            _count_below(descendants, folded(name), len(origin.labels), 1)
+            _count_below(descendants, above(name)[:len(name) - len(origin)], 1)
     zone = Zone(origin=origin, serial=serial, rrsets=rrsets, descendants=descendants,
                 types=types,
                 negative_soa=_negative_soa(origin, soa, settings), ksk=keyring.ksk,

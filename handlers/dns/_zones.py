@@ -18,9 +18,11 @@ the marked names are recomputed and given to :meth:`Zone.apply`, which
 replaces what changed and signs nothing: the zones sign an RRset when an
 answer first needs its RRSIG (:class:`SignatureCache`). What a publication
 needs of a name (its owner names, the zones they are in) is worked out once
-per name (:class:`Owner`), the names and addresses of a certificate once, the
-AAAA and TLSA rdatas once per address and per key (:class:`RdataCache`):
-every validator publishes every certificate. The zones are built
+per name (:class:`Owner`), the names and addresses of a certificate once; the
+AAAA and TLSA data go to the zone as wire forms (:class:`WireRdatas`), made
+into rdatas (once per address and per key, :class:`RdataCache`) and RRsets
+only when an answer reads them: every validator publishes every certificate,
+only the one asked answers. The zones are built
 whole (:func:`build_zone`) at start and when the DNSKEY set or the signing key
 changes; the maintenance pass drops the signatures due for refresh. Every
 change drops the rendered answers it made stale (:class:`RenderedAnswers`).
@@ -35,7 +37,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import dns.dnssec
 import dns.name
@@ -50,7 +52,7 @@ from ._keys import FLAGS_KSK, KeyRing
 from ._names import absolute, folded, prefixed, spelled, within
 from ._rdatas import RdataCache
 from ._rendered import RenderedAnswers
-from ._zone import Records, SignatureCache, Zone, ZoneSettings, build_zone, next_serial
+from ._zone import Rdatas, Records, SignatureCache, Zone, ZoneSettings, build_zone, next_serial
 
 log = logging.getLogger("trustchain.dns")
 
@@ -84,8 +86,7 @@ class Registration:
     time: int
 
 
-@dataclass(frozen=True, slots=True)
-class Owner:
+class Owner(NamedTuple):
     """An owner name of the zones and what its records are made from, worked out once per
     certificate name (each has two: NAME and ``_443._quic.NAME``)."""
 
@@ -103,9 +104,14 @@ class Owner:
 def _split_names(record: CertificateRecord) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The names of ``record`` that own records (no addresses, no wildcards), and its
     IPv6 addresses."""
-    addresses = tuple(n for n in record.names if is_address(n))
-    return (tuple(n for n in record.names if not n.startswith("*.") and n not in addresses),
-            addresses)
+    names: list[str] = []
+    addresses: list[str] = []
+    for name in record.names:
+        if is_address(name):
+            addresses.append(name)
+        elif not name.startswith("*."):
+            names.append(name)
+    return tuple(names), tuple(addresses)
 
 
 def newest_first(record: CertificateRecord) -> tuple[float, int, int]:
@@ -147,6 +153,7 @@ class TrustChainZones:
         self._owners: dict[str, tuple[Owner, Owner]] = {}
         """name -> its owners (NAME, ``_443._quic.NAME``), at most :data:`CACHE_LIMIT`."""
         self._rdatas = RdataCache()
+        self._ttl = int(settings.zone.record_ttl)
         self.zones: dict[dns.name.Name, Zone] = {}
         self._signatures = {origin: SignatureCache() for origin in self.origins}
         """The RRSIGs of each zone, kept across its rebuilds."""
@@ -161,7 +168,7 @@ class TrustChainZones:
         """Names whose holders or registration changed since the zones were updated."""
         self._expiries: list[tuple[float, str]] = []
         """A heap of (not_after, serial); entries of certificates gone are skipped."""
-        self._key_state: tuple[tuple[str, ...], str, tuple[bytes, ...]] | None = None
+        self._key_state: tuple[tuple[tuple[str, ...], str], tuple[bytes, ...]] | None = None
         """The DNSKEY set and the signing ZSK the zones were built with."""
         self._registrations: dict[str, Registration] = {}
         self._scheduled = False
@@ -343,9 +350,9 @@ class TrustChainZones:
             tlsa_host = dns.name.Name(name.labels[len(TLSA_PREFIX):]).to_text(
                 omit_final_dot=True)
         labels = folded(name)
-        return Owner(name=name, text=text,
-                     origins=tuple(o for o, key in self._origin_labels if within(labels, key)),
-                     nameserver=name in self._ns_names, tlsa_host=tlsa_host)
+        return Owner(name, text, tuple([o for o, key in self._origin_labels
+                                        if within(labels, key)]),
+                     name in self._ns_names, tlsa_host)
 
     def _owners_of(self, name: str) -> tuple[Owner, Owner]:
         """The owners of ``name``'s records: NAME and ``_443._quic.NAME``."""
@@ -374,10 +381,11 @@ class TrustChainZones:
         self._pending.clear()
         return owners
 
-    def _owner_records(self, owner: Owner) -> dict[int, tuple[int, list[Any]]]:
-        """All the records of ``owner`` (AAAA, TLSA), from the published certificates."""
-        ttl = int(self.settings.zone.record_ttl)
-        sets: dict[int, tuple[int, list[Any]]] = {}
+    def _owner_records(self, owner: Owner) -> dict[int, tuple[int, Rdatas]]:
+        """All the records of ``owner`` (AAAA, TLSA), from the published certificates, as
+        wire forms (their rdatas are made when an answer needs them)."""
+        ttl = self._ttl
+        sets: dict[int, tuple[int, Rdatas]] = {}
         record = self._current.get(owner.text)
         addresses: list[str] = []
         if record is not None:
@@ -388,11 +396,11 @@ class TrustChainZones:
         if owner.nameserver:
             addresses += self.settings.nameserver_addresses
         if addresses:
-            sets[AAAA] = (ttl, self._rdatas.aaaa(addresses))
+            sets[AAAA] = (ttl, self._rdatas.aaaa_set(addresses))
         if owner.tlsa_host is not None:
             held = self._current.get(owner.tlsa_host)
             if held is not None:
-                sets[TLSA] = (ttl, [self._rdatas.tlsa(held.spki_sha256)])
+                sets[TLSA] = (ttl, self._rdatas.tlsa_set(held.spki_sha256))
         return sets
 
     def _records(self) -> dict[dns.name.Name, Records]:
@@ -410,9 +418,10 @@ class TrustChainZones:
                     records[origin][owner.name] = sets
         return records
 
-    def _keys_now(self, now: float) -> tuple[tuple[str, ...], str, tuple[bytes, ...]]:
-        return (tuple(k.name for k in self.keyring.published(now)),
-                self.keyring.signing_zsk(now).name, tuple(sorted(self.cosigners())))
+    def _keys_now(self, now: float) -> tuple[tuple[tuple[str, ...], str], tuple[bytes, ...]]:
+        """The DNSKEY set and the signing ZSK at ``now`` (their names, and the cosigners'
+        DNSKEYs): a change builds the zones whole."""
+        return self.keyring.names_at(now), tuple(sorted(self.cosigners()))
 
     def _cosigner_keys(self, now: float) -> list[Any]:
         """The other validators' DNSKEYs (ours are the keyring's)."""
@@ -440,17 +449,21 @@ class TrustChainZones:
     def _publish(self, now: float, *, keys_checked: bool = False) -> None:
         """Bring the zones up to date with the pending names (and expiries) at ``now``
         (``keys_checked``: the caller found the DNSKEY set and signing key unchanged)."""
-        self._expire(now)
+        if self._expiries and self._expiries[0][0] <= now:
+            self._expire(now)
         if not self._pending or self._key_state is None:  # (not started: start() builds)
             return
         if not keys_checked and self._keys_now(now) != self._key_state:
             self._rebuild(now)  # the DNSKEY set or the signing key changed: build it all
             return
-        changes: dict[dns.name.Name, dict[dns.name.Name, dict[int, tuple[int, list[Any]]]]] = {}
+        changes: dict[dns.name.Name, dict[dns.name.Name, dict[int, tuple[int, Rdatas]]]] = {}
         for owner in self._settle():
             sets = self._owner_records(owner)
             for origin in owner.origins:
-                changes.setdefault(origin, {})[owner.name] = sets
+                subset = changes.get(origin)
+                if subset is None:
+                    subset = changes[origin] = {}
+                subset[owner.name] = sets
         changed: set[dns.name.Name] = set()
         for origin in self.origins:
             subset = changes.get(origin)
