@@ -276,35 +276,60 @@ def _encode_float(value: float) -> bytes:
 def encode_deterministic(item: Any) -> bytes:
     """Core deterministic CBOR encoding (RFC 8949 §4.2.1) of ``item``.
 
-    What is signed and hashed is mostly maps with text keys, and for those cbor2's
-    canonical mode (RFC 7049 §3.9: keys ordered by encoded length, then bytewise)
-    gives the very same bytes at half the cost: a text key's encoded length grows
-    with its head, so "shorter first" is "smaller head first". Maps with integer
-    keys (where the two orders differ), floats and anything unusual take the
-    encoder below.
+    What is signed and hashed is mostly maps with text keys. For those, a copy
+    whose maps iterate in the deterministic order (:func:`_in_order`) is encoded
+    by cbor2's plain encoder, which keeps a map's order and always writes the
+    shortest heads: the same bytes at a third of the cost of cbor2's canonical
+    mode, which orders every map by encoding each key apart. Maps with integer
+    keys (where the orders differ from the text-key rule), floats (whose
+    shortest form cbor2 writes only in canonical mode) and anything unusual
+    take the encoder below.
 
     :raises LocalProtocolError: ``item`` holds a value outside the data model.
     """
-    if _text_keyed(item, 0):
-        return cbor2.dumps(item, canonical=True)
-    return _encode(item)
+    try:
+        ordered = _in_order(item, 0)
+    except _Unusual:
+        return _encode(item)
+    return cbor2.dumps(ordered)
 
 
-def _text_keyed(item: Any, depth: int) -> bool:
-    """Only text-keyed maps, arrays, byte and text strings, 64-bit integers, booleans
-    and null (of exactly those types), nested at most :data:`MAX_DEPTH` deep."""
+class _Unusual(Exception):
+    """An item :func:`_in_order` does not take (the general encoder does, or refuses it)."""
+
+
+def _key_order(key: str) -> tuple[int, bytes]:
+    """A text key's place among its map's keys: the bytewise order of their encodings,
+    which for text is shorter first (a longer string never has a smaller head), then
+    bytewise."""
+    raw = key.encode("utf-8")
+    return len(raw), raw
+
+
+def _in_order(item: Any, depth: int) -> Any:
+    """``item`` with every map rebuilt in deterministic key order, if it holds only
+    text-keyed maps, arrays, byte and text strings, 64-bit integers, booleans and null
+    (of exactly those types), nested at most :data:`MAX_DEPTH` deep; else
+    :class:`_Unusual`."""
     kind = type(item)
     if kind is bytes or kind is str or kind is bool or item is None:
-        return True
+        return item
     if kind is int:
-        return bool(_INT_MIN <= item <= _INT_MAX)
+        if _INT_MIN <= item <= _INT_MAX:
+            return item
+        raise _Unusual
     if depth >= MAX_DEPTH:
-        return False
+        raise _Unusual
     if kind is dict:
-        return all(type(k) is str and _text_keyed(v, depth + 1) for k, v in item.items())
+        keys = list(item)
+        for key in keys:
+            if type(key) is not str:
+                raise _Unusual
+        keys.sort(key=_key_order)
+        return {key: _in_order(item[key], depth + 1) for key in keys}
     if kind is list or kind is tuple:
-        return all(_text_keyed(v, depth + 1) for v in item)
-    return False
+        return [_in_order(value, depth + 1) for value in item]
+    raise _Unusual
 
 
 def _encode(item: Any) -> bytes:
