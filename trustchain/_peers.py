@@ -24,6 +24,7 @@ import stoq
 from handlers.consensus import link_refusal, link_statement, spki_sha256
 from handlers.consensus.bft import ValidatorSet
 from protocol import Timeout, TrustChainError
+from protocol.ops.consensus import PACK_AT_BYTES, pack_messages
 from store import TlsCredential
 
 log = logging.getLogger("trustchain.consensus")
@@ -168,9 +169,12 @@ class StoqPeerLinks:
             await client.close()
 
     async def send(self, validator: str, messages: list[bytes]) -> None:
-        await self._request(validator, "consensus.gossip",
-                            {"messages": messages, "sender": self.me,
-                             "link": self._statements.get(validator)})
+        args: dict[str, Any] = {"sender": self.me, "link": self._statements.get(validator)}
+        if sum(len(m) for m in messages) >= PACK_AT_BYTES:
+            args["packed"] = pack_messages(messages)
+        else:
+            args["messages"] = messages
+        await self._request(validator, "consensus.gossip", args)
 
     async def fetch_blocks(self, validator: str, start: int,
                            limit: int) -> list[tuple[bytes, bytes]]:

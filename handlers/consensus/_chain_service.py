@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from protocol import ConsensusRejected, NotFound, Unauthorized, decode_item
+from protocol import ConsensusRejected, InvalidRequest, NotFound, Unauthorized, decode_item
 from protocol.ops import consensus as ops
 
 from .._router import RequestContext, Router
@@ -64,7 +64,13 @@ class ChainService:
             raise Unauthorized(f"not a validator link: {refusal}", field="link")
         if self.chain.failure is not None:
             raise ConsensusRejected("this validator's consensus has stopped")
-        accepted = await self.chain.receive(list(args.messages), args.sender)
+        messages = list(args.messages)
+        if args.packed is not None:
+            if messages:
+                raise InvalidRequest("a gossip request carries messages or packed, not both",
+                                     field="packed")
+            messages = ops.unpack_messages(args.packed, self.chain.max_message_bytes)
+        accepted = await self.chain.receive(messages, args.sender)
         return {"accepted": accepted, "height": self.chain.core.height}
 
     def identity(self, args: ops.IdentityArgs, ctx: RequestContext) -> dict[str, Any]:

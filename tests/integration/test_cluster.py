@@ -491,6 +491,11 @@ async def test_killed_validator_restarts_without_double_signing(tmp_path: Path,
                 await client.request("consensus.gossip", {"messages": [],
                                                           "sender": cluster.id(1),
                                                           "link": b"\x00" * 64})
+            # nothing is inflated before the sender is known (spec §18.3)
+            with pytest.raises(Unauthorized, match="link statement does not verify"):
+                await client.request("consensus.gossip", {"packed": b"\x78\x9c" + bytes(64),
+                                                          "sender": cluster.id(1),
+                                                          "link": b"\x00" * 64})
         cluster.start(3)
         now = (await cluster.statuses([0]))[0]
         assert now is not None
