@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
-import functools
 import hashlib
 import json
 import logging
@@ -49,7 +48,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn, Protocol
 
-import cbor2
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
@@ -176,22 +174,11 @@ def _where(path: DataPath) -> str:
     return "data" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path)
 
 
-@functools.lru_cache(maxsize=1024)
-def _cbor_order(keys: tuple[str, ...]) -> tuple[str, ...]:
-    """Text keys in deterministic CBOR order (RFC 8949 §4.2.1: by their encoding, which
-    for text is shorter UTF-8 first, then bytewise)."""
-    return tuple(sorted(keys, key=lambda k: (len(k.encode()), k.encode())))
-
-
-def _normalize(value: Any, depth: int, path: DataPath, floats: list[float]) -> tuple[Any, Any]:
+def _normalize(value: Any, depth: int, path: DataPath) -> tuple[Any, Any]:
     """A private copy of ``value`` (for the record and the hash) and its JSON form.
 
     Copying means a caller who mutates its dict afterwards cannot make the
-    returned record disagree with the file. The copy's maps are in deterministic
-    CBOR key order, so that ``cbor2.dumps`` encodes it as it is (its canonical mode
-    costs five times as much, sorting by encoding every key); the JSON form keeps
-    the caller's order. Floats found are added to ``floats`` (their deterministic
-    encoding is not ``cbor2.dumps``'s).
+    returned record disagree with the file.
     """
     kind = type(value)
     if kind is str or value is None or kind is bool:
@@ -201,34 +188,31 @@ def _normalize(value: Any, depth: int, path: DataPath, floats: list[float]) -> t
             raise AuditError(f"{_where(path)}: integer outside the 64-bit range CBOR allows")
         return value, value
     if kind is dict or kind is list or kind is tuple:
-        return _normalize_container(value, depth, path, floats)
+        return _normalize_container(value, depth, path)
     if isinstance(value, str):
         text = str.__str__(value)  # enum members become their plain value
         return text, text
     if isinstance(value, int):
-        return _normalize(int(value), depth, path, floats)
+        return _normalize(int(value), depth, path)
     if isinstance(value, float):
         real = float(value)
         if not math.isfinite(real):
             raise AuditError(f"{_where(path)}: {real} has no JSON form; log it as text")
-        floats.append(real)
         return real, real
     if isinstance(value, bytes | bytearray | memoryview):
         raw = bytes(value)
         return raw, {"hex": raw.hex()}
     if isinstance(value, list | tuple | dict):
-        return _normalize_container(value, depth, path, floats)
+        return _normalize_container(value, depth, path)
     raise AuditError(f"{_where(path)}: a {type(value).__name__} has no deterministic CBOR "
                      "encoding")
 
 
-def _normalize_container(value: Any, depth: int, path: DataPath,
-                         floats: list[float]) -> tuple[Any, Any]:
+def _normalize_container(value: Any, depth: int, path: DataPath) -> tuple[Any, Any]:
     if depth >= MAX_DEPTH:
         raise AuditError(f"{_where(path)}: nested deeper than {MAX_DEPTH} levels")
     if not isinstance(value, dict):
-        pairs = [_normalize(item, depth + 1, (*path, i), floats)
-                 for i, item in enumerate(value)]
+        pairs = [_normalize(item, depth + 1, (*path, i)) for i, item in enumerate(value)]
         return [p[0] for p in pairs], [p[1] for p in pairs]
     if len(value) == 1 and "hex" in value:
         raise AuditError(f"{_where(path)}: a map whose only key is 'hex' is reserved for bytes")
@@ -239,16 +223,8 @@ def _normalize_container(value: Any, depth: int, path: DataPath,
             raise AuditError(f"{_where(path)}: map key {key!r} is not text (JSON keys are "
                              "text)")
         name = key if type(key) is str else str.__str__(key)
-        plain[name], shown[name] = _normalize(item, depth + 1, (*path, name), floats)
-    return {k: plain[k] for k in _cbor_order(tuple(plain))}, shown
-
-
-def _encode_data(plain: dict[str, Any], floats: list[float]) -> bytes:
-    """``encode_deterministic(plain)`` of a :func:`_normalize` copy: ``cbor2.dumps`` of
-    it as it is when it holds no float."""
-    if floats:
-        return encode_deterministic(plain)
-    return cbor2.dumps(plain)
+        plain[name], shown[name] = _normalize(item, depth + 1, (*path, name))
+    return plain, shown
 
 
 def _from_json(value: Any, where: str) -> Any:
@@ -532,11 +508,10 @@ class AuditLog:
             raise AuditError("the kind 'checkpoint' is reserved for signed checkpoints")
         if not isinstance(data, dict):
             raise AuditError(f"audit data must be a dict, not {type(data).__name__}")
-        floats: list[float] = []
-        plain, shown = _normalize(data, 0, (), floats)
+        plain, shown = _normalize(data, 0, ())
         try:
-            data_cbor = _encode_data(plain, floats)
-        except (LocalProtocolError, ValueError, cbor2.CBOREncodeError) as exc:
+            data_cbor = encode_deterministic(plain)
+        except LocalProtocolError as exc:
             raise AuditError(f"audit data: {exc}") from exc
         data_json = _JSON.encode(shown)
         return _Entry(str.__str__(kind), round(self._clock() * 1_000_000), plain, data_cbor,
