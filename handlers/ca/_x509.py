@@ -251,11 +251,11 @@ def issued_by(certificate: x509.Certificate, issuer: x509.Certificate) -> bool:
     the cost of a check).
     """
     parts = _issuer_parts(issuer)
-    if certificate.signature_algorithm_oid != (
-            _ED25519_OID if parts.algorithm == _leaf_der.ED25519 else _ECDSA_SHA256_OID):
+    ed = parts.algorithm == _leaf_der.ED25519
+    if certificate.signature_algorithm_oid != (_ED25519_OID if ed else _ECDSA_SHA256_OID):
         return False
     try:
-        if parts.algorithm == _leaf_der.ED25519:
+        if ed:
             parts.public_key.verify(certificate.signature, certificate.tbs_certificate_bytes)
         else:
             parts.public_key.verify(certificate.signature, certificate.tbs_certificate_bytes,
