@@ -87,6 +87,12 @@ class FingerprintWatchers:
                                         names=tuple(item["names"]))
                 self.publish(rec, "logged")
 
+    def watched(self, names: tuple[str, ...], spki_sha256: bytes) -> bool:
+        """Whether a watcher waits for one of ``names`` or for the key ``spki_sha256``
+        (so a change nobody watches costs nothing to describe)."""
+        return any(spki_sha256 in w.keys or not w.names.isdisjoint(names)
+                   for w in self._watchers)
+
     def publish(self, rec: FingerprintRecord, kind: str, **extra: Any) -> None:
         """Queue a change of ``kind`` for every watcher of one of ``rec``'s names or key."""
         if not self._watchers:
@@ -157,17 +163,18 @@ class FingerprintService:
     def certificate_issued(self, event: CertificateIssued) -> None:
         """A certificate was committed (the state indexed it): tell its watchers."""
         record = event.record
+        spki = bytes.fromhex(record.spki_sha256)
+        if not self.watchers.watched(record.names, spki):
+            return
         logged = event.logged
-        rec = FingerprintRecord(sha256=bytes.fromhex(record.fingerprint),
-                                spki_sha256=bytes.fromhex(record.spki_sha256),
+        rec = FingerprintRecord(sha256=bytes.fromhex(record.fingerprint), spki_sha256=spki,
                                 kind="issued", shard=logged.shard if logged else None,
                                 leaf_index=logged.leaf_index if logged else None,
                                 serial=record.serial, first_seen=record.issued_at,
                                 names=record.names)
-        previous = [r for name in record.names for r in self.state.holders(name, self.clock())
-                    if r.serial != record.serial and r.spki_sha256 != record.spki_sha256]
-        self.watchers.publish(rec, "rotated" if previous else "issued",
-                              previous=previous[0].fingerprint if previous else None)
+        previous = self.state.other_key_holder(record.names, record.spki_sha256,
+                                               self.clock())
+        self.watchers.publish(rec, "rotated" if previous else "issued", previous=previous)
 
     def certificate_revoked(self, event: CertificateRevoked) -> None:
         record = event.record

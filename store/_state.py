@@ -451,6 +451,20 @@ class StateDatabase(SqliteDatabase):
             "AND c.revoked_ms IS NULL AND c.not_after > ?", (name, now))
         return [_record(r, self._names(r[0])) for r in rows]
 
+    def other_key_holder(self, names: Sequence[str], spki_sha256: str,
+                         now: float) -> str | None:
+        """The fingerprint of the latest issued, unexpired, unrevoked certificate that
+        carries one of ``names`` for a key other than ``spki_sha256`` (the certificate a
+        rekeyed one replaces), or None."""
+        marks = ",".join("?" * len(names))
+        row = self.read_one(
+            "SELECT c.fingerprint FROM names n JOIN certificates c ON c.serial = n.serial "
+            f"WHERE n.name IN ({marks}) AND c.der IS NOT NULL AND c.revoked_ms IS NULL "
+            "AND c.not_after > ? AND c.spki_sha256 != ? "
+            "ORDER BY c.issued_ms DESC, c.height DESC, c.position DESC LIMIT 1",
+            (*names, now, spki_sha256))
+        return None if row is None else str(row[0])
+
     def claims(self, name: str) -> list[CertificateRecord]:
         """Every unrevoked certificate, issued or pending, that carries ``name`` (the
         ownership rule decides which still hold it)."""

@@ -368,10 +368,14 @@ async def test_rekeyed_renewal_moves_the_names(tmp_path: Path, cddl: CddlChecker
                                                prover: stoq.Prover) -> None:
     from protocol import renewal_statement
     async with running_node(tmp_path, ENGINE, checker=cddl) as node, \
-            await node.client() as client:
+            await node.client() as client, await node.client() as watcher:
         requester = Requester(client, prover)
+        watch = watcher.subscribe("fp.watch", {"names": ["moving.trust"],
+                                               "heartbeat_ms": 200})
+        assert (await watch.__anext__()).event == "watching"
         old_key = p256()
         old = await requester.issue(make_csr(old_key, ["moving.trust"]))
+        assert await _issuance_change(watch) == ("issued", old["fingerprint"], None)
         new_key = p256()
         csr = make_csr(new_key, ["moving.trust"])
         with pytest.raises(Unauthorized):  # a new key alone may not take the name
@@ -389,8 +393,22 @@ async def test_rekeyed_renewal_moves_the_names(tmp_path: Path, cddl: CddlChecker
             csr, renews=old["serial"],
             renewal_signature=sign(old_key, renewal_statement(old["serial"], csr)))
         assert renewed["names"] == ["moving.trust"]
+        # fp.watch: the new key's certificate replaces the old key's
+        assert await _issuance_change(watch) == ("rotated", renewed["fingerprint"],
+                                                 old["fingerprint"])
+        await watch.aclose()
         with pytest.raises(InvalidRequest):
             await client.request("ca.issue", {"csr": csr, "renews": old["serial"]})
+
+
+async def _issuance_change(watch: Any) -> tuple[str, str, str | None]:
+    """The next issued/rotated change of an fp.watch stream: (change, fingerprint,
+    previous)."""
+    while True:
+        event = await asyncio.wait_for(watch.__anext__(), 10)
+        if event.event == "change" and event.data["change"] in ("issued", "rotated"):
+            return (event.data["change"], event.data["fingerprint"],
+                    event.data.get("previous"))
 
 
 async def test_client_auto_renewal_with_injected_clock(tmp_path: Path, cddl: CddlChecker,
