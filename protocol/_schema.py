@@ -91,6 +91,45 @@ def _hints(cls: type[Any]) -> dict[str, Any]:
 _DEFAULTS: dict[type[Any], Any] = {}
 
 
+@dataclass(frozen=True, slots=True)
+class _Argument:
+    """What :func:`parse_args` needs of one argument field, worked out once per op."""
+
+    name: str
+    hint: Any
+    plain: type[Any] | None
+    """The hint itself if it is a class that a value must be exactly (``type(v) is``)."""
+    required: bool
+    where: str
+    metadata: typing.Mapping[str, Any]
+    bounded: bool
+
+
+_PLAIN_HINTS = frozenset((int, str, bytes, bool, dict))
+_ARGUMENTS: dict[str, tuple[dict[str, _Argument], OpSpec]] = {}
+
+
+def _arguments(spec: OpSpec) -> dict[str, _Argument]:
+    """The argument fields of ``spec`` by name (kept: reading dataclass fields and type
+    hints again for every request cost more than the checks themselves)."""
+    known = _ARGUMENTS.get(spec.name)
+    if known is not None and known[1] is spec:
+        return known[0]
+    hints = _hints(spec.args)
+    arguments = {}
+    for f in dataclasses.fields(spec.args):
+        hint = hints[f.name]
+        bounded = any(f.metadata.get(k) is not None
+                      for k in ("minimum", "maximum", "max_length"))
+        arguments[f.name] = _Argument(
+            name=f.name, hint=hint, plain=hint if hint in _PLAIN_HINTS else None,
+            required=(f.default is dataclasses.MISSING
+                      and f.default_factory is dataclasses.MISSING),
+            where=f"{spec.name}: argument {f.name!r}", metadata=f.metadata, bounded=bounded)
+    _ARGUMENTS[spec.name] = (arguments, spec)
+    return arguments
+
+
 def parse_args(spec: OpSpec, raw: dict[str, Any]) -> Any:
     """Build ``spec.args`` from the received map ``raw``.
 
@@ -101,19 +140,21 @@ def parse_args(spec: OpSpec, raw: dict[str, Any]) -> Any:
         default = _DEFAULTS.get(spec.args)
         if default is not None:
             return default
-    hints = _hints(spec.args)
-    fields = {f.name: f for f in dataclasses.fields(spec.args)}
+    arguments = _arguments(spec)
     for key in raw:
-        if key not in fields:
+        if key not in arguments:
             raise InvalidRequest(f"{spec.name}: unknown argument {key!r}", field=str(key))
     values: dict[str, Any] = {}
-    for name, f in fields.items():
+    for name, argument in arguments.items():
         if name not in raw:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            if argument.required:
                 raise InvalidRequest(f"{spec.name}: missing argument {name!r}", field=name)
             continue
-        value = _convert(raw[name], hints[name], f"{spec.name}: argument {name!r}", name)
-        _check_bounds(value, f.metadata, f"{spec.name}: argument {name!r}", name)
+        value = raw[name]
+        if argument.plain is None or type(value) is not argument.plain:
+            value = _convert(value, argument.hint, argument.where, name)
+        if argument.bounded:
+            _check_bounds(value, argument.metadata, argument.where, name)
         values[name] = value
     try:
         args = spec.args(**values)
@@ -121,7 +162,7 @@ def parse_args(spec: OpSpec, raw: dict[str, Any]) -> Any:
         raise
     except (TypeError, ValueError) as exc:
         raise InvalidRequest(f"{spec.name}: {exc}") from exc
-    if not raw and all(not isinstance(getattr(args, f), (list, dict)) for f in fields):
+    if not raw and all(not isinstance(getattr(args, f), (list, dict)) for f in arguments):
         _DEFAULTS[spec.args] = args
     return args
 
