@@ -26,7 +26,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .._cbor import decode_item, encode_deterministic, encode_item
+from .._cbor import decode_item, encode_deterministic, encode_head, encode_item
 from .._errors import InvalidRequest, MalformedFrame, ProofInvalid
 from .._schema import OpSpec, arg, register
 
@@ -441,16 +441,43 @@ def vdf_challenge(beacon: bytes, epoch: int, spki: bytes) -> bytes:
                                          "key": key_id(spki)}))
 
 
+def _text(value: str) -> bytes:
+    raw = value.encode("utf-8")
+    return encode_head(3, len(raw)) + raw
+
+
+_OP_TEXT = {op: _text(op) for op in ("issue", "revoke")}
+"""The deterministic CBOR of each operation's name."""
+_WORK_START = b"\xa5\x62op"
+_WORK_CTX = b"\x63ctx" + _text(_CTX_WORK) + b"\x63key"
+_BINDING_START = b"\xa7\x62op"
+_BINDING_CTX = b"\x63ctx" + _text(_CTX_BINDING) + b"\x64time"
+
+
+def _plain(op: Any, *octets: Any, epoch: Any) -> bool:
+    """Whether the fixed-shape encoders below take these values: an operation of
+    :data:`_OP_TEXT`, byte strings and an unsigned 64-bit epoch (what a parsed proof
+    set holds); anything else goes through :func:`encode_deterministic`."""
+    return (type(op) is str and op in _OP_TEXT and type(epoch) is int and 0 <= epoch < 1 << 64
+            and all(type(o) is bytes for o in octets))
+
+
 @functools.lru_cache(maxsize=4096)
 def work_prefix(op: Operation, request: bytes, key: bytes, epoch: int) -> bytes:
     """What the work nonce is appended to: the hash is SHA-256(prefix || nonce).
 
-    ``key`` is the requester's key id (:func:`key_id`). Kept for the latest requests:
-    a validator computes it when it checks the proofs and again when it executes
-    the decision (the proof of work it marks used).
+    ``key`` is the requester's key id (:func:`key_id`). The deterministic CBOR of
+    ``{"ctx", "op", "request", "key", "epoch"}``, written in its one key order
+    (op, ctx, key, epoch, request) without the generic encoder. Kept for the latest
+    requests: a validator computes it when it checks the proofs and again when it
+    executes the decision (the proof of work it marks used).
     """
-    return encode_deterministic({"ctx": _CTX_WORK, "op": op, "request": request, "key": key,
-                                 "epoch": epoch})
+    if not _plain(op, request, key, epoch=epoch):
+        return encode_deterministic({"ctx": _CTX_WORK, "op": op, "request": request,
+                                     "key": key, "epoch": epoch})
+    return b"".join((_WORK_START, _OP_TEXT[op], _WORK_CTX, encode_head(2, len(key)), key,
+                     b"\x65epoch", encode_head(0, epoch), b"\x67request",
+                     encode_head(2, len(request)), request))
 
 
 def work_hash(prefix: bytes, nonce: bytes) -> bytes:
@@ -475,10 +502,19 @@ def binding_statement(*, op: Operation, request: bytes, epoch: int, space: bytes
     """What the requester key signs: the request, epoch and each proof, together.
 
     ``space`` and ``time`` are :meth:`SpaceProof.digest` and :meth:`TimeProof.digest`.
+    The deterministic CBOR of ``{"ctx", "op", "request", "epoch", "space", "time",
+    "nonce"}``, written in its one key order (op, ctx, time, epoch, nonce, space,
+    request) without the generic encoder.
     """
-    return encode_deterministic({"ctx": _CTX_BINDING, "op": op, "request": request,
-                                 "epoch": epoch, "space": space, "time": time,
-                                 "nonce": nonce})
+    if not _plain(op, request, space, time, nonce, epoch=epoch):
+        return encode_deterministic({"ctx": _CTX_BINDING, "op": op, "request": request,
+                                     "epoch": epoch, "space": space, "time": time,
+                                     "nonce": nonce})
+    return b"".join((_BINDING_START, _OP_TEXT[op], _BINDING_CTX, encode_head(2, len(time)), time,
+                     b"\x65epoch", encode_head(0, epoch), b"\x65nonce",
+                     encode_head(2, len(nonce)), nonce, b"\x65space",
+                     encode_head(2, len(space)), space, b"\x67request",
+                     encode_head(2, len(request)), request))
 
 
 def beacon_statement(*, epoch: int, start: int, value: bytes, previous: bytes) -> bytes:
