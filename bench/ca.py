@@ -1042,7 +1042,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds measured per test (default 5, or 2 with --quick)")
     parser.add_argument("--rate", type=float,
                         help=f"issuances a second offered in the open-loop test (default: "
-                             f"{OFFERED_SHARE:.0%} of the best closed-loop rate measured "
+                             f"{OFFERED_SHARE * 100:.0f}%% of the best closed-loop rate measured "
                              f"before on the same server)")
     parser.add_argument("--signing-workers", type=int, default=0, metavar="N",
                         help="the server's ca.signing_workers: N processes sign the "

@@ -6,7 +6,9 @@ cached (a credential remembered for its epoch), and a whole request with warm
 credentials, at two work difficulties (the node's cost does not depend on it):
 ``ProofVerifier.verify`` against the replicated state (``StateDatabase``: the
 stake, the used work), then the request's used-work row committed in a block,
-as the state machine does when the block executes.
+as the state machine does when the block executes; beside them the CA's check of
+a new CSR (``check_request`` without its cache), which every validator also makes
+per issuance. ``--skip-stoq`` runs part 1 alone (about 10 s with ``--quick``).
 
 Part 2, over STOQ: a real ``trustchain serve``, a validator alone
 (development mode, plots of k=18, 1,000 VDF iterations, a low work difficulty
@@ -33,6 +35,7 @@ import argparse
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import json
 import signal
 import statistics
@@ -46,10 +49,16 @@ from types import FrameType
 from typing import Any, NoReturn
 
 import uvloop
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 import protocol
 import stoq
 import stoq._prover as stoq_prover
+from handlers.ca import NamingPolicy
+from handlers.ca._policy import _check_request
 from handlers.consensus import BeaconChain, ProofVerifier
 from handlers.consensus import _native as native
 from protocol.ops.consensus import (
@@ -271,6 +280,21 @@ async def _micro(tmp: Path, quick: bool) -> MicroFigures:
         keystore.close()
 
 
+def _fresh_csrs(count: int) -> list[bytes]:
+    """``count`` CSRs, each for its own P-256 key and name, as ``ca.issue`` receives them."""
+    csrs = []
+    for i in range(count):
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = f"bench-{i}.example.trust"
+        csr = (x509.CertificateSigningRequestBuilder()
+               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+               .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]),
+                              critical=False)
+               .sign(key, hashes.SHA256()))
+        csrs.append(csr.public_bytes(serialization.Encoding.DER))
+    return csrs
+
+
 def _component_rows(verifier: ProofVerifier, prover: stoq.Prover, beacon: stoq.Beacon,
                     wire: dict[str, Any], request: bytes,
                     quick: bool) -> list[tuple[str, str, float, float | None]]:
@@ -286,9 +310,10 @@ def _component_rows(verifier: ProofVerifier, prover: stoq.Prover, beacon: stoq.B
     space_key = kid + space.digest()
     time_key = kid + vdf.digest()
 
-    def work() -> bool:
-        digest = work_hash(work_prefix("issue", request, key_id(proofs.requester_key),
-                                       proofs.epoch), proofs.nonce)
+    def work() -> bool:  # the prefix as a new request's check makes it (not yet cached)
+        digest = work_hash(work_prefix.__wrapped__("issue", request,
+                                                   key_id(proofs.requester_key), proofs.epoch),
+                           proofs.nonce)
         return leading_zero_bits(digest) >= 8
 
     def binding() -> bool:
@@ -325,10 +350,16 @@ def _component_rows(verifier: ProofVerifier, prover: stoq.Prover, beacon: stoq.B
     vdf_costs.sort()
     kind = (f"P-{public_key.curve.key_size}" if hasattr(public_key, "curve")
             else "Ed25519")
+    csrs = itertools.cycle(_fresh_csrs(n))
+    policy = NamingPolicy(domains=("trust",))
     return [
+        ("csr", "the CA's CSR check of a new P-256 CSR, one name (check_request, not cached)",
+         _per_call(lambda: _check_request.__wrapped__(next(csrs), policy), n), None),
         ("all", "shape of the set (parse_proofs)", _per_call(lambda: parse_proofs(wire), n),
          None),
         ("work", "SHA-256 of prefix and nonce, zero bits", _per_call(work, n), None),
+        ("work", "replay check: used-work lookup in the state (SQLite)",
+         _per_call(lambda: verifier.ledger.work_used(request), n), None),
         ("stake", "ledger lookup", _per_call(lambda: verifier.ledger.balance(kid.hex()), n),
          None),
         ("binding", f"digests, statement, signature verify ({kind} requester key)",
@@ -807,6 +838,7 @@ def main(argv: list[str] | None = None) -> int:
                              "them next time); default: a temporary directory")
     parser.add_argument("--engine", choices=stoq.ENGINES, default=stoq.DEFAULT_ENGINE)
     parser.add_argument("--skip-micro", action="store_true", help="only part 2")
+    parser.add_argument("--skip-stoq", action="store_true", help="only part 1")
     parser.add_argument("--services", choices=("proofs", "all"), default="proofs",
                         help="part 2's nodes: without DNS and real-time fingerprints "
                              "(default), or with every service of a node")
@@ -814,6 +846,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="ca.signing_workers of part 2's nodes (default 0: sign on the "
                              "event loop)")
     args = parser.parse_args(args_list)
+    if args.skip_micro and args.skip_stoq:
+        parser.error("--skip-micro and --skip-stoq: nothing would be left to run")
     if not 0 <= args.signing_workers <= 8:
         parser.error("--signing-workers: 0 to 8")
     count = args.requesters or (QUICK_REQUESTERS if args.quick else REQUESTERS)
@@ -845,6 +879,8 @@ def main(argv: list[str] | None = None) -> int:
                 if not args.skip_micro:
                     micro = uvloop.run(_micro(tmp, args.quick))
                     print(report_micro(micro), flush=True)
+                if args.skip_stoq:
+                    return 0
                 plots = args.plots or tmp / "requesters"
                 figures = run_stoq(children, args.engine, tmp, plots, count, duration=duration,
                                    warmup=warmup, pool=pool, services=args.services,

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.x509.oid import SignatureAlgorithmOID
 
 from protocol import InvalidRequest, Unauthorized
 
@@ -81,7 +82,7 @@ def load_csr(der: bytes) -> x509.CertificateSigningRequest:
                              field="csr")
     try:
         csr = x509.load_der_x509_csr(der)
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:  # (InvalidVersion is no ValueError)
         raise InvalidRequest(f"csr is not a DER PKCS#10 certificate request: {exc}",
                              field="csr") from None
     return csr
@@ -104,6 +105,46 @@ def check_key(csr: x509.CertificateSigningRequest) -> SubjectKey:
                              field="csr")
     raise InvalidRequest(f"{type(key).__name__} keys are not accepted; use P-256, P-384 or "
                          "Ed25519", field="csr")
+
+
+_ECDSA: dict[x509.ObjectIdentifier, ec.ECDSA] = {
+    SignatureAlgorithmOID.ECDSA_WITH_SHA224: ec.ECDSA(hashes.SHA224()),
+    SignatureAlgorithmOID.ECDSA_WITH_SHA256: ec.ECDSA(hashes.SHA256()),
+    SignatureAlgorithmOID.ECDSA_WITH_SHA384: ec.ECDSA(hashes.SHA384()),
+    SignatureAlgorithmOID.ECDSA_WITH_SHA512: ec.ECDSA(hashes.SHA512()),
+    SignatureAlgorithmOID.ECDSA_WITH_SHA3_224: ec.ECDSA(hashes.SHA3_224()),
+    SignatureAlgorithmOID.ECDSA_WITH_SHA3_256: ec.ECDSA(hashes.SHA3_256()),
+    SignatureAlgorithmOID.ECDSA_WITH_SHA3_384: ec.ECDSA(hashes.SHA3_384()),
+    SignatureAlgorithmOID.ECDSA_WITH_SHA3_512: ec.ECDSA(hashes.SHA3_512()),
+}
+"""The ECDSA signature algorithms cryptography verifies a CSR with, by OID (not
+ecdsa-with-SHA1): what ``csr.signature_algorithm_parameters`` builds for each, made once."""
+
+
+def signature_verifies(csr: x509.CertificateSigningRequest, key: SubjectKey) -> bool:
+    """Whether the CSR's signature verifies with ``key``, its own key already loaded by
+    :func:`check_key`: the verdict of ``csr.is_signature_valid``, which loads the key a
+    second time.
+
+    As cryptography decides it: the signature algorithm must be one for the key's
+    type (ECDSA with any hash it knows for an EC key, Ed25519 for an Ed25519 key;
+    a mismatch is a refusal), and the signature is checked over the re-encoded
+    ``CertificationRequestInfo`` (``tbs_certrequest_bytes``, what it signs over).
+    Any failure on the way is a refusal, as there.
+    """
+    try:
+        if isinstance(key, ec.EllipticCurvePublicKey):
+            algorithm = _ECDSA.get(csr.signature_algorithm_oid)
+            if algorithm is None:
+                return False
+            key.verify(csr.signature, csr.tbs_certrequest_bytes, algorithm)
+            return True
+        if csr.signature_algorithm_oid != SignatureAlgorithmOID.ED25519:
+            return False
+        key.verify(csr.signature, csr.tbs_certrequest_bytes)
+        return True
+    except Exception:  # as in is_signature_valid: any error is an invalid signature
+        return False
 
 
 def normalise_dns_name(name: str, policy: NamingPolicy) -> str:
@@ -182,7 +223,7 @@ def check_request(der: bytes, policy: NamingPolicy) -> CheckedRequest:
 def _check_request(der: bytes, policy: NamingPolicy) -> CheckedRequest:
     csr = load_csr(der)
     key = check_key(csr)
-    if not csr.is_signature_valid:
+    if not signature_verifies(csr, key):
         raise InvalidRequest("the CSR's signature does not verify with its own key",
                              field="csr")
     dns, ips = check_names(csr, policy)

@@ -199,9 +199,9 @@ class ProofVerifier:
                         field="proofs.binding")
 
         self._check_space(proofs, kid, beacon.value, space_digest)
-        await self._check_time(proofs, kid, beacon.value, time_digest)
+        waited = await self._check_time(proofs, kid, beacon.value, time_digest)
 
-        if self._used(digest):  # a concurrent twin passed while we waited
+        if waited and self._used(digest):  # a concurrent twin passed while we waited
             raise _fail("work", "this proof of work was already used (a replayed request); "
                                 "every request needs fresh work", field="proofs.work.nonce")
         self._checked[digest] = epoch
@@ -268,12 +268,16 @@ class ProofVerifier:
         known.add(credential)
 
     async def _check_time(self, proofs: ProofSet, kid: bytes, beacon: bytes,
-                          digest: bytes) -> None:
+                          digest: bytes) -> bool:
+        """Verify (or find remembered) the time proof; whether it waited for a VDF check.
+
+        A remembered credential returns without suspending: nothing else ran since the
+        caller's replay check, so only a wait calls for another one."""
         known = self._remember(self._time_ok, proofs.epoch)
         credential = kid + digest
         if credential in known:
             self.stats.time_cached += 1
-            return
+            return False
         vdf = proofs.time
         if vdf.iterations < self.params.vdf_iterations:
             raise _fail("time", f"{vdf.iterations} VDF iterations are too few; this node "
@@ -294,6 +298,7 @@ class ProofVerifier:
         else:
             self.stats.time_verified += 1
             known.add(credential)
+        return True
 
     async def _verify_vdf(self, seed: bytes, iterations: int, output: bytes,
                           proof: bytes) -> str | None:

@@ -26,7 +26,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .._cbor import decode_item, encode_deterministic, encode_item
+from .._cbor import decode_item, encode_deterministic, encode_head, encode_item
 from .._errors import InvalidRequest, MalformedFrame, ProofInvalid
 from .._schema import OpSpec, arg, register
 
@@ -373,6 +373,49 @@ def parse_proofs(raw: Any) -> ProofSet:
 
     :raises ProofInvalid: with ``proof`` and ``field`` (``proofs.space.k``, ...).
     """
+    return _well_formed(raw) or _parse_each(raw)
+
+
+_TOP_KEY_SET = frozenset(_TOP_KEYS)
+_SPACE_KEYS = frozenset(("plot_id", "k", "index", "proof"))
+_TIME_KEYS = frozenset(("iterations", "output", "proof"))
+_WORK_KEYS = frozenset(("nonce",))
+
+
+def _well_formed(raw: Any) -> ProofSet | None:
+    """The :class:`ProofSet` of a set that passes every check of :func:`_parse_each`,
+    tested in one expression (as every honest set does); None for any other, which
+    :func:`_parse_each` then takes apart to say what is wrong."""
+    if not (type(raw) is dict and raw.keys() == _TOP_KEY_SET):
+        return None
+    space, time, work = raw["space"], raw["time"], raw["work"]
+    if not (type(space) is dict and space.keys() == _SPACE_KEYS and type(time) is dict
+            and time.keys() == _TIME_KEYS and type(work) is dict and work.keys() == _WORK_KEYS):
+        return None
+    epoch, key, binding = raw["epoch"], raw["requester_key"], raw["binding"]
+    k, index, plot_id, proof = space["k"], space["index"], space["plot_id"], space["proof"]
+    iterations, output, vdf_proof = time["iterations"], time["output"], time["proof"]
+    nonce = work["nonce"]
+    if not (type(epoch) is int and 0 <= epoch <= (1 << 63) - 1
+            and type(key) is bytes and 1 <= len(key) <= MAX_KEY_SIZE
+            and type(k) is int and MIN_PLOT_SIZE <= k <= MAX_PLOT_SIZE
+            and type(index) is int and 0 <= index <= SPACE_CHALLENGES - 1
+            and type(plot_id) is bytes and len(plot_id) == 32
+            and type(proof) is bytes and len(proof) == 8 * k
+            and type(iterations) is int and 1 <= iterations <= MAX_VDF_ITERATIONS
+            and type(output) is bytes and len(output) == VDF_FORM_SIZE
+            and type(vdf_proof) is bytes and len(vdf_proof) == VDF_FORM_SIZE
+            and type(nonce) is bytes and 1 <= len(nonce) <= MAX_NONCE_SIZE
+            and type(binding) is bytes and 1 <= len(binding) <= MAX_SIGNATURE_SIZE):
+        return None
+    return ProofSet(epoch=epoch, requester_key=key,
+                    space=SpaceProof(plot_id=plot_id, k=k, index=index, proof=proof),
+                    time=TimeProof(iterations=iterations, output=output, proof=vdf_proof),
+                    nonce=nonce, binding=binding)
+
+
+def _parse_each(raw: Any) -> ProofSet:
+    """:func:`parse_proofs`, a check at a time: the first failure is the error."""
     if raw is None:
         raise ProofInvalid("binding: this operation needs the four-proof set in 'proofs' "
                            "(space, stake, work, time and their binding)",
@@ -441,16 +484,54 @@ def vdf_challenge(beacon: bytes, epoch: int, spki: bytes) -> bytes:
                                          "key": key_id(spki)}))
 
 
+def _text(value: str) -> bytes:
+    raw = value.encode("utf-8")
+    return encode_head(3, len(raw)) + raw
+
+
+_OPERATIONS = ("issue", "revoke")
+_WORK_HEAD = {op: b"\xa5\x62op" + _text(op) + b"\x63ctx" + _text(_CTX_WORK) + b"\x63key"
+              for op in _OPERATIONS}
+"""For each operation, the deterministic CBOR of a work prefix up to the key id's value."""
+_BINDING_HEAD = {op: b"\xa7\x62op" + _text(op) + b"\x63ctx" + _text(_CTX_BINDING)
+                 + b"\x64time" for op in _OPERATIONS}
+"""For each operation, the deterministic CBOR of a binding statement up to the time
+digest's value."""
+_SHORT_BYTES_HEADS = tuple(encode_head(2, n) for n in range(256))
+
+
+def _bytes_head(size: int) -> bytes:
+    return _SHORT_BYTES_HEADS[size] if size < 256 else encode_head(2, size)
+
+
+@functools.lru_cache(maxsize=8)
+def _epoch_entry(epoch: int) -> bytes:
+    """``"epoch": epoch`` in deterministic CBOR: the same for every request of an epoch."""
+    return b"\x65epoch" + encode_head(0, epoch)
+
+
+def _is_epoch(epoch: Any) -> bool:
+    return type(epoch) is int and 0 <= epoch < 1 << 64
+
+
 @functools.lru_cache(maxsize=4096)
 def work_prefix(op: Operation, request: bytes, key: bytes, epoch: int) -> bytes:
     """What the work nonce is appended to: the hash is SHA-256(prefix || nonce).
 
-    ``key`` is the requester's key id (:func:`key_id`). Kept for the latest requests:
-    a validator computes it when it checks the proofs and again when it executes
-    the decision (the proof of work it marks used).
+    ``key`` is the requester's key id (:func:`key_id`). The deterministic CBOR of
+    ``{"ctx", "op", "request", "key", "epoch"}``, written in its one key order
+    (op, ctx, key, epoch, request) without the generic encoder, which takes any
+    value outside that shape (another operation, not bytes, not a 64-bit epoch).
+    Kept for the latest requests: a validator computes it when it checks the proofs
+    and again when it executes the decision (the proof of work it marks used).
     """
-    return encode_deterministic({"ctx": _CTX_WORK, "op": op, "request": request, "key": key,
-                                 "epoch": epoch})
+    head = _WORK_HEAD.get(op) if type(op) is str else None
+    if head is None or type(request) is not bytes or type(key) is not bytes \
+            or not _is_epoch(epoch):
+        return encode_deterministic({"ctx": _CTX_WORK, "op": op, "request": request,
+                                     "key": key, "epoch": epoch})
+    return b"".join((head, _bytes_head(len(key)), key, _epoch_entry(epoch), b"\x67request",
+                     _bytes_head(len(request)), request))
 
 
 def work_hash(prefix: bytes, nonce: bytes) -> bytes:
@@ -475,10 +556,19 @@ def binding_statement(*, op: Operation, request: bytes, epoch: int, space: bytes
     """What the requester key signs: the request, epoch and each proof, together.
 
     ``space`` and ``time`` are :meth:`SpaceProof.digest` and :meth:`TimeProof.digest`.
+    The deterministic CBOR of ``{"ctx", "op", "request", "epoch", "space", "time",
+    "nonce"}``, written in its one key order (op, ctx, time, epoch, nonce, space,
+    request) without the generic encoder, which takes any value outside that shape.
     """
-    return encode_deterministic({"ctx": _CTX_BINDING, "op": op, "request": request,
-                                 "epoch": epoch, "space": space, "time": time,
-                                 "nonce": nonce})
+    head = _BINDING_HEAD.get(op) if type(op) is str else None
+    if head is None or type(request) is not bytes or type(space) is not bytes \
+            or type(time) is not bytes or type(nonce) is not bytes or not _is_epoch(epoch):
+        return encode_deterministic({"ctx": _CTX_BINDING, "op": op, "request": request,
+                                     "epoch": epoch, "space": space, "time": time,
+                                     "nonce": nonce})
+    return b"".join((head, _bytes_head(len(time)), time, _epoch_entry(epoch), b"\x65nonce",
+                     _bytes_head(len(nonce)), nonce, b"\x65space", _bytes_head(len(space)),
+                     space, b"\x67request", _bytes_head(len(request)), request))
 
 
 def beacon_statement(*, epoch: int, start: int, value: bytes, previous: bytes) -> bytes:

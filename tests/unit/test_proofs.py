@@ -580,6 +580,20 @@ async def test_concurrent_twins_only_one_admitted(world: World) -> None:
                for r in results if r is not None)
 
 
+async def test_concurrent_twins_with_a_remembered_credential(world: World) -> None:
+    """With the credential remembered, a check never waits: one replay check (before the
+    binding) decides, and still only one twin is admitted."""
+    import asyncio
+    await world.verify(await world.proofs(b"first"), b"first")  # the credential, verified
+    honest = await world.proofs(b"twins")
+    results = await asyncio.gather(*(world.verify(copy.deepcopy(honest), b"twins")
+                                     for _ in range(5)), return_exceptions=True)
+    assert sum(r is None for r in results) == 1
+    assert all(isinstance(r, ProofInvalid) and "already used" in r.message
+               for r in results if r is not None)
+    assert world.verifier.stats.time_verified == 1 and world.verifier.stats.time_cached == 1
+
+
 async def test_stake_refusals(world: World) -> None:
     poor = stoq.Prover.open(world.prover.directory.parent / "poor")
     honest = await world.proofs()
