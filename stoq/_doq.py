@@ -35,6 +35,7 @@ from protocol.doq import (
     DoqConnection,
     DoqEvent,
     QueryCancelled,
+    QueryMemo,
     QueryReceived,
     ResetStream,
     SendData,
@@ -108,6 +109,8 @@ class DoqApplication:
         self.answer = answer
         self.limits = limits or DoqLimits()
         self.stats = DoqStats()
+        self.memo = QueryMemo()
+        """Queries read before, shared by every connection."""
         self.rate_limiter = (RateLimiter(self.limits.rate_limit_per_minute,
                                          self.limits.rate_limit_prefix_length)
                              if self.limits.rate_limit_per_minute else None)
@@ -125,7 +128,7 @@ class DoqSession:
         limits = app.limits
         self._conn = DoqConnection(fin_timeout=limits.fin_timeout,
                                    stream_timeout=limits.stream_timeout,
-                                   max_buffered=limits.max_buffered)
+                                   max_buffered=limits.max_buffered, memo=app.memo)
         self._tasks: dict[int, asyncio.Future[bytes]] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
