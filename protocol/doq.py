@@ -368,6 +368,11 @@ class _Stream:
     answering: bool = False
 
 
+_ANSWERING = _Stream(started=0.0, answering=True)
+"""The state of every stream whose query arrived whole with its FIN in one piece: it
+waits for its answer only, holds nothing and is never changed (one object for all)."""
+
+
 class DoqConnection:
     """The server side of RFC 9250 on one QUIC connection.
 
@@ -418,7 +423,7 @@ class DoqConnection:
                     and self._buffered + size <= self.max_buffered:
                 # The common case: a whole query and its FIN in one piece, answered
                 # before anything else is buffered.
-                self._streams[stream_id] = _Stream(started=now, answering=True)
+                self._streams[stream_id] = _ANSWERING
                 return self._received(stream_id, data[2:])
             stream = self._streams[stream_id] = _Stream(started=now)
         elif stream.answering:
@@ -512,16 +517,29 @@ class DoqConnection:
         :raises LocalProtocolError: the stream has no query waiting for an
             answer, or the message is longer than 65,535 octets.
         """
+        framed = self.take_answer(stream_id, message)
+        if framed is not None:
+            self._out.append(SendData(stream_id, framed, True))
+
+    def take_answer(self, stream_id: int, message: bytes) -> bytes | None:
+        """The answer to the query of ``stream_id`` as its stream carries it (the length
+        prefix, then ``message``), for the transport to write with FIN now: what
+        :meth:`send_answer` queues as :class:`SendData`, without the instruction.
+        None: the connection is closed.
+
+        :raises LocalProtocolError: as :meth:`send_answer`.
+        """
         if self.closed is not None:
-            return
+            return None
         stream = self._streams.get(stream_id)
         if stream is None or not stream.answering:
             raise LocalProtocolError(f"stream {stream_id} has no query to answer")
-        if len(message) > MAX_MESSAGE_SIZE:
-            raise LocalProtocolError(f"an answer of {len(message)} octets does not fit DoQ")
+        size = len(message)
+        if size > MAX_MESSAGE_SIZE:
+            raise LocalProtocolError(f"an answer of {size} octets does not fit DoQ")
         del self._streams[stream_id]
         self._end(stream_id)
-        self._out.append(SendData(stream_id, len(message).to_bytes(2, "big") + message, True))
+        return size.to_bytes(2, "big") + message
 
     def abandon(self, stream_id: int, error_code: int = DOQ_INTERNAL_ERROR) -> None:
         """Give up on a query without an answer (RESET_STREAM with ``error_code``)."""

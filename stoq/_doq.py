@@ -219,7 +219,12 @@ class DoqSession:
             self._conn.abandon(event.stream_id, DOQ_INTERNAL_ERROR)
             return
         if type(reply) is bytes or not inspect.isawaitable(reply):
-            self._conn.send_answer(event.stream_id, reply)
+            # written at once, not queued as an instruction for _flush
+            framed = self._conn.take_answer(event.stream_id, reply)
+            if framed is not None:
+                streams = self._streams
+                streams.send_stream_data(event.stream_id, framed, True)
+                streams.stream_finished()
             return
         if app.stats.pending >= app.limits.max_pending:
             close = getattr(reply, "close", None)

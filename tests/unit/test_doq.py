@@ -358,3 +358,20 @@ def test_the_memo_keeps_no_rule_breaker_and_stays_bounded() -> None:
     for number in range(4):
         conn.receive_data(4 * number, framed(query(f"n{number}.trust")), True, 0.0)
     assert len(memo) == 1  # emptied when full
+
+
+def test_an_answer_taken_to_write_at_once_ends_its_stream() -> None:
+    conn = DoqConnection()
+    message = query()
+    conn.receive_data(0, framed(message), True, now=0.0)
+    conn.receive_data(4, framed(message), True, now=0.0)
+    assert conn.take_answer(0, b"answer") == b"\x00\x06answer"
+    assert conn.data_to_send() == []  # nothing queued: the transport writes it
+    with pytest.raises(LocalProtocolError):
+        conn.take_answer(0, b"again")
+    with pytest.raises(LocalProtocolError):
+        conn.take_answer(4, b"\x00" * 65536)
+    assert conn.receive_data(0, b"", True, now=0.1) == []  # a late FIN of an ended stream
+    assert conn.is_answering(4)
+    conn.close(DOQ_EXCESSIVE_LOAD, "test")
+    assert conn.take_answer(4, b"late") is None
