@@ -35,6 +35,7 @@ from protocol.doq import (
     DoqConnection,
     DoqEvent,
     QueryCancelled,
+    QueryMemo,
     QueryReceived,
     ResetStream,
     SendData,
@@ -108,6 +109,8 @@ class DoqApplication:
         self.answer = answer
         self.limits = limits or DoqLimits()
         self.stats = DoqStats()
+        self.memo = QueryMemo()
+        """Queries read before, shared by every connection."""
         self.rate_limiter = (RateLimiter(self.limits.rate_limit_per_minute,
                                          self.limits.rate_limit_prefix_length)
                              if self.limits.rate_limit_per_minute else None)
@@ -125,7 +128,7 @@ class DoqSession:
         limits = app.limits
         self._conn = DoqConnection(fin_timeout=limits.fin_timeout,
                                    stream_timeout=limits.stream_timeout,
-                                   max_buffered=limits.max_buffered)
+                                   max_buffered=limits.max_buffered, memo=app.memo)
         self._tasks: dict[int, asyncio.Future[bytes]] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
@@ -216,7 +219,12 @@ class DoqSession:
             self._conn.abandon(event.stream_id, DOQ_INTERNAL_ERROR)
             return
         if type(reply) is bytes or not inspect.isawaitable(reply):
-            self._conn.send_answer(event.stream_id, reply)
+            # written at once, not queued as an instruction for _flush
+            framed = self._conn.take_answer(event.stream_id, reply)
+            if framed is not None:
+                streams = self._streams
+                streams.send_stream_data(event.stream_id, framed, True)
+                streams.stream_finished()
             return
         if app.stats.pending >= app.limits.max_pending:
             close = getattr(reply, "close", None)

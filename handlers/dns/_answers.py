@@ -82,23 +82,41 @@ class DnsAnswers:
 
     def answer_doq(self, event: QueryReceived, peer: Peer) -> bytes | Awaitable[bytes]:
         """The DNS response to one DoQ query (Message ID 0), now or later."""
+        message = event.message
+        rendered = self._rendered
+        sent = rendered.zone_answer_to(message)
+        if sent is not None:
+            return sent
+        forwarder = self.forwarder
+        second = int(forwarder.clock()) if forwarder is not None else 0
+        if forwarder is not None:
+            sent = rendered.forwarded_answer_to(message, second)
+            if sent is not None:
+                forwarder.cache.hits += 1
+                return sent
         query = event.query
         if query is None:
             flags = event.error.flags if event.error is not None else None
-            return error_response(event.message, dns.rcode.FORMERR, flags)
+            return error_response(message, dns.rcode.FORMERR, flags)
         key: AnswerKey | None = None
         if not query.compressed and not query.signed:
             edns = None if query.edns is None else (query.edns.version, query.edns.dnssec_ok)
             key = (query.qname, query.qtype, query.qclass, query.flags & 0x7910, edns)
-            cached = self._rendered.zone_answer(key)
-            if cached is None and self.forwarder is not None:
-                # a forwarded answer rendered this very second: its TTLs are still right
-                cached = self._rendered.forwarded_answer(key, int(self.forwarder.clock()))
-                if cached is not None:
-                    self.forwarder.cache.hits += 1
+            cached = rendered.zone_answer(key)
             if cached is not None:
                 size = len(query.question)
-                return cached[:12] + query.question + cached[12 + size:]
+                wire = cached[:12] + query.question + cached[12 + size:]
+                rendered.keep_zone_message(key, message, wire)
+                return wire
+            if forwarder is not None:
+                # a forwarded answer rendered this very second: its TTLs are still right
+                cached = rendered.forwarded_answer(key, second)
+                if cached is not None:
+                    forwarder.cache.hits += 1
+                    size = len(query.question)
+                    wire = cached[:12] + query.question + cached[12 + size:]
+                    rendered.keep_forwarded_message(message, second, wire)
+                    return wire
         if query.opcode != dns.opcode.QUERY:
             return error_response(event.message, dns.rcode.NOTIMP, query.flags)
         try:
@@ -128,25 +146,28 @@ class DnsAnswers:
                 self._rendered.keep_zone_answer(
                     key, question.name, wire,
                     positive=bool(resolution.answer) and qtype != dns.rdatatype.NSEC)
+                self._rendered.keep_zone_message(key, event.message, wire)
             elif key is not None and resolution.source == "cache":
-                self._remember_forwarded(key, wire)
+                self._remember_forwarded(key, event.message, wire)
             return wire
-        return self._forward(request, question.name, qtype, dnssec, key)
+        return self._forward(request, question.name, qtype, dnssec, key, event.message)
 
     async def _forward(self, request: dns.message.Message, qname: dns.name.Name, qtype: int,
-                       dnssec: bool, key: AnswerKey | None) -> bytes:
+                       dnssec: bool, key: AnswerKey | None, message: bytes) -> bytes:
         assert self.forwarder is not None
         resolution = await self.forwarder.resolve(qname, qtype, dnssec, cache_checked=True)
         wire = self.render(request, resolution)
         if key is not None and resolution.source == "upstream" and \
                 resolution.rcode in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
-            self._remember_forwarded(key, wire)
+            self._remember_forwarded(key, message, wire)
         return wire
 
-    def _remember_forwarded(self, key: AnswerKey, wire: bytes) -> None:
+    def _remember_forwarded(self, key: AnswerKey, message: bytes, wire: bytes) -> None:
         """Keep a forwarded answer's wire form for the rest of this second."""
         assert self.forwarder is not None
-        self._rendered.keep_forwarded(key, int(self.forwarder.clock()), wire)
+        second = int(self.forwarder.clock())
+        self._rendered.keep_forwarded(key, second, wire)
+        self._rendered.keep_forwarded_message(message, second, wire)
 
     def render(self, request: dns.message.Message, resolution: Resolution) -> bytes:
         recursion = self.forwarder is not None and bool(self.forwarder.upstreams)

@@ -404,6 +404,48 @@ async def test_register_op_publishes_holder_addresses(tmp_path: Path, prover: Pr
                 for rd in rr] == ["2001:db8::10"]
 
 
+async def test_a_zone_change_is_in_the_next_answer_to_the_same_query(
+        tmp_path: Path, prover: Prover) -> None:
+    """The node keeps each answer whole under the query bytes it answered (a DoQ query
+    has Message ID 0, so a client asking again sends the same bytes): issuance,
+    registration and revocation each show in the very next answer to those bytes."""
+    late = dns.message.make_query("late.trust", "AAAA", want_dnssec=True)
+    svc = dns.message.make_query("svc.trust", "AAAA", want_dnssec=True)
+
+    async def ask(query: dns.message.Message) -> dns.message.Message:
+        return await dns.asyncquery.quic(query, "::1", port=node.port, verify=root(node),
+                                         server_hostname="ns1.trust", timeout=10)
+
+    def addresses(response: dns.message.Message) -> list[str]:
+        return [rd.to_text() for rr in response.answer if rr.rdtype == dns.rdatatype.AAAA
+                for rd in rr]
+
+    async with dns_node(tmp_path, "qh3") as node:
+        registered, key = await issue(node, prover, ["svc.trust"], [])
+        for _ in range(3):  # rendered, then served as kept
+            assert effective_rcode(await ask(late)) == dns.rcode.NXDOMAIN
+            assert addresses(await ask(svc)) == []
+        issued, late_key = await issue(node, prover, ["late.trust"], ["2001:db8::5"])
+        assert addresses(await ask(late)) == ["2001:db8::5"]  # issuance
+        assert addresses(await ask(late)) == ["2001:db8::5"]
+        at = int(time.time())
+        statement = dns_ops.registration_statement(registered["serial"], "svc.trust",
+                                                   ["2001:db8::10"], at)
+        from protocol import revocation_statement
+        async with await node.client() as client:
+            await client.request("dns.register", {
+                "serial": registered["serial"], "name": "svc.trust",
+                "addresses": ["2001:db8::10"], "time": at,
+                "signature": key.sign(statement, ec.ECDSA(hashes.SHA256()))})
+            assert addresses(await ask(svc)) == ["2001:db8::10"]  # registration
+            revocation = revocation_statement(issued["serial"], "superseded", at)
+            await Requester(client, prover).revoke({
+                "serial": issued["serial"], "reason": "superseded", "time": at,
+                "signature": late_key.sign(revocation, ec.ECDSA(hashes.SHA256()))})
+        assert effective_rcode(await ask(late)) == dns.rcode.NXDOMAIN  # revocation
+        assert addresses(await ask(svc)) == ["2001:db8::10"]
+
+
 async def test_dns_ops_schema_and_bad_arguments(tmp_path: Path, cddl: CddlChecker) -> None:
     from protocol import InvalidRequest
     async with dns_node(tmp_path, "qh3", checker=cddl) as node, await node.client() as client:

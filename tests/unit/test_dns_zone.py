@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import ipaddress
+import random
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import dns.dnssec
+import dns.edns
 import dns.flags
 import dns.message
 import dns.name
@@ -86,7 +88,7 @@ class Env:
         keyring = KeyRing(keystore=self.keystore, schedule=self.data.dns_key_schedule(),
                           algorithm=self.algorithm, zsk_lifetime=30 * DAY, prepublish=DAY,
                           key_prefix=self.key_prefix)
-        rendered = RenderedAnswers()
+        rendered = self.rendered = RenderedAnswers()
         self.zones = TrustChainZones(
             settings=DnsSettings(domains=DOMAINS,
                                  nameserver_addresses=("2001:db8::53",),
@@ -542,3 +544,93 @@ def test_health_reports_zones_and_ds(env: Env) -> None:
     assert trust["signature_expiry"] == int(START + 7 * DAY)
     assert {k["role"] for k in trust["keys"]} == {"ksk", "zsk"}
     assert trust["ds"][0].startswith("trust. 3600 IN DS ")
+
+
+def _padding_option(length: int) -> dns.edns.Option:
+    return dns.edns.GenericOption(dns.edns.OptionType.PADDING, b"\x00" * length)
+
+
+FAST_PATH_QUERIES = [
+    ("www.trust", "AAAA"),
+    ("www.trust", "A"),  # NODATA: the zones hold no A records
+    ("_443._quic.www.trust", "TLSA"),
+    ("trust", "DNSKEY"),
+    ("www.trust", "NSEC"),
+    ("nothing.trust", "AAAA"),  # compact denial (NOERROR with DO, NXDOMAIN without)
+    ("trust", "NS"),
+]
+POSITIVE = {("www.trust", "AAAA"), ("_443._quic.www.trust", "TLSA"), ("trust", "DNSKEY"),
+            ("trust", "NS")}
+FAST_PATH_VARIANTS: list[dict[str, Any]] = [
+    {"want_dnssec": True},
+    {"want_dnssec": False, "use_edns": 0},  # EDNS without DO
+    {"want_dnssec": False, "use_edns": False},  # no EDNS: no padding
+    {"want_dnssec": True, "options": [_padding_option(0)]},
+    {"want_dnssec": True, "options": [_padding_option(200)]},
+    {"want_dnssec": False, "options": [_padding_option(31)]},
+    {"want_dnssec": True, "flags": dns.flags.RD | dns.flags.CD},
+]
+
+
+def _fast_path_queries(name: str, rdtype: str, kwargs: dict[str, Any]) -> list[bytes]:
+    """The query as asked first, then others that the same cached answer serves (the
+    question spliced in): with another padding option, and in capitals when the answer
+    has data (a denial's synthesized NSEC names keep the case first asked: as before)."""
+    def wire(qname: str, **extra: Any) -> bytes:
+        query = dns.message.make_query(qname, rdtype, **{**kwargs, **extra})
+        query.id = 0
+        return query.to_wire()
+    asked = [wire(name)]
+    if kwargs.get("use_edns") is not False:
+        asked.append(wire(name, options=[_padding_option(9)]))
+    if (name, rdtype) in POSITIVE:
+        asked.append(wire(name.upper()))
+    return asked
+
+
+def test_fast_path_answers_are_the_slow_paths_byte_for_byte(env: Env) -> None:
+    """An answer from the wire caches (by key with the question spliced in, or whole by
+    query message) is exactly what dnspython renders for that query with no cache:
+    RRSIGs, padding, EDNS flags, AA/TC/CD and rcode. Rendering shuffles the records of
+    an RRset with ``random``: every render is seeded alike so the bytes can be compared."""
+    env.issue(["www.trust", "2001:db8::7", "2001:db8::8"])
+    answers = env.answers
+    compared = 0
+    for name, rdtype in FAST_PATH_QUERIES:
+        for kwargs in FAST_PATH_VARIANTS:
+            for number, wire in enumerate(_fast_path_queries(name, rdtype, kwargs)):
+                request = dns.message.from_wire(wire)
+                question = request.question[0]
+                resolution = answers.lookup_now(question.name, question.rdtype,
+                                                bool(request.ednsflags & dns.flags.DO))
+                assert resolution is not None
+                random.seed(0)
+                slow = answers.render(request, resolution)
+                if number == 0:
+                    env.rendered.clear()  # the first query is rendered anew
+                    random.seed(0)
+                else:  # served by the first query's answer, its question spliced in
+                    assert env.rendered.zone_answer_to(wire) is None
+                first = answers.answer_doq(QueryReceived(0, wire, parse_query(wire)), PEER)
+                assert env.rendered.zone_answer_to(wire) == first  # kept whole
+                again = answers.answer_doq(QueryReceived(0, wire, parse_query(wire)), PEER)
+                assert first == slow, (name, rdtype, kwargs, number)
+                assert again == slow, (name, rdtype, kwargs, number)
+                assert (len(slow) % PADDING_BLOCK == 0) == (request.edns >= 0)
+                compared += 1
+    assert compared == 7 * 7 + 7 * 6 + 4 * 7  # first; another padding option; capitals
+
+
+def test_a_zone_change_reaches_answers_kept_by_message(env: Env) -> None:
+    """Issuance, revocation and registration each change the next answer to the very
+    same query bytes (the answer kept whole under them is dropped)."""
+    record, _ = env.issue(["www.trust", "2001:db8::7"])
+    for _ in range(2):  # the second is served from the caches
+        assert rdatas(env.ask("www.trust"), dns.rdatatype.AAAA) == ["2001:db8::7"]
+    nothing = env.ask("new.trust", raw=True)
+    assert env.ask("new.trust", raw=True) == nothing
+    env.issue(["new.trust", "2001:db8::9"])  # issuance: a name that had no records
+    assert rdatas(env.ask("new.trust"), dns.rdatatype.AAAA) == ["2001:db8::9"]
+    env.revoke(record)
+    assert env.ask("www.trust").answer == []
+    assert rdatas(env.ask("new.trust"), dns.rdatatype.AAAA) == ["2001:db8::9"]

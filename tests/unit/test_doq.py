@@ -20,11 +20,13 @@ from protocol.doq import (
     DOQ_REQUEST_CANCELLED,
     EDNS_TCP_KEEPALIVE,
     ENDED_STREAMS_KEPT,
+    REMEMBERED_SIZE,
     CloseConnection,
     ConnectionBroken,
     DnsFormatError,
     DoqConnection,
     QueryCancelled,
+    QueryMemo,
     QueryReceived,
     ResetStream,
     SendData,
@@ -316,3 +318,60 @@ def test_ended_streams_are_remembered_within_a_bound() -> None:
     assert conn.receive_data(latest, b"", True, 1.0) == []
     # the oldest are forgotten: memory stays bounded on a long connection
     broken(conn.receive_data(0, b"", True, 1.0), DOQ_PROTOCOL_ERROR, "ended before")
+
+
+# --- queries read before ------------------------------------------------------------
+
+
+def test_a_query_asked_again_is_read_once_for_every_connection() -> None:
+    memo = QueryMemo()
+    first, second = DoqConnection(memo=memo), DoqConnection(memo=memo)
+    message = query(use_edns=0, want_dnssec=True)
+    (a,) = first.receive_data(0, framed(message), True, 0.0)
+    (b,) = first.receive_data(4, framed(message), True, 0.0)
+    (c,) = second.receive_data(0, framed(message), True, 0.0)
+    assert isinstance(a, QueryReceived) and isinstance(b, QueryReceived)
+    assert isinstance(c, QueryReceived)
+    assert a.query == parse_query(message)
+    assert b.query is a.query and c.query is a.query  # not read again
+    assert len(memo) == 1 and memo.get(message) is a.query
+
+
+def test_the_memo_keeps_no_rule_breaker_and_stays_bounded() -> None:
+    memo = QueryMemo(limit=3)
+    keepalive = query(use_edns=0, options=[dns.edns.GenericOption(EDNS_TCP_KEEPALIVE, b"")])
+    for _ in range(2):  # a query that breaks a rule breaks it every time it is sent
+        broken(DoqConnection(memo=memo).receive_data(0, framed(keepalive), True, 0.0),
+               DOQ_PROTOCOL_ERROR, "edns-tcp-keepalive")
+    unreadable = header(qdcount=2)
+    (event,) = DoqConnection(memo=memo).receive_data(0, framed(unreadable), True, 0.0)
+    assert isinstance(event, QueryReceived) and event.query is None
+    nonzero = query(msg_id=9)
+    broken(DoqConnection(memo=memo).receive_data(0, framed(nonzero), True, 0.0),
+           DOQ_PROTOCOL_ERROR, "Message ID")
+    assert len(memo) == 0
+    big = query("a" * 63 + "." + "b" * 63, use_edns=0,
+                options=[dns.edns.GenericOption(12, b"\x00" * REMEMBERED_SIZE)])
+    DoqConnection(memo=memo).receive_data(0, framed(big), True, 0.0)
+    assert len(memo) == 0  # too long to keep
+    conn = DoqConnection(memo=memo)
+    for number in range(4):
+        conn.receive_data(4 * number, framed(query(f"n{number}.trust")), True, 0.0)
+    assert len(memo) == 1  # emptied when full
+
+
+def test_an_answer_taken_to_write_at_once_ends_its_stream() -> None:
+    conn = DoqConnection()
+    message = query()
+    conn.receive_data(0, framed(message), True, now=0.0)
+    conn.receive_data(4, framed(message), True, now=0.0)
+    assert conn.take_answer(0, b"answer") == b"\x00\x06answer"
+    assert conn.data_to_send() == []  # nothing queued: the transport writes it
+    with pytest.raises(LocalProtocolError):
+        conn.take_answer(0, b"again")
+    with pytest.raises(LocalProtocolError):
+        conn.take_answer(4, b"\x00" * 65536)
+    assert conn.receive_data(0, b"", True, now=0.1) == []  # a late FIN of an ended stream
+    assert conn.is_answering(4)
+    conn.close(DOQ_EXCESSIVE_LOAD, "test")
+    assert conn.take_answer(4, b"late") is None
