@@ -305,8 +305,25 @@ def certificate_row(record: CertificateRecord) -> Row:
 def stored_record(record: CertificateRecord) -> CertificateRecord:
     """``record`` exactly as :meth:`StateDatabase.certificate` reads it back once written
     (times in whole seconds or milliseconds, as the columns keep them): what a cache of
-    the stored records may hold in the file's place."""
+    the stored records may hold in the file's place. ``record`` itself when it is
+    already so (a record the blocks made: its times come from whole seconds and a
+    block's milliseconds), which saves building a copy."""
+    if _as_stored(record):
+        return record
     return _record(certificate_row(record)[1:], record.names)
+
+
+def _as_stored(record: CertificateRecord) -> bool:
+    """Whether reading ``record`` back once written would give an equal record, of the
+    same types."""
+    revoked = record.revoked_at
+    return (type(record.not_before) is float and record.not_before.is_integer()
+            and type(record.not_after) is float and record.not_after.is_integer()
+            and type(record.issued_at) is float
+            and round(record.issued_at * 1000) / 1000 == record.issued_at
+            and (revoked is None or (type(revoked) is float
+                                     and round(revoked * 1000) / 1000 == revoked))
+            and type(record.der) is bytes and type(record.precertificate) is bytes)
 
 
 def _record(row: Sequence[Any], names: tuple[str, ...]) -> CertificateRecord:
@@ -464,6 +481,13 @@ class StateDatabase(SqliteDatabase):
             "ORDER BY c.issued_ms DESC, c.height DESC, c.position DESC LIMIT 1",
             (*names, now, spki_sha256))
         return None if row is None else str(row[0])
+
+    def claimants(self, name: str) -> list[str]:
+        """The serials of :meth:`claims`, without reading their records (the caller
+        keeps them)."""
+        return [serial for (serial,) in self.read_all(
+            "SELECT n.serial FROM names n JOIN certificates c ON c.serial = n.serial "
+            "WHERE n.name=? AND c.revoked_ms IS NULL", (name,))]
 
     def claims(self, name: str) -> list[CertificateRecord]:
         """Every unrevoked certificate, issued or pending, that carries ``name`` (the

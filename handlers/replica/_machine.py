@@ -312,8 +312,8 @@ class CaStateMachine:
                 record = run.certificates[pending.serial]
                 run.certificates[pending.serial] = dataclasses.replace(
                     record, ct_shard=logged.shard, ct_index=logged.leaf_index)
-            outcomes[pending.index] = dataclasses.replace(outcomes[pending.index],
-                                                          logged=logged)
+            outcomes[pending.index] = Outcome(  # an accepted issuance or CT submission
+                accepted=True, value=outcomes[pending.index].value, logged=logged)
         self._certificate_rows(run)
         run.changes.state_hash = state_hash(block.height, run.rows)
         await self.ct.stage(batch)
@@ -402,7 +402,7 @@ class CaStateMachine:
         return record.not_after > run.seconds
 
     def _holders(self, run: _Run, name: str) -> list[tuple[str, str, float]]:
-        serials = {r.serial for r in self.state.claims(name)} | set(run.claims.get(name, []))
+        serials = {*self.state.claimants(name), *run.claims.get(name, ())}
         held = []
         for serial in sorted(serials):
             record = self._record(run, serial)
