@@ -583,23 +583,30 @@ def verify_tree_head(public_key: Any, timestamp: int, tree_size: int, root: byte
             "tree head")
 
 
-def precert_entry_of_certificate(cert: x509.Certificate,
-                                 issuer: x509.Certificate) -> TimestampedEntry:
+def precert_entry_of_certificate(cert: x509.Certificate, issuer: x509.Certificate, *,
+                                 tbs: bytes | None = None) -> TimestampedEntry:
     """The precert entry (timestamp and extensions empty) behind a certificate with
-    embedded SCTs: the issuer's key hash and the TBS without the SCT list."""
+    embedded SCTs: the issuer's key hash and the TBS without the SCT list.
+
+    :param tbs: ``cert.tbs_precertificate_bytes``, if the caller holds it already (it
+        compared it with its precertificate's): not rebuilt then.
+    """
     return TimestampedEntry(timestamp=0, entry_type=PRECERT_ENTRY,
                             issuer_key_hash=issuer_key_hash(issuer),
-                            tbs_certificate=cert.tbs_precertificate_bytes)
+                            tbs_certificate=cert.tbs_precertificate_bytes if tbs is None
+                            else tbs)
 
 
 def verify_embedded_sct(cert: x509.Certificate, issuer: x509.Certificate,
-                        sct: SignedCertificateTimestamp, public_key: Any) -> TimestampedEntry:
+                        sct: SignedCertificateTimestamp, public_key: Any, *,
+                        tbs: bytes | None = None) -> TimestampedEntry:
     """Check one embedded SCT; return the log entry it promises (with its timestamp
     and extensions), whose Merkle leaf an inclusion proof can then check.
 
+    :param tbs: see :func:`precert_entry_of_certificate`.
     :raises SignatureError: it does not verify.
     """
-    entry = precert_entry_of_certificate(cert, issuer)
+    entry = precert_entry_of_certificate(cert, issuer, tbs=tbs)
     verify_sct(sct, public_key, PRECERT_ENTRY, entry.signed_entry())
     return TimestampedEntry(timestamp=sct.timestamp, entry_type=PRECERT_ENTRY,
                             issuer_key_hash=entry.issuer_key_hash,

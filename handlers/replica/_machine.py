@@ -507,6 +507,7 @@ class CaStateMachine:
         if isinstance(found, Outcome):
             return found
         issuer, precert = found
+        names = request.names  # built anew at each reading
         serial = format(precert.serial_number, "x")
         if self._record(run, serial) is not None:
             return refused("invalid_request", f"serial {serial} is already taken")
@@ -523,18 +524,18 @@ class CaStateMachine:
             serial=serial, der=b"", fingerprint="", spki_sha256=request.spki_sha256,
             issuer=issuer.fingerprint, not_before=precert.not_valid_before_utc.timestamp(),
             not_after=precert.not_valid_after_utc.timestamp(), issued_at=run.seconds,
-            revoked_at=None, revocation_reason=None, names=request.names, validator=entry,
+            revoked_at=None, revocation_reason=None, names=names, validator=entry,
             kind=kind, precertificate=decision.precertificate, height=run.height,
             position=index)
         self._put(run, record)
-        for position, name in enumerate(request.names):
+        for position, name in enumerate(names):
             run.claims.setdefault(name, []).append(serial)
             row = ("names", name, serial, position)
             run.changes.upsert(row)
             run.rows.add(row)
         run.pending.append(_Pending(index=index, serial=serial, entry=len(run.entries)))
         run.entries.append(Entry(chain=self._precert_chain(decision.precertificate, issuer.der,
-                                                           issuer.certificate, request),
+                                                           issuer.certificate, request, names),
                                  precert=True))
         return Outcome(accepted=True, value={"serial": serial})
 
@@ -582,10 +583,11 @@ class CaStateMachine:
         return None
 
     def _precert_chain(self, precertificate: bytes, issuer_der: bytes,
-                       issuer: x509.Certificate, request: CheckedRequest) -> CheckedChain:
+                       issuer: x509.Certificate, request: CheckedRequest,
+                       names: tuple[str, ...]) -> CheckedChain:
         return CheckedChain(leaf_der=precertificate, issuers=(issuer_der, self.root_der),
                             issuer_key_hash=issuer_key_hash(issuer),
-                            tbs=precert_tbs(precertificate), names=request.names,
+                            tbs=precert_tbs(precertificate), names=names,
                             spki_sha256=bytes.fromhex(request.spki_sha256))
 
     def _certificate(self, run: _Run, decision: SignedCertificate, entry: str) -> Outcome:
@@ -615,22 +617,22 @@ class CaStateMachine:
         problem = None if own else self._check_scts(cert, issuer.certificate, record)
         if problem is not None:
             return refused("invalid_request", f"certificate {record.serial}: {problem}")
-        fingerprint = hashlib.sha256(decision.certificate).hexdigest()
-        done = dataclasses.replace(record, der=decision.certificate, fingerprint=fingerprint)
+        digest = hashlib.sha256(decision.certificate).digest()
+        done = dataclasses.replace(record, der=decision.certificate, fingerprint=digest.hex())
         self._put(run, done)
-        logged = run.ahead.fingerprint(bytes.fromhex(fingerprint))
+        logged = run.ahead.fingerprint(digest)
         if logged is not None:  # submitted with ct.add-chain first: the issued row replaces it
             run.rows.remove(("fingerprints", logged.sha256, logged.spki_sha256, logged.kind,
                              logged.shard, logged.leaf_index, logged.serial,
                              round(logged.first_seen * 1000)))
             for name in logged.names:
                 run.rows.remove(("fingerprint_names", name, logged.sha256))
-        row = ("fingerprints", bytes.fromhex(fingerprint), bytes.fromhex(record.spki_sha256),
+        row = ("fingerprints", digest, bytes.fromhex(record.spki_sha256),
                "issued", record.ct_shard, record.ct_index, record.serial, run.time_ms)
         run.changes.upsert(row)
         run.rows.add(row)
         for name in record.names:
-            name_row = ("fingerprint_names", name, bytes.fromhex(fingerprint))
+            name_row = ("fingerprint_names", name, digest)
             run.changes.upsert(name_row)
             run.rows.add(name_row)
         run.issued.append(record.serial)
@@ -646,7 +648,10 @@ class CaStateMachine:
 
     def _check_scts(self, cert: x509.Certificate, issuer: x509.Certificate,
                     record: CertificateRecord) -> str | None:
-        """At least one embedded SCT of a validator's log for this entry verifies."""
+        """At least one embedded SCT of a validator's log for this entry verifies.
+
+        Only after :func:`check_certificate`: the certificate's TBS without its SCTs is
+        then the committed precertificate's, which is not rebuilt here."""
         try:
             scts = embedded_scts(cert)
         except Exception as exc:
@@ -659,7 +664,8 @@ class CaStateMachine:
             if shard != record.ct_shard:
                 continue
             try:
-                entry = verify_embedded_sct(cert, issuer, sct, _log_key(spki))
+                entry = verify_embedded_sct(cert, issuer, sct, _log_key(spki),
+                                            tbs=precert_tbs(record.precertificate))
             except SignatureError:
                 return "an embedded SCT does not verify"
             if entry.extensions and record.ct_index is not None and sct.leaf_index != \
