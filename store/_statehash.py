@@ -29,6 +29,7 @@ row.
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any, TypeGuard
 
@@ -48,8 +49,10 @@ kept."""
 _PLAIN = frozenset((str, bytes, int, type(None)))
 """The column types whose equality in Python is their equality in CBOR (not so for
 ``True == 1`` or ``1.0 == 1``): only rows of these are kept."""
-_recent: dict[tuple[Any, ...], int] = {}
-"""row -> its digest, for the rows added last (oldest first)."""
+_recent: OrderedDict[tuple[Any, ...], int] = OrderedDict()
+"""row -> its digest, for the rows added last (oldest first). An ``OrderedDict``: a
+plain dict whose oldest key is dropped at every addition finds it by skipping the
+slots of the keys dropped before (about 5 µs a row at 4,096 rows, once full)."""
 
 
 def row_digest(row: tuple[Any, ...] | list[Any]) -> int:
@@ -72,7 +75,7 @@ def _added_digest(row: tuple[Any, ...] | list[Any]) -> int:
     if digest is None:
         digest = _recent[row] = row_digest(row)
         if len(_recent) > RECENT_ROWS:
-            _recent.pop(next(iter(_recent)), None)
+            _recent.popitem(last=False)
     return digest
 
 
