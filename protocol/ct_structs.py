@@ -583,23 +583,30 @@ def verify_tree_head(public_key: Any, timestamp: int, tree_size: int, root: byte
             "tree head")
 
 
-def precert_entry_of_certificate(cert: x509.Certificate,
-                                 issuer: x509.Certificate) -> TimestampedEntry:
+def precert_entry_of_certificate(cert: x509.Certificate, issuer: x509.Certificate, *,
+                                 tbs: bytes | None = None) -> TimestampedEntry:
     """The precert entry (timestamp and extensions empty) behind a certificate with
-    embedded SCTs: the issuer's key hash and the TBS without the SCT list."""
+    embedded SCTs: the issuer's key hash and the TBS without the SCT list.
+
+    :param tbs: ``cert.tbs_precertificate_bytes``, if the caller holds it already (it
+        compared it with its precertificate's): not rebuilt then.
+    """
     return TimestampedEntry(timestamp=0, entry_type=PRECERT_ENTRY,
                             issuer_key_hash=issuer_key_hash(issuer),
-                            tbs_certificate=cert.tbs_precertificate_bytes)
+                            tbs_certificate=cert.tbs_precertificate_bytes if tbs is None
+                            else tbs)
 
 
 def verify_embedded_sct(cert: x509.Certificate, issuer: x509.Certificate,
-                        sct: SignedCertificateTimestamp, public_key: Any) -> TimestampedEntry:
+                        sct: SignedCertificateTimestamp, public_key: Any, *,
+                        tbs: bytes | None = None) -> TimestampedEntry:
     """Check one embedded SCT; return the log entry it promises (with its timestamp
     and extensions), whose Merkle leaf an inclusion proof can then check.
 
+    :param tbs: see :func:`precert_entry_of_certificate`.
     :raises SignatureError: it does not verify.
     """
-    entry = precert_entry_of_certificate(cert, issuer)
+    entry = precert_entry_of_certificate(cert, issuer, tbs=tbs)
     verify_sct(sct, public_key, PRECERT_ENTRY, entry.signed_entry())
     return TimestampedEntry(timestamp=sct.timestamp, entry_type=PRECERT_ENTRY,
                             issuer_key_hash=entry.issuer_key_hash,
@@ -646,43 +653,64 @@ def der_read(data: bytes, pos: int) -> tuple[int, bytes, int]:
 _POISON_OID_DER = der_tlv(0x06, bytes.fromhex("2b06010401d679020403"))
 
 
+def _der_span(data: bytes, pos: int, limit: int) -> tuple[int, int, int]:
+    """(tag, start of the content, end) of the DER item at ``pos``, which must end by
+    ``limit``: :func:`der_read` without copying the content."""
+    if pos + 2 > limit:
+        raise StructureError("DER: truncated")
+    tag = data[pos]
+    if tag & 0x1F == 0x1F:
+        raise StructureError("DER: multi-byte tags are not expected here")
+    first = data[pos + 1]
+    pos += 2
+    if first >= 0x80:
+        size = first & 0x7F
+        if size == 0 or size > 4 or pos + size > limit:
+            raise StructureError("DER: bad length")
+        first = int.from_bytes(data[pos:pos + size], "big")
+        pos += size
+    end = pos + first
+    if end > limit:
+        raise StructureError("DER: truncated")
+    return tag, pos, end
+
+
 @functools.lru_cache(maxsize=1024)
 def precert_tbs(precertificate_der: bytes) -> bytes:
     """The TBSCertificate of a precertificate with its poison extension removed,
     re-encoded in DER: the ``tbs_certificate`` of a precert entry (RFC 6962 §3.2).
     Kept for recent ones: every validator needs it when the precertificate is logged
-    and again when its certificate is checked against it.
+    and again when its certificate is checked against it. Every validator computes it
+    for every issuance: it walks the items by their positions and copies each kept
+    one once.
 
     :raises StructureError: not a certificate, or no critical poison extension.
     """
-    tag, cert, end = der_read(precertificate_der, 0)
-    if tag != 0x30 or end != len(precertificate_der):
+    der = precertificate_der
+    tag, start, end = _der_span(der, 0, len(der))
+    if tag != 0x30 or end != len(der):
         raise StructureError("precertificate: not one DER SEQUENCE")
-    tag, tbs, _ = der_read(cert, 0)
+    tag, pos, tbs_end = _der_span(der, start, end)
     if tag != 0x30:
         raise StructureError("precertificate: no TBSCertificate")
-    items = []
-    pos = 0
-    while pos < len(tbs):
-        start = pos
-        tag, content, pos = der_read(tbs, pos)
-        items.append((tag, content, tbs[start:pos]))
     found = False
     out = []
-    for tag, content, raw in items:
+    while pos < tbs_end:
+        item = pos
+        tag, content, pos = _der_span(der, pos, tbs_end)
         if tag != 0xA3:
-            out.append(raw)
+            out.append(der[item:pos])
             continue
-        seq_tag, exts, _ = der_read(content, 0)
+        seq_tag, epos, exts_end = _der_span(der, content, pos)
         kept = []
-        epos = 0
-        while epos < len(exts):
-            start = epos
-            _, ext, epos = der_read(exts, epos)
-            if ext.startswith(_POISON_OID_DER):
+        while epos < exts_end:
+            ext = epos
+            _, ext_content, epos = _der_span(der, epos, exts_end)
+            if der.startswith(_POISON_OID_DER, ext_content) \
+                    and ext_content + len(_POISON_OID_DER) <= epos:
                 found = True
                 continue
-            kept.append(exts[start:epos])
+            kept.append(der[ext:epos])
         if kept:
             out.append(der_tlv(0xA3, der_tlv(seq_tag, b"".join(kept))))
     if not found:

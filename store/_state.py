@@ -305,8 +305,25 @@ def certificate_row(record: CertificateRecord) -> Row:
 def stored_record(record: CertificateRecord) -> CertificateRecord:
     """``record`` exactly as :meth:`StateDatabase.certificate` reads it back once written
     (times in whole seconds or milliseconds, as the columns keep them): what a cache of
-    the stored records may hold in the file's place."""
+    the stored records may hold in the file's place. ``record`` itself when it is
+    already so (a record the blocks made: its times come from whole seconds and a
+    block's milliseconds), which saves building a copy."""
+    if _as_stored(record):
+        return record
     return _record(certificate_row(record)[1:], record.names)
+
+
+def _as_stored(record: CertificateRecord) -> bool:
+    """Whether reading ``record`` back once written would give an equal record, of the
+    same types."""
+    revoked = record.revoked_at
+    return (type(record.not_before) is float and record.not_before.is_integer()
+            and type(record.not_after) is float and record.not_after.is_integer()
+            and type(record.issued_at) is float
+            and round(record.issued_at * 1000) / 1000 == record.issued_at
+            and (revoked is None or (type(revoked) is float
+                                     and round(revoked * 1000) / 1000 == revoked))
+            and type(record.der) is bytes and type(record.precertificate) is bytes)
 
 
 def _record(row: Sequence[Any], names: tuple[str, ...]) -> CertificateRecord:
@@ -343,6 +360,15 @@ class StateDatabase(SqliteDatabase):
     def meta(self, key: str) -> bytes | None:
         row = self.read_one("SELECT value FROM meta WHERE key=?", (key,))
         return None if row is None else bytes(row[0])
+
+    def _read_in(self, sql: str, keys: Sequence[Any]) -> list[Any]:
+        """Every row of ``sql`` whose ``{marks}`` is filled with ``keys`` (at most 500
+        a query): one query for a block's keys instead of one per key."""
+        found: list[Any] = []
+        for i in range(0, len(keys), 500):
+            chunk = tuple(keys[i:i + 500])
+            found += self.read_all(sql.format(marks=",".join("?" * len(chunk))), chunk)
+        return found
 
     def rows(self) -> Iterator[Row]:
         """Every replicated row in canonical form (to recompute the state hash)."""
@@ -433,6 +459,12 @@ class StateDatabase(SqliteDatabase):
         return self._certificate(self.read_one(
             f"SELECT {self._CERTIFICATE} FROM certificates WHERE serial=?", (serial,)))
 
+    def certificates(self, serials: Sequence[str]) -> dict[str, CertificateRecord]:
+        """The registry's records of those of ``serials`` it holds."""
+        return {row[0]: _record(row, self._names(row[0])) for row in self._read_in(
+            f"SELECT {self._CERTIFICATE} FROM certificates WHERE serial IN ({{marks}})",
+            serials)}
+
     def get(self, serial: str) -> CertificateRecord | None:
         """The issued certificate ``serial`` (None if unknown or still pending)."""
         record = self.certificate(serial)
@@ -464,6 +496,24 @@ class StateDatabase(SqliteDatabase):
             "ORDER BY c.issued_ms DESC, c.height DESC, c.position DESC LIMIT 1",
             (*names, now, spki_sha256))
         return None if row is None else str(row[0])
+
+    def claimants(self, name: str) -> list[str]:
+        """The serials of :meth:`claims`, without reading their records (the caller
+        keeps them)."""
+        return [serial for (serial,) in self.read_all(
+            "SELECT n.serial FROM names n JOIN certificates c ON c.serial = n.serial "
+            "WHERE n.name=? AND c.revoked_ms IS NULL", (name,))]
+
+    def claimants_of(self, names: Sequence[str]) -> dict[str, list[str]]:
+        """:meth:`claimants` of each of ``names`` (those no certificate claims are
+        left out)."""
+        found: dict[str, list[str]] = {}
+        for name, serial in self._read_in(
+                "SELECT n.name, n.serial FROM names n JOIN certificates c "
+                "ON c.serial = n.serial WHERE n.name IN ({marks}) AND c.revoked_ms IS NULL",
+                names):
+            found.setdefault(name, []).append(serial)
+        return found
 
     def claims(self, name: str) -> list[CertificateRecord]:
         """Every unrevoked certificate, issued or pending, that carries ``name`` (the
@@ -502,6 +552,11 @@ class StateDatabase(SqliteDatabase):
     def work_used(self, digest: bytes) -> bool:
         return self.read_one("SELECT 1 FROM used_work WHERE hash=?", (digest,)) is not None
 
+    def works_used(self, digests: Sequence[bytes]) -> set[bytes]:
+        """Those of ``digests`` that were used (:meth:`work_used`)."""
+        return {bytes(h) for (h,) in self._read_in(
+            "SELECT hash FROM used_work WHERE hash IN ({marks})", digests)}
+
     def stale_work(self, before_epoch: int) -> list[tuple[bytes, int]]:
         """Used work of epochs before ``before_epoch`` (no longer acceptable anyway)."""
         return [(bytes(h), int(e)) for h, e in self.read_all(
@@ -528,13 +583,9 @@ class StateDatabase(SqliteDatabase):
         return None if row is None else CtEntryRecord(bytes(row[0]), row[1], row[2], row[3])
 
     def ct_entries(self, entry_hashes: Sequence[bytes]) -> dict[bytes, CtEntryRecord]:
-        found: dict[bytes, CtEntryRecord] = {}
-        for i in range(0, len(entry_hashes), 500):
-            chunk = tuple(entry_hashes[i:i + 500])
-            for row in self.read_all("SELECT * FROM ct_entries WHERE entry_hash IN ("
-                                     + ",".join("?" * len(chunk)) + ")", chunk):
-                found[bytes(row[0])] = CtEntryRecord(bytes(row[0]), row[1], row[2], row[3])
-        return found
+        return {bytes(row[0]): CtEntryRecord(bytes(row[0]), row[1], row[2], row[3])
+                for row in self._read_in("SELECT * FROM ct_entries WHERE entry_hash IN "
+                                         "({marks})", entry_hashes)}
 
     def leaf_index(self, leaf_hash: bytes) -> tuple[int, int] | None:
         """(shard, index) of a leaf hash."""
@@ -572,6 +623,11 @@ class StateDatabase(SqliteDatabase):
     def fingerprint(self, sha256: bytes) -> FingerprintRecord | None:
         row = self.read_one("SELECT * FROM fingerprints WHERE sha256=?", (sha256,))
         return self._fingerprint(row) if row else None
+
+    def fingerprints(self, sha256s: Sequence[bytes]) -> dict[bytes, FingerprintRecord]:
+        """The index's records of those of ``sha256s`` it holds."""
+        return {bytes(row[0]): self._fingerprint(row) for row in self._read_in(
+            "SELECT * FROM fingerprints WHERE sha256 IN ({marks})", sha256s)}
 
     def fingerprints_by_spki(self, spki_sha256: bytes,
                              limit: int = 100) -> list[FingerprintRecord]:

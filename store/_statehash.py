@@ -16,16 +16,20 @@ Rows are canonical CBOR arrays of integers, text, bytes and null (no floats),
 whose first item names their table, so a row of one table never equals a row
 of another.
 
-A row is often removed soon after it was added (a pending certificate when its
-signed certificate arrives one block later, a CT shard's size and root every
-block): the digests of the rows added last are kept (:data:`RECENT_ROWS`), so
-such a row is hashed once. The sum is reduced modulo 2^4096 when it is read,
-not at every row.
+A row of some tables is often removed soon after it was added (a pending
+certificate when its signed certificate arrives one block later, a CT shard's
+size and root every block): the digests of the last such rows added are kept
+(:data:`RECENT_ROWS`, :data:`REPLACED_TABLES`), so such a row is hashed once.
+The rows of the other tables (names, used work, CT entries and leaves,
+fingerprints) stay for epochs or for good: keeping theirs would only push the
+others out. The sum is reduced modulo 2^4096 when it is read, not at every
+row.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any, TypeGuard
 
@@ -37,32 +41,41 @@ _BYTES = BITS // 8
 CONTEXT = b"trustchain-state-v1"
 RECENT_ROWS = 4096
 """How many digests of the rows added last are kept (some MB at most)."""
+REPLACED_TABLES = frozenset(("certificates", "ct_shards", "stake", "registrations",
+                             "validator_keys"))
+"""The tables whose rows are replaced by a later block (a certificate signed or
+revoked, a shard grown, a balance or registration changed): only their digests are
+kept."""
 _PLAIN = frozenset((str, bytes, int, type(None)))
 """The column types whose equality in Python is their equality in CBOR (not so for
 ``True == 1`` or ``1.0 == 1``): only rows of these are kept."""
-_recent: dict[tuple[Any, ...], int] = {}
-"""row -> its digest, for the rows added last (oldest first)."""
+_recent: OrderedDict[tuple[Any, ...], int] = OrderedDict()
+"""row -> its digest, for the rows added last (oldest first). An ``OrderedDict``: a
+plain dict whose oldest key is dropped at every addition finds it by skipping the
+slots of the keys dropped before (about 5 µs a row at 4,096 rows, once full)."""
 
 
 def row_digest(row: tuple[Any, ...] | list[Any]) -> int:
     """The 4096-bit hash of one row (a table name, then its columns)."""
-    return int.from_bytes(hashlib.shake_128(cbor2.dumps(list(row), canonical=True)
+    return int.from_bytes(hashlib.shake_128(cbor2.dumps(row, canonical=True)
                                             ).digest(_BYTES), "big")
 
 
 def _keepable(row: tuple[Any, ...] | list[Any]) -> TypeGuard[tuple[Any, ...]]:
-    return type(row) is tuple and all(type(v) in _PLAIN for v in row)
+    return (type(row) is tuple and row[0] in REPLACED_TABLES
+            and all(type(v) in _PLAIN for v in row))
 
 
 def _added_digest(row: tuple[Any, ...] | list[Any]) -> int:
-    """:func:`row_digest` of a row being added, kept for its removal."""
+    """:func:`row_digest` of a row being added, kept for its removal if its table's rows
+    are replaced soon."""
     if not _keepable(row):
         return row_digest(row)
     digest = _recent.get(row)
     if digest is None:
         digest = _recent[row] = row_digest(row)
         if len(_recent) > RECENT_ROWS:
-            _recent.pop(next(iter(_recent)), None)
+            _recent.popitem(last=False)
     return digest
 
 

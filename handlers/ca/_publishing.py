@@ -10,9 +10,8 @@ and reports whether every publisher handled its latest event
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -77,31 +76,39 @@ class Publishers:
 
     def issued(self, event: CertificateIssued) -> None:
         for name, publisher in self._publishers:
-            with self._guard(name, event.record.serial):
+            try:
                 publisher.certificate_issued(event)
+            except Exception as exc:
+                self._failed(name, event.record.serial, exc)
+            else:
+                self.status[name].last_error = None
 
     def revoked(self, event: CertificateRevoked) -> None:
         for name, publisher in self._publishers:
-            with self._guard(name, event.record.serial):
+            try:
                 publisher.certificate_revoked(event)
+            except Exception as exc:
+                self._failed(name, event.record.serial, exc)
+            else:
+                self.status[name].last_error = None
 
     def registration_changed(self, name: str) -> None:
         for publisher_name, publisher in self._publishers:
-            with self._guard(publisher_name, name):
+            try:
                 publisher.registration_changed(name)
+            except Exception as exc:
+                self._failed(publisher_name, name, exc)
+            else:
+                self.status[publisher_name].last_error = None
 
-    @contextlib.contextmanager
-    def _guard(self, name: str, subject: str) -> Iterator[None]:
+    def _failed(self, name: str, subject: str, exc: Exception) -> None:
+        """Count and log a publisher's failure (a plain ``try`` at each call rather than
+        a context manager: every validator calls each publisher for every issuance)."""
         status = self.status[name]
-        try:
-            yield
-        except Exception as exc:
-            status.failures += 1
-            status.last_error = f"{type(exc).__name__}: {exc}"
-            log.exception("publishing %s to %s failed", subject, name,
-                          extra={"publisher": name, "subject": subject})
-        else:
-            status.last_error = None
+        status.failures += 1
+        status.last_error = f"{type(exc).__name__}: {exc}"
+        log.exception("publishing %s to %s failed", subject, name,
+                      extra={"publisher": name, "subject": subject})
 
     def healthy(self) -> bool:
         """Whether every publisher handled its latest event."""

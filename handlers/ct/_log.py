@@ -300,7 +300,8 @@ class CtLog:
         self._installing: set[asyncio.Future[None]] = set()
         self._checkpoint_writes: set[int] = set()
         self._task: asyncio.Task[None] | None = None
-        self._signed: dict[tuple[bytes, int], bytes] = {}
+        self._signed: collections.OrderedDict[tuple[bytes, int], bytes] = \
+            collections.OrderedDict()  # drops its oldest in constant time
         self.failed: str | None = None
         """Why a block's tiles could not be staged: the log in memory is ahead of the
         state, so it appends nothing more until a restart reloads it."""
@@ -650,7 +651,7 @@ class CtLog:
             signature = digitally_signed(shard.signer.sign(leaf_input))
             # kept here until the state has it: a second request meanwhile gets this one
             if len(self._signed) >= SIGNED_CACHE:
-                del self._signed[next(iter(self._signed))]
+                self._signed.popitem(last=False)
             self._signed[key] = signature
             self.state.save_sct(logged.entry_hash, logged.shard, signature)
         return Submitted(sct=SignedCertificateTimestamp(

@@ -64,6 +64,7 @@ from protocol.ops import dns as dns_ops
 from protocol.ops.consensus import key_id, parse_proofs, work_hash, work_prefix
 from store import (
     CertificateRecord,
+    FingerprintRecord,
     MultisetHash,
     StateChanges,
     StateDatabase,
@@ -149,6 +150,37 @@ class _Pending:
 
 
 @dataclass
+class _ReadAhead:
+    """What a block's decisions will ask of the state as it was before the block, read
+    with one query per kind for the whole block rather than one per decision. A key not
+    read ahead is asked of the state when needed: the answer is the same, since the file
+    does not change while a block executes."""
+
+    state: StateDatabase
+    works: dict[int, tuple[bytes, int] | None] = field(default_factory=dict)
+    """decision index -> the work its proofs did (:meth:`CaStateMachine._work`)."""
+    asked_work: set[bytes] = field(default_factory=set)
+    used_work: set[bytes] = field(default_factory=set)
+    claimants: dict[str, list[str]] = field(default_factory=dict)
+    """name -> its claimants' serials, for every name read ahead."""
+    fingerprints: dict[bytes, FingerprintRecord | None] = field(default_factory=dict)
+
+    def work_used(self, digest: bytes) -> bool:
+        if digest in self.asked_work:
+            return digest in self.used_work
+        return self.state.work_used(digest)
+
+    def claimants_of(self, name: str) -> list[str]:
+        found = self.claimants.get(name)
+        return self.state.claimants(name) if found is None else found
+
+    def fingerprint(self, sha256: bytes) -> FingerprintRecord | None:
+        if sha256 in self.fingerprints:
+            return self.fingerprints[sha256]
+        return self.state.fingerprint(sha256)
+
+
+@dataclass
 class _Run:
     """One block being executed: what it changed so far (later decisions see it)."""
 
@@ -156,6 +188,7 @@ class _Run:
     time_ms: int
     changes: StateChanges
     rows: MultisetHash
+    ahead: _ReadAhead
     certificates: dict[str, CertificateRecord] = field(default_factory=dict)
     """serial -> the record as this block leaves it."""
     before: dict[str, CertificateRecord | None] = field(default_factory=dict)
@@ -290,12 +323,22 @@ class CaStateMachine:
         rows = self.rows.copy()
         run = _Run(height=block.height, time_ms=block.time_ms, rows=rows,
                    changes=StateChanges(height=block.height, block_id=block.id,
-                                        rows_hash=rows, state_hash=b""))
+                                        rows_hash=rows, state_hash=b""),
+                   ahead=_ReadAhead(self.state))
+        decisions: list[tuple[str, Decision] | SealError | DecisionError] = []
+        for raw in block.decisions:
+            try:
+                decisions.append(read_sealed(raw))
+            except (SealError, DecisionError) as exc:
+                decisions.append(exc)
+        self._read_ahead(run, decisions)
         outcomes: list[Outcome] = []
-        for index, raw in enumerate(block.decisions):
+        for index, read in enumerate(decisions):
             entry = None
             try:
-                entry, decision = read_sealed(raw)
+                if not isinstance(read, tuple):
+                    raise read
+                entry, decision = read
                 outcome = self._apply(run, index, decision, entry)
             except (SealError, DecisionError) as exc:  # checked before commit: not expected
                 outcome = refused("invalid_request", f"the decision is malformed: {exc}")
@@ -312,8 +355,8 @@ class CaStateMachine:
                 record = run.certificates[pending.serial]
                 run.certificates[pending.serial] = dataclasses.replace(
                     record, ct_shard=logged.shard, ct_index=logged.leaf_index)
-            outcomes[pending.index] = dataclasses.replace(outcomes[pending.index],
-                                                          logged=logged)
+            outcomes[pending.index] = Outcome(  # an accepted issuance or CT submission
+                accepted=True, value=outcomes[pending.index].value, logged=logged)
         self._certificate_rows(run)
         run.changes.state_hash = state_hash(block.height, run.rows)
         await self.ct.stage(batch)
@@ -331,6 +374,50 @@ class CaStateMachine:
         self.executed += len(block.decisions)
         return Executed(outcomes=tuple(outcomes), app_hash=self.state_hash,
                         isolate=tuple(sorted(run.isolate)))
+
+    def _read_ahead(self, run: _Run,
+                    decisions: Sequence[tuple[str, Decision] | SealError | DecisionError]
+                    ) -> None:
+        """Read at once what the block's issuances and certificates will ask of the
+        state: whether their serials, work and fingerprints exist, who claims their
+        names. Only keys: whatever does not parse here is refused when applied."""
+        ahead = run.ahead
+        serials: list[str] = []
+        names: set[str] = set()
+        fingerprints: list[bytes] = []
+        for index, read in enumerate(decisions):
+            if not isinstance(read, tuple):
+                continue
+            decision = read[1]
+            if isinstance(decision, Issue | NodeCertificate):
+                try:
+                    number = x509.load_der_x509_certificate(
+                        decision.precertificate).serial_number
+                    request = check_request(decision.csr, self.policy)
+                except (ValueError, TrustChainError):
+                    continue
+                serials.append(format(number, "x"))
+                names.update(request.names)
+                if isinstance(decision, Issue):
+                    ahead.works[index] = self._work(
+                        "issue", hashlib.sha256(decision.csr).digest(), decision.proofs)
+            elif isinstance(decision, SignedCertificate):
+                fingerprints.append(hashlib.sha256(decision.certificate).digest())
+        unknown = [serial for serial in serials if serial not in self._kept]
+        if unknown:
+            found = self.state.certificates(unknown)
+            for serial in unknown:
+                self._keep(serial, found.get(serial))
+        digests = [work[0] for work in ahead.works.values() if work is not None]
+        if digests:
+            ahead.asked_work.update(digests)
+            ahead.used_work = self.state.works_used(digests)
+        if names:
+            ahead.claimants = {name: [] for name in names}
+            ahead.claimants.update(self.state.claimants_of(sorted(names)))
+        if fingerprints:
+            ahead.fingerprints = dict.fromkeys(fingerprints)
+            ahead.fingerprints.update(self.state.fingerprints(fingerprints))
 
     def _apply(self, run: _Run, index: int, decision: Decision, entry: str) -> Outcome:
         stale = self._fresh(run, decision.at_ms)  # every decision: its seal time bounds it
@@ -402,7 +489,7 @@ class CaStateMachine:
         return record.not_after > run.seconds
 
     def _holders(self, run: _Run, name: str) -> list[tuple[str, str, float]]:
-        serials = {r.serial for r in self.state.claims(name)} | set(run.claims.get(name, []))
+        serials = {*run.ahead.claimants_of(name), *run.claims.get(name, ())}
         held = []
         for serial in sorted(serials):
             record = self._record(run, serial)
@@ -420,13 +507,15 @@ class CaStateMachine:
         if isinstance(found, Outcome):
             return found
         issuer, precert = found
+        names = request.names  # built anew at each reading
         serial = format(precert.serial_number, "x")
         if self._record(run, serial) is not None:
             return refused("invalid_request", f"serial {serial} is already taken")
         kind = "node"
         if isinstance(decision, Issue):
             kind = "client"
-            work = self._work("issue", hashlib.sha256(decision.csr).digest(), decision.proofs)
+            work = run.ahead.works[index] if index in run.ahead.works else self._work(
+                "issue", hashlib.sha256(decision.csr).digest(), decision.proofs)
             problem = (self._use_work(run, work)
                        or self._check_names(run, request, decision))
             if problem is not None:
@@ -435,18 +524,18 @@ class CaStateMachine:
             serial=serial, der=b"", fingerprint="", spki_sha256=request.spki_sha256,
             issuer=issuer.fingerprint, not_before=precert.not_valid_before_utc.timestamp(),
             not_after=precert.not_valid_after_utc.timestamp(), issued_at=run.seconds,
-            revoked_at=None, revocation_reason=None, names=request.names, validator=entry,
+            revoked_at=None, revocation_reason=None, names=names, validator=entry,
             kind=kind, precertificate=decision.precertificate, height=run.height,
             position=index)
         self._put(run, record)
-        for position, name in enumerate(request.names):
+        for position, name in enumerate(names):
             run.claims.setdefault(name, []).append(serial)
             row = ("names", name, serial, position)
             run.changes.upsert(row)
             run.rows.add(row)
         run.pending.append(_Pending(index=index, serial=serial, entry=len(run.entries)))
         run.entries.append(Entry(chain=self._precert_chain(decision.precertificate, issuer.der,
-                                                           issuer.certificate, request),
+                                                           issuer.certificate, request, names),
                                  precert=True))
         return Outcome(accepted=True, value={"serial": serial})
 
@@ -494,10 +583,11 @@ class CaStateMachine:
         return None
 
     def _precert_chain(self, precertificate: bytes, issuer_der: bytes,
-                       issuer: x509.Certificate, request: CheckedRequest) -> CheckedChain:
+                       issuer: x509.Certificate, request: CheckedRequest,
+                       names: tuple[str, ...]) -> CheckedChain:
         return CheckedChain(leaf_der=precertificate, issuers=(issuer_der, self.root_der),
                             issuer_key_hash=issuer_key_hash(issuer),
-                            tbs=precert_tbs(precertificate), names=request.names,
+                            tbs=precert_tbs(precertificate), names=names,
                             spki_sha256=bytes.fromhex(request.spki_sha256))
 
     def _certificate(self, run: _Run, decision: SignedCertificate, entry: str) -> Outcome:
@@ -527,22 +617,22 @@ class CaStateMachine:
         problem = None if own else self._check_scts(cert, issuer.certificate, record)
         if problem is not None:
             return refused("invalid_request", f"certificate {record.serial}: {problem}")
-        fingerprint = hashlib.sha256(decision.certificate).hexdigest()
-        done = dataclasses.replace(record, der=decision.certificate, fingerprint=fingerprint)
+        digest = hashlib.sha256(decision.certificate).digest()
+        done = dataclasses.replace(record, der=decision.certificate, fingerprint=digest.hex())
         self._put(run, done)
-        logged = self.state.fingerprint(bytes.fromhex(fingerprint))
+        logged = run.ahead.fingerprint(digest)
         if logged is not None:  # submitted with ct.add-chain first: the issued row replaces it
             run.rows.remove(("fingerprints", logged.sha256, logged.spki_sha256, logged.kind,
                              logged.shard, logged.leaf_index, logged.serial,
                              round(logged.first_seen * 1000)))
             for name in logged.names:
                 run.rows.remove(("fingerprint_names", name, logged.sha256))
-        row = ("fingerprints", bytes.fromhex(fingerprint), bytes.fromhex(record.spki_sha256),
+        row = ("fingerprints", digest, bytes.fromhex(record.spki_sha256),
                "issued", record.ct_shard, record.ct_index, record.serial, run.time_ms)
         run.changes.upsert(row)
         run.rows.add(row)
         for name in record.names:
-            name_row = ("fingerprint_names", name, bytes.fromhex(fingerprint))
+            name_row = ("fingerprint_names", name, digest)
             run.changes.upsert(name_row)
             run.rows.add(name_row)
         run.issued.append(record.serial)
@@ -558,7 +648,10 @@ class CaStateMachine:
 
     def _check_scts(self, cert: x509.Certificate, issuer: x509.Certificate,
                     record: CertificateRecord) -> str | None:
-        """At least one embedded SCT of a validator's log for this entry verifies."""
+        """At least one embedded SCT of a validator's log for this entry verifies.
+
+        Only after :func:`check_certificate`: the certificate's TBS without its SCTs is
+        then the committed precertificate's, which is not rebuilt here."""
         try:
             scts = embedded_scts(cert)
         except Exception as exc:
@@ -571,7 +664,8 @@ class CaStateMachine:
             if shard != record.ct_shard:
                 continue
             try:
-                entry = verify_embedded_sct(cert, issuer, sct, _log_key(spki))
+                entry = verify_embedded_sct(cert, issuer, sct, _log_key(spki),
+                                            tbs=precert_tbs(record.precertificate))
             except SignatureError:
                 return "an embedded SCT does not verify"
             if entry.extensions and record.ct_index is not None and sct.leaf_index != \
@@ -782,7 +876,7 @@ class CaStateMachine:
         if work is None:
             return refused("proof_invalid", "the proofs cannot be read", proof="work")
         digest, epoch = work
-        if digest in run.work or self.state.work_used(digest):
+        if digest in run.work or run.ahead.work_used(digest):
             return refused("proof_invalid", "this proof of work was already used (a replayed "
                            "request); every request needs fresh work", proof="work")
         run.work.add(digest)

@@ -9,6 +9,8 @@ the typed decisions are frozen values.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 from protocol.decisions import Decision, DecisionError, parse
 
 from ..consensus._sealed import unseal
@@ -16,13 +18,15 @@ from ..consensus._sealed import unseal
 MAX_REMEMBERED = 4096
 """About twenty full blocks: between a decision's check and its execution."""
 
-_read: dict[bytes, tuple[str, Decision]] = {}
+_read: OrderedDict[bytes, tuple[str, Decision]] = OrderedDict()
+"""Oldest first; an ``OrderedDict`` drops its oldest in constant time (a plain dict
+skips the slots of every key dropped before)."""
 
 
 def remember(raw: bytes, entry: str, decision: Decision) -> None:
     """Keep what checking ``raw`` read, for its execution."""
     if len(_read) >= MAX_REMEMBERED:
-        del _read[next(iter(_read))]  # the oldest: insertion order
+        _read.popitem(last=False)  # the oldest: insertion order
     _read[raw] = (entry, decision)
 
 

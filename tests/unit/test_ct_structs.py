@@ -94,6 +94,28 @@ def test_precert_tbs_is_the_final_certificates_tbs_without_scts() -> None:
         ct.precert_tbs(b"\x30\x03\x02\x01")
 
 
+def test_a_damaged_precertificate_is_a_structure_error() -> None:
+    """Cut short, or with a length that runs past its element, anywhere: refused as a
+    structure error, never read past its element (the TBS is walked by positions)."""
+    pre = x509.load_pem_x509_certificate((SCT_DIR / "test-embedded-pre-cert.pem").read_bytes())
+    der = pre.public_bytes(serialization.Encoding.DER)
+    for cut in range(0, len(der) - 1, 5):
+        with pytest.raises(ct.StructureError):
+            ct.precert_tbs(der[:cut])
+    tbs = pre.tbs_certificate_bytes
+    start = der.index(tbs)
+    for offset in range(0, len(tbs) - 1):
+        if tbs[offset] != 0x30 or tbs[offset + 1] >= 0x80:
+            continue  # a short-form SEQUENCE header inside the TBS: make it overrun
+        damaged = bytearray(der)
+        damaged[start + offset + 1] = 0x7F
+        try:
+            tbs_of_damaged = ct.precert_tbs(bytes(damaged))
+        except ct.StructureError:
+            continue
+        assert tbs_of_damaged != ct.precert_tbs(der)
+
+
 def test_sct_list_round_trip_and_extension_value() -> None:
     raw = (SCT_DIR / "test-cert.proof").read_bytes()
     encoded = ct.encode_sct_list([raw, raw])

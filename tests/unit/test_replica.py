@@ -861,7 +861,7 @@ def certificate_reads(state: StateDatabase) -> list[str]:
     reads: list[str] = []
 
     def trace(sql: str) -> None:
-        if "FROM certificates WHERE serial=" in sql:
+        if "FROM certificates WHERE serial" in sql:  # one serial, or a block's
             reads.append(sql)
     state._reader.set_trace_callback(trace)
     return reads
@@ -887,6 +887,40 @@ async def test_an_issuance_reads_its_record_at_most_once(cluster: Cluster) -> No
         assert stored is not None and stored.revoked_at is not None
         # what the machine keeps is what the file holds, field for field
         assert replica.machine._stored(request.serial) == stored
+
+
+def reader_queries(state: StateDatabase) -> list[str]:
+    """Every query ``state``'s reader connection runs from now on."""
+    queries: list[str] = []
+    state._reader.set_trace_callback(queries.append)
+    return queries
+
+
+async def test_a_blocks_issuances_ask_the_state_once_a_kind(cluster: Cluster) -> None:
+    """Whether a block's serials and work were used, who claims its names, whether its
+    certificates were logged first: one query each for the whole block, not one per
+    decision; the answers are those of the point reads (a held name is refused)."""
+    held, _ = await cluster.issued("held.trust")
+    requests = [await cluster.request(f"n{i}.trust") for i in range(3)]
+    taken = await cluster.request("held.trust")
+    queries = reader_queries(cluster.b.state)
+    outcomes = await cluster.commit(*(r.decision for r in requests), taken.decision)
+    assert [o.accepted for o in outcomes] == [True, True, True, False]
+    assert outcomes[3].details.get("serial") == held.serial
+
+    def asked(where: str) -> list[str]:
+        return [q for q in queries if where in q]
+    assert len(asked("FROM certificates WHERE serial IN (")) == 1
+    assert len(asked("FROM certificates WHERE serial")) == 1
+    assert len(asked("FROM used_work WHERE hash")) == 1
+    assert len(asked("WHERE n.name")) == 1
+    queries.clear()
+    signed = [await cluster.certificate(r, o)
+              for r, o in zip(requests, outcomes[:3], strict=False)]
+    assert all(o.accepted for o in await cluster.commit(*signed))
+    assert len(asked("FROM fingerprints WHERE sha256")) == 1
+    assert asked("FROM certificates WHERE serial") == []  # the records are kept
+    assert_same_state(cluster)
 
 
 async def test_a_block_whose_state_is_not_written_leaves_the_kept_records_as_the_file(
