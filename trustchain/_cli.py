@@ -44,6 +44,7 @@ from ._cli_common import (
     print_json,
     run_client,
 )
+from ._collector import freeze_startup, tune_for_serving
 from ._logging import configure as configure_logging
 
 ADD_COMMANDS: list[Callable[[Subcommands], dict[str, Command]]] = [
@@ -142,10 +143,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     log = logging.getLogger("trustchain")
     for warning in cfg.warnings:
         log.warning(warning)
+    tune_for_serving()
     node = Node(cfg, data_dir=args.data_dir, listen=listen,
                 check_audit_log=args.check_audit_log)
     try:
-        uvloop.run(node.run())
+        uvloop.run(node.run(ready=lambda _: freeze_startup()))
     except TileCorrupted as exc:
         data_dir = args.data_dir or cfg.node.data_dir
         print(f"error: the CT log is damaged, the node will not start: {exc}. "
