@@ -629,25 +629,8 @@ def der_tlv(tag: int, content: bytes) -> bytes:
 
 def der_read(data: bytes, pos: int) -> tuple[int, bytes, int]:
     """(tag, content, next position) of the DER item at ``pos``."""
-    if pos + 2 > len(data):
-        raise StructureError("DER: truncated")
-    tag = data[pos]
-    if tag & 0x1F == 0x1F:
-        raise StructureError("DER: multi-byte tags are not expected here")
-    first = data[pos + 1]
-    pos += 2
-    if first < 0x80:
-        length = first
-    else:
-        size = first & 0x7F
-        if size == 0 or size > 4 or pos + size > len(data):
-            raise StructureError("DER: bad length")
-        length = int.from_bytes(data[pos:pos + size], "big")
-        pos += size
-    end = pos + length
-    if end > len(data):
-        raise StructureError("DER: truncated")
-    return tag, data[pos:end], end
+    tag, start, end = _der_span(data, pos, len(data))
+    return tag, data[start:end], end
 
 
 _POISON_OID_DER = der_tlv(0x06, bytes.fromhex("2b06010401d679020403"))
