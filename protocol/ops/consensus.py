@@ -484,24 +484,14 @@ def vdf_challenge(beacon: bytes, epoch: int, spki: bytes) -> bytes:
                                          "key": key_id(spki)}))
 
 
-def _text(value: str) -> bytes:
-    raw = value.encode("utf-8")
-    return encode_head(3, len(raw)) + raw
-
-
 _OPERATIONS = ("issue", "revoke")
-_WORK_HEAD = {op: b"\xa5\x62op" + _text(op) + b"\x63ctx" + _text(_CTX_WORK) + b"\x63key"
-              for op in _OPERATIONS}
+_WORK_HEAD = {op: b"\xa5\x62op" + encode_item(op) + b"\x63ctx" + encode_item(_CTX_WORK)
+              + b"\x63key" for op in _OPERATIONS}
 """For each operation, the deterministic CBOR of a work prefix up to the key id's value."""
-_BINDING_HEAD = {op: b"\xa7\x62op" + _text(op) + b"\x63ctx" + _text(_CTX_BINDING)
+_BINDING_HEAD = {op: b"\xa7\x62op" + encode_item(op) + b"\x63ctx" + encode_item(_CTX_BINDING)
                  + b"\x64time" for op in _OPERATIONS}
 """For each operation, the deterministic CBOR of a binding statement up to the time
 digest's value."""
-_SHORT_BYTES_HEADS = tuple(encode_head(2, n) for n in range(256))
-
-
-def _bytes_head(size: int) -> bytes:
-    return _SHORT_BYTES_HEADS[size] if size < 256 else encode_head(2, size)
 
 
 @functools.lru_cache(maxsize=8)
@@ -530,8 +520,8 @@ def work_prefix(op: Operation, request: bytes, key: bytes, epoch: int) -> bytes:
             or not _is_epoch(epoch):
         return encode_deterministic({"ctx": _CTX_WORK, "op": op, "request": request,
                                      "key": key, "epoch": epoch})
-    return b"".join((head, _bytes_head(len(key)), key, _epoch_entry(epoch), b"\x67request",
-                     _bytes_head(len(request)), request))
+    return b"".join((head, encode_head(2, len(key)), key, _epoch_entry(epoch), b"\x67request",
+                     encode_head(2, len(request)), request))
 
 
 def work_hash(prefix: bytes, nonce: bytes) -> bytes:
@@ -566,9 +556,9 @@ def binding_statement(*, op: Operation, request: bytes, epoch: int, space: bytes
         return encode_deterministic({"ctx": _CTX_BINDING, "op": op, "request": request,
                                      "epoch": epoch, "space": space, "time": time,
                                      "nonce": nonce})
-    return b"".join((head, _bytes_head(len(time)), time, _epoch_entry(epoch), b"\x65nonce",
-                     _bytes_head(len(nonce)), nonce, b"\x65space", _bytes_head(len(space)),
-                     space, b"\x67request", _bytes_head(len(request)), request))
+    return b"".join((head, encode_head(2, len(time)), time, _epoch_entry(epoch), b"\x65nonce",
+                     encode_head(2, len(nonce)), nonce, b"\x65space", encode_head(2, len(space)),
+                     space, b"\x67request", encode_head(2, len(request)), request))
 
 
 def beacon_statement(*, epoch: int, start: int, value: bytes, previous: bytes) -> bytes:
