@@ -497,16 +497,9 @@ class StateDatabase(SqliteDatabase):
             (*names, now, spki_sha256))
         return None if row is None else str(row[0])
 
-    def claimants(self, name: str) -> list[str]:
-        """The serials of :meth:`claims`, without reading their records (the caller
-        keeps them)."""
-        return [serial for (serial,) in self.read_all(
-            "SELECT n.serial FROM names n JOIN certificates c ON c.serial = n.serial "
-            "WHERE n.name=? AND c.revoked_ms IS NULL", (name,))]
-
     def claimants_of(self, names: Sequence[str]) -> dict[str, list[str]]:
-        """:meth:`claimants` of each of ``names`` (those no certificate claims are
-        left out)."""
+        """The serials of :meth:`claims` of each of ``names``, without reading their records
+        (the caller keeps them); names no certificate claims are left out."""
         found: dict[str, list[str]] = {}
         for name, serial in self._read_in(
                 "SELECT n.name, n.serial FROM names n JOIN certificates c "

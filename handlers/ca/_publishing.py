@@ -11,13 +11,15 @@ and reports whether every publisher handled its latest event
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from store import CertificateRecord
 
 log = logging.getLogger("trustchain.ca")
+
+_Event = TypeVar("_Event")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -76,39 +78,31 @@ class Publishers:
 
     def issued(self, event: CertificateIssued) -> None:
         for name, publisher in self._publishers:
-            try:
-                publisher.certificate_issued(event)
-            except Exception as exc:
-                self._failed(name, event.record.serial, exc)
-            else:
-                self.status[name].last_error = None
+            self._call(name, event.record.serial, publisher.certificate_issued, event)
 
     def revoked(self, event: CertificateRevoked) -> None:
         for name, publisher in self._publishers:
-            try:
-                publisher.certificate_revoked(event)
-            except Exception as exc:
-                self._failed(name, event.record.serial, exc)
-            else:
-                self.status[name].last_error = None
+            self._call(name, event.record.serial, publisher.certificate_revoked, event)
 
     def registration_changed(self, name: str) -> None:
         for publisher_name, publisher in self._publishers:
-            try:
-                publisher.registration_changed(name)
-            except Exception as exc:
-                self._failed(publisher_name, name, exc)
-            else:
-                self.status[publisher_name].last_error = None
+            self._call(publisher_name, name, publisher.registration_changed, name)
 
-    def _failed(self, name: str, subject: str, exc: Exception) -> None:
-        """Count and log a publisher's failure (a plain ``try`` at each call rather than
-        a context manager: every validator calls each publisher for every issuance)."""
+    def _call(self, name: str, subject: str, method: Callable[[_Event], None],
+              event: _Event) -> None:
+        """Call one publisher guarded: a failure is counted and logged, never raised (a
+        plain ``try`` rather than a context manager: every validator calls each
+        publisher for every issuance)."""
         status = self.status[name]
-        status.failures += 1
-        status.last_error = f"{type(exc).__name__}: {exc}"
-        log.exception("publishing %s to %s failed", subject, name,
-                      extra={"publisher": name, "subject": subject})
+        try:
+            method(event)
+        except Exception as exc:
+            status.failures += 1
+            status.last_error = f"{type(exc).__name__}: {exc}"
+            log.exception("publishing %s to %s failed", subject, name,
+                          extra={"publisher": name, "subject": subject})
+        else:
+            status.last_error = None
 
     def healthy(self) -> bool:
         """Whether every publisher handled its latest event."""

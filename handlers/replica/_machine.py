@@ -172,7 +172,7 @@ class _ReadAhead:
 
     def claimants_of(self, name: str) -> list[str]:
         found = self.claimants.get(name)
-        return self.state.claimants(name) if found is None else found
+        return self.state.claimants_of([name]).get(name, []) if found is None else found
 
     def fingerprint(self, sha256: bytes) -> FingerprintRecord | None:
         if sha256 in self.fingerprints:
