@@ -103,20 +103,19 @@ class DnsAnswers:
             edns = None if query.edns is None else (query.edns.version, query.edns.dnssec_ok)
             key = (query.qname, query.qtype, query.qclass, query.flags & 0x7910, edns)
             cached = rendered.zone_answer(key)
-            if cached is not None:
-                size = len(query.question)
-                wire = cached[:12] + query.question + cached[12 + size:]
-                rendered.keep_zone_message(key, message, wire)
-                return wire
-            if forwarder is not None:
+            authoritative = cached is not None
+            if cached is None and forwarder is not None:
                 # a forwarded answer rendered this very second: its TTLs are still right
                 cached = rendered.forwarded_answer(key, second)
                 if cached is not None:
                     forwarder.cache.hits += 1
-                    size = len(query.question)
-                    wire = cached[:12] + query.question + cached[12 + size:]
+            if cached is not None:
+                wire = cached[:12] + query.question + cached[12 + len(query.question):]
+                if authoritative:
+                    rendered.keep_zone_message(key, message, wire)
+                else:
                     rendered.keep_forwarded_message(message, second, wire)
-                    return wire
+                return wire
         if query.opcode != dns.opcode.QUERY:
             return error_response(event.message, dns.rcode.NOTIMP, query.flags)
         try:
