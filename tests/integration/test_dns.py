@@ -61,9 +61,19 @@ alias IN CNAME www
 
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
-        s.bind(("::1", 0))
-        return int(s.getsockname()[1])
+    """A port of [::1] free for both UDP and TCP (NSD binds both: a port free for UDP
+    alone was once taken for TCP, and NSD did not start)."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as udp, \
+                socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as tcp:
+            udp.bind(("::1", 0))
+            port = int(udp.getsockname()[1])
+            try:
+                tcp.bind(("::1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no port of [::1] is free for both UDP and TCP")
 
 
 @contextlib.contextmanager
