@@ -411,7 +411,8 @@ def _chain(cfg: Config, validator: ValidatorIdentity, store: ChainStore, links: 
                           delta=consensus.timeout_delta),
         block_interval=consensus.block_interval, gossip_interval=consensus.gossip_interval,
         max_block_decisions=consensus.max_block_decisions,
-        max_frame_size=cfg.network.max_frame_size, names=validator.labels, audit=audit)
+        max_frame_size=cfg.network.max_frame_size, names=validator.labels, audit=audit,
+        seals=rules.seals)  # a group's signature: verified once, for its decisions too
 
 
 def _beacon_updates(beacons: BeaconChain) -> Callable[[Block], Coroutine[Any, Any, None]] | None:

@@ -19,6 +19,7 @@ from ._driver import (
 )
 from ._links import LinkVerifier, link_refusal, link_statement, spki_sha256
 from ._sealed import (
+    Group,
     SealedDecision,
     SealError,
     SealOpener,
@@ -43,6 +44,7 @@ __all__ = [
     "ConsensusService",
     "Executed",
     "Faucet",
+    "Group",
     "LinkVerifier",
     "OpenRules",
     "PeerLinks",

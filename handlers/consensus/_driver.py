@@ -36,6 +36,7 @@ from ._compact import (
     rebuild_proposal,
     want_proposal,
 )
+from ._sealed import GROUP_KIND, SealError, SealOpener, parse_group, whole_batches
 from .bft import (
     BadMessage,
     Block,
@@ -214,6 +215,8 @@ class ConsensusChain:
     :param me: this node's validator id; None to follow without voting.
     :param sign: signs with this node's validator key (Ed25519).
     :param names: validator id -> label, for status and logs.
+    :param seals: opens the decision groups peers send (share the rules' opener, so
+        that a group's signature is verified once for the group and its decisions).
     """
 
     def __init__(self, *, chain_id: str, validators: ValidatorSet, store: ChainStore,
@@ -223,6 +226,7 @@ class ConsensusChain:
                  max_block_decisions: int = 1000, max_frame_size: int = 1 << 20,
                  names: dict[str, str] | None = None,
                  audit: Callable[[str, dict[str, Any]], Awaitable[Any]] | None = None,
+                 seals: SealOpener | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.chain_id = chain_id
         self.store = store
@@ -248,8 +252,16 @@ class ConsensusChain:
         """(peer, height) reported behind once: served when reported again."""
         self.proposals = {"rebuilt": 0, "wanted": 0, "served": 0}
         """Compact proposals rebuilt from the mempool, asked for whole, sent whole."""
+        self.seals = seals if seals is not None else SealOpener()
+        self.decision_groups = {"sent": 0, "received": 0, "refused": 0}
+        """Decision groups (whole seal batches) sent to a peer, received and opened,
+        received and refused."""
+        self._unsent: list[bytes] = []
+        """This loop turn's new decisions, gossiped together when it ends."""
+        self._unsent_handle: asyncio.Handle | None = None
         self._verdicts: dict[bytes, str | None] = {}
-        self._checking: dict[bytes, asyncio.Future[str | None]] = {}
+        self._checking: dict[bytes, asyncio.Future[str | None] | None] = {}
+        """Digests being checked -> the future a second asker shares (None: none asked)."""
         self._waiters: dict[bytes, list[asyncio.Future[Committed]]] = {}
         self._inputs: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
         self._tasks: list[asyncio.Task[Any]] = []
@@ -364,29 +376,41 @@ class ConsensusChain:
                      digest: bytes | None = None) -> str | None:
         """The application's verdict on ``decision``, asked once per digest
         (``sender``: the validator whose gossip brought it; ``digest``: the decision's,
-        if the caller has it)."""
+        if the caller has it).
+
+        Awaited in place, without a task: most checks never wait (everything they
+        need is in memory), and those cost no future either. A digest being checked
+        is in ``_checking``; a second asker meanwhile makes the future that both
+        share, and the first resolves it."""
         if digest is None:
             digest = decision_digest(decision)
         if digest in self._verdicts:
             return self._verdicts[digest]
-        pending = self._checking.get(digest)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
-        self._checking[digest] = future
+        if digest in self._checking:
+            shared = self._checking[digest]
+            if shared is None:
+                shared = asyncio.get_running_loop().create_future()
+                self._checking[digest] = shared
+            return await asyncio.shield(shared)
+        self._checking[digest] = None
         try:
             verdict = await self.rules.check(decision, self.core.validators, sender)
         except Exception as exc:  # a checker failure refuses the decision, never the node
             verdict = f"the check failed: {exc}"
-        finally:
-            self._checking.pop(digest, None)
+        except BaseException:  # cancelled (shutting down): so is whoever shares it
+            shared = self._checking.pop(digest, None)
+            if shared is not None:
+                shared.cancel()
+            raise
+        shared = self._checking.pop(digest, None)
         if len(self._verdicts) > 4 * MAX_MEMPOOL:
             self._verdicts.clear()
         self._verdicts[digest] = verdict
         if verdict is not None:
             log.warning("decision refused", extra={"decision": digest.hex()[:16],
                                                    "reason": verdict})
-        future.set_result(verdict)
+        if shared is not None:
+            shared.set_result(verdict)
         return verdict
 
     def _accept(self, decision: bytes, digest: bytes) -> bool:
@@ -425,7 +449,7 @@ class ConsensusChain:
             if where is not None:  # already committed (a resubmission)
                 return await self._committed_at(*where)
             if self._accept(decision, digest):
-                self._gossip_decisions([decision])
+                self._gossip_later(decision)
                 self._inputs.put_nowait(("content",))
             return await asyncio.wait_for(asyncio.shield(future), timeout)
         except TimeoutError:
@@ -443,12 +467,42 @@ class ConsensusChain:
         return Committed(Block.from_wire(decode_item(stored.block)), index,
                          Commit.from_wire(decode_item(stored.commit)))
 
-    def _gossip_decisions(self, decisions: list[bytes]) -> None:
+    def _gossip_later(self, decision: bytes) -> None:
+        """Gossip ``decision`` when this loop turn ends, with the others of the turn: the
+        decisions of one seal batch are submitted in the same turn (the sealer wakes
+        them together), so a whole batch goes as one group."""
         if not self.peers:
             return  # a single validator: nobody to tell
-        payload = encode_deterministic({"kind": "decisions", "items": decisions})
-        for peer in self.peers.values():
-            self._enqueue(peer, payload)
+        self._unsent.append(decision)
+        if self._unsent_handle is None:
+            self._unsent_handle = asyncio.get_running_loop().call_soon(self._send_decisions)
+
+    def _send_decisions(self) -> None:
+        """Send the decisions waiting in :attr:`_unsent`: each whole batch this validator
+        sealed as a ``decision-group`` (its bodies without their paths), the others in
+        ``decisions`` messages, each message within a frame."""
+        if self._unsent_handle is not None:
+            self._unsent_handle.cancel()
+            self._unsent_handle = None
+        decisions, self._unsent = self._unsent, []
+        if not decisions:
+            return
+        groups, rest = whole_batches(decisions, self.me or "", self.max_message_bytes - 8)
+        payloads = [group.message() for group in groups]
+        self.decision_groups["sent"] += len(groups)
+        chunk: list[bytes] = []
+        size = 64
+        for decision in rest:
+            if chunk and size + len(decision) + 8 > self.max_message_bytes:
+                payloads.append(encode_deterministic({"kind": "decisions", "items": chunk}))
+                chunk, size = [], 64
+            chunk.append(decision)
+            size += len(decision) + 8
+        if chunk:
+            payloads.append(encode_deterministic({"kind": "decisions", "items": chunk}))
+        for payload in payloads:
+            for peer in self.peers.values():
+                self._enqueue(peer, payload)
 
     # --- receiving ------------------------------------------------------------------------
 
@@ -471,6 +525,9 @@ class ConsensusChain:
             kind = item.get("kind") if isinstance(item, dict) else None
             if kind == "decisions":
                 usable += await self._receive_decisions(item.get("items"), sender)
+                continue
+            if kind == GROUP_KIND:
+                usable += await self._receive_group(item, sender)
                 continue
             try:
                 if kind == WANT_KIND:
@@ -512,18 +569,30 @@ class ConsensusChain:
         self._enqueue(peer, encode_message(whole))  # encoded only when a peer asks
         return 1
 
+    async def _receive_group(self, item: dict[Any, Any], sender: str | None) -> int:
+        """Take a ``decision-group``: its sealed decisions rebuilt, byte for byte, then
+        taken as if they had come in a ``decisions`` message. A group that is malformed
+        or whose signature does not verify counts against the sender, and nothing of
+        it is taken."""
+        try:
+            decisions = self.seals.open_group(parse_group(item), self.core.validators)
+        except SealError as exc:
+            self.decision_groups["refused"] += 1
+            self._misbehaved(sender, f"sent a decision group that does not open: {exc}")
+            return 0
+        self.decision_groups["received"] += 1
+        return await self._receive_decisions(decisions, sender)
+
     async def _receive_decisions(self, items: Any, sender: str | None) -> int:
         if not isinstance(items, list) or not all(isinstance(d, bytes) for d in items):
             self._misbehaved(sender, "sent a malformed decision batch")
             return 0
-        digests = [decision_digest(d) for d in items]
-        fresh = [(d, digest) for d, digest in zip(items, digests, strict=True)
-                 if digest not in self.mempool]
-        verdicts = await asyncio.gather(*(self._check(d, sender, digest)
-                                          for d, digest in fresh))
         accepted = 0
-        for (decision, digest), verdict in zip(fresh, verdicts, strict=True):
-            if verdict is None:
+        for decision in items:  # one after the other: most checks never wait (_check)
+            digest = decision_digest(decision)
+            if digest in self.mempool:
+                continue
+            if await self._check(decision, sender, digest) is None:
                 with contextlib.suppress(ConsensusRejected):
                     accepted += self._accept(decision, digest)
         if accepted:
@@ -535,10 +604,9 @@ class ConsensusChain:
         a proposal rebuilt from the mempool came with them)."""
         if digests is None:
             digests = (decision_digest(d) for d in block.decisions)
-        unknown = [(d, digest) for d, digest in zip(block.decisions, digests, strict=True)
-                   if digest not in self._verdicts]
-        if unknown:
-            await asyncio.gather(*(self._check(d, digest=digest) for d, digest in unknown))
+        for decision, digest in zip(block.decisions, digests, strict=True):
+            if digest not in self._verdicts:
+                await self._check(decision, digest=digest)
 
     def misbehaved(self, validator: str | None, reason: str) -> None:
         """Record misbehaviour (``consensus.status`` counts it; the log says what)."""
@@ -702,6 +770,7 @@ class ConsensusChain:
         asks (``want-proposal``)."""
         if not isinstance(message, Proposal) or not message.block.decisions:
             return encode_message(message)
+        self._send_decisions()  # a peer rebuilds the proposal from the decisions: first
         key = (message.height, message.round)
         if key not in self._proposed:
             self._proposed[key] = message
@@ -933,6 +1002,7 @@ class ConsensusChain:
             "isolated": sorted(isolated),
             "mempool": len(self.mempool),
             "proposals": dict(self.proposals),
+            "decision_groups": dict(self.decision_groups),
             "misbehaviour": len(self.misbehaviour),
             "diverged": self.diverged,
         }

@@ -14,6 +14,11 @@ Consensus treats the body as opaque; the seal says which validator answers for
 it, so a decision can be refused (or its maker held to account) by whoever
 checks it. :class:`SealOpener` checks either form and verifies each batch
 signature once.
+
+Between validators a whole batch travels as one *decision group* (§18.3):
+the entry, the signature and the bodies in leaf order. The paths are random
+hashes that do not compress, and the receiver computes them from the bodies
+(:meth:`SealOpener.open_group`), so they never cross a link.
 """
 
 from __future__ import annotations
@@ -104,10 +109,17 @@ def seal_batch(raw_bodies: Sequence[bytes], entry: str,
         return [encode_sealed(raw, entry, sign(raw))]
     if not 1 < size <= MAX_BATCH_SIZE:
         raise ValueError(f"a batch holds 1 to {MAX_BATCH_SIZE} bodies, not {size}")
+    mth = _tree(raw_bodies)
+    return _sealed_batch(raw_bodies, entry, sign(batch_message(size, mth(0, size))), mth)
+
+
+def _tree(raw_bodies: Sequence[bytes]) -> Callable[[int, int], bytes]:
+    """The RFC 9162 Merkle Tree Hash of ``raw_bodies[start:end]``, each node computed
+    once (2 * size - 1 hashes for the root and every path)."""
     leaves = [leaf_hash(raw) for raw in raw_bodies]
     nodes: dict[tuple[int, int], bytes] = {}
 
-    def mth(start: int, end: int) -> bytes:  # every node once: 2 * size - 1 hashes
+    def mth(start: int, end: int) -> bytes:
         found = nodes.get((start, end))
         if found is None:
             if end - start == 1:
@@ -118,9 +130,87 @@ def seal_batch(raw_bodies: Sequence[bytes], entry: str,
             nodes[(start, end)] = found
         return found
 
-    signature = sign(batch_message(size, mth(0, size)))
+    return mth
+
+
+def _sealed_batch(raw_bodies: Sequence[bytes], entry: str, signature: bytes,
+                  mth: Callable[[int, int], bytes]) -> list[bytes]:
+    size = len(raw_bodies)
     return [encode_sealed(raw, entry, signature, (index, size, inclusion_proof(index, size, mth)))
             for index, raw in enumerate(raw_bodies)]
+
+
+GROUP_KIND = "decision-group"
+GROUP_KEYS = frozenset({"kind", "entry", "signature", "size", "bodies"})
+
+
+@dataclass(frozen=True)
+class Group:
+    """One seal batch whole: what :func:`seal_batch` signed, without the paths."""
+
+    entry: str
+    signature: bytes
+    bodies: tuple[bytes, ...]
+    """The batch's bodies in leaf order."""
+
+    def message(self) -> bytes:
+        """The ``decision-group`` gossip message (deterministic CBOR)."""
+        return encode_deterministic({"kind": GROUP_KIND, "entry": self.entry,
+                                     "signature": self.signature, "size": len(self.bodies),
+                                     "bodies": list(self.bodies)})
+
+
+def parse_group(item: Any) -> Group:
+    """A decoded ``decision-group`` message as a :class:`Group`, its shape checked
+    (nothing verified yet).
+
+    :raises SealError: other keys, a size not 2 to :data:`MAX_BATCH_SIZE`, not that
+        many bodies, or a body twice.
+    """
+    if not isinstance(item, dict) or item.keys() != GROUP_KEYS:
+        raise SealError("a decision group is exactly {kind, entry, signature, size, bodies}")
+    entry, signature, size, bodies = (item["entry"], item["signature"], item["size"],
+                                      item["bodies"])
+    if not isinstance(entry, str):
+        raise SealError("a decision group's entry is not a validator id")
+    if not isinstance(signature, bytes) or len(signature) != 64:
+        raise SealError("a decision group's signature is not 64 octets")
+    if type(size) is not int or not 2 <= size <= MAX_BATCH_SIZE:
+        raise SealError(f"a decision group's size is not 2 to {MAX_BATCH_SIZE}")
+    if not isinstance(bodies, list) or not all(type(body) is bytes for body in bodies):
+        raise SealError("a decision group's bodies are not byte strings")
+    if len(bodies) != size:
+        raise SealError(f"a decision group of size {size} carries {len(bodies)} bodies")
+    if len(set(bodies)) != size:
+        raise SealError("a decision group carries a body twice")
+    return Group(entry=entry, signature=signature, bodies=tuple(bodies))
+
+
+def whole_batches(decisions: Sequence[bytes], entry: str,
+                  max_bytes: int) -> tuple[list[Group], list[bytes]]:
+    """``decisions`` as the groups of the batches that ``entry`` sealed and that are all
+    there, and the rest (plain seals, other entries, part of a batch, a batch whose
+    group message would exceed ``max_bytes``) as they came."""
+    parts: dict[tuple[bytes, int], dict[int, tuple[bytes, bytes]]] = {}
+    rest: list[bytes] = []
+    for decision in decisions:
+        fields = _fields(decision)
+        batch = fields[3] if fields is not None else None
+        if fields is None or batch is None or fields[1] != entry:
+            rest.append(decision)
+            continue
+        raw, _, signature, _ = fields
+        index, size, _ = batch
+        parts.setdefault((signature, size), {})[index] = (decision, raw)
+    groups: list[Group] = []
+    for (signature, size), members in parts.items():
+        bodies = tuple(members[index][1] for index in range(size) if index in members)
+        if len(bodies) == len(members) == size \
+                and sum(len(raw) + 5 for raw in bodies) + len(entry) + 128 <= max_bytes:
+            groups.append(Group(entry=entry, signature=signature, bodies=bodies))
+        else:
+            rest += (decision for decision, _ in members.values())
+    return groups, rest
 
 
 def unseal(decision: bytes) -> SealedDecision:
@@ -257,9 +347,7 @@ class SealOpener:
         else:
             raw, entry, signature, batch = fields
             sealed = SealedDecision(body=_body(raw), entry=entry, raw_body=raw)
-        validator = validators.by_id.get(sealed.entry)
-        if validator is None or validator.power == 0:
-            raise SealError(f"{sealed.entry!r} is not an active validator")
+        validator = self._active(sealed.entry, validators)
         if batch is None:
             self.verifications += 1
             if not validator.verify(signature, sealed.raw_body):
@@ -267,6 +355,28 @@ class SealOpener:
             return sealed
         self._check_batch(validator, sealed.raw_body, batch, signature)
         return sealed
+
+    def open_group(self, group: Group, validators: ValidatorSet) -> list[bytes]:
+        """The sealed decisions of ``group``, byte for byte those :func:`seal_batch`
+        made, if an active validator signed its bodies as one batch (the signature
+        verified once and remembered, so opening each decision reuses it).
+
+        :raises SealError: not an active validator, or the signature does not verify.
+        """
+        validator = self._active(group.entry, validators)
+        size = len(group.bodies)
+        if not 2 <= size <= MAX_BATCH_SIZE:
+            raise SealError(f"a decision group's size is not 2 to {MAX_BATCH_SIZE}")
+        mth = _tree(group.bodies)
+        self._verify_batch(validator, batch_message(size, mth(0, size)), group.signature)
+        return _sealed_batch(group.bodies, group.entry, group.signature, mth)
+
+    @staticmethod
+    def _active(entry: str, validators: ValidatorSet) -> Validator:
+        validator = validators.by_id.get(entry)
+        if validator is None or validator.power == 0:
+            raise SealError(f"{entry!r} is not an active validator")
+        return validator
 
     def _check_batch(self, validator: Validator, raw_body: bytes, batch: Batch,
                      signature: bytes) -> None:
@@ -277,7 +387,9 @@ class SealOpener:
             root = root_from_inclusion_proof(index, size, leaf_hash(raw_body), path)
         except ProofError as exc:
             raise SealError(f"the seal's batch path does not hold: {exc}") from None
-        message = batch_message(size, root)
+        self._verify_batch(validator, batch_message(size, root), signature)
+
+    def _verify_batch(self, validator: Validator, message: bytes, signature: bytes) -> None:
         key = (validator.public_key, message, signature)
         if key in self._verified:
             self._verified.move_to_end(key)
