@@ -415,6 +415,13 @@ async def test_forged_batch_seals_refused_and_counted_against_their_sender(
                 kinds[form] = kinds.get(form, 0) + 1
         assert kinds.get("batch", 0) > 0, kinds
         print(f"decisions committed by form: {kinds}")
+        # whole batches crossed the links as decision groups, and every one opened
+        groups = {i: s["decision_groups"] for i, s in (await cluster.wait_until(
+            list(range(4)), lambda s: True, 10, "every status")).items()}
+        print(f"decision groups by node: {groups}")
+        assert sum(g["sent"] for g in groups.values()) >= 1, groups
+        assert sum(g["received"] for g in groups.values()) >= 3, groups
+        assert all(g["refused"] == 0 for g in groups.values()), groups
         await _same_state(cluster, honest)
 
 
