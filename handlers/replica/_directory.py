@@ -68,6 +68,9 @@ class ValidatorDirectory:
     def __init__(self, announced: Iterable[Announced] = ()) -> None:
         self._by_validator: dict[str, Announced] = {}
         self._by_fingerprint: dict[str, Intermediate] = {}
+        self._by_log_id: dict[bytes, tuple[str, int, bytes]] = {}
+        """RFC 6962 log ID (SHA-256 of the SPKI) -> (validator, shard, SPKI): every SCT
+        a validator checks looks its log up, and keys change only when announced."""
         for entry in announced:
             self.update(entry)
 
@@ -80,6 +83,11 @@ class ValidatorDirectory:
         self._by_validator[announced.validator] = announced
         for intermediate in announced.intermediates:
             self._by_fingerprint[intermediate.fingerprint] = intermediate
+        self._by_log_id = {}
+        for entry in self._by_validator.values():  # the first validator to announce a key
+            for shard, spki in entry.log_keys.items():
+                self._by_log_id.setdefault(hashlib.sha256(spki).digest(),
+                                           (entry.validator, shard, spki))
 
     def of(self, validator: str) -> Announced | None:
         return self._by_validator.get(validator)
@@ -105,11 +113,7 @@ class ValidatorDirectory:
 
     def log_key(self, log_id: bytes) -> tuple[str, int, bytes] | None:
         """(validator, shard, SPKI) of the CT log with this log ID."""
-        for announced in self._by_validator.values():
-            for shard, spki in announced.log_keys.items():
-                if hashlib.sha256(spki).digest() == log_id:
-                    return announced.validator, shard, spki
-        return None
+        return self._by_log_id.get(log_id)
 
     def dnskeys(self) -> list[bytes]:
         """Every validator's DNSKEY rdatas (wire form), sorted: the zones' DNSKEY set."""
