@@ -249,6 +249,25 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def loopback_sent() -> tuple[int, int] | None:
+    """Bytes and packets the loopback interface has sent (``/proc/net/dev``), or None.
+
+    Every process of this network namespace counts: run the benchmark in one of its
+    own (``unshare -rn sh -c 'ip link set lo up && python -m bench...'``) for a count
+    of its traffic alone."""
+    try:
+        with open("/proc/net/dev", encoding="ascii") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        name, _, counters = line.partition(":")
+        if name.strip() == "lo":
+            fields = counters.split()
+            return int(fields[8]), int(fields[9])  # transmit: bytes, packets
+    return None
+
+
 # --- statistics and presentation -----------------------------------------------------
 
 def percentile(ordered: list[float], fraction: float) -> float:

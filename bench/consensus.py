@@ -74,6 +74,7 @@ from ._common import (
     Children,
     _describe,
     cpu_seconds,
+    loopback_sent,
     machine_lines,
     markdown_table,
     percentile,
@@ -206,6 +207,8 @@ class JobResult:
     cluster_cpu: float | None = None
     """Cores the node processes used in the window, all of them together."""
     client_cpu: float = 0.0
+    loopback: tuple[int, int] | None = None
+    """Bytes and packets sent over loopback in the window (every link and the client)."""
     prepare_s: float = 0.0
     exhausted: bool = False
     limited: bool = False
@@ -312,11 +315,13 @@ async def _closed(plan: LoadPlan, job: Job, frames: list[bytes],
         run.stop_sending()
         await asyncio.sleep(max(0.0, run.measure_start - perf_counter()))
         cpu0, client0, wall0 = _cluster_cpu(plan.node_pids), time.process_time(), perf_counter()
+        sent0 = loopback_sent()
         start_ms = int(time.time() * 1000)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(run.ended.wait(), max(0.0, run.deadline - perf_counter()))
         wall = max(1e-9, perf_counter() - wall0)
         cpu1, client1 = _cluster_cpu(plan.node_pids), time.process_time()
+        sent1 = loopback_sent()
         end_ms = int(time.time() * 1000)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(run.drained), DRAIN_TIMEOUT)
@@ -333,7 +338,8 @@ async def _closed(plan: LoadPlan, job: Job, frames: list[bytes],
         first_error=run.first_error,
         cluster_cpu=None if cpu0 is None or cpu1 is None else (cpu1 - cpu0) / wall,
         client_cpu=(client1 - client0) / wall, exhausted=run.exhausted, start_ms=start_ms,
-        end_ms=end_ms)
+        end_ms=end_ms, loopback=None if sent0 is None or sent1 is None else (
+            sent1[0] - sent0[0], sent1[1] - sent0[1]))
 
 
 async def _sequential(plan: LoadPlan, job: Job, client: stoq.AsyncClient) -> JobResult:
@@ -667,6 +673,8 @@ class NodeStatus:
     isolated: int = 0
     late_blocks: int = 0
     blocks: int = 0
+    groups: str = "-"
+    """Decision groups sent / received (spec §18.3; "-" from a node without them)."""
     error: str = ""
 
 
@@ -691,6 +699,9 @@ async def _statuses(cluster: Cluster, *, blocks: bool = True) -> list[NodeStatus
                     mempool=int(status.get("mempool", 0)),
                     peers=f"{sum(bool(p.get('connected')) for p in peers)}/{len(peers)}",
                     isolated=len(status.get("isolated", [])))
+                groups = status.get("decision_groups")
+                if isinstance(groups, dict):
+                    row.groups = f"{groups.get('sent', 0)} / {groups.get('received', 0)}"
                 if count_blocks:
                     stats = await _block_stats(client, 1, (0, 1 << 62))
                     row.blocks, row.late_blocks = stats.blocks, stats.late
@@ -1063,6 +1074,13 @@ def size_table(all_figures: list[SizeFigures]) -> str:
     def cpu_per_request(r: JobResult) -> float | None:
         return None if r.cluster_cpu is None or not r.rate else r.cluster_cpu / r.rate * 1e3
 
+    def loopback_per_request(part: int) -> Any:
+        def read(r: JobResult) -> float | None:
+            if r.loopback is None or not r.rate or not r.window:
+                return None
+            return r.loopback[part] / (r.rate * r.window)
+        return read
+
     rows: list[tuple[str, str, Any, str, str]] = [
         ("finality p50: sequential consensus.faucet", "faucet-seq", lambda r: r.p50_ms, "ms", ""),
         ("finality p99", "faucet-seq", lambda r: r.p99_ms, "ms",
@@ -1099,6 +1117,9 @@ def size_table(all_figures: list[SizeFigures]) -> str:
         ("cluster CPU per faucet decision, 256 in flight", "faucet-deep", cpu_per_request, "ms",
          ""),
         ("cluster CPU per issuance", "issue-load", cpu_per_request, "ms", ""),
+        ("loopback bytes per issuance (every link and the client)", "issue-load",
+         loopback_per_request(0), "num", ""),
+        ("loopback datagrams per issuance", "issue-load", loopback_per_request(1), "num", ""),
     ]
     header = ["figure", *(f"N = {s}" for s in sizes),
               *(f"N = {s} / N = {sizes[0]}" for s in sizes[1:]), "target"]
@@ -1141,15 +1162,15 @@ def status_table(title: str, statuses: list[NodeStatus]) -> str:
     rows = []
     for s in statuses:
         if s.error:
-            rows.append([s.name, "-", "-", "-", "-", "-", "-", "-", s.error])
+            rows.append([s.name, "-", "-", "-", "-", "-", "-", "-", "-", s.error])
             continue
         rows.append([s.name, str(s.height), str(s.round), str(s.misbehaviour),
                      f"{s.evidence} ({s.committed_evidence} committed)", str(s.mempool),
-                     s.peers, str(s.isolated),
+                     s.peers, str(s.isolated), s.groups,
                      f"{s.late_blocks} of {s.blocks} blocks after round 0" if s.blocks else ""])
     return f"{title}\n\n" + markdown_table(
         ["node", "height", "round", "misbehaviour", "evidence", "mempool", "peers connected",
-         "isolated", "rounds"], rows)
+         "isolated", "decision groups sent / received", "rounds"], rows)
 
 
 def evidence_report(figures: EvidenceFigures) -> str:

@@ -62,7 +62,9 @@ def rebuild_proposal(item: dict[str, Any], lookup: Callable[[bytes], bytes | Non
         if decision is None:
             return height, round
         decisions.append(decision)
-    return Proposal.from_wire(dict(wire, block=dict(block, decisions=decisions)))
+    proposal = Proposal.from_wire(dict(wire, block=dict(block, decisions=decisions)))
+    proposal.block.knowing_digests(digests)  # the mempool's keys: not hashed again
+    return proposal
 
 
 def parse_want(item: dict[str, Any]) -> tuple[int, int]:

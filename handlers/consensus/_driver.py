@@ -20,7 +20,7 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -355,8 +355,7 @@ class ConsensusChain:
                                                            self.max_block_bytes // 2):
             return f"{len(block.encoded)} bytes, above the block size limit"
         seen: set[bytes] = set()
-        for decision in block.decisions:
-            digest = decision_digest(decision)
+        for digest in block.digests:
             if digest in seen:
                 return "a decision appears twice"
             verdict = self._verdicts.get(digest, "not checked")
@@ -540,7 +539,7 @@ class ConsensusChain:
                         continue
                     self.proposals["rebuilt"] += 1
                     message: Message = rebuilt
-                    await self._precheck(rebuilt.block, item["digests"])
+                    await self._precheck(rebuilt.block)
                 else:
                     message = decode_message(payload)
                     if isinstance(message, Proposal | CommitMessage):
@@ -599,12 +598,10 @@ class ConsensusChain:
             self._inputs.put_nowait(("content",))
         return accepted
 
-    async def _precheck(self, block: Block, digests: Iterable[bytes] | None = None) -> None:
-        """Check the block's decisions not checked yet (``digests``: theirs, if known:
-        a proposal rebuilt from the mempool came with them)."""
-        if digests is None:
-            digests = (decision_digest(d) for d in block.decisions)
-        for decision, digest in zip(block.decisions, digests, strict=True):
+    async def _precheck(self, block: Block) -> None:
+        """Check the block's decisions not checked yet (one after the other: most
+        checks never wait, see :meth:`_check`)."""
+        for decision, digest in zip(block.decisions, block.digests, strict=True):
             if digest not in self._verdicts:
                 await self._check(decision, digest=digest)
 
@@ -776,8 +773,7 @@ class ConsensusChain:
             self._proposed[key] = message
             while len(self._proposed) > MAX_KEPT_PROPOSALS:
                 self._proposed.popitem(last=False)
-        return compact_proposal(message, [decision_digest(d)
-                                          for d in message.block.decisions])
+        return compact_proposal(message, list(message.block.digests))
 
     def _schedule(self, step: Step, height: int, round: int, delay: float) -> None:
         loop = asyncio.get_running_loop()
@@ -791,7 +787,7 @@ class ConsensusChain:
 
     async def _decided(self, effect: Decided) -> None:
         block, commit = effect.block, effect.commit
-        digests = [decision_digest(d) for d in block.decisions]
+        digests = list(block.digests)
         state, self._pending_state = self._pending_state, None
         stored = StoredBlock(height=block.height, id=block.id, time_ms=block.time_ms,
                              round=commit.round, block=block.encoded,

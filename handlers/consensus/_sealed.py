@@ -49,6 +49,10 @@ MAX_BATCH_SIZE = 4096
 """The largest batch a verifier accepts (a path of at most 12 hashes); the sealer
 makes batches of at most :data:`handlers.consensus._sealer.BATCH_LIMIT`."""
 
+REBUILT_KEPT = 65536
+"""Decisions rebuilt from groups that a :class:`SealOpener` remembers until opened
+(the consensus mempool holds at most 50,000)."""
+
 Batch = tuple[int, int, list[bytes]]
 """A batch seal's ``index``, ``size`` and ``path``."""
 
@@ -333,6 +337,9 @@ class SealOpener:
     def __init__(self, capacity: int = 4096) -> None:
         self.capacity = capacity
         self._verified: OrderedDict[tuple[bytes, bytes, bytes], None] = OrderedDict()
+        self._rebuilt: OrderedDict[bytes, None] = OrderedDict()
+        """Decisions :meth:`open_group` made from a verified group, each opened once
+        without its path walked again (up to :data:`REBUILT_KEPT`)."""
         self.verifications = 0
         """Signatures verified (a batch's first decision, or a plain seal)."""
         self.reused = 0
@@ -348,6 +355,10 @@ class SealOpener:
             raw, entry, signature, batch = fields
             sealed = SealedDecision(body=_body(raw), entry=entry, raw_body=raw)
         validator = self._active(sealed.entry, validators)
+        if batch is not None and decision in self._rebuilt:
+            del self._rebuilt[decision]  # these very bytes were made from a verified group
+            self.reused += 1
+            return sealed
         if batch is None:
             self.verifications += 1
             if not validator.verify(signature, sealed.raw_body):
@@ -369,7 +380,12 @@ class SealOpener:
             raise SealError(f"a decision group's size is not 2 to {MAX_BATCH_SIZE}")
         mth = _tree(group.bodies)
         self._verify_batch(validator, batch_message(size, mth(0, size)), group.signature)
-        return _sealed_batch(group.bodies, group.entry, group.signature, mth)
+        decisions = _sealed_batch(group.bodies, group.entry, group.signature, mth)
+        if self.capacity:
+            self._rebuilt.update(dict.fromkeys(decisions))
+            while len(self._rebuilt) > REBUILT_KEPT:
+                self._rebuilt.popitem(last=False)
+        return decisions
 
     @staticmethod
     def _active(entry: str, validators: ValidatorSet) -> Validator:

@@ -112,6 +112,9 @@ def test_a_compact_proposal_matches_the_cddl_and_rebuilds_the_signed_proposal(
     rebuilt = rebuild_proposal(cbor2.loads(wire), mempool.get)
     assert rebuilt == proposal and isinstance(rebuilt, Proposal)
     assert rebuilt.verify(CHAIN, validators)  # the signature covers the rebuilt block
+    assert rebuilt.block.digests == block.digests == tuple(digests)  # the mempool's keys
+    with pytest.raises(ValueError, match="one digest a decision"):
+        block.knowing_digests(digests[:2])
     del mempool[digests[1]]
     assert rebuild_proposal(cbor2.loads(wire), mempool.get) == (3, 1)  # ask for it whole
     want = want_proposal(3, 1)

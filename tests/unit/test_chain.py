@@ -38,10 +38,10 @@ KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
 ME = Validator(KEY.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw))
 
 
-def _chain(path: Path, **kwargs: object) -> ConsensusChain:
+def _chain(path: Path, rules: OpenRules | None = None, **kwargs: object) -> ConsensusChain:
     return ConsensusChain(chain_id="unit", validators=ValidatorSet((ME,)),
                           store=ChainStore(path / "chain.sqlite3"), transport=NoPeers(),
-                          rules=OpenRules(), me=ME.id, sign=KEY.sign,
+                          rules=rules or OpenRules(), me=ME.id, sign=KEY.sign,
                           timeouts=Timeouts(), block_interval=60.0, **kwargs)  # type: ignore[arg-type]
 
 
@@ -233,3 +233,53 @@ async def test_a_validator_still_behind_a_gossip_interval_later_gets_the_decided
     assert peer.outbox == []
     chains[0]._peer_behind(*fresh)
     assert [cbor2.loads(m)["kind"] for m in peer.outbox] == ["decided"]
+
+
+class GatedRules(OpenRules):
+    """Refuses decisions that start with b"bad"; a check waits for ``gate`` if the
+    decision starts with b"slow" (as a proof check waits for a worker)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.asked: list[bytes] = []
+
+    async def check(self, decision: bytes, validators: ValidatorSet,
+                    sender: str | None = None) -> str | None:
+        self.asked.append(decision)
+        if decision.startswith(b"slow"):
+            await self.gate.wait()
+        return "bad" if decision.startswith(b"bad") else None
+
+
+async def test_a_decision_is_checked_once_and_concurrent_askers_share_the_verdict(
+        tmp_path: Path) -> None:
+    rules = GatedRules()
+    chain = _chain(tmp_path, rules=rules)
+    try:
+        # a check that never waits leaves nothing behind but its verdict
+        assert await chain._check(b"bad one") == "bad"
+        assert await chain._check(b"bad one") == "bad"
+        assert chain._checking == {}
+        # one that waits: the askers meanwhile share it, and the check runs once
+        askers = [asyncio.ensure_future(chain._check(b"slow one")) for _ in range(3)]
+        await asyncio.sleep(0.01)
+        assert not any(a.done() for a in askers)
+        rules.gate.set()
+        assert await asyncio.gather(*askers) == [None, None, None]
+        assert rules.asked == [b"bad one", b"slow one"]
+        assert chain._checking == {}
+        # a cancelled check: whoever shared it is cancelled too, and a new ask checks again
+        rules.gate.clear()
+        first = asyncio.ensure_future(chain._check(b"slow two"))
+        await asyncio.sleep(0)
+        second = asyncio.ensure_future(chain._check(b"slow two"))
+        await asyncio.sleep(0.01)
+        first.cancel()
+        await asyncio.sleep(0.01)
+        assert first.cancelled() and second.cancelled() and chain._checking == {}
+        rules.gate.set()
+        assert await chain._check(b"slow two") is None
+        assert rules.asked.count(b"slow two") == 2
+    finally:
+        chain.store.close()

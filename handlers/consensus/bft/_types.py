@@ -220,6 +220,21 @@ class Block:
     def id(self) -> bytes:
         return hashlib.sha256(self.encoded).digest()
 
+    @cached_property
+    def digests(self) -> tuple[bytes, ...]:
+        """The SHA-256 of each decision (its id in a mempool and in the store), computed
+        once a block: checking, proposing and storing a block all ask."""
+        return tuple(hashlib.sha256(decision).digest() for decision in self.decisions)
+
+    def knowing_digests(self, digests: Iterable[bytes]) -> Block:
+        """This block, its :attr:`digests` already known (a block rebuilt from the
+        decisions a mempool holds by digest)."""
+        known = tuple(digests)
+        if len(known) != len(self.decisions):
+            raise ValueError("one digest a decision")
+        self.__dict__["digests"] = known  # what the cached property would compute
+        return self
+
     @classmethod
     def from_wire(cls, item: Any) -> Block:
         if not isinstance(item, dict):
