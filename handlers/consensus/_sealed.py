@@ -31,7 +31,6 @@ from typing import Any
 from protocol import decode_item, encode_deterministic, encode_head
 from protocol.ct_merkle import (
     ProofError,
-    inclusion_proof,
     largest_power_of_two_below,
     leaf_hash,
     node_hash,
@@ -113,35 +112,37 @@ def seal_batch(raw_bodies: Sequence[bytes], entry: str,
         return [encode_sealed(raw, entry, sign(raw))]
     if not 1 < size <= MAX_BATCH_SIZE:
         raise ValueError(f"a batch holds 1 to {MAX_BATCH_SIZE} bodies, not {size}")
-    mth = _tree(raw_bodies)
-    return _sealed_batch(raw_bodies, entry, sign(batch_message(size, mth(0, size))), mth)
+    root, paths = _tree(raw_bodies)
+    signature = sign(batch_message(size, root))
+    return _sealed_batch(raw_bodies, entry, signature, paths)
 
 
-def _tree(raw_bodies: Sequence[bytes]) -> Callable[[int, int], bytes]:
-    """The RFC 9162 Merkle Tree Hash of ``raw_bodies[start:end]``, each node computed
-    once (2 * size - 1 hashes for the root and every path)."""
+def _tree(raw_bodies: Sequence[bytes]) -> tuple[bytes, list[list[bytes]]]:
+    """The RFC 9162 Merkle Tree Hash of ``raw_bodies`` and every leaf's inclusion proof,
+    in one walk: each node hashed once (size - 1 node hashes), each sibling appended
+    to the paths below it, the lowest first as RFC 9162 §2.1.3.1 orders them."""
     leaves = [leaf_hash(raw) for raw in raw_bodies]
-    nodes: dict[tuple[int, int], bytes] = {}
+    paths: list[list[bytes]] = [[] for _ in leaves]
 
-    def mth(start: int, end: int) -> bytes:
-        found = nodes.get((start, end))
-        if found is None:
-            if end - start == 1:
-                found = leaves[start]
-            else:
-                k = largest_power_of_two_below(end - start)
-                found = node_hash(mth(start, start + k), mth(start + k, end))
-            nodes[(start, end)] = found
-        return found
+    def walk(start: int, end: int) -> bytes:
+        if end - start == 1:
+            return leaves[start]
+        k = largest_power_of_two_below(end - start)
+        left, right = walk(start, start + k), walk(start + k, end)
+        for index in range(start, start + k):
+            paths[index].append(right)
+        for index in range(start + k, end):
+            paths[index].append(left)
+        return node_hash(left, right)
 
-    return mth
+    return walk(0, len(leaves)), paths
 
 
 def _sealed_batch(raw_bodies: Sequence[bytes], entry: str, signature: bytes,
-                  mth: Callable[[int, int], bytes]) -> list[bytes]:
+                  paths: list[list[bytes]]) -> list[bytes]:
     size = len(raw_bodies)
-    return [encode_sealed(raw, entry, signature, (index, size, inclusion_proof(index, size, mth)))
-            for index, raw in enumerate(raw_bodies)]
+    return [encode_sealed(raw, entry, signature, (index, size, path))
+            for index, (raw, path) in enumerate(zip(raw_bodies, paths, strict=True))]
 
 
 GROUP_KIND = "decision-group"
@@ -337,9 +338,10 @@ class SealOpener:
     def __init__(self, capacity: int = 4096) -> None:
         self.capacity = capacity
         self._verified: OrderedDict[tuple[bytes, bytes, bytes], None] = OrderedDict()
-        self._rebuilt: OrderedDict[bytes, None] = OrderedDict()
-        """Decisions :meth:`open_group` made from a verified group, each opened once
-        without its path walked again (up to :data:`REBUILT_KEPT`)."""
+        self._rebuilt: OrderedDict[bytes, tuple[bytes, str]] = OrderedDict()
+        """Decisions :meth:`open_group` made from a verified group -> their body and
+        entry: each opened once without being read or its path walked again (up to
+        :data:`REBUILT_KEPT`)."""
         self.verifications = 0
         """Signatures verified (a batch's first decision, or a plain seal)."""
         self.reused = 0
@@ -348,6 +350,13 @@ class SealOpener:
     def open(self, decision: bytes, validators: ValidatorSet) -> SealedDecision:
         """The decision's body if an active validator sealed it; :class:`SealError` if
         not (the message says which check failed)."""
+        rebuilt = self._rebuilt.pop(decision, None)
+        if rebuilt is not None:  # these very bytes were made from a verified group
+            raw, entry = rebuilt
+            sealed = SealedDecision(body=_body(raw), entry=entry, raw_body=raw)
+            self._active(entry, validators)
+            self.reused += 1
+            return sealed
         fields = _fields(decision)
         if fields is None:
             sealed, signature, batch = _checked(decision)
@@ -355,10 +364,6 @@ class SealOpener:
             raw, entry, signature, batch = fields
             sealed = SealedDecision(body=_body(raw), entry=entry, raw_body=raw)
         validator = self._active(sealed.entry, validators)
-        if batch is not None and decision in self._rebuilt:
-            del self._rebuilt[decision]  # these very bytes were made from a verified group
-            self.reused += 1
-            return sealed
         if batch is None:
             self.verifications += 1
             if not validator.verify(signature, sealed.raw_body):
@@ -378,11 +383,12 @@ class SealOpener:
         size = len(group.bodies)
         if not 2 <= size <= MAX_BATCH_SIZE:
             raise SealError(f"a decision group's size is not 2 to {MAX_BATCH_SIZE}")
-        mth = _tree(group.bodies)
-        self._verify_batch(validator, batch_message(size, mth(0, size)), group.signature)
-        decisions = _sealed_batch(group.bodies, group.entry, group.signature, mth)
+        root, paths = _tree(group.bodies)
+        self._verify_batch(validator, batch_message(size, root), group.signature)
+        decisions = _sealed_batch(group.bodies, group.entry, group.signature, paths)
         if self.capacity:
-            self._rebuilt.update(dict.fromkeys(decisions))
+            self._rebuilt.update((decision, (raw, group.entry))
+                                 for decision, raw in zip(decisions, group.bodies, strict=True))
             while len(self._rebuilt) > REBUILT_KEPT:
                 self._rebuilt.popitem(last=False)
         return decisions

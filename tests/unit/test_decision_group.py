@@ -6,6 +6,7 @@ nothing."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import os
 import re
@@ -272,3 +273,18 @@ async def test_a_batch_sealed_in_one_turn_crosses_the_link_as_one_group(
     for decision in [*decisions, lone]:
         assert chains[1].store.decision(hashlib.sha256(decision).digest()) is not None
     assert chains[1].proposals["wanted"] == 0  # rebuilt from the group's decisions
+
+
+def test_a_rebuilt_decision_still_needs_an_active_entry() -> None:
+    """The opener remembers what it rebuilt from a verified group, and opens it without
+    walking its path again, but not once its entry is no longer active."""
+    _, group = _group_of(4)
+    opener = SealOpener()
+    rebuilt = opener.open_group(group, VALIDATORS)
+    assert opener.open(rebuilt[0], VALIDATORS).body == decode_item(_bodies(4)[0])
+    isolated = ValidatorSet((dataclasses.replace(ME, power=0), OTHER))
+    with pytest.raises(SealError, match="is not an active validator"):
+        opener.open(rebuilt[1], isolated)
+    # the bytes alone, not their object, are what was rebuilt
+    assert opener.open(bytes(bytearray(rebuilt[2])), VALIDATORS).entry == ME.id
+    assert (opener.verifications, opener.reused) == (1, 2)
