@@ -21,7 +21,9 @@ most 10 times), alternately: ``forged-path``, a body of its own with the path of
 a batch it sealed without that body; and ``foreign-root``, a body of its own with
 the entry, signature (and batch, if any) of another validator's committed
 decision. Each is gossiped as its own; printed as ``{"forged": "bad-seal",
-"variant", "digest"}``.
+"variant", "digest"}``. With each it also sends every peer a ``decision-group``
+(spec §18.3) whose signature is of the same bodies in another order
+(``{"forged": "bad-seal", "variant": "forged-group"}``).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ec
 
 import stoq
-from handlers.consensus import ConsensusChain, seal, seal_batch
+from handlers.consensus import ConsensusChain, Group, seal, seal_batch
 from handlers.consensus._driver import decision_digest
 from handlers.consensus.bft import Block, Proposal, Vote, encode_message
 from handlers.consensus.bft._core import Broadcast, Effect
@@ -143,6 +145,13 @@ async def _forge_seals(chain: ConsensusChain) -> None:
         print(json.dumps({"forged": "bad-seal", "variant": variant,
                           "digest": decision_digest(decision).hex()}), file=sys.stderr,
               flush=True)
+        other_order = decode_item(seal_batch(bodies[1::-1], chain.me, chain.sign)[0])
+        group = Group(entry=chain.me, signature=other_order["signature"],
+                      bodies=tuple(bodies[:2]))
+        for peer in chain.peers.values():
+            chain._enqueue(peer, group.message())
+        print(json.dumps({"forged": "bad-seal", "variant": "forged-group"}),
+              file=sys.stderr, flush=True)
         try:
             await chain.submit(decision, checked=True, timeout=2.0)
         except Exception as exc:

@@ -386,8 +386,10 @@ async def test_forged_batch_seals_refused_and_counted_against_their_sender(
     """Four validators, node-4 forging seals (tests/byzantine.py --forge bad-seal): a
     body with a path that does not lead to the root it signed, and a body under another
     validator's entry and signature. Every honest validator refuses both and counts
-    them against the forger, never against the validator whose seal was borrowed;
-    meanwhile concurrent issuances are sealed in batches and committed."""
+    them against the forger, never against the validator whose seal was borrowed, and
+    refuses the forger's decision groups signed over their bodies in another order;
+    meanwhile concurrent issuances are sealed in batches, cross the links as decision
+    groups and are committed."""
     forger = 3
     with running_cluster(tmp_path / "c4", 4, forgers=(forger,), forge="bad-seal",
                          checker=cddl, **FAST, **CHEAP_WORK) as cluster:
@@ -401,9 +403,11 @@ async def test_forged_batch_seals_refused_and_counted_against_their_sender(
             assert set(status["refused"]) == {cluster.id(forger)}, status["refused"]
         forged = cluster.log(forger).read_text()
         assert '"variant": "forged-path"' in forged and '"variant": "foreign-root"' in forged
+        assert '"variant": "forged-group"' in forged
         for i in honest:
             log = cluster.log(i).read_text()
             assert "batch root does not verify" in log, f"node-{i + 1} refused nothing"
+            assert "sent a decision group that does not open" in log, f"node-{i + 1}"
         # honest decisions were sealed in batches, and committed
         height = max(r["block_height"] for r in results)
         await _executed(cluster, honest, height)
@@ -415,13 +419,16 @@ async def test_forged_batch_seals_refused_and_counted_against_their_sender(
                 kinds[form] = kinds.get(form, 0) + 1
         assert kinds.get("batch", 0) > 0, kinds
         print(f"decisions committed by form: {kinds}")
-        # whole batches crossed the links as decision groups, and every one opened
-        groups = {i: s["decision_groups"] for i, s in (await cluster.wait_until(
-            list(range(4)), lambda s: True, 10, "every status")).items()}
+        # whole batches crossed the links as decision groups; every honest one opened,
+        # and the forger's (signed in another order) were refused and counted against it
+        statuses = await cluster.wait_until(list(range(4)), lambda s: True, 10, "statuses")
+        groups = {i: s["decision_groups"] for i, s in statuses.items()}
         print(f"decision groups by node: {groups}")
-        assert sum(g["sent"] for g in groups.values()) >= 1, groups
-        assert sum(g["received"] for g in groups.values()) >= 3, groups
-        assert all(g["refused"] == 0 for g in groups.values()), groups
+        assert sum(groups[i]["sent"] for i in honest) >= 1, groups
+        assert sum(groups[i]["received"] for i in honest) >= 2, groups
+        assert groups[forger]["received"] >= 1 and groups[forger]["refused"] == 0, groups
+        for i in honest:
+            assert groups[i]["refused"] >= 1 and statuses[i]["misbehaviour"] >= 1, groups
         await _same_state(cluster, honest)
 
 
