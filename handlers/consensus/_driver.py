@@ -101,11 +101,11 @@ MAX_BEHIND_NOTED = 256
 """(peer, height) pairs remembered as reported behind once (the oldest forgotten first)."""
 
 MAX_KEPT_PROPOSALS = 16
+"""Our latest proposals, kept whole for a peer that could not rebuild one (``want-proposal``)."""
 WANT_DELAY = 0.2
 """Seconds a compact proposal waits for decisions it names that have not arrived
 before the whole proposal is asked for: they are usually still on their way from
 their entry, whose gossip to this validator and to the proposer travel apart."""
-"""Our latest proposals, kept whole for a peer that could not rebuild one (``want-proposal``)."""
 
 
 def decision_digest(decision: bytes) -> bytes:
