@@ -47,6 +47,7 @@ from .bft import (
     Proposal,
     SigningState,
     ValidatorSet,
+    Vote,
     decode_message,
     encode_message,
 )
@@ -75,6 +76,11 @@ MAX_CLOCK_DRIFT_MS = 5_000
 """A proposed block may not be stamped further than this ahead of our clock."""
 MAX_MEMPOOL = 50_000
 MAX_OUTBOX = 4_096
+RELAY_DELAY = 0.05
+"""Seconds a relayed vote may wait for other traffic to the same peer. A relay only
+catches a validator that sends different votes to different peers (§18.3): every
+validator sends its own votes to every peer itself, so a relay rarely carries news and
+need not cost a request of its own."""
 SYNC_BATCH = 64
 ENVELOPE_ROOM = 4096
 """Bytes kept free in a frame for the request envelope and CBOR headers (at most a
@@ -97,6 +103,10 @@ MAX_BEHIND_NOTED = 256
 
 MAX_KEPT_PROPOSALS = 16
 """Our latest proposals, kept whole for a peer that could not rebuild one (``want-proposal``)."""
+WANT_DELAY = 0.2
+"""Seconds a compact proposal waits for decisions it names that have not arrived
+before the whole proposal is asked for: they are usually still on their way from
+their entry, whose gossip to this validator and to the proposer travel apart."""
 
 
 def decision_digest(decision: bytes) -> bytes:
@@ -203,10 +213,23 @@ class _Peer:
     id: str
     name: str
     outbox: list[bytes] = field(default_factory=list)
+    relays: list[bytes] = field(default_factory=list)
+    """Relayed votes waiting for other traffic to this peer (or :data:`RELAY_DELAY`)."""
+    relay_timer: asyncio.TimerHandle | None = None
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     connected: bool = False
     last_error: str | None = None
     sent: int = 0
+
+
+@dataclass
+class _Incomplete:
+    """A compact proposal whose decisions are not all in the mempool yet."""
+
+    item: dict[str, Any]
+    sender: str | None
+    missing: set[bytes]
+    timer: asyncio.TimerHandle
 
 
 class ConsensusChain:
@@ -248,10 +271,13 @@ class ConsensusChain:
         self.genesis_validators = validators
         self.mempool: OrderedDict[bytes, bytes] = OrderedDict()
         self._proposed: OrderedDict[tuple[int, int], Proposal] = OrderedDict()
-        self._behind: dict[tuple[str, int], None] = {}
-        """(peer, height) reported behind once: served when reported again."""
-        self.proposals = {"rebuilt": 0, "wanted": 0, "served": 0}
-        """Compact proposals rebuilt from the mempool, asked for whole, sent whole."""
+        self._behind: dict[tuple[str, int], int] = {}
+        """(peer, height) -> how often reported behind (:meth:`_peer_behind`)."""
+        self.proposals = {"rebuilt": 0, "waited": 0, "wanted": 0, "served": 0}
+        """Compact proposals rebuilt from the mempool (of which ``waited`` for decisions
+        still on their way), asked for whole, sent whole."""
+        self._incomplete: dict[tuple[int, int], _Incomplete] = {}
+        """Compact proposals waiting for decisions (:meth:`_await_decisions`)."""
         self.seals = seals if seals is not None else SealOpener()
         self.decision_groups = {"sent": 0, "received": 0, "refused": 0}
         """Decision groups (whole seal batches) sent to a peer, received and opened,
@@ -535,7 +561,7 @@ class ConsensusChain:
                 if kind == COMPACT_KIND:
                     rebuilt = rebuild_proposal(item, self.mempool.get)
                     if not isinstance(rebuilt, Proposal):
-                        self._want(rebuilt, sender)
+                        self._await_decisions(item, rebuilt, sender)
                         continue
                     self.proposals["rebuilt"] += 1
                     message: Message = rebuilt
@@ -550,6 +576,43 @@ class ConsensusChain:
             self._inputs.put_nowait(("message", message, sender))
             usable += 1
         return usable
+
+    def _await_decisions(self, item: dict[str, Any], proposal: tuple[int, int],
+                         sender: str | None) -> None:
+        """Keep a compact proposal that names decisions this validator lacks until they
+        arrive (:meth:`_complete`), or ask for it whole after :data:`WANT_DELAY`."""
+        if proposal in self._incomplete:
+            return
+        if len(self._incomplete) >= MAX_KEPT_PROPOSALS:
+            self._want(proposal, sender)
+            return
+        missing = {d for d in item["digests"] if d not in self.mempool}
+        handle = asyncio.get_running_loop().call_later(WANT_DELAY, self._give_up, proposal)
+        self._incomplete[proposal] = _Incomplete(item, sender, missing, handle)
+
+    def _give_up(self, proposal: tuple[int, int]) -> None:
+        waiting = self._incomplete.pop(proposal, None)
+        if waiting is not None and proposal[0] >= self.core.height:
+            self._want(proposal, waiting.sender)
+
+    async def _complete(self, accepted: list[bytes]) -> None:
+        """Take the compact proposals whose last missing decisions just arrived."""
+        ready = []
+        for proposal, waiting in self._incomplete.items():
+            waiting.missing.difference_update(accepted)
+            if not waiting.missing:
+                ready.append(proposal)
+        for proposal in ready:
+            waiting = self._incomplete.pop(proposal)
+            waiting.timer.cancel()
+            rebuilt = rebuild_proposal(waiting.item, self.mempool.get)
+            if not isinstance(rebuilt, Proposal):  # (one left the mempool meanwhile)
+                self._want(rebuilt, waiting.sender)
+                continue
+            self.proposals["rebuilt"] += 1
+            self.proposals["waited"] += 1
+            await self._precheck(rebuilt.block)
+            self._inputs.put_nowait(("message", rebuilt, waiting.sender))
 
     def _want(self, proposal: tuple[int, int], sender: str | None) -> None:
         """Ask ``sender`` for the whole proposal it sent compact: a decision is missing."""
@@ -586,17 +649,20 @@ class ConsensusChain:
         if not isinstance(items, list) or not all(isinstance(d, bytes) for d in items):
             self._misbehaved(sender, "sent a malformed decision batch")
             return 0
-        accepted = 0
+        accepted: list[bytes] = []
         for decision in items:  # one after the other: most checks never wait (_check)
             digest = decision_digest(decision)
             if digest in self.mempool:
                 continue
             if await self._check(decision, sender, digest) is None:
                 with contextlib.suppress(ConsensusRejected):
-                    accepted += self._accept(decision, digest)
+                    if self._accept(decision, digest):
+                        accepted.append(digest)
         if accepted:
             self._inputs.put_nowait(("content",))
-        return accepted
+            if self._incomplete:
+                await self._complete(accepted)
+        return len(accepted)
 
     async def _precheck(self, block: Block) -> None:
         """Check the block's decisions not checked yet (one after the other: most
@@ -665,6 +731,13 @@ class ConsensusChain:
         for handle in self._timers:
             handle.cancel()
         self._timers.clear()
+        for waiting in self._incomplete.values():
+            waiting.timer.cancel()
+        self._incomplete.clear()
+        for peer in self.peers.values():
+            if peer.relay_timer is not None:
+                peer.relay_timer.cancel()
+                peer.relay_timer = None
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -734,8 +807,14 @@ class ConsensusChain:
             elif isinstance(effect, Broadcast):
                 if self.peers:
                     await self._flush_state()
-                    payload = self._outgoing(effect.message)
+                    message = effect.message
+                    payload = self._outgoing(message)
                     isolated = self.isolated
+                    if isinstance(message, Vote) and message.validator != self.me:
+                        for peer in self.peers.values():
+                            if peer.id not in isolated and peer.id != message.validator:
+                                self._relay(peer, payload)
+                        continue
                     for peer in self.peers.values():
                         if peer.id not in isolated:
                             self._enqueue(peer, payload)
@@ -850,10 +929,30 @@ class ConsensusChain:
 
     # --- peers ----------------------------------------------------------------------------
 
-    def _enqueue(self, peer: _Peer, payload: bytes) -> None:
+    def _relay(self, peer: _Peer, payload: bytes) -> None:
+        """Send ``peer`` another validator's vote with the next message it gets, or after
+        :data:`RELAY_DELAY` (never to the vote's own validator: it has it)."""
+        if len(peer.relays) >= MAX_OUTBOX:
+            del peer.relays[: MAX_OUTBOX // 2]
+        peer.relays.append(payload)
+        if peer.relay_timer is None:
+            peer.relay_timer = asyncio.get_running_loop().call_later(
+                RELAY_DELAY, self._release_relays, peer)
+
+    def _release_relays(self, peer: _Peer) -> None:
+        if peer.relay_timer is not None:
+            peer.relay_timer.cancel()
+            peer.relay_timer = None
+        if peer.relays:
+            relays, peer.relays = peer.relays, []
+            self._enqueue(peer, *relays)
+
+    def _enqueue(self, peer: _Peer, *payloads: bytes) -> None:
+        if peer.relays and peer.relay_timer is not None:
+            self._release_relays(peer)  # they travel with this message
         if len(peer.outbox) >= MAX_OUTBOX:
             del peer.outbox[: MAX_OUTBOX // 2]  # a dead peer: keep the newest; gossip repeats
-        peer.outbox.append(payload)
+        peer.outbox.extend(payloads)
         peer.wake.set()
 
     async def _sender(self, peer: _Peer) -> None:
@@ -889,19 +988,32 @@ class ConsensusChain:
                 backoff = 0.05
 
     def _peer_behind(self, validator: str, height: int) -> None:
-        """Send a peer that is behind the block it lacks, if it still lacks it a gossip
-        interval later. Under load a validator is often a moment behind the quorum (it
-        is still executing, or a precommit is on its way) and decides by itself; sending
-        every such peer the whole block at every height (up to n - 1 copies of each)
-        cost more than the blocks' decisions themselves. The core reports the same
-        peer and height again only after its next gossip tick."""
+        """Help a peer still at a height this validator decided, more each time the core
+        reports it (at most once a gossip tick): first only note it; then send the
+        height's commit as its precommits (a few hundred octets); then the whole block
+        with its commit. Under load a validator is often a moment behind the quorum (a
+        precommit is on its way, or its loop is busy) and decides by itself, or with
+        the precommits alone, since it holds the block it voted for; sending every such
+        peer the whole block (up to n - 1 copies of each height) cost more than the
+        blocks' decisions themselves."""
         key = (validator, height)
-        if key not in self._behind:
-            self._behind[key] = None
-            while len(self._behind) > MAX_BEHIND_NOTED:
-                del self._behind[next(iter(self._behind))]
+        stage = self._behind.get(key, 0)
+        self._behind[key] = stage + 1
+        while len(self._behind) > MAX_BEHIND_NOTED:
+            del self._behind[next(iter(self._behind))]
+        if stage == 1:
+            self._send_precommits(validator, height)
+        elif stage >= 2:
+            self._serve_behind(validator, height)
+
+    def _send_precommits(self, validator: str, height: int) -> None:
+        peer = self.peers.get(validator)
+        stored = self.store.block(height)
+        if peer is None or stored is None:
             return
-        self._serve_behind(validator, height)
+        commit = Commit.from_wire(decode_item(stored.commit))
+        self._enqueue(peer, *(encode_message(v) for v in commit.precommits
+                              if v.validator != validator))
 
     def _serve_behind(self, validator: str, height: int) -> None:
         peer = self.peers.get(validator)

@@ -111,11 +111,28 @@ class InProcessLinks:
         self.me, self.chains, self.lose, self.fetch = me, chains, lose, fetch
         self.delivered: list[tuple[str, str]] = []
         """(receiver, kind) of every message delivered."""
+        self.votes: list[tuple[str, str]] = []
+        """(receiver, the vote's validator) of every vote delivered."""
+        self.late: Callable[[str, dict[str, Any]], bool] = lambda receiver, message: False
+        """``(receiver, message)``: True to deliver the message 0.1 s later than the rest."""
+        self._late: set[asyncio.Task[int]] = set()
 
     async def send(self, validator: str, messages: list[bytes]) -> None:
         kept = [m for m in messages if not self.lose(self.me, validator, cbor2.loads(m))]
         self.delivered += [(validator, cbor2.loads(m)["kind"]) for m in kept]
-        await self.chains[validator].receive(kept, sender=self.me)
+        self.votes += [(validator, cbor2.loads(m)["validator"]) for m in kept
+                       if cbor2.loads(m)["kind"] == "vote"]
+        late = [m for m in kept if self.late(validator, cbor2.loads(m))]
+        if late:
+            task = asyncio.get_running_loop().create_task(self._deliver_late(validator, late))
+            self._late.add(task)
+            task.add_done_callback(self._late.discard)
+        await self.chains[validator].receive([m for m in kept if m not in late],
+                                             sender=self.me)
+
+    async def _deliver_late(self, validator: str, messages: list[bytes]) -> int:
+        await asyncio.sleep(0.1)
+        return await self.chains[validator].receive(messages, sender=self.me)
 
     async def fetch_blocks(self, validator: str, start: int,
                            limit: int) -> list[tuple[bytes, bytes]]:
@@ -140,11 +157,20 @@ def _nothing_lost(sender: str, receiver: str, message: dict[str, Any]) -> bool:
 
 async def _pair(tmp_path: Path, lose: Lose = _nothing_lost,
                 fetch: bool = True) -> list[ConsensusChain]:
+    return await _cluster(tmp_path, PAIR_KEYS, lose, fetch)
+
+
+async def _cluster(tmp_path: Path, keys: list[Ed25519PrivateKey], lose: Lose = _nothing_lost,
+                   fetch: bool = True) -> list[ConsensusChain]:
+    validators = ValidatorSet(tuple(
+        Validator(k.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)) for k in keys))
+    ids = [Validator(k.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)).id
+           for k in keys]
     chains: dict[str, ConsensusChain] = {}
-    for key, me in zip(PAIR_KEYS, PAIR_IDS, strict=True):
+    for key, me in zip(keys, ids, strict=True):
         (tmp_path / me[:8]).mkdir()
         chains[me] = ConsensusChain(
-            chain_id="unit", validators=PAIR,
+            chain_id="unit", validators=validators,
             store=ChainStore(tmp_path / me[:8] / "chain.sqlite3"),
             transport=InProcessLinks(me, chains, lose, fetch), rules=OpenRules(), me=me,
             sign=key.sign, timeouts=Timeouts(propose=0.3, prevote=0.2, precommit=0.2,
@@ -152,7 +178,7 @@ async def _pair(tmp_path: Path, lose: Lose = _nothing_lost,
             block_interval=60.0, gossip_interval=0.2)
     for chain in chains.values():
         await chain.start()
-    return [chains[i] for i in PAIR_IDS]
+    return [chains[i] for i in ids]
 
 
 async def test_proposals_travel_compact_and_are_rebuilt_from_the_mempool(
@@ -169,6 +195,34 @@ async def test_proposals_travel_compact_and_are_rebuilt_from_the_mempool(
     counts = [chain.status()["proposals"] for chain in chains]
     assert sum(c["rebuilt"] for c in counts) >= 1
     assert sum(c["wanted"] for c in counts) == 0
+
+
+async def test_a_compact_proposal_waits_for_decisions_still_on_their_way(
+        tmp_path: Path) -> None:
+    """B gets A's decisions a moment after A's proposal naming them: it rebuilds the
+    proposal when they arrive instead of asking for it whole."""
+    a, b = PAIR_IDS
+    chains = await _pair(tmp_path)
+    links = chains[0].transport
+    assert isinstance(links, InProcessLinks)
+    try:
+        for _ in range(4):  # to a height A proposes, which B has reached too
+            await asyncio.sleep(0.1)
+            if chains[0].core.validators.proposer(chains[0].core.height, 0) == a:
+                break
+            await chains[0].submit(os.urandom(100), timeout=20)
+        links.late = lambda receiver, message: receiver == b and \
+            message["kind"] == "decisions"
+        decision = os.urandom(500)
+        committed = await chains[0].submit(decision, timeout=20)
+    finally:
+        for chain in chains:
+            await chain.stop()
+    assert committed.block.decisions == (decision,)
+    assert committed.block.proposer == a
+    counts = chains[1].status()["proposals"]
+    assert counts["waited"] >= 1
+    assert counts["wanted"] == 0
 
 
 async def test_a_validator_that_missed_a_decision_asks_for_the_whole_proposal(
@@ -194,12 +248,13 @@ async def test_a_validator_that_missed_a_decision_asks_for_the_whole_proposal(
     assert chains[0].status()["proposals"]["served"] >= 1
 
 
-async def test_a_validator_still_behind_a_gossip_interval_later_gets_the_decided_block(
+async def test_a_validator_still_behind_two_gossip_intervals_later_gets_the_decided_block(
         tmp_path: Path) -> None:
     """B never gets A's precommits, so only A can decide; B, behind, keeps sending its
-    votes of that height. A does not answer the first with the whole block (a peer a
-    moment behind decides by itself), but it does when B is still behind after a
-    gossip tick; B cannot fetch blocks here, so that commit is how it decides."""
+    votes of that height. A does not answer the first with anything (a peer a moment
+    behind decides by itself), the second with the commit's precommits (lost here
+    too), and the third with the whole block; B cannot fetch blocks here, so that
+    commit is how it decides."""
     a, b = PAIR_IDS
 
     def lose(sender: str, receiver: str, message: dict[str, Any]) -> bool:
@@ -221,16 +276,22 @@ async def test_a_validator_still_behind_a_gossip_interval_later_gets_the_decided
     links = chains[0].transport
     assert isinstance(links, InProcessLinks)
     assert 1 <= links.delivered.count((b, "decided")) <= 2
-    # the grace itself: the first report of a peer behind sends nothing, the next does
+    # the grace itself: the first report of a peer behind sends nothing, the second
+    # the precommits, the third the block
     peer = chains[0].peers[b]
     peer.outbox.clear()
-    chains[0]._peer_behind(b, committed.block.height + 100)  # noted (no such block yet)
-    chains[0]._peer_behind(b, committed.block.height + 100)  # nothing stored to send
+    for _ in range(3):  # nothing stored to send
+        chains[0]._peer_behind(b, committed.block.height + 100)
     assert peer.outbox == []
     fresh = (b, committed.block.height)
     chains[0]._behind.pop(fresh, None)
     chains[0]._peer_behind(*fresh)
     assert peer.outbox == []
+    chains[0]._peer_behind(*fresh)
+    sent = [cbor2.loads(m) for m in peer.outbox]
+    assert [(m["kind"], m["type"], m["validator"], m["block_id"]) for m in sent] == [
+        ("vote", 2, a, committed.block.id)]  # A's precommit: B has its own
+    peer.outbox.clear()
     chains[0]._peer_behind(*fresh)
     assert [cbor2.loads(m)["kind"] for m in peer.outbox] == ["decided"]
 
@@ -283,3 +344,65 @@ async def test_a_decision_is_checked_once_and_concurrent_askers_share_the_verdic
         assert rules.asked.count(b"slow two") == 2
     finally:
         chain.store.close()
+
+
+async def test_a_validator_that_missed_one_precommit_decides_with_the_precommits_alone(
+        tmp_path: Path) -> None:
+    """B loses A's first precommit: A decides, B stays behind, and A's answer to its
+    votes of that height is the commit's precommits, not the whole block."""
+    a, b = PAIR_IDS
+    lost: list[int] = []
+
+    def lose_once(sender: str, receiver: str, message: dict[str, Any]) -> bool:
+        if (sender, receiver) == (a, b) and message["kind"] == "vote" \
+                and message["type"] == 2 and not lost:
+            lost.append(message["height"])
+            return True
+        return False
+
+    chains = await _pair(tmp_path, lose_once, fetch=False)
+    try:
+        committed = await chains[0].submit(os.urandom(200), timeout=20)
+        for _ in range(200):
+            if chains[1].last_block is not None:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        for chain in chains:
+            await chain.stop()
+    assert lost == [committed.block.height]
+    assert chains[1].last_block is not None and chains[1].last_block.id == committed.block.id
+    links = chains[0].transport
+    assert isinstance(links, InProcessLinks)
+    assert links.delivered.count((b, "decided")) == 0
+
+
+async def test_votes_are_relayed_to_the_others_never_back_to_their_validator(
+        tmp_path: Path) -> None:
+    """Four validators; A's votes never reach C directly, so C sees them only as the
+    others' relays (which catch a validator sending different votes to different
+    peers). Nobody is sent its own vote back."""
+    keys = [Ed25519PrivateKey.from_private_bytes(bytes([i + 40]) * 32) for i in range(4)]
+    ids = [Validator(k.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)).id
+           for k in keys]
+    a, c = ids[0], ids[2]
+
+    def lose(sender: str, receiver: str, message: dict[str, Any]) -> bool:
+        return (sender, receiver) == (a, c) and message["kind"] == "vote"
+
+    chains = await _cluster(tmp_path, keys, lose)
+    try:
+        for _ in range(3):
+            await chains[1].submit(os.urandom(200), timeout=20)
+        await asyncio.sleep(0.3)  # relays wait at most RELAY_DELAY for other traffic
+    finally:
+        for chain in chains:
+            await chain.stop()
+    delivered = {me: chain.transport for me, chain in zip(ids, chains, strict=True)}
+    relayed_to_c = 0
+    for sender, links in delivered.items():
+        assert isinstance(links, InProcessLinks)
+        assert all(receiver != validator for receiver, validator in links.votes)
+        relayed_to_c += sum(1 for receiver, validator in links.votes
+                            if (receiver, validator) == (c, a) and sender != a)
+    assert relayed_to_c >= 2  # A's prevote and precommit of at least one height
