@@ -11,7 +11,7 @@ import hashlib
 import ipaddress
 import re
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from cryptography import x509
@@ -70,10 +70,13 @@ class CheckedRequest:
     spki_sha256: str
     dns_names: tuple[str, ...]
     ip_addresses: tuple[ipaddress.IPv6Address, ...]
+    names: tuple[str, ...] = field(init=False, compare=False, repr=False)
+    """The DNS names, then the addresses as text: made once, since a request checked once
+    is read at every step of its issuance (``str`` of an address is slow)."""
 
-    @property
-    def names(self) -> tuple[str, ...]:
-        return self.dns_names + tuple(str(ip) for ip in self.ip_addresses)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "names", self.dns_names + tuple(
+            str(ip) for ip in self.ip_addresses))
 
 
 def load_csr(der: bytes) -> x509.CertificateSigningRequest:
