@@ -705,9 +705,12 @@ def certificate_of(precertificate_der: bytes, sct_list: bytes, signature: bytes)
     return certificate_der(*certificate_parts(precertificate_der, sct_list), signature)
 
 
+@functools.lru_cache(maxsize=1024)
 def certificate_parts(precertificate_der: bytes, sct_list: bytes) -> tuple[bytes, bytes]:
     """(:func:`certificate_tbs`, the precertificate's encoded signatureAlgorithm): what
-    :func:`certificate_der` puts around a signature.
+    :func:`certificate_der` puts around a signature. Kept for recent ones: a validator
+    assembles a certificate when it reads a block ahead (for its fingerprint) and again
+    when it checks the signature.
 
     :raises StructureError: not a precertificate, or ``sct_list`` not an SCT list of
         at most :data:`MAX_SCT_LIST` octets.
