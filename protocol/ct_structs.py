@@ -424,6 +424,35 @@ def parse_sct_list(data: bytes) -> list[bytes]:
     return out
 
 
+def check_sct_list(data: bytes) -> int:
+    """How many SCTs the TLS-encoded ``SignedCertificateTimestampList`` ``data`` holds,
+    each laid out as a v1 SCT (what :meth:`SignedCertificateTimestamp.parse` reads):
+    checked by positions, without building them (a validator checks every
+    ``certificate`` decision's list before it votes).
+
+    :raises StructureError: it is not such a list, or is empty.
+    """
+    size = len(data)
+    if size < 2 or int.from_bytes(data[:2], "big") != size - 2:
+        raise StructureError("SignedCertificateTimestampList: its length is not its size")
+    pos, count = 2, 0
+    while pos < size:
+        start = pos + 2
+        end = start + int.from_bytes(data[pos:start], "big")
+        # version (1, v1), log_id (32), timestamp (8), extensions <0..2^16-1>,
+        # hash and signature algorithms (2), signature <0..2^16-1>
+        signature = start + 43 + int.from_bytes(data[start + 41:start + 43], "big")
+        if end > size or end < start + 47 or data[start] != V1 or signature + 4 > end \
+                or signature + 4 + int.from_bytes(data[signature + 2:signature + 4],
+                                                  "big") != end:
+            raise StructureError(f"SignedCertificateTimestampList: SCT {count} is not a v1 "
+                                 "SCT")
+        pos, count = end, count + 1
+    if not count:
+        raise StructureError("SignedCertificateTimestampList: empty")
+    return count
+
+
 def sct_list_extension_value(scts: list[bytes]) -> bytes:
     """The extnValue contents of the SCT list extension: a DER OCTET STRING of the list."""
     return der_tlv(0x04, encode_sct_list(scts))
@@ -712,13 +741,13 @@ def certificate_parts(precertificate_der: bytes, sct_list: bytes) -> tuple[bytes
     assembles a certificate when it reads a block ahead (for its fingerprint) and again
     when it checks the signature.
 
-    :raises StructureError: not a precertificate, or ``sct_list`` not an SCT list of
-        at most :data:`MAX_SCT_LIST` octets.
+    :raises StructureError: not a precertificate, or ``sct_list`` not a list of v1
+        SCTs (:func:`check_sct_list`) of at most :data:`MAX_SCT_LIST` octets.
     """
     if len(sct_list) > MAX_SCT_LIST:
         raise StructureError(f"SignedCertificateTimestampList: longer than {MAX_SCT_LIST} "
                              "octets")
-    parse_sct_list(sct_list)
+    check_sct_list(sct_list)
     der = precertificate_der
     tbs, tbs_end = _poison_replaced(der, sct_list_extension(sct_list))
     tag, _, algorithm_end = _der_span(der, tbs_end, len(der))

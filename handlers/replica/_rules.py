@@ -33,7 +33,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from protocol import ProofInvalid, TrustChainError, revocation_statement
-from protocol.ct_structs import SignedCertificateTimestamp, StructureError, parse_sct_list
+from protocol.ct_structs import StructureError, check_sct_list
 from protocol.decisions import (
     Checkpoint,
     CompactCertificate,
@@ -170,8 +170,7 @@ class CaRules:
             return None
         if isinstance(decision, CompactCertificate):
             try:  # the signature needs the committed precertificate: when executed
-                for sct in parse_sct_list(decision.sct_list):
-                    SignedCertificateTimestamp.parse(sct)
+                check_sct_list(decision.sct_list)
             except StructureError as exc:
                 return f"certificate: the SCT list cannot be read: {exc}"
             return None
