@@ -95,7 +95,9 @@ async def test_a_worker_signs_the_tbs_of_a_final_certificate(tmp_path: Path) -> 
             issuer_name="intermediate-1", issuer_der=issuer_der, request=request,
             serial=_x509.new_serial(), not_before=now - 300, not_after=now + 3600,
             extensions=[x509.Extension(ct.POISON_OID, True, x509.PrecertPoison())])
-        sct_list = ct.encode_sct_list([b"\x00" * 40])
+        sct = ct.SignedCertificateTimestamp(log_id=bytes(32), timestamp=1, extensions=b"",
+                                            signature=ct.digitally_signed(bytes(70)))
+        sct_list = ct.encode_sct_list([sct.encode()])
         tbs = ct.certificate_tbs(precert, sct_list)
         issuer_key = Issuer(name="intermediate-1", signer=signer, certificate=issuer,
                             der=issuer_der)
