@@ -9,7 +9,8 @@ a validator other than the entry does. Its own intermediate and CT log keys
 are announced in block 1. Then ``--blocks`` blocks each commit ``--per-block``
 ``issue`` decisions (fresh P-256 keys, real four-proof sets from a k=18 plot,
 real precertificates) and the signed certificates of the previous block's
-issuances, their SCT from the replica's own log embedded: the pipeline of a
+issuances (the compact form the CA makes: the SCT list, from the replica's own
+log, and the signature; the replica assembles the DER): the pipeline of a
 loaded cluster, where a certificate follows its issuance one block later.
 
 Every decision is built and sealed before its block is timed; the figure is
@@ -39,7 +40,8 @@ from handlers.consensus import seal_batch
 from handlers.consensus.bft import GENESIS_ID, Block
 from handlers.replica import Outcome
 from protocol import encode_deterministic
-from protocol.decisions import Decision, Issue, SignedCertificate
+from protocol.ct_structs import certificate_tbs, encode_sct_list
+from protocol.decisions import CompactCertificate, Decision, Issue
 from tests.ca_fixtures import (
     BACKDATE,
     LIFETIME,
@@ -150,12 +152,16 @@ class _Run:
             csr=csr, proofs=proofs, precertificate=precertificate, renews=None,
             renewal_signature=None, at_ms=at_ms))
 
-    async def certificate(self, issuance: _Issuance, outcome: Outcome) -> SignedCertificate:
+    async def certificate(self, issuance: _Issuance, outcome: Outcome) -> CompactCertificate:
+        """The certificate decision as the CA makes it: the SCT list and the signature of
+        the TBS they make with the precertificate."""
         assert outcome.accepted and outcome.logged is not None, outcome
-        sct = self.replica.ct.sct(outcome.logged).sct
-        der = await LocalSigner().sign_leaf(issuance.leaf, [_x509.sct_list([sct.encode()])])
-        return SignedCertificate(serial=_x509.serial_hex(issuance.leaf.serial),
-                                 certificate=der, at_ms=int(self.clock() * 1000))
+        sct_list = encode_sct_list([self.replica.ct.sct(outcome.logged).sct.encode()])
+        signature = await LocalSigner().sign_tbs(
+            issuance.leaf.issuer, certificate_tbs(issuance.decision.precertificate, sct_list))
+        return CompactCertificate(serial=_x509.serial_hex(issuance.leaf.serial),
+                                  sct_list=sct_list, signature=signature,
+                                  at_ms=int(self.clock() * 1000))
 
 
 async def _measure(blocks: int, per_block: int) -> ExecuteFigures:

@@ -8,7 +8,8 @@ Everything a log signs or stores and everything a client verifies, as bytes:
 - the tree head signature input (§3.5), the C2SP checkpoint note and its
   RFC 6962 note signature (c2sp.org/tlog-checkpoint, c2sp.org/signed-note);
 - the static-ct-api ``TileLeaf`` of data tiles and the tile paths;
-- the precertificate TBS (the poison extension removed, in DER);
+- the precertificate TBS (the poison extension removed, in DER), and the final
+  certificate assembled from the precertificate, an SCT list and a signature;
 - signature checks of SCTs, tree heads and checkpoints (ECDSA P-256, SHA-256).
 
 Parsing errors raise :class:`StructureError`; failed signature checks
@@ -423,6 +424,35 @@ def parse_sct_list(data: bytes) -> list[bytes]:
     return out
 
 
+def check_sct_list(data: bytes) -> int:
+    """How many SCTs the TLS-encoded ``SignedCertificateTimestampList`` ``data`` holds,
+    each laid out as a v1 SCT (what :meth:`SignedCertificateTimestamp.parse` reads):
+    checked by positions, without building them (a validator checks every
+    ``certificate`` decision's list before it votes).
+
+    :raises StructureError: it is not such a list, or is empty.
+    """
+    size = len(data)
+    if size < 2 or int.from_bytes(data[:2], "big") != size - 2:
+        raise StructureError("SignedCertificateTimestampList: its length is not its size")
+    pos, count = 2, 0
+    while pos < size:
+        start = pos + 2
+        end = start + int.from_bytes(data[pos:start], "big")
+        # version (1, v1), log_id (32), timestamp (8), extensions <0..2^16-1>,
+        # hash and signature algorithms (2), signature <0..2^16-1>
+        signature = start + 43 + int.from_bytes(data[start + 41:start + 43], "big")
+        if end > size or end < start + 47 or data[start] != V1 or signature + 4 > end \
+                or signature + 4 + int.from_bytes(data[signature + 2:signature + 4],
+                                                  "big") != end:
+            raise StructureError(f"SignedCertificateTimestampList: SCT {count} is not a v1 "
+                                 "SCT")
+        pos, count = end, count + 1
+    if not count:
+        raise StructureError("SignedCertificateTimestampList: empty")
+    return count
+
+
 def sct_list_extension_value(scts: list[bytes]) -> bytes:
     """The extnValue contents of the SCT list extension: a DER OCTET STRING of the list."""
     return der_tlv(0x04, encode_sct_list(scts))
@@ -613,7 +643,7 @@ def verify_embedded_sct(cert: x509.Certificate, issuer: x509.Certificate,
                             tbs_certificate=entry.tbs_certificate, extensions=sct.extensions)
 
 
-# --- DER: the precertificate's TBS without the poison ---------------------------------------
+# --- DER: the precertificate's TBS without the poison, the certificate with SCTs ---------
 
 
 def der_tlv(tag: int, content: bytes) -> bytes:
@@ -669,7 +699,76 @@ def precert_tbs(precertificate_der: bytes) -> bytes:
 
     :raises StructureError: not a certificate, or no critical poison extension.
     """
+    return _poison_replaced(precertificate_der, b"")[0]
+
+
+_SCT_LIST_OID_DER = der_tlv(0x06, bytes.fromhex("2b06010401d679020402"))
+MAX_SCT_LIST = 2048
+"""Octets of an SCT list a ``certificate`` decision may carry (a dozen SCTs)."""
+
+
+def sct_list_extension(sct_list: bytes) -> bytes:
+    """The encoded Extension embedding ``sct_list`` (a TLS-encoded
+    ``SignedCertificateTimestampList``, RFC 6962 §3.3): not critical, its extnValue the
+    DER OCTET STRING of the list (:func:`sct_list_extension_value`)."""
+    return der_tlv(0x30, _SCT_LIST_OID_DER + der_tlv(0x04, der_tlv(0x04, sct_list)))
+
+
+def certificate_tbs(precertificate_der: bytes, sct_list: bytes) -> bytes:
+    """The final certificate's TBSCertificate: the precertificate's with the SCT list
+    extension of ``sct_list`` in the poison's place. The issuer signs exactly this and
+    every validator rebuilds it from the committed precertificate, so a ``certificate``
+    decision need carry only the SCT list and the signature.
+
+    :raises StructureError: see :func:`certificate_parts`.
+    """
+    return certificate_parts(precertificate_der, sct_list)[0]
+
+
+def certificate_of(precertificate_der: bytes, sct_list: bytes, signature: bytes) -> bytes:
+    """The final certificate's DER: :func:`certificate_tbs` signed with ``signature``
+    (:func:`certificate_der`), byte for byte what the issuer made.
+
+    :raises StructureError: see :func:`certificate_parts`.
+    """
+    return certificate_der(*certificate_parts(precertificate_der, sct_list), signature)
+
+
+@functools.lru_cache(maxsize=1024)
+def certificate_parts(precertificate_der: bytes, sct_list: bytes) -> tuple[bytes, bytes]:
+    """(:func:`certificate_tbs`, the precertificate's encoded signatureAlgorithm): what
+    :func:`certificate_der` puts around a signature. Kept for recent ones: a validator
+    assembles a certificate when it reads a block ahead (for its fingerprint) and again
+    when it checks the signature.
+
+    :raises StructureError: not a precertificate, or ``sct_list`` not a list of v1
+        SCTs (:func:`check_sct_list`) of at most :data:`MAX_SCT_LIST` octets.
+    """
+    if len(sct_list) > MAX_SCT_LIST:
+        raise StructureError(f"SignedCertificateTimestampList: longer than {MAX_SCT_LIST} "
+                             "octets")
+    check_sct_list(sct_list)
     der = precertificate_der
+    tbs, tbs_end = _poison_replaced(der, sct_list_extension(sct_list))
+    tag, _, algorithm_end = _der_span(der, tbs_end, len(der))
+    if tag != 0x30:
+        raise StructureError("precertificate: no signatureAlgorithm")
+    return tbs, der[tbs_end:algorithm_end]
+
+
+def certificate_der(tbs: bytes, algorithm: bytes, signature: bytes) -> bytes:
+    """``Certificate ::= SEQUENCE { tbsCertificate, signatureAlgorithm, signatureValue }``
+    of an encoded TBS and AlgorithmIdentifier, ``signature`` the BIT STRING's octets."""
+    return der_tlv(0x30, tbs + algorithm + der_tlv(0x03, b"\x00" + signature))
+
+
+def _poison_replaced(der: bytes, extension: bytes) -> tuple[bytes, int]:
+    """The TBSCertificate of the precertificate ``der`` with its poison extension
+    replaced by the encoded ``extension`` (b"": removed), and where the TBS ends in
+    ``der``. Walks the items by their positions and copies each kept one once.
+
+    :raises StructureError: not a certificate, or no critical poison extension.
+    """
     tag, start, end = _der_span(der, 0, len(der))
     if tag != 0x30 or end != len(der):
         raise StructureError("precertificate: not one DER SEQUENCE")
@@ -692,10 +791,12 @@ def precert_tbs(precertificate_der: bytes) -> bytes:
             if der.startswith(_POISON_OID_DER, ext_content) \
                     and ext_content + len(_POISON_OID_DER) <= epos:
                 found = True
+                if extension:
+                    kept.append(extension)
                 continue
             kept.append(der[ext:epos])
         if kept:
             out.append(der_tlv(0xA3, der_tlv(seq_tag, b"".join(kept))))
     if not found:
         raise StructureError("precertificate: no poison extension")
-    return der_tlv(0x30, b"".join(out))
+    return der_tlv(0x30, b"".join(out)), tbs_end

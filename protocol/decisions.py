@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ._cbor import decode_item, encode_deterministic
+from .ct_structs import MAX_SCT_LIST
 
 MAX_NAMES = 100
 MAX_CHAIN = 10
@@ -104,7 +105,9 @@ class NodeCertificate:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SignedCertificate:
     """The certificate of a committed issuance, signed by its issuing validator with the
-    SCTs embedded. Any validator may seal it: it proves itself."""
+    SCTs embedded, whole: the full form of the ``certificate`` kind, which earlier
+    versions made (:class:`CompactCertificate` is what this one makes). Any validator
+    may seal it: it proves itself."""
 
     KIND: ClassVar[str] = "certificate"
     serial: str
@@ -117,7 +120,49 @@ class SignedCertificate:
 
     @classmethod
     def parse(cls, body: dict[str, Any]) -> SignedCertificate:
+        if "sct_list" in body or "signature" in body:
+            raise DecisionError("certificate: either certificate, or sct_list and signature")
         return cls(serial=_get(body, "serial", str), certificate=_get(body, "certificate", bytes),
+                   at_ms=_uint(body, "at_ms"))
+
+
+MAX_SERIAL = 40
+"""Characters of a serial number in a compact ``certificate`` decision."""
+MAX_SIGNATURE = 256
+"""Octets of its signature (ECDSA P-256 makes at most 72, Ed25519 64)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CompactCertificate:
+    """The certificate of a committed issuance by what is new in it: the SCT list and
+    the issuing validator's signature. The rest is the committed precertificate, so
+    every validator assembles the same DER (:func:`protocol.ct_structs.certificate_of`).
+    The ``certificate`` kind in its compact form; :class:`SignedCertificate` is the
+    full form, still accepted (blocks of earlier versions)."""
+
+    KIND: ClassVar[str] = "certificate"
+    serial: str
+    sct_list: bytes
+    """The TLS-encoded ``SignedCertificateTimestampList`` (RFC 6962 §3.3)."""
+    signature: bytes
+    """The certificate's signatureValue octets."""
+    at_ms: int
+
+    def body(self) -> dict[str, Any]:
+        return {"kind": self.KIND, "serial": self.serial, "sct_list": self.sct_list,
+                "signature": self.signature, "at_ms": self.at_ms}
+
+    @classmethod
+    def parse(cls, body: dict[str, Any]) -> CompactCertificate:
+        serial, sct_list, signature = (_get(body, "serial", str), _get(body, "sct_list", bytes),
+                                       _get(body, "signature", bytes))
+        if not 0 < len(serial) <= MAX_SERIAL:
+            raise DecisionError(f"certificate: serial must be 1 to {MAX_SERIAL} characters")
+        if not 0 < len(sct_list) <= MAX_SCT_LIST:
+            raise DecisionError(f"certificate: sct_list must be 1 to {MAX_SCT_LIST} octets")
+        if not 0 < len(signature) <= MAX_SIGNATURE:
+            raise DecisionError(f"certificate: signature must be 1 to {MAX_SIGNATURE} octets")
+        return cls(serial=serial, sct_list=sct_list, signature=signature,
                    at_ms=_uint(body, "at_ms"))
 
 
@@ -316,8 +361,8 @@ class Checkpoint:
                    at_ms=_uint(body, "at_ms"))
 
 
-Decision = (Issue | NodeCertificate | SignedCertificate | Revoke | Register | LogChain
-            | ValidatorKeys | Misissued | StakeCredit | Checkpoint)
+Decision = (Issue | NodeCertificate | SignedCertificate | CompactCertificate | Revoke
+            | Register | LogChain | ValidatorKeys | Misissued | StakeCredit | Checkpoint)
 
 KINDS: dict[str, Any] = {cls.KIND: cls for cls in (
     Issue, NodeCertificate, SignedCertificate, Revoke, Register, LogChain, ValidatorKeys,
@@ -334,5 +379,7 @@ def parse(body: Any) -> Decision:
     kind = KINDS.get(body.get("kind"))  # type: ignore[arg-type]
     if kind is None:
         raise DecisionError(f"unknown decision kind {body.get('kind')!r}")
+    if kind is SignedCertificate and "certificate" not in body:
+        kind = CompactCertificate  # the same kind, in its compact form
     decision: Decision = kind.parse(body)
     return decision

@@ -23,9 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+
 import stoq
+from handlers.consensus import SealError, unseal
 from handlers.consensus.bft import BadMessage, Commit, Validator, ValidatorSet, Vote, VoteType
 from protocol import decode_item
+from protocol.ct_structs import sct_list_extension
+from protocol.decisions import CompactCertificate, DecisionError, parse
 
 from ._cli_common import (
     ClientBody,
@@ -176,6 +181,23 @@ def block_holds(block_bytes: bytes, block_hash: bytes, index: int, der: bytes) -
     decisions = decode_item(block_bytes).get("decisions", [])
     if not 0 <= index < len(decisions):
         return f"the block has no decision {index}"
-    if der not in decisions[index]:
+    if not _carries(decisions[index], der):
         return f"decision {index} of the block does not carry this certificate"
     return None
+
+
+def _carries(sealed: bytes, der: bytes) -> bool:
+    """Whether the sealed decision ``sealed`` carries the certificate ``der``: whole (the
+    full form), or as its serial, SCT list and signature (the compact form, §18.6). A
+    signature is over one TBS only: the one validators assembled is ``der``'s."""
+    if der in sealed:
+        return True
+    try:
+        decision = parse(unseal(sealed).body)
+        cert = x509.load_der_x509_certificate(der)
+    except (SealError, DecisionError, ValueError):
+        return False
+    return (isinstance(decision, CompactCertificate)
+            and decision.serial == format(cert.serial_number, "x")
+            and decision.signature == cert.signature
+            and sct_list_extension(decision.sct_list) in cert.tbs_certificate_bytes)

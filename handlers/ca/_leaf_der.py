@@ -16,7 +16,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from protocol.ct_structs import der_read, der_tlv
+from protocol.ct_structs import certificate_der, der_read, der_tlv
 from store import ECDSA_WITH_SHA256
 
 SEQUENCE = 0x30
@@ -49,11 +49,6 @@ def sequence(*parts: bytes) -> bytes:
 def integer(value: int) -> bytes:
     """A non-negative INTEGER in its fewest octets (a leading zero when the top bit is set)."""
     return tlv(_INTEGER, value.to_bytes(value.bit_length() // 8 + 1, "big"))
-
-
-def bit_string(octets: bytes) -> bytes:
-    """A BIT STRING of whole octets (no unused bits)."""
-    return tlv(_BIT_STRING, b"\x00" + octets)
 
 
 def explicit(number: int, content: bytes) -> bytes:
@@ -137,14 +132,21 @@ def signature_algorithm(private_key: object) -> bytes:
                     "ECDSA or Ed25519 keys only")
 
 
+def signature(tbs: bytes, private_key: Any) -> bytes:
+    """``private_key``'s signature of ``tbs`` (its own ``sign()``: a software key or a
+    token's, alike), with the algorithm of :func:`signature_algorithm`.
+
+    :raises TypeError: a key that is neither ECDSA nor Ed25519.
+    """
+    if signature_algorithm(private_key) == ED25519:  # (a TypeError for another kind)
+        return bytes(private_key.sign(tbs))
+    return bytes(private_key.sign(tbs, ECDSA_WITH_SHA256))
+
+
 def signed_certificate(tbs: bytes, algorithm: bytes, private_key: Any) -> bytes:
     """``Certificate ::= SEQUENCE { tbs, signatureAlgorithm, signatureValue }``, signed by
-    ``private_key`` (its own ``sign()``: a software key or a token's, alike).
+    ``private_key`` (:func:`signature`).
 
     ``algorithm`` is :func:`signature_algorithm` of the key, the one inside ``tbs``.
     """
-    if signature_algorithm(private_key) == ED25519:  # (a TypeError for another kind)
-        signature = private_key.sign(tbs)
-    else:
-        signature = private_key.sign(tbs, ECDSA_WITH_SHA256)
-    return sequence(tbs, algorithm, bit_string(signature))
+    return certificate_der(tbs, algorithm, signature(tbs, private_key))

@@ -9,14 +9,21 @@ from the same inputs (written directly, :func:`_x509.leaf_tbs`: no signature)
 and compares bytes (:func:`check_precertificate`), so an
 issuer can sign nothing the rules did not allow; the final certificate must
 then be the same TBS with the SCT list in place of the poison
-(:func:`check_certificate`).
+(:func:`check_certificate`), or is assembled from the committed precertificate,
+the SCT list and the signature (:func:`assemble_certificate`).
 """
 
 from __future__ import annotations
 
 from cryptography import x509
 
-from protocol.ct_structs import SCT_LIST_OID, StructureError, precert_tbs
+from protocol.ct_structs import (
+    SCT_LIST_OID,
+    StructureError,
+    certificate_der,
+    certificate_parts,
+    precert_tbs,
+)
 
 from . import _x509
 from ._policy import CheckedRequest
@@ -105,3 +112,23 @@ def check_certificate(certificate: bytes, *, precertificate: bytes,
     if verify:
         _verify_issued(cert, issuer)
     return cert
+
+
+def assemble_certificate(*, precertificate: bytes, sct_list: bytes, signature: bytes,
+                         issuer: x509.Certificate, verify: bool = True) -> bytes:
+    """The final certificate's DER, assembled from the committed precertificate, the SCT
+    list and the signature (as :func:`protocol.ct_structs.certificate_of`), if the issuer's
+    key signed its TBS.
+
+    :param verify: check the issuer's signature (False: the caller made it itself).
+
+    :raises ProfileError: the SCT list cannot be read, or the signature does not verify.
+    """
+    try:
+        tbs, algorithm = certificate_parts(precertificate, sct_list)
+    except StructureError as exc:
+        raise ProfileError(f"its SCT list cannot be read: {exc}") from None
+    if verify and not _x509.signs(issuer, tbs, signature):
+        raise ProfileError("its signature is not the issuing intermediate's over the "
+                           "committed precertificate with this SCT list")
+    return certificate_der(tbs, algorithm, signature)

@@ -35,6 +35,7 @@ from cryptography import x509
 
 from protocol import Internal
 
+from ._authority import Issuer
 from ._leaf import Extensions, LeafTemplate
 from ._policy import CheckedRequest
 
@@ -249,20 +250,32 @@ class SigningWorkers:
 
         :raises WorkerFailed: the worker could not sign, or died (it is replaced).
         """
-        payload = _frame([
+        return await self._call(_frame([
             issuer_name, issuer_der, request.spki_der, list(request.dns_names),
             [str(ip) for ip in request.ip_addresses], serial, not_before, not_after,
-            [[e.oid.dotted_string, e.critical, e.value.public_bytes()] for e in extensions]])
+            [[e.oid.dotted_string, e.critical, e.value.public_bytes()] for e in extensions]]))
+
+    async def sign_tbs(self, issuer: Issuer, tbs: bytes) -> bytes:
+        """:class:`LeafSigner`: :func:`_leaf_der.signature` of ``tbs`` in a worker, with
+        the key named ``issuer.name``.
+
+        :raises WorkerFailed: the worker could not sign, or died (it is replaced).
+        """
+        return await self._call(_frame([issuer.name, tbs]))
+
+    async def _call(self, payload: bytes) -> bytes:
+        """The answer of the worker with the least in hand to one request frame."""
         worker = await self._pick()
         try:
             reply = await asyncio.wait_for(worker.send(payload), self.call_timeout)
         except TimeoutError as exc:
             worker.lost("it did not answer in time")
             raise WorkerFailed("the signing worker did not answer in time") from exc
-        der = _answer(reply)
-        if not isinstance(der, bytes):
-            raise WorkerFailed("the signing worker answered something that is not a certificate")
-        return der
+        signed = _answer(reply)
+        if not isinstance(signed, bytes):
+            raise WorkerFailed("the signing worker answered something that is not a "
+                               "certificate or a signature")
+        return signed
 
     async def sign_leaf(self, leaf: LeafTemplate, extensions: Extensions) -> bytes:
         """:class:`LeafSigner`: :meth:`sign` for a template."""
@@ -305,20 +318,28 @@ class SigningWorkers:
 # --- the worker process -------------------------------------------------------------------
 
 
-def _sign(keystore: Any, keys: dict[str, Any], issuers: dict[bytes, x509.Certificate],
-          message: list[Any]) -> bytes:
-    from cryptography.hazmat.primitives import hashes, serialization
-
-    from . import _x509
-
-    (issuer_name, issuer_der, spki_der, dns_names, ips, serial, not_before, not_after,
-     extras) = message
+def _key(keystore: Any, keys: dict[str, Any], issuer_name: str) -> Any:
+    """The private key named ``issuer_name``, opened once."""
     key = keys.get(issuer_name)
     if key is None:
         signer = keystore.get(issuer_name)
         if signer is None:
             raise LookupError(f"no key {issuer_name!r} in the keystore")
         key = keys[issuer_name] = signer.private_key()
+    return key
+
+
+def _sign(keystore: Any, keys: dict[str, Any], issuers: dict[bytes, x509.Certificate],
+          message: list[Any]) -> bytes:
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    from . import _leaf_der, _x509
+
+    if len(message) == 2:  # [issuer_name, tbs]: the signature of a final certificate's TBS
+        return _leaf_der.signature(message[1], _key(keystore, keys, message[0]))
+    (issuer_name, issuer_der, spki_der, dns_names, ips, serial, not_before, not_after,
+     extras) = message
+    key = _key(keystore, keys, issuer_name)
     issuer = issuers.get(issuer_der)
     if issuer is None:
         issuer = issuers[issuer_der] = x509.load_der_x509_certificate(issuer_der)
@@ -364,7 +385,9 @@ def worker_main() -> None:
     Frames are a 4-byte big-endian length and CBOR. The first request is the
     keystore settings (a map); every later one the array ``[issuer_name,
     issuer_der, spki_der, dns_names, ip_addresses, serial, not_before,
-    not_after, [[oid, critical, value_der], ...]]``. Each answer, in order, is
+    not_after, [[oid, critical, value_der], ...]]`` (a leaf to sign: the answer is
+    its DER) or ``[issuer_name, tbs]`` (the answer is the signature of ``tbs``).
+    Each answer, in order, is
     ``["ok", value]`` or ``["error", reason]``; the answers to the requests one
     read brought go out in one write. Ends at end of input.
     """

@@ -250,16 +250,21 @@ def issued_by(certificate: x509.Certificate, issuer: x509.Certificate) -> bool:
     Unlike ``verify_directly_issued_by`` it keeps the issuer's loaded key (a quarter of
     the cost of a check).
     """
-    parts = _issuer_parts(issuer)
-    ed = parts.algorithm == _leaf_der.ED25519
+    ed = _issuer_parts(issuer).algorithm == _leaf_der.ED25519
     if certificate.signature_algorithm_oid != (_ED25519_OID if ed else _ECDSA_SHA256_OID):
         return False
+    return signs(issuer, certificate.tbs_certificate_bytes, certificate.signature)
+
+
+def signs(issuer: x509.Certificate, tbs: bytes, signature: bytes) -> bool:
+    """Whether ``signature`` is ``issuer``'s key's of ``tbs``, with the algorithm a
+    TrustChain leaf uses (:func:`issuer_signature_algorithm`)."""
+    parts = _issuer_parts(issuer)
     try:
-        if ed:
-            parts.public_key.verify(certificate.signature, certificate.tbs_certificate_bytes)
+        if parts.algorithm == _leaf_der.ED25519:
+            parts.public_key.verify(signature, tbs)
         else:
-            parts.public_key.verify(certificate.signature, certificate.tbs_certificate_bytes,
-                                    ECDSA_WITH_SHA256)
+            parts.public_key.verify(signature, tbs, ECDSA_WITH_SHA256)
     except (InvalidSignature, ValueError, TypeError):
         return False
     return True

@@ -39,8 +39,8 @@ from protocol import (
     renewal_statement,
     revocation_statement,
 )
-from protocol.ct_structs import SignedCertificateTimestamp
-from protocol.decisions import Decision, Issue, NodeCertificate, Revoke, SignedCertificate
+from protocol.ct_structs import SignedCertificateTimestamp, certificate_tbs, encode_sct_list
+from protocol.decisions import CompactCertificate, Decision, Issue, NodeCertificate, Revoke
 from protocol.ops import ca as ops
 from store import CertificateRecord, StateDatabase, verify_signature
 
@@ -247,7 +247,9 @@ class CertificateAuthority:
     async def _issue(self, request: CheckedRequest, csr: bytes, proofs: Any,
                      renews: str | None, renewal_signature: bytes | None, *,
                      node: bool) -> dict[str, Any]:
-        """Precertificate -> committed issuance -> SCT -> certificate -> committed."""
+        """Precertificate -> committed issuance -> SCT -> certificate -> committed. The
+        certificate decision carries the SCT list and the signature of the TBS they make
+        with the precertificate: every validator assembles the same DER from them."""
         at_ms = self.decisions.now_ms()
         leaf = self._leaf(request, at_ms)
         precert = await self.signer.sign_leaf(leaf, [_x509.precertificate_poison()])
@@ -259,10 +261,12 @@ class CertificateAuthority:
         reserved = await self.decisions.commit(decision, checked=not node)
         _raise_refused(reserved)
         sct: SignedCertificateTimestamp = self.transparency.sct(reserved.logged).sct
-        der = await self.signer.sign_leaf(leaf, [_x509.sct_list([sct.encode()])])
+        sct_list = encode_sct_list([sct.encode()])
+        signature = await self.signer.sign_tbs(leaf.issuer, certificate_tbs(precert, sct_list))
         serial = _x509.serial_hex(leaf.serial)
-        signed = await self.decisions.commit(SignedCertificate(
-            serial=serial, certificate=der, at_ms=self.decisions.now_ms()), checked=True)
+        signed = await self.decisions.commit(CompactCertificate(
+            serial=serial, sct_list=sct_list, signature=signature,
+            at_ms=self.decisions.now_ms()), checked=True)
         _raise_refused(signed)
         record = self.state.get(serial)
         if record is None:

@@ -11,6 +11,7 @@ announced keys, ``consensus.check-certificate``.
 
 from protocol.decisions import (
     Checkpoint,
+    CompactCertificate,
     Decision,
     DecisionError,
     Issue,
@@ -35,6 +36,7 @@ __all__ = [
     "CaRules",
     "CaStateMachine",
     "Checkpoint",
+    "CompactCertificate",
     "Decision",
     "DecisionError",
     "DecisionLog",

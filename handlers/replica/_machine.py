@@ -41,13 +41,20 @@ from cryptography.x509.oid import ExtensionOID
 
 from protocol import TrustChainError, renewal_statement, revocation_statement
 from protocol.ct_structs import (
+    PRECERT_ENTRY,
     SignatureError,
+    SignedCertificateTimestamp,
+    StructureError,
+    TimestampedEntry,
+    certificate_of,
     embedded_scts,
     issuer_key_hash,
+    parse_sct_list,
     precert_tbs,
-    verify_embedded_sct,
+    verify_sct,
 )
 from protocol.decisions import (
+    CompactCertificate,
     Decision,
     DecisionError,
     Issue,
@@ -84,7 +91,12 @@ from ..ca import (
     check_request,
 )
 from ..ca._policy import CheckedRequest, check_ownership, is_address
-from ..ca._profile import ProfileError, check_certificate, check_precertificate
+from ..ca._profile import (
+    ProfileError,
+    assemble_certificate,
+    check_certificate,
+    check_precertificate,
+)
 from ..consensus import Executed, SealError
 from ..consensus.bft import Block
 from ..ct import ChainValidator, CheckedChain, CtLog, Logged
@@ -403,6 +415,16 @@ class CaStateMachine:
                         "issue", hashlib.sha256(decision.csr).digest(), decision.proofs)
             elif isinstance(decision, SignedCertificate):
                 fingerprints.append(hashlib.sha256(decision.certificate).digest())
+            elif isinstance(decision, CompactCertificate):
+                record = self._kept.get(decision.serial)  # its issuance: a few blocks ago
+                if record is None or not record.pending:
+                    continue
+                try:
+                    der = certificate_of(record.precertificate, decision.sct_list,
+                                         decision.signature)
+                except StructureError:
+                    continue
+                fingerprints.append(hashlib.sha256(der).digest())
         unknown = [serial for serial in serials if serial not in self._kept]
         if unknown:
             found = self.state.certificates(unknown)
@@ -425,7 +447,7 @@ class CaStateMachine:
             return stale
         if isinstance(decision, Issue | NodeCertificate):
             return self._issue(run, index, decision, entry)
-        if isinstance(decision, SignedCertificate):
+        if isinstance(decision, SignedCertificate | CompactCertificate):
             return self._certificate(run, decision, entry)
         if isinstance(decision, Revoke):
             return self._revoke(run, decision)
@@ -590,35 +612,76 @@ class CaStateMachine:
                             tbs=precert_tbs(precertificate), names=names,
                             spki_sha256=bytes.fromhex(request.spki_sha256))
 
-    def _certificate(self, run: _Run, decision: SignedCertificate, entry: str) -> Outcome:
+    def _certificate(self, run: _Run, decision: SignedCertificate | CompactCertificate,
+                     entry: str) -> Outcome:
+        """A pending issuance's signed certificate: whole (:class:`SignedCertificate`, as
+        earlier versions made it) or assembled from the committed precertificate, the SCT
+        list and the signature (:class:`CompactCertificate`)."""
         record = self._record(run, decision.serial)
         if record is None:
             return refused("not_found", f"no committed issuance with serial {decision.serial}",
                            field="serial")
         if not record.pending:
-            if record.der == decision.certificate:
+            if record.der == self._assembled(record, decision):
                 return Outcome(accepted=True, value={"serial": record.serial})
             return refused("invalid_request", f"certificate {record.serial} is already signed")
         issuer = self.directory.intermediate(record.issuer)
         if issuer is None:
             return refused("unavailable", "the issuing intermediate is not announced")
         own = record.validator == entry == self.me  # signed and sealed by this validator
-        try:
-            cert = check_certificate(decision.certificate,
-                                     precertificate=record.precertificate,
-                                     issuer=issuer.certificate, verify=not own)
-        except ProfileError as exc:
-            if self._signed_by(decision.certificate, issuer.certificate):
-                self._isolate(run, record.validator, "misissuance")
-                run.audit.append(("consensus.misissuance", {
-                    "validator": record.validator, "serial": record.serial,
-                    "reason": str(exc)}))
-            return refused("invalid_request", f"certificate {record.serial}: {exc}")
-        problem = None if own else self._check_scts(cert, issuer.certificate, record)
+        if isinstance(decision, CompactCertificate):
+            try:
+                scts = [SignedCertificateTimestamp.parse(sct)
+                        for sct in parse_sct_list(decision.sct_list)]
+            except StructureError as exc:
+                return refused("invalid_request", f"certificate {record.serial}: its SCT "
+                               f"list cannot be read: {exc}")
+            try:
+                der = assemble_certificate(precertificate=record.precertificate,
+                                           sct_list=decision.sct_list,
+                                           signature=decision.signature,
+                                           issuer=issuer.certificate, verify=not own)
+            except ProfileError as exc:
+                return refused("invalid_request", f"certificate {record.serial}: {exc}")
+        else:
+            der = decision.certificate
+            try:
+                cert = check_certificate(der, precertificate=record.precertificate,
+                                         issuer=issuer.certificate, verify=not own)
+            except ProfileError as exc:
+                if self._signed_by(der, issuer.certificate):
+                    self._isolate(run, record.validator, "misissuance")
+                    run.audit.append(("consensus.misissuance", {
+                        "validator": record.validator, "serial": record.serial,
+                        "reason": str(exc)}))
+                return refused("invalid_request", f"certificate {record.serial}: {exc}")
+            try:
+                scts = embedded_scts(cert)
+            except Exception as exc:
+                return refused("invalid_request", f"certificate {record.serial}: its SCT "
+                               f"list cannot be read: {exc}")
+        problem = None if own else self._check_scts(scts, issuer.certificate, record)
         if problem is not None:
             return refused("invalid_request", f"certificate {record.serial}: {problem}")
-        digest = hashlib.sha256(decision.certificate).digest()
-        done = dataclasses.replace(record, der=decision.certificate, fingerprint=digest.hex())
+        self._store_certificate(run, record, der)
+        return Outcome(accepted=True, value={"serial": record.serial})
+
+    @staticmethod
+    def _assembled(record: CertificateRecord,
+                   decision: SignedCertificate | CompactCertificate) -> bytes | None:
+        """The certificate DER ``decision`` makes of ``record`` (None: it makes none)."""
+        if isinstance(decision, SignedCertificate):
+            return decision.certificate
+        try:
+            return certificate_of(record.precertificate, decision.sct_list, decision.signature)
+        except StructureError:
+            return None
+
+    def _store_certificate(self, run: _Run, record: CertificateRecord, der: bytes) -> None:
+        """Complete the pending ``record`` with its signed certificate: the record, its
+        fingerprint and the fingerprint's names (in place of a ``ct.add-chain`` one)."""
+        digest = hashlib.sha256(der).digest()
+        done = dataclasses.replace(record, der=der, fingerprint=digest.hex())
         self._put(run, done)
         logged = run.ahead.fingerprint(digest)
         if logged is not None:  # submitted with ct.add-chain first: the issued row replaces it
@@ -636,7 +699,6 @@ class CaStateMachine:
             run.changes.upsert(name_row)
             run.rows.add(name_row)
         run.issued.append(record.serial)
-        return Outcome(accepted=True, value={"serial": record.serial})
 
     @staticmethod
     def _signed_by(der: bytes, issuer: x509.Certificate) -> bool:
@@ -646,16 +708,12 @@ class CaStateMachine:
             return False
         return True
 
-    def _check_scts(self, cert: x509.Certificate, issuer: x509.Certificate,
-                    record: CertificateRecord) -> str | None:
-        """At least one embedded SCT of a validator's log for this entry verifies.
-
-        Only after :func:`check_certificate`: the certificate's TBS without its SCTs is
-        then the committed precertificate's, which is not rebuilt here."""
-        try:
-            scts = embedded_scts(cert)
-        except Exception as exc:
-            return f"its SCT list cannot be read: {exc}"
+    def _check_scts(self, scts: Sequence[SignedCertificateTimestamp],
+                    issuer: x509.Certificate, record: CertificateRecord) -> str | None:
+        """At least one of the certificate's SCTs, of a validator's log for this entry,
+        verifies over the committed precertificate's entry (its TBS, which the
+        certificate's is with the SCT list in the poison's place)."""
+        signed_entry: bytes | None = None
         for sct in scts:
             found = self.directory.log_key(sct.log_id)
             if found is None:
@@ -663,14 +721,22 @@ class CaStateMachine:
             _, shard, spki = found
             if shard != record.ct_shard:
                 continue
+            if signed_entry is None:
+                signed_entry = TimestampedEntry(
+                    timestamp=0, entry_type=PRECERT_ENTRY,
+                    issuer_key_hash=issuer_key_hash(issuer),
+                    tbs_certificate=precert_tbs(record.precertificate)).signed_entry()
             try:
-                entry = verify_embedded_sct(cert, issuer, sct, _log_key(spki),
-                                            tbs=precert_tbs(record.precertificate))
+                verify_sct(sct, _log_key(spki), PRECERT_ENTRY, signed_entry)
             except SignatureError:
                 return "an embedded SCT does not verify"
-            if entry.extensions and record.ct_index is not None and sct.leaf_index != \
-                    record.ct_index:
-                return "an embedded SCT is for another log entry"
+            if sct.extensions and record.ct_index is not None:
+                try:
+                    index = sct.leaf_index
+                except StructureError:
+                    return "an embedded SCT has no leaf index"
+                if index != record.ct_index:
+                    return "an embedded SCT is for another log entry"
             return None
         return "it carries no SCT of a validator's log for its entry"
 

@@ -33,8 +33,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from protocol import ProofInvalid, TrustChainError, revocation_statement
+from protocol.ct_structs import StructureError, check_sct_list
 from protocol.decisions import (
     Checkpoint,
+    CompactCertificate,
     DecisionError,
     Issue,
     LogChain,
@@ -133,8 +135,8 @@ class CaRules:
 
     async def _check(self, decision: Any, entry: str) -> str | None:
         if isinstance(decision, Issue | NodeCertificate | Revoke | Register | LogChain
-                      | SignedCertificate | ValidatorKeys | Misissued | StakeCredit
-                      | Checkpoint) and abs(self.clock() * 1000 - decision.at_ms) \
+                      | SignedCertificate | CompactCertificate | ValidatorKeys | Misissued
+                      | StakeCredit | Checkpoint) and abs(self.clock() * 1000 - decision.at_ms) \
                 > MAX_DECISION_AGE_MS // 2:
             return "it is stamped more than 5 minutes from this validator's clock"
         if isinstance(decision, Issue):
@@ -165,6 +167,12 @@ class CaRules:
                 x509.load_der_x509_certificate(decision.certificate)
             except ValueError:
                 return f"{decision.KIND}: not a DER certificate"
+            return None
+        if isinstance(decision, CompactCertificate):
+            try:  # the signature needs the committed precertificate: when executed
+                check_sct_list(decision.sct_list)
+            except StructureError as exc:
+                return f"certificate: the SCT list cannot be read: {exc}"
             return None
         if isinstance(decision, StakeCredit):
             if not self.development:

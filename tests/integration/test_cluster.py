@@ -262,6 +262,11 @@ async def _answers_for(cluster: Cluster, index: int, result: dict[str, Any],
     fingerprint (SCT and inclusion) and its CT inclusion proof."""
     answer = await cluster.ask(index, "ca.validate", {"serial": result["serial"]})
     assert answer is not None and answer["status"] == status, (index, answer)
+    # the certificate this validator assembled from the committed precertificate, SCT
+    # list and signature is the one the entry answered, byte for byte, and it verifies
+    assert answer["certificate"] == result["certificate"], index
+    assert answer["fingerprint"] == hashlib.sha256(result["certificate"]).hexdigest()
+    _openssl_verifies(cluster, answer["certificate"], answer["chain"])
     dnskeys = await _trusted_keys(cluster, index, anchors)
     aaaa = await _doq(cluster, index, "one.trust", "AAAA")
     assert _validated(aaaa, dnskeys, dns.rdatatype.AAAA) == ["2001:db8::1"]
@@ -279,6 +284,24 @@ async def _answers_for(cluster: Cluster, index: int, result: dict[str, Any],
         "hash": verified["leaf_hash"], "tree_size": verified["tree_size"], "shard":
         verified["shard"]})
     assert proof is not None and proof["leaf_index"] == verified["leaf_index"]
+
+
+def _openssl_verifies(cluster: Cluster, der: bytes, chain: list[bytes]) -> None:
+    """``openssl verify -x509_strict`` accepts ``der`` through ``chain`` (the issuing
+    intermediate, then the root) to the cluster's root."""
+    directory = cluster.directory / "openssl-check"
+    directory.mkdir(exist_ok=True)
+
+    def pem(name: str, *certificates: bytes) -> str:
+        path = directory / name
+        path.write_bytes(b"".join(x509.load_der_x509_certificate(c).public_bytes(
+            serialization.Encoding.PEM) for c in certificates))
+        return str(path)
+    verified = subprocess.run(
+        ["openssl", "verify", "-x509_strict", "-CAfile", pem("root.pem", chain[-1]),
+         "-untrusted", pem("chain.pem", *chain[:-1]), pem("leaf.pem", der)],
+        capture_output=True, text=True, timeout=30)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
 
 
 async def test_many_issuances_one_state_and_byzantine_shortcuts_refused(

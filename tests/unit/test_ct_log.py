@@ -29,10 +29,16 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 import stoq
 from handlers import RequestContext
-from handlers.ca import _x509, check_request, validity
+from handlers.ca import _leaf_der, _x509, check_request, validity
 from handlers.ct import CtService, Logged
-from handlers.replica import Issue, SignedCertificate, ValidatorKeys, raise_refused
-from protocol import Event, InvalidRequest, NotFound, Peer, Unavailable
+from handlers.replica import (
+    CompactCertificate,
+    Issue,
+    SignedCertificate,
+    ValidatorKeys,
+    raise_refused,
+)
+from protocol import ConsensusRejected, Event, InvalidRequest, NotFound, Peer, Unavailable
 from protocol import ct_merkle as merkle
 from protocol import ct_structs as ct
 from protocol.ops import ct as ops
@@ -217,6 +223,19 @@ async def test_issuance_logs_its_precertificate_and_the_embedded_sct_verifies(
             serial=_x509.serial_hex(serial),
             certificate=sign(_x509.sct_list([forged.encode()])), at_ms=now_ms()))
         assert not refused.accepted and "does not verify" in refused.message
+        # So is a compact decision of it (the SCT list and the signature alone) ...
+        precert = sign(_x509.precertificate_poison())
+        forged_list = ct.encode_sct_list([forged.encode()])
+        refused = await v.decisions.commit(CompactCertificate(
+            serial=_x509.serial_hex(serial), sct_list=forged_list,
+            signature=_leaf_der.signature(ct.certificate_tbs(precert, forged_list), ca.key),
+            at_ms=now_ms()))
+        assert not refused.accepted and "does not verify" in refused.message
+        # ... and one whose SCT list does not parse, before the vote.
+        with pytest.raises(ConsensusRejected, match="the SCT list cannot be read"):
+            await v.decisions.commit(CompactCertificate(
+                serial=_x509.serial_hex(serial), sct_list=b"\x00\x03\x00\x01\x00",
+                signature=bytes(70), at_ms=now_ms()))
         final_der = sign(_x509.sct_list([sct.encode()]))
         raise_refused(await v.decisions.commit(SignedCertificate(
             serial=_x509.serial_hex(serial), certificate=final_der, at_ms=now_ms())))

@@ -4,6 +4,7 @@ the invalid embedded SCT) and the Let's Encrypt Sunlight data tiles."""
 from __future__ import annotations
 
 import hashlib
+import random
 from pathlib import Path
 
 import pytest
@@ -202,3 +203,48 @@ def test_checkpoint_sign_and_verify() -> None:
     ct.verify_tree_head(key.public_key(), 1700000000000, 42, root, sig)
     with pytest.raises(ct.SignatureError):
         ct.verify_tree_head(key.public_key(), 1700000000000, 41, root, sig)
+
+
+def test_check_sct_list_accepts_what_the_parser_reads_and_nothing_else() -> None:
+    """The positional check before the vote agrees with reading every SCT, on valid lists
+    and on random damage to them (truncated, extended, flipped lengths and versions)."""
+    rng = random.Random("sct lists")
+
+    def readable(data: bytes) -> bool:
+        try:
+            scts = ct.parse_sct_list(data)
+            for sct in scts:
+                ct.SignedCertificateTimestamp.parse(sct)
+        except ct.StructureError:
+            return False
+        return bool(scts)
+
+    def checked(data: bytes) -> bool:
+        try:
+            ct.check_sct_list(data)
+        except ct.StructureError:
+            return False
+        return True
+    accepted = 0
+    for _ in range(3000):
+        scts = [ct.SignedCertificateTimestamp(
+            log_id=rng.randbytes(32), timestamp=rng.getrandbits(64),
+            extensions=rng.randbytes(rng.choice([0, 8, 3])),
+            signature=ct.digitally_signed(rng.randbytes(rng.randint(0, 80)))).encode()
+            for _ in range(rng.randint(1, 3))]
+        data = bytearray(ct.encode_sct_list(scts))
+        for _ in range(rng.choice([0, 0, 1, 2])):
+            what = rng.randrange(3)
+            if what == 0 and data:
+                data[rng.randrange(len(data))] = rng.randrange(256)
+            elif what == 1:
+                del data[rng.randrange(len(data) + 1):]
+            else:
+                data += rng.randbytes(rng.randint(1, 4))
+        assert checked(bytes(data)) == readable(bytes(data)), data.hex()
+        accepted += readable(bytes(data))
+        if readable(bytes(data)):
+            assert ct.check_sct_list(bytes(data)) == len(ct.parse_sct_list(bytes(data)))
+    assert 1000 < accepted < 2900  # both kinds were tried
+    for empty in (b"", b"\x00", b"\x00\x00"):
+        assert not checked(empty)

@@ -28,7 +28,23 @@ from cryptography.x509.oid import ExtensionOID
 
 from handlers.ca import _leaf_der, _x509
 from handlers.ca._policy import CheckedRequest
-from handlers.ca._profile import ProfileError, check_precertificate, expected_tbs
+from handlers.ca._profile import (
+    ProfileError,
+    assemble_certificate,
+    check_precertificate,
+    expected_tbs,
+)
+from protocol.ct_structs import (
+    MAX_SCT_LIST,
+    SignedCertificateTimestamp,
+    StructureError,
+    certificate_of,
+    certificate_tbs,
+    digitally_signed,
+    encode_sct_list,
+    leaf_index_extensions,
+    parse_sct_list,
+)
 from store import KeyStore, open_keystore
 
 from ..softhsm import SoftHsmToken
@@ -416,3 +432,103 @@ def test_issued_by_accepts_what_the_issuer_signed_and_nothing_else(software: Hie
             software.key, hashes.SHA384())
         sha384.verify_directly_issued_by(software.issuer)
         assert not _x509.issued_by(sha384, software.issuer)
+
+
+# --- the final certificate, assembled from the precertificate ----------------------------------
+
+def sct_list_of(rng: random.Random, count: int) -> bytes:
+    """A TLS-encoded SCT list of ``count`` SCTs, well formed (the signatures are not
+    checked here: only the bytes matter)."""
+    scts = [SignedCertificateTimestamp(
+        log_id=rng.randbytes(32), timestamp=rng.getrandbits(48),
+        extensions=leaf_index_extensions(rng.getrandbits(40)),
+        signature=digitally_signed(rng.randbytes(rng.randint(70, 72)))).encode()
+        for _ in range(count)]
+    return encode_sct_list(scts)
+
+
+def test_the_assembled_certificate_is_the_one_the_ca_signed(software: Hierarchy) -> None:
+    """What every validator assembles from the committed precertificate, the SCT list and
+    the signature is byte for byte the certificate the CA signed before (``sign_leaf``
+    with the SCT list extension), and its TBS is what the entry signs now."""
+    rng = random.Random("assembly")
+    for count in (1, 1, 2, 3):
+        request = random_request(rng)
+        serial = random_serial(rng)
+        not_before, not_after = random_validity(rng)
+        sct_list = sct_list_of(rng, count)
+        precert = _x509.sign_leaf(software.issuer, request, serial=serial,
+                                  not_before=not_before, not_after=not_after,
+                                  extensions=[POISON], private_key=software.key)
+        before = _x509.sign_leaf(software.issuer, request, serial=serial,
+                                 not_before=not_before, not_after=not_after,
+                                 extensions=[_x509.sct_list(parse_sct_list(sct_list))],
+                                 private_key=software.key)
+        signed = x509.load_der_x509_certificate(before)
+        assert certificate_tbs(precert, sct_list) == signed.tbs_certificate_bytes
+        assert certificate_of(precert, sct_list, signed.signature) == before
+        assembled = assemble_certificate(precertificate=precert, sct_list=sct_list,
+                                         signature=signed.signature, issuer=software.issuer)
+        assert assembled == before
+        # the entry's signature of the shared TBS makes a certificate that verifies
+        signature = _leaf_der.signature(certificate_tbs(precert, sct_list), software.key)
+        mine = certificate_of(precert, sct_list, signature)
+        assert _x509.issued_by(x509.load_der_x509_certificate(mine), software.issuer)
+        if isinstance(software.key, ed25519.Ed25519PrivateKey):  # deterministic
+            assert mine == before
+
+
+def test_an_assembled_certificate_with_a_wrong_signature_or_list_is_refused(
+        software: Hierarchy) -> None:
+    rng = random.Random("refused")
+    request = random_request(rng)
+    serial = random_serial(rng)
+    precert = _x509.sign_leaf(software.issuer, request, serial=serial, not_before=NOW,
+                              not_after=NOW + 60, extensions=[POISON], private_key=software.key)
+    sct_list = sct_list_of(rng, 1)
+    signature = _leaf_der.signature(certificate_tbs(precert, sct_list), software.key)
+    assemble_certificate(precertificate=precert, sct_list=sct_list, signature=signature,
+                         issuer=software.issuer)
+    tampered = bytearray(sct_list)
+    tampered[-1] ^= 1  # the same shape, another SCT signature: another TBS
+    with pytest.raises(ProfileError, match="not the issuing intermediate's"):
+        assemble_certificate(precertificate=precert, sct_list=bytes(tampered),
+                             signature=signature, issuer=software.issuer)
+    other = make_hierarchy(throwaway_key(software.issuer))
+    with pytest.raises(ProfileError, match="not the issuing intermediate's"):
+        assemble_certificate(precertificate=precert, sct_list=sct_list, signature=signature,
+                             issuer=other.issuer)
+    for broken in (sct_list[:-1], sct_list + b"\0", b"\0\0", bytes(MAX_SCT_LIST + 1)):
+        with pytest.raises(ProfileError, match="SCT list cannot be read"):
+            assemble_certificate(precertificate=precert, sct_list=broken,
+                                 signature=signature, issuer=software.issuer)
+    # trusting its own signature, a validator still refuses a list it cannot read
+    with pytest.raises(ProfileError, match="SCT list cannot be read"):
+        assemble_certificate(precertificate=precert, sct_list=b"\0\0", signature=signature,
+                             issuer=software.issuer, verify=False)
+    # a certificate is not a precertificate: nothing is assembled from it
+    leaf = _x509.sign_leaf(software.issuer, request, serial=serial, not_before=NOW,
+                           not_after=NOW + 60, extensions=[], private_key=software.key)
+    with pytest.raises(StructureError, match="no poison"):
+        certificate_tbs(leaf, sct_list)
+
+
+def test_openssl_verifies_an_assembled_certificate(software: Hierarchy, tmp_path: Path) -> None:
+    rng = random.Random("openssl")
+    request = request_of(SUBJECT_KEYS[0], ["assembled.trust"])
+    precert = _x509.sign_leaf(software.issuer, request, serial=random_serial(rng),
+                              not_before=NOW - 300, not_after=NOW + 86400,
+                              extensions=[POISON], private_key=software.key)
+    sct_list = sct_list_of(rng, 1)
+    der = certificate_of(precert, sct_list, _leaf_der.signature(
+        certificate_tbs(precert, sct_list), software.key))
+    paths = {}
+    for name, cert_der in [("root", software.root.public_bytes(DER)),
+                           ("issuer", software.issuer.public_bytes(DER)), ("leaf", der)]:
+        paths[name] = tmp_path / f"{name}.pem"
+        paths[name].write_bytes(x509.load_der_x509_certificate(cert_der).public_bytes(PEM))
+    verified = subprocess.run(["openssl", "verify", "-x509_strict", "-CAfile",
+                               str(paths["root"]), "-untrusted", str(paths["issuer"]),
+                               str(paths["leaf"])],
+                              capture_output=True, text=True, timeout=30)
+    assert verified.returncode == 0, verified.stdout + verified.stderr

@@ -11,6 +11,7 @@ blocks themselves (what the consensus chain would commit) and hand them to
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import ipaddress
 import json
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pycddl
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -45,6 +47,7 @@ from handlers.ca import (
 from handlers.consensus import Executed, seal, seal_batch, unseal
 from handlers.consensus.bft import GENESIS_ID, Block, Validator
 from handlers.replica import (
+    CompactCertificate,
     Issue,
     LogChain,
     Misissued,
@@ -59,7 +62,8 @@ from handlers.replica import (
 )
 from handlers.replica._read import MalformedDecision, read_sealed, remember
 from protocol import encode_deterministic
-from protocol.decisions import Decision, parse
+from protocol.ct_structs import MAX_SCT_LIST, certificate_of, certificate_tbs, encode_sct_list
+from protocol.decisions import MAX_SIGNATURE, Decision, DecisionError, parse
 from protocol.ops import dns as dns_ops
 from protocol.ops.consensus import Operation
 from store import (
@@ -73,6 +77,8 @@ from store import (
     state_hash,
     verify_log,
 )
+from tests.helpers import CDDL
+from trustchain._cli_consensus import block_holds
 from trustchain._compose import local_keys
 
 from ..ca_fixtures import (
@@ -225,12 +231,32 @@ class Cluster:
                          renewal_signature=signature, at_ms=at_ms)
         return Request(key=key, csr=csr, leaf=leaf, decision=decision)
 
-    async def certificate(self, request: Request, outcome: Outcome) -> SignedCertificate:
-        """The certificate of a committed issuance: its SCT from A's log embedded."""
+    async def certificate(self, request: Request, outcome: Outcome) -> CompactCertificate:
+        """The certificate of a committed issuance as the CA makes it: the SCT list of
+        its SCT from A's log, and the signature of the TBS they make with the
+        precertificate."""
+        assert outcome.accepted and outcome.logged is not None, outcome
+        sct_list = encode_sct_list([self.a.ct.sct(outcome.logged).sct.encode()])
+        signature = await LocalSigner().sign_tbs(
+            request.leaf.issuer, certificate_tbs(request.decision.precertificate, sct_list))
+        return CompactCertificate(serial=request.serial, sct_list=sct_list,
+                                  signature=signature, at_ms=self.now_ms())
+
+    async def full_certificate(self, request: Request, outcome: Outcome) -> SignedCertificate:
+        """The certificate of a committed issuance whole, its SCT from A's log embedded:
+        the ``certificate`` decision of earlier versions."""
         assert outcome.accepted and outcome.logged is not None, outcome
         sct = self.a.ct.sct(outcome.logged).sct
         der = await LocalSigner().sign_leaf(request.leaf, [_x509.sct_list([sct.encode()])])
         return SignedCertificate(serial=request.serial, certificate=der, at_ms=self.now_ms())
+
+    @staticmethod
+    def der(request: Request, signed: CompactCertificate | SignedCertificate) -> bytes:
+        """The certificate DER a ``certificate`` decision for ``request`` makes."""
+        if isinstance(signed, SignedCertificate):
+            return signed.certificate
+        return certificate_of(request.decision.precertificate, signed.sct_list,
+                              signed.signature)
 
     async def forged(self, request: Request, outcome: Outcome) -> bytes:
         """A certificate for ``request`` with its real SCT, signed by the stranger (whose
@@ -241,11 +267,13 @@ class Cluster:
         return await LocalSigner().sign_leaf(leaf, [_x509.sct_list([sct.encode()])])
 
     async def issued(self, *names: str, renewing: Request | None = None,
-                     node: bool = False) -> tuple[Request, SignedCertificate]:
-        """A certificate for ``names``, committed in two blocks as the CA does it."""
+                     node: bool = False, full: bool = False
+                     ) -> tuple[Request, CompactCertificate | SignedCertificate]:
+        """A certificate for ``names``, committed in two blocks as the CA does it
+        (``full``: as earlier versions did, the whole certificate in the decision)."""
         request = await self.request(*names, renewing=renewing, node=node)
         (outcome,) = await self.commit(request.decision)
-        signed = await self.certificate(request, outcome)
+        signed = await (self.full_certificate if full else self.certificate)(request, outcome)
         (done,) = await self.commit(signed)
         assert done.accepted, done
         return request, signed
@@ -335,7 +363,7 @@ async def a_history(cluster: Cluster) -> dict[str, Request]:
                                                  reason="faucet", at_ms=cluster.now_ms()))
     assert credit.accepted
     web, _ = await cluster.issued("www.hypermesh", "api.trust")
-    db, _ = await cluster.issued("db.trust")
+    db, _ = await cluster.issued("db.trust", full=True)  # as a block of an earlier version
     node, _ = await cluster.issued("node.trust", node=True)
     # a re-keyed renewal takes the names of the certificate it renews
     renewed, _ = await cluster.issued("www.hypermesh", "api.trust", renewing=web)
@@ -717,13 +745,13 @@ async def test_a_certificate_unlike_its_precertificate_from_another_signer_isola
 
 
 async def test_misissuance_evidence_isolates_the_signer(cluster: Cluster) -> None:
-    _, signed = await cluster.issued("evidence.trust")
+    committed, signed = await cluster.issued("evidence.trust")
     # a certificate the intermediate signed that no block decided
     stray = await cluster.request("stray.trust")
     stray_der = await LocalSigner().sign_leaf(stray.leaf, [])
     executed = await cluster.run(cluster.block(
         Misissued(certificate=stray_der, at_ms=cluster.now_ms()),
-        Misissued(certificate=signed.certificate, at_ms=cluster.now_ms())))
+        Misissued(certificate=cluster.der(committed, signed), at_ms=cluster.now_ms())))
     evidence, committed = executed.outcomes
     assert evidence.accepted and evidence.value == {"offender": cluster.entry}
     assert (committed.accepted, committed.message) == (False, "it is a committed certificate")
@@ -757,7 +785,7 @@ async def test_logging_an_issued_certificate_keeps_the_state_hash_the_files(
     request = await cluster.request("logged.trust")
     (reserved,) = await cluster.commit(request.decision)
     signed = await cluster.certificate(request, reserved)
-    submitted = cluster.log_chain(signed.certificate, cluster.issuer.der)
+    submitted = cluster.log_chain(cluster.der(request, signed), cluster.issuer.der)
     if when == "after":
         outcomes = (*await cluster.commit(signed), *await cluster.commit(submitted))
     elif when == "before":
@@ -767,7 +795,7 @@ async def test_logging_an_issued_certificate_keeps_the_state_hash_the_files(
     assert all(o.accepted for o in outcomes), outcomes
     for replica in cluster.replicas:
         record = replica.state.get(request.serial)
-        assert record is not None and record.der == signed.certificate
+        assert record is not None and record.der == cluster.der(request, signed)
         assert MultisetHash.of(replica.state.rows()) == replica.machine.rows
     replica = await cluster.reopen(1)
     assert replica.machine.corrupt is None
@@ -833,7 +861,7 @@ async def test_a_validator_trusts_only_the_signatures_it_made_and_sealed_itself(
         cluster: Cluster) -> None:
     request = await cluster.request("own.trust")
     (outcome,) = await cluster.commit(request.decision)
-    honest = await cluster.certificate(request, outcome)
+    honest = await cluster.full_certificate(request, outcome)
     broken = SignedCertificate(serial=request.serial, at_ms=cluster.now_ms(),
                                certificate=_bad_signature(honest.certificate))
     # Sealed by another validator: A verifies its own signature like everyone.
@@ -850,6 +878,155 @@ async def test_a_validator_trusts_only_the_signatures_it_made_and_sealed_itself(
     own, other_replica = [await r.machine.execute(block) for r in cluster.replicas]
     assert own.outcomes[0].accepted and not other_replica.outcomes[0].accepted
     assert cluster.a.machine.state_hash != cluster.b.machine.state_hash
+
+
+# --- the certificate decision in its compact form ---------------------------------------
+
+
+def sealed_by_another(decision: Decision) -> bytes:
+    """``decision`` sealed by a validator that is not A: A verifies it like everyone."""
+    return seal(decision.body(), "another-validator", Ed25519PrivateKey.generate().sign)
+
+
+async def test_a_compact_certificate_is_refused_for_what_is_wrong_in_it(
+        cluster: Cluster) -> None:
+    """Whatever a byzantine entry puts in the SCT list or the signature is refused, alike
+    on every replica, with the reason; the honest decision then completes the issuance
+    and a second certificate for the serial is refused."""
+    request = await cluster.request("compact.trust")
+    other = await cluster.request("other.trust")
+    reserved, other_reserved = await cluster.commit(request.decision, other.decision)
+    honest = await cluster.certificate(request, reserved)
+    assert isinstance(request.decision, Issue)
+    tbs_of = functools.partial(certificate_tbs, request.decision.precertificate)
+
+    async def signed(sct_list: bytes) -> CompactCertificate:
+        """A decision with ``sct_list`` and the issuer's true signature over its TBS."""
+        signature = await LocalSigner().sign_tbs(request.leaf.issuer, tbs_of(sct_list))
+        return dataclasses.replace(honest, sct_list=sct_list, signature=signature)
+    sct = cluster.a.ct.sct(reserved.logged).sct  # type: ignore[arg-type]
+    tampered_sct = dataclasses.replace(
+        sct, signature=sct.signature[:-1] + bytes([sct.signature[-1] ^ 1]))
+    stranger_key = ec.generate_private_key(ec.SECP256R1())
+    strangers = dataclasses.replace(sct, log_id=hashlib.sha256(
+        stranger_key.public_key().public_bytes(
+            serialization.Encoding.DER,
+            serialization.PublicFormat.SubjectPublicKeyInfo)).digest())
+    other_sct = cluster.a.ct.sct(other_reserved.logged).sct  # type: ignore[arg-type]
+    cases = [
+        (dataclasses.replace(honest, signature=honest.signature[:-1] + bytes(
+            [honest.signature[-1] ^ 1])), "invalid_request", "not the issuing intermediate's"),
+        (dataclasses.replace(honest, sct_list=encode_sct_list([tampered_sct.encode()])),
+         "invalid_request", "not the issuing intermediate's"),
+        (await signed(encode_sct_list([tampered_sct.encode()])), "invalid_request",
+         "an embedded SCT does not verify"),
+        (await signed(encode_sct_list([other_sct.encode()])), "invalid_request",
+         "an embedded SCT does not verify"),  # the SCT of another entry
+        (await signed(encode_sct_list([strangers.encode()])), "invalid_request",
+         "carries no SCT of a validator's log"),
+        (dataclasses.replace(honest, sct_list=b"\x00\x03\x00\x01\x00"), "invalid_request",
+         "SCT list cannot be read"),
+        (dataclasses.replace(honest, serial="01" * 16), "not_found",
+         "no committed issuance"),
+    ]
+    executed = await cluster.run(cluster.block(*(sealed_by_another(d) for d, _, _ in cases)))
+    for outcome, (_, code, message) in zip(executed.outcomes, cases, strict=True):
+        assert (outcome.accepted, outcome.code) == (False, code), outcome
+        assert message in outcome.message, outcome
+    assert executed.isolate == ()
+    assert_same_state(cluster)
+    for replica in cluster.replicas:
+        record = replica.state.certificate(request.serial)
+        assert record is not None and record.pending
+    (done,) = await cluster.commit(sealed_by_another(honest))
+    assert done.accepted, done
+    der = cluster.der(request, honest)
+    for replica in cluster.replicas:
+        record = replica.state.certificate(request.serial)
+        assert record is not None and record.der == der
+        assert record.fingerprint == hashlib.sha256(der).hexdigest()
+    # the same certificate again changes nothing; another one for the serial is refused
+    again = dataclasses.replace(honest, at_ms=cluster.now_ms())
+    second = await signed(encode_sct_list([sct.encode(), sct.encode()]))
+    same, refused_second = await cluster.commit(again, sealed_by_another(second))
+    assert same.accepted and not refused_second.accepted
+    assert "is already signed" in refused_second.message
+    assert_same_state(cluster)
+
+
+def test_a_compact_certificate_decision_is_bounded_and_matches_the_cddl() -> None:
+    body = {"kind": "certificate", "serial": "8" + "0" * 31, "sct_list": b"\x00" * 130,
+            "signature": b"\x30" * 72, "at_ms": 1}
+    encoded = encode_deterministic(body)
+    pycddl.Schema(f"root = certificate-decision\n{CDDL}").validate_cbor(encoded)
+    pycddl.Schema(f"root = decision\n{CDDL}").validate_cbor(encoded)
+    decision = parse(body)
+    assert isinstance(decision, CompactCertificate) and decision.body() == body
+    full = {"kind": "certificate", "serial": "0a", "certificate": b"x", "at_ms": 1}
+    pycddl.Schema(f"root = certificate-decision\n{CDDL}").validate_cbor(
+        encode_deterministic(full))
+    assert isinstance(parse(full), SignedCertificate)
+    for key, value, reason in [
+            ("sct_list", bytes(MAX_SCT_LIST + 1), "sct_list must be"),
+            ("sct_list", b"", "sct_list must be"),
+            ("signature", bytes(MAX_SIGNATURE + 1), "signature must be"),
+            ("serial", "a" * 41, "serial must be"),
+            ("serial", 7, "serial is missing"),
+            ("signature", None, "signature is missing")]:
+        with pytest.raises(DecisionError, match=reason):
+            parse({**body, key: value})
+        if value is not None and key != "serial":
+            with pytest.raises(Exception):  # noqa: B017 (pycddl raises its own error type)
+                pycddl.Schema(f"root = certificate-decision\n{CDDL}").validate_cbor(
+                    encode_deterministic({**body, key: value}))
+    with pytest.raises(DecisionError, match="either certificate, or sct_list"):
+        parse({**full, "sct_list": b"\x00" * 130})
+
+
+async def test_the_full_and_the_compact_form_leave_the_same_state(cluster: Cluster) -> None:
+    """A replica that executes the issuance's certificate whole (a block of an earlier
+    version) holds the same rows and state hash as those that assembled it."""
+    c = await cluster._open(cluster.directory / "c")
+    try:
+        for block in cluster.blocks:
+            await c.machine.execute(block)
+        request = await cluster.request("both.trust")
+        issue = cluster.block(request.decision)
+        (reserved,) = (await cluster.run(issue)).outcomes
+        await c.machine.execute(issue)
+        compact = await cluster.certificate(request, reserved)
+        der = cluster.der(request, compact)
+        full = cluster.block(SignedCertificate(serial=request.serial, certificate=der,
+                                               at_ms=compact.at_ms))
+        executed = await cluster.run(cluster.block(compact))
+        assert executed.outcomes[0].accepted
+        assert (await c.machine.execute(full)).outcomes[0].accepted
+        assert c.machine.state_hash == cluster.b.machine.state_hash
+        assert file_rows(c.state) == file_rows(cluster.b.state)
+        stored = c.state.certificate(request.serial)
+        assert stored is not None and stored.der == der
+        assert x509.load_der_x509_certificate(der).serial_number == request.leaf.serial
+    finally:
+        await c.close()
+
+
+async def test_a_client_finds_its_certificate_in_either_form_of_decision(
+        cluster: Cluster) -> None:
+    """``trustchain verify --consensus --online`` (``block_holds``): the committed
+    decision carries the certificate whole, or its serial, SCT list and signature."""
+    compact_request, compact = await cluster.issued("compact-found.trust")
+    compact_block = cluster.blocks[-1]
+    full_request, full = await cluster.issued("full-found.trust", full=True)
+    full_block = cluster.blocks[-1]
+    mine, theirs = cluster.der(compact_request, compact), cluster.der(full_request, full)
+    for block, der, other in [(compact_block, mine, theirs), (full_block, theirs, mine)]:
+        assert block_holds(block.encoded, block.id, 0, der) is None
+        assert "does not carry this certificate" in (
+            block_holds(block.encoded, block.id, 0, other) or "")
+    # the same serial and SCT list, another signature: not the certificate committed
+    forged = mine[:-1] + bytes([mine[-1] ^ 1])
+    assert "does not carry" in (block_holds(compact_block.encoded, compact_block.id, 0,
+                                            forged) or "")
 
 
 # --- the cost of executing a block -------------------------------------------------------

@@ -12,7 +12,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from handlers.ca import CheckedRequest, KeystoreSettings, SigningWorkers, _x509
+from handlers.ca import CheckedRequest, Issuer, KeystoreSettings, SigningWorkers, _x509
 from handlers.ca._signing import WorkerFailed
 from protocol import ct_structs as ct
 from store import SoftwareKeyStore
@@ -76,3 +76,40 @@ async def test_a_worker_that_cannot_open_the_keystore_says_why(tmp_path: Path) -
             await workers.warm_up()
     finally:
         await workers.close()
+
+
+async def test_a_worker_signs_the_tbs_of_a_final_certificate(tmp_path: Path) -> None:
+    """The entry signs the TBS every validator assembles (``ct.certificate_tbs``); a
+    worker's signature of it makes the certificate ``ct.certificate_of`` assembles."""
+    keystore = SoftwareKeyStore(tmp_path / "keys")
+    signer = keystore.create("intermediate-1", "ecdsa-p256-sha256")
+    now = time.time()
+    issuer = _x509.build_root(signer.private_key(), signer.public_key(), ca_id="t",
+                              domains=("trust", "hypermesh"), not_before=now - 60,
+                              not_after=now + 86400)
+    issuer_der = issuer.public_bytes(serialization.Encoding.DER)
+    request = _request(ec.generate_private_key(ec.SECP256R1()))
+    workers = SigningWorkers(1, KeystoreSettings(provider="software", data_dir=str(tmp_path)))
+    try:
+        precert = await workers.sign(
+            issuer_name="intermediate-1", issuer_der=issuer_der, request=request,
+            serial=_x509.new_serial(), not_before=now - 300, not_after=now + 3600,
+            extensions=[x509.Extension(ct.POISON_OID, True, x509.PrecertPoison())])
+        sct = ct.SignedCertificateTimestamp(log_id=bytes(32), timestamp=1, extensions=b"",
+                                            signature=ct.digitally_signed(bytes(70)))
+        sct_list = ct.encode_sct_list([sct.encode()])
+        tbs = ct.certificate_tbs(precert, sct_list)
+        issuer_key = Issuer(name="intermediate-1", signer=signer, certificate=issuer,
+                            der=issuer_der)
+        signature = await workers.sign_tbs(issuer_key, tbs)
+        certificate = x509.load_der_x509_certificate(ct.certificate_of(precert, sct_list,
+                                                                       signature))
+        assert certificate.tbs_certificate_bytes == tbs
+        assert _x509.issued_by(certificate, issuer)
+        missing = Issuer(name="intermediate-9", signer=signer, certificate=issuer,
+                         der=issuer_der)
+        with pytest.raises(WorkerFailed, match="no key 'intermediate-9'"):
+            await workers.sign_tbs(missing, tbs)
+    finally:
+        await workers.close()
+        keystore.close()
