@@ -15,6 +15,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
+from protocol.ed25519 import ed25519_verifies
+
 from ._errors import KeyStoreError
 
 Algorithm = Literal["ecdsa-p256-sha256", "ed25519"]
@@ -115,10 +117,10 @@ def verify_signature(public_key: Any, signature: bytes, data: bytes) -> bool:
     """Whether ``signature`` is valid for ``data``: Ed25519, or DER ECDSA with SHA-256
     (P-256, as :meth:`Signer.sign` makes it) or SHA-384 (P-384). False for any
     other key type or a malformed signature."""
+    if isinstance(public_key, ed25519.Ed25519PublicKey):
+        return ed25519_verifies(public_key.public_bytes_raw(), signature, data)
     try:
-        if isinstance(public_key, ed25519.Ed25519PublicKey):
-            public_key.verify(signature, data)
-        elif isinstance(public_key, ec.EllipticCurvePublicKey):
+        if isinstance(public_key, ec.EllipticCurvePublicKey):
             public_key.verify(signature, data, ECDSA_WITH_SHA384 if public_key.curve.key_size == 384
                               else ECDSA_WITH_SHA256)
         else:

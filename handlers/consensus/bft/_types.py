@@ -18,10 +18,8 @@ from enum import IntEnum
 from functools import cached_property
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
 from protocol import decode_item, encode_deterministic
+from protocol.ed25519 import ed25519_verifies
 
 CONTEXT = "trustchain-bft-v1"
 ID_SIZE = 20
@@ -60,21 +58,7 @@ class Validator:
         return validator_id(self.public_key)
 
     def verify(self, signature: bytes, message: bytes) -> bool:
-        try:
-            _public_key(self.public_key).verify(signature, message)
-        except (InvalidSignature, ValueError):
-            return False
-        return True
-
-
-_KEYS: dict[bytes, Ed25519PublicKey] = {}
-
-
-def _public_key(raw: bytes) -> Ed25519PublicKey:
-    key = _KEYS.get(raw)
-    if key is None:
-        key = _KEYS[raw] = Ed25519PublicKey.from_public_bytes(raw)
-    return key
+        return ed25519_verifies(self.public_key, signature, message)
 
 
 @dataclass(frozen=True)
