@@ -87,6 +87,16 @@ def _tail(path: Path, lines: int = 5) -> str:
     return " | ".join(line.strip() for line in text[-lines:]) or f"(empty log {path})"
 
 
+def _errors(path: Path, lines: int = 3) -> str:
+    """The last error lines of a Ceph daemon's log (level -1), joined into one line;
+    empty if it has none."""
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return " | ".join([line.strip() for line in text if " -1 " in line][-lines:])
+
+
 class CephS3:
     """One single-host Ceph with an S3 gateway at :attr:`endpoint`, and one S3 user.
 
@@ -265,7 +275,11 @@ rgw thread pool size = 64
         if process.poll() is not None:
             del self._processes[name]
             log = self._log(name) if self._log(name).exists() else self.dir / f"{name}.out"
-            raise S3ServerError(f"{name} exited with {process.returncode}: {_tail(log, 3)}")
+            # its error lines, not merely its last ones (other threads keep logging after
+            # "failed to bind"); from stderr if the log has none (a daemon that exits at
+            # once may leave its log unflushed: both seen in CI)
+            why = (_errors(log) or _errors(self.dir / f"{name}.out") or _tail(log, 3))
+            raise S3ServerError(f"{name} exited with {process.returncode}: {why}")
 
     def _ceph_tool(self, *argv: str, conf: bool = True) -> str:
         """Run a Ceph command-line tool; one clear error with its output on failure."""

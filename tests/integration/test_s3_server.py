@@ -59,7 +59,8 @@ def test_start_failure_is_one_line_with_the_log_tail() -> None:
     with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as taken:
         taken.bind(("::1", server.rgw_port))
         taken.listen()
-        with pytest.raises(S3ServerError, match=r"^rgw exited with \d+: .*failed") as error:
+        # (radosgw sometimes crashes on its way out: exit -11 after "failed to bind")
+        with pytest.raises(S3ServerError, match=r"^rgw exited with -?\d+: .*failed") as error:
             server.start()
     assert "\n" not in str(error.value)
     assert f"[::1]:{server.rgw_port}" in str(error.value)
