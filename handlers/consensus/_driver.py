@@ -560,16 +560,15 @@ class ConsensusChain:
                     continue
                 if kind == COMPACT_KIND:
                     rebuilt = rebuild_proposal(item, self.mempool.get)
-                    if not isinstance(rebuilt, Proposal):
+                    if isinstance(rebuilt, Proposal):
+                        await self._take_rebuilt(rebuilt, sender)
+                        usable += 1
+                    else:
                         self._await_decisions(item, rebuilt, sender)
-                        continue
-                    self.proposals["rebuilt"] += 1
-                    message: Message = rebuilt
-                    await self._precheck(rebuilt.block)
-                else:
-                    message = decode_message(payload)
-                    if isinstance(message, Proposal | CommitMessage):
-                        await self._precheck(message.block)
+                    continue
+                message = decode_message(payload)
+                if isinstance(message, Proposal | CommitMessage):
+                    await self._precheck(message.block)
             except BadMessage as exc:
                 self._misbehaved(sender, f"sent a malformed consensus message: {exc}")
                 continue
@@ -609,10 +608,14 @@ class ConsensusChain:
             if not isinstance(rebuilt, Proposal):  # (one left the mempool meanwhile)
                 self._want(rebuilt, waiting.sender)
                 continue
-            self.proposals["rebuilt"] += 1
             self.proposals["waited"] += 1
-            await self._precheck(rebuilt.block)
-            self._inputs.put_nowait(("message", rebuilt, waiting.sender))
+            await self._take_rebuilt(rebuilt, waiting.sender)
+
+    async def _take_rebuilt(self, proposal: Proposal, sender: str | None) -> None:
+        """Hand the core a proposal rebuilt from the mempool, its decisions checked."""
+        self.proposals["rebuilt"] += 1
+        await self._precheck(proposal.block)
+        self._inputs.put_nowait(("message", proposal, sender))
 
     def _want(self, proposal: tuple[int, int], sender: str | None) -> None:
         """Ask ``sender`` for the whole proposal it sent compact: a decision is missing."""
@@ -948,7 +951,7 @@ class ConsensusChain:
             self._enqueue(peer, *relays)
 
     def _enqueue(self, peer: _Peer, *payloads: bytes) -> None:
-        if peer.relays and peer.relay_timer is not None:
+        if peer.relays:
             self._release_relays(peer)  # they travel with this message
         if len(peer.outbox) >= MAX_OUTBOX:
             del peer.outbox[: MAX_OUTBOX // 2]  # a dead peer: keep the newest; gossip repeats
@@ -1001,26 +1004,22 @@ class ConsensusChain:
         self._behind[key] = stage + 1
         while len(self._behind) > MAX_BEHIND_NOTED:
             del self._behind[next(iter(self._behind))]
-        if stage == 1:
-            self._send_precommits(validator, height)
-        elif stage >= 2:
-            self._serve_behind(validator, height)
+        if stage >= 1:
+            self._serve_behind(validator, height, whole=stage >= 2)
 
-    def _send_precommits(self, validator: str, height: int) -> None:
+    def _serve_behind(self, validator: str, height: int, *, whole: bool) -> None:
+        """Send the peer the block it lacks with its commit (``whole``), or only the
+        commit's precommits, less the peer's own."""
         peer = self.peers.get(validator)
         stored = self.store.block(height)
         if peer is None or stored is None:
+            return
+        if whole:
+            self._enqueue(peer, decided_message(stored.block, stored.commit))
             return
         commit = Commit.from_wire(decode_item(stored.commit))
         self._enqueue(peer, *(encode_message(v) for v in commit.precommits
                               if v.validator != validator))
-
-    def _serve_behind(self, validator: str, height: int) -> None:
-        peer = self.peers.get(validator)
-        stored = self.store.block(height)
-        if peer is None or stored is None:
-            return
-        self._enqueue(peer, decided_message(stored.block, stored.commit))
 
     def _start_sync(self, validator: str, start: int) -> None:
         if self._syncing or validator not in self.peers:
