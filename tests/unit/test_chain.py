@@ -14,7 +14,7 @@ import cbor2
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from handlers.consensus import ConsensusChain, OpenRules
+from handlers.consensus import Committed, ConsensusChain, OpenRules
 from handlers.consensus.bft import Validator, ValidatorSet
 from handlers.consensus.bft._core import Timeouts
 from store import ChainStore
@@ -248,6 +248,21 @@ async def test_a_validator_that_missed_a_decision_asks_for_the_whole_proposal(
     assert chains[0].status()["proposals"]["served"] >= 1
 
 
+async def _submit_until_b_decides(chains: list[ConsensusChain]) -> Committed:
+    """Submit one decision through A, wait (at most 10 s) until B has decided a block,
+    and stop both."""
+    try:
+        committed = await chains[0].submit(os.urandom(200), timeout=20)
+        for _ in range(200):
+            if chains[1].last_block is not None:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        for chain in chains:
+            await chain.stop()
+    return committed
+
+
 async def test_a_validator_still_behind_two_gossip_intervals_later_gets_the_decided_block(
         tmp_path: Path) -> None:
     """B never gets A's precommits, so only A can decide; B, behind, keeps sending its
@@ -262,15 +277,7 @@ async def test_a_validator_still_behind_two_gossip_intervals_later_gets_the_deci
             and message["type"] == 2
 
     chains = await _pair(tmp_path, lose, fetch=False)
-    try:
-        committed = await chains[0].submit(os.urandom(200), timeout=20)
-        for _ in range(200):
-            if chains[1].last_block is not None:
-                break
-            await asyncio.sleep(0.05)
-    finally:
-        for chain in chains:
-            await chain.stop()
+    committed = await _submit_until_b_decides(chains)
     assert chains[1].last_block is not None
     assert chains[1].last_block.id == committed.block.id
     links = chains[0].transport
@@ -361,15 +368,7 @@ async def test_a_validator_that_missed_one_precommit_decides_with_the_precommits
         return False
 
     chains = await _pair(tmp_path, lose_once, fetch=False)
-    try:
-        committed = await chains[0].submit(os.urandom(200), timeout=20)
-        for _ in range(200):
-            if chains[1].last_block is not None:
-                break
-            await asyncio.sleep(0.05)
-    finally:
-        for chain in chains:
-            await chain.stop()
+    committed = await _submit_until_b_decides(chains)
     assert lost == [committed.block.height]
     assert chains[1].last_block is not None and chains[1].last_block.id == committed.block.id
     links = chains[0].transport

@@ -36,7 +36,7 @@ from protocol import decode_item, encode_deterministic
 from store import ChainStore
 
 from ..helpers import CDDL
-from .test_chain import InProcessLinks, Lose, _nothing_lost
+from .test_chain import InProcessLinks, _cluster, _nothing_lost
 
 
 def _key(seed: int) -> tuple[Ed25519PrivateKey, Validator]:
@@ -219,31 +219,11 @@ async def test_a_receiver_takes_nothing_from_a_bad_group(tmp_path: Path, what: s
         chain.store.close()
 
 
-PAIR_KEYS = [KEY, OTHER_KEY]
-PAIR_IDS = [ME.id, OTHER.id]
-
-
-async def _pair(tmp_path: Path, lose: Lose = _nothing_lost) -> list[ConsensusChain]:
-    chains: dict[str, ConsensusChain] = {}
-    for key, me in zip(PAIR_KEYS, PAIR_IDS, strict=True):
-        (tmp_path / me[:8]).mkdir()
-        chains[me] = ConsensusChain(
-            chain_id="unit", validators=VALIDATORS,
-            store=ChainStore(tmp_path / me[:8] / "chain.sqlite3"),
-            transport=InProcessLinks(me, chains, lose), rules=OpenRules(), me=me,
-            sign=key.sign, timeouts=Timeouts(propose=0.3, prevote=0.2, precommit=0.2,
-                                             delta=0.1),
-            block_interval=60.0, gossip_interval=0.2)
-    for chain in chains.values():
-        await chain.start()
-    return [chains[i] for i in PAIR_IDS]
-
-
 async def test_a_batch_sealed_in_one_turn_crosses_the_link_as_one_group(
         tmp_path: Path) -> None:
     """The sealer batches one loop turn's decisions; the chain gossips them when the
     turn ends, as one group; the peer rebuilds them and both commit the same bytes."""
-    chains = await _pair(tmp_path)
+    chains = await _cluster(tmp_path, [KEY, OTHER_KEY])
     sealer = Sealer(entry=ME.id, sign=KEY.sign)
     bodies = [decode_item(b) for b in _bodies(40)]
 

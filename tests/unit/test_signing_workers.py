@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from handlers.ca import CheckedRequest, Issuer, KeystoreSettings, SigningWorkers, _x509
 from handlers.ca._signing import WorkerFailed
 from protocol import ct_structs as ct
-from store import SoftwareKeyStore
+from store import Signer, SoftwareKeyStore
 
 
 def _request(key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey) -> CheckedRequest:
@@ -27,16 +27,22 @@ def _request(key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey) -> Che
                           ip_addresses=(ipaddress.IPv6Address("2001:db8::7"),))
 
 
-@pytest.mark.parametrize("subject_key", ["p256", "ed25519"])
-async def test_worker_certificate_matches_the_event_loop_one(tmp_path: Path,
-                                                             subject_key: str) -> None:
+def _issuer(tmp_path: Path) -> tuple[SoftwareKeyStore, Signer, x509.Certificate, bytes]:
+    """A software keystore holding ``intermediate-1``, its self-signed certificate and DER."""
     keystore = SoftwareKeyStore(tmp_path / "keys")
     signer = keystore.create("intermediate-1", "ecdsa-p256-sha256")
     now = time.time()
     issuer = _x509.build_root(signer.private_key(), signer.public_key(), ca_id="t",
                               domains=("trust", "hypermesh"), not_before=now - 60,
                               not_after=now + 86400)
-    issuer_der = issuer.public_bytes(serialization.Encoding.DER)
+    return keystore, signer, issuer, issuer.public_bytes(serialization.Encoding.DER)
+
+
+@pytest.mark.parametrize("subject_key", ["p256", "ed25519"])
+async def test_worker_certificate_matches_the_event_loop_one(tmp_path: Path,
+                                                             subject_key: str) -> None:
+    keystore, signer, issuer, issuer_der = _issuer(tmp_path)
+    now = time.time()
     key = ec.generate_private_key(ec.SECP256R1()) if subject_key == "p256" \
         else ed25519.Ed25519PrivateKey.generate()
     request = _request(key)
@@ -81,13 +87,8 @@ async def test_a_worker_that_cannot_open_the_keystore_says_why(tmp_path: Path) -
 async def test_a_worker_signs_the_tbs_of_a_final_certificate(tmp_path: Path) -> None:
     """The entry signs the TBS every validator assembles (``ct.certificate_tbs``); a
     worker's signature of it makes the certificate ``ct.certificate_of`` assembles."""
-    keystore = SoftwareKeyStore(tmp_path / "keys")
-    signer = keystore.create("intermediate-1", "ecdsa-p256-sha256")
+    keystore, signer, issuer, issuer_der = _issuer(tmp_path)
     now = time.time()
-    issuer = _x509.build_root(signer.private_key(), signer.public_key(), ca_id="t",
-                              domains=("trust", "hypermesh"), not_before=now - 60,
-                              not_after=now + 86400)
-    issuer_der = issuer.public_bytes(serialization.Encoding.DER)
     request = _request(ec.generate_private_key(ec.SECP256R1()))
     workers = SigningWorkers(1, KeystoreSettings(provider="software", data_dir=str(tmp_path)))
     try:
